@@ -1,0 +1,600 @@
+"""WorkflowBuilder and the immutable, validated Workflow it builds."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from ._errors import InputError, InvalidInputsError, Problem, RegistryError, WorkflowValidationError
+from ._node import MISSING, Node, NodeConfigError, Param, get_node_class
+from ._template import Template, is_template
+from ._types import (
+    ANY,
+    base_type,
+    check_value,
+    compatible,
+    name_of_type,
+    type_from_name,
+    type_name,
+)
+
+__all__ = ["Connection", "Workflow", "WorkflowBuilder", "WorkflowInput", "WorkflowOutput"]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """`source.output` feeds `target.input`."""
+
+    source: str
+    output: str
+    target: str
+    input: str
+
+
+@dataclass(frozen=True)
+class WorkflowInput:
+    """A typed input of a workflow, and the node parameters it feeds."""
+
+    name: str
+    type: Any
+    required: bool
+    default: Any
+    description: str
+    targets: tuple[tuple[str, str], ...]
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type)
+
+
+@dataclass(frozen=True)
+class WorkflowOutput:
+    """A declared output of one of the workflow's nodes."""
+
+    node: str
+    name: str
+    type: Any
+    description: str
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type)
+
+
+@dataclass(frozen=True)
+class _Declared:
+    type: Any
+    default: Any
+    description: str
+    required: bool
+
+
+class _Incoming:
+    __slots__ = ("check", "input", "output", "source")
+
+    def __init__(self, source: str, output: str, input: str, check: Any) -> None:
+        self.source = source
+        self.output = output
+        self.input = input
+        self.check = check  # the target type to check at run time, or None
+
+
+class _NodePlan:
+    """What the runtime needs for one node, computed once at build time."""
+
+    __slots__ = (
+        "defaults_for",
+        "id",
+        "incoming",
+        "node",
+        "run",
+        "static",
+        "successors",
+        "templates",
+        "type_name",
+    )
+
+    def __init__(self, node: Node) -> None:
+        self.id = node.id
+        self.node = node
+        self.type_name = node.type_name
+        self.run = node.run
+        self.static: dict[str, Any] = {}
+        self.templates: list[tuple[str, Template]] = []
+        # template parameters that fall back to the parameter default when their
+        # (optional) input is omitted: param -> (input name, default)
+        self.defaults_for: dict[str, tuple[str, Any]] = {}
+        self.incoming: list[_Incoming] = []
+        self.successors: list[str] = []
+
+
+class Workflow:
+    """A validated, immutable workflow graph. Build one with `WorkflowBuilder.build()`."""
+
+    def __init__(
+        self,
+        *,
+        nodes: dict[str, Node],
+        configs: dict[str, dict[str, Any]],
+        connections: tuple[Connection, ...],
+        inputs: dict[str, WorkflowInput],
+        declared: dict[str, _Declared],
+        plans: dict[str, _NodePlan],
+        order: tuple[str, ...],
+        description: str,
+        atomic: bool,
+    ) -> None:
+        self._nodes = MappingProxyType(nodes)
+        self._configs = configs
+        self.connections = connections
+        self.inputs: Mapping[str, WorkflowInput] = MappingProxyType(inputs)
+        self._declared = declared
+        for p in plans.values():
+            p.successors = list(dict.fromkeys(p.successors))
+        self._plans = plans
+        self.order = order
+        self.description = description
+        self.atomic = atomic
+        self._roots = tuple(nid for nid in order if not any(plans[nid].incoming))
+        self._n_deps = {nid: len({i.source for i in p.incoming}) for nid, p in plans.items()}
+        self._required = tuple(n for n, i in inputs.items() if i.required)
+        self.outputs: tuple[WorkflowOutput, ...] = tuple(
+            WorkflowOutput(nid, name, out.type, out.description)
+            for nid in order
+            for name, out in nodes[nid].output_specs().items()
+        )
+
+    @property
+    def nodes(self) -> Mapping[str, Node]:
+        """The workflow's node instances by id."""
+        return self._nodes
+
+    def node_type(self, node_id: str) -> str:
+        return self._nodes[node_id].type_name
+
+    def node_config(self, node_id: str) -> dict[str, Any]:
+        """A copy of the parameters the node was added with."""
+        return dict(self._configs[node_id])
+
+    @property
+    def exposable(self) -> bool:
+        """False when any node runs code from its configuration (see `Node.exposable`)."""
+        return all(n.exposable for n in self._nodes.values())
+
+    def validate_inputs(self, parameters: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Check execution inputs; return them coerced, with defaults filled in.
+
+        Raises:
+            InvalidInputsError: listing every missing, unknown or wrongly typed input.
+        """
+        params = parameters or {}
+        inputs = self.inputs
+        errors: list[InputError] = []
+        out: dict[str, Any] = {}
+        for name, value in params.items():
+            spec = inputs.get(name)
+            if spec is None:
+                known = ", ".join(sorted(inputs)) or "none"
+                errors.append(InputError(name, f"unknown input (this workflow's inputs: {known})"))
+                continue
+            try:
+                out[name] = check_value(spec.type, value)
+            except TypeError as exc:
+                errors.append(InputError(name, str(exc)))
+        for name in self._required:
+            if name not in params:
+                errors.append(
+                    InputError(name, f"required input is missing ({inputs[name].type_name})")
+                )
+        if errors:
+            raise InvalidInputsError(errors)
+        for name, spec in inputs.items():
+            if name not in out and spec.default is not MISSING:
+                out[name] = spec.default
+        return out
+
+    def to_definition(self) -> dict[str, Any]:
+        """A plain definition (nodes, params, connections, inputs) that
+        `WorkflowBuilder.from_definition` rebuilds into an equal workflow.
+
+        Raises:
+            TypeError: when a node is configured with a Python function or an input has
+                a type that has no name in definitions (such workflows live in code only).
+        """
+        nodes = []
+        for nid in self._configs:
+            cfg = self._configs[nid]
+            for k, v in cfg.items():
+                if callable(v):
+                    raise TypeError(
+                        f"node '{nid}': parameter '{k}' is a Python callable and cannot be "
+                        f"serialised; use a code string instead"
+                    )
+            nodes.append({"id": nid, "type": self._nodes[nid].type_name, "params": dict(cfg)})
+        inputs = []
+        for name, d in self._declared.items():
+            entry: dict[str, Any] = {
+                "name": name,
+                "type": name_of_type(d.type),
+                "required": d.required,
+                "description": d.description,
+            }
+            if d.default is not MISSING:
+                entry["default"] = d.default
+            inputs.append(entry)
+        return {
+            "description": self.description,
+            "atomic": self.atomic,
+            "nodes": nodes,
+            "connections": [
+                {"source": c.source, "output": c.output, "target": c.target, "input": c.input}
+                for c in self.connections
+            ],
+            "inputs": inputs,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Workflow nodes={list(self._nodes)} inputs={list(self.inputs)}>"
+
+
+class WorkflowBuilder:
+    """Collects nodes, connections and inputs, then `build()`s a validated Workflow.
+
+    Args:
+        description: a sentence shown by every channel that lists the workflow.
+        atomic: run all database writes of one execution in one transaction, rolled back
+            if any node fails (honoured by the DataFlow nodes).
+    """
+
+    def __init__(self, description: str = "", *, atomic: bool = False) -> None:
+        self.description = description
+        self.atomic = atomic
+        self._nodes: list[tuple[str, str, dict[str, Any]]] = []
+        self._connections: list[Connection] = []
+        self._inputs: dict[str, _Declared] = {}
+        self._problems: list[Problem] = []
+
+    def add_node(
+        self, node_type: str, node_id: str, params: Mapping[str, Any] | None = None
+    ) -> WorkflowBuilder:
+        """Add a node of a registered type with its static parameters (may use `{{input}}`)."""
+        self._nodes.append((node_type, node_id, dict(params or {})))
+        return self
+
+    def add_connection(self, source: str, output: str, target: str, input: str) -> WorkflowBuilder:
+        """Feed output `output` of node `source` into parameter `input` of node `target`."""
+        self._connections.append(Connection(source, output, target, input))
+        return self
+
+    def add_input(
+        self,
+        name: str,
+        type: Any = ANY,
+        *,
+        default: Any = MISSING,
+        description: str = "",
+        required: bool | None = None,
+    ) -> WorkflowBuilder:
+        """Declare a workflow input explicitly (its `{{name}}` uses must agree with it)."""
+        if isinstance(type, str):
+            try:
+                type = type_from_name(type)
+            except TypeError as exc:
+                self._problems.append(Problem("", name, str(exc)))
+                type = ANY
+        req = default is MISSING if required is None else required
+        self._inputs[name] = _Declared(type, default, description, req)
+        return self
+
+    @classmethod
+    def from_definition(cls, definition: Mapping[str, Any]) -> WorkflowBuilder:
+        """A builder holding a definition made by `Workflow.to_definition()` (or sent by a
+        client). Malformed parts are reported by `build()` with the rest."""
+        b = cls(str(definition.get("description", "")), atomic=bool(definition.get("atomic")))
+        for i, n in enumerate(_items(definition, "nodes", b._problems)):
+            nid, ntype, params = n.get("id"), n.get("type"), n.get("params", {})
+            if not isinstance(nid, str) or not isinstance(ntype, str):
+                b._problems.append(Problem("", f"nodes[{i}]", "needs string 'id' and 'type'"))
+                continue
+            if not isinstance(params, Mapping):
+                b._problems.append(Problem(nid, "params", "must be an object"))
+                continue
+            b.add_node(ntype, nid, params)
+        for i, c in enumerate(_items(definition, "connections", b._problems)):
+            parts = [c.get(k) for k in ("source", "output", "target", "input")]
+            if not all(isinstance(p, str) for p in parts):
+                msg = "needs string 'source', 'output', 'target' and 'input'"
+                b._problems.append(Problem("", f"connections[{i}]", msg))
+                continue
+            b.add_connection(*parts)
+        for i, d in enumerate(_items(definition, "inputs", b._problems)):
+            name = d.get("name")
+            if not isinstance(name, str):
+                b._problems.append(Problem("", f"inputs[{i}]", "needs a string 'name'"))
+                continue
+            b.add_input(
+                name,
+                d.get("type", "any"),
+                default=d.get("default", MISSING),
+                description=str(d.get("description", "")),
+                required=d.get("required"),
+            )
+        return b
+
+    def build(self) -> Workflow:
+        """Validate the graph and return an immutable Workflow.
+
+        Raises:
+            WorkflowValidationError: listing every problem found, each naming the node
+                and the parameter (unknown node type, duplicate id, bad connection,
+                cycle, unsupplied required parameter, type mismatch, bad input).
+        """
+        return _Validator(self).build()
+
+
+def _items(definition: Mapping[str, Any], key: str, problems: list[Problem]) -> Iterator[Any]:
+    value = definition.get(key, [])
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        problems.append(Problem("", key, "must be a list"))
+        return
+    for i, item in enumerate(value):
+        if isinstance(item, Mapping):
+            yield item
+        else:
+            problems.append(Problem("", f"{key}[{i}]", "must be an object"))
+
+
+class _Validator:
+    """One pass over a builder's contents, collecting every problem before failing."""
+
+    def __init__(self, builder: WorkflowBuilder) -> None:
+        self.b = builder
+        self.problems: list[Problem] = list(builder._problems)
+        self.nodes: dict[str, Node] = {}
+        self.configs: dict[str, dict[str, Any]] = {}
+
+    def problem(self, node: str, field: str, message: str) -> None:
+        self.problems.append(Problem(node, field, message))
+
+    def build(self) -> Workflow:
+        self._make_nodes()
+        supplied = self._check_connections()
+        plans = {nid: _NodePlan(node) for nid, node in self.nodes.items()}
+        uses = self._check_params(plans, supplied)
+        inputs = self._resolve_inputs(uses, plans)
+        order = self._order(plans)
+        if self.problems:
+            raise WorkflowValidationError(self.problems)
+        return Workflow(
+            nodes=self.nodes,
+            configs=self.configs,
+            connections=tuple(self.b._connections),
+            inputs=inputs,
+            declared=dict(self.b._inputs),
+            plans=plans,
+            order=order,
+            description=self.b.description,
+            atomic=self.b.atomic,
+        )
+
+    def _make_nodes(self) -> None:
+        seen: set[str] = set()
+        for ntype, nid, params in self.b._nodes:
+            if not isinstance(nid, str) or not nid:
+                self.problem(str(nid), "", "node id must be a non-empty string")
+                continue
+            if nid in seen:
+                self.problem(nid, "", "duplicate node id")
+                continue
+            seen.add(nid)
+            try:
+                cls = get_node_class(ntype)
+            except RegistryError as exc:
+                self.problem(nid, "", str(exc))
+                continue
+            try:
+                self.nodes[nid] = cls(nid, params)
+            except NodeConfigError as exc:
+                self.problem(nid, exc.field, exc.message)
+                continue
+            self.configs[nid] = params
+
+    def _check_connections(self) -> dict[tuple[str, str], Connection]:
+        supplied: dict[tuple[str, str], Connection] = {}
+        for c in self.b._connections:
+            src, tgt = self.nodes.get(c.source), self.nodes.get(c.target)
+            ok = True
+            if src is None:
+                ok = False
+                if c.source not in {n for _, n, _ in self.b._nodes}:
+                    self.problem(c.source, "", f"connection to {c.target}.{c.input}: unknown node")
+            if tgt is None:
+                ok = False
+                if c.target not in {n for _, n, _ in self.b._nodes}:
+                    self.problem(
+                        c.target, "", f"connection from {c.source}.{c.output}: unknown node"
+                    )
+            if not ok or src is None or tgt is None:
+                continue
+            out_spec = src.output_specs().get(c.output)
+            if out_spec is None and not src.open_outputs:
+                known = ", ".join(src.output_specs()) or "none"
+                self.problem(c.source, c.output, f"unknown output (outputs: {known})")
+                ok = False
+            in_spec = tgt.input_specs().get(c.input)
+            if in_spec is None and not tgt.open_inputs:
+                known = ", ".join(tgt.input_specs()) or "none"
+                self.problem(c.target, c.input, f"unknown parameter (parameters: {known})")
+                ok = False
+            if c.source == c.target:
+                self.problem(c.source, c.output, "a node cannot feed itself")
+                ok = False
+            if not ok:
+                continue
+            src_type = out_spec.type if out_spec else ANY
+            dst_type = in_spec.type if in_spec else ANY
+            if not compatible(src_type, dst_type):
+                self.problem(
+                    c.target,
+                    c.input,
+                    f"type mismatch: {c.source}.{c.output} is {type_name(src_type)}, "
+                    f"parameter is {type_name(dst_type)}",
+                )
+                continue
+            key = (c.target, c.input)
+            if key in supplied:
+                other = supplied[key]
+                self.problem(
+                    c.target,
+                    c.input,
+                    f"fed by two connections ({other.source}.{other.output} and "
+                    f"{c.source}.{c.output})",
+                )
+                continue
+            if c.input in self.configs[c.target]:
+                self.problem(c.target, c.input, "set in the node's params and by a connection")
+                continue
+            supplied[key] = c
+        return supplied
+
+    def _check_params(
+        self, plans: dict[str, _NodePlan], supplied: dict[tuple[str, str], Connection]
+    ) -> list[tuple[str, str, str, Any, bool, Param | None]]:
+        """Check static params; return the placeholder uses as
+        (input, node, param, type, param_is_optional, param spec)."""
+        uses: list[tuple[str, str, str, Any, bool, Param | None]] = []
+        for nid, node in self.nodes.items():
+            specs = node.input_specs()
+            plan = plans[nid]
+            for pname, value in self.configs[nid].items():
+                spec = specs.get(pname)
+                if spec is None and not node.open_inputs:
+                    known = ", ".join(specs) or "none"
+                    self.problem(nid, pname, f"unknown parameter (parameters: {known})")
+                    continue
+                if is_template(value):
+                    tmpl = Template(value)
+                    plan.templates.append((pname, tmpl))
+                    for use in tmpl.uses:
+                        if use.whole and not use.nested:
+                            tp = spec.type if spec else ANY
+                        elif use.whole:
+                            tp = ANY
+                        else:
+                            tp = str
+                        optional = bool(spec and not spec.required) and use.whole and not use.nested
+                        uses.append((use.name, nid, pname, tp, optional, spec))
+                    continue
+                try:
+                    plan.static[pname] = node.check_param(pname, value)
+                except TypeError as exc:
+                    self.problem(nid, pname, str(exc))
+            for pname, spec in specs.items():
+                if pname in self.configs[nid] or (nid, pname) in supplied:
+                    continue
+                if spec.required:
+                    self.problem(
+                        nid, pname, f"required parameter ({spec.type_name}) is not supplied"
+                    )
+                else:
+                    plan.static[pname] = spec.default
+        for (tgt, inp), c in supplied.items():
+            src_out = self.nodes[c.source].output_specs().get(c.output)
+            tgt_in = self.nodes[tgt].input_specs().get(inp)
+            needs_check = (
+                tgt_in is not None
+                and base_type(tgt_in.type) is not ANY
+                and (src_out is None or base_type(src_out.type) is ANY)
+            )
+            plans[tgt].incoming.append(
+                _Incoming(c.source, c.output, inp, tgt_in.type if needs_check and tgt_in else None)
+            )
+            plans[c.source].successors.append(tgt)
+        return uses
+
+    def _resolve_inputs(
+        self,
+        uses: list[tuple[str, str, str, Any, bool, Param | None]],
+        plans: dict[str, _NodePlan],
+    ) -> dict[str, WorkflowInput]:
+        declared = self.b._inputs
+        by_name: dict[str, list[tuple[str, str, Any, bool, Param | None]]] = {}
+        for name, nid, pname, tp, optional, spec in uses:
+            by_name.setdefault(name, []).append((nid, pname, tp, optional, spec))
+        for name in declared:
+            if name not in by_name:
+                self.problem("", name, "declared input is not used by any node ({{" + name + "}})")
+        inputs: dict[str, WorkflowInput] = {}
+        for name, places in by_name.items():
+            d = declared.get(name)
+            typed = [(n, p, t) for n, p, t, _, _ in places if base_type(t) is not ANY]
+            if d is not None:
+                tp = d.type
+                for nid, pname, t in typed:
+                    if not compatible(tp, t):
+                        self.problem(
+                            nid,
+                            pname,
+                            f"input '{name}' is declared {type_name(tp)} but feeds a "
+                            f"{type_name(t)} parameter",
+                        )
+            elif typed:
+                tp = typed[0][2]
+                for nid, pname, t in typed[1:]:
+                    if base_type(t) is not base_type(tp):
+                        first = f"{typed[0][0]}.{typed[0][1]}"
+                        self.problem(
+                            nid,
+                            pname,
+                            f"input '{name}' feeds parameters of different types: "
+                            f"{first} is {type_name(tp)}, this one is {type_name(t)}",
+                        )
+            else:
+                tp = str if any(t is str for _, _, t, _, _ in places) else ANY
+            if d is not None:
+                required, default, description = d.required, d.default, d.description
+            else:
+                required = not all(opt for _, _, _, opt, _ in places)
+                default = MISSING
+                descs = [s.description for _, _, _, _, s in places if s and s.description]
+                description = descs[0] if descs else ""
+            if not required and default is MISSING:
+                # optional input feeding optional params: each falls back to its default
+                for nid, pname, _, _, spec in places:
+                    plans[nid].defaults_for[pname] = (name, spec.default if spec else None)
+            if default is not MISSING:
+                try:
+                    default = check_value(tp, default)
+                except TypeError as exc:
+                    self.problem("", name, f"default: {exc}")
+            inputs[name] = WorkflowInput(
+                name=name,
+                type=tp,
+                required=required,
+                default=default,
+                description=description,
+                targets=tuple((n, p) for n, p, _, _, _ in places),
+            )
+        return inputs
+
+    def _order(self, plans: dict[str, _NodePlan]) -> tuple[str, ...]:
+        """Topological order (stable: ties in insertion order); reports cycles."""
+        position = {nid: i for i, nid in enumerate(plans)}
+        indeg = {nid: len({i.source for i in p.incoming}) for nid, p in plans.items()}
+        heap = [(position[n], n) for n, d in indeg.items() if d == 0]
+        heapq.heapify(heap)
+        order: list[str] = []
+        while heap:
+            _, nid = heapq.heappop(heap)
+            order.append(nid)
+            for succ in dict.fromkeys(plans[nid].successors):
+                indeg[succ] -= 1
+                if indeg[succ] == 0:
+                    heapq.heappush(heap, (position[succ], succ))
+        if len(order) < len(plans):
+            stuck = [n for n in plans if n not in set(order)]
+            self.problem("", "", "cycle: these nodes wait on each other: " + ", ".join(stuck))
+        return tuple(order)
