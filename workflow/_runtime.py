@@ -362,7 +362,7 @@ async def _run_node(
             outputs = results[inc.source]
             if inc.output not in outputs:
                 raise ValueError(f"upstream node '{inc.source}' produced no output '{inc.output}'")
-            value = outputs[inc.output]
+            value: Any = outputs[inc.output]
             if inc.check is not None:
                 try:
                     value = check_value(inc.check, value)
@@ -381,7 +381,7 @@ async def _run_node(
     t0 = time.perf_counter()
     active.add(nid)
     try:
-        value: Any = plan.run(**kwargs)
+        value = plan.run(**kwargs)
         if plan.node._is_async:
             value = await value
         if isinstance(value, dict):
