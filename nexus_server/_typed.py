@@ -1,0 +1,427 @@
+"""Typed per-model protobuf messages and services, built as descriptors at run time.
+
+For a model `Contact` this makes a `Contact` message with real field types and a
+`ContactService` (Create/Get/Update/Delete/List/Count/Upsert and the bulk RPCs) with
+`google.api.http` routes under `/v1/contacts`. Nothing is written by hand per model: the
+file descriptor is made from the model's fields when the server starts, added to the
+server's descriptor pool (so reflection, Envoy and other languages see the same types)
+and exported by `nexus proto export`.
+
+Every scalar model field is a proto3 `optional` field, so a request says which fields it
+sets (Create leaves the rest to the model defaults) and a null column is an unset field.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import enum
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import (
+    descriptor_pb2,
+    descriptor_pool,
+    empty_pb2,
+    field_mask_pb2,
+    message,
+    message_factory,
+    struct_pb2,
+    timestamp_pb2,
+)
+from google.protobuf.json_format import MessageToDict, ParseDict
+
+__all__ = [
+    "PACKAGE",
+    "FieldInfo",
+    "ModelInfo",
+    "TypedModels",
+    "build_models_file",
+    "collection_id",
+]
+
+PACKAGE = "nexus.models.v1"
+FILE_NAME = "nexus/models/v1/models.proto"
+
+_FDP = descriptor_pb2.FieldDescriptorProto
+_T = _FDP.Type
+
+# Python type -> (proto scalar type, message type name or "")
+_SCALAR: dict[Any, tuple[int, str]] = {
+    str: (_T.TYPE_STRING, ""),
+    int: (_T.TYPE_INT64, ""),
+    float: (_T.TYPE_DOUBLE, ""),
+    bool: (_T.TYPE_BOOL, ""),
+    bytes: (_T.TYPE_BYTES, ""),
+    decimal.Decimal: (_T.TYPE_STRING, ""),  # exact: decimals travel as text
+    _dt.date: (_T.TYPE_STRING, ""),  # ISO 8601 date
+    uuid.UUID: (_T.TYPE_STRING, ""),
+    _dt.datetime: (_T.TYPE_MESSAGE, ".google.protobuf.Timestamp"),
+    dict: (_T.TYPE_MESSAGE, ".google.protobuf.Struct"),
+    list: (_T.TYPE_MESSAGE, ".google.protobuf.ListValue"),
+}
+_ANY_VALUE = (_T.TYPE_MESSAGE, ".google.protobuf.Value")
+
+_DEPENDENCIES = (
+    annotations_pb2,
+    http_pb2,
+    empty_pb2,
+    field_mask_pb2,
+    struct_pb2,
+    timestamp_pb2,
+)
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One model field as the server sees it.
+
+    Attributes:
+        name: column / field name (snake_case).
+        type: the Python base type (str, int, ..., an Enum subclass, or typing.Any).
+        nullable: whether the field may be null.
+        primary_key: whether it is the model's id.
+        read_only: managed by the database layer (created_at, updated_at).
+        description: shown in generated schemas.
+    """
+
+    name: str
+    type: Any
+    nullable: bool = False
+    primary_key: bool = False
+    read_only: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model: its class name and fields, in declaration order."""
+
+    name: str
+    fields: tuple[FieldInfo, ...]
+
+    @property
+    def id_field(self) -> FieldInfo:
+        for f in self.fields:
+            if f.primary_key:
+                return f
+        raise ValueError(f"model {self.name} has no primary key")
+
+    @property
+    def collection(self) -> str:
+        return collection_id(self.name)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def collection_id(model_name: str) -> str:
+    """The REST collection of a model: `Contact` -> `contacts`, `Company` -> `companies`,
+    `OrderLine` -> `order_lines`."""
+    s = _snake(model_name)
+    if re.search(r"[^aeiou]y$", s):
+        return s[:-1] + "ies"
+    if re.search(r"(s|x|z|ch|sh)$", s):
+        return s + "es"
+    return s + "s"
+
+
+def _plural_camel(model_name: str) -> str:
+    return "".join(p.capitalize() for p in collection_id(model_name).split("_"))
+
+
+def _proto_type(tp: Any) -> tuple[int, str]:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return (_T.TYPE_STRING, "")
+    return _SCALAR.get(tp, _ANY_VALUE)
+
+
+def _rule(verb: str, path: str, body: str = "") -> http_pb2.HttpRule:
+    rule = http_pb2.HttpRule(body=body)
+    setattr(rule, verb, path)
+    return rule
+
+
+class _FileBuilder:
+    def __init__(self) -> None:
+        self.fdp = descriptor_pb2.FileDescriptorProto(
+            name=FILE_NAME, package=PACKAGE, syntax="proto3"
+        )
+        self.fdp.dependency.extend(m.DESCRIPTOR.name for m in _DEPENDENCIES)
+        self.fdp.options.go_package = "nexus/models/v1;modelsv1"
+
+    def message(self, name: str) -> descriptor_pb2.DescriptorProto:
+        msg = self.fdp.message_type.add(name=name)
+        return msg
+
+    @staticmethod
+    def field(
+        msg: descriptor_pb2.DescriptorProto,
+        name: str,
+        ftype: tuple[int, str],
+        *,
+        repeated: bool = False,
+        optional: bool = False,
+    ) -> None:
+        number = len(msg.field) + 1
+        f = msg.field.add(name=name, number=number, type=ftype[0])  # type: ignore[arg-type,unused-ignore]
+        if ftype[1]:
+            f.type_name = ftype[1]
+        if repeated:
+            f.label = _FDP.LABEL_REPEATED
+        else:
+            f.label = _FDP.LABEL_OPTIONAL
+            if optional and ftype[0] != _T.TYPE_MESSAGE:
+                f.proto3_optional = True
+                f.oneof_index = len(msg.oneof_decl)
+                msg.oneof_decl.add(name=f"_{name}")
+        f.json_name = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), name)
+
+    def method(
+        self,
+        service: descriptor_pb2.ServiceDescriptorProto,
+        name: str,
+        req: str,
+        resp: str,
+        rule: http_pb2.HttpRule,
+    ) -> None:
+        m = service.method.add(name=name, input_type=req, output_type=resp)
+        m.options.Extensions[annotations_pb2.http].CopyFrom(rule)
+
+
+def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescriptorProto:
+    """The `nexus/models/v1/models.proto` file for these models."""
+    b = _FileBuilder()
+    p = f".{PACKAGE}."
+    s = _T.TYPE_STRING
+    # shared messages
+    bulk = b.message("BulkWriteResult")
+    b.field(bulk, "affected", (_T.TYPE_INT64, ""))
+    count = b.message("CountResult")
+    b.field(count, "count", (_T.TYPE_INT64, ""))
+    for model in models:
+        name, plural, coll = model.name, _plural_camel(model.name), model.collection
+        idf = model.id_field
+        id_type = _proto_type(idf.type)
+        rec = b.message(name)
+        for f in model.fields:
+            b.field(rec, f.name, _proto_type(f.type), optional=True)
+        m = b.message(f"Create{name}Request")
+        b.field(m, _snake(name), (_T.TYPE_MESSAGE, p + name))
+        b.field(m, "request_id", (s, ""))
+        m = b.message(f"Get{name}Request")
+        b.field(m, "id", id_type)
+        m = b.message(f"Update{name}Request")
+        b.field(m, _snake(name), (_T.TYPE_MESSAGE, p + name))
+        b.field(m, "update_mask", (_T.TYPE_MESSAGE, ".google.protobuf.FieldMask"))
+        b.field(m, "request_id", (s, ""))
+        m = b.message(f"Delete{name}Request")
+        b.field(m, "id", id_type)
+        m = b.message(f"List{plural}Request")
+        b.field(m, "filter", (s, ""))
+        b.field(m, "order_by", (s, ""))
+        b.field(m, "page_size", (_T.TYPE_INT32, ""))
+        b.field(m, "page_token", (s, ""))
+        b.field(m, "read_mask", (_T.TYPE_MESSAGE, ".google.protobuf.FieldMask"))
+        m = b.message(f"List{plural}Response")
+        b.field(m, coll, (_T.TYPE_MESSAGE, p + name), repeated=True)
+        b.field(m, "next_page_token", (s, ""))
+        m = b.message(f"Count{plural}Request")
+        b.field(m, "filter", (s, ""))
+        m = b.message(f"Upsert{name}Request")
+        b.field(m, _snake(name), (_T.TYPE_MESSAGE, p + name))
+        b.field(m, "conflict_on", (s, ""), repeated=True)
+        b.field(m, "request_id", (s, ""))
+        m = b.message(f"BulkCreate{plural}Request")
+        b.field(m, coll, (_T.TYPE_MESSAGE, p + name), repeated=True)
+        b.field(m, "request_id", (s, ""))
+        m = b.message(f"BulkUpdate{plural}Request")
+        b.field(m, "filter", (s, ""))
+        b.field(m, _snake(name), (_T.TYPE_MESSAGE, p + name))
+        b.field(m, "update_mask", (_T.TYPE_MESSAGE, ".google.protobuf.FieldMask"))
+        b.field(m, "all", (_T.TYPE_BOOL, ""))
+        b.field(m, "request_id", (s, ""))
+        m = b.message(f"BulkDelete{plural}Request")
+        b.field(m, "filter", (s, ""))
+        b.field(m, "all", (_T.TYPE_BOOL, ""))
+        b.field(m, "request_id", (s, ""))
+        m = b.message(f"BulkUpsert{plural}Request")
+        b.field(m, coll, (_T.TYPE_MESSAGE, p + name), repeated=True)
+        b.field(m, "conflict_on", (s, ""), repeated=True)
+        b.field(m, "request_id", (s, ""))
+
+        svc = b.fdp.service.add(name=f"{name}Service")
+        base = f"/v1/{coll}"
+        snake = _snake(name)
+        rec_t = p + name
+        b.method(svc, f"Create{name}", f"{p}Create{name}Request", rec_t, _rule("post", base, snake))
+        b.method(svc, f"Get{name}", f"{p}Get{name}Request", rec_t, _rule("get", base + "/{id}"))
+        b.method(
+            svc,
+            f"Update{name}",
+            f"{p}Update{name}Request",
+            rec_t,
+            _rule("patch", base + "/{" + snake + "." + idf.name + "}", snake),
+        )
+        b.method(
+            svc,
+            f"Delete{name}",
+            f"{p}Delete{name}Request",
+            ".google.protobuf.Empty",
+            _rule("delete", base + "/{id}"),
+        )
+        b.method(
+            svc, f"List{plural}", f"{p}List{plural}Request", f"{p}List{plural}Response",
+            _rule("get", base),
+        )  # fmt: skip
+        b.method(
+            svc, f"Count{plural}", f"{p}Count{plural}Request", f"{p}CountResult",
+            _rule("get", base + ":count"),
+        )  # fmt: skip
+        b.method(
+            svc, f"Upsert{name}", f"{p}Upsert{name}Request", rec_t,
+            _rule("post", base + ":upsert", "*"),
+        )  # fmt: skip
+        for verb in ("Create", "Update", "Delete", "Upsert"):
+            b.method(
+                svc,
+                f"Bulk{verb}{plural}",
+                f"{p}Bulk{verb}{plural}Request",
+                f"{p}BulkWriteResult",
+                _rule("post", f"{base}:bulk{verb}", "*"),
+            )
+    return b.fdp
+
+
+class TypedModels:
+    """The typed messages and services of a set of models, in a descriptor pool that also
+    holds every file they depend on (and any `extra_files`, e.g. the static services, so
+    one pool serves reflection for the whole server)."""
+
+    def __init__(
+        self,
+        models: Sequence[ModelInfo],
+        extra_files: Iterable[descriptor_pb2.FileDescriptorProto] = (),
+    ) -> None:
+        self.models = {m.name: m for m in models}
+        self.file = build_models_file(models)
+        self.pool = descriptor_pool.DescriptorPool()
+        added: set[str] = set()
+        for fdp in [*_dependency_files(), *extra_files]:
+            if fdp.name not in added:
+                self.pool.Add(fdp)
+                added.add(fdp.name)
+        self.pool.Add(self.file)
+        self.file_descriptor = self.pool.FindFileByName(FILE_NAME)
+
+    def service_name(self, model: str) -> str:
+        return f"{PACKAGE}.{model}Service"
+
+    @property
+    def service_names(self) -> list[str]:
+        return [self.service_name(m) for m in self.models]
+
+    def message_class(self, name: str) -> type[message.Message]:
+        """The generated class of a message of this file, by short name."""
+        desc = self.pool.FindMessageTypeByName(f"{PACKAGE}.{name}")
+        cls: type[message.Message] = message_factory.GetMessageClass(desc)
+        return cls
+
+    def file_set(self) -> descriptor_pb2.FileDescriptorSet:
+        """The models file and everything it imports, dependencies first."""
+        out = descriptor_pb2.FileDescriptorSet()
+        seen: set[str] = set()
+
+        def add(fd: Any) -> None:
+            if fd.name in seen:
+                return
+            for dep in fd.dependencies:
+                add(dep)
+            seen.add(fd.name)
+            fdp = descriptor_pb2.FileDescriptorProto()
+            fd.CopyToProto(fdp)
+            out.file.append(fdp)
+
+        add(self.file_descriptor)
+        return out
+
+
+def _dependency_files() -> list[descriptor_pb2.FileDescriptorProto]:
+    out: list[descriptor_pb2.FileDescriptorProto] = []
+    seen: set[str] = set()
+
+    def add(fd: Any) -> None:
+        if fd.name in seen:
+            return
+        for dep in fd.dependencies:
+            add(dep)
+        seen.add(fd.name)
+        fdp = descriptor_pb2.FileDescriptorProto()
+        fd.CopyToProto(fdp)
+        out.append(fdp)
+
+    for mod in _DEPENDENCIES:
+        add(mod.DESCRIPTOR)
+    return out
+
+
+# --- record <-> message conversion -------------------------------------------------------
+
+
+def record_to_message(
+    model: ModelInfo, record: Mapping[str, Any], cls: type[message.Message]
+) -> message.Message:
+    """A DataFlow record (dict of Python values) as the model's typed message."""
+    msg = cls()
+    for f in model.fields:
+        if f.name not in record:
+            continue
+        value = record[f.name]
+        if value is None:
+            continue
+        _set_field(msg, f, value)
+    return msg
+
+
+def _set_field(msg: Any, f: FieldInfo, value: Any) -> None:
+    tp = f.type
+    if tp is _dt.datetime:
+        ts = getattr(msg, f.name)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.UTC)
+        ts.FromDatetime(value)
+    elif tp is dict:
+        getattr(msg, f.name).update(value)
+    elif tp is list:
+        getattr(msg, f.name).extend(value)
+    elif _proto_type(tp) == _ANY_VALUE:
+        getattr(msg, f.name).CopyFrom(ParseDict(value, struct_pb2.Value()))
+    elif isinstance(value, enum.Enum):
+        setattr(msg, f.name, str(value.value))
+    elif tp in (decimal.Decimal, uuid.UUID, _dt.date):
+        setattr(msg, f.name, value.isoformat() if tp is _dt.date else str(value))
+    else:
+        setattr(msg, f.name, value)
+
+
+def message_to_fields(model: ModelInfo, msg: message.Message) -> dict[str, Any]:
+    """The fields a request message sets, as Python values for DataFlow (which then
+    validates them against the model: a decimal or a date in text is checked there)."""
+    out: dict[str, Any] = {}
+    by_name = {f.name: f for f in model.fields}
+    for fd, value in msg.ListFields():
+        f = by_name.get(fd.name)
+        if f is None:
+            continue
+        if f.type is _dt.datetime:
+            out[f.name] = value.ToDatetime(tzinfo=_dt.UTC)
+        elif f.type is dict or f.type is list or fd.message_type is not None:
+            out[f.name] = MessageToDict(value)
+        else:
+            out[f.name] = value
+    return out
