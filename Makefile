@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Node tools (buf; the Node client's gRPC libraries) from package-lock.json.
+NPM_STAMP := node_modules/.installed
+BUF    := node_modules/.bin/buf
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint protocheck protos typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,16 +15,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+	touch $(NPM_STAMP)
+
 ## run: create the environment and run the example app
 run: $(STAMP)
 	$(PY) examples/hello_workflow.py
 
 ## test: create the environment, lint, type-check and run the whole test suite
-test: lint typecheck pytest
+test: lint protocheck typecheck pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+## protocheck: buf lint, and buf breaking against the last landed main (proto/)
+protocheck: $(STAMP) $(NPM_STAMP)
+	@$(PY) scripts/gen_protos.py --deps-only >/dev/null
+	$(BUF) lint
+	$(PY) scripts/proto_breaking.py
+
+## protos: regenerate the stubs in nexus_api/ (and .proto-deps/) from proto/
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -1,5 +1,19 @@
-"""The Nexus gRPC server (filled in by the server issue)."""
+"""The Nexus gRPC server: workflows and DataFlow models served typed.
+
+```python
+from nexus_server import Nexus
+
+app = Nexus(grpc_port=50051)
+app.integrate_dataflow(db)
+app.register("create_contact", workflow)
+app.start()                    # or: async with app.serving() as info: ...
+```
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._app import Nexus, Serving
+from ._errors import ApiError
+from ._typed import TypedModels, collection_id
+
+__all__ = ["ApiError", "Nexus", "Serving", "TypedModels", "collection_id"]

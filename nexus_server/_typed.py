@@ -19,7 +19,6 @@ import enum
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from google.api import annotations_pb2, http_pb2
@@ -35,10 +34,10 @@ from google.protobuf import (
 )
 from google.protobuf.json_format import MessageToDict, ParseDict
 
+from dataflow import FieldInfo, ModelInfo
+
 __all__ = [
     "PACKAGE",
-    "FieldInfo",
-    "ModelInfo",
     "TypedModels",
     "build_models_file",
     "collection_id",
@@ -65,6 +64,7 @@ _SCALAR: dict[Any, tuple[int, str]] = {
     list: (_T.TYPE_MESSAGE, ".google.protobuf.ListValue"),
 }
 _ANY_VALUE = (_T.TYPE_MESSAGE, ".google.protobuf.Value")
+_STRUCT = (_T.TYPE_MESSAGE, ".google.protobuf.Struct")
 
 _DEPENDENCIES = (
     annotations_pb2,
@@ -74,46 +74,6 @@ _DEPENDENCIES = (
     struct_pb2,
     timestamp_pb2,
 )
-
-
-@dataclass(frozen=True)
-class FieldInfo:
-    """One model field as the server sees it.
-
-    Attributes:
-        name: column / field name (snake_case).
-        type: the Python base type (str, int, ..., an Enum subclass, or typing.Any).
-        nullable: whether the field may be null.
-        primary_key: whether it is the model's id.
-        read_only: managed by the database layer (created_at, updated_at).
-        description: shown in generated schemas.
-    """
-
-    name: str
-    type: Any
-    nullable: bool = False
-    primary_key: bool = False
-    read_only: bool = False
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A model: its class name and fields, in declaration order."""
-
-    name: str
-    fields: tuple[FieldInfo, ...]
-
-    @property
-    def id_field(self) -> FieldInfo:
-        for f in self.fields:
-            if f.primary_key:
-                return f
-        raise ValueError(f"model {self.name} has no primary key")
-
-    @property
-    def collection(self) -> str:
-        return collection_id(self.name)
 
 
 def _snake(name: str) -> str:
@@ -141,9 +101,13 @@ def _proto_type(tp: Any) -> tuple[int, str]:
     return _SCALAR.get(tp, _ANY_VALUE)
 
 
-def _rule(verb: str, path: str, body: str = "") -> http_pb2.HttpRule:
+def _rule(
+    verb: str, path: str, body: str = "", extra: http_pb2.HttpRule | None = None
+) -> http_pb2.HttpRule:
     rule = http_pb2.HttpRule(body=body)
     setattr(rule, verb, path)
+    if extra is not None:
+        rule.additional_bindings.append(extra)
     return rule
 
 
@@ -205,12 +169,12 @@ def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescrip
     count = b.message("CountResult")
     b.field(count, "count", (_T.TYPE_INT64, ""))
     for model in models:
-        name, plural, coll = model.name, _plural_camel(model.name), model.collection
-        idf = model.id_field
-        id_type = _proto_type(idf.type)
+        name, plural, coll = model.name, _plural_camel(model.name), collection_id(model.name)
+        idf = model.primary_key
+        id_type = _proto_type(idf.base_type)
         rec = b.message(name)
         for f in model.fields:
-            b.field(rec, f.name, _proto_type(f.type), optional=True)
+            b.field(rec, f.name, _proto_type(f.base_type), optional=True)
         m = b.message(f"Create{name}Request")
         b.field(m, _snake(name), (_T.TYPE_MESSAGE, p + name))
         b.field(m, "request_id", (s, ""))
@@ -223,16 +187,16 @@ def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescrip
         m = b.message(f"Delete{name}Request")
         b.field(m, "id", id_type)
         m = b.message(f"List{plural}Request")
-        b.field(m, "filter", (s, ""))
+        b.field(m, "filter", _STRUCT)
         b.field(m, "order_by", (s, ""))
         b.field(m, "page_size", (_T.TYPE_INT32, ""))
         b.field(m, "page_token", (s, ""))
-        b.field(m, "read_mask", (_T.TYPE_MESSAGE, ".google.protobuf.FieldMask"))
+        b.field(m, "fields", (s, ""), repeated=True)
         m = b.message(f"List{plural}Response")
         b.field(m, coll, (_T.TYPE_MESSAGE, p + name), repeated=True)
         b.field(m, "next_page_token", (s, ""))
         m = b.message(f"Count{plural}Request")
-        b.field(m, "filter", (s, ""))
+        b.field(m, "filter", _STRUCT)
         m = b.message(f"Upsert{name}Request")
         b.field(m, _snake(name), (_T.TYPE_MESSAGE, p + name))
         b.field(m, "conflict_on", (s, ""), repeated=True)
@@ -241,14 +205,13 @@ def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescrip
         b.field(m, coll, (_T.TYPE_MESSAGE, p + name), repeated=True)
         b.field(m, "request_id", (s, ""))
         m = b.message(f"BulkUpdate{plural}Request")
-        b.field(m, "filter", (s, ""))
-        b.field(m, _snake(name), (_T.TYPE_MESSAGE, p + name))
-        b.field(m, "update_mask", (_T.TYPE_MESSAGE, ".google.protobuf.FieldMask"))
-        b.field(m, "all", (_T.TYPE_BOOL, ""))
+        b.field(m, "filter", _STRUCT)
+        b.field(m, "values", (_T.TYPE_MESSAGE, p + name))
+        b.field(m, "allow_all", (_T.TYPE_BOOL, ""))
         b.field(m, "request_id", (s, ""))
         m = b.message(f"BulkDelete{plural}Request")
-        b.field(m, "filter", (s, ""))
-        b.field(m, "all", (_T.TYPE_BOOL, ""))
+        b.field(m, "filter", _STRUCT)
+        b.field(m, "allow_all", (_T.TYPE_BOOL, ""))
         b.field(m, "request_id", (s, ""))
         m = b.message(f"BulkUpsert{plural}Request")
         b.field(m, coll, (_T.TYPE_MESSAGE, p + name), repeated=True)
@@ -277,11 +240,11 @@ def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescrip
         )
         b.method(
             svc, f"List{plural}", f"{p}List{plural}Request", f"{p}List{plural}Response",
-            _rule("get", base),
+            _rule("get", base, extra=_rule("post", base + ":search", "*")),
         )  # fmt: skip
         b.method(
             svc, f"Count{plural}", f"{p}Count{plural}Request", f"{p}CountResult",
-            _rule("get", base + ":count"),
+            _rule("get", base + ":count", extra=_rule("post", base + ":count", "*")),
         )  # fmt: skip
         b.method(
             svc, f"Upsert{name}", f"{p}Upsert{name}Request", rec_t,
@@ -389,7 +352,7 @@ def record_to_message(
 
 
 def _set_field(msg: Any, f: FieldInfo, value: Any) -> None:
-    tp = f.type
+    tp = f.base_type
     if tp is _dt.datetime:
         ts = getattr(msg, f.name)
         if value.tzinfo is None:
@@ -418,9 +381,9 @@ def message_to_fields(model: ModelInfo, msg: message.Message) -> dict[str, Any]:
         f = by_name.get(fd.name)
         if f is None:
             continue
-        if f.type is _dt.datetime:
+        if f.base_type is _dt.datetime:
             out[f.name] = value.ToDatetime(tzinfo=_dt.UTC)
-        elif f.type is dict or f.type is list or fd.message_type is not None:
+        elif fd.message_type is not None:
             out[f.name] = MessageToDict(value)
         else:
             out[f.name] = value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import heapq
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from ._types import (
     base_type,
     check_value,
     compatible,
+    is_nullable,
+    is_supported,
     name_of_type,
     type_from_name,
     type_name,
@@ -70,6 +73,24 @@ class _Declared:
     default: Any
     description: str
     required: bool
+
+
+@dataclass(frozen=True)
+class _Use:
+    """One placeholder use found at build time."""
+
+    input: str
+    node: str
+    param: str
+    type: Any  # the type the use requires of the input (any when it does not care)
+    direct: bool  # the whole parameter value is the placeholder
+    embedded: bool  # the placeholder is part of a longer string
+    spec: Param | None
+
+    @property
+    def optional(self) -> bool:
+        """Whether the parameter can fall back to its own default when the input is omitted."""
+        return self.direct and self.spec is not None and not self.spec.required
 
 
 class _Incoming:
@@ -153,7 +174,8 @@ class Workflow:
         return self._nodes
 
     def node_type(self, node_id: str) -> str:
-        return self._nodes[node_id].type_name
+        """The registered type name the node was added with."""
+        return self._plans[node_id].type_name
 
     def node_config(self, node_id: str) -> dict[str, Any]:
         """A copy of the parameters the node was added with."""
@@ -213,7 +235,9 @@ class Workflow:
                         f"node '{nid}': parameter '{k}' is a Python callable and cannot be "
                         f"serialised; use a code string instead"
                     )
-            nodes.append({"id": nid, "type": self._nodes[nid].type_name, "params": dict(cfg)})
+            # a deep copy: changing the definition must not change this (immutable) workflow
+            params = copy.deepcopy(cfg)
+            nodes.append({"id": nid, "type": self.node_type(nid), "params": params})
         inputs = []
         for name, d in self._declared.items():
             entry: dict[str, Any] = {
@@ -223,7 +247,7 @@ class Workflow:
                 "description": d.description,
             }
             if d.default is not MISSING:
-                entry["default"] = d.default
+                entry["default"] = copy.deepcopy(d.default)
             inputs.append(entry)
         return {
             "description": self.description,
@@ -285,6 +309,9 @@ class WorkflowBuilder:
             except TypeError as exc:
                 self._problems.append(Problem("", name, str(exc)))
                 type = ANY
+        elif not is_supported(type):
+            self._problems.append(Problem("", name, f"unsupported input type {type!r}"))
+            type = ANY
         req = default is MISSING if required is None else required
         self._inputs[name] = _Declared(type, default, description, req)
         return self
@@ -355,6 +382,10 @@ class _Validator:
         self.problems: list[Problem] = list(builder._problems)
         self.nodes: dict[str, Node] = {}
         self.configs: dict[str, dict[str, Any]] = {}
+        self.types: dict[str, str] = {}
+        # parameters some connection targets, valid or not: a bad connection is reported
+        # once, not again as "required parameter is not supplied"
+        self.targeted: set[tuple[str, str]] = set()
 
     def problem(self, node: str, field: str, message: str) -> None:
         self.problems.append(Problem(node, field, message))
@@ -363,6 +394,9 @@ class _Validator:
         self._make_nodes()
         supplied = self._check_connections()
         plans = {nid: _NodePlan(node) for nid, node in self.nodes.items()}
+        for nid, plan in plans.items():
+            # the name it is registered under, which may differ from the class's type_name
+            plan.type_name = self.types[nid]
         uses = self._check_params(plans, supplied)
         inputs = self._resolve_inputs(uses, plans)
         order = self._order(plans)
@@ -401,10 +435,12 @@ class _Validator:
                 self.problem(nid, exc.field, exc.message)
                 continue
             self.configs[nid] = params
+            self.types[nid] = ntype
 
     def _check_connections(self) -> dict[tuple[str, str], Connection]:
         supplied: dict[tuple[str, str], Connection] = {}
         for c in self.b._connections:
+            self.targeted.add((c.target, c.input))
             src, tgt = self.nodes.get(c.source), self.nodes.get(c.target)
             ok = True
             if src is None:
@@ -462,10 +498,9 @@ class _Validator:
 
     def _check_params(
         self, plans: dict[str, _NodePlan], supplied: dict[tuple[str, str], Connection]
-    ) -> list[tuple[str, str, str, Any, bool, Param | None]]:
-        """Check static params; return the placeholder uses as
-        (input, node, param, type, param_is_optional, param spec)."""
-        uses: list[tuple[str, str, str, Any, bool, Param | None]] = []
+    ) -> list[_Use]:
+        """Check static params; return every placeholder use."""
+        uses: list[_Use] = []
         for nid, node in self.nodes.items():
             specs = node.input_specs()
             plan = plans[nid]
@@ -479,21 +514,18 @@ class _Validator:
                     tmpl = Template(value)
                     plan.templates.append((pname, tmpl))
                     for use in tmpl.uses:
-                        if use.whole and not use.nested:
-                            tp = spec.type if spec else ANY
-                        elif use.whole:
-                            tp = ANY
-                        else:
-                            tp = str
-                        optional = bool(spec and not spec.required) and use.whole and not use.nested
-                        uses.append((use.name, nid, pname, tp, optional, spec))
+                        direct = use.whole and not use.nested
+                        # only a whole, direct placeholder takes the parameter's type; an
+                        # embedded one renders any value as text, a nested one is untyped
+                        tp = spec.type if direct and spec else ANY
+                        uses.append(_Use(use.name, nid, pname, tp, direct, not use.whole, spec))
                     continue
                 try:
                     plan.static[pname] = node.check_param(pname, value)
                 except TypeError as exc:
                     self.problem(nid, pname, str(exc))
             for pname, spec in specs.items():
-                if pname in self.configs[nid] or (nid, pname) in supplied:
+                if pname in self.configs[nid] or (nid, pname) in self.targeted:
                     continue
                 if spec.required:
                     self.problem(
@@ -504,10 +536,16 @@ class _Validator:
         for (tgt, inp), c in supplied.items():
             src_out = self.nodes[c.source].output_specs().get(c.output)
             tgt_in = self.nodes[tgt].input_specs().get(inp)
+            # checked at run time only when the build could not prove it: the source is
+            # untyped, or may be null where the parameter may not
             needs_check = (
                 tgt_in is not None
                 and base_type(tgt_in.type) is not ANY
-                and (src_out is None or base_type(src_out.type) is ANY)
+                and (
+                    src_out is None
+                    or base_type(src_out.type) is ANY
+                    or (is_nullable(src_out.type) and not is_nullable(tgt_in.type))
+                )
             )
             plans[tgt].incoming.append(
                 _Incoming(c.source, c.output, inp, tgt_in.type if needs_check and tgt_in else None)
@@ -516,55 +554,74 @@ class _Validator:
         return uses
 
     def _resolve_inputs(
-        self,
-        uses: list[tuple[str, str, str, Any, bool, Param | None]],
-        plans: dict[str, _NodePlan],
+        self, uses: list[_Use], plans: dict[str, _NodePlan]
     ) -> dict[str, WorkflowInput]:
         declared = self.b._inputs
-        by_name: dict[str, list[tuple[str, str, Any, bool, Param | None]]] = {}
-        for name, nid, pname, tp, optional, spec in uses:
-            by_name.setdefault(name, []).append((nid, pname, tp, optional, spec))
+        by_name: dict[str, list[_Use]] = {}
+        for use in uses:
+            by_name.setdefault(use.input, []).append(use)
         for name in declared:
             if name not in by_name:
                 self.problem("", name, "declared input is not used by any node ({{" + name + "}})")
         inputs: dict[str, WorkflowInput] = {}
         for name, places in by_name.items():
             d = declared.get(name)
-            typed = [(n, p, t) for n, p, t, _, _ in places if base_type(t) is not ANY]
-            if d is not None:
+            typed = [u for u in places if base_type(u.type) is not ANY]
+            if d is not None and base_type(d.type) is not ANY:
                 tp = d.type
-                for nid, pname, t in typed:
-                    if not compatible(tp, t):
+                for u in typed:
+                    if not compatible(tp, u.type):
                         self.problem(
-                            nid,
-                            pname,
+                            u.node,
+                            u.param,
                             f"input '{name}' is declared {type_name(tp)} but feeds a "
-                            f"{type_name(t)} parameter",
+                            f"{type_name(u.type)} parameter",
                         )
             elif typed:
-                tp = typed[0][2]
-                for nid, pname, t in typed[1:]:
-                    if base_type(t) is not base_type(tp):
-                        first = f"{typed[0][0]}.{typed[0][1]}"
+                # an input declared without a type takes the type of the parameters it feeds
+                tp = typed[0].type
+                for u in typed[1:]:
+                    if base_type(u.type) is not base_type(tp):
                         self.problem(
-                            nid,
-                            pname,
+                            u.node,
+                            u.param,
                             f"input '{name}' feeds parameters of different types: "
-                            f"{first} is {type_name(tp)}, this one is {type_name(t)}",
+                            f"{typed[0].node}.{typed[0].param} is {type_name(tp)}, "
+                            f"this one is {type_name(u.type)}",
                         )
+            elif d is None and all(u.embedded for u in places):
+                tp = str
             else:
-                tp = str if any(t is str for _, _, t, _, _ in places) else ANY
+                tp = ANY if d is None else d.type
+
             if d is not None:
                 required, default, description = d.required, d.default, d.description
             else:
-                required = not all(opt for _, _, _, opt, _ in places)
+                required = not all(u.optional for u in places)
                 default = MISSING
-                descs = [s.description for _, _, _, _, s in places if s and s.description]
+                descs = [u.spec.description for u in places if u.spec and u.spec.description]
                 description = descs[0] if descs else ""
+            if (
+                not required
+                and default is MISSING
+                and not all(u.optional for u in places)
+                and (is_nullable(tp) or base_type(tp) is ANY)
+            ):
+                default = None  # an optional nullable input without a default is null
             if not required and default is MISSING:
-                # optional input feeding optional params: each falls back to its default
-                for nid, pname, _, _, spec in places:
-                    plans[nid].defaults_for[pname] = (name, spec.default if spec else None)
+                # an optional input without a default: each parameter it feeds falls back
+                # to the parameter's own default, which only exists for a direct use of an
+                # optional parameter
+                for u in places:
+                    if u.optional and u.spec is not None:
+                        plans[u.node].defaults_for[u.param] = (name, u.spec.default)
+                    else:
+                        self.problem(
+                            u.node,
+                            u.param,
+                            f"input '{name}' is optional without a default, but this "
+                            f"parameter has no default to fall back to; give the input a default",
+                        )
             if default is not MISSING:
                 try:
                     default = check_value(tp, default)
@@ -576,7 +633,7 @@ class _Validator:
                 required=required,
                 default=default,
                 description=description,
-                targets=tuple((n, p) for n, p, _, _, _ in places),
+                targets=tuple((u.node, u.param) for u in places),
             )
         return inputs
 

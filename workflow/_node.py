@@ -140,7 +140,10 @@ class Node:
         """This instance's outputs. Override when they depend on the configuration."""
         return self.outputs
 
-    def run(self, **params: Any) -> Mapping[str, Any] | Awaitable[Mapping[str, Any]]:
+    # `*args: Any, **params: Any` lets a subclass declare its parameters as keyword
+    # arguments (`def run(self, x: int)`) without type checkers calling it an incompatible
+    # override; the runtime only ever passes keywords.
+    def run(self, *args: Any, **params: Any) -> Mapping[str, Any] | Awaitable[Mapping[str, Any]]:
         raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
 
     def check_param(self, name: str, value: Any) -> Any:

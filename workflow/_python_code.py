@@ -15,6 +15,7 @@ from types import CodeType
 from typing import Any
 
 from ._node import FunctionSignature, Node, NodeConfigError, Output, Param, register_node
+from ._template import is_template
 from ._types import ANY
 
 __all__ = ["PythonCodeNode"]
@@ -57,6 +58,7 @@ class PythonCodeNode(Node):
 
     parameters = {
         "code": Param(str, required=False, description="Python statements setting `result`"),
+        "function": Param(ANY, required=False, description="a Python function to call instead"),
     }
     outputs = {"result": Output(ANY, description="the value of `result`")}
     open_outputs = True
@@ -76,10 +78,23 @@ class PythonCodeNode(Node):
                 raise NodeConfigError("function", f"expected a callable, got {type(fn).__name__}")
             self._fn = fn
             self._fn_async = inspect.iscoroutinefunction(fn)
-            self._params = FunctionSignature.of(fn).params
+            # the function itself is configuration: the runtime passes it back to run()
+            self._params = {"function": self.parameters["function"]}
+            for name, spec in FunctionSignature.of(fn).params.items():
+                if name in self._params:
+                    raise NodeConfigError("function", f"argument name {name!r} is reserved")
+                self._params[name] = spec
             return
         if not isinstance(code, str):
             raise NodeConfigError("code", f"expected str, got {type(code).__name__}")
+        if is_template(code):
+            # the code is compiled once at build time, so a placeholder in it would never
+            # be filled in
+            raise NodeConfigError(
+                "code",
+                "placeholders are not allowed in code; pass the input as a variable "
+                'instead, e.g. {"name": "{{name}}"}',
+            )
         try:
             tree = ast.parse(code, filename=f"<node {node_id}>", mode="exec")
             self._code = compile(tree, f"<node {node_id}>", "exec")
@@ -97,6 +112,7 @@ class PythonCodeNode(Node):
 
     async def run(self, **params: Any) -> Mapping[str, Any]:
         if self._fn is not None:
+            params.pop("function", None)
             value = self._fn(**params)
             if self._fn_async:
                 value = await value

@@ -51,7 +51,7 @@ _TERMINAL = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Event:
     """Something that happened during an execution.
 
@@ -75,6 +75,32 @@ class Event:
     results: Mapping[str, Mapping[str, Any]] | None = None
     error: WorkflowError | None = None
     timestamp: float = field(default_factory=time.time)
+
+    # Hand-written for speed (the runtime makes three per node): one dict update instead of
+    # the generated frozen __init__'s nine object.__setattr__ calls; same signature.
+    def __init__(
+        self,
+        kind: EventKind,
+        execution_id: str,
+        node_id: str | None = None,
+        node_type: str | None = None,
+        duration: float | None = None,
+        outputs: Mapping[str, Any] | None = None,
+        results: Mapping[str, Mapping[str, Any]] | None = None,
+        error: WorkflowError | None = None,
+        timestamp: float | None = None,
+    ) -> None:
+        self.__dict__.update(
+            kind=kind,
+            execution_id=execution_id,
+            node_id=node_id,
+            node_type=node_type,
+            duration=duration,
+            outputs=outputs,
+            results=results,
+            error=error,
+            timestamp=time.time() if timestamp is None else timestamp,
+        )
 
 
 EventCallback = Callable[[Event], None]
@@ -268,6 +294,10 @@ class AsyncLocalRuntime:
             raise
         except BaseException as exc:
             await _close_quietly(ctx, exc)
+            if emit:
+                # a stream waits for a terminal event: it must get one whatever happened
+                failure = WorkflowError(f"execution failed: {type(exc).__name__}: {exc}")
+                emit(_terminal(EventKind.EXECUTION_FAILED, execution_id, started, error=failure))
             raise
         finally:
             _CURRENT.reset(token)
@@ -350,6 +380,10 @@ async def _run_node(
     execution_id: str,
 ) -> dict[str, Any]:
     nid = plan.id
+    if emit:
+        emit(Event(EventKind.NODE_STARTED, execution_id, nid, plan.type_name))
+    t0 = time.perf_counter()
+    active.add(nid)
     try:
         kwargs = dict(plan.static)
         for pname, tmpl in plan.templates:
@@ -371,16 +405,6 @@ async def _run_node(
                         f"parameter '{inc.input}' from {inc.source}.{inc.output}: {exc}"
                     ) from None
             kwargs[inc.input] = value
-    except Exception as exc:
-        err = NodeExecutionError(nid, plan.type_name, exc)
-        if emit:
-            emit(Event(EventKind.NODE_FAILED, execution_id, nid, plan.type_name, 0.0, error=err))
-        raise err from exc
-    if emit:
-        emit(Event(EventKind.NODE_STARTED, execution_id, nid, plan.type_name))
-    t0 = time.perf_counter()
-    active.add(nid)
-    try:
         value = plan.run(**kwargs)
         if plan.node._is_async:
             value = await value
@@ -391,15 +415,15 @@ async def _run_node(
         else:
             raise TypeError(f"run() returned {type(value).__name__}, expected a dict of outputs")
     except asyncio.CancelledError:
-        raise
+        raise  # the node stays in `active`: it was running when the execution stopped
     except Exception as exc:
+        active.discard(nid)
         err = NodeExecutionError(nid, plan.type_name, exc)
         if emit:
             dur = time.perf_counter() - t0
             emit(Event(EventKind.NODE_FAILED, execution_id, nid, plan.type_name, dur, error=err))
         raise err from exc
-    finally:
-        active.discard(nid)
+    active.discard(nid)
     if emit:
         dur = time.perf_counter() - t0
         emit(Event(EventKind.NODE_COMPLETED, execution_id, nid, plan.type_name, dur, outputs=out))
@@ -439,15 +463,24 @@ class LocalRuntime:
             )
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(
-            self._async.execute(workflow, parameters, timeout=timeout, on_event=on_event)
-        )
+        try:
+            return self._loop.run_until_complete(
+                self._async.execute(workflow, parameters, timeout=timeout, on_event=on_event)
+            )
+        except asyncio.CancelledError:
+            raise ExecutionCancelledError("execution was cancelled") from None
 
     def close(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
         self._loop = None
+
+    def __del__(self) -> None:
+        # `LocalRuntime().execute(...)` used once must not leave an unclosed loop behind
+        loop = getattr(self, "_loop", None)
+        if loop is not None and not loop.is_closed() and not loop.is_running():
+            loop.close()
 
     def __enter__(self) -> LocalRuntime:
         return self

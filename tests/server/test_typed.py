@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import decimal
 import enum
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 from google.protobuf.json_format import MessageToDict
 
+from dataflow import DataFlow, ModelInfo
 from nexus_server._typed import (
-    FieldInfo,
-    ModelInfo,
     TypedModels,
     collection_id,
     message_to_fields,
@@ -27,26 +29,33 @@ class Tier(enum.Enum):
     PRO = "pro"
 
 
-CONTACT = ModelInfo(
-    "Contact",
-    (
-        FieldInfo("id", str, primary_key=True),
-        FieldInfo("name", str),
-        FieldInfo("score", int),
-        FieldInfo("ratio", float),
-        FieldInfo("active", bool),
-        FieldInfo("company", str, nullable=True),
-        FieldInfo("balance", decimal.Decimal),
-        FieldInfo("born", dt.date),
-        FieldInfo("ref", uuid.UUID),
-        FieldInfo("tier", Tier),
-        FieldInfo("meta", dict),
-        FieldInfo("tags", list),
-        FieldInfo("avatar", bytes),
-        FieldInfo("created_at", dt.datetime, read_only=True),
-    ),
-)
-COMPANY = ModelInfo("Company", (FieldInfo("id", int, primary_key=True), FieldInfo("name", str)))
+@pytest.fixture(scope="module")
+def models() -> Iterator[tuple[ModelInfo, ModelInfo]]:
+    db = DataFlow("sqlite:///:memory:")
+
+    @db.model
+    class TContact:
+        id: str
+        name: str
+        score: int
+        ratio: float
+        active: bool
+        company: str | None
+        balance: decimal.Decimal
+        born: dt.date
+        ref: uuid.UUID
+        tier: Tier
+        meta: dict[str, Any]
+        tags: list[str]
+        avatar: bytes
+
+    @db.model
+    class TCompany:
+        id: int
+        name: str
+
+    yield db.model_info("TContact"), db.model_info("TCompany")
+    asyncio.run(db.close())
 
 
 @pytest.mark.parametrize(
@@ -64,9 +73,11 @@ def test_collection_ids(model: str, expected: str) -> None:
     assert collection_id(model) == expected
 
 
-def test_message_fields_have_real_types_and_presence() -> None:
-    typed = TypedModels([CONTACT, COMPANY])
-    desc = typed.pool.FindMessageTypeByName("nexus.models.v1.Contact")
+def test_message_fields_have_real_types_and_presence(
+    models: tuple[ModelInfo, ModelInfo],
+) -> None:
+    typed = TypedModels(models)
+    desc = typed.pool.FindMessageTypeByName("nexus.models.v1.TContact")
     f = {fd.name: fd for fd in desc.fields}
     t = descriptor_pb2.FieldDescriptorProto
     assert f["score"].type == t.TYPE_INT64
@@ -78,40 +89,43 @@ def test_message_fields_have_real_types_and_presence() -> None:
     assert f["tags"].message_type.full_name == "google.protobuf.ListValue"
     assert f["balance"].type == t.TYPE_STRING
     assert all(fd.has_presence for fd in desc.fields)
-    company_id = typed.pool.FindMessageTypeByName("nexus.models.v1.GetCompanyRequest").fields[0]
+    company_id = typed.pool.FindMessageTypeByName("nexus.models.v1.GetTCompanyRequest").fields[0]
     assert company_id.type == t.TYPE_INT64
 
 
-def test_services_and_http_routes() -> None:
-    typed = TypedModels([CONTACT, COMPANY])
+def test_services_and_http_routes(models: tuple[ModelInfo, ModelInfo]) -> None:
+    typed = TypedModels(models)
     assert typed.service_names == [
-        "nexus.models.v1.ContactService",
-        "nexus.models.v1.CompanyService",
+        "nexus.models.v1.TContactService",
+        "nexus.models.v1.TCompanyService",
     ]
-    svc = typed.pool.FindServiceByName("nexus.models.v1.ContactService")
+    svc = typed.pool.FindServiceByName("nexus.models.v1.TContactService")
     routes = {}
     for m in svc.methods:
         opts = descriptor_pb2.MethodOptions()
         opts.ParseFromString(m.GetOptions().SerializeToString())
         rule = opts.Extensions[annotations_pb2.http]
-        routes[m.name] = (rule.WhichOneof("pattern"), getattr(rule, rule.WhichOneof("pattern")))
+        pattern = rule.WhichOneof("pattern")
+        extra = [getattr(b, b.WhichOneof("pattern")) for b in rule.additional_bindings]
+        routes[m.name] = (pattern, getattr(rule, pattern), *extra)
     assert routes == {
-        "CreateContact": ("post", "/v1/contacts"),
-        "GetContact": ("get", "/v1/contacts/{id}"),
-        "UpdateContact": ("patch", "/v1/contacts/{contact.id}"),
-        "DeleteContact": ("delete", "/v1/contacts/{id}"),
-        "ListContacts": ("get", "/v1/contacts"),
-        "CountContacts": ("get", "/v1/contacts:count"),
-        "UpsertContact": ("post", "/v1/contacts:upsert"),
-        "BulkCreateContacts": ("post", "/v1/contacts:bulkCreate"),
-        "BulkUpdateContacts": ("post", "/v1/contacts:bulkUpdate"),
-        "BulkDeleteContacts": ("post", "/v1/contacts:bulkDelete"),
-        "BulkUpsertContacts": ("post", "/v1/contacts:bulkUpsert"),
+        "CreateTContact": ("post", "/v1/t_contacts"),
+        "GetTContact": ("get", "/v1/t_contacts/{id}"),
+        "UpdateTContact": ("patch", "/v1/t_contacts/{t_contact.id}"),
+        "DeleteTContact": ("delete", "/v1/t_contacts/{id}"),
+        "ListTContacts": ("get", "/v1/t_contacts", "/v1/t_contacts:search"),
+        "CountTContacts": ("get", "/v1/t_contacts:count", "/v1/t_contacts:count"),
+        "UpsertTContact": ("post", "/v1/t_contacts:upsert"),
+        "BulkCreateTContacts": ("post", "/v1/t_contacts:bulkCreate"),
+        "BulkUpdateTContacts": ("post", "/v1/t_contacts:bulkUpdate"),
+        "BulkDeleteTContacts": ("post", "/v1/t_contacts:bulkDelete"),
+        "BulkUpsertTContacts": ("post", "/v1/t_contacts:bulkUpsert"),
     }
 
 
-def test_record_round_trip() -> None:
-    typed = TypedModels([CONTACT])
+def test_record_round_trip(models: tuple[ModelInfo, ModelInfo]) -> None:
+    contact = models[0]
+    typed = TypedModels([contact])
     now = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)
     ref = uuid.uuid4()
     record = {
@@ -130,14 +144,14 @@ def test_record_round_trip() -> None:
         "avatar": b"\x00\x01",
         "created_at": now,
     }
-    msg = record_to_message(CONTACT, record, typed.message_class("Contact"))
+    msg = record_to_message(contact, record, typed.message_class("TContact"))
     doc = MessageToDict(msg, preserving_proto_field_name=True)
     assert doc["score"] == str(2**40)  # proto3 JSON: int64 as a string
     assert doc["balance"] == "10.25"
     assert doc["created_at"] == "2026-01-02T03:04:05.678Z"
     assert "company" not in doc  # null is an unset field
     assert doc["active"] is False  # set to its zero value, still present
-    back = message_to_fields(CONTACT, msg)
+    back = message_to_fields(contact, msg)
     assert back["created_at"] == now
     assert back["score"] == 2**40
     assert back["balance"] == "10.25"
@@ -148,8 +162,8 @@ def test_record_round_trip() -> None:
     assert "company" not in back
 
 
-def test_file_set_is_self_contained() -> None:
-    typed = TypedModels([CONTACT])
+def test_file_set_is_self_contained(models: tuple[ModelInfo, ModelInfo]) -> None:
+    typed = TypedModels(models[:1])
     names = [f.name for f in typed.file_set().file]
     assert names[-1] == "nexus/models/v1/models.proto"
     for needed in ("google/api/annotations.proto", "google/protobuf/timestamp.proto"):

@@ -1,0 +1,235 @@
+"""The Nexus app: register workflows and models once, serve them over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dataflow import DataFlow
+from nexus_api import descriptor_set_bytes
+from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
+from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
+from workflow import Workflow
+
+from ._discovery import discover_workflows
+from ._executions import Executions
+from ._model_service import ModelServicer, typed_handlers
+from ._records import Records
+from ._registry import WorkflowRegistry
+from ._store import Store
+from ._typed import TypedModels
+from ._workflow_service import WorkflowServicer
+
+__all__ = ["Nexus", "Serving"]
+
+_log = logging.getLogger("nexus_server")
+
+WORKFLOW_SERVICE = "nexus.workflow.v1.WorkflowService"
+MODEL_SERVICE = "nexus.model.v1.ModelService"
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A running server: where it listens and what it serves."""
+
+    host: str
+    port: int
+    services: tuple[str, ...]
+    typed: TypedModels
+    startup_seconds: float
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Nexus:
+    """Workflows and DataFlow models, served typed over gRPC (every other channel is a
+    client of this server).
+
+    Args:
+        grpc_port: the gRPC port (0 picks a free one; `Serving.port` tells which).
+        api_port: the REST port `nexus serve` gives Envoy (REST gateway issue).
+        mcp_port: the MCP adapter's HTTP port (MCP issue).
+        host: the interface to listen on.
+        auto_discovery: at start, import workflow files found under the working
+            directory (`workflows/*.py`, `*_workflow.py`, `workflow_*.py`,
+            `*.workflow.py`), each once, and register their workflows.
+        allow_code_nodes: accept workflows with code-bearing nodes (PythonCodeNode)
+            from RegisterWorkflow. Off by default: such nodes run arbitrary code.
+        execution_timeout: default per-execution timeout in seconds (None: none).
+        grace_period: seconds in-flight calls get to finish at shutdown.
+        health_check_interval: seconds between database checks for the health service.
+        discovery_root: where auto-discovery looks (default: the working directory).
+    """
+
+    def __init__(
+        self,
+        *,
+        grpc_port: int = 50051,
+        api_port: int = 8000,
+        mcp_port: int = 3001,
+        host: str = "127.0.0.1",
+        auto_discovery: bool = False,
+        allow_code_nodes: bool = False,
+        execution_timeout: float | None = None,
+        grace_period: float = 10.0,
+        health_check_interval: float = 5.0,
+        discovery_root: str | Path | None = None,
+    ) -> None:
+        self.grpc_port = grpc_port
+        self.api_port = api_port
+        self.mcp_port = mcp_port
+        self.host = host
+        self.auto_discovery = auto_discovery
+        self.allow_code_nodes = allow_code_nodes
+        self.execution_timeout = execution_timeout
+        self.grace_period = grace_period
+        self.health_check_interval = health_check_interval
+        self.discovery_root = Path(discovery_root) if discovery_root else None
+        self.registry = WorkflowRegistry()
+        self.db: DataFlow | None = None
+        self._own_db = False
+
+    def integrate_dataflow(self, db: DataFlow) -> None:
+        """Serve `db`'s models (ModelService and a typed service per model) and keep the
+        execution records in its database. One DataFlow per app."""
+        if self.db is not None and self.db is not db:
+            raise ValueError("this app already integrates a DataFlow; use one per app")
+        self.db = db
+
+    def register(self, name: str, workflow: Workflow) -> None:
+        """Expose `workflow` as `name` on every channel. The name is checked now."""
+        self.registry.add(name, workflow, builtin=True)
+
+    def unregister(self, name: str) -> None:
+        self.registry.remove(name)
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[Serving]:
+        """Start the server, yield where it listens, stop it gracefully on exit.
+
+        Startup waits on nothing but the database: it initialises the DataFlow (one
+        connect, migrate and persist), builds the typed services from descriptors in
+        memory and binds the port.
+        """
+        started = time.perf_counter()
+        if self.db is None:
+            # executions are recorded in the embedded default database
+            self.db, self._own_db = DataFlow(), True
+        db = self.db
+        if self.auto_discovery:
+            self._discover()
+        await db.initialize()
+        store = Store(db)
+        interrupted = await store.initialize()
+        if interrupted:
+            _log.warning("marked %d execution(s) interrupted by the last stop", interrupted)
+        executions = Executions(store, timeout=self.execution_timeout)
+        records = Records(db, store)
+        typed = TypedModels(db.models, _static_files())
+
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        wgrpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            WorkflowServicer(self.registry, executions, allow_code_nodes=self.allow_code_nodes),
+            server,
+        )
+        mgrpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            ModelServicer(records, typed), server
+        )
+        server.add_generic_rpc_handlers(typed_handlers(records, typed))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        services = (WORKFLOW_SERVICE, MODEL_SERVICE, *typed.service_names)
+        reflection.enable_server_reflection(
+            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=typed.pool
+        )
+        port = server.add_insecure_port(f"{self.host}:{self.grpc_port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {self.host}:{self.grpc_port}")
+        await server.start()
+        await _set_health(health_servicer, services, serving=True)
+        watcher = asyncio.create_task(self._watch_database(db, health_servicer, services))
+        info = Serving(self.host, port, services, typed, time.perf_counter() - started)
+        _log.info("gRPC server listening on %s (%.0f ms)", info.address, info.startup_seconds * 1e3)
+        try:
+            yield info
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await _set_health(health_servicer, services, serving=False)
+            await server.stop(self.grace_period)
+            await executions.shutdown(self.grace_period)
+            if self._own_db:
+                await db.close()
+                self.db, self._own_db = None, False
+
+    def _discover(self) -> None:
+        report = discover_workflows(self.discovery_root)
+        for path, error in report.errors.items():
+            _log.error("auto-discovery: %s failed to import: %s", path, error)
+        for name, wf in report.workflows.items():
+            if name in self.registry:
+                continue  # registered in code already: the app's own registration wins
+            try:
+                self.registry.add(name, wf, builtin=True)
+            except Exception as exc:
+                _log.error("auto-discovery: workflow %r not registered: %s", name, exc)
+
+    async def _watch_database(
+        self, db: DataFlow, servicer: health.aio.HealthServicer, services: tuple[str, ...]
+    ) -> None:
+        """Report NOT_SERVING while the database does not answer."""
+        healthy = True
+        while True:
+            await asyncio.sleep(self.health_check_interval)
+            ok = await db.ping()
+            if ok != healthy:
+                healthy = ok
+                await _set_health(servicer, services, serving=ok)
+                log = _log.info if ok else _log.error
+                log("database %s", "reachable again" if ok else "unreachable: NOT_SERVING")
+
+    def start(self) -> None:
+        """Serve until SIGINT or SIGTERM (blocking)."""
+        asyncio.run(self._serve_forever())
+
+    async def _serve_forever(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        async with self.serving() as info:
+            print(f"Nexus gRPC server on {info.address}", flush=True)
+            await stop.wait()
+
+
+async def _set_health(
+    servicer: health.aio.HealthServicer, services: tuple[str, ...], *, serving: bool
+) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    await servicer.set("", status)
+    for name in services:
+        await servicer.set(name, status)
+
+
+def _static_files() -> list[descriptor_pb2.FileDescriptorProto]:
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_bytes())
+    return list(fds.file)

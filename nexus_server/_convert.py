@@ -1,0 +1,198 @@
+"""Conversions between our Python objects and the contract's messages."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf.json_format import MessageToDict, ParseDict
+from google.rpc import status_pb2
+
+from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
+from workflow import MISSING, Workflow
+
+from ._errors import ApiError
+from ._jsonable import to_jsonable
+from ._store import ExecutionRecord
+
+__all__ = [
+    "decode_page_token",
+    "encode_page_token",
+    "execution_message",
+    "from_struct",
+    "page_size",
+    "to_struct",
+    "to_value",
+    "workflow_message",
+]
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+
+
+def _integral(value: Any) -> Any:
+    # JSON (and so Struct) has one number type; whole numbers become ints so that an
+    # int parameter accepts 3 sent as 3.0. Non-integral floats stay floats.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as a dict, whole numbers as ints."""
+    return dict(_integral(MessageToDict(struct)))
+
+
+def from_value(value: struct_pb2.Value) -> Any:
+    return _integral(MessageToDict(value))
+
+
+def to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(to_jsonable(value))
+    return s
+
+
+def to_value(value: Any) -> struct_pb2.Value:
+    v = struct_pb2.Value()
+    ParseDict(to_jsonable(value), v)
+    return v
+
+
+def _ts(value: _dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def workflow_message(
+    name: str, wf: Workflow, *, builtin: bool, update_time: _dt.datetime
+) -> wpb.Workflow:
+    """A registered workflow as the contract's `Workflow` resource."""
+    msg = wpb.Workflow(name=name, description=wf.description, atomic=wf.atomic, builtin=builtin)
+    msg.update_time.FromDatetime(update_time)
+    for inp in wf.inputs.values():
+        item = msg.inputs.add(
+            name=inp.name, type=inp.type_name, required=inp.required, description=inp.description
+        )
+        if inp.default is not MISSING:
+            item.default.CopyFrom(to_value(inp.default))
+        for node_id, param in inp.targets:
+            item.targets.add(node_id=node_id, param=param)
+    for out in wf.outputs:
+        msg.outputs.add(
+            node_id=out.node, name=out.name, type=out.type_name, description=out.description
+        )
+    try:
+        definition = wf.to_definition()
+    except TypeError:
+        return msg  # defined in code with Python callables: no declarative form
+    d = msg.definition
+    d.description = definition["description"]
+    d.atomic = definition["atomic"]
+    for n in definition["nodes"]:
+        d.nodes.add(id=n["id"], type=n["type"]).params.CopyFrom(to_struct(n["params"]))
+    for c in definition["connections"]:
+        d.connections.add(**c)
+    for i in definition["inputs"]:
+        entry = d.inputs.add(
+            name=i["name"], type=i["type"], required=i["required"], description=i["description"]
+        )
+        if "default" in i:
+            entry.default.CopyFrom(to_value(i["default"]))
+    return msg
+
+
+def definition_dict(d: wpb.WorkflowDefinition) -> dict[str, Any]:
+    """A `WorkflowDefinition` as the plain dict `WorkflowBuilder.from_definition` takes."""
+    inputs = []
+    for i in d.inputs:
+        item: dict[str, Any] = {
+            "name": i.name,
+            "type": i.type or "any",
+            "description": i.description,
+        }
+        if i.HasField("required"):
+            item["required"] = i.required
+        if i.HasField("default"):
+            item["default"] = from_value(i.default)
+        inputs.append(item)
+    return {
+        "description": d.description,
+        "atomic": d.atomic,
+        "nodes": [{"id": n.id, "type": n.type, "params": from_struct(n.params)} for n in d.nodes],
+        "connections": [
+            {"source": c.source, "output": c.output, "target": c.target, "input": c.input}
+            for c in d.connections
+        ],
+        "inputs": inputs,
+    }
+
+
+def status_message(error: Mapping[str, Any]) -> status_pb2.Status:
+    doc = {k: v for k, v in error.items() if k != "reason"}
+    status = status_pb2.Status()
+    ParseDict(doc, status, ignore_unknown_fields=True)
+    return status
+
+
+def execution_message(rec: ExecutionRecord) -> wpb.Execution:
+    """An execution record as the contract's `Execution` resource."""
+    msg = wpb.Execution(
+        id=rec.id,
+        workflow=rec.workflow,
+        state=wpb.Execution.State.Value(f"STATE_{rec.state}"),  # type: ignore[arg-type]
+        request_id=rec.request_id or "",
+    )
+    msg.inputs.CopyFrom(to_struct(rec.inputs))
+    if rec.outputs is not None:
+        msg.outputs.CopyFrom(to_struct(rec.outputs))
+    if rec.error is not None:
+        msg.error.CopyFrom(status_message(rec.error))
+    for fname, value in (
+        ("create_time", rec.create_time),
+        ("start_time", rec.start_time),
+        ("end_time", rec.end_time),
+    ):
+        ts = _ts(value)
+        if ts is not None:
+            getattr(msg, fname).CopyFrom(ts)
+    if rec.start_time and rec.end_time:
+        d = duration_pb2.Duration()
+        d.FromTimedelta(rec.end_time - rec.start_time)
+        msg.duration.CopyFrom(d)
+    return msg
+
+
+def page_size(value: int) -> int:
+    if value < 0:
+        raise ApiError(
+            "REQUEST_INVALID", "page_size must not be negative", [("page_size", "negative")]
+        )
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_page_token(last: str) -> str:
+    return base64.urlsafe_b64encode(last.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except Exception:
+        raise ApiError(
+            "PAGE_TOKEN_INVALID",
+            "page_token is not one this server returned",
+            [("page_token", "not a token returned by this list call")],
+        ) from None

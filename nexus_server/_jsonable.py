@@ -1,0 +1,38 @@
+"""One conversion from Python values to JSON-compatible ones, used for every document the
+server returns (Struct fields, stored execution results), so all channels print the same."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import decimal
+import enum
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["to_jsonable"]
+
+
+def to_jsonable(value: Any) -> Any:
+    """`value` with datetimes as RFC 3339 text (UTC), dates as ISO dates, decimals and UUIDs
+    as text (exact), bytes as base64, enums as their value, tuples as lists."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.UTC)
+        return value.astimezone(_dt.UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, _dt.date):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, enum.Enum):
+        return to_jsonable(value.value)
+    raise TypeError(f"value of type {type(value).__name__} cannot be returned as JSON")

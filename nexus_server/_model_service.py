@@ -1,0 +1,564 @@
+"""ModelService (generic, any model by name) and the typed per-model services.
+
+Both call the same `Records` operations; they differ only in how records travel:
+`google.protobuf.Struct` for the generic service, the model's own message for the typed
+one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf import empty_pb2, message
+
+from dataflow import ModelInfo
+from nexus_api.nexus.model.v1 import model_service_pb2 as mpb
+from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
+
+from ._convert import from_struct, page_size, to_struct, to_value
+from ._errors import ApiError, abort
+from ._records import Records
+from ._typed import TypedModels, collection_id, message_to_fields, record_to_message
+from ._workflow_service import caller_of
+
+__all__ = ["ModelServicer", "typed_handlers"]
+
+# grpc ships no type information: its servicer context is Any to the type checker
+Context: TypeAlias = Any
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", "any").lower() if tp is not Any else "any"
+
+
+def model_message(model: ModelInfo, typed: TypedModels | None) -> mpb.Model:
+    msg = mpb.Model(
+        name=model.name,
+        description=model.description,
+        collection=collection_id(model.name),
+    )
+    if typed is not None:
+        msg.service = typed.service_name(model.name)
+        msg.message_type = f"nexus.models.v1.{model.name}"
+    for f in model.fields:
+        d = f.describe()
+        item = msg.fields.add(
+            name=f.name,
+            type=str(d["type"]).lower(),
+            nullable=f.nullable,
+            primary_key=f.primary_key,
+            unique=f.unique,
+            generated=f.generated or f.managed,
+            description=f.description,
+        )
+        if d.get("has_default"):
+            item.default.CopyFrom(to_value(d["default"]))
+        if d.get("enum_values"):
+            item.enum_values.extend(to_value(v) for v in d["enum_values"])
+    return msg
+
+
+def _order_by(text: str) -> list[str] | None:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    return parts or None
+
+
+def _mask(paths: Any) -> list[str] | None:
+    return list(paths) or None
+
+
+def _only(fields: Mapping[str, Any], mask: list[str] | None, where: str) -> dict[str, Any]:
+    if mask is None:
+        return dict(fields)
+    unknown = [p for p in mask if p not in fields and "." in p]
+    if unknown:
+        raise ApiError(
+            "REQUEST_INVALID",
+            f"update_mask paths must be top-level fields: {', '.join(unknown)}",
+            [("update_mask", f"nested path {p!r}") for p in unknown],
+        )
+    return {p: fields.get(p) for p in mask}
+
+
+class ModelServicer(mgrpc.ModelServiceServicer):
+    """Implements nexus.model.v1.ModelService: any model, records as Structs."""
+
+    def __init__(self, records: Records, typed: TypedModels | None) -> None:
+        self.records = records
+        self.typed = typed
+
+    async def ListModels(
+        self, request: mpb.ListModelsRequest, context: Context
+    ) -> mpb.ListModelsResponse:
+        try:
+            size = page_size(request.page_size)
+            start = int(request.page_token or 0) if request.page_token.isdigit() else 0
+            if request.page_token and not request.page_token.isdigit():
+                raise ApiError(
+                    "PAGE_TOKEN_INVALID",
+                    "page_token is not one this server returned",
+                    [("page_token", "invalid")],
+                )
+            models = self.records.models
+            page = models[start : start + size]
+            resp = mpb.ListModelsResponse(models=[model_message(m, self.typed) for m in page])
+            if start + size < len(models):
+                resp.next_page_token = str(start + size)
+            return resp
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def GetModel(self, request: mpb.GetModelRequest, context: Context) -> mpb.Model:
+        try:
+            return model_message(self.records.model(request.name), self.typed)
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def CreateRecord(self, request: mpb.CreateRecordRequest, context: Context) -> Any:
+        try:
+            model = self.records.model(request.model)
+            data = self.records.coerce(model, from_struct(request.record), "record")
+
+            async def write() -> Any:
+                return to_struct(await self.records.ops(model).create(**data))
+
+            return await self.records.idempotent(
+                caller_of(context), request.request_id, "CreateRecord",
+                [request.model, data], type(to_struct({})), write,
+            )  # fmt: skip
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def GetRecord(self, request: mpb.GetRecordRequest, context: Context) -> Any:
+        try:
+            model = self.records.model(request.model)
+            record = await self.records.ops(model).read(self.records.id_value(model, request.id))
+            if request.fields:
+                record = {k: v for k, v in record.items() if k in set(request.fields)}
+            return to_struct(record)
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def UpdateRecord(self, request: mpb.UpdateRecordRequest, context: Context) -> Any:
+        try:
+            model = self.records.model(request.model)
+            data = self.records.coerce(model, from_struct(request.record), "record")
+            mask = _mask(request.update_mask.paths) if request.HasField("update_mask") else None
+            changes = _only(data, mask, "record")
+            changes.pop(model.primary_key.name, None)
+            key = self.records.id_value(model, request.id)
+
+            async def write() -> Any:
+                return to_struct(await self.records.ops(model).update(key, fields=changes))
+
+            return await self.records.idempotent(
+                caller_of(context), request.request_id, "UpdateRecord",
+                [request.model, request.id, changes], type(to_struct({})), write,
+            )  # fmt: skip
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def DeleteRecord(
+        self, request: mpb.DeleteRecordRequest, context: Context
+    ) -> empty_pb2.Empty:
+        try:
+            model = self.records.model(request.model)
+            key = self.records.id_value(model, request.id)
+
+            async def write() -> empty_pb2.Empty:
+                await self.records.ops(model).delete(key)
+                return empty_pb2.Empty()
+
+            return await self.records.idempotent(
+                caller_of(context), request.request_id, "DeleteRecord",
+                [request.model, request.id], empty_pb2.Empty, write,
+            )  # fmt: skip
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def ListRecords(
+        self, request: mpb.ListRecordsRequest, context: Context
+    ) -> mpb.ListRecordsResponse:
+        try:
+            model = self.records.model(request.model)
+            flt = self.records.coerce(model, from_struct(request.filter), "filter")
+            result = await self.records.ops(model).list(
+                flt or None,
+                order_by=_order_by(request.order_by),
+                limit=page_size(request.page_size),
+                page_token=request.page_token or None,
+                fields=list(request.fields) or None,
+            )
+            return mpb.ListRecordsResponse(
+                records=[to_struct(r) for r in result["records"]],
+                next_page_token=result.get("next_page_token") or "",
+            )
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def CountRecords(
+        self, request: mpb.CountRecordsRequest, context: Context
+    ) -> mpb.CountRecordsResponse:
+        try:
+            model = self.records.model(request.model)
+            flt = self.records.coerce(model, from_struct(request.filter), "filter")
+            return mpb.CountRecordsResponse(count=await self.records.ops(model).count(flt or None))
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def UpsertRecord(
+        self, request: mpb.UpsertRecordRequest, context: Context
+    ) -> mpb.UpsertRecordResponse:
+        try:
+            model = self.records.model(request.model)
+            data = self.records.coerce(model, from_struct(request.record), "record")
+            conflict_on = list(request.conflict_on) or None
+
+            async def write() -> mpb.UpsertRecordResponse:
+                rec = await self.records.ops(model).upsert(conflict_on, **data)
+                created = rec.get("created_at") == rec.get("updated_at")
+                return mpb.UpsertRecordResponse(record=to_struct(rec), created=created)
+
+            return await self.records.idempotent(
+                caller_of(context), request.request_id, "UpsertRecord",
+                [request.model, data, conflict_on], mpb.UpsertRecordResponse, write,
+            )  # fmt: skip
+        except Exception as exc:
+            await abort(context, exc)
+
+    def _rows(self, model: ModelInfo, structs: Any) -> list[dict[str, Any]]:
+        return [
+            self.records.coerce(model, from_struct(s), f"records[{i}]")
+            for i, s in enumerate(structs)
+        ]
+
+    async def BulkCreateRecords(
+        self, request: mpb.BulkCreateRecordsRequest, context: Context
+    ) -> mpb.BulkCreateRecordsResponse:
+        try:
+            model = self.records.model(request.model)
+            rows = self._rows(model, request.records)
+
+            async def write() -> mpb.BulkCreateRecordsResponse:
+                n = await self.records.ops(model).bulk_create(rows)
+                return mpb.BulkCreateRecordsResponse(created_count=n)
+
+            return await self.records.idempotent(
+                caller_of(context), request.request_id, "BulkCreateRecords",
+                [request.model, rows], mpb.BulkCreateRecordsResponse, write,
+            )  # fmt: skip
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def BulkUpdateRecords(
+        self, request: mpb.BulkUpdateRecordsRequest, context: Context
+    ) -> mpb.BulkUpdateRecordsResponse:
+        try:
+            model = self.records.model(request.model)
+            flt = self.records.coerce(model, from_struct(request.filter), "filter")
+            values = self.records.coerce(model, from_struct(request.values), "values")
+
+            async def write() -> mpb.BulkUpdateRecordsResponse:
+                n = await self.records.ops(model).bulk_update(
+                    filter=flt, fields=values, all=request.allow_all
+                )
+                return mpb.BulkUpdateRecordsResponse(updated_count=n)
+
+            return await self.records.idempotent(
+                caller_of(context), request.request_id, "BulkUpdateRecords",
+                [request.model, flt, values, request.allow_all],
+                mpb.BulkUpdateRecordsResponse, write,
+            )  # fmt: skip
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def BulkDeleteRecords(
+        self, request: mpb.BulkDeleteRecordsRequest, context: Context
+    ) -> mpb.BulkDeleteRecordsResponse:
+        try:
+            model = self.records.model(request.model)
+            flt = self.records.coerce(model, from_struct(request.filter), "filter")
+
+            async def write() -> mpb.BulkDeleteRecordsResponse:
+                n = await self.records.ops(model).bulk_delete(flt, all=request.allow_all)
+                return mpb.BulkDeleteRecordsResponse(deleted_count=n)
+
+            return await self.records.idempotent(
+                caller_of(context), request.request_id, "BulkDeleteRecords",
+                [request.model, flt, request.allow_all], mpb.BulkDeleteRecordsResponse, write,
+            )  # fmt: skip
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def BulkUpsertRecords(
+        self, request: mpb.BulkUpsertRecordsRequest, context: Context
+    ) -> mpb.BulkUpsertRecordsResponse:
+        try:
+            model = self.records.model(request.model)
+            rows = self._rows(model, request.records)
+            conflict_on = list(request.conflict_on) or None
+
+            async def write() -> mpb.BulkUpsertRecordsResponse:
+                n = await self.records.ops(model).bulk_upsert(rows, conflict_on)
+                return mpb.BulkUpsertRecordsResponse(upserted_count=n)
+
+            return await self.records.idempotent(
+                caller_of(context), request.request_id, "BulkUpsertRecords",
+                [request.model, rows, conflict_on], mpb.BulkUpsertRecordsResponse, write,
+            )  # fmt: skip
+        except Exception as exc:
+            await abort(context, exc)
+
+    async def BatchWrite(
+        self, request: mpb.BatchWriteRequest, context: Context
+    ) -> mpb.BatchWriteResponse:
+        try:
+            writes = [self._batch_write(w, i) for i, w in enumerate(request.writes)]
+            if not writes:
+                raise ApiError("REQUEST_INVALID", "writes is empty", [("writes", "empty")])
+
+            async def write() -> mpb.BatchWriteResponse:
+                results = await self.records.batch(writes)
+                return mpb.BatchWriteResponse(results=results)
+
+            body = [w.SerializeToString(deterministic=True).hex() for w in request.writes]
+            return await self.records.idempotent(
+                caller_of(context), request.request_id, "BatchWrite", body,
+                mpb.BatchWriteResponse, write,
+            )  # fmt: skip
+        except Exception as exc:
+            await abort(context, exc)
+
+    def _batch_write(self, w: mpb.Write, i: int) -> Callable[[], Awaitable[mpb.WriteResult]]:
+        kind = w.WhichOneof("operation")
+        if kind is None:
+            raise ApiError(
+                "REQUEST_INVALID",
+                f"writes[{i}] names no operation",
+                [(f"writes[{i}]", "set one of create, update, upsert, delete")],
+            )
+        op = getattr(w, kind)
+        model = self.records.model(op.model)
+        ops = self.records.ops(model)
+        where = f"writes[{i}].{kind}.record"
+        if kind == "create":
+            data = self.records.coerce(model, from_struct(op.record), where)
+
+            async def create() -> mpb.WriteResult:
+                return mpb.WriteResult(record=to_struct(await ops.create(**data)), created=True)
+
+            return create
+        if kind == "update":
+            fields = self.records.coerce(model, from_struct(op.record), where)
+            mask = _mask(op.update_mask.paths) if op.HasField("update_mask") else None
+            changes = _only(fields, mask, where)
+            changes.pop(model.primary_key.name, None)
+            key = self.records.id_value(model, op.id)
+
+            async def update() -> mpb.WriteResult:
+                return mpb.WriteResult(record=to_struct(await ops.update(key, fields=changes)))
+
+            return update
+        if kind == "upsert":
+            data = self.records.coerce(model, from_struct(op.record), where)
+            conflict_on = list(op.conflict_on) or None
+
+            async def upsert() -> mpb.WriteResult:
+                rec = await ops.upsert(conflict_on, **data)
+                created = rec.get("created_at") == rec.get("updated_at")
+                return mpb.WriteResult(record=to_struct(rec), created=created)
+
+            return upsert
+        key = self.records.id_value(model, op.id)
+
+        async def delete() -> mpb.WriteResult:
+            await ops.delete(key)
+            return mpb.WriteResult()
+
+        return delete
+
+
+def typed_handlers(records: Records, typed: TypedModels) -> list[grpc.GenericRpcHandler]:
+    """Generic RPC handlers serving each model's typed service."""
+    handlers: list[grpc.GenericRpcHandler] = []
+    for model in records.models:
+        handlers.append(_TypedService(records, typed, model).handler())
+    return handlers
+
+
+class _TypedService:
+    """One model's typed service: message <-> dict around the shared record operations."""
+
+    def __init__(self, records: Records, typed: TypedModels, model: ModelInfo) -> None:
+        self.records = records
+        self.typed = typed
+        self.model = model
+        self.info = typed.models[model.name]
+        self.cls = typed.message_class(model.name)
+        self.snake = _snake_field(typed, model.name)
+
+    def _msg(self, record: Mapping[str, Any]) -> message.Message:
+        return record_to_message(self.info, record, self.cls)
+
+    def _fields(self, msg: message.Message, where: str) -> dict[str, Any]:
+        return self.records.coerce(self.model, message_to_fields(self.info, msg), where)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        name, plural = self.model.name, _plural(self.typed, self.model.name)
+        coll = collection_id(name)
+        ops = self.records.ops(self.model)
+        t = self.typed
+        pk = self.model.primary_key.name
+
+        async def create(req: Any, context: Context) -> Any:
+            data = self._fields(getattr(req, self.snake), self.snake)
+            return await self.records.idempotent(
+                caller_of(context), req.request_id, f"Create{name}", data, self.cls,
+                lambda: _wrap(self._msg, ops.create(**data)),
+            )  # fmt: skip
+
+        async def get(req: Any, context: Any) -> Any:
+            return self._msg(await ops.read(req.id))
+
+        async def update(req: Any, context: Context) -> Any:
+            rec = getattr(req, self.snake)
+            data = self._fields(rec, self.snake)
+            key = data.pop(pk, None)
+            if key is None:
+                raise ApiError(
+                    "REQUEST_INVALID",
+                    f"{self.snake}.{pk} is required",
+                    [(f"{self.snake}.{pk}", "required")],
+                )
+            mask = _mask(req.update_mask.paths) if req.HasField("update_mask") else None
+            changes = _only(data, mask, self.snake)
+            changes.pop(pk, None)
+            return await self.records.idempotent(
+                caller_of(context), req.request_id, f"Update{name}", [key, changes], self.cls,
+                lambda: _wrap(self._msg, ops.update(key, fields=changes)),
+            )  # fmt: skip
+
+        async def delete(req: Any, context: Any) -> Any:
+            await ops.delete(req.id)
+            return empty_pb2.Empty()
+
+        async def list_(req: Any, context: Any) -> Any:
+            flt = self.records.coerce(self.model, from_struct(req.filter), "filter")
+            result = await ops.list(
+                flt or None,
+                order_by=_order_by(req.order_by),
+                limit=page_size(req.page_size),
+                page_token=req.page_token or None,
+                fields=list(req.fields) or None,
+            )
+            resp = t.message_class(f"List{plural}Response")()
+            getattr(resp, coll).extend(self._msg(r) for r in result["records"])
+            resp.next_page_token = result.get("next_page_token") or ""  # type: ignore[attr-defined]
+            return resp
+
+        async def count(req: Any, context: Any) -> Any:
+            flt = self.records.coerce(self.model, from_struct(req.filter), "filter")
+            return t.message_class("CountResult")(count=await ops.count(flt or None))
+
+        async def upsert(req: Any, context: Context) -> Any:
+            data = self._fields(getattr(req, self.snake), self.snake)
+            conflict_on = list(req.conflict_on) or None
+            return await self.records.idempotent(
+                caller_of(context), req.request_id, f"Upsert{name}", [data, conflict_on],
+                self.cls, lambda: _wrap(self._msg, ops.upsert(conflict_on, **data)),
+            )  # fmt: skip
+
+        result_cls = t.message_class("BulkWriteResult")
+
+        def rows(req: Any) -> list[dict[str, Any]]:
+            return [self._fields(r, f"{coll}[{i}]") for i, r in enumerate(getattr(req, coll))]
+
+        async def bulk_create(req: Any, context: Context) -> Any:
+            data = rows(req)
+            return await self.records.idempotent(
+                caller_of(context), req.request_id, f"BulkCreate{plural}", data, result_cls,
+                lambda: _wrap(lambda n: result_cls(affected=n), ops.bulk_create(data)),
+            )  # fmt: skip
+
+        async def bulk_update(req: Any, context: Context) -> Any:
+            flt = self.records.coerce(self.model, from_struct(req.filter), "filter")
+            values = self._fields(req.values, "values")
+            return await self.records.idempotent(
+                caller_of(context), req.request_id, f"BulkUpdate{plural}",
+                [flt, values, req.allow_all], result_cls,
+                lambda: _wrap(
+                    lambda n: result_cls(affected=n),
+                    ops.bulk_update(filter=flt, fields=values, all=req.allow_all),
+                ),
+            )  # fmt: skip
+
+        async def bulk_delete(req: Any, context: Context) -> Any:
+            flt = self.records.coerce(self.model, from_struct(req.filter), "filter")
+            return await self.records.idempotent(
+                caller_of(context), req.request_id, f"BulkDelete{plural}",
+                [flt, req.allow_all], result_cls,
+                lambda: _wrap(
+                    lambda n: result_cls(affected=n), ops.bulk_delete(flt, all=req.allow_all)
+                ),
+            )  # fmt: skip
+
+        async def bulk_upsert(req: Any, context: Context) -> Any:
+            data = rows(req)
+            conflict_on = list(req.conflict_on) or None
+            return await self.records.idempotent(
+                caller_of(context), req.request_id, f"BulkUpsert{plural}", [data, conflict_on],
+                result_cls,
+                lambda: _wrap(lambda n: result_cls(affected=n), ops.bulk_upsert(data, conflict_on)),
+            )  # fmt: skip
+
+        table: dict[str, tuple[Callable[..., Awaitable[Any]], str]] = {
+            f"Create{name}": (create, f"Create{name}Request"),
+            f"Get{name}": (get, f"Get{name}Request"),
+            f"Update{name}": (update, f"Update{name}Request"),
+            f"Delete{name}": (delete, f"Delete{name}Request"),
+            f"List{plural}": (list_, f"List{plural}Request"),
+            f"Count{plural}": (count, f"Count{plural}Request"),
+            f"Upsert{name}": (upsert, f"Upsert{name}Request"),
+            f"BulkCreate{plural}": (bulk_create, f"BulkCreate{plural}Request"),
+            f"BulkUpdate{plural}": (bulk_update, f"BulkUpdate{plural}Request"),
+            f"BulkDelete{plural}": (bulk_delete, f"BulkDelete{plural}Request"),
+            f"BulkUpsert{plural}": (bulk_upsert, f"BulkUpsert{plural}Request"),
+        }
+        methods = {
+            method: grpc.unary_unary_rpc_method_handler(
+                _guarded(fn),
+                request_deserializer=t.message_class(req_name).FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            )
+            for method, (fn, req_name) in table.items()
+        }
+        return grpc.method_handlers_generic_handler(t.service_name(name), methods)
+
+
+async def _wrap(convert: Callable[[Any], Any], result: Awaitable[Any]) -> Any:
+    return convert(await result)
+
+
+def _guarded(fn: Callable[[Any, Context], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def call(request: Any, context: Context) -> Any:
+        try:
+            return await fn(request, context)
+        except Exception as exc:
+            await abort(context, exc)
+
+    return call
+
+
+def _snake_field(typed: TypedModels, name: str) -> str:
+    desc = typed.pool.FindMessageTypeByName(f"nexus.models.v1.Create{name}Request")
+    return str(desc.fields[0].name)
+
+
+def _plural(typed: TypedModels, name: str) -> str:
+    svc = typed.pool.FindServiceByName(typed.service_name(name))
+    for m in svc.methods:
+        if m.name.startswith("List"):
+            return str(m.name.removeprefix("List"))
+    raise AssertionError("typed service without a List method")

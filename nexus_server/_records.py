@@ -1,0 +1,161 @@
+"""Record operations shared by the generic ModelService and the typed per-model services:
+model lookup, JSON-to-field coercion, idempotent writes and BatchWrite."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import datetime as _dt
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from google.protobuf import message as pb_message
+
+from dataflow import DataFlow, ModelInfo, ModelOps
+
+from ._errors import ApiError
+from ._store import Store, body_hash
+
+__all__ = ["Records"]
+
+M = TypeVar("M", bound=pb_message.Message)
+
+
+class Records:
+    """Model operations on the integrated DataFlow, with the server's conventions."""
+
+    def __init__(self, db: DataFlow | None, store: Store) -> None:
+        self.db = db
+        self.store = store
+
+    @property
+    def models(self) -> tuple[ModelInfo, ...]:
+        return self.db.models if self.db is not None else ()
+
+    def model(self, name: str) -> ModelInfo:
+        for m in self.models:
+            if m.name == name:
+                return m
+        known = ", ".join(m.name for m in self.models) or "none"
+        raise ApiError(
+            "MODEL_NOT_FOUND",
+            f"model {name!r} not found (models: {known})",
+            [("model", "no model has this name")],
+            {"model": name},
+        )
+
+    def ops(self, model: ModelInfo) -> ModelOps:
+        assert self.db is not None
+        return self.db.ops(model.name)
+
+    def coerce(self, model: ModelInfo, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """JSON values as the model's field types where JSON cannot say them: whole
+        numbers for int fields (also given as text, as proto3 JSON prints int64), and
+        base64 text for bytes. Everything else is checked by DataFlow itself."""
+        out: dict[str, Any] = {}
+        fields = model.field_map
+        for name, value in data.items():
+            f = fields.get(name)
+            if f is not None and value is not None:
+                value = _coerce(f.base_type, value, f"{where}.{name}")
+            out[name] = value
+        return out
+
+    def id_value(self, model: ModelInfo, text: str) -> Any:
+        """A primary key given as text in a URL or request, as the key's type."""
+        return _coerce(model.primary_key.base_type, text, "id")
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        assert self.db is not None
+        async with self.db.transaction():
+            yield
+
+    async def idempotent(
+        self,
+        caller: str,
+        request_id: str,
+        method: str,
+        body: Any,
+        response_type: type[M],
+        write: Callable[[], Awaitable[M]],
+    ) -> M:
+        """Run `write` once per (caller, request_id): a retry with the same body gets the
+        first response, one with another body fails with REQUEST_ID_CONFLICT. The write
+        and the remembered response commit in one transaction."""
+        if not request_id:
+            return await write()
+        hash_ = body_hash(method, body)
+        found = await self.store.find_response(caller, request_id)
+        if found is not None:
+            return _replay(found, method, hash_, request_id, response_type)
+        try:
+            async with self.transaction():
+                response = await write()
+                await self.store.save_response(
+                    caller, request_id, method, hash_, response.SerializeToString()
+                )
+        except Exception:
+            # a concurrent retry may have committed first: answer as a retry would
+            found = await self.store.find_response(caller, request_id)
+            if found is not None:
+                return _replay(found, method, hash_, request_id, response_type)
+            raise
+        return response
+
+    async def batch(self, writes: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
+        """Run writes in order in one transaction: all of them commit, or none does."""
+        results: list[Any] = []
+        async with self.transaction():
+            for i, write in enumerate(writes):
+                try:
+                    results.append(await write())
+                except ApiError as exc:
+                    exc.violations = [(f"writes[{i}].{f}", d) for f, d in exc.violations]
+                    exc.metadata["write_index"] = str(i)
+                    raise
+                except Exception as exc:
+                    exc.add_note(f"in writes[{i}]")
+                    raise
+        return results
+
+
+def _replay(
+    found: tuple[str, str, bytes], method: str, hash_: str, request_id: str, cls: type[M]
+) -> M:
+    stored_method, stored_hash, payload = found
+    if stored_method != method or stored_hash != hash_:
+        raise ApiError(
+            "REQUEST_ID_CONFLICT",
+            f"request_id {request_id!r} was already used for a different request",
+            [("request_id", "already used with another body or method")],
+        )
+    return cls.FromString(payload)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ApiError(
+                    "RECORD_INVALID",
+                    f"{where}: expected an integer, got {value!r}",
+                    [(where, "expected an integer")],
+                ) from None
+    if tp is bytes and isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(
+                "RECORD_INVALID",
+                f"{where}: expected base64 text",
+                [(where, "expected base64-encoded bytes")],
+            ) from None
+    if tp is _dt.datetime and isinstance(value, str) and value.endswith("Z"):
+        return value[:-1] + "+00:00"
+    return value

@@ -1,0 +1,95 @@
+"""The registry of workflows a server exposes."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import re
+from dataclasses import dataclass
+
+from workflow import Workflow
+
+from ._errors import ApiError
+
+__all__ = ["NAME_RULE", "Registered", "WorkflowRegistry", "check_name"]
+
+#: A workflow name must be usable as a URL path segment, a CLI command and (behind
+#: `run_`) an MCP tool name of at most 64 characters.
+NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,59}$")
+
+
+def check_name(name: str) -> None:
+    """Reject a workflow name that could never be called, saying why."""
+    if not NAME_RULE.match(name):
+        raise ApiError(
+            "WORKFLOW_NAME_INVALID",
+            f"invalid workflow name {name!r}: use 1 to 60 letters, digits, '_' or '-', "
+            f"starting with a letter",
+            [("name", "must match ^[A-Za-z][A-Za-z0-9_-]{0,59}$")],
+        )
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A workflow and how it got here: `builtin` when registered in code by the app."""
+
+    workflow: Workflow
+    builtin: bool
+    update_time: _dt.datetime
+
+
+class WorkflowRegistry:
+    """Workflows by name, with a version counter that watchers can wait on."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Registered] = {}
+        self.version = 0
+        self._changed = asyncio.Event()
+
+    def add(self, name: str, wf: Workflow, *, builtin: bool, replace: bool = True) -> Registered:
+        check_name(name)
+        if not isinstance(wf, Workflow):
+            raise TypeError(f"expected a built Workflow (call .build()), got {type(wf).__name__}")
+        if not replace and name in self._items:
+            raise ApiError(
+                "WORKFLOW_ALREADY_EXISTS",
+                f"workflow {name!r} already exists (set replace to overwrite it)",
+                [("name", "already registered")],
+            )
+        item = Registered(wf, builtin, _dt.datetime.now(_dt.UTC))
+        self._items[name] = item
+        self._bump()
+        return item
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        del self._items[name]
+        self._bump()
+
+    def get(self, name: str) -> Registered:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise ApiError(
+                "WORKFLOW_NOT_FOUND",
+                f"workflow {name!r} not found",
+                [("name", "no workflow is registered under this name")],
+                {"workflow": name},
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def _bump(self) -> None:
+        self.version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_changed(self, seen_version: int) -> int:
+        """Return once the registry's version differs from `seen_version`."""
+        while self.version == seen_version:
+            await self._changed.wait()
+        return self.version
