@@ -19,9 +19,9 @@ $(NPM_STAMP): package.json package-lock.json
 	npm ci --silent --no-audit --no-fund
 	touch $(NPM_STAMP)
 
-## run: create the environment and run the example app
+## run: create the environment and serve the example app (Ctrl-C stops it)
 run: $(STAMP)
-	$(PY) examples/hello_workflow.py
+	$(VENV)/bin/nexus serve examples/contacts_app.py
 
 ## test: create the environment, lint, type-check and run the whole test suite
 test: lint protocheck typecheck pytest

@@ -1,5 +1,70 @@
-"""DataFlow: annotated classes become tables and generated CRUD workflow nodes."""
+"""DataFlow: annotated classes become tables and generated CRUD workflow nodes.
+
+```python
+from dataflow import DataFlow, field
+
+db = DataFlow("sqlite:///app.db")
+
+@db.model
+class Contact:
+    id: str
+    name: str
+    email: str = field(unique=True)
+    company: str | None = None
+    score: int = 0
+
+await db.initialize()
+contact = await db.ops(Contact).create(name="Ada", email="ada@example.com")
+```
+
+Each model gets the workflow node types ``<Model>CreateNode``, ``ReadNode``,
+``UpdateNode``, ``DeleteNode``, ``ListNode``, ``CountNode``, ``UpsertNode``,
+``BulkCreateNode``, ``BulkUpdateNode``, ``BulkDeleteNode`` and ``BulkUpsertNode``.
+
+Introspection (used to build typed protobuf messages and services): `DataFlow.models`
+gives every `ModelInfo`; `ModelInfo.fields` gives each `FieldInfo` (name, type,
+nullable, default, primary_key, unique, ...); `DataFlow.node_types()` the node classes.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._dataflow import DataFlow
+from ._errors import (
+    AlreadyExistsError,
+    ConflictError,
+    DatabaseError,
+    DataFlowError,
+    MigrationError,
+    ModelError,
+    NotFoundError,
+    UniqueViolation,
+    ValidationError,
+)
+from ._filters import OPERATORS
+from ._model import MANAGED_FIELDS, FieldInfo, ModelInfo, field
+from ._nodes import NODE_KINDS
+from ._ops import ModelOps
+from ._schema import REGISTRY_TABLE
+from ._sqltypes import SQL_TYPES
+
+__all__ = [
+    "MANAGED_FIELDS",
+    "NODE_KINDS",
+    "OPERATORS",
+    "REGISTRY_TABLE",
+    "SQL_TYPES",
+    "AlreadyExistsError",
+    "ConflictError",
+    "DataFlow",
+    "DataFlowError",
+    "DatabaseError",
+    "FieldInfo",
+    "MigrationError",
+    "ModelError",
+    "ModelInfo",
+    "ModelOps",
+    "NotFoundError",
+    "UniqueViolation",
+    "ValidationError",
+    "field",
+]

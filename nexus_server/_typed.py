@@ -68,7 +68,6 @@ _STRUCT = (_T.TYPE_MESSAGE, ".google.protobuf.Struct")
 
 _DEPENDENCIES = (
     annotations_pb2,
-    http_pb2,
     empty_pb2,
     field_mask_pb2,
     struct_pb2,

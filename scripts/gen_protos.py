@@ -16,6 +16,8 @@ It writes the fenced package `nexus_api/` (never edit it by hand):
 * `nexus_api/descriptor_set.binpb`: a FileDescriptorSet of our files with every import
   and source info (comments), plus `google/rpc/error_details.proto` so that Envoy's
   transcoder can print ErrorInfo and BadRequest details as JSON.
+* `nexus_api/proto/`: a copy of the `.proto` sources, which `nexus proto export` writes
+  out for other languages beside the per-model file.
 * `__init__.py` files; `nexus_api/__init__.py` gives the descriptor set's path.
 
 and it copies the google/api and google/rpc protos our files import, from the
@@ -197,6 +199,10 @@ def generate(dest: Path) -> None:
     for path in sorted(dest.rglob("*")):
         if path.suffix in (".py", ".pyi"):
             path.write_text(_fix_imports(path.read_text()))
+    # the sources too, so `nexus proto export` can hand other languages the same files
+    for name in files:
+        (dest / "proto" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROTO_DIR / name, dest / "proto" / name)
     _type_extensions(dest, dest / DESCRIPTOR_SET)
     for directory in sorted({p.parent for p in dest.rglob("*_pb2.py")}):
         while directory != dest:

@@ -1,0 +1,360 @@
+"""DataFlow benchmark: generated nodes and the direct API against the raw drivers.
+
+Prints, for SQLite (aiosqlite) and PostgreSQL (asyncpg), measured in the same run:
+
+* single Create and Read-by-id operations per second through the node API (a one-node
+  workflow run by AsyncLocalRuntime) and through ``db.ops(Model)``, beside the same
+  statement sent with the raw driver, and the ratio;
+* BulkCreate rows per second beside raw ``copy_records_to_table`` (PostgreSQL) and a raw
+  ``executemany`` in one transaction (SQLite);
+* time from process start (before the interpreter starts) to a DataFlow with 100 models
+  initialised on SQLite.
+
+Every loop is bounded by a count and by time. Run: ``.venv/bin/python bench/dataflow.py``
+(``--quick`` for a short run; ``--help`` for sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dataflow import DataFlow
+from workflow import AsyncLocalRuntime, WorkflowBuilder
+
+PG_URL = os.environ.get("NEXUS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+COLS = "id, name, email, score, created_at, updated_at"
+
+
+async def timed(n: int, max_s: float, fn: Callable[[int], Awaitable[Any]]) -> float:
+    """Operations per second of `fn(i)`, for at most `n` calls and about `max_s` seconds."""
+    for i in range(min(50, n)):  # warm up (prepared statements, caches)
+        await fn(-1 - i)
+    start = time.perf_counter()
+    done = 0
+    deadline = start + max_s
+    while done < n:
+        await fn(done)
+        done += 1
+        if done % 64 == 0 and time.perf_counter() > deadline:
+            break
+    return done / (time.perf_counter() - start)
+
+
+def line(label: str, value: float, base: float | None = None, unit: str = "ops/s") -> None:
+    ratio = f"   ratio {value / base:5.2f}" if base else ""
+    print(f"  {label:<44} {value:>12,.0f} {unit}{ratio}", flush=True)
+
+
+def declare(db: DataFlow) -> type[Any]:
+    @db.model
+    class Contact:
+        id: str
+        name: str
+        email: str
+        score: int = 0
+
+    return Contact
+
+
+def one_node(node: str, params: dict[str, Any]) -> Any:
+    wf = WorkflowBuilder()
+    wf.add_node(node, "n", params)
+    return wf.build()
+
+
+async def single_ops(db: DataFlow, raw: RawDriver, n: int, max_s: float) -> None:
+    model = declare(db)
+    await db.initialize()
+    ops = db.ops(model)
+    rt = AsyncLocalRuntime()
+    create_wf = one_node(
+        "ContactCreateNode", {"id": "{{id}}", "name": "{{name}}", "email": "{{email}}"}
+    )
+    read_wf = one_node("ContactReadNode", {"id": "{{id}}"})
+    tag = secrets.token_hex(3)
+
+    def params(prefix: str, i: int) -> dict[str, Any]:
+        return {"id": f"{prefix}{tag}-{i}", "name": "Ada", "email": f"{prefix}{i}@x"}
+
+    raw_create = await timed(n, max_s, lambda i: raw.create(params("r", i)))
+    node_create = await timed(
+        n, max_s, lambda i: rt.execute_workflow_async(create_wf, params("n", i))
+    )
+    ops_create = await timed(n, max_s, lambda i: ops.create(**params("o", i)))
+    line("Create, raw driver", raw_create)
+    line("Create, node API (1-node workflow)", node_create, raw_create)
+    line("Create, direct API db.ops().create", ops_create, raw_create)
+
+    count = min(n, 1000)
+
+    def pick(prefix: str, i: int) -> str:
+        return f"{prefix}{tag}-{i % count}"
+
+    raw_read = await timed(n, max_s, lambda i: raw.read(pick("r", i)))
+    node_read = await timed(
+        n, max_s, lambda i: rt.execute_workflow_async(read_wf, {"id": pick("o", i)})
+    )
+    ops_read = await timed(n, max_s, lambda i: ops.read(pick("o", i)))
+    line("Read by id, raw driver", raw_read)
+    line("Read by id, node API (1-node workflow)", node_read, raw_read)
+    line("Read by id, direct API db.ops().read", ops_read, raw_read)
+
+
+async def bulk(db: DataFlow, raw: RawDriver, rows: int) -> None:
+    model = declare(db)
+    await db.initialize()
+    now = dt.datetime.now(dt.UTC)
+    data = [{"name": f"n{i}", "email": f"e{i}@x", "score": i} for i in range(rows)]
+    t0 = time.perf_counter()
+    await raw.bulk([(str(uuid.uuid4()), d["name"], d["email"], d["score"], now, now) for d in data])
+    raw_rate = rows / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    await db.ops(model).bulk_create(data)
+    df_rate = rows / (time.perf_counter() - t0)
+    line(f"BulkCreate {rows:,} rows, raw {raw.bulk_name}", raw_rate, unit="rows/s")
+    line(f"BulkCreate {rows:,} rows, DataFlow", df_rate, raw_rate, unit="rows/s")
+    t0 = time.perf_counter()
+    out = await AsyncLocalRuntime().execute_workflow_async(
+        one_node("ContactBulkCreateNode", {"data": "{{data}}"}),
+        {"data": [{"name": d["name"], "email": d["email"]} for d in data]},
+    )
+    node_rate = out["n"]["created"] / (time.perf_counter() - t0)
+    line(f"BulkCreate {rows:,} rows, node API", node_rate, raw_rate, unit="rows/s")
+
+
+class RawDriver:
+    """The same statements with the driver alone."""
+
+    bulk_name = ""
+
+    async def create(self, p: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    async def read(self, id: str) -> Any:
+        raise NotImplementedError
+
+    async def bulk(self, records: list[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class RawSqlite(RawDriver):
+    bulk_name = "aiosqlite executemany"
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def open(cls, path: str) -> RawSqlite:
+        conn = await aiosqlite.connect(path)
+        for pragma in ("journal_mode = WAL", "synchronous = NORMAL"):
+            await conn.execute(f"PRAGMA {pragma}")
+        await conn.execute(
+            "CREATE TABLE raw_contact (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
+            "email TEXT NOT NULL, score BIGINT NOT NULL, created_at DATETIME NOT NULL, "
+            "updated_at DATETIME NOT NULL)"
+        )
+        await conn.commit()
+        return cls(conn)
+
+    async def create(self, p: dict[str, Any]) -> Any:
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(" ")
+        # execute_fetchall: aiosqlite's quickest way (one hop to its thread) to a row
+        rows = await self.conn.execute_fetchall(
+            f"INSERT INTO raw_contact ({COLS}) VALUES (?, ?, ?, ?, ?, ?) RETURNING {COLS}",
+            (p["id"], p["name"], p["email"], 0, now, now),
+        )
+        await self.conn.commit()
+        return rows[0]
+
+    async def read(self, id: str) -> Any:
+        rows = await self.conn.execute_fetchall(
+            f"SELECT {COLS} FROM raw_contact WHERE id = ?", (id,)
+        )
+        return rows[0]
+
+    async def bulk(self, records: list[tuple[Any, ...]]) -> None:
+        # every row shares its timestamps: convert them once, as DataFlow does
+        stamp = records[0][4].replace(tzinfo=None).isoformat(" ")
+        recs = [(r[0], r[1], r[2], r[3], stamp, stamp) for r in records]
+        await self.conn.executemany(
+            f"INSERT INTO raw_contact ({COLS}) VALUES (?, ?, ?, ?, ?, ?)", recs
+        )
+        await self.conn.commit()
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class RawPg(RawDriver):
+    bulk_name = "asyncpg copy_records_to_table"
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def open(cls, url: str) -> RawPg:
+        conn = await asyncpg.connect(url)
+        await conn.execute(
+            "CREATE TABLE raw_contact (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
+            "email TEXT NOT NULL, score BIGINT NOT NULL, created_at TIMESTAMPTZ NOT NULL, "
+            "updated_at TIMESTAMPTZ NOT NULL)"
+        )
+        return cls(conn)
+
+    async def create(self, p: dict[str, Any]) -> Any:
+        now = dt.datetime.now(dt.UTC)
+        return await self.conn.fetchrow(
+            f"INSERT INTO raw_contact ({COLS}) VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLS}",
+            p["id"],
+            p["name"],
+            p["email"],
+            0,
+            now,
+            now,
+        )
+
+    async def read(self, id: str) -> Any:
+        return await self.conn.fetchrow(f"SELECT {COLS} FROM raw_contact WHERE id = $1", id)
+
+    async def bulk(self, records: list[tuple[Any, ...]]) -> None:
+        async with self.conn.transaction():
+            await self.conn.copy_records_to_table(
+                "raw_contact", records=records, columns=COLS.split(", ")
+            )
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+STARTUP = """
+import asyncio, sys, time
+t_import = time.perf_counter()
+from dataflow import DataFlow
+db = DataFlow(sys.argv[1], enable_model_persistence=True)
+for i in range({models}):
+    db.model(type(f"Model{{i}}", (), {{"__annotations__": {{
+        "id": str, "name": str, "email": str | None, "score": int, "active": bool}}}}))
+asyncio.run(db.initialize())
+"""
+
+
+def startup(models: int, runs: int) -> None:
+    """Wall time of a fresh interpreter that imports DataFlow, declares `models` models
+    and initialises them, measured from before the process is started."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    script = STARTUP.format(models=models)
+
+    def run(args: list[str]) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, *args], check=True, env=env, timeout=60)
+        return time.perf_counter() - t0
+
+    bare, empty, existing = [], [], []
+    for _ in range(runs):
+        bare.append(run(["-c", "pass"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{tmp}/startup.db"
+            empty.append(run(["-c", script, url]))  # creates the tables
+            existing.append(run(["-c", script, url]))  # compares them, changes nothing
+
+    def show(label: str, xs: list[float]) -> None:
+        ms = sorted(x * 1000 for x in xs)
+        print(f"  {label:<44} {ms[0]:>9.0f} ms min, {statistics.median(ms):.0f} ms median")
+
+    show("bare interpreter start", bare)
+    show(f"{models} models initialised, empty database", empty)
+    show(f"{models} models initialised, tables exist", existing)
+
+
+async def run_sqlite(args: argparse.Namespace) -> None:
+    print("SQLite (aiosqlite), file database, WAL", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = await RawSqlite.open(f"{tmp}/raw.db")
+        db = DataFlow(f"sqlite:///{tmp}/df.db")
+        try:
+            await single_ops(db, raw, args.ops, args.seconds)
+        finally:
+            await db.close()
+            await raw.close()
+        raw = await RawSqlite.open(f"{tmp}/raw2.db")
+        db = DataFlow(f"sqlite:///{tmp}/df2.db")
+        try:
+            await bulk(db, raw, args.bulk)
+        finally:
+            await db.close()
+            await raw.close()
+
+
+async def run_pg(args: argparse.Namespace) -> None:
+    print(f"PostgreSQL (asyncpg) at {PG_URL.rpartition('@')[2]}", flush=True)
+    admin = await asyncpg.connect(PG_URL, timeout=5)
+    names = [f"nexus_bench_{secrets.token_hex(4)}" for _ in range(2)]
+    base = PG_URL.rpartition("/")[0]
+    try:
+        for name in names:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        for name, fn in zip(names, ("single", "bulk"), strict=True):
+            url = f"{base}/{name}"
+            raw = await RawPg.open(url)
+            db = DataFlow(url)
+            try:
+                if fn == "single":
+                    await single_ops(db, raw, args.ops, args.seconds)
+                else:
+                    await bulk(db, raw, args.bulk)
+            finally:
+                await db.close()
+                await raw.close()
+    finally:
+        for name in names:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
+    p.add_argument("--ops", type=int, help="single operations per measurement (default 3000)")
+    p.add_argument("--bulk", type=int, help="rows for BulkCreate (default 100000)")
+    p.add_argument("--models", type=int, default=100, help="models for the startup test")
+    p.add_argument("--seconds", type=float, default=10.0, help="time cap per measurement")
+    p.add_argument("--skip-pg", action="store_true", help="SQLite only")
+    args = p.parse_args()
+    args.ops = args.ops or (300 if args.quick else 3000)
+    args.bulk = args.bulk or (10_000 if args.quick else 100_000)
+    if args.quick:
+        args.seconds = min(args.seconds, 2.0)
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; ops={args.ops} bulk={args.bulk}"
+    )
+    asyncio.run(run_sqlite(args))
+    if not args.skip_pg:
+        asyncio.run(run_pg(args))
+    print(f"Startup (SQLite, process start to initialised, {args.models} models)", flush=True)
+    startup(args.models, 3 if args.quick else 7)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,706 @@
+"""`DataFlow`: declares models, owns the engine, runs migrations and transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Connection, MetaData, Table, event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from workflow import Node, RegistryError, current_execution, register_node, unregister_node
+
+from ._errors import (
+    AlreadyExistsError,
+    ConflictError,
+    DatabaseError,
+    DataFlowError,
+    MigrationError,
+    ModelError,
+    ValidationError,
+)
+from ._model import ModelInfo, parse_model
+from ._nodes import make_nodes
+from ._ops import ModelOps
+from ._schema import apply_migration, build_table, plan_migration, registry_table
+from ._sqltypes import dialect_insert
+
+__all__ = ["DataFlow"]
+
+T = TypeVar("T")
+
+DEFAULT_URL = "sqlite:///nexus.db"
+
+
+class _Entry:
+    """A declared model and what DataFlow made of it. ModelOps (its prepared statements)
+    is built on first use, keeping declaration cheap."""
+
+    __slots__ = ("_ops", "db", "info", "nodes", "table")
+
+    def __init__(self, db: DataFlow, info: ModelInfo, table: Table) -> None:
+        self.db = db
+        self.info = info
+        self.table = table
+        self.nodes: dict[str, type[Node]] = {}
+        self._ops: ModelOps | None = None
+
+    @property
+    def ops(self) -> ModelOps:
+        if self._ops is None:
+            self._ops = ModelOps(self.db, self.info, self.table)
+        return self._ops
+
+
+class _Tx:
+    """A transaction shared by several operations (a `transaction()` block or one atomic
+    workflow execution). Operations of one execution may run concurrently: the lock keeps
+    them from interleaving on the connection."""
+
+    __slots__ = ("conn", "lock")
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.lock = asyncio.Lock()
+
+
+class _SharedTx:
+    """The async context manager an atomic workflow execution enters once
+    (`ExecutionContext.resource`); exited with the execution's error, it rolls back."""
+
+    def __init__(self, db: DataFlow) -> None:
+        self.db = db
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> _Tx:
+        try:
+            await self._stack.enter_async_context(self.db._gate())
+            conn = await self._stack.enter_async_context(self.db.engine.begin())
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return _Tx(conn)
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self._stack.__aexit__(et, e, tb)
+        except DataFlowError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc, None) from exc
+
+
+def _async_url(url: str) -> tuple[str, str]:
+    """The SQLAlchemy async URL for `url`, and the dialect name."""
+    try:
+        u = make_url(url)
+    except sa_exc.ArgumentError as exc:
+        raise ValidationError("database_url", str(exc)) from None
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        return u.set(drivername="sqlite+aiosqlite").render_as_string(False), "sqlite"
+    if backend in ("postgresql", "postgres"):
+        return u.set(drivername="postgresql+asyncpg").render_as_string(False), "postgresql"
+    raise ValidationError(
+        "database_url", f"unsupported database {backend!r} (use sqlite:/// or postgresql://)"
+    )
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # LIKE is case-sensitive on PostgreSQL; make SQLite agree ($ilike is the insensitive one)
+    cur.execute("PRAGMA case_sensitive_like = ON")
+    cur.execute("PRAGMA busy_timeout = 30000")
+    cur.execute("PRAGMA journal_mode = WAL")
+    cur.execute("PRAGMA synchronous = NORMAL")
+    cur.close()
+
+
+def _sqlite_manual_transactions(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_PG_KEY = re.compile(r"Key \(([^)]*)\)=")
+_SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.*)$")
+_NOT_NULL = re.compile(r"NOT NULL constraint failed: \w+\.(\w+)|column \"(\w+)\"")
+
+
+def _map_error(exc: BaseException, model: ModelInfo | None) -> DataFlowError:
+    """Our exception for a driver/SQLAlchemy one (the one place this happens)."""
+    if isinstance(exc, DataFlowError):
+        return exc
+    name = model.name if model else "database"
+    orig: Any = getattr(exc, "orig", None) or exc
+    cause: Any = getattr(orig, "__cause__", None) or orig
+    code = getattr(cause, "sqlstate", None) or getattr(orig, "pgcode", None)
+    text = str(orig)
+    if code == "23505" or "UNIQUE constraint failed" in text or "PRIMARY KEY" in text:
+        detail = getattr(cause, "detail", None) or ""
+        m = _PG_KEY.search(detail) or _PG_KEY.search(text)
+        if m:
+            fields = tuple(s.strip().strip('"') for s in m.group(1).split(","))
+        else:
+            ms = _SQLITE_UNIQUE.search(text)
+            cols = ms.group(1).split(",") if ms else []
+            fields = tuple(c.strip().rsplit(".", 1)[-1] for c in cols)
+        return AlreadyExistsError(name, fields)
+    if code == "23502" or "NOT NULL constraint failed" in text:
+        m = _NOT_NULL.search(text)
+        field = (m.group(1) or m.group(2)) if m else ""
+        return ValidationError(field, "may not be null")
+    if code in ("40001", "40P01") or "database is locked" in text:
+        return ConflictError(f"{name}: the transaction conflicted with another one; retry it")
+    if isinstance(exc, sa_exc.IntegrityError) or (code and str(code).startswith("23")):
+        return ConflictError(f"{name}: the write violates a constraint")
+    if isinstance(exc, sa_exc.DBAPIError | sa_exc.SQLAlchemyError | OSError) or code:
+        kind = type(cause).__name__
+        return DatabaseError(f"{name}: the database failed ({kind}: {_first_line(text)})")
+    return DatabaseError(f"{name}: the database failed ({type(exc).__name__})")
+
+
+async def _keep_session(conn: Any) -> None:
+    """Fast-path connections change no session state (single autocommit statements),
+    so returning one to the pool needs no reset query (a round trip per operation)."""
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:200]
+
+
+class DataFlow:
+    """Models declared as annotated classes, stored in SQLite or PostgreSQL, with
+    generated CRUD workflow nodes and a direct async API.
+
+    ```python
+    db = DataFlow("postgresql://postgres@127.0.0.1:5432/app")
+
+    @db.model
+    class Contact:
+        id: str
+        email: str = field(unique=True)
+        score: int = 0
+
+    await db.initialize()
+    c = await db.ops(Contact).create(email="ada@example.com")
+    ```
+
+    Args:
+        database_url: ``sqlite:///path.db``, ``sqlite:///:memory:`` or
+            ``postgresql://user@host:port/db`` (the async drivers aiosqlite and asyncpg
+            are chosen for you). Default: ``sqlite:///nexus.db`` in the working directory,
+            or ``$DATABASE_URL`` when set.
+        auto_migrate: create missing tables, columns and indexes at `initialize()`.
+            Destructive differences are always refused. When False, any difference is an
+            error (MigrationError lists what would be needed).
+        skip_migration: trust the schema: no comparison at all (fastest start).
+        enable_model_persistence: store every model's schema in the
+            ``dataflow_model_registry`` table at `initialize()`, in one statement.
+        connection_pool_size: PostgreSQL connections kept open. SQLite uses a single
+            connection, and DataFlow serialises access to it.
+        echo: log SQL statements (SQLAlchemy's ``echo``).
+
+    Declaring models does no I/O. `initialize()` connects, migrates and persists, once.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        auto_migrate: bool = True,
+        skip_migration: bool = False,
+        enable_model_persistence: bool = False,
+        connection_pool_size: int = 10,
+        echo: bool = False,
+    ) -> None:
+        url = database_url or os.environ.get("DATABASE_URL") or DEFAULT_URL
+        self._url, self.dialect = _async_url(url)
+        self.auto_migrate = auto_migrate
+        self.skip_migration = skip_migration
+        self.enable_model_persistence = enable_model_persistence
+        self._metadata = MetaData()
+        self._registry = registry_table(self._metadata) if enable_model_persistence else None
+        self._models: dict[str, _Entry] = {}
+        self._tables: dict[str, str] = {}
+        self._ready = False
+        self._closed = False
+        self._init_lock = asyncio.Lock()
+        self._sqlite_lock = asyncio.Lock()
+        self._tx: contextvars.ContextVar[_Tx | None] = contextvars.ContextVar(
+            f"dataflow_tx_{id(self)}", default=None
+        )
+        self._resource_key = f"dataflow:{id(self)}"
+        self._pool_size = connection_pool_size
+        self._echo = echo
+        self._pg_pool: Any = None
+        self._raw_sqlite: Any = None
+        self._engine: AsyncEngine | None = None
+        db_path = make_url(self._url).database or ":memory:"
+        self._sqlite_path = db_path
+        # a file database is migrated through a plain (sync) engine in a worker thread,
+        # so starting up does not load SQLAlchemy's asyncio extension (and the ORM it
+        # imports): that is a third of the start-up time
+        self._sync_init = (
+            self.dialect == "sqlite" and db_path != ":memory:" and "memory" not in self._url
+        )
+
+    def __repr__(self) -> str:
+        return f"<DataFlow {self.url} models={list(self._models)}>"
+
+    @property
+    def url(self) -> str:
+        """The database URL in use (password hidden)."""
+        return make_url(self._url).render_as_string(hide_password=True)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy async engine (for queries DataFlow does not generate). Created
+        on first use; creating it does no I/O."""
+        if self._engine is None:
+            self._engine = self._make_engine()
+        return self._engine
+
+    def _make_engine(self) -> AsyncEngine:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        if self.dialect == "sqlite":
+            from sqlalchemy.pool import StaticPool
+
+            path = self._sqlite_path
+
+            async def connect() -> Any:
+                import aiosqlite
+
+                pending = aiosqlite.connect(path)
+                # as SQLAlchemy does: a forgotten close() must not keep the process alive
+                worker: Any = getattr(pending, "_thread", pending)
+                worker.daemon = True
+                conn = await pending
+                # the fast path talks to this one connection directly (under the gate)
+                self._raw_sqlite = conn
+                return conn
+
+            engine = create_async_engine(
+                self._url, poolclass=StaticPool, echo=self._echo, async_creator=connect
+            )
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            return engine
+        return create_async_engine(
+            self._url,
+            pool_size=self._pool_size,
+            max_overflow=max(2, self._pool_size // 2),
+            echo=self._echo,
+        )
+
+    async def _sqlite_connection(self) -> Any:
+        """The aiosqlite connection (opened through the engine on first use)."""
+        if self._raw_sqlite is None:
+            async with self.engine.connect():
+                pass
+        return self._raw_sqlite
+
+    # -- models ----------------------------------------------------------------------
+
+    def model(self, cls: type[T]) -> type[T]:
+        """Class decorator: declare `cls` as a model (no I/O).
+
+        Registers the model's eleven node types. Declaring a model of the same name with
+        the same fields again is a no-op; with different fields it is a ModelError.
+
+        Raises:
+            ModelError: the class has an unsupported annotation (naming the class, field
+                and type), no ``id``, a bad option, or redefines a model differently.
+        """
+        if self._closed:
+            raise DataFlowError("this DataFlow is closed")
+        frame = sys._getframe(1)
+        info = parse_model(cls, frame.f_locals)
+        old = self._models.get(info.name)
+        if old is not None:
+            if old.info.signature() != info.signature():
+                raise ModelError(
+                    f"model {info.name} is already declared with different fields "
+                    f"({_diff(old.info, info)}); a model's fields change by changing its "
+                    f"one declaration"
+                )
+            return cls
+        owner = self._tables.get(info.table)
+        if owner is not None:
+            raise ModelError(f"model {info.name}: table {info.table!r} is used by model {owner}")
+        table = build_table(info, self._metadata)
+        entry = _Entry(self, info, table)
+        nodes = make_nodes(info, lambda: entry.ops)
+        done: list[str] = []
+        try:
+            for type_name, node_cls in nodes.items():
+                register_node(node_cls)
+                done.append(type_name)
+        except RegistryError as exc:
+            for n in done:
+                unregister_node(n)
+            self._metadata.remove(table)
+            raise ModelError(
+                f"model {info.name}: {exc} (is another DataFlow declaring the same model "
+                f"still open? close() it first)"
+            ) from None
+        entry.nodes = nodes
+        self._models[info.name] = entry
+        self._tables[info.table] = info.name
+        self._ready = False
+        return cls
+
+    def _entry(self, model: type[Any] | str) -> _Entry:
+        name = model if isinstance(model, str) else getattr(model, "__name__", repr(model))
+        try:
+            return self._models[name]
+        except KeyError:
+            known = ", ".join(self._models) or "none"
+            raise ValidationError("model", f"unknown model {name!r} (models: {known})") from None
+
+    @property
+    def models(self) -> tuple[ModelInfo, ...]:
+        """Every declared model, in declaration order (the introspection entry point)."""
+        return tuple(e.info for e in self._models.values())
+
+    def model_info(self, model: type[Any] | str) -> ModelInfo:
+        """The metadata of one model, by class or name."""
+        return self._entry(model).info
+
+    def table(self, model: type[Any] | str) -> Table:
+        """The SQLAlchemy table of a model (for hand-written Core queries)."""
+        return self._entry(model).table
+
+    def node_types(self, model: type[Any] | str | None = None) -> dict[str, type[Node]]:
+        """The generated node classes (of one model, or of all), by node type name."""
+        entries = [self._entry(model)] if model is not None else list(self._models.values())
+        return {k: v for e in entries for k, v in e.nodes.items()}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every model as JSON-friendly data (what persistence stores)."""
+        return [e.info.describe() for e in self._models.values()]
+
+    def ops(self, model: type[Any] | str) -> ModelOps:
+        """The direct (no workflow) async API of a model, by class or name."""
+        return self._entry(model).ops
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def initialize(self) -> None:
+        """Connect, migrate and persist model schemas. Idempotent: later calls return at
+        once, unless models were declared since (then only those are migrated).
+
+        Raises:
+            MigrationError: the schema differs destructively (nothing was changed), or
+                differs at all with ``auto_migrate=False``.
+            DatabaseError: the database is unreachable or failed.
+        """
+        if self._ready:
+            return
+        if self._closed:
+            raise DataFlowError("this DataFlow is closed")
+        async with self._init_lock:
+            if self._ready:
+                return
+            tables = [e.table for e in self._models.values()]
+            if self._registry is not None:
+                tables.append(self._registry)
+            try:
+                needs_io = (not self.skip_migration and tables) or (
+                    self._registry is not None and self._models
+                )
+                if not needs_io:
+                    pass
+                elif self._sync_init and self._engine is None:
+                    async with self._gate():
+                        await asyncio.to_thread(self._migrate_in_thread, tables)
+                else:
+                    async with self._gate(), self.engine.begin() as conn:
+                        await conn.run_sync(self._migrate, tables)
+                if self.dialect == "postgresql" and self._pg_pool is None:
+                    import asyncpg
+
+                    dsn = make_url(self._url).set(drivername="postgresql")
+                    self._pg_pool = await asyncpg.create_pool(
+                        dsn.render_as_string(hide_password=False),
+                        min_size=1,
+                        max_size=self._pool_size,
+                        reset=_keep_session,
+                    )
+            except DataFlowError:
+                raise
+            except Exception as exc:
+                raise _map_error(exc, None) from exc
+            self._ready = True
+
+    def _migrate(self, conn: Connection, tables: list[Table]) -> None:
+        """Compare, migrate and persist, on a synchronous connection in a transaction."""
+        if not self.skip_migration and tables:
+            plan = plan_migration(conn, tables)
+            if plan.refused:
+                raise MigrationError(plan.refused)
+            if not plan.empty:
+                if not self.auto_migrate:
+                    raise MigrationError(
+                        [f"needed (auto_migrate is off): {s}" for s in plan.describe()]
+                    )
+                apply_migration(conn, plan)
+        if self._registry is not None and self._models:
+            conn.execute(self._persist_statement())
+
+    def _migrate_in_thread(self, tables: list[Table]) -> None:
+        """`_migrate` through a short-lived plain pysqlite engine on the same file."""
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        url = make_url(self._url).set(drivername="sqlite+pysqlite")
+        engine = create_engine(url, poolclass=NullPool, echo=self._echo)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # one real transaction around all the DDL (pysqlite would commit each statement
+        # on its own): the migration is atomic, and a single commit is quicker
+        event.listen(engine, "connect", _sqlite_manual_transactions)
+        event.listen(engine, "begin", _sqlite_begin)
+        try:
+            with engine.begin() as conn:
+                self._migrate(conn, tables)
+        finally:
+            engine.dispose()
+
+    def _persist_statement(self) -> Any:
+        """One INSERT ... ON CONFLICT DO UPDATE carrying every model's row."""
+        reg = self._registry
+        assert reg is not None
+        now = dt.datetime.now(dt.UTC)
+        rows = []
+        for e in self._models.values():
+            text = json.dumps(e.info.describe(), sort_keys=True)
+            rows.append(
+                {
+                    "name": e.info.name,
+                    "table_name": e.info.table,
+                    "schema_json": text,
+                    "checksum": hashlib.sha256(text.encode()).hexdigest(),
+                    "updated_at": now,
+                }
+            )
+        ins = dialect_insert(self.dialect)(reg)
+        stmt = ins.values(rows)
+        return stmt.on_conflict_do_update(
+            index_elements=["name"],
+            set_={
+                n: stmt.excluded[n] for n in ("table_name", "schema_json", "checksum", "updated_at")
+            },
+        )
+
+    async def close(self) -> None:
+        """Dispose of the engine and unregister this instance's node types. The instance
+        cannot be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ready = False
+        for e in self._models.values():
+            for type_name, cls in e.nodes.items():
+                try:
+                    from workflow import get_node_class
+
+                    if get_node_class(type_name) is cls:
+                        unregister_node(type_name)
+                except RegistryError:
+                    pass
+        if self._pg_pool is not None:
+            pool, self._pg_pool = self._pg_pool, None
+            await pool.close()
+        if self._engine is not None:
+            await self._engine.dispose()
+
+    async def __aenter__(self) -> DataFlow:
+        await self.initialize()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- connections and transactions ------------------------------------------------
+
+    def _gate(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        # SQLite has one writer and DataFlow one connection to it: take turns
+        return self._sqlite_lock if self.dialect == "sqlite" else contextlib.nullcontext()
+
+    @contextlib.asynccontextmanager
+    async def _session(
+        self, model: ModelInfo | None, write: bool = False
+    ) -> AsyncIterator[tuple[AsyncConnection, bool]]:
+        """A connection for one operation: the shared transaction when there is one
+        (`transaction()` or an atomic workflow), else a transaction of its own. Yields
+        (connection, shared). Maps every driver error to ours."""
+        try:
+            if not self._ready:
+                if self._closed:
+                    raise DataFlowError("this DataFlow is closed")
+                await self.initialize()
+            tx = self._tx.get()
+            if tx is None:
+                ctx = current_execution()
+                if ctx is not None and ctx.atomic:
+                    tx = await ctx.resource(self._resource_key, lambda: _SharedTx(self))
+            if tx is not None:
+                async with tx.lock:
+                    yield tx.conn, True
+            else:
+                async with self._gate(), self.engine.begin() as conn:
+                    yield conn, False
+        except DataFlowError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc, model) from exc
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        """Whether the database answers `SELECT 1` within `timeout` seconds (health
+        checks use it; it never raises)."""
+        try:
+            async with asyncio.timeout(timeout), self._gate(), self.engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+        except Exception:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for statements DataFlow does not generate (the server's execution
+        records use it): it joins the current `transaction()` or atomic workflow when
+        there is one, else runs in a transaction of its own, committed on exit. Driver
+        errors are mapped to DataFlow's, as for every operation."""
+        async with self._session(None) as (conn, _):
+            yield conn
+
+    def _fast_ok(self) -> bool:
+        """Whether a single statement may skip SQLAlchemy: no shared transaction."""
+        if not self._ready or self._tx.get() is not None:
+            return False
+        ctx = current_execution()
+        return ctx is None or not ctx.atomic
+
+    async def _fast_fetch(
+        self, model: ModelInfo, sql: str, args: list[Any], write: bool
+    ) -> Sequence[Any] | None:
+        """Run one statement on the driver; return its first row (None if none)."""
+        try:
+            if self._pg_pool is not None:
+                row: Sequence[Any] | None = await self._pg_pool.fetchrow(sql, *args)
+                return row
+            async with self._sqlite_lock:
+                conn = self._raw_sqlite or await self._sqlite_connection()
+                try:
+                    rows = await conn.execute_fetchall(sql, args)
+                    if write:
+                        await conn.commit()
+                except BaseException:
+                    if write:
+                        await conn.rollback()
+                    raise
+            return rows[0] if rows else None
+        except Exception as exc:
+            raise _map_error(exc, model) from exc
+
+    async def _fast_executemany(self, model: ModelInfo, sql: str, args: list[Any]) -> None:
+        """Run one statement for many argument rows in one SQLite transaction."""
+        try:
+            async with self._sqlite_lock:
+                conn = self._raw_sqlite or await self._sqlite_connection()
+                try:
+                    await conn.executemany(sql, args)
+                    await conn.commit()
+                except BaseException:
+                    await conn.rollback()
+                    raise
+        except Exception as exc:
+            raise _map_error(exc, model) from exc
+
+    async def _fast_execute(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
+        """Run one write statement on the driver; return the rows affected."""
+        try:
+            if self._pg_pool is not None:
+                status: str = await self._pg_pool.execute(sql, *args)
+                return int(status.rsplit(" ", 1)[-1])
+            async with self._sqlite_lock:
+                conn = self._raw_sqlite or await self._sqlite_connection()
+                try:
+                    cur = await conn.execute(sql, args)
+                    n = int(cur.rowcount)
+                    await cur.close()
+                    await conn.commit()
+                except BaseException:
+                    await conn.rollback()
+                    raise
+            return n
+        except Exception as exc:
+            raise _map_error(exc, model) from exc
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """Group operations in one transaction: committed when the block ends, rolled
+        back if it raises. A nested block joins the outer transaction.
+
+        ```python
+        async with db.transaction():
+            a = await db.ops(Account).update(src, fields={"balance": ...})
+            b = await db.ops(Account).update(dst, fields={"balance": ...})
+        ```
+        """
+        if self._tx.get() is not None:
+            yield
+            return
+        await self.initialize()
+        try:
+            async with self._gate(), self.engine.begin() as conn:
+                token = self._tx.set(_Tx(conn))
+                try:
+                    yield
+                finally:
+                    self._tx.reset(token)
+        except DataFlowError:
+            raise
+        except sa_exc.SQLAlchemyError as exc:
+            raise _map_error(exc, None) from exc
+
+    async def migration_plan(self) -> list[str]:
+        """What `initialize()` would change, without changing it (one line per step or
+        refused difference)."""
+        tables = [e.table for e in self._models.values()]
+        try:
+            async with self._gate(), self.engine.connect() as conn:
+                plan = await conn.run_sync(plan_migration, tables)
+        except Exception as exc:
+            raise _map_error(exc, None) from exc
+        return plan.describe() + [f"refused: {r}" for r in plan.refused]
+
+
+def _diff(a: ModelInfo, b: ModelInfo) -> str:
+    fa, fb = a.field_map, b.field_map
+    parts = [f"-{n}" for n in fa if n not in fb] + [f"+{n}" for n in fb if n not in fa]
+    parts += [f"~{n}" for n in fa if n in fb and fa[n] != fb[n]]
+    if a.indexes != b.indexes or a.unique_together != b.unique_together:
+        parts.append("indexes")
+    if a.table != b.table:
+        parts.append("table name")
+    return ", ".join(parts) or "options"

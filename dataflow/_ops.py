@@ -1,0 +1,599 @@
+"""The eleven operations of a model, callable directly (``db.ops(Contact)``) and wrapped
+by the generated workflow nodes.
+
+Every value is checked against the model before a statement is sent; statements are
+built once per model and executed with bound parameters.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as dt
+import enum
+import operator
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table, bindparam, delete, func, insert, literal, select, update
+from sqlalchemy.engine import Row
+
+from workflow import MISSING
+from workflow._types import check_value
+
+from ._errors import ConflictError, NotFoundError, ValidationError
+from ._fastpath import Codec
+from ._filters import FilterCompiler
+from ._model import FieldInfo, ModelInfo
+from ._pagination import decode_token, encode_token, keyset_after, order_clauses, parse_order
+from ._sqltypes import dialect_insert, json_dumps
+
+if TYPE_CHECKING:
+    from ._dataflow import DataFlow
+
+__all__ = ["ModelOps"]
+
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _check(f: FieldInfo, value: Any, row: int | None) -> Any:
+    """`value` as field `f`'s type, or ValidationError naming the field (and row)."""
+    if value is None:
+        if f.nullable:
+            return None
+        raise ValidationError(f.name, f"expected {f.base_type.__name__}, got null", row=row)
+    try:
+        v = check_value(f.base_type, value)
+    except TypeError as exc:
+        raise ValidationError(f.name, str(exc), row=row) from None
+    if isinstance(v, str) and "\x00" in v:
+        raise ValidationError(f.name, "text may not contain NUL (\\x00) characters", row=row)
+    if isinstance(v, int) and not isinstance(v, bool) and not _INT_MIN <= v <= _INT_MAX:
+        raise ValidationError(f.name, "integer is out of the 64-bit range", row=row)
+    if isinstance(v, dt.datetime):
+        # naive means UTC; stored and returned as aware UTC on both databases
+        v = v.replace(tzinfo=dt.UTC) if v.tzinfo is None else v.astimezone(dt.UTC)
+    return v
+
+
+def _uuid_text() -> str:
+    """A random (version 4) UUID as text, several times cheaper than str(uuid4())."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_EXACT = (str, int, float, bool, bytes)
+
+
+def _enum_value(v: Any) -> Any:
+    return None if v is None else v.value
+
+
+def _json_text(v: Any) -> Any:
+    return None if v is None else json_dumps(v)
+
+
+def _copy_converter(f: FieldInfo) -> Any:
+    """How a checked value is handed to asyncpg's COPY (None: as it is)."""
+    bt = f.base_type
+    if bt in (dict, list):
+        return _json_text
+    if isinstance(bt, type) and issubclass(bt, enum.Enum):
+        return _enum_value
+    return None
+
+
+class ModelOps:
+    """Operations on one model's table. Get one with `DataFlow.ops(Model)`.
+
+    All methods are coroutines. Outside `DataFlow.transaction()` (and outside an atomic
+    workflow) each call is its own transaction; inside, it joins the shared one.
+    """
+
+    def __init__(self, db: DataFlow, model: ModelInfo, table: Table) -> None:
+        self._db = db
+        self.model = model
+        self.table = table
+        self._fc = FilterCompiler(model, table, db.dialect)
+        self._writable = {f.name: f for f in model.writable_fields}
+        self._n_writable = len(self._writable)
+        # fields whose values need no conversion when of exactly this type
+        self._fast_types: dict[str, Any] = {
+            f.name: f.base_type for f in model.writable_fields if f.base_type in _EXACT
+        }
+        self._settable = {n: f for n, f in self._writable.items() if not f.primary_key}
+        self._pk = model.primary_key
+        self._str_id = self._pk.base_type is str
+        c = table.c
+        self._insert = insert(table).returning(*c)
+        self._insert_many = insert(table)
+        self._read = select(table).where(c.id == bindparam("pk"))
+        self._delete = delete(table).where(c.id == bindparam("pk"))
+        self._count_all = select(func.count()).select_from(table)
+        self._dialect_insert = dialect_insert(db.dialect)
+        self._codec = Codec(model, table, db.engine.dialect)
+        # PostgreSQL's sequence ignores explicit ids; SQLite continues after the largest.
+        # Move the sequence past explicit ids so both generate the same next id.
+        self._bump: Any = None
+        if db.dialect == "postgresql" and not self._str_id:
+            seq = func.pg_get_serial_sequence(literal(f'"{table.name}"'), literal("id"))
+            self._bump = select(func.setval(seq, select(func.max(c.id)).scalar_subquery()))
+
+    # -- validation ----------------------------------------------------------------
+
+    def _record(self, row: Row[Any]) -> dict[str, Any]:
+        return dict(row._mapping)
+
+    def _key(self, value: Any, field: str = "id") -> Any:
+        tp = type(value)
+        if tp is self._pk.base_type and (
+            (tp is str and "\x00" not in value) or (tp is int and _INT_MIN <= value <= _INT_MAX)
+        ):
+            return value
+        if value is None:
+            raise ValidationError(field, "an id is required")
+        return _check(self._pk, value, None)
+
+    def _values(
+        self, data: Mapping[str, Any], row: int | None = None, now: dt.datetime | None = None
+    ) -> dict[str, Any]:
+        """A complete new record from caller data: checked, defaults applied, id made.
+
+        The common case (a value already of the field's exact type) is checked inline:
+        this runs once per row of a bulk write.
+        """
+        out: dict[str, Any] = {}
+        fast = self._fast_types
+        value: Any
+        for name, value in data.items():
+            exact = fast.get(name)
+            if exact is not None and type(value) is exact:
+                if exact is str:
+                    if "\x00" not in value:
+                        out[name] = value
+                        continue
+                elif exact is int:
+                    if _INT_MIN <= value <= _INT_MAX:
+                        out[name] = value
+                        continue
+                else:
+                    out[name] = value
+                    continue
+            f = self._writable.get(name)
+            if f is None:
+                raise ValidationError(str(name), self._unknown(name), row=row)
+            if value is None and f.primary_key:
+                continue
+            out[name] = _check(f, value, row)
+        if len(out) < self._n_writable:
+            for name, f in self._writable.items():
+                if name in out:
+                    continue
+                if f.primary_key:
+                    if self._str_id:
+                        out[name] = _uuid_text()
+                elif f.default is not MISSING:
+                    out[name] = f.default
+                else:
+                    raise ValidationError(name, "required field is missing", row=row)
+        if now is None:
+            now = _now()
+        out["created_at"] = now
+        out["updated_at"] = now
+        return out
+
+    def _changes(self, fields: Any, row: int | None = None) -> dict[str, Any]:
+        if not isinstance(fields, Mapping) or not fields:
+            raise ValidationError("fields", "expects a non-empty object of field values", row=row)
+        out: dict[str, Any] = {}
+        for name, value in fields.items():
+            f = self._settable.get(name)
+            if f is None:
+                reason = (
+                    "the primary key cannot be changed" if name == "id" else self._unknown(name)
+                )
+                raise ValidationError(str(name), reason, row=row)
+            out[name] = _check(f, value, row)
+        out["updated_at"] = _now()
+        return out
+
+    def _unknown(self, name: Any) -> str:
+        if name in ("created_at", "updated_at"):
+            return "is managed by DataFlow and cannot be set"
+        return f"unknown field of {self.model.name} (fields: {', '.join(self._writable)})"
+
+    def _where(self, flt: Any, all: bool, what: str) -> Any:
+        if flt is not None and not isinstance(flt, Mapping):
+            raise ValidationError("filter", "expects an object")
+        if not flt and not all:
+            raise ValidationError(
+                "filter",
+                f"an empty filter would {what} every {self.model.name}; pass all=True to mean that",
+            )
+        return self._fc.compile(flt)
+
+    def _conflict_cols(self, conflict_on: Any) -> tuple[str, ...]:
+        if conflict_on is None:
+            return ("id",)
+        if isinstance(conflict_on, str):
+            conflict_on = [conflict_on]
+        if not isinstance(conflict_on, list | tuple) or not conflict_on:
+            raise ValidationError("conflict_on", "expects a list of field names")
+        want = set(conflict_on)
+        for key in self.model.unique_keys:
+            if set(key) == want and len(key) == len(conflict_on):
+                return key
+        keys = "; ".join(", ".join(k) for k in self.model.unique_keys)
+        raise ValidationError(
+            "conflict_on",
+            f"{list(conflict_on)} is not a unique key of {self.model.name} (unique keys: {keys})",
+        )
+
+    # -- single-record operations --------------------------------------------------
+
+    async def create(self, **fields: Any) -> dict[str, Any]:
+        """Insert one record; return it as stored (with its id and timestamps).
+
+        Raises:
+            ValidationError: unknown field, missing required field or wrongly typed value.
+            AlreadyExistsError: the id or a unique field is taken.
+        """
+        values = self._values(fields)
+        bump = self._bump is not None and "id" in values
+        db = self._db
+        if not bump and db._fast_ok():
+            names = tuple(values)
+            codec = self._codec
+            sql = codec.insert_sql(names)
+            raw = await db._fast_fetch(self.model, sql, codec.args(values, names), True)
+            assert raw is not None
+            return codec.record(raw)
+        async with db._session(self.model, write=bump) as (conn, _):
+            row = (await conn.execute(self._insert, values)).one()
+            if bump:
+                await conn.execute(self._bump)
+        return self._record(row)
+
+    async def read(self, id: Any) -> dict[str, Any]:
+        """The record with this id.
+
+        Raises:
+            NotFoundError: there is none.
+        """
+        key = self._key(id)
+        db = self._db
+        if db._fast_ok():
+            codec = self._codec
+            raw = await db._fast_fetch(self.model, codec.read_sql, [key], False)
+            if raw is None:
+                raise NotFoundError(self.model.name, key)
+            return codec.record(raw)
+        async with db._session(self.model) as (conn, _):
+            row = (await conn.execute(self._read, {"pk": key})).first()
+        if row is None:
+            raise NotFoundError(self.model.name, key)
+        return self._record(row)
+
+    async def update(
+        self,
+        id: Any = None,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        fields: Mapping[str, Any],
+        all: bool = False,
+    ) -> dict[str, Any]:
+        """Change `fields` of one record, addressed by `id` or by a `filter` that must
+        match exactly one record; return the updated record.
+
+        Raises:
+            NotFoundError: no record matches.
+            ConflictError: the filter matches more than one record (nothing is changed;
+                use `bulk_update` to change many).
+            ValidationError: bad field or value, both or neither of id and filter, or an
+                empty filter without ``all=True``.
+        """
+        changes = self._changes(fields)
+        c = self.table.c
+        if id is not None and filter is not None:
+            raise ValidationError("filter", "give either id or filter, not both")
+        if id is None:
+            if filter is None:
+                raise ValidationError("id", "give the id (or a filter) of the record to update")
+            where = self._where(filter, all, "update")
+            async with self._db._session(self.model, write=True) as (conn, _):
+                ids = (await conn.execute(select(c.id).where(where).limit(2))).scalars().all()
+                if not ids:
+                    raise NotFoundError(self.model.name, dict(filter))
+                if len(ids) > 1:
+                    raise ConflictError(
+                        f"{self.model.name}: the filter matches more than one record; "
+                        f"update by id or use bulk_update"
+                    )
+                stmt = update(self.table).where(c.id == ids[0], where).values(changes)
+                row = (await conn.execute(stmt.returning(*c))).first()
+                if row is None:
+                    raise NotFoundError(self.model.name, dict(filter))
+            return self._record(row)
+        key = self._key(id)
+        db = self._db
+        if db._fast_ok():
+            codec = self._codec
+            names = tuple(changes)
+            args = codec.args(changes, names)
+            args.append(key)
+            raw = await db._fast_fetch(self.model, codec.update_sql(names), args, True)
+            if raw is None:
+                raise NotFoundError(self.model.name, key)
+            return codec.record(raw)
+        stmt = update(self.table).where(c.id == key).values(changes).returning(*c)
+        async with self._db._session(self.model) as (conn, _):
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            raise NotFoundError(self.model.name, key)
+        return self._record(row)
+
+    async def delete(self, id: Any) -> int:
+        """Delete the record with this id; return 1.
+
+        Raises:
+            NotFoundError: there is none.
+        """
+        key = self._key(id)
+        db = self._db
+        if db._fast_ok():
+            n = await db._fast_execute(self.model, self._codec.delete_sql, [key])
+            if n == 0:
+                raise NotFoundError(self.model.name, key)
+            return n
+        async with db._session(self.model) as (conn, _):
+            n = (await conn.execute(self._delete, {"pk": key})).rowcount
+        if n == 0:
+            raise NotFoundError(self.model.name, key)
+        return int(n)
+
+    async def upsert(
+        self, conflict_on: Sequence[str] | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Insert the record, or update the existing one with the same `conflict_on` key
+        (default ``["id"]``), in one ``INSERT ... ON CONFLICT DO UPDATE`` statement.
+
+        On conflict every given or defaulted field except the key, ``id`` and
+        ``created_at`` is overwritten. Returns the record as stored.
+        """
+        key = self._conflict_cols(conflict_on)
+        values = self._values(fields)
+        stmt = self._upsert_stmt(key, list(values)).returning(*self.table.c)
+        bump = self._bump is not None and "id" in values
+        async with self._db._session(self.model, write=bump) as (conn, _):
+            row = (await conn.execute(stmt, values)).one()
+            if bump:
+                await conn.execute(self._bump)
+        return self._record(row)
+
+    def _upsert_stmt(self, key: tuple[str, ...], names: builtins.list[str]) -> Any:
+        ins = self._dialect_insert(self.table)
+        skip = {*key, "id", "created_at"}
+        sets = {n: ins.excluded[n] for n in names if n not in skip}
+        return ins.on_conflict_do_update(index_elements=list(key), set_=sets)
+
+    # -- queries ---------------------------------------------------------------------
+
+    async def list(
+        self,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        order_by: str | Sequence[str] | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        page_token: str | None = None,
+        fields: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Records matching `filter`, sorted by `order_by` (``"-field"`` for descending;
+        ``id`` is always the last sort key).
+
+        With `limit`, ``next_page_token`` is set when more records follow; pass it back
+        as `page_token` (with the same filter and order_by) for the next page.
+        `fields` projects the records to those fields.
+
+        Returns:
+            ``{"records": [...], "next_page_token": str | None}``
+        """
+        fc = self._fc
+        keys = parse_order(fc, order_by)
+        where = fc.compile(filter)
+        proj: builtins.list[str] | None = None
+        if fields is not None:
+            if not isinstance(fields, list | tuple):
+                raise ValidationError("fields", "expects a list of field names")
+            proj = [fc.field(n, f"fields[{i}]").name for i, n in enumerate(fields)]
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValidationError("limit", "expects a positive integer")
+        if offset is not None and (not isinstance(offset, int) or offset < 0):
+            raise ValidationError("offset", "expects a non-negative integer")
+        stmt = select(self.table).where(where)
+        if page_token:
+            if offset:
+                raise ValidationError("offset", "cannot be combined with page_token")
+            stmt = stmt.where(keyset_after(fc, keys, decode_token(keys, page_token)))
+        stmt = stmt.order_by(*order_clauses(fc, keys))
+        if limit is not None:
+            stmt = stmt.limit(limit + 1)
+        if offset:
+            stmt = stmt.offset(offset)
+        async with self._db._session(self.model) as (conn, _):
+            rows = (await conn.execute(stmt)).all()
+        records = [self._record(r) for r in rows]
+        token = None
+        if limit is not None and len(records) > limit:
+            records = records[:limit]
+            token = encode_token(keys, records[-1])
+        if proj is not None:
+            records = [{n: r[n] for n in proj} for r in records]
+        return {"records": records, "next_page_token": token}
+
+    async def count(self, filter: Mapping[str, Any] | None = None) -> int:
+        """How many records match `filter`."""
+        stmt = self._count_all if not filter else self._count_all.where(self._fc.compile(filter))
+        async with self._db._session(self.model) as (conn, _):
+            return int((await conn.execute(stmt)).scalar_one())
+
+    # -- bulk operations -------------------------------------------------------------
+
+    def _rows(self, data: Any) -> builtins.list[Mapping[str, Any]]:
+        if not isinstance(data, list | tuple):
+            raise ValidationError("data", "expects a list of records")
+        for i, r in enumerate(data):
+            if type(r) is not dict and not isinstance(r, Mapping):
+                raise ValidationError("data", "each record must be an object", row=i)
+        return list(data)
+
+    def _new_rows(self, data: Any) -> builtins.list[dict[str, Any]]:
+        now = _now()
+        values = self._values
+        rows = [values(r, i, now) for i, r in enumerate(self._rows(data))]
+        if rows and not self._str_id:
+            with_id = "id" in rows[0]
+            for i, r in enumerate(rows):
+                if ("id" in r) != with_id:
+                    raise ValidationError(
+                        "id", "give an id on every record or on none of them", row=i
+                    )
+        return rows
+
+    async def bulk_create(self, data: Sequence[Mapping[str, Any]]) -> int:
+        """Insert every record of `data` in one transaction; return how many.
+
+        Every record is validated before anything is written: one bad record writes
+        nothing, and the error names its row index and field. On PostgreSQL the rows are
+        sent with COPY.
+        """
+        rows = self._new_rows(data)
+        if not rows:
+            return 0
+        db = self._db
+        if db.dialect == "sqlite" and self._bump is None and db._fast_ok():
+            names = tuple(rows[0])
+            codec = self._codec
+            sql = codec.insert_many_sql(names)
+            await db._fast_executemany(self.model, sql, codec.many_args(rows, names))
+            return len(rows)
+        async with db._session(self.model, write=True) as (conn, _):
+            if db.dialect == "postgresql":
+                await self._copy(conn, rows)
+            else:
+                await conn.execute(self._insert_many, rows)
+            if self._bump is not None and "id" in rows[0]:
+                await conn.execute(self._bump)
+        return len(rows)
+
+    async def _copy(self, conn: Any, rows: builtins.list[dict[str, Any]]) -> None:
+        names = list(rows[0])
+        procs = [_copy_converter(self.model.field_map[n]) for n in names]
+        # make the driver open its transaction now, so COPY is part of it
+        await conn.exec_driver_sql("SELECT 1")
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        if all(p is None for p in procs):
+            get = operator.itemgetter(*names)
+            records = [get(r) for r in rows] if len(names) > 1 else [(get(r),) for r in rows]
+        else:
+            pairs = list(zip(names, procs, strict=True))
+            records = [tuple([r[n] if p is None else p(r[n]) for n, p in pairs]) for r in rows]
+        await driver.copy_records_to_table(self.table.name, records=records, columns=names)
+
+    async def bulk_update(
+        self,
+        data: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        fields: Mapping[str, Any] | None = None,
+        all: bool = False,
+    ) -> int:
+        """Update many records in one transaction; return how many changed.
+
+        Either `data`, a list of records each with its ``id`` and the fields to change
+        (a missing id fails the whole batch with NotFoundError naming the row), or a
+        `filter` and the `fields` to set on every match (an empty filter needs
+        ``all=True``).
+        """
+        c = self.table.c
+        if data is not None:
+            if filter is not None or fields is not None:
+                raise ValidationError("data", "give either data or filter and fields, not both")
+            items = []
+            for i, r in enumerate(self._rows(data)):
+                if "id" not in r:
+                    raise ValidationError("id", "each record needs the id to update", row=i)
+                rest = {k: v for k, v in r.items() if k != "id"}
+                items.append((self._key(r["id"]), self._changes(rest, i)))
+            n = 0
+            async with self._db._session(self.model, write=True) as (conn, _):
+                for i, (key, ch) in enumerate(items):
+                    res = await conn.execute(update(self.table).where(c.id == key).values(ch))
+                    if res.rowcount == 0:
+                        raise NotFoundError(self.model.name, f"{key!r} (row {i})")
+                    n += res.rowcount
+            return n
+        if fields is None:
+            raise ValidationError("fields", "give the fields to set (or data)")
+        changes = self._changes(fields)
+        where = self._where(filter, all, "update")
+        async with self._db._session(self.model, write=True) as (conn, _):
+            res = await conn.execute(update(self.table).where(where).values(changes))
+        return int(res.rowcount)
+
+    async def bulk_delete(
+        self,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        ids: Sequence[Any] | None = None,
+        all: bool = False,
+    ) -> int:
+        """Delete the records matching `filter` (an empty filter needs ``all=True``), or
+        those whose id is in `ids`; return how many were deleted."""
+        if ids is not None:
+            if filter is not None:
+                raise ValidationError("ids", "give either ids or a filter, not both")
+            if not isinstance(ids, list | tuple):
+                raise ValidationError("ids", "expects a list of ids")
+            keys = [self._key(v, f"ids[{i}]") for i, v in enumerate(ids)]
+            if not keys:
+                return 0
+            stmt = delete(self.table).where(self.table.c.id.in_(keys))
+        else:
+            stmt = delete(self.table).where(self._where(filter, all, "delete"))
+        async with self._db._session(self.model, write=True) as (conn, _):
+            res = await conn.execute(stmt)
+        return int(res.rowcount)
+
+    async def bulk_upsert(
+        self, data: Sequence[Mapping[str, Any]], conflict_on: Sequence[str] | None = None
+    ) -> int:
+        """Insert or update every record of `data` on its `conflict_on` key, with native
+        ``INSERT ... ON CONFLICT DO UPDATE``, in one transaction; return how many."""
+        key = self._conflict_cols(conflict_on)
+        rows = self._new_rows(data)
+        if not rows:
+            return 0
+        seen: dict[tuple[Any, ...], int] = {}
+        for i, r in enumerate(rows):
+            if all(k in r for k in key):
+                k = tuple(r[n] for n in key)
+                if k in seen:
+                    raise ValidationError(
+                        ", ".join(key), f"same key as row {seen[k]} in this batch", row=i
+                    )
+                seen[k] = i
+        stmt = self._upsert_stmt(key, list(rows[0]))
+        async with self._db._session(self.model, write=True) as (conn, _):
+            await conn.execute(stmt, rows)
+            if self._bump is not None and "id" in rows[0]:
+                await conn.execute(self._bump)
+        return len(rows)

@@ -1,0 +1,137 @@
+"""Ordering and opaque keyset page tokens.
+
+A page token records the sort key of the last record returned (plus ``id``, which makes
+every key unique), so the next page starts strictly after it. Records inserted or
+deleted meanwhile never shift a page, unlike an offset.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import decimal
+import enum
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, false, or_
+
+from workflow._types import check_value
+
+from ._errors import ValidationError
+from ._filters import FilterCompiler
+from ._model import FieldInfo
+
+__all__ = ["OrderKey", "decode_token", "encode_token", "keyset_after", "parse_order"]
+
+OrderKey = tuple[FieldInfo, bool]  # (field, descending)
+
+
+def parse_order(fc: FilterCompiler, order_by: Any) -> list[OrderKey]:
+    """``"name"``, ``"-score"`` or a list of them -> sort keys, ``id`` appended last."""
+    if order_by is None:
+        items: Sequence[Any] = []
+    elif isinstance(order_by, str):
+        items = [order_by]
+    elif isinstance(order_by, list | tuple):
+        items = order_by
+    else:
+        raise ValidationError("order_by", "expects a field name or a list of field names")
+    keys: list[OrderKey] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            raise ValidationError(
+                f"order_by[{i}]", "expects a field name such as 'name' or '-name'"
+            )
+        desc = item.startswith("-")
+        name = item[1:] if desc or item.startswith("+") else item
+        f = fc.field(name, f"order_by[{i}]")
+        if f.base_type in (dict, list):
+            raise ValidationError(f"order_by[{i}]", f"cannot sort by JSON field {name!r}")
+        if name in seen:
+            raise ValidationError(f"order_by[{i}]", f"field {name!r} is listed twice")
+        seen.add(name)
+        keys.append((f, desc))
+    if "id" not in seen:
+        keys.append((fc.fields["id"], False))
+    return keys
+
+
+def order_clauses(fc: FilterCompiler, keys: list[OrderKey]) -> list[Any]:
+    """ORDER BY terms: NULLs first ascending, last descending, the same on both databases."""
+    out = []
+    for f, desc in keys:
+        col, _ = fc.column(f)
+        out.append(col.desc().nulls_last() if desc else col.asc().nulls_first())
+    return out
+
+
+def _signature(keys: list[OrderKey]) -> list[str]:
+    return [("-" if d else "") + f.name for f, d in keys]
+
+
+def _enc(v: Any) -> Any:
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, bytes):
+        return {"b": base64.b64encode(v).decode()}
+    if isinstance(v, dt.datetime | dt.date | decimal.Decimal | uuid.UUID):
+        return str(v) if not isinstance(v, dt.date) else v.isoformat()
+    raise TypeError(f"cannot put {type(v).__name__} in a page token")
+
+
+def encode_token(keys: list[OrderKey], record: dict[str, Any]) -> str:
+    """The opaque token that resumes after `record`."""
+    body = {"k": _signature(keys), "v": [_enc(record[f.name]) for f, _ in keys]}
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(keys: list[OrderKey], token: str) -> list[Any]:
+    """The last record's sort key, checked against the field types and the order."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        body = json.loads(raw)
+        sig, values = body["k"], body["v"]
+        if not isinstance(values, list):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ValidationError("page_token", "is not a token returned by this listing") from None
+    if sig != _signature(keys) or len(values) != len(keys):
+        raise ValidationError(
+            "page_token", "was returned by a listing with a different order_by; keep order_by"
+        )
+    out: list[Any] = []
+    for (f, _), v in zip(keys, values, strict=True):
+        try:
+            if isinstance(v, dict) and f.base_type is bytes:
+                out.append(base64.b64decode(v["b"]))
+            else:
+                out.append(None if v is None else check_value(f.base_type, v))
+        except (TypeError, KeyError, ValueError, binascii.Error):
+            raise ValidationError("page_token", "is not a token returned by this listing") from None
+    return out
+
+
+def keyset_after(fc: FilterCompiler, keys: list[OrderKey], last: list[Any]) -> ColumnElement[bool]:
+    """Records strictly after `last` in the order of `keys`."""
+    clause: ColumnElement[bool] = false()
+    # built from the last key outwards: after = gt(k0) or (eq(k0) and after(k1..))
+    for (f, desc), v in reversed(list(zip(keys, last, strict=True))):
+        col, conv = fc.column(f)
+        raw = fc.table.c[f.name]
+        if v is None:
+            gt = raw.is_not(None) if not desc else false()
+            eq = raw.is_(None)
+        else:
+            cv = conv(v)
+            gt = col > cv if not desc else or_(col < cv, raw.is_(None))
+            eq = col == cv
+        clause = or_(gt, and_(eq, clause))
+    return clause
