@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import enum
+import functools
 import json
 import uuid
 from collections.abc import Callable
@@ -143,8 +144,11 @@ def dialect_insert(dialect: str) -> Any:
     return sqlite_insert
 
 
+@functools.cache
 def _bigint() -> TypeEngine[Any]:
-    # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid alias)
+    # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid alias). Made once:
+    # with_variant copies the type, which cost 0.1 ms a column; type objects are
+    # stateless and shared safely between columns.
     return BigInteger().with_variant(Integer(), "sqlite")
 
 
