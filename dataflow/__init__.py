@@ -45,7 +45,7 @@ from ._model import MANAGED_FIELDS, FieldInfo, ModelInfo, field
 from ._nodes import NODE_KINDS
 from ._ops import ModelOps
 from ._schema import REGISTRY_TABLE
-from ._sqltypes import SQL_TYPES
+from ._sqltypes import SQL_TYPES, dialect_insert
 
 __all__ = [
     "MANAGED_FIELDS",
@@ -66,5 +66,6 @@ __all__ = [
     "NotFoundError",
     "UniqueViolation",
     "ValidationError",
+    "dialect_insert",
     "field",
 ]

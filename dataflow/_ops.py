@@ -212,7 +212,7 @@ class ModelOps:
     def _where(self, flt: Any, all: bool, what: str) -> Any:
         if flt is not None and not isinstance(flt, Mapping):
             raise ValidationError("filter", "expects an object")
-        if not flt and not all:
+        if _matches_everything(flt) and not all:
             raise ValidationError(
                 "filter",
                 f"an empty filter would {what} every {self.model.name}; pass all=True to mean that",
@@ -597,3 +597,21 @@ class ModelOps:
             if self._bump is not None and "id" in rows[0]:
                 await conn.execute(self._bump)
         return len(rows)
+
+
+def _matches_everything(flt: Mapping[str, Any] | None) -> bool:
+    """Whether a filter selects every record by its shape alone: `{}`, `{"$and": []}`,
+    `{"$or": [{}]}`... (the empty-filter guard must not be passed by spelling "all"
+    differently)."""
+    if not flt:
+        return True
+    for key, value in flt.items():
+        if key == "$and" and isinstance(value, list | tuple):
+            if not all(isinstance(v, Mapping) and _matches_everything(v) for v in value):
+                return False
+        elif key == "$or" and isinstance(value, list | tuple):
+            if not any(isinstance(v, Mapping) and _matches_everything(v) for v in value):
+                return False
+        else:
+            return False
+    return True

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
-from google.protobuf.json_format import MessageToDict, ParseDict
+from google.protobuf.json_format import ParseDict
 from google.rpc import status_pb2
 
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
@@ -33,25 +34,43 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 
 
-def _integral(value: Any) -> Any:
-    # JSON (and so Struct) has one number type; whole numbers become ints so that an
-    # int parameter accepts 3 sent as 3.0. Non-integral floats stay floats.
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
+def _plain(value: struct_pb2.Value, path: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        x = value.number_value
+        if not math.isfinite(x):
+            # proto3 JSON has no NaN or infinite numbers (MessageToDict refuses them)
+            raise ApiError(
+                "REQUEST_INVALID",
+                f"{path or 'value'}: {x} is not a JSON number",
+                [(path, "NaN and infinite numbers are not allowed")],
+            )
+        # JSON (and so Struct) has one number type; whole numbers become ints so that
+        # an int parameter accepts 3 sent as 3.0. Non-integral floats stay floats.
+        return int(x) if x.is_integer() and abs(x) < 2**53 else x
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        fields = value.struct_value.fields
+        return {k: _plain(fields[k], f"{path}.{k}" if path else k) for k in sorted(fields)}
+    if kind == "list_value":
+        return [_plain(v, f"{path}[{i}]") for i, v in enumerate(value.list_value.values)]
+    return None  # null_value (or an unset Value)
 
 
-def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a dict, whole numbers as ints."""
-    return dict(_integral(MessageToDict(struct)))
+def from_struct(struct: struct_pb2.Struct, where: str = "") -> dict[str, Any]:
+    """A Struct as a dict, whole numbers as ints. `where` is the request field it came
+    from, named by the error when a value is not JSON (NaN, infinity)."""
+    # a Struct's map has no order (upb even iterates it in a different order in each
+    # process): sorted keys make everything downstream deterministic, violations included
+    fields = struct.fields
+    return {k: _plain(fields[k], f"{where}.{k}" if where else k) for k in sorted(fields)}
 
 
-def from_value(value: struct_pb2.Value) -> Any:
-    return _integral(MessageToDict(value))
+def from_value(value: struct_pb2.Value, where: str = "") -> Any:
+    return _plain(value, where)
 
 
 def to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -115,7 +134,7 @@ def workflow_message(
 def definition_dict(d: wpb.WorkflowDefinition) -> dict[str, Any]:
     """A `WorkflowDefinition` as the plain dict `WorkflowBuilder.from_definition` takes."""
     inputs = []
-    for i in d.inputs:
+    for n, i in enumerate(d.inputs):
         item: dict[str, Any] = {
             "name": i.name,
             "type": i.type or "any",
@@ -124,12 +143,19 @@ def definition_dict(d: wpb.WorkflowDefinition) -> dict[str, Any]:
         if i.HasField("required"):
             item["required"] = i.required
         if i.HasField("default"):
-            item["default"] = from_value(i.default)
+            item["default"] = from_value(i.default, f"definition.inputs[{n}].default")
         inputs.append(item)
     return {
         "description": d.description,
         "atomic": d.atomic,
-        "nodes": [{"id": n.id, "type": n.type, "params": from_struct(n.params)} for n in d.nodes],
+        "nodes": [
+            {
+                "id": n.id,
+                "type": n.type,
+                "params": from_struct(n.params, f"definition.nodes[{i}].params"),
+            }
+            for i, n in enumerate(d.nodes)
+        ],
         "connections": [
             {"source": c.source, "output": c.output, "target": c.target, "input": c.input}
             for c in d.connections
@@ -181,15 +207,23 @@ def page_size(value: int) -> int:
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+# marks the tokens this module issues, so that arbitrary base64 is not taken for one
+_TOKEN_PREFIX = "nexus-after:"
+
+
 def encode_page_token(last: str) -> str:
-    return base64.urlsafe_b64encode(last.encode()).decode().rstrip("=")
+    raw = (_TOKEN_PREFIX + last).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_page_token(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        if not text.startswith(_TOKEN_PREFIX):
+            raise ValueError(token)
+        return text.removeprefix(_TOKEN_PREFIX)
     except Exception:
         raise ApiError(
             "PAGE_TOKEN_INVALID",

@@ -128,20 +128,34 @@ def discover_workflows(root: Path | None = None) -> DiscoveryReport:
     report = DiscoveryReport()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    found: list[tuple[Path, dict[str, Workflow | WorkflowBuilder]]] = []
     for path in _candidates(root):
         report.files.append(path)
         try:
             module = _import_path(path, root)
-            found: dict[str, Workflow] = {}
-            for var, value in list(vars(module).items()):
-                if var.startswith("_"):
-                    continue
-                if isinstance(value, WorkflowBuilder):
-                    value = value.build()
-                if isinstance(value, Workflow):
-                    found[_workflow_name(var, path)] = value
         except Exception as exc:
             report.errors[path] = f"{type(exc).__name__}: {exc}"
             continue
-        report.workflows.update(found)
+        found.append(
+            (
+                path,
+                {
+                    _workflow_name(var, path): value
+                    for var, value in list(vars(module).items())
+                    if not var.startswith("_") and isinstance(value, Workflow | WorkflowBuilder)
+                },
+            )
+        )
+    # builders are built once every file is imported: a workflow may use the node types
+    # of models that a file discovered after it declares
+    for path, items in found:
+        try:
+            built = {
+                name: value.build() if isinstance(value, WorkflowBuilder) else value
+                for name, value in items.items()
+            }
+        except Exception as exc:
+            report.errors[path] = f"{type(exc).__name__}: {exc}"
+            continue
+        report.workflows.update(built)
     return report

@@ -124,10 +124,23 @@ def _from_inputs(exc: workflow.InvalidInputsError) -> ApiError:
     return ApiError("INPUTS_INVALID", str(exc), violations)
 
 
+#: DataFlow's ValidationError fields that are about the query, not a record's values.
+_QUERY_PARTS = {
+    "filter": "QUERY_INVALID",
+    "order_by": "QUERY_INVALID",
+    "fields": "QUERY_INVALID",
+    "conflict_on": "REQUEST_INVALID",
+}
+
+
 def _from_validation(exc: dataflow.ValidationError) -> ApiError:
     field = exc.field if exc.row is None else f"records[{exc.row}].{exc.field}"
     meta = {"row": str(exc.row)} if exc.row is not None else {}
-    return ApiError("RECORD_INVALID", str(exc), [(field, exc.reason)], meta)
+    head = exc.field.split(".", 1)[0].split("[", 1)[0]
+    if head == "page_token":
+        return ApiError("PAGE_TOKEN_INVALID", str(exc), [(field, exc.reason)], meta)
+    reason = _QUERY_PARTS.get(head, "RECORD_INVALID")
+    return ApiError(reason, str(exc), [(field, exc.reason)], meta)
 
 
 def _from_node(exc: workflow.NodeExecutionError) -> ApiError:

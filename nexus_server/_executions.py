@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime as _dt
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,8 @@ from workflow import AsyncLocalRuntime, Event, EventKind, Workflow
 
 from ._errors import ApiError, to_api_error
 from ._jsonable import to_jsonable
-from ._store import ExecutionRecord, Store, body_hash
+from ._record_writer import RecordWriter
+from ._store import ExecutionRecord, Store, body_hash, check_request_id
 
 __all__ = ["Executions", "RunningExecution", "error_dict"]
 
@@ -79,6 +81,27 @@ class RunningExecution:
             await changed.wait()
 
 
+class _KeyedLocks:
+    """One lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Any) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class Executions:
     """Starts, tracks and records executions.
 
@@ -91,6 +114,36 @@ class Executions:
         self.store = store
         self.runtime = AsyncLocalRuntime(timeout=timeout)
         self.running: dict[str, RunningExecution] = {}
+        self.writer: RecordWriter[ExecutionRecord] = RecordWriter(
+            store.write_executions, lambda r: r.id, written=self._written
+        )
+        # (caller, request_id) -> execution id, for executions not yet in the database
+        self._requests: dict[tuple[str, str], str] = {}
+        self._request_locks = _KeyedLocks()
+
+    def open(self) -> None:
+        """Start writing execution records (call once the store is initialised)."""
+        self.writer.start()
+
+    async def close(self, grace: float) -> None:
+        """Finish or cancel running executions, then write every pending record."""
+        await self.shutdown(grace)
+        await self.writer.stop()
+
+    def _written(self, batch: Sequence[ExecutionRecord]) -> None:
+        for rec in batch:
+            if rec.request_id and rec.id not in self.running and rec.id not in self.writer.pending:
+                self._requests.pop((rec.caller, rec.request_id), None)
+
+    def _unflushed(self, execution_id: str) -> ExecutionRecord | None:
+        run = self.running.get(execution_id)
+        if run is not None:
+            return run.record
+        return self.writer.pending.get(execution_id)
+
+    async def _record(self, rec: ExecutionRecord) -> None:
+        # a snapshot: the running record keeps changing while the writer holds this one
+        await self.writer.put(dataclasses.replace(rec))
 
     async def start(
         self,
@@ -110,42 +163,57 @@ class Executions:
             InvalidInputsError: bad inputs (nothing is started or stored).
             ApiError: REQUEST_ID_CONFLICT when the request_id was used with other inputs.
         """
+        check_request_id(request_id)
         inputs = wf.validate_inputs(raw_inputs)
-        hash_ = body_hash(name, raw_inputs) if request_id else None
-        if request_id:
+        if not request_id:
+            return (*await self._launch(name, wf, inputs, caller, None, None), True)
+        key = (caller, request_id)
+        hash_ = body_hash(name, raw_inputs)
+        async with self._request_locks.hold(key):  # one start per key at a time
             found = await self._find(caller, request_id, hash_)
             if found is not None:
                 return (*found, False)
+            run, rec = await self._launch(name, wf, inputs, caller, request_id, hash_)
+            self._requests[key] = rec.id
+            return run, rec, True
+
+    async def _launch(
+        self,
+        name: str,
+        wf: Workflow,
+        inputs: dict[str, Any],
+        caller: str,
+        request_id: str | None,
+        hash_: str | None,
+    ) -> tuple[RunningExecution, ExecutionRecord]:
         now = _dt.datetime.now(_dt.UTC)
         rec = ExecutionRecord(
             id=uuid.uuid4().hex,
             workflow=name,
             state="RUNNING",
             caller=caller,
-            request_id=request_id or None,
+            request_id=request_id,
             request_hash=hash_,
-            inputs=dict(raw_inputs),
+            inputs=to_jsonable(inputs),
             outputs=None,
             error=None,
             create_time=now,
             start_time=now,
             end_time=None,
         )
-        if not await self.store.insert_execution(rec):
-            # a concurrent retry with the same request_id won the insert
-            found = await self._find(caller, request_id, hash_)
-            if found is not None:
-                return (*found, False)
-            raise ApiError("REQUEST_ID_CONFLICT", f"request_id {request_id!r} is in use")
         run = RunningExecution(rec)
         self.running[rec.id] = run
+        await self._record(rec)
         run.task = asyncio.create_task(self._run(run, wf, inputs), name=f"execution-{rec.id}")
-        return run, rec, True
+        return run, rec
 
     async def _find(
         self, caller: str, request_id: str, hash_: str | None
     ) -> tuple[RunningExecution | None, ExecutionRecord] | None:
-        rec = await self.store.find_request(caller, request_id)
+        known = self._requests.get((caller, request_id))
+        rec = self._unflushed(known) if known else None
+        if rec is None:
+            rec = await self.store.find_request(caller, request_id)
         if rec is None:
             return None
         if rec.request_hash != hash_:
@@ -182,9 +250,7 @@ class Executions:
             rec.state, rec.outputs, rec.error = state, outputs, error
             rec.end_time = _dt.datetime.now(_dt.UTC)
             try:
-                await asyncio.shield(
-                    self.store.finish_execution(rec.id, state, outputs, error, rec.end_time)
-                )
+                await asyncio.shield(self._record(rec))
             finally:
                 run.done.set()
                 run.changed.set()
@@ -206,10 +272,7 @@ class Executions:
         return run.record
 
     async def get(self, execution_id: str) -> ExecutionRecord:
-        run = self.running.get(execution_id)
-        if run is not None:
-            return run.record
-        rec = await self.store.get_execution(execution_id)
+        rec = self._unflushed(execution_id) or await self.store.get_execution(execution_id)
         if rec is None:
             raise ApiError(
                 "EXECUTION_NOT_FOUND",
@@ -222,6 +285,8 @@ class Executions:
         run = self.running.get(execution_id)
         if run is None or run.task is None:
             rec = await self.get(execution_id)
+            if rec.state == "CANCELLED":
+                return rec  # cancelling twice is not an error: the contract returns it unchanged
             raise ApiError(
                 "EXECUTION_ALREADY_FINISHED",
                 f"execution {execution_id!r} already finished ({rec.state})",

@@ -13,12 +13,19 @@ from typing import Any
 
 __all__ = ["to_jsonable"]
 
+_EXACT = 2**53
+
 
 def to_jsonable(value: Any) -> Any:
     """`value` with datetimes as RFC 3339 text (UTC), dates as ISO dates, decimals and UUIDs
-    as text (exact), bytes as base64, enums as their value, tuples as lists."""
-    if value is None or isinstance(value, bool | int | float | str):
+    as text (exact), ints beyond +-2^53 as text (exact), bytes as base64, enums as their
+    value, tuples as lists."""
+    if value is None or isinstance(value, bool | float | str):
         return value
+    if isinstance(value, int):
+        # a JSON number is a double: an int it cannot hold exactly travels as text, as
+        # proto3 JSON prints int64 (and as the server accepts it back)
+        return value if abs(value) <= _EXACT else str(value)
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

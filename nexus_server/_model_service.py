@@ -7,6 +7,7 @@ one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
@@ -19,7 +20,7 @@ from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 
 from ._convert import from_struct, page_size, to_struct, to_value
 from ._errors import ApiError, abort
-from ._records import Records
+from ._records import Records, record_fields
 from ._typed import TypedModels, collection_id, message_to_fields, record_to_message
 from ._workflow_service import caller_of
 
@@ -38,7 +39,10 @@ def model_message(model: ModelInfo, typed: TypedModels | None) -> mpb.Model:
         name=model.name,
         description=model.description,
         collection=collection_id(model.name),
+        table=model.table,
     )
+    for group in model.unique_together:
+        msg.unique_together.add(fields=list(group))
     if typed is not None:
         msg.service = typed.service_name(model.name)
         msg.message_type = f"nexus.models.v1.{model.name}"
@@ -50,8 +54,10 @@ def model_message(model: ModelInfo, typed: TypedModels | None) -> mpb.Model:
             nullable=f.nullable,
             primary_key=f.primary_key,
             unique=f.unique,
-            generated=f.generated or f.managed,
+            generated=f.generated,
             description=f.description,
+            indexed=f.indexed,
+            managed=f.managed,
         )
         if d.get("has_default"):
             item.default.CopyFrom(to_value(d["default"]))
@@ -69,17 +75,56 @@ def _mask(paths: Any) -> list[str] | None:
     return list(paths) or None
 
 
-def _only(fields: Mapping[str, Any], mask: list[str] | None, where: str) -> dict[str, Any]:
+def _snake_path(path: str) -> str:
+    # proto3 JSON writes FieldMask paths in lowerCamelCase; the contract accepts both
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), path)
+
+
+def _only(
+    model: ModelInfo, fields: Mapping[str, Any], mask: list[str] | None, where: str
+) -> dict[str, Any]:
+    """The fields an update changes: those the mask names (a named field absent from
+    the record is cleared), or every field present when there is no mask."""
     if mask is None:
         return dict(fields)
-    unknown = [p for p in mask if p not in fields and "." in p]
+    known = model.field_map
+    paths = [p if p in known else _snake_path(p) for p in mask]
+    unknown = [(i, m) for i, (m, p) in enumerate(zip(mask, paths, strict=True)) if p not in known]
+    parent = where.rpartition(".")[0]  # the message holding the record and its mask
+    mask_field = f"{parent}.update_mask" if parent else "update_mask"
     if unknown:
         raise ApiError(
             "REQUEST_INVALID",
-            f"update_mask paths must be top-level fields: {', '.join(unknown)}",
-            [("update_mask", f"nested path {p!r}") for p in unknown],
+            f"update_mask names no field of {model.name}: "
+            + ", ".join(repr(m) for _, m in unknown),
+            [
+                (f"{mask_field}.paths[{i}]", f"{m!r} is not a field of {model.name}")
+                for i, m in unknown
+            ],
         )
-    return {p: fields.get(p) for p in mask}
+    return {p: fields.get(p) for p in paths}
+
+
+def _require_changes(changes: Mapping[str, Any], where: str) -> None:
+    if not changes:
+        raise ApiError(
+            "REQUEST_INVALID",
+            f"{where}: nothing to update (give field values, or name them in update_mask)",
+            [(where, "no field to update")],
+        )
+
+
+def _check_fields(model: ModelInfo, names: Any) -> list[str] | None:
+    """A `fields` projection, each name checked (QUERY_INVALID names the bad one)."""
+    names = list(names)
+    bad = [(i, n) for i, n in enumerate(names) if n not in model.field_map]
+    if bad:
+        raise ApiError(
+            "QUERY_INVALID",
+            f"fields: {', '.join(repr(n) for _, n in bad)} not fields of {model.name}",
+            [(f"fields[{i}]", f"unknown field {n!r}") for i, n in bad],
+        )
+    return names or None
 
 
 class ModelServicer(mgrpc.ModelServiceServicer):
@@ -112,17 +157,18 @@ class ModelServicer(mgrpc.ModelServiceServicer):
 
     async def GetModel(self, request: mpb.GetModelRequest, context: Context) -> mpb.Model:
         try:
-            return model_message(self.records.model(request.name), self.typed)
+            return model_message(self.records.model(request.name, "name"), self.typed)
         except Exception as exc:
             await abort(context, exc)
 
     async def CreateRecord(self, request: mpb.CreateRecordRequest, context: Context) -> Any:
         try:
             model = self.records.model(request.model)
-            data = self.records.coerce(model, from_struct(request.record), "record")
+            data = self.records.coerce(model, from_struct(request.record, "record"), "record")
 
             async def write() -> Any:
-                return to_struct(await self.records.ops(model).create(**data))
+                with record_fields("record"):
+                    return to_struct(await self.records.ops(model).create(**data))
 
             return await self.records.idempotent(
                 caller_of(context), request.request_id, "CreateRecord",
@@ -134,9 +180,10 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     async def GetRecord(self, request: mpb.GetRecordRequest, context: Context) -> Any:
         try:
             model = self.records.model(request.model)
+            fields = _check_fields(model, request.fields)
             record = await self.records.ops(model).read(self.records.id_value(model, request.id))
-            if request.fields:
-                record = {k: v for k, v in record.items() if k in set(request.fields)}
+            if fields:
+                record = {k: v for k, v in record.items() if k in set(fields)}
             return to_struct(record)
         except Exception as exc:
             await abort(context, exc)
@@ -144,14 +191,17 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     async def UpdateRecord(self, request: mpb.UpdateRecordRequest, context: Context) -> Any:
         try:
             model = self.records.model(request.model)
-            data = self.records.coerce(model, from_struct(request.record), "record")
+            data = self.records.coerce(model, from_struct(request.record, "record"), "record")
             mask = _mask(request.update_mask.paths) if request.HasField("update_mask") else None
-            changes = _only(data, mask, "record")
+            changes = _only(model, data, mask, "record")
             changes.pop(model.primary_key.name, None)
+            _require_changes(changes, "record")
             key = self.records.id_value(model, request.id)
 
             async def write() -> Any:
-                return to_struct(await self.records.ops(model).update(key, fields=changes))
+                with record_fields("record"):
+                    rec = await self.records.ops(model).update(key, fields=changes)
+                return to_struct(rec)
 
             return await self.records.idempotent(
                 caller_of(context), request.request_id, "UpdateRecord",
@@ -183,7 +233,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.ListRecordsResponse:
         try:
             model = self.records.model(request.model)
-            flt = self.records.coerce(model, from_struct(request.filter), "filter")
+            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
             result = await self.records.ops(model).list(
                 flt or None,
                 order_by=_order_by(request.order_by),
@@ -203,7 +253,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.CountRecordsResponse:
         try:
             model = self.records.model(request.model)
-            flt = self.records.coerce(model, from_struct(request.filter), "filter")
+            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
             return mpb.CountRecordsResponse(count=await self.records.ops(model).count(flt or None))
         except Exception as exc:
             await abort(context, exc)
@@ -213,11 +263,21 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.UpsertRecordResponse:
         try:
             model = self.records.model(request.model)
-            data = self.records.coerce(model, from_struct(request.record), "record")
+            data = self.records.coerce(model, from_struct(request.record, "record"), "record")
             conflict_on = list(request.conflict_on) or None
+            if request.HasField("update_mask") and request.update_mask.paths:
+                # DataFlow's upsert overwrites every given field on conflict; ignoring the
+                # mask would overwrite what the caller meant to keep
+                raise ApiError(
+                    "REQUEST_INVALID",
+                    "UpsertRecord does not support update_mask yet; send only the fields "
+                    "to write, or use UpdateRecord",
+                    [("update_mask", "not supported by UpsertRecord yet")],
+                )
 
             async def write() -> mpb.UpsertRecordResponse:
-                rec = await self.records.ops(model).upsert(conflict_on, **data)
+                with record_fields("record"):
+                    rec = await self.records.ops(model).upsert(conflict_on, **data)
                 created = rec.get("created_at") == rec.get("updated_at")
                 return mpb.UpsertRecordResponse(record=to_struct(rec), created=created)
 
@@ -230,7 +290,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
 
     def _rows(self, model: ModelInfo, structs: Any) -> list[dict[str, Any]]:
         return [
-            self.records.coerce(model, from_struct(s), f"records[{i}]")
+            self.records.coerce(model, from_struct(s, f"records[{i}]"), f"records[{i}]")
             for i, s in enumerate(structs)
         ]
 
@@ -242,7 +302,8 @@ class ModelServicer(mgrpc.ModelServiceServicer):
             rows = self._rows(model, request.records)
 
             async def write() -> mpb.BulkCreateRecordsResponse:
-                n = await self.records.ops(model).bulk_create(rows)
+                with record_fields(rows="records"):
+                    n = await self.records.ops(model).bulk_create(rows)
                 return mpb.BulkCreateRecordsResponse(created_count=n)
 
             return await self.records.idempotent(
@@ -257,13 +318,14 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.BulkUpdateRecordsResponse:
         try:
             model = self.records.model(request.model)
-            flt = self.records.coerce(model, from_struct(request.filter), "filter")
-            values = self.records.coerce(model, from_struct(request.values), "values")
+            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
+            values = self.records.coerce(model, from_struct(request.values, "values"), "values")
 
             async def write() -> mpb.BulkUpdateRecordsResponse:
-                n = await self.records.ops(model).bulk_update(
-                    filter=flt, fields=values, all=request.allow_all
-                )
+                with record_fields("values"):
+                    n = await self.records.ops(model).bulk_update(
+                        filter=flt, fields=values, all=request.allow_all
+                    )
                 return mpb.BulkUpdateRecordsResponse(updated_count=n)
 
             return await self.records.idempotent(
@@ -279,7 +341,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.BulkDeleteRecordsResponse:
         try:
             model = self.records.model(request.model)
-            flt = self.records.coerce(model, from_struct(request.filter), "filter")
+            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
 
             async def write() -> mpb.BulkDeleteRecordsResponse:
                 n = await self.records.ops(model).bulk_delete(flt, all=request.allow_all)
@@ -301,7 +363,8 @@ class ModelServicer(mgrpc.ModelServiceServicer):
             conflict_on = list(request.conflict_on) or None
 
             async def write() -> mpb.BulkUpsertRecordsResponse:
-                n = await self.records.ops(model).bulk_upsert(rows, conflict_on)
+                with record_fields(rows="records"):
+                    n = await self.records.ops(model).bulk_upsert(rows, conflict_on)
                 return mpb.BulkUpsertRecordsResponse(upserted_count=n)
 
             return await self.records.idempotent(
@@ -340,33 +403,39 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                 [(f"writes[{i}]", "set one of create, update, upsert, delete")],
             )
         op = getattr(w, kind)
-        model = self.records.model(op.model)
+        model = self.records.model(op.model, f"writes[{i}].{kind}.model")
         ops = self.records.ops(model)
         where = f"writes[{i}].{kind}.record"
         if kind == "create":
-            data = self.records.coerce(model, from_struct(op.record), where)
+            data = self.records.coerce(model, from_struct(op.record, where), where)
 
             async def create() -> mpb.WriteResult:
-                return mpb.WriteResult(record=to_struct(await ops.create(**data)), created=True)
+                with record_fields("create.record"):
+                    rec = await ops.create(**data)
+                return mpb.WriteResult(record=to_struct(rec), created=True)
 
             return create
         if kind == "update":
-            fields = self.records.coerce(model, from_struct(op.record), where)
+            fields = self.records.coerce(model, from_struct(op.record, where), where)
             mask = _mask(op.update_mask.paths) if op.HasField("update_mask") else None
-            changes = _only(fields, mask, where)
+            changes = _only(model, fields, mask, where)
             changes.pop(model.primary_key.name, None)
+            _require_changes(changes, where)
             key = self.records.id_value(model, op.id)
 
             async def update() -> mpb.WriteResult:
-                return mpb.WriteResult(record=to_struct(await ops.update(key, fields=changes)))
+                with record_fields("update.record"):
+                    rec = await ops.update(key, fields=changes)
+                return mpb.WriteResult(record=to_struct(rec))
 
             return update
         if kind == "upsert":
-            data = self.records.coerce(model, from_struct(op.record), where)
+            data = self.records.coerce(model, from_struct(op.record, where), where)
             conflict_on = list(op.conflict_on) or None
 
             async def upsert() -> mpb.WriteResult:
-                rec = await ops.upsert(conflict_on, **data)
+                with record_fields("upsert.record"):
+                    rec = await ops.upsert(conflict_on, **data)
                 created = rec.get("created_at") == rec.get("updated_at")
                 return mpb.WriteResult(record=to_struct(rec), created=created)
 
@@ -416,7 +485,7 @@ class _TypedService:
             data = self._fields(getattr(req, self.snake), self.snake)
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"Create{name}", data, self.cls,
-                lambda: _wrap(self._msg, ops.create(**data)),
+                lambda: _wrap(self._msg, ops.create(**data), self.snake),
             )  # fmt: skip
 
         async def get(req: Any, context: Any) -> Any:
@@ -433,11 +502,12 @@ class _TypedService:
                     [(f"{self.snake}.{pk}", "required")],
                 )
             mask = _mask(req.update_mask.paths) if req.HasField("update_mask") else None
-            changes = _only(data, mask, self.snake)
+            changes = _only(self.model, data, mask, self.snake)
             changes.pop(pk, None)
+            _require_changes(changes, self.snake)
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"Update{name}", [key, changes], self.cls,
-                lambda: _wrap(self._msg, ops.update(key, fields=changes)),
+                lambda: _wrap(self._msg, ops.update(key, fields=changes), self.snake),
             )  # fmt: skip
 
         async def delete(req: Any, context: Any) -> Any:
@@ -445,7 +515,7 @@ class _TypedService:
             return empty_pb2.Empty()
 
         async def list_(req: Any, context: Any) -> Any:
-            flt = self.records.coerce(self.model, from_struct(req.filter), "filter")
+            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
             result = await ops.list(
                 flt or None,
                 order_by=_order_by(req.order_by),
@@ -459,7 +529,7 @@ class _TypedService:
             return resp
 
         async def count(req: Any, context: Any) -> Any:
-            flt = self.records.coerce(self.model, from_struct(req.filter), "filter")
+            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
             return t.message_class("CountResult")(count=await ops.count(flt or None))
 
         async def upsert(req: Any, context: Context) -> Any:
@@ -467,7 +537,7 @@ class _TypedService:
             conflict_on = list(req.conflict_on) or None
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"Upsert{name}", [data, conflict_on],
-                self.cls, lambda: _wrap(self._msg, ops.upsert(conflict_on, **data)),
+                self.cls, lambda: _wrap(self._msg, ops.upsert(conflict_on, **data), self.snake),
             )  # fmt: skip
 
         result_cls = t.message_class("BulkWriteResult")
@@ -479,11 +549,11 @@ class _TypedService:
             data = rows(req)
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"BulkCreate{plural}", data, result_cls,
-                lambda: _wrap(lambda n: result_cls(affected=n), ops.bulk_create(data)),
+                lambda: _wrap(lambda n: result_cls(affected=n), ops.bulk_create(data), rows=coll),
             )  # fmt: skip
 
         async def bulk_update(req: Any, context: Context) -> Any:
-            flt = self.records.coerce(self.model, from_struct(req.filter), "filter")
+            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
             values = self._fields(req.values, "values")
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"BulkUpdate{plural}",
@@ -491,11 +561,12 @@ class _TypedService:
                 lambda: _wrap(
                     lambda n: result_cls(affected=n),
                     ops.bulk_update(filter=flt, fields=values, all=req.allow_all),
+                    "values",
                 ),
             )  # fmt: skip
 
         async def bulk_delete(req: Any, context: Context) -> Any:
-            flt = self.records.coerce(self.model, from_struct(req.filter), "filter")
+            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"BulkDelete{plural}",
                 [flt, req.allow_all], result_cls,
@@ -510,7 +581,9 @@ class _TypedService:
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"BulkUpsert{plural}", [data, conflict_on],
                 result_cls,
-                lambda: _wrap(lambda n: result_cls(affected=n), ops.bulk_upsert(data, conflict_on)),
+                lambda: _wrap(
+                    lambda n: result_cls(affected=n), ops.bulk_upsert(data, conflict_on), rows=coll
+                ),
             )  # fmt: skip
 
         table: dict[str, tuple[Callable[..., Awaitable[Any]], str]] = {
@@ -537,8 +610,12 @@ class _TypedService:
         return grpc.method_handlers_generic_handler(t.service_name(name), methods)
 
 
-async def _wrap(convert: Callable[[Any], Any], result: Awaitable[Any]) -> Any:
-    return convert(await result)
+async def _wrap(
+    convert: Callable[[Any], Any], result: Awaitable[Any], prefix: str = "", rows: str = ""
+) -> Any:
+    with record_fields(prefix, rows):
+        value = await result
+    return convert(value)
 
 
 def _guarded(fn: Callable[[Any, Context], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

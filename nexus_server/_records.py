@@ -7,17 +7,17 @@ import base64
 import binascii
 import contextlib
 import datetime as _dt
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf import message as pb_message
 
-from dataflow import DataFlow, ModelInfo, ModelOps
+from dataflow import DataFlow, ModelInfo, ModelOps, ValidationError
 
-from ._errors import ApiError
-from ._store import Store, body_hash
+from ._errors import ApiError, to_api_error
+from ._store import Store, body_hash, check_request_id
 
-__all__ = ["Records"]
+__all__ = ["Records", "record_fields"]
 
 M = TypeVar("M", bound=pb_message.Message)
 
@@ -33,7 +33,8 @@ class Records:
     def models(self) -> tuple[ModelInfo, ...]:
         return self.db.models if self.db is not None else ()
 
-    def model(self, name: str) -> ModelInfo:
+    def model(self, name: str, where: str = "model") -> ModelInfo:
+        """The model named `name`; MODEL_NOT_FOUND naming the request field `where`."""
         for m in self.models:
             if m.name == name:
                 return m
@@ -41,7 +42,7 @@ class Records:
         raise ApiError(
             "MODEL_NOT_FOUND",
             f"model {name!r} not found (models: {known})",
-            [("model", "no model has this name")],
+            [(where, "no model has this name")],
             {"model": name},
         )
 
@@ -84,6 +85,7 @@ class Records:
         """Run `write` once per (caller, request_id): a retry with the same body gets the
         first response, one with another body fails with REQUEST_ID_CONFLICT. The write
         and the remembered response commit in one transaction."""
+        check_request_id(request_id)
         if not request_id:
             return await write()
         hash_ = body_hash(method, body)
@@ -111,14 +113,44 @@ class Records:
             for i, write in enumerate(writes):
                 try:
                     results.append(await write())
-                except ApiError as exc:
-                    exc.violations = [(f"writes[{i}].{f}", d) for f, d in exc.violations]
-                    exc.metadata["write_index"] = str(i)
-                    raise
                 except Exception as exc:
-                    exc.add_note(f"in writes[{i}]")
-                    raise
+                    api = to_api_error(exc)
+                    api.violations = [(f"writes[{i}].{f}", d) for f, d in api.violations]
+                    api.metadata["write_index"] = str(i)
+                    api.message = f"writes[{i}]: {api.message}"
+                    raise api from exc
         return results
+
+
+_QUERY_PARTS = ("filter", "order_by", "fields", "page_token")
+
+
+@contextlib.contextmanager
+def record_fields(prefix: str = "", rows: str = "") -> Iterator[None]:
+    """Name DataFlow's record validation errors by the request's field paths: a bad
+    `email` of `CreateRecord` is `record.email`, row 3 of a bulk call `records[3].email`
+    (`rows` is the repeated field), of a typed call `contact.email` or `contacts[3].email`.
+    Errors about the query (filter, order_by...) keep their own paths."""
+    try:
+        yield
+    except ValidationError as exc:
+        head = exc.field.split(".", 1)[0].split("[", 1)[0]
+        if head in _QUERY_PARTS:
+            raise
+        if head == "conflict_on":  # a request field beside the record, not in it
+            parent = prefix.rpartition(".")[0]
+            api = to_api_error(exc)
+            api.violations = [(f"{parent}.{exc.field}" if parent else exc.field, exc.reason)]
+            raise api from exc
+        if exc.row is not None and rows:
+            path = f"{rows}[{exc.row}].{exc.field}" if exc.field else f"{rows}[{exc.row}]"
+        elif exc.row is None and prefix:
+            path = f"{prefix}.{exc.field}" if exc.field else prefix
+        else:
+            raise
+        api = to_api_error(exc)
+        api.violations = [(path, exc.reason)]
+        raise api from exc
 
 
 def _replay(

@@ -15,7 +15,7 @@ __all__ = ["NAME_RULE", "Registered", "WorkflowRegistry", "check_name"]
 
 #: A workflow name must be usable as a URL path segment, a CLI command and (behind
 #: `run_`) an MCP tool name of at most 64 characters.
-NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,59}$")
+NAME_RULE = re.compile(r"^[a-z][a-z0-9_]{0,59}$")
 
 
 def check_name(name: str) -> None:
@@ -23,9 +23,9 @@ def check_name(name: str) -> None:
     if not NAME_RULE.match(name):
         raise ApiError(
             "WORKFLOW_NAME_INVALID",
-            f"invalid workflow name {name!r}: use 1 to 60 letters, digits, '_' or '-', "
+            f"invalid workflow name {name!r}: use 1 to 60 lowercase letters, digits or '_', "
             f"starting with a letter",
-            [("name", "must match ^[A-Za-z][A-Za-z0-9_-]{0,59}$")],
+            [("name", "must match ^[a-z][a-z0-9_]{0,59}$")],
         )
 
 

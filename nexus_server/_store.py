@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import hashlib
 import json
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
-from dataflow import DataFlow
+from dataflow import DataFlow, dialect_insert
 
 from ._jsonable import to_jsonable
 
-__all__ = ["ExecutionRecord", "Store", "body_hash"]
+__all__ = [
+    "MAX_CALLER",
+    "MAX_REQUEST_ID",
+    "ExecutionRecord",
+    "Store",
+    "body_hash",
+    "check_request_id",
+]
 
+_log = logging.getLogger("nexus_server")
 _META = sa.MetaData()
 
 EXECUTIONS = sa.Table(
@@ -56,6 +67,25 @@ REQUESTS = sa.Table(
 )
 
 RUNNING_STATES = ("PENDING", "RUNNING")
+
+#: The longest `request_id` the contract accepts.
+MAX_REQUEST_ID = 128
+
+#: The longest caller identity stored with executions and idempotency records.
+MAX_CALLER = 256
+
+
+def check_request_id(request_id: str) -> None:
+    """Refuse a `request_id` longer than the contract allows (the caller's mistake, not
+    a database error later)."""
+    if len(request_id) > MAX_REQUEST_ID:
+        from ._errors import ApiError
+
+        raise ApiError(
+            "REQUEST_INVALID",
+            f"request_id is {len(request_id)} characters long; at most {MAX_REQUEST_ID}",
+            [("request_id", f"longer than {MAX_REQUEST_ID} characters")],
+        )
 
 
 def body_hash(*parts: Any) -> str:
@@ -114,59 +144,64 @@ class Store:
     async def initialize(self) -> int:
         """Create the tables if missing; mark executions a restart interrupted. Returns how
         many were marked."""
+        from google.protobuf.json_format import MessageToDict
+
+        from ._errors import ApiError
+
+        # the full google.rpc.Status (with its ErrorInfo), like every other stored error:
+        # a retry of the interrupted request fails with it
+        api = ApiError(
+            "EXECUTION_INTERRUPTED", "the server stopped while this execution was running"
+        )
+        error: dict[str, Any] = MessageToDict(api.to_status())
+        error["reason"] = api.reason
         async with self.db.connection() as conn:
             await conn.run_sync(_META.create_all)
             result = await conn.execute(
                 EXECUTIONS.update()
                 .where(EXECUTIONS.c.state.in_(RUNNING_STATES))
-                .values(
-                    state="INTERRUPTED",
-                    end_time=_dt.datetime.now(_dt.UTC),
-                    error={
-                        "code": 10,
-                        "message": "the server stopped while this execution was running",
-                        "reason": "EXECUTION_INTERRUPTED",
-                    },
-                )
+                .values(state="INTERRUPTED", end_time=_dt.datetime.now(_dt.UTC), error=error)
             )
             return int(result.rowcount or 0)
 
-    async def insert_execution(self, rec: ExecutionRecord) -> bool:
-        """Insert a new execution; False when (caller, request_id) is already taken."""
-        values = {
-            "id": rec.id,
-            "workflow": rec.workflow,
-            "state": rec.state,
-            "caller": rec.caller,
-            "request_id": rec.request_id,
-            "request_hash": rec.request_hash,
-            "inputs": to_jsonable(rec.inputs),
-            "create_time": rec.create_time,
-            "start_time": rec.start_time,
-        }
+    async def write_executions(self, records: Sequence[ExecutionRecord]) -> None:
+        """Insert or update these executions (by id) in one transaction.
+
+        A record whose (caller, request_id) another server process recorded first is
+        dropped with an error in the log (the other one answers that request); every
+        other failure raises, so the caller can try again.
+        """
+        rows = [_row(r) for r in records]
         try:
             async with self.db.connection() as conn:
-                await conn.execute(EXECUTIONS.insert().values(**values))
-        except Exception as exc:  # the unique (caller, request_id) was taken meanwhile
-            if rec.request_id and _is_unique_violation(exc):
-                return False
-            raise
-        return True
+                await conn.execute(self._upsert, rows)
+            return
+        except Exception as exc:
+            if not _is_unique_violation(exc):
+                raise
+        for rec, row in zip(records, rows, strict=True):  # find the row at fault
+            try:
+                async with self.db.connection() as conn:
+                    await conn.execute(self._upsert, [row])
+            except Exception as exc:
+                if not _is_unique_violation(exc):
+                    raise
+                _log.error(
+                    "execution %s not recorded: request_id %r of caller %r was recorded by "
+                    "another server first",
+                    rec.id,
+                    rec.request_id,
+                    rec.caller,
+                )
 
-    async def finish_execution(
-        self,
-        execution_id: str,
-        state: str,
-        outputs: dict[str, Any] | None,
-        error: dict[str, Any] | None,
-        end_time: _dt.datetime,
-    ) -> None:
-        async with self.db.connection() as conn:
-            await conn.execute(
-                EXECUTIONS.update()
-                .where(EXECUTIONS.c.id == execution_id)
-                .values(state=state, outputs=outputs, error=error, end_time=end_time)
-            )
+    @functools.cached_property
+    def _upsert(self) -> Any:
+        stmt = dialect_insert(self.db.dialect)(EXECUTIONS)
+        changing = ("state", "outputs", "error", "end_time")
+        return stmt.on_conflict_do_update(
+            index_elements=[EXECUTIONS.c.id],
+            set_={c: stmt.excluded[c] for c in changing},
+        )
 
     async def get_execution(self, execution_id: str) -> ExecutionRecord | None:
         async with self.db.connection() as conn:
@@ -202,7 +237,7 @@ class Store:
         if state:
             q = q.where(EXECUTIONS.c.state == state)
         if page_token:
-            t, last_id = _decode_token(page_token)
+            t, last_id = _decode_token(page_token, workflow, state)
             q = q.where(
                 sa.or_(
                     EXECUTIONS.c.create_time < t,
@@ -216,7 +251,7 @@ class Store:
         token = ""
         if len(rows) > page_size and records:
             last = records[-1]
-            token = _encode_token(last.create_time, last.id)
+            token = _encode_token(last.create_time, last.id, workflow, state)
         return records, token
 
     async def find_response(self, caller: str, request_id: str) -> tuple[str, str, bytes] | None:
@@ -249,6 +284,23 @@ class Store:
             )
 
 
+def _row(rec: ExecutionRecord) -> dict[str, Any]:
+    return {
+        "id": rec.id,
+        "workflow": rec.workflow,
+        "state": rec.state,
+        "caller": rec.caller,
+        "request_id": rec.request_id,
+        "request_hash": rec.request_hash,
+        "inputs": to_jsonable(rec.inputs),
+        "outputs": rec.outputs,
+        "error": rec.error,
+        "create_time": rec.create_time,
+        "start_time": rec.start_time,
+        "end_time": rec.end_time,
+    }
+
+
 def _is_unique_violation(exc: BaseException) -> bool:
     from dataflow import AlreadyExistsError
 
@@ -258,18 +310,21 @@ def _is_unique_violation(exc: BaseException) -> bool:
     return "unique" in text or "duplicate key" in text
 
 
-def _encode_token(t: _dt.datetime, last_id: str) -> str:
-    raw = json.dumps([t.isoformat(), last_id]).encode()
+def _encode_token(t: _dt.datetime, last_id: str, workflow: str | None, state: str | None) -> str:
+    # the filters are part of the token: it is only valid for the listing that issued it
+    raw = json.dumps([t.isoformat(), last_id, workflow or "", state or ""]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_token(token: str) -> tuple[_dt.datetime, str]:
+def _decode_token(token: str, workflow: str | None, state: str | None) -> tuple[_dt.datetime, str]:
     from ._errors import ApiError
 
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        t, last_id = json.loads(raw)
-        return _dt.datetime.fromisoformat(t), str(last_id)
+        t, last_id, for_workflow, for_state = json.loads(raw)
+        if (for_workflow, for_state) != (workflow or "", state or ""):
+            raise ValueError("a token of another listing")
+        return _utc(_dt.datetime.fromisoformat(t)) or _dt.datetime.now(_dt.UTC), str(last_id)
     except Exception:
         raise ApiError(
             "PAGE_TOKEN_INVALID",

@@ -11,7 +11,14 @@ from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
-from workflow import Event, EventKind, WorkflowBuilder
+from workflow import (
+    Event,
+    EventKind,
+    Problem,
+    Workflow,
+    WorkflowBuilder,
+    WorkflowValidationError,
+)
 
 from ._convert import (
     decode_page_token,
@@ -27,6 +34,7 @@ from ._convert import (
 from ._errors import ApiError, StatusError, abort, to_api_error
 from ._executions import Executions, RunningExecution
 from ._registry import WorkflowRegistry, check_name
+from ._store import MAX_CALLER
 
 __all__ = ["WorkflowServicer", "caller_of"]
 
@@ -39,6 +47,12 @@ def caller_of(context: Context) -> str:
     `x-nexus-caller` metadata value, or "anonymous"."""
     for key, value in context.invocation_metadata() or ():
         if key == "x-nexus-caller" and isinstance(value, str) and value:
+            if len(value) > MAX_CALLER:
+                raise ApiError(
+                    "REQUEST_INVALID",
+                    f"x-nexus-caller is {len(value)} characters long; at most {MAX_CALLER}",
+                    [("x-nexus-caller", f"longer than {MAX_CALLER} characters")],
+                )
             return value
     return "anonymous"
 
@@ -95,15 +109,23 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                     "definition is required",
                     [("definition", "required")],
                 )
-            wf = WorkflowBuilder.from_definition(definition_dict(request.definition)).build()
+            try:
+                wf = WorkflowBuilder.from_definition(definition_dict(request.definition)).build()
+            except WorkflowValidationError as exc:
+                raise ApiError(
+                    "WORKFLOW_INVALID",
+                    str(exc),
+                    [(_problem_path(p, request.definition), p.message) for p in exc.problems],
+                ) from exc
             if not wf.exposable and not self.allow_code_nodes:
                 code_nodes = [n.id for n in wf.nodes.values() if not n.exposable]
+                index = {n.id: i for i, n in enumerate(request.definition.nodes)}
                 raise ApiError(
                     "CODE_NODES_DISABLED",
                     "this server does not accept code-bearing nodes in workflows registered "
                     f"over the network (nodes: {', '.join(code_nodes)}); start it with "
                     "allow_code_nodes=True to allow them",
-                    [(f"definition.nodes.{n}.type", "runs code") for n in code_nodes],
+                    [(f"definition.nodes[{index[n]}].type", "runs code") for n in code_nodes],
                 )
             if request.name in self.registry:
                 existing = self.registry.get(request.name)
@@ -112,6 +134,14 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                         "WORKFLOW_NOT_DELETABLE",
                         f"workflow {request.name!r} is defined by the app's code and cannot "
                         "be replaced over the network",
+                    )
+                if not request.replace and _same_definition(existing.workflow, wf):
+                    # the same definition again: a retry, answered with what is registered
+                    return workflow_message(
+                        request.name,
+                        existing.workflow,
+                        builtin=False,
+                        update_time=existing.update_time,
                     )
             if request.validate_only:
                 if request.name in self.registry and not request.replace:
@@ -146,7 +176,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         return await self.executions.start(
             name,
             item.workflow,
-            from_struct(inputs),
+            from_struct(inputs, "inputs"),
             caller=caller_of(context),
             request_id=request_id,
         )
@@ -221,7 +251,14 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         try:
             state = ""
             if request.state:
+                if request.state not in wpb.Execution.State.values():
+                    raise ApiError(
+                        "REQUEST_INVALID",
+                        f"state {request.state} is not an Execution.State",
+                        [("state", "unknown value")],
+                    )
                 state = wpb.Execution.State.Name(request.state).removeprefix("STATE_")
+            await self.executions.writer.drain()  # list what has been recorded
             records, token = await self.executions.store.list_executions(
                 request.workflow or None,
                 state or None,
@@ -241,6 +278,35 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             return execution_message(await self.executions.cancel(request.id))
         except Exception as exc:
             await abort(context, exc)
+
+
+def _same_definition(a: Workflow, b: Workflow) -> bool:
+    try:
+        return a.to_definition() == b.to_definition()
+    except TypeError:  # one of them holds Python callables: not comparable, not the same
+        return False
+
+
+def _problem_path(p: Problem, d: wpb.WorkflowDefinition) -> str:
+    """The request field a build problem is about, as the contract spells field paths
+    (`definition.nodes[2].params.email`, `definition.connections[0]`, ...)."""
+    nodes = {n.id: i for i, n in enumerate(d.nodes)}
+    if p.node in nodes:
+        where = f"definition.nodes[{nodes[p.node]}]"
+        if not p.field:
+            return where
+        return f"{where}.params" if p.field == "params" else f"{where}.params.{p.field}"
+    if p.node:  # a connection names a node that does not exist
+        for i, c in enumerate(d.connections):
+            if p.node in (c.source, c.target):
+                return f"definition.connections[{i}]"
+        return "definition.nodes"
+    if p.field.split("[")[0] in ("nodes", "connections", "inputs"):
+        return f"definition.{p.field}"  # a malformed entry of the definition itself
+    inputs = [i for i, x in enumerate(d.inputs) if x.name == p.field]
+    if inputs:
+        return f"definition.inputs[{inputs[0]}]"
+    return "definition"
 
 
 def _final_event(rec: Any, seq: int) -> wpb.ExecutionEvent:

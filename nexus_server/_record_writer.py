@@ -1,0 +1,120 @@
+"""Write-behind with group commit for execution records.
+
+Writing an execution's record synchronously cost two database transactions per
+execution (its RUNNING row, then its final row), ten times the cost of the workflow
+itself. Records are therefore queued and written by one task, all pending rows in one
+transaction: under load many executions share a commit, and an execution that ends
+before its RUNNING row was written is written once, in its final state.
+
+What this trades: an execution's record reaches the database a few milliseconds after
+the call returns. Until then it is served from memory (GetExecution, idempotent
+retries), `ListExecutions` waits for the queue to drain, and a graceful stop drains it.
+A crash can lose the records of the last few milliseconds; the work the workflow did in
+the database is not affected (its own transactions are committed by its nodes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+__all__ = ["RecordWriter"]
+
+T = TypeVar("T")
+
+_log = logging.getLogger("nexus_server")
+
+#: Rows waiting beyond this make writers wait (bounded memory while the database is slow).
+MAX_PENDING = 10_000
+#: Rows written in one transaction at most.
+MAX_BATCH = 1_000
+
+
+class RecordWriter(Generic[T]):
+    """Queues items by key (the latest version of an item wins) and writes them in
+    batches.
+
+    Args:
+        write: writes a batch of items in one transaction (an upsert on the key).
+        key: the key of an item (the execution id).
+        written: called with each batch once it is committed.
+        retry_delay: seconds before a failed batch is tried again (it is kept, never
+            dropped, so a database outage delays records instead of losing them).
+    """
+
+    def __init__(
+        self,
+        write: Callable[[Sequence[T]], Awaitable[None]],
+        key: Callable[[T], str],
+        *,
+        written: Callable[[Sequence[T]], None] = lambda batch: None,
+        retry_delay: float = 0.5,
+    ) -> None:
+        self._write = write
+        self._key = key
+        self._written = written
+        self._retry_delay = retry_delay
+        self.pending: dict[str, T] = {}
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="nexus-record-writer")
+
+    async def put(self, row: T) -> None:
+        """Queue `row`, replacing a queued older version of it. Waits while the queue is
+        full (the database is slower than the executions)."""
+        key = self._key(row)
+        while key not in self.pending and len(self.pending) >= MAX_PENDING:
+            self._room.clear()
+            await self._room.wait()
+        self.pending[key] = row
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def drain(self) -> None:
+        """Return once every row queued so far is written."""
+        if self.pending or not self._idle.is_set():
+            self._wakeup.set()
+            await self._idle.wait()
+
+    async def stop(self) -> None:
+        """Write everything queued, then stop the writer task."""
+        if self._task is None:
+            return
+        await self.drain()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self.pending:
+                keys = list(self.pending)[:MAX_BATCH]
+                batch = [self.pending[k] for k in keys]
+                try:
+                    await self._write(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    _log.exception("writing %d execution record(s) failed; retrying", len(batch))
+                    await asyncio.sleep(self._retry_delay)
+                    continue
+                for k, row in zip(keys, batch, strict=True):
+                    # a newer version queued meanwhile stays queued
+                    if self.pending.get(k) is row:
+                        del self.pending[k]
+                self._written(batch)
+                if len(self.pending) < MAX_PENDING:
+                    self._room.set()
+            self._idle.set()
