@@ -1,0 +1,351 @@
+"""The shared Python client of the Nexus gRPC server, used by the CLI and the MCP adapter.
+
+Only the generated stubs (`nexus_api`) and server reflection are used, never the server
+package: whatever the server validates or refuses, its clients see the same way.
+
+- `server_address()`: `--server`, else `NEXUS_SERVER`, else `127.0.0.1:50051`.
+- `to_json()`: the proto3 JSON document REST returns (original field names).
+- `ApiFailure`: a failed call's `google.rpc.Status` (code, reason, violations), rendered
+  for people, with the CLI exit code of its class.
+- `TypeSpec` / `type_spec()`: the one table from a Nexus type name (`int`, `str | None`)
+  to a Python type for flags and a JSON Schema for tools.
+- `DynamicMethods`: any RPC by `Service/Method` with JSON in and out, from the stubs'
+  descriptors for the static services and from server reflection for the typed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool, message, message_factory, struct_pb2
+from google.protobuf.json_format import MessageToDict, ParseDict
+
+# registers google.rpc.ErrorInfo/BadRequest, so an `Execution.error` prints its details
+from google.rpc import error_details_pb2
+
+__all__ = [
+    "DEFAULT_SERVER",
+    "EXIT_CONFLICT",
+    "EXIT_FAILED",
+    "EXIT_INVALID",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_PERMISSION",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "ApiFailure",
+    "DynamicMethods",
+    "TypeSpec",
+    "caller_metadata",
+    "normalize",
+    "server_address",
+    "struct_of",
+    "to_json",
+    "type_spec",
+]
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+#: Exit codes of the CLI, one per class of failure (documented in docs/cli.md).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the call failed for another reason (a node failed, an internal error)
+EXIT_USAGE = 2  # bad command line (click's own code for usage errors)
+EXIT_NOT_FOUND = 3  # NOT_FOUND
+EXIT_INVALID = 4  # INVALID_ARGUMENT, or a bad row in an import file
+EXIT_CONFLICT = 5  # ALREADY_EXISTS, FAILED_PRECONDITION, ABORTED
+EXIT_UNAVAILABLE = 6  # the server cannot be reached (UNAVAILABLE, a connect deadline)
+EXIT_PERMISSION = 7  # PERMISSION_DENIED, UNAUTHENTICATED
+
+_EXIT_BY_CODE: dict[str, int] = {
+    "NOT_FOUND": EXIT_NOT_FOUND,
+    "INVALID_ARGUMENT": EXIT_INVALID,
+    "OUT_OF_RANGE": EXIT_INVALID,
+    "ALREADY_EXISTS": EXIT_CONFLICT,
+    "FAILED_PRECONDITION": EXIT_CONFLICT,
+    "ABORTED": EXIT_CONFLICT,
+    "UNAVAILABLE": EXIT_UNAVAILABLE,
+    "PERMISSION_DENIED": EXIT_PERMISSION,
+    "UNAUTHENTICATED": EXIT_PERMISSION,
+}
+
+
+def server_address(explicit: str | None = None) -> str:
+    """The gRPC server to talk to: `explicit`, else `$NEXUS_SERVER`, else the default."""
+    return explicit or os.environ.get("NEXUS_SERVER") or DEFAULT_SERVER
+
+
+def caller_metadata() -> tuple[tuple[str, str], ...]:
+    """The `x-nexus-caller` metadata (the idempotency scope) from `$NEXUS_CALLER`, if set."""
+    caller = os.environ.get("NEXUS_CALLER")
+    return (("x-nexus-caller", caller),) if caller else ()
+
+
+def normalize(value: Any) -> Any:
+    """`value` with integral floats as ints, as Envoy prints a `Struct` number.
+
+    A `google.protobuf.Value` number is a double, so `MessageToDict` gives `0.0` where
+    the REST body reads `0`; both are the same JSON number, this makes them the same text.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: normalize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalize(v) for v in value]
+    return value
+
+
+def to_json(msg: message.Message) -> Any:
+    """The proto3 JSON document of `msg`: what REST returns for the same call."""
+    return normalize(MessageToDict(msg, preserving_proto_field_name=True))
+
+
+def struct_of(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A `google.protobuf.Struct` holding `data`."""
+    s = struct_pb2.Struct()
+    s.update(dict(data))
+    return s
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@dataclass(eq=False)
+class ApiFailure(Exception):
+    """A failed call: its gRPC status and the `google.rpc` details the server sent."""
+
+    code: str
+    message: str
+    reason: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    violations: Sequence[tuple[str, str]] = ()
+
+    @classmethod
+    def from_rpc_error(cls, err: grpc.RpcError) -> ApiFailure:
+        """Read the status, `ErrorInfo` and `BadRequest` of a failed sync or aio call."""
+        from google.rpc import status_pb2
+
+        code_obj = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        code = code_obj.name if code_obj is not None else "UNKNOWN"
+        text = (err.details() if hasattr(err, "details") else None) or ""
+        reason = ""
+        meta: dict[str, str] = {}
+        violations: list[tuple[str, str]] = []
+        trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        for key, value in trailing or ():
+            if key != "grpc-status-details-bin":
+                continue
+            status = status_pb2.Status.FromString(value)
+            text = status.message or text
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    reason = info.reason
+                    meta = dict(info.metadata)
+                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    violations += [(v.field, v.description) for v in bad.field_violations]
+        return cls(code, text, reason, meta, tuple(violations))
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI exit code of this class of failure."""
+        return _EXIT_BY_CODE.get(self.code, EXIT_FAILED)
+
+    def render(self) -> str:
+        """Text for people: `CODE (REASON): message`, then one line per field violation."""
+        head = f"{self.code} ({self.reason})" if self.reason else self.code
+        lines = [f"{head}: {self.message}" if self.message else head]
+        lines += [f"  {f or '(request)'}: {d}" for f, d in self.violations]
+        if self.metadata:
+            lines.append("  " + ", ".join(f"{k}={v}" for k, v in sorted(self.metadata.items())))
+        if self.code == "UNAVAILABLE" and not self.reason:
+            lines.append("  is the server running? (--server HOST:PORT or NEXUS_SERVER)")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The failure as a JSON object (for `--output json` and MCP results)."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        if self.violations:
+            out["field_violations"] = [{"field": f, "description": d} for f, d in self.violations]
+        return out
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+# ---------------------------------------------------------------------------- types
+
+
+@dataclass(frozen=True)
+class TypeSpec:
+    """What a Nexus type name means to a client."""
+
+    name: str
+    python: type  # the flag's type (dict/list/any are given as JSON text)
+    schema: dict[str, Any]  # JSON Schema, small and self-contained
+    nullable: bool = False
+    is_json: bool = False  # the flag value is JSON text
+
+
+_BASE: dict[str, tuple[type, dict[str, Any], bool]] = {
+    "str": (str, {"type": "string"}, False),
+    "int": (int, {"type": "integer"}, False),
+    "float": (float, {"type": "number"}, False),
+    "bool": (bool, {"type": "boolean"}, False),
+    "bytes": (str, {"type": "string", "contentEncoding": "base64"}, False),
+    "decimal": (str, {"type": "string", "pattern": r"^-?\d+(\.\d+)?$"}, False),
+    "datetime": (str, {"type": "string", "format": "date-time"}, False),
+    "date": (str, {"type": "string", "format": "date"}, False),
+    "uuid": (str, {"type": "string", "format": "uuid"}, False),
+    "enum": (str, {"type": "string"}, False),
+    "dict": (str, {"type": "object"}, True),
+    "list": (str, {"type": "array"}, True),
+    "any": (str, {}, True),
+}
+
+
+def type_spec(type_name: str, *, nullable: bool = False) -> TypeSpec:
+    """The `TypeSpec` of a Nexus type name (`int`, `str | None`, ...).
+
+    An unknown name is treated as `any` (JSON), so a newer server never breaks a client.
+    """
+    name = type_name.strip()
+    if name.endswith("| None"):
+        name = name[: -len("| None")].strip()
+        nullable = True
+    python, schema, is_json = _BASE.get(name, _BASE["any"])
+    schema = dict(schema)
+    if nullable and "type" in schema:
+        schema["type"] = [schema["type"], "null"]
+    return TypeSpec(type_name, python, schema, nullable, is_json)
+
+
+# ---------------------------------------------------------------------------- any RPC
+
+
+_STATIC_SERVICES = {
+    "WorkflowService": "nexus.workflow.v1.WorkflowService",
+    "ModelService": "nexus.model.v1.ModelService",
+    "OpenApiService": "nexus.openapi.v1.OpenApiService",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC found by name: its path and message classes."""
+
+    path: str  # /package.Service/Method
+    request: type[message.Message]
+    response: type[message.Message]
+    server_streaming: bool
+    client_streaming: bool
+
+
+class DynamicMethods:
+    """Finds any RPC by `Service/Method` and calls it with JSON.
+
+    The static services resolve from the descriptors the generated stubs register (no
+    round trip); anything else (the typed per-model services) through server reflection.
+    A short service name (`ContactService`) is looked up among the services reflection
+    lists.
+    """
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._channel = channel
+        self._reflection_pool: descriptor_pool.DescriptorPool | None = None
+
+    def _reflection(self) -> descriptor_pool.DescriptorPool:
+        if self._reflection_pool is None:
+            from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+                ProtoReflectionDescriptorDatabase,
+            )
+
+            self._db = ProtoReflectionDescriptorDatabase(self._channel)
+            self._reflection_pool = descriptor_pool.DescriptorPool(self._db)
+        return self._reflection_pool
+
+    def services(self) -> list[str]:
+        """Every service the server lists through reflection."""
+        self._reflection()
+        return sorted(self._db.get_services())
+
+    def find(self, target: str) -> Method:
+        """The method `Service/Method` (`package.Service/Method`, or the short name)."""
+        import nexus_api.nexus.model.v1.model_service_pb2
+        import nexus_api.nexus.openapi.v1.openapi_service_pb2
+        import nexus_api.nexus.workflow.v1.workflow_service_pb2  # noqa: F401
+
+        text = target.strip("/")
+        if "/" in text:
+            service_name, _, method_name = text.rpartition("/")
+        else:
+            service_name, _, method_name = text.rpartition(".")
+        if not service_name or not method_name:
+            raise KeyError(f"{target!r} is not Service/Method")
+        service_name = _STATIC_SERVICES.get(service_name, service_name)
+        candidates = [service_name]
+        default = descriptor_pool.Default()
+        for pool in (default, None):
+            names = candidates
+            if pool is None:
+                pool = self._reflection()
+                if "." not in service_name:
+                    names = [s for s in self.services() if s.rsplit(".", 1)[-1] == service_name]
+            for name in names:
+                try:
+                    svc = pool.FindServiceByName(name)
+                except KeyError:
+                    continue
+                m = svc.methods_by_name.get(method_name)
+                if m is None:
+                    raise KeyError(f"{name} has no method {method_name!r}")
+                return Method(
+                    f"/{svc.full_name}/{m.name}",
+                    message_factory.GetMessageClass(m.input_type),
+                    message_factory.GetMessageClass(m.output_type),
+                    m.server_streaming,
+                    m.client_streaming,
+                )
+        raise KeyError(f"the server has no service {service_name!r}")
+
+    def call(
+        self,
+        target: str,
+        body: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Iterator[Any]:
+        """Call `target` with the JSON `body`; yields each response as proto3 JSON."""
+        method = self.find(target)
+        if method.client_streaming:
+            raise KeyError(f"{target}: client-streaming RPCs are not supported")
+        request = ParseDict(dict(body), method.request())
+        kwargs: dict[str, Any] = {
+            "request_serializer": method.request.SerializeToString,
+            "response_deserializer": method.response.FromString,
+        }
+        if method.server_streaming:
+            stream = self._channel.unary_stream(method.path, **kwargs)
+            for item in stream(request, timeout=timeout, metadata=tuple(metadata)):
+                yield to_json(item)
+        else:
+            unary = self._channel.unary_unary(method.path, **kwargs)
+            yield to_json(unary(request, timeout=timeout, metadata=tuple(metadata)))
+
+
+def dumps(value: Any) -> str:
+    """Pretty JSON text (the CLI's `--output json`)."""
+    return json.dumps(value, indent=2, ensure_ascii=False)

@@ -1,0 +1,966 @@
+"""The `nexus` command tree, generated from the server's descriptors.
+
+Static commands (`workflows`, `executions`, `models`, `call`) use the generated stubs.
+`nexus run NAME` has one typed flag per input of the workflow (from `GetWorkflow`), and
+every model has a command group named after its collection (`nexus contacts ...`, from
+`ListModels`), so a workflow or model added on the server appears with no client change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import inspect
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import grpc
+import typer
+from typer.core import TyperGroup
+
+from .._grpc import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_USAGE,
+    ApiFailure,
+    caller_metadata,
+    server_address,
+    struct_of,
+    to_json,
+    type_spec,
+)
+from ._output import emit, emit_rows, err
+
+__all__ = ["app", "build_field_params", "build_input_params", "exit_code_of"]
+
+#: Deadline of the calls that only list commands for `--help` and completion.
+_DISCOVERY_TIMEOUT = 3.0
+
+#: Reasons of a failed execution: the call failed, the input was fine (exit 1).
+_EXECUTION_REASONS = {
+    "NODE_FAILED",
+    "EXECUTION_TIMEOUT",
+    "EXECUTION_CANCELLED",
+    "EXECUTION_INTERRUPTED",
+    "INTERNAL_ERROR",
+}
+
+
+def exit_code_of(failure: ApiFailure) -> int:
+    """The exit code of a failed call (see docs/cli.md)."""
+    if failure.reason in _EXECUTION_REASONS:
+        return EXIT_FAILED
+    return failure.exit_code
+
+
+# ---------------------------------------------------------------------------- state
+
+
+@dataclass
+class State:
+    """The root options and the lazily opened channel and stubs."""
+
+    server: str
+    output: str = "table"
+    timeout: float | None = None
+    _channel: grpc.Channel | None = None
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.server)
+        return self._channel
+
+    @property
+    def workflows(self) -> Any:
+        from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wg
+
+        return wg.WorkflowServiceStub(self.channel)  # type: ignore[no-untyped-call]
+
+    @property
+    def models(self) -> Any:
+        from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mg
+
+        return mg.ModelServiceStub(self.channel)  # type: ignore[no-untyped-call]
+
+    def rpc(self, fn: Callable[..., Any], request: Any, *, timeout: float | None = None) -> Any:
+        """Call a unary RPC; a failure becomes `ApiFailure`."""
+        try:
+            return fn(request, timeout=timeout or self.timeout, metadata=caller_metadata())
+        except grpc.RpcError as exc:
+            raise ApiFailure.from_rpc_error(exc) from None
+
+    def model_list(self, timeout: float | None = None) -> list[Any]:
+        """Every model the server serves (cached for this command)."""
+        if "models" not in self._cache:
+            from nexus_api.nexus.model.v1 import model_service_pb2 as m
+
+            models: list[Any] = []
+            token = ""
+            while True:
+                resp = self.rpc(
+                    self.models.ListModels,
+                    m.ListModelsRequest(page_size=1000, page_token=token),
+                    timeout=timeout,
+                )
+                models += list(resp.models)
+                token = resp.next_page_token
+                if not token:
+                    break
+            self._cache["models"] = models
+        result: list[Any] = self._cache["models"]
+        return result
+
+
+def _root_ctx(ctx: Any) -> Any:
+    while ctx.parent is not None:
+        ctx = ctx.parent
+    return ctx
+
+
+def state_of(ctx: Any) -> State:
+    """The `State` of this invocation, made from the root options on first use.
+
+    Dynamic commands are resolved before the root callback runs, so this reads the
+    parsed root parameters directly.
+    """
+    root = _root_ctx(ctx)
+    st = root.meta.get("nexus.state")
+    if st is None:
+        params = root.params
+        st = State(
+            server_address(params.get("server")),
+            _output_name(params.get("output")),
+            params.get("timeout"),
+        )
+        root.meta["nexus.state"] = st
+    assert isinstance(st, State)
+    return st
+
+
+def _output_name(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return str(value or "table")
+
+
+def fail(failure: ApiFailure) -> NoReturn:
+    err(f"error: {failure.render()}")
+    raise SystemExit(exit_code_of(failure))
+
+
+def usage(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    err(f"error: {message}")
+    raise SystemExit(code)
+
+
+def read_json_arg(text: str, what: str) -> Any:
+    """JSON from an argument: inline text, `@path` for a file or `-` for stdin."""
+    try:
+        if text == "-":
+            text = sys.stdin.read()
+        elif text.startswith("@"):
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        return json.loads(text)
+    except OSError as exc:
+        usage(f"{what}: cannot read {text[1:]!r}: {exc.strerror}")
+    except json.JSONDecodeError as exc:
+        usage(f"{what}: not valid JSON: {exc}")
+
+
+def _json_object(text: str | None, what: str) -> dict[str, Any]:
+    if text is None:
+        return {}
+    value = read_json_arg(text, what)
+    if not isinstance(value, dict):
+        usage(f"{what}: expected a JSON object")
+    return value
+
+
+# ---------------------------------------------------------------------------- params
+
+_KW = inspect.Parameter.KEYWORD_ONLY
+_CTX = inspect.Parameter("nexus_ctx", _KW, annotation=typer.Context)
+
+
+def _flag_names(name: str) -> list[str]:
+    dashed = "--" + name.replace("_", "-")
+    return [dashed] if dashed == f"--{name}" else [dashed, f"--{name}"]
+
+
+def _option(
+    pname: str, flags: list[str], python: Any, help_text: str, *, metavar: str | None = None
+) -> inspect.Parameter:
+    """A keyword parameter typer turns into an option (absent means None: not sent)."""
+    info = typer.Option(*flags, help=help_text, metavar=metavar, show_default=False)
+    return inspect.Parameter(pname, _KW, default=None, annotation=Annotated[python | None, info])
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One generated option: the value's key, its flags, type and help (for tests too)."""
+
+    key: str
+    flags: list[str]
+    python: type
+    help: str
+    is_json: bool
+
+    def parameter(self) -> inspect.Parameter:
+        metavar = "JSON" if self.is_json else None
+        return _option(self.pname, self.flags, self.python, self.help, metavar=metavar)
+
+    @property
+    def pname(self) -> str:
+        """The Python parameter name typer passes the value as."""
+        return "in_" + re.sub(r"\W", "_", self.key)
+
+
+def _flag(name: str, type_name: str, *, nullable: bool, help_text: str) -> FlagSpec:
+    spec = type_spec(type_name, nullable=nullable)
+    flags = _flag_names(name)
+    if spec.python is bool:
+        flags = [f"{flags[0]}/--no-{name.replace('_', '-')}"]
+    return FlagSpec(name, flags, spec.python, help_text, spec.is_json)
+
+
+def _default_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def build_input_params(workflow: Any) -> list[FlagSpec]:
+    """One typed option per workflow input, with its type, default and description."""
+    out: list[FlagSpec] = []
+    for inp in workflow.inputs:
+        parts = [inp.description] if inp.description else []
+        note = inp.type
+        if inp.required:
+            note += ", required"
+        elif inp.HasField("default"):
+            note += f", default: {_default_text(to_json(inp.default))}"
+        parts.append(f"({note})")
+        out.append(_flag(inp.name, inp.type, nullable=False, help_text=" ".join(parts)))
+    return out
+
+
+def _writable(fld: Any) -> bool:
+    return not fld.managed
+
+
+def build_field_params(model: Any, *, for_update: bool = False) -> list[FlagSpec]:
+    """One typed option per writable model field (managed timestamps are left out)."""
+    out: list[FlagSpec] = []
+    for fld in model.fields:
+        if not _writable(fld) or (for_update and fld.primary_key):
+            continue
+        bits = [fld.description] if fld.description else []
+        notes = [fld.type + (" | None" if fld.nullable else "")]
+        if fld.primary_key:
+            notes.append("primary key" + (", generated" if fld.generated else ""))
+        if fld.unique:
+            notes.append("unique")
+        choices = [str(to_json(v)) for v in fld.enum_values]
+        if choices:
+            notes.append("one of " + "|".join(choices))
+        required = not (fld.nullable or fld.HasField("default") or fld.generated)
+        if required and not for_update:
+            notes.append("required")
+        elif fld.HasField("default") and not for_update:
+            notes.append(f"default: {_default_text(to_json(fld.default))}")
+        bits.append(f"({', '.join(notes)})")
+        out.append(_flag(fld.name, fld.type, nullable=fld.nullable, help_text=" ".join(bits)))
+    return out
+
+
+def _collect(params: dict[str, Any], specs: Iterable[FlagSpec]) -> dict[str, Any]:
+    """The flags the user gave, converted (JSON types parsed)."""
+    values: dict[str, Any] = {}
+    for spec in specs:
+        value = params.get(spec.pname)
+        if value is None:
+            continue
+        if spec.is_json:
+            value = read_json_arg(value, spec.flags[0])
+        values[spec.key] = value
+    return values
+
+
+def _make_command(
+    name: str,
+    help_text: str,
+    params: list[inspect.Parameter],
+    fn: Callable[..., None],
+) -> Any:
+    """A typer command named `name` whose options are `params` (made at run time)."""
+
+    def callback(**kwargs: Any) -> None:
+        fn(**kwargs)
+
+    callback.__signature__ = inspect.Signature([_CTX, *params])  # type: ignore[attr-defined]
+    sub = typer.Typer(add_completion=False)
+    sub.command(name, help=help_text)(callback)
+    return typer.main.get_command(sub)
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+class NexusGroup(TyperGroup):
+    """The root: the static commands, plus one group per model collection."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = list(super().list_commands(ctx))
+        with contextlib.suppress(ApiFailure):  # help still works without a server
+            names += sorted(m.collection for m in state_of(ctx).model_list(_DISCOVERY_TIMEOUT))
+        return names
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None or cmd_name.startswith("-"):
+            return cmd
+        try:
+            models = state_of(ctx).model_list()
+        except ApiFailure as exc:
+            if ctx.resilient_parsing:
+                return None
+            fail(exc)
+        for model in models:
+            if model.collection == cmd_name:
+                return _model_group(model)
+        return None
+
+
+class RunGroup(TyperGroup):
+    """`nexus run NAME`: one command per workflow, typed from its inputs."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        try:
+            return [w["name"] for w in _all_workflows(state_of(ctx))]
+        except ApiFailure:
+            return []
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+
+        if cmd_name.startswith("-"):
+            return None
+        st = state_of(ctx)
+        try:
+            wf = st.rpc(st.workflows.GetWorkflow, w.GetWorkflowRequest(name=cmd_name))
+        except ApiFailure as exc:
+            if ctx.resilient_parsing:
+                return None
+            fail(exc)
+        return _workflow_command(wf)
+
+
+def _all_workflows(st: State) -> list[dict[str, Any]]:
+    from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+
+    out: list[dict[str, Any]] = []
+    token = ""
+    while True:
+        resp = st.rpc(
+            st.workflows.ListWorkflows, w.ListWorkflowsRequest(page_size=1000, page_token=token)
+        )
+        out += to_json(resp).get("workflows", [])
+        token = resp.next_page_token
+        if not token:
+            return out
+
+
+# ---------------------------------------------------------------------------- executions
+
+
+_LABEL = {
+    "execution_started": "started",
+    "node_started": "started",
+    "node_completed": "completed",
+    "node_failed": "FAILED",
+    "execution_completed": "completed",
+    "execution_failed": "FAILED",
+    "execution_cancelled": "CANCELLED",
+}
+
+
+def follow(stream: Iterable[Any], output: str) -> dict[str, Any]:
+    """Print each event of an execution stream on stderr; return the final execution.
+
+    Exits with the execution's error when it failed or was cancelled.
+    """
+    final: dict[str, Any] | None = None
+    kind = ""
+    try:
+        for event in stream:
+            kind = event.WhichOneof("event") or ""
+            doc = to_json(event)
+            body = doc.get(kind, {})
+            seq = doc.get("sequence", "")
+            if kind == "execution_started":
+                err(f"[{seq}] execution {doc.get('execution_id')} started")
+            elif kind.startswith("node_"):
+                took = f" in {body['duration']}" if "duration" in body else ""
+                node = f"node {body.get('node_id')} ({body.get('node_type')})"
+                err(f"[{seq}] {node} {_LABEL[kind]}{took}")
+                if kind == "node_failed":
+                    err(f"    {body.get('error', {}).get('message', '')}")
+            elif kind in _LABEL:
+                final = body.get("execution", {})
+                err(f"[{seq}] execution {_LABEL[kind]}")
+    except grpc.RpcError as exc:
+        raise ApiFailure.from_rpc_error(exc) from None
+    if final is None:
+        raise ApiFailure("UNAVAILABLE", "the stream ended before the execution finished")
+    if kind != "execution_completed":
+        error = final.get("error", {})
+        cancelled = kind == "execution_cancelled"
+        failure = ApiFailure(
+            "CANCELLED" if cancelled else "ABORTED",
+            error.get("message", "the execution did not succeed"),
+            "EXECUTION_CANCELLED" if cancelled else "NODE_FAILED",
+            {"execution_id": final.get("id", "")},
+        )
+        _emit_execution(final, output)
+        fail(failure)
+    return final
+
+
+def _emit_execution(doc: dict[str, Any], output: str) -> None:
+    if output != "table":
+        emit(doc, output)
+        return
+    keys = ("id", "workflow", "state", "duration", "outputs", "error")
+    emit({k: doc[k] for k in keys if k in doc}, output)
+
+
+#: Flags of the generated commands themselves; an input or field of the same name is
+#: given through `--inputs` / `--json` instead.
+_RUN_FLAGS = {"--inputs", "--watch", "--request-id", "--help"}
+_RECORD_FLAGS = {"--json", "--request-id", "--conflict-on", "--help"}
+
+
+def _without(specs: list[FlagSpec], reserved: set[str]) -> list[FlagSpec]:
+    return [s for s in specs if not reserved.intersection(f.split("/")[0] for f in s.flags)]
+
+
+def _workflow_command(wf: Any) -> Any:
+    specs = _without(build_input_params(wf), _RUN_FLAGS)
+
+    def run(**params: Any) -> None:
+        from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+
+        st = state_of(params["nexus_ctx"])
+        inputs = _json_object(params.get("nexus_inputs"), "--inputs")
+        inputs.update(_collect(params, specs))
+        request_id = params.get("nexus_request_id") or ""
+        if params.get("nexus_watch"):
+            req = w.StreamExecutionRequest(
+                name=wf.name, inputs=struct_of(inputs), request_id=request_id
+            )
+            stream = st.workflows.StreamExecution(
+                req, timeout=st.timeout, metadata=caller_metadata()
+            )
+            _emit_execution(follow(stream, st.output), st.output)
+            return
+        req2 = w.ExecuteWorkflowRequest(
+            name=wf.name, inputs=struct_of(inputs), request_id=request_id
+        )
+        _emit_execution(to_json(st.rpc(st.workflows.ExecuteWorkflow, req2)), st.output)
+
+    extra = [
+        _option(
+            "nexus_inputs",
+            ["--inputs"],
+            str,
+            "inputs as a JSON object (inline, @file.json or - for stdin); flags win",
+            metavar="JSON|@FILE|-",
+        ),
+        inspect.Parameter(
+            "nexus_watch",
+            _KW,
+            default=False,
+            annotation=Annotated[
+                bool, typer.Option("--watch", help="show node-by-node progress while it runs")
+            ],
+        ),
+        _option(
+            "nexus_request_id",
+            ["--request-id"],
+            str,
+            "idempotency key: a retry returns the first execution",
+        ),
+    ]
+    help_text = wf.description or f"Run {wf.name}."
+    return _make_command(wf.name, help_text, [*(s.parameter() for s in specs), *extra], run)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def _model_group(model: Any) -> Any:
+    """`nexus <collection> create|get|update|delete|list|count|upsert|import`."""
+    from nexus_api.nexus.model.v1 import model_service_pb2 as m
+
+    create_specs = _without(build_field_params(model), _RECORD_FLAGS)
+    update_specs = _without(build_field_params(model, for_update=True), _RECORD_FLAGS)
+    pk = next((f.name for f in model.fields if f.primary_key), "id")
+    name = model.name
+
+    def record_from(params: dict[str, Any], specs: list[FlagSpec]) -> dict[str, Any]:
+        record = _json_object(params.get("nexus_json"), "--json")
+        record.update(_collect(params, specs))
+        return record
+
+    json_opt = _option(
+        "nexus_json", ["--json"], str, "the record as a JSON object", metavar="JSON|@FILE|-"
+    )
+    rid_opt = _option("nexus_request_id", ["--request-id"], str, "idempotency key")
+    id_arg = inspect.Parameter(
+        "nexus_id", _KW, annotation=Annotated[str, typer.Argument(metavar="ID", help=pk)]
+    )
+    fields_opt = _option("nexus_fields", ["--fields"], str, "comma-separated fields to return")
+    filter_opt = _option(
+        "nexus_filter",
+        ["--filter"],
+        str,
+        'a filter, e.g. \'{"score": {"$gt": 3}}\' (or @file.json)',
+        metavar="JSON",
+    )
+
+    def create(**p: Any) -> None:
+        st = state_of(p["nexus_ctx"])
+        req = m.CreateRecordRequest(
+            model=name,
+            record=struct_of(record_from(p, create_specs)),
+            request_id=p.get("nexus_request_id") or "",
+        )
+        emit(to_json(st.rpc(st.models.CreateRecord, req)), st.output)
+
+    def get(**p: Any) -> None:
+        st = state_of(p["nexus_ctx"])
+        req = m.GetRecordRequest(model=name, id=p["nexus_id"], fields=_split(p["nexus_fields"]))
+        emit(to_json(st.rpc(st.models.GetRecord, req)), st.output)
+
+    def update(**p: Any) -> None:
+        st = state_of(p["nexus_ctx"])
+        record = record_from(p, update_specs)
+        if not record:
+            usage("nothing to update: give at least one field flag or --json")
+        req = m.UpdateRecordRequest(
+            model=name,
+            id=p["nexus_id"],
+            record=struct_of(record),
+            request_id=p.get("nexus_request_id") or "",
+        )
+        req.update_mask.paths.extend(record)
+        emit(to_json(st.rpc(st.models.UpdateRecord, req)), st.output)
+
+    def delete(**p: Any) -> None:
+        st = state_of(p["nexus_ctx"])
+        req = m.DeleteRecordRequest(
+            model=name, id=p["nexus_id"], request_id=p.get("nexus_request_id") or ""
+        )
+        st.rpc(st.models.DeleteRecord, req)
+        if st.output == "table":
+            err(f"deleted {name} {p['nexus_id']}")
+        else:
+            emit({}, st.output)
+
+    def list_(**p: Any) -> None:
+        st = state_of(p["nexus_ctx"])
+        fields = _split(p["nexus_fields"])
+        req = m.ListRecordsRequest(
+            model=name,
+            order_by=p["nexus_order_by"] or "",
+            page_size=p["nexus_limit"],
+            page_token=p["nexus_page_token"] or "",
+            fields=fields,
+        )
+        if p["nexus_filter"]:
+            req.filter.update(_json_object(p["nexus_filter"], "--filter"))
+        doc = to_json(st.rpc(st.models.ListRecords, req))
+        emit_rows(doc, doc.get("records", []), fields or None, st.output)
+
+    def count(**p: Any) -> None:
+        st = state_of(p["nexus_ctx"])
+        req = m.CountRecordsRequest(model=name)
+        if p["nexus_filter"]:
+            req.filter.update(_json_object(p["nexus_filter"], "--filter"))
+        doc = to_json(st.rpc(st.models.CountRecords, req))
+        if st.output == "table":
+            print(int(doc.get("count", 0)))
+        else:
+            emit(doc, st.output)
+
+    def upsert(**p: Any) -> None:
+        st = state_of(p["nexus_ctx"])
+        req = m.UpsertRecordRequest(
+            model=name,
+            record=struct_of(record_from(p, create_specs)),
+            conflict_on=_split(p["nexus_conflict_on"]),
+            request_id=p.get("nexus_request_id") or "",
+        )
+        emit(to_json(st.rpc(st.models.UpsertRecord, req)), st.output)
+
+    def import_(**p: Any) -> None:
+        from ._import import import_records
+
+        st = state_of(p["nexus_ctx"])
+        import_records(st, model, Path(p["nexus_path"]), p["nexus_batch_size"], p["nexus_format"])
+
+    group = typer.Typer(
+        name=model.collection,
+        help=model.description or f"The {name} model.",
+        no_args_is_help=True,
+        add_completion=False,
+    )
+
+    def add(cmd_name: str, help_text: str, params: list[inspect.Parameter], fn: Any) -> None:
+        def callback(**kwargs: Any) -> None:
+            fn(**kwargs)
+
+        callback.__signature__ = inspect.Signature([_CTX, *params])  # type: ignore[attr-defined]
+        group.command(cmd_name, help=help_text)(callback)
+
+    def int_opt(pname: str, flag: str, default: int, lo: int, hi: int, text: str) -> Any:
+        info = typer.Option(flag, min=lo, max=hi, help=text)
+        return inspect.Parameter(pname, _KW, default=default, annotation=Annotated[int, info])
+
+    add(
+        "create",
+        f"Create a {name}.",
+        [*(s.parameter() for s in create_specs), json_opt, rid_opt],
+        create,
+    )
+    add("get", f"Get a {name} by {pk}.", [id_arg, fields_opt], get)
+    add(
+        "update",
+        f"Update the given fields of a {name}.",
+        [id_arg, *(s.parameter() for s in update_specs), json_opt, rid_opt],
+        update,
+    )
+    add("delete", f"Delete a {name}.", [id_arg, rid_opt], delete)
+    add(
+        "list",
+        f"List {model.collection}.",
+        [
+            filter_opt,
+            _option("nexus_order_by", ["--order-by"], str, "fields, - for descending: -created_at"),
+            int_opt("nexus_limit", "--limit", 50, 0, 1000, "page size"),
+            _option("nexus_page_token", ["--page-token"], str, "next_page_token of the last page"),
+            fields_opt,
+        ],
+        list_,
+    )
+    add("count", f"Count {model.collection}.", [filter_opt], count)
+    add(
+        "upsert",
+        f"Create a {name}, or update the one with the same unique key.",
+        [
+            *(s.parameter() for s in create_specs),
+            _option("nexus_conflict_on", ["--conflict-on"], str, "unique fields to match on"),
+            json_opt,
+            rid_opt,
+        ],
+        upsert,
+    )
+    add(
+        "import",
+        f"Bulk-create {model.collection} from a .csv or .jsonl file, in batches.",
+        [
+            inspect.Parameter(
+                "nexus_path",
+                _KW,
+                annotation=Annotated[
+                    Path, typer.Argument(exists=True, dir_okay=False, metavar="FILE")
+                ],
+            ),
+            int_opt("nexus_batch_size", "--batch-size", 100, 1, 1000, "records per call"),
+            _option("nexus_format", ["--format"], str, "csv or jsonl (default: the extension)"),
+        ],
+        import_,
+    )
+    return typer.main.get_command(group)
+
+
+def _split(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+# ---------------------------------------------------------------------------- static
+
+
+app = typer.Typer(
+    cls=NexusGroup,
+    name="nexus",
+    help="The Nexus command line: workflows, executions and models of a Nexus gRPC server.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+workflows_app = typer.Typer(help="Workflows the server serves.", no_args_is_help=True)
+executions_app = typer.Typer(help="Executions of workflows.", no_args_is_help=True)
+models_app = typer.Typer(help="Models the server serves.", no_args_is_help=True)
+run_app = typer.Typer(
+    cls=RunGroup,
+    help="Run a workflow: nexus run NAME --input VALUE ... (nexus run NAME --help lists them).",
+    no_args_is_help=True,
+)
+app.add_typer(workflows_app, name="workflows")
+app.add_typer(executions_app, name="executions")
+app.add_typer(models_app, name="models")
+app.add_typer(run_app, name="run")
+
+
+class OutputFormat(enum.StrEnum):
+    """`--output`: how results are printed."""
+
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            "-s",
+            envvar="NEXUS_SERVER",
+            show_envvar=True,
+            help="the gRPC server, HOST:PORT [default: 127.0.0.1:50051]",
+        ),
+    ] = None,
+    output: Annotated[
+        OutputFormat,
+        typer.Option("--output", "-o", help="table for people; json is the REST document; yaml"),
+    ] = OutputFormat.table,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="deadline of each call, seconds")
+    ] = None,
+) -> None:
+    state_of(ctx)
+
+
+IdArg = Annotated[str, typer.Argument(metavar="ID", help="the execution's id")]
+
+
+@workflows_app.command("list")
+def workflows_list(ctx: typer.Context) -> None:
+    """List the workflows."""
+    st = state_of(ctx)
+    rows = _all_workflows(st)
+    table = [
+        {
+            "name": r["name"],
+            "inputs": ", ".join(i["name"] for i in r.get("inputs", [])),
+            "description": r.get("description", ""),
+        }
+        for r in rows
+    ]
+    emit_rows({"workflows": rows}, table, None, st.output)
+
+
+@workflows_app.command("get")
+def workflows_get(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="the workflow's name")]
+) -> None:
+    """Show a workflow: its typed inputs, outputs and definition."""
+    from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+
+    st = state_of(ctx)
+    doc = to_json(st.rpc(st.workflows.GetWorkflow, w.GetWorkflowRequest(name=name)))
+    if st.output != "table":
+        emit(doc, st.output)
+        return
+    emit({k: doc.get(k) for k in ("name", "description", "builtin", "atomic")}, st.output)
+    rows = [
+        {
+            "input": i["name"],
+            "type": i["type"],
+            "required": i.get("required", False),
+            "default": i.get("default"),
+            "description": i.get("description", ""),
+        }
+        for i in doc.get("inputs", [])
+    ]
+    emit_rows(doc, rows, None, st.output)
+
+
+@executions_app.command("get")
+def executions_get(ctx: typer.Context, execution_id: IdArg) -> None:
+    """Show an execution."""
+    from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+
+    st = state_of(ctx)
+    doc = to_json(st.rpc(st.workflows.GetExecution, w.GetExecutionRequest(id=execution_id)))
+    _emit_execution(doc, st.output)
+
+
+@executions_app.command("list")
+def executions_list(
+    ctx: typer.Context,
+    workflow: Annotated[str | None, typer.Option(help="only executions of this workflow")] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="only in this state: pending, running, succeeded, failed, cancelled"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=0, max=1000, help="page size")] = 50,
+    page_token: Annotated[
+        str | None, typer.Option(help="the next_page_token of the previous page")
+    ] = None,
+) -> None:
+    """List executions, newest first."""
+    from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+
+    st = state_of(ctx)
+    req = w.ListExecutionsRequest(
+        workflow=workflow or "", page_size=limit, page_token=page_token or ""
+    )
+    if state:
+        name = state.upper()
+        name = name if name.startswith("STATE_") else f"STATE_{name}"
+        try:
+            req.state = w.Execution.State.Value(name)  # type: ignore[assignment]
+        except ValueError:
+            usage(f"--state: unknown state {state!r}")
+    doc = to_json(st.rpc(st.workflows.ListExecutions, req))
+    rows = [
+        {
+            "id": e.get("id"),
+            "workflow": e.get("workflow"),
+            "state": e.get("state"),
+            "create_time": e.get("create_time"),
+            "duration": e.get("duration"),
+        }
+        for e in doc.get("executions", [])
+    ]
+    emit_rows(doc, rows, None, st.output)
+
+
+@executions_app.command("cancel")
+def executions_cancel(ctx: typer.Context, execution_id: IdArg) -> None:
+    """Cancel a running execution (returns it once it stopped)."""
+    from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+
+    st = state_of(ctx)
+    doc = to_json(st.rpc(st.workflows.CancelExecution, w.CancelExecutionRequest(id=execution_id)))
+    _emit_execution(doc, st.output)
+
+
+@executions_app.command("watch")
+def executions_watch(ctx: typer.Context, execution_id: IdArg) -> None:
+    """Follow an execution node by node until it ends (Ctrl-C does not cancel it)."""
+    from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+
+    st = state_of(ctx)
+    stream = st.workflows.WatchExecution(
+        w.WatchExecutionRequest(id=execution_id), timeout=st.timeout, metadata=caller_metadata()
+    )
+    _emit_execution(follow(stream, st.output), st.output)
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context) -> None:
+    """List the models, their collections (command names) and typed services."""
+    st = state_of(ctx)
+    models = [to_json(x) for x in st.model_list()]
+    rows = [
+        {
+            "name": x["name"],
+            "collection": x.get("collection"),
+            "service": x.get("service"),
+            "fields": ", ".join(f["name"] for f in x.get("fields", [])),
+        }
+        for x in models
+    ]
+    emit_rows({"models": models}, rows, None, st.output)
+
+
+@models_app.command("get")
+def models_get(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="the model, e.g. Contact")]
+) -> None:
+    """Show a model and its fields."""
+    from nexus_api.nexus.model.v1 import model_service_pb2 as mm
+
+    st = state_of(ctx)
+    doc = to_json(st.rpc(st.models.GetModel, mm.GetModelRequest(name=name)))
+    if st.output != "table":
+        emit(doc, st.output)
+        return
+    emit({k: doc.get(k) for k in ("name", "collection", "service", "description")}, st.output)
+    emit_rows(doc, doc.get("fields", []), None, st.output)
+
+
+@app.command("call")
+def call(
+    ctx: typer.Context,
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="SERVICE/METHOD",
+            help="e.g. WorkflowService/ListWorkflows or ContactService/ListContacts",
+        ),
+    ],
+    body: Annotated[
+        str, typer.Option("--json", "-d", metavar="JSON|@FILE|-", help="the request, proto3 JSON")
+    ] = "{}",
+) -> None:
+    """Call any RPC with a JSON request (static services through the stubs, the typed
+    per-model services through server reflection)."""
+    from google.protobuf.json_format import ParseError
+
+    from .._grpc import DynamicMethods
+
+    st = state_of(ctx)
+    request = _json_object(body, "--json")
+    methods = DynamicMethods(st.channel)
+    try:
+        for doc in methods.call(target, request, timeout=st.timeout, metadata=caller_metadata()):
+            if st.output == "json":
+                print(json.dumps(doc, ensure_ascii=False), flush=True)
+            else:
+                emit(doc, st.output)
+    except grpc.RpcError as exc:
+        fail(ApiFailure.from_rpc_error(exc))
+    except KeyError as exc:
+        usage(str(exc.args[0]) if exc.args else str(exc))
+    except ParseError as exc:
+        usage(f"--json: {exc}", EXIT_INVALID)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (see docs/cli.md for the table)."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="nexus", standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        err("aborted")
+        return 130
+    except typer.TyperException as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err(f"error: {exc.format_message()}")
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
+    except ApiFailure as exc:
+        err(f"error: {exc.render()}")
+        return exit_code_of(exc)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0

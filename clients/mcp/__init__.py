@@ -1,0 +1,79 @@
+"""`nexus-mcp`: the workflows and models of a Nexus gRPC server as MCP tools.
+
+    nexus-mcp --server 127.0.0.1:50051                  # stdio (for desktop agents)
+    nexus-mcp --transport http --port 3001              # streamable HTTP at /mcp
+
+See docs/mcp.md. The adapter is a gRPC client only: it never imports the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nexus-mcp",
+        description="Serve a Nexus gRPC server's workflows and models as MCP tools.",
+    )
+    p.add_argument(
+        "--server",
+        "-s",
+        help="the gRPC server, HOST:PORT (default: $NEXUS_SERVER or 127.0.0.1:50051)",
+    )
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=3001, help="HTTP port (default: 3001)")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=5.0,
+        help="seconds between checks for new or removed workflows and models (default: 5)",
+    )
+    p.add_argument("--log-level", default="warning")
+    return p
+
+
+async def _serve_stdio(adapter: object) -> None:
+    from mcp.server.stdio import stdio_server
+
+    from ._server import Adapter
+
+    assert isinstance(adapter, Adapter)
+    async with stdio_server() as (read, write):
+        await adapter.server.run(read, write, adapter.init_options())
+
+
+async def _serve_http(adapter: object, host: str, port: int) -> None:
+    import uvicorn
+
+    from ._server import Adapter
+
+    assert isinstance(adapter, Adapter)
+    app = adapter.server.streamable_http_app(host=host)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    print(f"nexus-mcp: streamable HTTP on http://{host}:{port}/mcp", file=sys.stderr, flush=True)
+    await server.serve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `nexus-mcp`; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    from ._server import Adapter
+
+    adapter = Adapter(args.server, poll_interval=args.poll_interval)
+    try:
+        if args.transport == "stdio":
+            asyncio.run(_serve_stdio(adapter))
+        else:
+            asyncio.run(_serve_http(adapter, args.host, args.port))
+    except KeyboardInterrupt:
+        return 130
+    return 0
