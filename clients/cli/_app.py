@@ -700,6 +700,8 @@ app = typer.Typer(
     cls=NexusGroup,
     name="nexus",
     help="The Nexus command line: workflows, executions and models of a Nexus gRPC server.",
+    epilog="Server commands: nexus serve APP, nexus proto export APP, nexus envoy-config APP, "
+    "nexus openapi APP (each has --help).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )

@@ -53,3 +53,14 @@ def test_export_round_trips_through_protoc(tmp_path: Path) -> None:
     assert [f.name for f in contact.field] == [
         "id", "name", "email", "company", "score", "created_at", "updated_at",
     ]  # fmt: skip
+
+
+def test_the_nexus_command_hands_server_commands_to_the_server(tmp_path: Path) -> None:
+    # `nexus` is the client CLI's entry point; `nexus proto export` must still work
+    out = tmp_path / "via-nexus"
+    done = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "proto", "export", str(APP), "--out", str(out)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "nexus" / "models" / "v1" / "models.proto").is_file()
