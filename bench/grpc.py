@@ -425,11 +425,25 @@ def one_round(case: Case, concurrency: int, n: int, args: argparse.Namespace) ->
     load = h2load(case.address, case.method, case.body, concurrency, n, args.seconds * 5 + 30)
     bad = load.http_failed
     if case.count is not None:
-        bad += load.requests - (case.count() - before)
+        bad += load.requests - (settled(case.count) - before)
     elif case.response_size is not None:
         frame = case.response_size + 5
         bad += round((load.requests * frame - load.data_bytes) / frame)
     return load, bad
+
+
+def settled(count: Callable[[], int], limit: float = 5.0) -> int:
+    """`count()` once it stops changing: execution records are written behind (a few
+    milliseconds after each call returns), so the last ones may still be on their way."""
+    deadline = time.monotonic() + limit
+    last = count()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = count()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def measure(
