@@ -49,6 +49,9 @@ pytest: $(STAMP)
 ## bench: run every benchmark (prints figures and ratios to in-run baselines)
 bench: $(STAMP)
 	$(PY) bench/runtime.py
+	$(PY) bench/dataflow.py
+	$(PY) bench/grpc.py
+	$(PY) bench/rest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +19,15 @@ from grpc_reflection.v1alpha import reflection
 from dataflow import DataFlow
 from nexus_api import descriptor_set_bytes
 from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
+from nexus_api.nexus.openapi.v1 import openapi_service_pb2_grpc as ogrpc
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from workflow import Workflow
 
 from ._discovery import discover_workflows
+from ._envoy import EnvoyOptions, EnvoySupervisor, merged_descriptor_set, transcoded_services
 from ._executions import Executions
 from ._model_service import ModelServicer, typed_handlers
+from ._openapi import OpenApiServicer, openapi_json
 from ._records import Records
 from ._registry import WorkflowRegistry
 from ._store import Store
@@ -37,6 +40,7 @@ _log = logging.getLogger("nexus_server")
 
 WORKFLOW_SERVICE = "nexus.workflow.v1.WorkflowService"
 MODEL_SERVICE = "nexus.model.v1.ModelService"
+OPENAPI_SERVICE = "nexus.openapi.v1.OpenApiService"
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,19 @@ class Serving:
     services: tuple[str, ...]
     typed: TypedModels
     startup_seconds: float
+    #: Envoy's port (REST, gRPC-Web and gRPC) when `serving(envoy=True)`, else None.
+    api_port: int | None = None
+    #: The Envoy supervisor when `serving(envoy=True)`, else None.
+    envoy: EnvoySupervisor | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def api_address(self) -> str | None:
+        """`host:port` of Envoy's listener, or None without Envoy."""
+        return None if self.api_port is None else f"{self.host}:{self.api_port}"
 
 
 class Nexus:
@@ -60,7 +73,8 @@ class Nexus:
 
     Args:
         grpc_port: the gRPC port (0 picks a free one; `Serving.port` tells which).
-        api_port: the REST port `nexus serve` gives Envoy (REST gateway issue).
+        api_port: the port Envoy listens on (REST, gRPC-Web and gRPC) when the app is
+            served with Envoy (`nexus serve`, `serving(envoy=True)`); 0 picks a free one.
         mcp_port: the MCP adapter's HTTP port (MCP issue).
         host: the interface to listen on.
         auto_discovery: at start, import workflow files found under the working
@@ -72,6 +86,8 @@ class Nexus:
         grace_period: seconds in-flight calls get to finish at shutdown.
         health_check_interval: seconds between database checks for the health service.
         discovery_root: where auto-discovery looks (default: the working directory).
+        cors_origins: browser origins Envoy allows by CORS (exact origins, or `"*"`);
+            empty: no CORS headers (same-origin browsers and non-browser clients only).
     """
 
     def __init__(
@@ -87,6 +103,7 @@ class Nexus:
         grace_period: float = 10.0,
         health_check_interval: float = 5.0,
         discovery_root: str | Path | None = None,
+        cors_origins: Sequence[str] = (),
     ) -> None:
         self.grpc_port = grpc_port
         self.api_port = api_port
@@ -98,6 +115,7 @@ class Nexus:
         self.grace_period = grace_period
         self.health_check_interval = health_check_interval
         self.discovery_root = Path(discovery_root) if discovery_root else None
+        self.cors_origins = tuple(cors_origins)
         self.registry = WorkflowRegistry()
         self.db: DataFlow | None = None
         self._own_db = False
@@ -117,12 +135,14 @@ class Nexus:
         self.registry.remove(name)
 
     @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[Serving]:
+    async def serving(self, *, envoy: bool = False) -> AsyncIterator[Serving]:
         """Start the server, yield where it listens, stop it gracefully on exit.
 
         Startup waits on nothing but the database: it initialises the DataFlow (one
         connect, migrate and persist), builds the typed services from descriptors in
-        memory and binds the port.
+        memory and binds the port. With `envoy=True` it also starts Envoy on `api_port`
+        in front of the server (REST, gRPC-Web and gRPC; see `_envoy.py`), waits until
+        it is ready, restarts it if it dies and stops it first on exit.
         """
         started = time.perf_counter()
         if self.db is None:
@@ -137,6 +157,7 @@ class Nexus:
         if interrupted:
             _log.warning("marked %d execution(s) interrupted by the last stop", interrupted)
         executions = Executions(store, timeout=self.execution_timeout)
+        executions.open()
         records = Records(db, store)
         typed = TypedModels(db.models, _static_files())
 
@@ -149,9 +170,14 @@ class Nexus:
             ModelServicer(records, typed), server
         )
         server.add_generic_rpc_handlers(typed_handlers(records, typed))
+        descriptor = merged_descriptor_set(typed)
+        rest_services = transcoded_services(typed)
+        ogrpc.add_OpenApiServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            OpenApiServicer(openapi_json(descriptor, rest_services)), server
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        services = (WORKFLOW_SERVICE, MODEL_SERVICE, *typed.service_names)
+        services = (WORKFLOW_SERVICE, MODEL_SERVICE, OPENAPI_SERVICE, *typed.service_names)
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=typed.pool
         )
@@ -161,17 +187,45 @@ class Nexus:
         await server.start()
         await _set_health(health_servicer, services, serving=True)
         watcher = asyncio.create_task(self._watch_database(db, health_servicer, services))
-        info = Serving(self.host, port, services, typed, time.perf_counter() - started)
-        _log.info("gRPC server listening on %s (%.0f ms)", info.address, info.startup_seconds * 1e3)
+        supervisor: EnvoySupervisor | None = None
         try:
+            if envoy:
+                supervisor = EnvoySupervisor(
+                    descriptor,
+                    EnvoyOptions(
+                        grpc_host=_local(self.host),
+                        grpc_port=port,
+                        api_host=self.host,
+                        api_port=self.api_port,
+                        cors_origins=self.cors_origins,
+                        services=rest_services,
+                    ),
+                )
+                await supervisor.start()
+            info = Serving(
+                self.host,
+                port,
+                services,
+                typed,
+                time.perf_counter() - started,
+                api_port=supervisor.api_port if supervisor else None,
+                envoy=supervisor,
+            )
+            _log.info(
+                "gRPC server listening on %s (%.0f ms)", info.address, info.startup_seconds * 1e3
+            )
+            if info.api_address:
+                _log.info("Envoy (REST, gRPC-Web, gRPC) listening on %s", info.api_address)
             yield info
         finally:
+            if supervisor is not None:
+                await supervisor.stop()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await _set_health(health_servicer, services, serving=False)
             await server.stop(self.grace_period)
-            await executions.shutdown(self.grace_period)
+            await executions.close(self.grace_period)
             if self._own_db:
                 await db.close()
                 self.db, self._own_db = None, False
@@ -228,6 +282,11 @@ async def _set_health(
     await servicer.set("", status)
     for name in services:
         await servicer.set(name, status)
+
+
+def _local(host: str) -> str:
+    """The address Envoy reaches a server listening on `host` at."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "localhost") else host
 
 
 def _static_files() -> list[descriptor_pb2.FileDescriptorProto]:
