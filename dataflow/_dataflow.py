@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,6 +33,7 @@ from ._errors import (
     ModelError,
     ValidationError,
 )
+from ._fastpath import driver_value
 from ._model import ModelInfo, parse_model
 from ._nodes import make_nodes
 from ._ops import ModelOps
@@ -42,6 +43,7 @@ from ._sqltypes import dialect_insert
 __all__ = ["DataFlow"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 DEFAULT_URL = "sqlite:///nexus.db"
 
@@ -468,7 +470,10 @@ class DataFlow:
             conn.execute(self._persist_statement())
 
     def _migrate_in_thread(self, tables: list[Table]) -> None:
-        """`_migrate` through a short-lived plain pysqlite engine on the same file."""
+        self._sync_transaction(lambda conn: self._migrate(conn, tables))
+
+    def _sync_transaction(self, fn: Callable[[Connection], R]) -> R:
+        """`fn` in one transaction of a short-lived plain pysqlite engine on the file."""
         from sqlalchemy import create_engine
         from sqlalchemy.pool import NullPool
 
@@ -481,7 +486,7 @@ class DataFlow:
         event.listen(engine, "begin", _sqlite_begin)
         try:
             with engine.begin() as conn:
-                self._migrate(conn, tables)
+                return fn(conn)
         finally:
             engine.dispose()
 
@@ -593,6 +598,66 @@ class DataFlow:
         async with self._session(None) as (conn, _):
             yield conn
 
+    async def run_sync(self, fn: Callable[[Connection], R]) -> R:
+        """Run `fn` with a synchronous SQLAlchemy connection in a transaction of its own,
+        committed when it returns: setup work of DataFlow's users, such as creating their
+        own tables. On a SQLite file before the first operation it runs in a worker
+        thread on a short-lived plain engine, as the migration does, so startup does not
+        load SQLAlchemy's asyncio extension. Errors are mapped to DataFlow's."""
+        if not self._ready:
+            await self.initialize()
+        try:
+            if self._sync_init and self._engine is None:
+                async with self._gate():
+                    return await asyncio.to_thread(self._sync_transaction, fn)
+            async with self._gate(), self.engine.begin() as conn:
+                return await conn.run_sync(fn)
+        except DataFlowError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc, None) from exc
+
+    # -- driver statements (outside SQLAlchemy) ---------------------------------------
+
+    def placeholder(self, i: int) -> str:
+        """The driver's placeholder for the i-th (1-based) argument of `executemany`."""
+        return "?" if self.dialect == "sqlite" else f"${i}"
+
+    def driver_value(self, value: Any) -> Any:
+        """`value` as the driver takes it in `executemany`, stored exactly as DataFlow's
+        column types store it: datetimes (UTC) in the dialect's format, dicts and lists as
+        JSON text; anything else unchanged."""
+        return driver_value(value, self.dialect == "sqlite")
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement of driver SQL (placeholders from `placeholder`, values from
+        `driver_value`) for every argument row, in one transaction of its own, straight on
+        the driver: no SQLAlchemy compile or type processing per row. For many small
+        writes of known shape, like the server's execution records. Driver errors are
+        mapped to DataFlow's.
+
+        Raises:
+            DataFlowError: inside `transaction()` or an atomic workflow (the statement
+                would not be part of it), or the database's error.
+        """
+        if not self._ready:
+            await self.initialize()
+        if not self._fast_ok():
+            raise DataFlowError(
+                "executemany() runs in a transaction of its own; it cannot join the current "
+                "transaction"
+            )
+        if not rows:
+            return
+        if self._pg_pool is None:
+            await self._fast_executemany(None, sql, list(rows))
+            return
+        try:
+            async with self._pg_pool.acquire() as conn, conn.transaction():
+                await conn.executemany(sql, rows)
+        except Exception as exc:
+            raise _map_error(exc, None) from exc
+
     def _fast_ok(self) -> bool:
         """Whether a single statement may skip SQLAlchemy: no shared transaction."""
         if not self._ready or self._tx.get() is not None:
@@ -622,7 +687,7 @@ class DataFlow:
         except Exception as exc:
             raise _map_error(exc, model) from exc
 
-    async def _fast_executemany(self, model: ModelInfo, sql: str, args: list[Any]) -> None:
+    async def _fast_executemany(self, model: ModelInfo | None, sql: str, args: list[Any]) -> None:
         """Run one statement for many argument rows in one SQLite transaction."""
         try:
             async with self._sqlite_lock:

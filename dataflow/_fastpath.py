@@ -22,7 +22,7 @@ from sqlalchemy import Dialect, Table
 
 from ._model import FieldInfo, ModelInfo
 
-__all__ = ["Codec"]
+__all__ = ["Codec", "driver_value"]
 
 Conv = Callable[[Any], Any] | None
 
@@ -55,6 +55,16 @@ def _json_in(v: Any) -> str:
 
 def _json_out(v: Any) -> Any:
     return json.loads(v) if isinstance(v, str | bytes) else v
+
+
+def driver_value(value: Any, sqlite: bool) -> Any:
+    """`value` in the driver's format where a column type converts it (datetimes, JSON
+    documents); anything else unchanged."""
+    if isinstance(value, dt.datetime):
+        return _sqlite_dt_in(value) if sqlite else _pg_dt_in(value)
+    if isinstance(value, dict | list):
+        return _json_in(value)
+    return value
 
 
 def _null_safe(fn: Conv) -> Conv:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -24,15 +26,17 @@ from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from workflow import Workflow
 
 from ._discovery import discover_workflows
-from ._envoy import EnvoyOptions, EnvoySupervisor, merged_descriptor_set, transcoded_services
 from ._executions import Executions
 from ._model_service import ModelServicer, typed_handlers
-from ._openapi import OpenApiServicer, openapi_json
+from ._openapi import OpenApiServicer
 from ._records import Records
 from ._registry import WorkflowRegistry
 from ._store import Store
 from ._typed import TypedModels
 from ._workflow_service import WorkflowServicer
+
+if TYPE_CHECKING:
+    from ._envoy import EnvoySupervisor
 
 __all__ = ["Nexus", "Serving"]
 
@@ -170,10 +174,10 @@ class Nexus:
             ModelServicer(records, typed), server
         )
         server.add_generic_rpc_handlers(typed_handlers(records, typed))
-        descriptor = merged_descriptor_set(typed)
-        rest_services = transcoded_services(typed)
         ogrpc.add_OpenApiServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            OpenApiServicer(openapi_json(descriptor, rest_services)), server
+            # built on the first GetOpenApi, never in the way of startup
+            OpenApiServicer(functools.partial(_openapi_document, typed)),
+            server,
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -190,15 +194,22 @@ class Nexus:
         supervisor: EnvoySupervisor | None = None
         try:
             if envoy:
+                from ._envoy import (
+                    EnvoyOptions,
+                    EnvoySupervisor,
+                    merged_descriptor_set,
+                    transcoded_services,
+                )
+
                 supervisor = EnvoySupervisor(
-                    descriptor,
+                    merged_descriptor_set(typed),
                     EnvoyOptions(
                         grpc_host=_local(self.host),
                         grpc_port=port,
                         api_host=self.host,
                         api_port=self.api_port,
                         cors_origins=self.cors_origins,
-                        services=rest_services,
+                        services=transcoded_services(typed),
                     ),
                 )
                 await supervisor.start()
@@ -282,6 +293,14 @@ async def _set_health(
     await servicer.set("", status)
     for name in services:
         await servicer.set(name, status)
+
+
+def _openapi_document(typed: TypedModels) -> bytes:
+    """The OpenAPI document of what REST reaches (Envoy's module imported only now)."""
+    from ._envoy import merged_descriptor_set, transcoded_services
+    from ._openapi import openapi_json
+
+    return openapi_json(merged_descriptor_set(typed), transcoded_services(typed))
 
 
 def _local(host: str) -> str:

@@ -1,6 +1,9 @@
 """The `nexus` server commands: `nexus serve APP`, `nexus proto export APP`,
 `nexus envoy-config APP` and `nexus openapi APP`.
 
+`nexus serve --mcp` also runs the MCP adapter, as a supervised child process that talks
+to the server over gRPC like any other client (see `_mcp_process.py`).
+
 APP is `path/to/app.py` (its `app` attribute) or `module:attr`, naming a `Nexus`.
 This command, not the library, configures logging.
 """
@@ -10,25 +13,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ._app import Nexus
+from ._app import Nexus, _local
 from ._discovery import load_app_target
-from ._envoy import (
-    EnvoyError,
-    EnvoyOptions,
-    envoy_config,
-    merged_descriptor_set,
-    render_yaml,
-    transcoded_services,
-)
-from ._openapi import openapi_json
-from ._proto_export import export_protos
-from ._typed import TypedModels
+
+if TYPE_CHECKING:
+    from ._mcp_process import McpProcess
+    from ._typed import TypedModels
+
+# each command imports what it needs, so `nexus serve` starts without the others' modules
 
 __all__ = ["main"]
 
@@ -48,17 +48,31 @@ def _load(target: str) -> Nexus:
 
 def _typed(app: Nexus) -> TypedModels:
     from ._app import _static_files
+    from ._typed import TypedModels
 
     return TypedModels(app.db.models if app.db else (), _static_files())
 
 
-async def _serve(app: Nexus, *, envoy: bool) -> None:
+async def _serve(app: Nexus, *, envoy: bool, mcp: bool, log_level: str) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with app.serving(envoy=envoy) as info:
+    async with contextlib.AsyncExitStack() as stack:
+        info = await stack.enter_async_context(app.serving(envoy=envoy))
+        adapter: McpProcess | None = None
+        if mcp:
+            from ._mcp_process import McpProcess
+
+            # a client of this server, so stopped before it (the stack unwinds in reverse)
+            adapter = McpProcess(
+                f"{_local(info.host)}:{info.port}",
+                host=info.host,
+                port=app.mcp_port,
+                log_level="debug" if log_level == "debug" else "warning",
+            )
+            await stack.enter_async_context(adapter)
         names = ", ".join(app.registry.names()) or "none"
         models = ", ".join(m.name for m in (app.db.models if app.db else ())) or "none"
         print(
@@ -69,12 +83,21 @@ async def _serve(app: Nexus, *, envoy: bool) -> None:
         if info.api_address:
             print(f"Envoy on http://{info.api_address} (REST, gRPC-Web and gRPC)")
             print(f"  OpenAPI:   http://{info.api_address}/openapi.json")
+        if adapter is not None:
+            print(f"MCP adapter on {adapter.url} (streamable HTTP; a gRPC client of this server)")
         print("  Ctrl-C stops it.", flush=True)
+        # what startup made (modules, models, descriptors) lives as long as the process:
+        # out of the collector's generations, collections during calls scan only what
+        # the calls allocate
+        gc.freeze()
         await stop.wait()
         print("stopping: letting in-flight calls finish...", flush=True)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from ._envoy import EnvoyError
+    from ._mcp_process import McpProcessError
+
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -85,8 +108,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         app.grpc_port = args.grpc_port
     if args.api_port is not None:
         app.api_port = args.api_port
+    if args.mcp_port is not None:
+        app.mcp_port = args.mcp_port
+    if args.cors_origin:
+        app.cors_origins = tuple(args.cors_origin)
     try:
-        asyncio.run(_serve(app, envoy=not args.no_envoy))
+        asyncio.run(_serve(app, envoy=not args.no_envoy, mcp=args.mcp, log_level=args.log_level))
+    except McpProcessError as exc:
+        print(
+            f"nexus: cannot start the MCP adapter on port {app.mcp_port}: {exc}\n"
+            "  choose another port with --mcp-port, or serve without --mcp",
+            file=sys.stderr,
+        )
+        return EXIT_APP
     except EnvoyError as exc:
         print(
             f"nexus: cannot start Envoy on port {app.api_port}: {exc}\n"
@@ -101,6 +135,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
+    from ._envoy import (
+        EnvoyOptions,
+        envoy_config,
+        merged_descriptor_set,
+        render_yaml,
+        transcoded_services,
+    )
+
     app = _load(args.app)
     typed = _typed(app)
     try:
@@ -134,6 +176,9 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_openapi(args: argparse.Namespace) -> int:
+    from ._envoy import merged_descriptor_set, transcoded_services
+    from ._openapi import openapi_json
+
     typed = _typed(_load(args.app))
     doc = openapi_json(merged_descriptor_set(typed), transcoded_services(typed))
     if args.out:
@@ -145,6 +190,8 @@ def _cmd_openapi(args: argparse.Namespace) -> int:
 
 
 def _cmd_proto_export(args: argparse.Namespace) -> int:
+    from ._proto_export import export_protos
+
     typed = _typed(_load(args.app))
     out = Path(args.out)
     files = export_protos(typed, out)
@@ -169,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-envoy", action="store_true", help="serve gRPC only, without Envoy in front"
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        help="browser origin Envoy allows by CORS (repeatable; `*`: any; default: the "
+        "app's cors_origins)",
+    )
+    serve.add_argument(
+        "--mcp",
+        action="store_true",
+        help="also run the MCP adapter (nexus-mcp over streamable HTTP) as a supervised "
+        "child process, a gRPC client of this server",
+    )
+    serve.add_argument(
+        "--mcp-port",
+        type=int,
+        help="the MCP adapter's HTTP port, with --mcp (default: the app's mcp_port; 0: any)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_cmd_serve)
@@ -214,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "mcp_port", None) is not None and not args.mcp:
+        parser.error("--mcp-port goes with --mcp")
+    if args.command == "serve" and args.cors_origin and args.no_envoy:
+        parser.error("--cors-origin goes with Envoy (it is Envoy that answers CORS)")
     code: int = args.func(args)
     return code
 

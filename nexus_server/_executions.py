@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import datetime as _dt
-import uuid
+import os
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,13 @@ def error_dict(exc: BaseException) -> dict[str, Any]:
     return doc
 
 
+def new_execution_id() -> str:
+    """32 hex digits: the time in microseconds, then 72 random bits. Ids grow with time,
+    so their index takes new rows at its end (not scattered pages), and stay
+    unguessable."""
+    return f"{time.time_ns() // 1000:014x}{os.urandom(9).hex()}"
+
+
 @dataclass
 class RunningExecution:
     """An execution running in this process."""
@@ -56,20 +63,28 @@ class RunningExecution:
         default_factory=lambda: collections.deque(maxlen=EVENT_BUFFER)
     )
     sequence: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set (and replaced) on the next event; created only when someone watches
+    _changed: asyncio.Event | None = None
 
     def push(self, event: Event) -> None:
         self.sequence += 1
         self.events.append((self.sequence, event))
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the watchers (a new event, or the execution is done)."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def watch(self) -> AsyncIterator[tuple[int, Event]]:
         """Every event from the first still buffered, then live ones, until the last."""
         seen = 0
         while True:
-            changed = self.changed
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            changed = self._changed
             for seq, event in list(self.events):
                 if seq > seen:
                     seen = seq
@@ -141,9 +156,31 @@ class Executions:
             return run.record
         return self.writer.pending.get(execution_id)
 
-    async def _record(self, rec: ExecutionRecord) -> None:
-        # a snapshot: the running record keeps changing while the writer holds this one
-        await self.writer.put(dataclasses.replace(rec))
+    async def execute(
+        self,
+        name: str,
+        wf: Workflow,
+        raw_inputs: Mapping[str, Any],
+        *,
+        caller: str,
+        request_id: str = "",
+    ) -> ExecutionRecord:
+        """Run an execution to its end in the calling task (unary calls), or wait for the
+        one `request_id` started. Cancelling the caller (client deadline, disconnect,
+        CancelExecution) cancels the execution it started; it then ends CANCELLED.
+
+        Raises:
+            InvalidInputsError: bad inputs (nothing is started or stored).
+            ApiError: REQUEST_ID_CONFLICT when the request_id was used with other inputs.
+        """
+        run, rec, inputs = await self._begin(name, wf, raw_inputs, caller, request_id)
+        if inputs is not None:
+            assert run is not None
+            run.task = asyncio.current_task()
+            await self._run(run, wf, inputs)
+        elif run is not None:
+            await run.done.wait()
+        return run.record if run is not None else rec
 
     async def start(
         self,
@@ -154,41 +191,60 @@ class Executions:
         caller: str,
         request_id: str = "",
     ) -> tuple[RunningExecution | None, ExecutionRecord, bool]:
-        """Validate inputs and start an execution, or find the one `request_id` started.
+        """Validate inputs and start an execution in a task of its own (streamed calls),
+        or find the one `request_id` started.
 
         Returns the running execution (None when a finished one was found by its
         request_id), its record, and whether this call started it.
 
-        Raises:
-            InvalidInputsError: bad inputs (nothing is started or stored).
-            ApiError: REQUEST_ID_CONFLICT when the request_id was used with other inputs.
+        Raises: as `execute`.
         """
+        run, rec, inputs = await self._begin(name, wf, raw_inputs, caller, request_id)
+        if inputs is None:
+            return run, rec, False
+        assert run is not None
+        run.task = asyncio.create_task(self._run(run, wf, inputs), name=f"execution-{rec.id}")
+        return run, rec, True
+
+    async def _begin(
+        self,
+        name: str,
+        wf: Workflow,
+        raw_inputs: Mapping[str, Any],
+        caller: str,
+        request_id: str,
+    ) -> tuple[RunningExecution | None, ExecutionRecord, dict[str, Any] | None]:
+        """Validate, then either register a new execution (returned with its validated
+        inputs, for the caller to run) or find the one `request_id` started (returned
+        with None for inputs)."""
         check_request_id(request_id)
         inputs = wf.validate_inputs(raw_inputs)
         if not request_id:
-            return (*await self._launch(name, wf, inputs, caller, None, None), True)
+            await self.writer.wait_for_room()
+            run = self._register(name, inputs, caller, None, None)
+            return run, run.record, inputs
         key = (caller, request_id)
         hash_ = body_hash(name, raw_inputs)
         async with self._request_locks.hold(key):  # one start per key at a time
             found = await self._find(caller, request_id, hash_)
             if found is not None:
-                return (*found, False)
-            run, rec = await self._launch(name, wf, inputs, caller, request_id, hash_)
-            self._requests[key] = rec.id
-            return run, rec, True
+                return (*found, None)
+            await self.writer.wait_for_room()
+            run = self._register(name, inputs, caller, request_id, hash_)
+            self._requests[key] = run.record.id
+            return run, run.record, inputs
 
-    async def _launch(
+    def _register(
         self,
         name: str,
-        wf: Workflow,
         inputs: dict[str, Any],
         caller: str,
         request_id: str | None,
         hash_: str | None,
-    ) -> tuple[RunningExecution, ExecutionRecord]:
+    ) -> RunningExecution:
         now = _dt.datetime.now(_dt.UTC)
         rec = ExecutionRecord(
-            id=uuid.uuid4().hex,
+            id=new_execution_id(),
             workflow=name,
             state="RUNNING",
             caller=caller,
@@ -203,9 +259,8 @@ class Executions:
         )
         run = RunningExecution(rec)
         self.running[rec.id] = run
-        await self._record(rec)
-        run.task = asyncio.create_task(self._run(run, wf, inputs), name=f"execution-{rec.id}")
-        return run, rec
+        self.writer.put(rec)
+        return run
 
     async def _find(
         self, caller: str, request_id: str, hash_: str | None
@@ -226,6 +281,8 @@ class Executions:
         return self.running.get(rec.id), rec
 
     async def _run(self, run: RunningExecution, wf: Workflow, inputs: dict[str, Any]) -> None:
+        """Run the workflow and record how it ended. A cancellation ends the execution
+        CANCELLED and is not raised on (the caller reads the record)."""
         rec = run.record
         outputs: dict[str, Any] | None = None
         error: dict[str, Any] | None = None
@@ -244,32 +301,18 @@ class Executions:
         except asyncio.CancelledError:
             state = "CANCELLED"
             error = error_dict(ApiError("EXECUTION_CANCELLED", "the execution was cancelled"))
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # handled: the execution's end is its result
         except Exception as exc:
             error = error_dict(exc)
         finally:
             rec.state, rec.outputs, rec.error = state, outputs, error
             rec.end_time = _dt.datetime.now(_dt.UTC)
-            try:
-                await asyncio.shield(self._record(rec))
-            finally:
-                run.done.set()
-                run.changed.set()
-                self.running.pop(rec.id, None)
-
-    async def wait(self, run: RunningExecution, *, owner: bool) -> ExecutionRecord:
-        """Wait for an execution to finish. When the waiter is the call that started it
-        (`owner`), cancelling the waiter (client deadline, disconnect) cancels it too."""
-        assert run.task is not None
-        try:
-            await asyncio.shield(run.task)
-        except asyncio.CancelledError:
-            if not owner:
-                raise
-            run.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run.task
-            raise
-        return run.record
+            self.writer.put(rec)  # again: its final state is written (once more, if need be)
+            self.running.pop(rec.id, None)
+            run.done.set()
+            run.wake()
 
     async def get(self, execution_id: str) -> ExecutionRecord:
         rec = self._unflushed(execution_id) or await self.store.get_execution(execution_id)
@@ -293,8 +336,7 @@ class Executions:
                 metadata={"state": rec.state},
             )
         run.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(run.task)
+        await run.done.wait()
         return run.record
 
     async def shutdown(self, grace: float) -> None:

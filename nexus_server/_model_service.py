@@ -7,6 +7,7 @@ one.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
@@ -14,7 +15,7 @@ from typing import Any, TypeAlias
 import grpc
 from google.protobuf import empty_pb2, message
 
-from dataflow import ModelInfo
+from dataflow import ModelInfo, ModelOps
 from nexus_api.nexus.model.v1 import model_service_pb2 as mpb
 from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 
@@ -465,8 +466,17 @@ class _TypedService:
         self.typed = typed
         self.model = model
         self.info = typed.models[model.name]
-        self.cls = typed.message_class(model.name)
         self.snake = _snake_field(typed, model.name)
+
+    @functools.cached_property
+    def cls(self) -> type[message.Message]:
+        """The model's message class (made on first use)."""
+        return self.typed.message_class(self.model.name)
+
+    @functools.cached_property
+    def ops(self) -> ModelOps:
+        """The model's operations, built on the first call (startup does not wait)."""
+        return self.records.ops(self.model)
 
     def _msg(self, record: Mapping[str, Any]) -> message.Message:
         return record_to_message(self.info, record, self.cls)
@@ -477,7 +487,6 @@ class _TypedService:
     def handler(self) -> grpc.GenericRpcHandler:
         name, plural = self.model.name, _plural(self.typed, self.model.name)
         coll = collection_id(name)
-        ops = self.records.ops(self.model)
         t = self.typed
         pk = self.model.primary_key.name
 
@@ -485,11 +494,11 @@ class _TypedService:
             data = self._fields(getattr(req, self.snake), self.snake)
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"Create{name}", data, self.cls,
-                lambda: _wrap(self._msg, ops.create(**data), self.snake),
+                lambda: _wrap(self._msg, self.ops.create(**data), self.snake),
             )  # fmt: skip
 
         async def get(req: Any, context: Any) -> Any:
-            return self._msg(await ops.read(req.id))
+            return self._msg(await self.ops.read(req.id))
 
         async def update(req: Any, context: Context) -> Any:
             rec = getattr(req, self.snake)
@@ -507,16 +516,16 @@ class _TypedService:
             _require_changes(changes, self.snake)
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"Update{name}", [key, changes], self.cls,
-                lambda: _wrap(self._msg, ops.update(key, fields=changes), self.snake),
+                lambda: _wrap(self._msg, self.ops.update(key, fields=changes), self.snake),
             )  # fmt: skip
 
         async def delete(req: Any, context: Any) -> Any:
-            await ops.delete(req.id)
+            await self.ops.delete(req.id)
             return empty_pb2.Empty()
 
         async def list_(req: Any, context: Any) -> Any:
             flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
-            result = await ops.list(
+            result = await self.ops.list(
                 flt or None,
                 order_by=_order_by(req.order_by),
                 limit=page_size(req.page_size),
@@ -530,14 +539,15 @@ class _TypedService:
 
         async def count(req: Any, context: Any) -> Any:
             flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
-            return t.message_class("CountResult")(count=await ops.count(flt or None))
+            return t.message_class("CountResult")(count=await self.ops.count(flt or None))
 
         async def upsert(req: Any, context: Context) -> Any:
             data = self._fields(getattr(req, self.snake), self.snake)
             conflict_on = list(req.conflict_on) or None
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"Upsert{name}", [data, conflict_on],
-                self.cls, lambda: _wrap(self._msg, ops.upsert(conflict_on, **data), self.snake),
+                self.cls,
+                lambda: _wrap(self._msg, self.ops.upsert(conflict_on, **data), self.snake),
             )  # fmt: skip
 
         result_cls = t.message_class("BulkWriteResult")
@@ -549,7 +559,9 @@ class _TypedService:
             data = rows(req)
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"BulkCreate{plural}", data, result_cls,
-                lambda: _wrap(lambda n: result_cls(affected=n), ops.bulk_create(data), rows=coll),
+                lambda: _wrap(
+                    lambda n: result_cls(affected=n), self.ops.bulk_create(data), rows=coll
+                ),
             )  # fmt: skip
 
         async def bulk_update(req: Any, context: Context) -> Any:
@@ -560,7 +572,7 @@ class _TypedService:
                 [flt, values, req.allow_all], result_cls,
                 lambda: _wrap(
                     lambda n: result_cls(affected=n),
-                    ops.bulk_update(filter=flt, fields=values, all=req.allow_all),
+                    self.ops.bulk_update(filter=flt, fields=values, all=req.allow_all),
                     "values",
                 ),
             )  # fmt: skip
@@ -571,7 +583,7 @@ class _TypedService:
                 caller_of(context), req.request_id, f"BulkDelete{plural}",
                 [flt, req.allow_all], result_cls,
                 lambda: _wrap(
-                    lambda n: result_cls(affected=n), ops.bulk_delete(flt, all=req.allow_all)
+                    lambda n: result_cls(affected=n), self.ops.bulk_delete(flt, all=req.allow_all)
                 ),
             )  # fmt: skip
 
@@ -582,7 +594,9 @@ class _TypedService:
                 caller_of(context), req.request_id, f"BulkUpsert{plural}", [data, conflict_on],
                 result_cls,
                 lambda: _wrap(
-                    lambda n: result_cls(affected=n), ops.bulk_upsert(data, conflict_on), rows=coll
+                    lambda n: result_cls(affected=n),
+                    self.ops.bulk_upsert(data, conflict_on),
+                    rows=coll,
                 ),
             )  # fmt: skip
 
@@ -602,12 +616,26 @@ class _TypedService:
         methods = {
             method: grpc.unary_unary_rpc_method_handler(
                 _guarded(fn),
-                request_deserializer=t.message_class(req_name).FromString,
+                request_deserializer=_parser(t, req_name),
                 response_serializer=lambda m: m.SerializeToString(),
             )
             for method, (fn, req_name) in table.items()
         }
         return grpc.method_handlers_generic_handler(t.service_name(name), methods)
+
+
+def _parser(typed: TypedModels, name: str) -> Callable[[bytes], Any]:
+    """Parses request `name`; its message class is made on the first request (making
+    the classes of every model's RPCs at startup took most of the startup time)."""
+    parse: Callable[[bytes], Any] | None = None
+
+    def deserialize(data: bytes) -> Any:
+        nonlocal parse
+        if parse is None:
+            parse = typed.message_class(name).FromString
+        return parse(data)
+
+    return deserialize
 
 
 async def _wrap(

@@ -13,9 +13,10 @@ passes through as the raw body of `GET /openapi.json`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -405,12 +406,20 @@ def openapi_json(
 class OpenApiServicer(openapi_service_pb2_grpc.OpenApiServiceServicer):
     """`GetOpenApi`: the document as a `google.api.HttpBody` (`application/json`)."""
 
-    def __init__(self, document: bytes) -> None:
-        self._body = httpbody_pb2.HttpBody(content_type="application/json", data=document)
+    def __init__(self, document: Callable[[], bytes]) -> None:
+        self._document = document
+        self._body: httpbody_pb2.HttpBody | None = None
+        self._building = asyncio.Lock()
 
     async def GetOpenApi(
         self,
         request: openapi_service_pb2.GetOpenApiRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> httpbody_pb2.HttpBody:
+        async with self._building:
+            if self._body is None:
+                # built on the first request, in a thread: neither startup nor the calls
+                # served meanwhile wait for it
+                data = await asyncio.to_thread(self._document)
+                self._body = httpbody_pb2.HttpBody(content_type="application/json", data=data)
         return self._body

@@ -37,6 +37,11 @@ class RecordWriter(Generic[T]):
     """Queues items by key (the latest version of an item wins) and writes them in
     batches.
 
+    An item may keep changing after `put` (a running execution's record): put it again
+    when it changes, and it is written again if a write of an earlier state of it was
+    under way. `write` must read the items before its first `await`, so that what it
+    writes is the state they had when the batch was taken.
+
     Args:
         write: writes a batch of items in one transaction (an upsert on the key).
         key: the key of an item (the execution id).
@@ -58,6 +63,7 @@ class RecordWriter(Generic[T]):
         self._written = written
         self._retry_delay = retry_delay
         self.pending: dict[str, T] = {}
+        self._puts: dict[str, int] = {}  # how many times each pending key was put
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -68,14 +74,19 @@ class RecordWriter(Generic[T]):
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="nexus-record-writer")
 
-    async def put(self, row: T) -> None:
-        """Queue `row`, replacing a queued older version of it. Waits while the queue is
-        full (the database is slower than the executions)."""
-        key = self._key(row)
-        while key not in self.pending and len(self.pending) >= MAX_PENDING:
+    async def wait_for_room(self) -> None:
+        """Wait while the queue is full (the database is slower than the executions).
+        Called before a new item's first `put`; later versions of it never wait, so an
+        execution that started can always record its end."""
+        while len(self.pending) >= MAX_PENDING:
             self._room.clear()
             await self._room.wait()
+
+    def put(self, row: T) -> None:
+        """Queue `row`, replacing a queued older version of it."""
+        key = self._key(row)
         self.pending[key] = row
+        self._puts[key] = self._puts.get(key, 0) + 1
         self._idle.clear()
         self._wakeup.set()
 
@@ -102,6 +113,7 @@ class RecordWriter(Generic[T]):
             while self.pending:
                 keys = list(self.pending)[:MAX_BATCH]
                 batch = [self.pending[k] for k in keys]
+                puts = [self._puts[k] for k in keys]
                 try:
                     await self._write(batch)
                 except asyncio.CancelledError:
@@ -110,10 +122,10 @@ class RecordWriter(Generic[T]):
                     _log.exception("writing %d execution record(s) failed; retrying", len(batch))
                     await asyncio.sleep(self._retry_delay)
                     continue
-                for k, row in zip(keys, batch, strict=True):
-                    # a newer version queued meanwhile stays queued
-                    if self.pending.get(k) is row:
-                        del self.pending[k]
+                for k, n in zip(keys, puts, strict=True):
+                    # an item put again meanwhile stays queued: its newer state is unwritten
+                    if self._puts.get(k) == n:
+                        del self.pending[k], self._puts[k]
                 self._written(batch)
                 if len(self.pending) < MAX_PENDING:
                     self._room.set()

@@ -14,13 +14,13 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
-from dataflow import DataFlow, dialect_insert
+from dataflow import DataFlow
 
 from ._jsonable import to_jsonable
 
@@ -67,6 +67,8 @@ REQUESTS = sa.Table(
 )
 
 RUNNING_STATES = ("PENDING", "RUNNING")
+#: The columns a later version of an execution row changes.
+_CHANGING = ("state", "outputs", "error", "end_time")
 
 #: The longest `request_id` the contract accepts.
 MAX_REQUEST_ID = 128
@@ -155,14 +157,17 @@ class Store:
         )
         error: dict[str, Any] = MessageToDict(api.to_status())
         error["reason"] = api.reason
-        async with self.db.connection() as conn:
-            await conn.run_sync(_META.create_all)
-            result = await conn.execute(
-                EXECUTIONS.update()
-                .where(EXECUTIONS.c.state.in_(RUNNING_STATES))
-                .values(state="INTERRUPTED", end_time=_dt.datetime.now(_dt.UTC), error=error)
-            )
-            return int(result.rowcount or 0)
+        mark = (
+            EXECUTIONS.update()
+            .where(EXECUTIONS.c.state.in_(RUNNING_STATES))
+            .values(state="INTERRUPTED", end_time=_dt.datetime.now(_dt.UTC), error=error)
+        )
+
+        def setup(conn: sa.Connection) -> int:
+            _META.create_all(conn)
+            return int(conn.execute(mark).rowcount or 0)
+
+        return await self.db.run_sync(setup)
 
     async def write_executions(self, records: Sequence[ExecutionRecord]) -> None:
         """Insert or update these executions (by id) in one transaction.
@@ -171,18 +176,18 @@ class Store:
         dropped with an error in the log (the other one answers that request); every
         other failure raises, so the caller can try again.
         """
-        rows = [_row(r) for r in records]
+        db = self.db
+        # read before the first await: RecordWriter's contract (records keep changing)
+        rows = [_row(r, db.driver_value) for r in records]
         try:
-            async with self.db.connection() as conn:
-                await conn.execute(self._upsert, rows)
+            await db.executemany(self._upsert, rows)
             return
         except Exception as exc:
             if not _is_unique_violation(exc):
                 raise
         for rec, row in zip(records, rows, strict=True):  # find the row at fault
             try:
-                async with self.db.connection() as conn:
-                    await conn.execute(self._upsert, [row])
+                await db.executemany(self._upsert, [row])
             except Exception as exc:
                 if not _is_unique_violation(exc):
                     raise
@@ -195,12 +200,14 @@ class Store:
                 )
 
     @functools.cached_property
-    def _upsert(self) -> Any:
-        stmt = dialect_insert(self.db.dialect)(EXECUTIONS)
-        changing = ("state", "outputs", "error", "end_time")
-        return stmt.on_conflict_do_update(
-            index_elements=[EXECUTIONS.c.id],
-            set_={c: stmt.excluded[c] for c in changing},
+    def _upsert(self) -> str:
+        """Driver SQL: insert an execution row, or update the columns that change."""
+        names = [c.name for c in EXECUTIONS.columns]
+        values = ", ".join(self.db.placeholder(i + 1) for i in range(len(names)))
+        changing = ", ".join(f"{c} = excluded.{c}" for c in _CHANGING)
+        return (
+            f"INSERT INTO {EXECUTIONS.name} ({', '.join(names)}) VALUES ({values}) "
+            f"ON CONFLICT (id) DO UPDATE SET {changing}"
         )
 
     async def get_execution(self, execution_id: str) -> ExecutionRecord | None:
@@ -284,21 +291,23 @@ class Store:
             )
 
 
-def _row(rec: ExecutionRecord) -> dict[str, Any]:
-    return {
-        "id": rec.id,
-        "workflow": rec.workflow,
-        "state": rec.state,
-        "caller": rec.caller,
-        "request_id": rec.request_id,
-        "request_hash": rec.request_hash,
-        "inputs": to_jsonable(rec.inputs),
-        "outputs": rec.outputs,
-        "error": rec.error,
-        "create_time": rec.create_time,
-        "start_time": rec.start_time,
-        "end_time": rec.end_time,
-    }
+def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
+    """An execution's column values for the driver, in EXECUTIONS' column order (its
+    inputs, outputs and error are JSON documents already)."""
+    return (
+        rec.id,
+        rec.workflow,
+        rec.state,
+        rec.caller,
+        rec.request_id,
+        rec.request_hash,
+        driver(rec.inputs),
+        driver(rec.outputs),
+        driver(rec.error),
+        driver(rec.create_time),
+        driver(rec.start_time),
+        driver(rec.end_time),
+    )
 
 
 def _is_unique_violation(exc: BaseException) -> bool:

@@ -169,27 +169,18 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         except Exception as exc:
             await abort(context, exc)
 
-    async def _start(
-        self, name: str, inputs: Any, request_id: str, context: Context
-    ) -> tuple[RunningExecution | None, Any, bool]:
-        item = self.registry.get(name)
-        return await self.executions.start(
-            name,
-            item.workflow,
-            from_struct(inputs, "inputs"),
-            caller=caller_of(context),
-            request_id=request_id,
-        )
-
     async def ExecuteWorkflow(
         self, request: wpb.ExecuteWorkflowRequest, context: Context
     ) -> wpb.Execution:
         try:
-            run, rec, owner = await self._start(
-                request.name, request.inputs, request.request_id, context
+            item = self.registry.get(request.name)
+            rec = await self.executions.execute(
+                request.name,
+                item.workflow,
+                from_struct(request.inputs, "inputs"),
+                caller=caller_of(context),
+                request_id=request.request_id,
             )
-            if run is not None:
-                rec = await self.executions.wait(run, owner=owner)
             if rec.state != "SUCCEEDED" and rec.error:
                 # the call fails with the execution's error; the record keeps the details
                 raise StatusError(status_message(rec.error), execution_id=rec.id)
@@ -201,8 +192,13 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self, request: wpb.StreamExecutionRequest, context: Context
     ) -> AsyncIterator[wpb.ExecutionEvent]:
         try:
-            run, rec, owner = await self._start(
-                request.name, request.inputs, request.request_id, context
+            item = self.registry.get(request.name)
+            run, rec, owner = await self.executions.start(
+                request.name,
+                item.workflow,
+                from_struct(request.inputs, "inputs"),
+                caller=caller_of(context),
+                request_id=request.request_id,
             )
         except Exception as exc:
             await abort(context, exc)

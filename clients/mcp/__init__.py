@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 
 __all__ = ["main"]
+
+#: Seconds open streams (a client's SSE stream) get to end when the adapter stops.
+_GRACE = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=3001, help="HTTP port (default: 3001)")
+    p.add_argument("--port", type=int, default=3001, help="HTTP port (default: 3001; 0: any)")
     p.add_argument(
         "--poll-interval",
         type=float,
@@ -55,11 +59,26 @@ async def _serve_http(adapter: object, host: str, port: int) -> None:
     from ._server import Adapter
 
     assert isinstance(adapter, Adapter)
+    # Bound here rather than by uvicorn, so that a taken port is a clear error and port 0
+    # is announced as the port it became (`nexus serve --mcp` reads this line).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"nexus-mcp: cannot listen on {host}:{port}: {exc}") from None
+    bound = sock.getsockname()[1]
     app = adapter.server.streamable_http_app(host=host)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="on", timeout_graceful_shutdown=_GRACE
+    )
     server = uvicorn.Server(config)
-    print(f"nexus-mcp: streamable HTTP on http://{host}:{port}/mcp", file=sys.stderr, flush=True)
-    await server.serve()
+    url_host = f"[{host}]" if ":" in host else host
+    print(
+        f"nexus-mcp: streamable HTTP on http://{url_host}:{bound}/mcp", file=sys.stderr, flush=True
+    )
+    await server.serve(sockets=[sock])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,10 +129,18 @@ class Adapter:
 
         Sessions are per request; the connection behind one is what lasts. On the
         2026-07-28 protocol change notifications go through `subscriptions/listen`.
+
+        The request context of a low-level handler does not expose the connection (mcp
+        2.3: `ServerRequestContext` has no `connection`; `Context.connection` exists, but
+        the runner builds no `Context` for low-level handlers). What it does expose is
+        the connection's `initialize` params (`session.client_params`, public, set once
+        per connection by the handshake), so their identity keys the connection. The
+        session kept here holds them alive, so a kept key is never reused.
         """
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             return
-        key = id(getattr(ctx.session, "_connection", ctx.session))
+        params = ctx.session.client_params
+        key = id(params) if params is not None else id(ctx.session)
         self._sessions.pop(key, None)
         self._sessions[key] = ctx.session
         while len(self._sessions) > _MAX_SESSIONS:

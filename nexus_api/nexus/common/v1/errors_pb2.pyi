@@ -35,6 +35,10 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSACTION_CONFLICT: _ClassVar[ErrorReason]
     DATABASE_UNAVAILABLE: _ClassVar[ErrorReason]
     INTERNAL_ERROR: _ClassVar[ErrorReason]
+    ROUTE_NOT_FOUND: _ClassVar[ErrorReason]
+    REQUEST_TOO_LARGE: _ClassVar[ErrorReason]
+    SERVER_UNAVAILABLE: _ClassVar[ErrorReason]
+    GATEWAY_TIMEOUT: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 REQUEST_INVALID: ErrorReason
 PAGE_TOKEN_INVALID: ErrorReason
@@ -61,5 +65,9 @@ CONSTRAINT_VIOLATION: ErrorReason
 TRANSACTION_CONFLICT: ErrorReason
 DATABASE_UNAVAILABLE: ErrorReason
 INTERNAL_ERROR: ErrorReason
+ROUTE_NOT_FOUND: ErrorReason
+REQUEST_TOO_LARGE: ErrorReason
+SERVER_UNAVAILABLE: ErrorReason
+GATEWAY_TIMEOUT: ErrorReason
 CODE_FIELD_NUMBER: _ClassVar[int]
 code: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, int]

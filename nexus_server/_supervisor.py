@@ -1,0 +1,199 @@
+"""Supervised child processes: Envoy in front of the server, the MCP adapter beside it.
+
+`Supervisor` runs one child: it starts it with its output in a private log file, waits
+until it is ready, restarts it whenever it exits (after 0.2 s, doubling up to 5 s while
+it keeps failing quickly; a run of 10 s or more starts the delays over) and stops it on
+`stop()` (SIGTERM, then SIGKILL after a grace period). A subclass says what to run and
+how to tell it is ready.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import signal
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+__all__ = ["Supervisor", "SupervisorError"]
+
+_log = logging.getLogger("nexus_server")
+
+#: Restart delays: the first, the longest, and how long a run must last for the next
+#: failure to count as new rather than as part of a crash loop.
+FIRST_DELAY = 0.2
+MAX_DELAY = 5.0
+STABLE_AFTER = 10.0
+#: Seconds a child gets to exit after SIGTERM before it is killed.
+STOP_GRACE = 10.0
+
+
+class SupervisorError(RuntimeError):
+    """A child could not be started (the message ends with its own output)."""
+
+
+class Supervisor(abc.ABC):
+    """One supervised child process.
+
+    Args:
+        name: what the child is, in messages ("Envoy", "MCP adapter").
+        ready_timeout: seconds a launch gets to become ready.
+    """
+
+    #: The error `start` raises (a subclass of SupervisorError).
+    error: type[SupervisorError] = SupervisorError
+
+    def __init__(self, name: str, *, ready_timeout: float) -> None:
+        self.name = name
+        self.ready_timeout = ready_timeout
+        self.restarts = 0
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._launched_at = 0.0
+        self._watch: asyncio.Task[None] | None = None
+
+    # -- what a subclass provides ---------------------------------------------------
+
+    @abc.abstractmethod
+    def command(self, workdir: Path) -> list[str]:
+        """The command line of the next launch (`workdir` is the child's private
+        directory, kept across restarts: config files go there)."""
+
+    @abc.abstractmethod
+    async def probe(self, log_offset: int) -> bool:
+        """Whether this launch is ready (`log_offset`: where its output starts in
+        `log_path`). Called every 50 ms until it is, or until `ready_timeout`."""
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """Where the child serves (for messages)."""
+
+    # -- running it ------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def workdir(self) -> Path:
+        assert self._dir is not None, "not started"
+        return Path(self._dir.name)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "output.log"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start the child and wait until it is ready (raises `error` if it is not)."""
+        self._dir = tempfile.TemporaryDirectory(prefix="nexus-child-")
+        try:
+            await self._launch()
+        except BaseException:
+            await self.stop()
+            raise
+        self._watch = asyncio.create_task(self._supervise(), name=f"supervise {self.name}")
+
+    async def _launch(self) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        argv = self.command(self.workdir)
+        with self.log_path.open("ab") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # Ctrl-C reaches us; we stop the child ourselves
+            )
+        self._launched_at = time.monotonic()
+        try:
+            await self._wait_ready(offset)
+        except BaseException:
+            await self._terminate()
+            raise
+
+    async def _wait_ready(self, offset: int) -> None:
+        proc = self._proc
+        assert proc is not None
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            if proc.returncode is not None:
+                raise self.error(f"{self.name} exited with {proc.returncode}: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise self.error(
+                    f"{self.name} was not ready within {self.ready_timeout:.0f} s: "
+                    f"{self.log_tail()}"
+                )
+            if await self.probe(offset):
+                return
+            await asyncio.sleep(0.05)
+
+    async def _supervise(self) -> None:
+        """Restart the child whenever it exits, backing off while it keeps failing."""
+        delay = FIRST_DELAY
+        while True:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if time.monotonic() - self._launched_at >= STABLE_AFTER:
+                delay = FIRST_DELAY  # it ran for a while: not a crash loop
+            _log.error("%s exited with %s; restarting it: %s", self.name, code, self.log_tail())
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
+                try:
+                    await self._launch()
+                except (SupervisorError, OSError) as exc:
+                    _log.error("%s restart failed: %s", self.name, exc)
+                    continue
+                break
+            self.restarts += 1
+            _log.info("%s restarted on %s (pid %s)", self.name, self.address, self.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of the child's output (for error messages)."""
+        if self._dir is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(STOP_GRACE):
+                await proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        """Stop the child (and stop restarting it)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        await self._terminate()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None

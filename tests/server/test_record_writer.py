@@ -1,0 +1,148 @@
+"""RecordWriter (write-behind with group commit), alone: coalescing, batching, retries
+after failures, bounded memory, and draining on stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from nexus_server import _record_writer
+from nexus_server._record_writer import RecordWriter
+
+
+class Sink:
+    """Records each written batch; fails the first `failures` writes."""
+
+    def __init__(self, failures: int = 0, gate: asyncio.Event | None = None) -> None:
+        self.batches: list[list[tuple[str, int]]] = []
+        self.failures = failures
+        self.gate = gate
+
+    async def write(self, batch: Sequence[tuple[str, int]]) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failures:
+            self.failures -= 1
+            raise OSError("database unavailable")
+        self.batches.append(list(batch))
+
+    @property
+    def rows(self) -> list[tuple[str, int]]:
+        return [row for batch in self.batches for row in batch]
+
+
+def writer(sink: Sink, **kw: float) -> RecordWriter[tuple[str, int]]:
+    return RecordWriter(sink.write, lambda row: row[0], **kw)
+
+
+async def test_the_latest_version_of_a_row_is_written_once() -> None:
+    sink = Sink()
+    w = writer(sink)
+    w.start()
+    w.put(("a", 1))
+    w.put(("b", 1))
+    w.put(("a", 2))  # replaces the queued version of "a"
+    await w.drain()
+    assert sorted(sink.rows) == [("a", 2), ("b", 1)]
+    assert w.pending == {}
+    await w.stop()
+
+
+async def test_rows_queued_while_a_batch_is_written_share_the_next_commit() -> None:
+    gate = asyncio.Event()
+    sink = Sink(gate=gate)
+    w = writer(sink)
+    w.start()
+    w.put(("first", 0))
+    await asyncio.sleep(0)  # the writer takes "first" and waits on the gate
+    for i in range(50):
+        w.put((f"r{i}", i))
+    gate.set()
+    await w.drain()
+    assert sink.batches[0] == [("first", 0)]
+    assert len(sink.batches) == 2 and len(sink.batches[1]) == 50
+    await w.stop()
+
+
+async def test_a_failed_batch_is_kept_and_written_later() -> None:
+    sink = Sink(failures=2)
+    w = writer(sink, retry_delay=0.01)
+    w.start()
+    w.put(("a", 1))
+    w.put(("b", 2))
+    await asyncio.wait_for(w.drain(), 10)
+    assert sorted(sink.rows) == [("a", 1), ("b", 2)]
+    await w.stop()
+
+
+async def test_a_newer_version_queued_during_a_write_stays_queued() -> None:
+    gate = asyncio.Event()
+    sink = Sink(gate=gate)
+    w = writer(sink)
+    w.start()
+    w.put(("a", 1))
+    await asyncio.sleep(0)  # version 1 is being written
+    w.put(("a", 2))
+    gate.set()
+    await w.drain()
+    assert sink.rows == [("a", 1), ("a", 2)]
+    await w.stop()
+
+
+async def test_an_item_changed_while_its_earlier_state_is_written_is_written_again() -> None:
+    gate = asyncio.Event()
+    written: list[dict[str, str]] = []
+
+    async def write(batch: Sequence[dict[str, str]]) -> None:
+        states = [dict(item) for item in batch]  # read before the first await
+        await gate.wait()
+        written.extend(states)
+
+    w: RecordWriter[dict[str, str]] = RecordWriter(write, lambda item: item["id"])
+    w.start()
+    record = {"id": "e1", "state": "RUNNING"}
+    w.put(record)
+    await asyncio.sleep(0)  # the RUNNING state is being written
+    record["state"] = "SUCCEEDED"  # the same object, changed, and put again
+    w.put(record)
+    gate.set()
+    await w.drain()
+    assert written == [
+        {"id": "e1", "state": "RUNNING"},
+        {"id": "e1", "state": "SUCCEEDED"},
+    ]
+    await w.stop()
+
+
+async def test_new_rows_wait_for_room_when_the_queue_is_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_record_writer, "MAX_PENDING", 3)
+    gate = asyncio.Event()
+    sink = Sink(gate=gate)
+    w = writer(sink)
+    w.start()
+    for i in range(3):
+        await w.wait_for_room()
+        w.put((f"r{i}", i))
+    waiting = asyncio.create_task(w.wait_for_room())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # three rows pending: a fourth waits
+    w.put(("r0", 99))  # a later version of a queued row never waits
+    gate.set()
+    await asyncio.wait_for(waiting, 10)
+    await w.stop()
+    assert ("r0", 99) in sink.rows
+
+
+async def test_stop_writes_everything_queued() -> None:
+    sink = Sink()
+    w = writer(sink)
+    w.start()
+    for i in range(2500):  # more than one batch (MAX_BATCH rows each)
+        w.put((f"r{i}", i))
+    await w.stop()
+    assert len(sink.rows) == 2500
+    assert max(len(b) for b in sink.batches) <= _record_writer.MAX_BATCH
