@@ -306,6 +306,16 @@ class DataFlow:
                 self._url, poolclass=StaticPool, echo=self._echo, async_creator=connect
             )
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+
+            def dropped(dbapi_conn: Any, *_: Any) -> None:
+                # SQLAlchemy invalidates a connection an operation was cancelled in (or
+                # that failed as disconnected) and closes it: the fast path must not
+                # keep using it; the next one is opened through the engine
+                if getattr(dbapi_conn, "driver_connection", None) is self._raw_sqlite:
+                    self._raw_sqlite = None
+
+            event.listen(engine.sync_engine, "invalidate", dropped)
+            event.listen(engine.sync_engine, "close", dropped)
             return engine
         return create_async_engine(
             self._url,
@@ -582,9 +592,20 @@ class DataFlow:
     async def ping(self, timeout: float = 2.0) -> bool:
         """Whether the database answers `SELECT 1` within `timeout` seconds (health
         checks use it; it never raises)."""
+        # on the driver: a timeout then abandons a query, where inside SQLAlchemy it
+        # would invalidate (close) the connection the other operations share
         try:
-            async with asyncio.timeout(timeout), self._gate(), self.engine.connect() as conn:
-                await conn.exec_driver_sql("SELECT 1")
+            if self._pg_pool is not None:
+                await self._pg_pool.fetchval("SELECT 1", timeout=timeout)
+                return True
+            async with asyncio.timeout(timeout):
+                if self.dialect == "sqlite":
+                    async with self._sqlite_lock:
+                        conn = self._raw_sqlite or await self._sqlite_connection()
+                        await conn.execute_fetchall("SELECT 1")
+                else:
+                    async with self.engine.connect() as sa_conn:
+                        await sa_conn.exec_driver_sql("SELECT 1")
         except Exception:
             return False
         return True

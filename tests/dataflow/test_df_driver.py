@@ -102,3 +102,42 @@ async def test_executemany_refuses_to_run_inside_a_transaction(make_db: Any) -> 
     async with db.transaction():
         with pytest.raises(DataFlowError, match="transaction of its own"):
             await db.executemany(upsert_sql(db), [row])
+
+
+async def test_operations_recover_after_the_shared_connection_is_invalidated(
+    make_db: Any, backend: str
+) -> None:
+    """SQLAlchemy invalidates (closes) a connection an operation was cancelled in; the
+    driver-level paths must then reconnect instead of failing on the closed one."""
+    db = make_db()
+
+    @db.model
+    class Gadget:
+        id: str
+        name: str
+
+    await db.run_sync(META.create_all)
+    ops = db.ops("Gadget")
+    await ops.create(id="a", name="first")
+    async with db.engine.connect() as conn:
+        await conn.invalidate()
+    assert (await ops.read("a"))["name"] == "first"
+    now = db.driver_value(dt.datetime.now(dt.UTC))
+    await db.executemany(upsert_sql(db), [["r", None, now, 1]])
+    assert [r["id"] for r in await read_all(db)] == ["r"]
+
+
+async def test_a_ping_that_times_out_leaves_the_connection_usable(make_db: Any) -> None:
+    db = make_db()
+
+    @db.model
+    class Widget:
+        id: str
+        name: str
+
+    await db.initialize()
+    ops = db.ops("Widget")
+    await ops.create(id="w", name="one")
+    assert await db.ping(timeout=1e-9) is False  # gives up at once
+    assert await db.ping() is True
+    assert (await ops.read("w"))["name"] == "one"
