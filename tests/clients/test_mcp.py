@@ -3,10 +3,10 @@ and over streamable HTTP, against a real gRPC server (see conftest.py)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -323,34 +323,37 @@ async def test_resources_for_models_and_workflows(stdio: Any) -> None:
 # ---------------------------------------------------------------------------- HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def http_adapter(server: Any) -> Iterator[str]:
-    """`nexus-mcp --transport http` as a subprocess; yields its URL once it accepts."""
-    port = _free_port()
+    """`nexus-mcp --transport http --port 0` as a subprocess; yields the URL it announces
+    once it has bound its port (no port picked here and released: nothing can take it
+    in between)."""
     proc = subprocess.Popen(
-        [NEXUS_MCP, "--transport", "http", "--port", str(port), "--poll-interval", "0.2"],
+        [NEXUS_MCP, "--transport", "http", "--port", "0", "--poll-interval", "0.2"],
         env=_env(server),
         cwd=str(ROOT),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nexus-mcp never listened"
-                time.sleep(0.05)  # polling the port, bounded by the deadline
-        yield f"http://127.0.0.1:{port}/mcp"
+        assert proc.stderr is not None
+        seen: list[str] = []
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            deadline = time.monotonic() + WAIT
+            while True:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"nexus-mcp announced no port: {''.join(seen)}"
+                try:
+                    line = pool.submit(proc.stderr.readline).result(timeout=remaining)
+                except concurrent.futures.TimeoutError:
+                    continue  # the deadline check above ends the wait
+                assert line, f"nexus-mcp exited ({proc.poll()}): {''.join(seen)}"
+                seen.append(line)
+                match = re.search(r"streamable HTTP on (http://\S+/mcp)", line)
+                if match:
+                    break
+        yield match.group(1)
     finally:
         proc.terminate()
         try:
