@@ -8,8 +8,10 @@ import contextvars
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import re
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
@@ -46,6 +48,13 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DEFAULT_URL = "sqlite:///nexus.db"
+
+#: The most rows `executemany` writes on the caller's thread (SQLite; about 10 µs each).
+EXECUTEMANY_HERE_ROWS = 1000
+#: Rows `executemany` writes on the caller's thread between two checkpoints of the log.
+CHECKPOINT_ROWS = 2000
+
+_log = logging.getLogger("dataflow")
 
 
 class _Entry:
@@ -256,6 +265,10 @@ class DataFlow:
         self._echo = echo
         self._pg_pool: Any = None
         self._raw_sqlite: Any = None
+        # executemany's own connection to a SQLite file, used on the caller's thread
+        self._here: sqlite3.Connection | None = None
+        self._here_rows = 0  # rows written through it since the last checkpoint
+        self._checkpoint_task: asyncio.Task[None] | None = None
         self._engine: AsyncEngine | None = None
         db_path = make_url(self._url).database or ":memory:"
         self._sqlite_path = db_path
@@ -542,6 +555,11 @@ class DataFlow:
                         unregister_node(type_name)
                 except RegistryError:
                     pass
+        if self._checkpoint_task is not None:
+            await self._checkpoint_task
+        if self._here is not None:
+            here, self._here = self._here, None
+            here.close()
         if self._pg_pool is not None:
             pool, self._pg_pool = self._pg_pool, None
             await pool.close()
@@ -657,6 +675,12 @@ class DataFlow:
         writes of known shape, like the server's execution records. Driver errors are
         mapped to DataFlow's.
 
+        On a SQLite file, up to `EXECUTEMANY_HERE_ROWS` rows are written on the calling
+        thread (about 10 µs a row, blocking it), on a connection that never waits for a
+        lock; when another writer holds the database, and for larger batches, they are
+        written in the driver's thread, which waits. PostgreSQL batches go through an
+        asyncpg pool connection.
+
         Raises:
             DataFlowError: inside `transaction()` or an atomic workflow (the statement
                 would not be part of it), or the database's error.
@@ -671,13 +695,73 @@ class DataFlow:
         if not rows:
             return
         if self._pg_pool is None:
-            await self._fast_executemany(None, sql, list(rows))
+            if not self._executemany_here(sql, rows):
+                await self._fast_executemany(None, sql, list(rows))
             return
         try:
             async with self._pg_pool.acquire() as conn, conn.transaction():
                 await conn.executemany(sql, rows)
         except Exception as exc:
             raise _map_error(exc, None) from exc
+
+    def _executemany_here(self, sql: str, rows: Sequence[Sequence[Any]]) -> bool:
+        """SQLite file databases: run `executemany` on the calling thread, on a connection
+        of its own that never waits for a lock. Returns False, having written nothing,
+        when it cannot: an in-memory database (a second connection would see another
+        one), more than `EXECUTEMANY_HERE_ROWS` rows, or the database locked by another
+        writer; the caller then goes through the driver's thread, which waits.
+
+        Why: handing a small batch to aiosqlite's thread costs the event loop more than
+        writing it. Each row makes that thread take the GIL back from a busy loop
+        (sqlite3 releases it around every step), and those handovers cost the loop
+        several times the write itself (docs/benchmarks.md, "Where the time goes").
+        """
+        if not self._sync_init or len(rows) > EXECUTEMANY_HERE_ROWS:
+            return False
+        conn = self._here
+        try:
+            if conn is None:
+                conn = self._here = self._connect_here()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    return False  # another writer holds the database: wait in the thread
+                raise
+            try:
+                conn.executemany(sql, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            raise _map_error(exc, None) from exc
+        self._here_rows += len(rows)
+        if self._here_rows >= CHECKPOINT_ROWS and self._checkpoint_task is None:
+            self._here_rows = 0
+            self._checkpoint_task = asyncio.create_task(self._checkpoint())
+        return True
+
+    def _connect_here(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._sqlite_path, isolation_level=None, check_same_thread=False)
+        _sqlite_pragmas(conn, None)
+        conn.execute("PRAGMA busy_timeout = 0")  # never wait on the caller's thread
+        # checkpoints (copying the log into the database, with an fsync) are run in the
+        # driver's thread by _checkpoint, never on the caller's
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        return conn
+
+    async def _checkpoint(self) -> None:
+        """Copy what executemany wrote from the write-ahead log into the database, in
+        the driver's thread (a passive checkpoint: it waits for no one)."""
+        try:
+            async with self._sqlite_lock:
+                conn = self._raw_sqlite or await self._sqlite_connection()
+                await conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception as exc:  # the next one catches up
+            _log.debug("checkpoint failed: %s", exc)
+        finally:
+            self._checkpoint_task = None
 
     def _fast_ok(self) -> bool:
         """Whether a single statement may skip SQLAlchemy: no shared transaction."""

@@ -28,12 +28,12 @@ Conv = Callable[[Any], Any] | None
 
 
 def _sqlite_dt_in(v: dt.datetime) -> str:
-    v = v.replace(tzinfo=dt.UTC) if v.tzinfo is None else v.astimezone(dt.UTC)
-    # SQLAlchemy's SQLite DATETIME storage format
-    return (
-        f"{v.year:04d}-{v.month:02d}-{v.day:02d} "
-        f"{v.hour:02d}:{v.minute:02d}:{v.second:02d}.{v.microsecond:06d}"
-    )
+    # SQLAlchemy's SQLite DATETIME storage format, "YYYY-MM-DD HH:MM:SS.ffffff", in UTC
+    # (a naive datetime is taken as UTC)
+    if v.tzinfo is None:
+        return v.isoformat(" ", "microseconds")
+    # "+00:00" cut off (isoformat always writes four-digit years: the offset is at 26)
+    return v.astimezone(dt.UTC).isoformat(" ", "microseconds")[:26]
 
 
 def _sqlite_dt_out(v: str) -> dt.datetime:
@@ -49,8 +49,8 @@ def _pg_dt_out(v: dt.datetime) -> dt.datetime:
     return v if v.tzinfo is dt.UTC else v.astimezone(dt.UTC)
 
 
-def _json_in(v: Any) -> str:
-    return json.dumps(v)
+#: json.dumps with its defaults, without re-reading its arguments on every call
+_json_in: Callable[[Any], str] = json.JSONEncoder().encode
 
 
 def _json_out(v: Any) -> Any:
@@ -60,6 +60,11 @@ def _json_out(v: Any) -> Any:
 def driver_value(value: Any, sqlite: bool) -> Any:
     """`value` in the driver's format where a column type converts it (datetimes, JSON
     documents); anything else unchanged."""
+    kind = type(value)
+    if kind is str or value is None:  # the common case first
+        return value
+    if kind is dict or kind is list:
+        return _json_in(value)
     if isinstance(value, dt.datetime):
         return _sqlite_dt_in(value) if sqlite else _pg_dt_in(value)
     if isinstance(value, dict | list):

@@ -75,8 +75,43 @@ def from_value(value: struct_pb2.Value, where: str = "") -> Any:
 
 def to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
-    s.update(to_jsonable(value))
+    fill_struct(s, to_jsonable(value))
     return s
+
+
+def fill_struct(target: struct_pb2.Struct, doc: Mapping[str, Any]) -> None:
+    """Add a JSON document's fields (as `to_jsonable` makes them: str keys; str, bool,
+    int, float, None, dict and list values) to `target`. What `Struct.update` does,
+    without its type checks: every Execution carries two Structs."""
+    fields = target.fields
+    for key, value in doc.items():
+        _set_value(fields[key], value)
+
+
+def _set_value(target: struct_pb2.Value, value: Any) -> None:
+    kind = type(value)
+    if kind is str:
+        target.string_value = value
+    elif kind is bool:
+        target.bool_value = value
+    elif kind is int or kind is float:
+        target.number_value = value
+    elif value is None:
+        target.null_value = struct_pb2.NULL_VALUE
+    elif kind is dict:
+        if value:
+            fill_struct(target.struct_value, value)
+        else:
+            target.struct_value.SetInParent()  # an empty dict is still a struct
+    elif kind is list:
+        if value:
+            values = target.list_value.values
+            for item in value:
+                _set_value(values.add(), item)
+        else:
+            target.list_value.SetInParent()
+    else:
+        raise TypeError(f"{kind.__name__} is not a JSON value (to_jsonable it first)")
 
 
 def to_value(value: Any) -> struct_pb2.Value:
@@ -185,9 +220,9 @@ def execution_message(rec: ExecutionRecord) -> wpb.Execution:
     )
     # a record's inputs and outputs are JSON documents already (to_jsonable on the way in)
     if rec.inputs:
-        msg.inputs.update(rec.inputs)
+        fill_struct(msg.inputs, rec.inputs)
     if rec.outputs is not None:
-        msg.outputs.update(rec.outputs)
+        fill_struct(msg.outputs, rec.outputs)
     if rec.error is not None:
         msg.error.CopyFrom(status_message(rec.error))
     _set_time(msg.create_time, rec.create_time - _EPOCH)

@@ -14,7 +14,6 @@ import datetime as _dt
 import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -53,19 +52,19 @@ def new_execution_id() -> str:
     return f"{time.time_ns() // 1000:014x}{os.urandom(9).hex()}"
 
 
-@dataclass
 class RunningExecution:
-    """An execution running in this process."""
+    """An execution running in this process, with its latest events (for watchers)."""
 
-    record: ExecutionRecord
-    task: asyncio.Task[None] | None = None
-    events: collections.deque[tuple[int, Event]] = field(
-        default_factory=lambda: collections.deque(maxlen=EVENT_BUFFER)
-    )
-    sequence: int = 0
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    #: set (and replaced) on the next event; created only when someone watches
-    _changed: asyncio.Event | None = None
+    __slots__ = ("_changed", "done", "events", "record", "sequence", "task")
+
+    def __init__(self, record: ExecutionRecord) -> None:
+        self.record = record
+        self.task: asyncio.Task[None] | None = None
+        self.events: collections.deque[tuple[int, Event]] = collections.deque(maxlen=EVENT_BUFFER)
+        self.sequence = 0
+        self.done = asyncio.Event()
+        #: set (and replaced) on the next event; created only when someone watches
+        self._changed: asyncio.Event | None = None
 
     def push(self, event: Event) -> None:
         self.sequence += 1

@@ -20,7 +20,14 @@ def to_jsonable(value: Any) -> Any:
     """`value` with datetimes as RFC 3339 text (UTC), dates as ISO dates, decimals and UUIDs
     as text (exact), ints beyond +-2^53 as text (exact), bytes as base64, enums as their
     value, tuples as lists."""
-    if value is None or isinstance(value, bool | float | str):
+    kind = type(value)
+    if kind is str or kind is bool or kind is float or value is None:
+        return value
+    if kind is int and -_EXACT <= value <= _EXACT:
+        return value
+    if kind is dict:
+        return {k if type(k) is str else str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, bool | float | str):  # subclasses
         return value
     if isinstance(value, int):
         # a JSON number is a double: an int it cannot hold exactly travels as text, as

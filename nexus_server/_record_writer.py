@@ -6,11 +6,16 @@ itself. Records are therefore queued and written by one task, all pending rows i
 transaction: under load many executions share a commit, and an execution that ends
 before its RUNNING row was written is written once, in its final state.
 
-What this trades: an execution's record reaches the database a few milliseconds after
+Once a row arrives, the writer waits `LINGER` (10 ms) for more before it writes: under
+load one transaction then carries every execution of those 10 ms, instead of one per
+few calls.
+
+What this trades: an execution's record reaches the database up to about 10 ms after
 the call returns. Until then it is served from memory (GetExecution, idempotent
-retries), `ListExecutions` waits for the queue to drain, and a graceful stop drains it.
-A crash can lose the records of the last few milliseconds; the work the workflow did in
-the database is not affected (its own transactions are committed by its nodes).
+retries), `ListExecutions` waits for the queue to drain (without lingering), and a
+graceful stop drains it. A crash can lose the records of the last 10 ms or so; the
+work the workflow did in the database is not affected (its own transactions are
+committed by its nodes).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ _log = logging.getLogger("nexus_server")
 MAX_PENDING = 10_000
 #: Rows written in one transaction at most.
 MAX_BATCH = 1_000
+#: Seconds the writer waits, once a row arrives, for more to share its transaction.
+LINGER = 0.01
 
 
 class RecordWriter(Generic[T]):
@@ -48,6 +55,9 @@ class RecordWriter(Generic[T]):
         written: called with each batch once it is committed.
         retry_delay: seconds before a failed batch is tried again (it is kept, never
             dropped, so a database outage delays records instead of losing them).
+        linger: seconds to wait, once a row arrives, for more rows to join its batch
+            (group commit: under load, one transaction per `linger` instead of one per
+            few calls). `drain` and `stop` cut it short.
     """
 
     def __init__(
@@ -57,11 +67,14 @@ class RecordWriter(Generic[T]):
         *,
         written: Callable[[Sequence[T]], None] = lambda batch: None,
         retry_delay: float = 0.5,
+        linger: float = LINGER,
     ) -> None:
         self._write = write
         self._key = key
         self._written = written
         self._retry_delay = retry_delay
+        self._linger = linger
+        self._urgent = asyncio.Event()  # set by drain: write now, do not linger
         self.pending: dict[str, T] = {}
         self._puts: dict[str, int] = {}  # how many times each pending key was put
         self._wakeup = asyncio.Event()
@@ -93,6 +106,7 @@ class RecordWriter(Generic[T]):
     async def drain(self) -> None:
         """Return once every row queued so far is written."""
         if self.pending or not self._idle.is_set():
+            self._urgent.set()
             self._wakeup.set()
             await self._idle.wait()
 
@@ -109,6 +123,9 @@ class RecordWriter(Generic[T]):
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
+            if self._linger > 0 and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), self._linger)
             self._wakeup.clear()
             while self.pending:
                 keys = list(self.pending)[:MAX_BATCH]
@@ -129,4 +146,5 @@ class RecordWriter(Generic[T]):
                 self._written(batch)
                 if len(self.pending) < MAX_PENDING:
                     self._room.set()
+            self._urgent.clear()
             self._idle.set()

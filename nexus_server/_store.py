@@ -102,7 +102,7 @@ def _utc(value: _dt.datetime | None) -> _dt.datetime | None:
     return value.replace(tzinfo=_dt.UTC) if value.tzinfo is None else value
 
 
-@dataclass
+@dataclass(slots=True)
 class ExecutionRecord:
     """One row of `nexus_executions`."""
 
@@ -294,6 +294,8 @@ class Store:
 def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
     """An execution's column values for the driver, in EXECUTIONS' column order (its
     inputs, outputs and error are JSON documents already)."""
+    created = driver(rec.create_time)
+    started = rec.start_time
     return (
         rec.id,
         rec.workflow,
@@ -302,11 +304,12 @@ def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
         rec.request_id,
         rec.request_hash,
         driver(rec.inputs),
-        driver(rec.outputs),
-        driver(rec.error),
-        driver(rec.create_time),
-        driver(rec.start_time),
-        driver(rec.end_time),
+        None if rec.outputs is None else driver(rec.outputs),
+        None if rec.error is None else driver(rec.error),
+        created,
+        # a unary execution starts when it is created: one conversion for both
+        created if started is rec.create_time else None if started is None else driver(started),
+        None if rec.end_time is None else driver(rec.end_time),
     )
 
 

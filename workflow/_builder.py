@@ -162,6 +162,10 @@ class Workflow:
         self._roots = tuple(nid for nid in order if not any(plans[nid].incoming))
         self._n_deps = {nid: len({i.source for i in p.incoming}) for nid, p in plans.items()}
         self._required = tuple(n for n, i in inputs.items() if i.required)
+        # validate_inputs({}) returns {} at once when nothing is required or defaulted
+        self._defaults_or_required = any(
+            i.required or i.default is not MISSING for i in inputs.values()
+        )
         self.outputs: tuple[WorkflowOutput, ...] = tuple(
             WorkflowOutput(nid, name, out.type, out.description)
             for nid in order
@@ -192,6 +196,8 @@ class Workflow:
         Raises:
             InvalidInputsError: listing every missing, unknown or wrongly typed input.
         """
+        if not parameters and not self._defaults_or_required:
+            return {}
         params = parameters or {}
         inputs = self.inputs
         errors: list[InputError] = []

@@ -265,8 +265,9 @@ class AsyncLocalRuntime:
         token = _CURRENT.set(ctx)
         running: dict[asyncio.Future[Any], str] = {}
         active: set[str] = set()
-        started = time.perf_counter()
+        started = 0.0
         if emit:
+            started = time.perf_counter()
             emit(Event(EventKind.EXECUTION_STARTED, execution_id))
         try:
             try:
@@ -380,9 +381,10 @@ async def _run_node(
     execution_id: str,
 ) -> dict[str, Any]:
     nid = plan.id
+    t0 = 0.0
     if emit:
         emit(Event(EventKind.NODE_STARTED, execution_id, nid, plan.type_name))
-    t0 = time.perf_counter()
+        t0 = time.perf_counter()
     active.add(nid)
     try:
         kwargs = dict(plan.static)

@@ -53,7 +53,7 @@ async def test_the_latest_version_of_a_row_is_written_once() -> None:
 async def test_rows_queued_while_a_batch_is_written_share_the_next_commit() -> None:
     gate = asyncio.Event()
     sink = Sink(gate=gate)
-    w = writer(sink)
+    w = writer(sink, linger=0)
     w.start()
     w.put(("first", 0))
     await asyncio.sleep(0)  # the writer takes "first" and waits on the gate
@@ -80,7 +80,7 @@ async def test_a_failed_batch_is_kept_and_written_later() -> None:
 async def test_a_newer_version_queued_during_a_write_stays_queued() -> None:
     gate = asyncio.Event()
     sink = Sink(gate=gate)
-    w = writer(sink)
+    w = writer(sink, linger=0)
     w.start()
     w.put(("a", 1))
     await asyncio.sleep(0)  # version 1 is being written
@@ -100,7 +100,7 @@ async def test_an_item_changed_while_its_earlier_state_is_written_is_written_aga
         await gate.wait()
         written.extend(states)
 
-    w: RecordWriter[dict[str, str]] = RecordWriter(write, lambda item: item["id"])
+    w: RecordWriter[dict[str, str]] = RecordWriter(write, lambda item: item["id"], linger=0)
     w.start()
     record = {"id": "e1", "state": "RUNNING"}
     w.put(record)
