@@ -708,15 +708,17 @@ class DataFlow:
         """SQLite file databases: run `executemany` on the calling thread, on a connection
         of its own that never waits for a lock. Returns False, having written nothing,
         when it cannot: an in-memory database (a second connection would see another
-        one), more than `EXECUTEMANY_HERE_ROWS` rows, or the database locked by another
-        writer; the caller then goes through the driver's thread, which waits.
+        one), more than `EXECUTEMANY_HERE_ROWS` rows, DataFlow's own connection in use
+        (a `transaction()` block, say: this write must not land in its middle), or the
+        database locked by another writer; the caller then goes through the driver's
+        thread, which waits its turn.
 
         Why: handing a small batch to aiosqlite's thread costs the event loop more than
         writing it. Each row makes that thread take the GIL back from a busy loop
         (sqlite3 releases it around every step), and those handovers cost the loop
         several times the write itself (docs/benchmarks.md, "Where the time goes").
         """
-        if not self._sync_init or len(rows) > EXECUTEMANY_HERE_ROWS:
+        if not self._sync_init or len(rows) > EXECUTEMANY_HERE_ROWS or self._sqlite_lock.locked():
             return False
         conn = self._here
         try:

@@ -110,6 +110,13 @@ def _set_value(target: struct_pb2.Value, value: Any) -> None:
                 _set_value(values.add(), item)
         else:
             target.list_value.SetInParent()
+    # subclasses (an IntEnum or StrEnum member, a str subclass), which to_jsonable keeps
+    elif isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, str):
+        target.string_value = value
+    elif isinstance(value, int | float):
+        target.number_value = value
     else:
         raise TypeError(f"{kind.__name__} is not a JSON value (to_jsonable it first)")
 

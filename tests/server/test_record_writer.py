@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ class Sink:
         return [row for batch in self.batches for row in batch]
 
 
-def writer(sink: Sink, **kw: float) -> RecordWriter[tuple[str, int]]:
+def writer(sink: Sink, **kw: Any) -> RecordWriter[tuple[str, int]]:
     return RecordWriter(sink.write, lambda row: row[0], **kw)
 
 
@@ -146,3 +147,65 @@ async def test_stop_writes_everything_queued() -> None:
     await w.stop()
     assert len(sink.rows) == 2500
     assert max(len(b) for b in sink.batches) <= _record_writer.MAX_BATCH
+
+
+# -- linger: waiting, once a row arrives, for more to share its transaction -------------
+
+
+async def test_rows_put_within_the_linger_window_are_written_in_one_batch() -> None:
+    sink = Sink()
+    w = writer(sink, linger=0.2)
+    w.start()
+    for i in range(5):
+        w.put((f"r{i}", i))
+        await asyncio.sleep(0)  # the writer wakes up between the rows
+    await asyncio.sleep(0.05)
+    assert sink.batches == []  # still lingering
+    await w.drain()
+    assert sink.batches == [[(f"r{i}", i) for i in range(5)]]
+    await w.stop()
+
+
+async def test_a_lingering_batch_is_written_when_the_linger_ends() -> None:
+    sink = Sink()
+    done = asyncio.Event()
+    w = RecordWriter(sink.write, lambda row: row[0], written=lambda _: done.set(), linger=0.05)
+    w.start()
+    w.put(("a", 1))
+    await asyncio.sleep(0)
+    w.put(("b", 2))
+    await asyncio.wait_for(done.wait(), 5)  # no drain: the linger runs out by itself
+    assert sink.batches == [[("a", 1), ("b", 2)]]
+    assert w.pending == {}
+    await w.stop()
+
+
+async def test_drain_cuts_a_long_linger_short() -> None:
+    sink = Sink()
+    w = writer(sink, linger=30)
+    w.start()
+    w.put(("a", 1))
+    w.put(("b", 2))
+    await asyncio.sleep(0.01)  # the writer is lingering
+    await asyncio.wait_for(w.drain(), 5)
+    assert sink.batches == [[("a", 1), ("b", 2)]]
+    assert w.pending == {}
+    # the next row lingers again: draining hurried one batch, not every later one
+    w.put(("c", 3))
+    await asyncio.sleep(0.05)
+    assert sink.rows == [("a", 1), ("b", 2)]
+    await asyncio.wait_for(w.drain(), 5)
+    assert sink.batches[1:] == [[("c", 3)]]
+    await w.stop()
+
+
+async def test_stop_cuts_a_long_linger_short_and_writes_everything() -> None:
+    sink = Sink()
+    w = writer(sink, linger=30)
+    w.start()
+    for i in range(3):
+        w.put((f"r{i}", i))
+    await asyncio.sleep(0.01)  # the writer is lingering
+    await asyncio.wait_for(w.stop(), 5)
+    assert sink.batches == [[(f"r{i}", i) for i in range(3)]]
+    assert w.pending == {}
