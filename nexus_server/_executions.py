@@ -55,27 +55,46 @@ def new_execution_id() -> str:
 class RunningExecution:
     """An execution running in this process, with its latest events (for watchers)."""
 
-    __slots__ = ("_changed", "done", "events", "record", "sequence", "task")
+    __slots__ = ("_changed", "_done", "events", "finished", "record", "sequence", "task")
 
     def __init__(self, record: ExecutionRecord) -> None:
         self.record = record
         self.task: asyncio.Task[None] | None = None
         self.events: collections.deque[tuple[int, Event]] = collections.deque(maxlen=EVENT_BUFFER)
         self.sequence = 0
-        self.done = asyncio.Event()
+        #: whether the execution ended (its record holds how)
+        self.finished = False
+        # created only when someone waits for the end (most executions end unwatched)
+        self._done: asyncio.Event | None = None
         #: set (and replaced) on the next event; created only when someone watches
         self._changed: asyncio.Event | None = None
 
     def push(self, event: Event) -> None:
         self.sequence += 1
         self.events.append((self.sequence, event))
-        self.wake()
+        if self._changed is not None:  # wake(), inlined: four events per execution
+            self._changed.set()
+            self._changed = None
 
     def wake(self) -> None:
         """Wake the watchers (a new event, or the execution is done)."""
         if self._changed is not None:
             self._changed.set()
             self._changed = None
+
+    def finish(self) -> None:
+        """Mark the execution ended: wakes whoever waits for it or watches it."""
+        self.finished = True
+        if self._done is not None:
+            self._done.set()
+        self.wake()
+
+    async def wait(self) -> None:
+        """Return once the execution has ended."""
+        if not self.finished:
+            if self._done is None:
+                self._done = asyncio.Event()
+            await self._done.wait()
 
     async def watch(self) -> AsyncIterator[tuple[int, Event]]:
         """Every event from the first still buffered, then live ones, until the last."""
@@ -90,7 +109,7 @@ class RunningExecution:
                     yield seq, event
                     if event.kind.terminal:
                         return
-            if self.done.is_set() and seen >= self.sequence:
+            if self.finished and seen >= self.sequence:
                 return
             await changed.wait()
 
@@ -178,7 +197,7 @@ class Executions:
             run.task = asyncio.current_task()
             await self._run(run, wf, inputs)
         elif run is not None:
-            await run.done.wait()
+            await run.wait()
         return run.record if run is not None else rec
 
     async def start(
@@ -219,7 +238,8 @@ class Executions:
         check_request_id(request_id)
         inputs = wf.validate_inputs(raw_inputs)
         if not request_id:
-            await self.writer.wait_for_room()
+            if self.writer.full:
+                await self.writer.wait_for_room()
             run = self._register(name, inputs, caller, None, None)
             return run, run.record, inputs
         key = (caller, request_id)
@@ -228,7 +248,8 @@ class Executions:
             found = await self._find(caller, request_id, hash_)
             if found is not None:
                 return (*found, None)
-            await self.writer.wait_for_room()
+            if self.writer.full:
+                await self.writer.wait_for_room()
             run = self._register(name, inputs, caller, request_id, hash_)
             self._requests[key] = run.record.id
             return run, run.record, inputs
@@ -310,8 +331,7 @@ class Executions:
             rec.end_time = _dt.datetime.now(_dt.UTC)
             self.writer.put(rec)  # again: its final state is written (once more, if need be)
             self.running.pop(rec.id, None)
-            run.done.set()
-            run.wake()
+            run.finish()
 
     async def get(self, execution_id: str) -> ExecutionRecord:
         rec = self._unflushed(execution_id) or await self.store.get_execution(execution_id)
@@ -335,7 +355,7 @@ class Executions:
                 metadata={"state": rec.state},
             )
         run.task.cancel()
-        await run.done.wait()
+        await run.wait()
         return run.record
 
     async def shutdown(self, grace: float) -> None:

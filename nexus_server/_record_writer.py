@@ -87,6 +87,11 @@ class RecordWriter(Generic[T]):
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="nexus-record-writer")
 
+    @property
+    def full(self) -> bool:
+        """Whether a new item would have to `wait_for_room`."""
+        return len(self.pending) >= MAX_PENDING
+
     async def wait_for_room(self) -> None:
         """Wait while the queue is full (the database is slower than the executions).
         Called before a new item's first `put`; later versions of it never wait, so an

@@ -228,7 +228,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             return
         async for seq, event in run.watch():
             if event.kind.terminal:
-                await run.done.wait()
+                await run.wait()
                 yield _final_event(run.record, seq)
                 return
             yield _event_message(event, seq, rec)

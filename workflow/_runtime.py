@@ -281,7 +281,8 @@ class AsyncLocalRuntime:
             except TimeoutError:
                 raise ExecutionTimeoutError(timeout or 0.0, sorted(active)) from None
             finally:
-                await _cancel_all(running)
+                if running:
+                    await _cancel_all(running)
         except asyncio.CancelledError as exc:
             await _close_quietly(ctx, exc)
             if emit:
@@ -303,7 +304,8 @@ class AsyncLocalRuntime:
         finally:
             _CURRENT.reset(token)
         try:
-            await ctx._close(None)
+            if ctx._stack is not None:  # shared resources were opened
+                await ctx._close(None)
         except Exception as exc:
             commit_err = WorkflowError(f"committing the execution's shared resources failed: {exc}")
             if emit:
