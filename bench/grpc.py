@@ -26,7 +26,9 @@ the count to `--seconds`; the h2load process itself has a timeout). gRPC errors 
 invisible to h2load (HTTP 200 with a grpc-status trailer), so each run is checked: the
 response bytes must add up for reads, the rows written must match for writes.
 
-Run: `.venv/bin/python bench/grpc.py` (`--quick` for a short run).
+Run: `.venv/bin/python bench/grpc.py` (`--quick` for a short run). To measure a change,
+`--against CHECKOUT` also serves the noop workflow from another checkout (a
+`git worktree` of main, say) and prints this checkout's ratio to it, alternating rounds.
 """
 
 from __future__ import annotations
@@ -518,6 +520,12 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
         nexus_env = child_env(f"sqlite:///{nexus_db}")
         nexus, _ = start("nexus", nexus_cmd(app, free_port()), nexus_env, tmp)
         servers.append(nexus)
+        other: Server | None = None
+        if args.against:
+            other_db = tmp / "other.db"
+            other_env = {**child_env(f"sqlite:///{other_db}"), "PYTHONPATH": args.against}
+            other, _ = start("other", nexus_cmd(app, free_port()), other_env, tmp)
+            servers.append(other)
 
         # seed both databases with the same 100 contacts; read the 50th back in the load
         nexus_ids, driver_ids = [], []
@@ -558,6 +566,14 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
                      count=executions(nexus_db, "create_contact")),
             ),
         ]  # fmt: skip
+        if other is not None:
+            assert args.against is not None
+            pairs.append((
+                Case(f"noop served from {Path(args.against).name}", other.address, EXECUTE,
+                     echo_body, count=executions(tmp / "other.db", "noop")),
+                Case("ExecuteWorkflow noop", nexus.address, EXECUTE, echo_body,
+                     count=executions(nexus_db, "noop")),
+            ))  # fmt: skip
         missed = []
         print(
             f"\nThroughput and latency (h2load, 1 HTTP/2 connection; best of {args.rounds} "
@@ -570,10 +586,12 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
         print(header)
         print("-" * len(header))
         for base_case, case in pairs:
+            # the comparison with another checkout has no target: its ratio is the change
+            judged = not base_case.label.startswith("noop served from")
             for conc in CONCURRENCY:
                 (base, base_note), (load, note) = measure(base_case, case, conc, args)
                 ratio = load.rps / base.rps
-                ok = ratio >= RATIO_TARGET
+                ok = ratio >= RATIO_TARGET or not judged
                 print(
                     f"{base_case.label:<32} {conc:>4} {base.rps:>9,.0f} {base.p50_ms:>8.2f}"
                     f" {base.p99_ms:>8.2f} {'':>6}  (baseline)"
@@ -581,7 +599,8 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
                 )
                 print(
                     f"{case.label:<32} {conc:>4} {load.rps:>9,.0f} {load.p50_ms:>8.2f}"
-                    f" {load.p99_ms:>8.2f} {ratio:>6.2f}  {'ok' if ok else 'MISSED'}"
+                    f" {load.p99_ms:>8.2f} {ratio:>6.2f}  "
+                    f"{('ok' if ok else 'MISSED') if judged else '(vs that checkout)'}"
                     f"{'  ' + note if note else ''}",
                     flush=True,
                 )
@@ -679,6 +698,12 @@ def main() -> int:
     p.add_argument("--startup-runs", type=int, help="start-up runs (default 5; quick 2)")
     p.add_argument("--skip-load", action="store_true", help="only start-up and RSS")
     p.add_argument("--skip-startup", action="store_true", help="only the throughput table")
+    p.add_argument(
+        "--against",
+        metavar="CHECKOUT",
+        help="also serve the noop workflow from another checkout of this repository "
+        "(e.g. `git worktree add /tmp/main main`) and print this one's ratio to it",
+    )
     # internal: serve a bare baseline in this process
     p.add_argument("--serve", choices=["echo", "driver"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -690,6 +715,10 @@ def main() -> int:
     args.seconds = args.seconds or (1.0 if args.quick else 3.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.startup_runs = args.startup_runs or (2 if args.quick else 5)
+    if args.against:
+        args.against = str(Path(args.against).resolve())
+        if not (Path(args.against) / "nexus_server" / "__init__.py").is_file():
+            p.error(f"--against {args.against}: not a checkout of this repository")
     if not args.skip_load and shutil.which("h2load") is None:
         print("h2load not found: apt-get install nghttp2-client (or --skip-load)")
         return 2
