@@ -12,7 +12,7 @@ import datetime as dt
 import enum
 import operator
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, bindparam, delete, func, insert, literal, select, update
@@ -364,12 +364,13 @@ class ModelOps:
         """Insert the record, or update the existing one with the same `conflict_on` key
         (default ``["id"]``), in one ``INSERT ... ON CONFLICT DO UPDATE`` statement.
 
-        On conflict every given or defaulted field except the key, ``id`` and
-        ``created_at`` is overwritten. Returns the record as stored.
+        A new record gets defaults for the fields not given; an existing one changes only
+        in the fields given (and ``updated_at``): a field left out keeps its value, it is
+        never reset to its default. Returns the record as stored.
         """
         key = self._conflict_cols(conflict_on)
         values = self._values(fields)
-        stmt = self._upsert_stmt(key, list(values)).returning(*self.table.c)
+        stmt = self._upsert_stmt(key, list(values), fields).returning(*self.table.c)
         bump = self._bump is not None and "id" in values
         async with self._db._session(self.model, write=bump) as (conn, _):
             row = (await conn.execute(stmt, values)).one()
@@ -377,10 +378,16 @@ class ModelOps:
                 await conn.execute(self._bump)
         return self._record(row)
 
-    def _upsert_stmt(self, key: tuple[str, ...], names: builtins.list[str]) -> Any:
+    def _upsert_stmt(
+        self, key: tuple[str, ...], names: builtins.list[str], given: Collection[str]
+    ) -> Any:
+        """INSERT of the columns `names`; on a conflict on `key`, SET the `given` fields
+        (never the key, ``id`` or ``created_at``) and ``updated_at``."""
         ins = self._dialect_insert(self.table)
         skip = {*key, "id", "created_at"}
-        sets = {n: ins.excluded[n] for n in names if n not in skip}
+        sets = {
+            n: ins.excluded[n] for n in names if n not in skip and (n in given or n == "updated_at")
+        }
         return ins.on_conflict_do_update(index_elements=list(key), set_=sets)
 
     # -- queries ---------------------------------------------------------------------
@@ -577,7 +584,8 @@ class ModelOps:
         self, data: Sequence[Mapping[str, Any]], conflict_on: Sequence[str] | None = None
     ) -> int:
         """Insert or update every record of `data` on its `conflict_on` key, with native
-        ``INSERT ... ON CONFLICT DO UPDATE``, in one transaction; return how many."""
+        ``INSERT ... ON CONFLICT DO UPDATE``, in one transaction; return how many. As in
+        `upsert`, an existing record changes only in the fields its entry gives."""
         key = self._conflict_cols(conflict_on)
         rows = self._new_rows(data)
         if not rows:
@@ -591,9 +599,14 @@ class ModelOps:
                         ", ".join(key), f"same key as row {seen[k]} in this batch", row=i
                     )
                 seen[k] = i
-        stmt = self._upsert_stmt(key, list(rows[0]))
+        # one statement per set of given fields: each entry updates only what it gives
+        groups: dict[frozenset[str], builtins.list[dict[str, Any]]] = {}
+        for given, r in zip(data, rows, strict=True):
+            groups.setdefault(frozenset(given), []).append(r)
+        names = list(rows[0])  # every row has the same columns (defaults filled in)
         async with self._db._session(self.model, write=True) as (conn, _):
-            await conn.execute(stmt, rows)
+            for given_fields, group in groups.items():
+                await conn.execute(self._upsert_stmt(key, names, given_fields), group)
             if self._bump is not None and "id" in rows[0]:
                 await conn.execute(self._bump)
         return len(rows)

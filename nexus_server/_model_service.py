@@ -267,13 +267,13 @@ class ModelServicer(mgrpc.ModelServiceServicer):
             data = self.records.coerce(model, from_struct(request.record, "record"), "record")
             conflict_on = list(request.conflict_on) or None
             if request.HasField("update_mask") and request.update_mask.paths:
-                # DataFlow's upsert overwrites every given field on conflict; ignoring the
-                # mask would overwrite what the caller meant to keep
+                # an upsert changes exactly the fields sent (the record's other fields keep
+                # their values): a mask could only contradict the record
                 raise ApiError(
                     "REQUEST_INVALID",
-                    "UpsertRecord does not support update_mask yet; send only the fields "
-                    "to write, or use UpdateRecord",
-                    [("update_mask", "not supported by UpsertRecord yet")],
+                    "UpsertRecord takes no update_mask: on a conflict it changes exactly the "
+                    "fields of `record`, so send only the fields to write",
+                    [("update_mask", "not used by UpsertRecord; send only the fields to write")],
                 )
 
             async def write() -> mpb.UpsertRecordResponse:

@@ -3,8 +3,10 @@
 `Supervisor` runs one child: it starts it with its output in a private log file, waits
 until it is ready, restarts it whenever it exits (after 0.2 s, doubling up to 5 s while
 it keeps failing quickly; a run of 10 s or more starts the delays over) and stops it on
-`stop()` (SIGTERM, then SIGKILL after a grace period). A subclass says what to run and
-how to tell it is ready.
+`stop()` (SIGTERM, then SIGKILL after a grace period). On Linux the child also gets
+SIGTERM if this process dies without stopping it (killed with SIGKILL, say), so it
+never outlives the server holding its port. A subclass says what to run and how to
+tell it is ready.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import ctypes
 import logging
 import signal
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -31,6 +36,32 @@ MAX_DELAY = 5.0
 STABLE_AFTER = 10.0
 #: Seconds a child gets to exit after SIGTERM before it is killed.
 STOP_GRACE = 10.0
+
+
+#: Linux's prctl option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """On Linux, a function for `preexec_fn` that makes the child get SIGTERM when the
+    process that started it dies, even by SIGKILL (no `stop()` runs then). Looked up
+    here, in the parent: between fork and exec the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.restype = ctypes.c_int
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+
+    def set_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return set_signal
+
+
+_SET_PARENT_DEATH_SIGNAL = _parent_death_signal()
 
 
 class SupervisorError(RuntimeError):
@@ -121,6 +152,8 @@ class Supervisor(abc.ABC):
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # Ctrl-C reaches us; we stop the child ourselves
+                # and if we are killed outright, Linux stops it (Envoy would keep the port)
+                preexec_fn=_SET_PARENT_DEATH_SIGNAL,
             )
         self._launched_at = time.monotonic()
         try:

@@ -65,6 +65,9 @@ async def _serve_http(adapter: object, host: str, port: int) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        # listening before the port is announced: a client that connects at once waits
+        # in the backlog until uvicorn accepts, instead of being refused
+        sock.listen(2048)
     except OSError as exc:
         sock.close()
         raise SystemExit(f"nexus-mcp: cannot listen on {host}:{port}: {exc}") from None

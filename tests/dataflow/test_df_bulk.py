@@ -135,6 +135,47 @@ async def test_upsert_conflicts(contacts: Contacts) -> None:
     assert await ops.count() == 1
 
 
+async def test_upsert_changes_only_the_fields_given(contacts: Contacts) -> None:
+    db, Contact = contacts
+    ops = db.ops(Contact)
+    first = await ops.upsert(id="k1", name="Kim", email="kim@x", company="Acme", score=7)
+    # neither company nor score is given: both keep their values, not their defaults
+    again = await ops.upsert(id="k1", name="Kim L.", email="kim@x")
+    assert (again["name"], again["company"], again["score"]) == ("Kim L.", "Acme", 7)
+    assert again["updated_at"] >= first["updated_at"]
+    assert again["created_at"] == first["created_at"]
+    # a new record still gets the defaults
+    other = await ops.upsert(id="k2", name="Lee", email="lee@x")
+    assert (other["company"], other["score"]) == (None, 0)
+    # an explicit None is a value: it is written
+    cleared = await ops.upsert(id="k1", name="Kim L.", email="kim@x", company=None)
+    assert (cleared["company"], cleared["score"]) == (None, 7)
+
+
+async def test_bulk_upsert_changes_only_the_fields_each_entry_gives(contacts: Contacts) -> None:
+    db, Contact = contacts
+    ops = db.ops(Contact)
+    await ops.bulk_create(
+        [{"id": f"b{i}", "name": f"B{i}", "email": f"b{i}@x", "company": "Co", "score": 9}
+         for i in range(3)]
+    )  # fmt: skip
+    n = await ops.bulk_upsert(
+        [
+            {"id": "b0", "name": "B0 new", "email": "b0@x"},  # keeps company and score
+            {"id": "b1", "name": "B1", "email": "b1@x", "score": 1},  # keeps company
+            {"id": "b3", "name": "B3", "email": "b3@x"},  # new: defaults
+        ]
+    )
+    assert n == 3
+    got = {r["id"]: (r["name"], r["company"], r["score"]) for r in (await ops.list())["records"]}
+    assert got == {
+        "b0": ("B0 new", "Co", 9),
+        "b1": ("B1", "Co", 1),
+        "b2": ("B2", "Co", 9),
+        "b3": ("B3", None, 0),
+    }
+
+
 async def test_bulk_upsert(contacts: Contacts) -> None:
     db, Contact = contacts
     ops = db.ops(Contact)

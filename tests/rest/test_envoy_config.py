@@ -4,6 +4,7 @@ supervisor (ready, restarted when it dies, stopped) and `nexus serve` with Envoy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -219,6 +220,62 @@ def test_nexus_serve_runs_envoy_in_front(envoy_bin: Path, tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed but not yet reaped by init, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_envoy_stops_when_nexus_serve_is_killed(envoy_bin: Path, tmp_path: Path) -> None:
+    """SIGKILL leaves `nexus serve` no chance to stop Envoy: Linux does it (the
+    parent-death signal), so no Envoy is left holding the port."""
+    env = {**os.environ, "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_server", "serve", str(ROOT / "examples" / "contacts_app.py"),
+         "--grpc-port", "0", "--api-port", "0"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    envoys: list[int] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while not line.startswith("Envoy on"):
+            assert time.monotonic() < deadline
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else ""
+        match = re.match(r"Envoy on (http://127\.0\.0\.1:\d+)", line)
+        assert match, line
+        base = match.group(1)
+        assert httpx.get(f"{base}/v1/workflows", timeout=WAIT).status_code == 200
+        envoys = [c for c in _children(proc.pid) if "envoy" in Path(f"/proc/{c}/comm").read_text()]
+        assert len(envoys) == 1, _children(proc.pid)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _alive(envoys[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(envoys[0]), "Envoy outlived the killed server"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{base}/v1/workflows", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in envoys:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_nexus_serve_refuses_cors_without_envoy(tmp_path: Path) -> None:

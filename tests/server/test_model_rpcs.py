@@ -400,6 +400,8 @@ async def test_upsert_reports_created(ms: Any, expect_error: ExpectError) -> Non
         )
     )
     assert not by_id.created and by_id.record["name"] == "Ada"
+    # a field left out keeps its value (score 2), never reset to its default (0)
+    assert by_id.record["score"] == 2
     assert await count(ms) == 1
     await expect_error(
         ms.UpsertRecord(
