@@ -175,11 +175,13 @@ def test_envoy_that_cannot_start_fails_startup_with_its_log(envoy_bin: Path, ser
         asyncio.run(start())
 
 
-def test_nexus_serve_runs_envoy_in_front(envoy_bin: Path, tmp_path: Path) -> None:
+def _serve_with_envoy(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[str], str]:
+    """`nexus serve` of the example app with Envoy in front; returns the process once it
+    printed Envoy's address, and that address (the caller stops the process)."""
     env = {**os.environ, "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nexus_server", "serve", str(ROOT / "examples" / "contacts_app.py"),
-         "--grpc-port", "0", "--api-port", "0", "--cors-origin", "https://a.example"],
+         "--grpc-port", "0", "--api-port", "0", *options],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -196,7 +198,16 @@ def test_nexus_serve_runs_envoy_in_front(envoy_bin: Path, tmp_path: Path) -> Non
             r"Envoy on (http://127\.0\.0\.1:\d+) \(REST, gRPC-Web and gRPC\)", lines[-1]
         )
         assert match, lines
-        base = match.group(1)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, match.group(1)
+
+
+def test_nexus_serve_runs_envoy_in_front(envoy_bin: Path, tmp_path: Path) -> None:
+    proc, base = _serve_with_envoy(tmp_path, "--cors-origin", "https://a.example")
+    try:
         resp = httpx.post(
             f"{base}/workflows/create_contact/execute",
             json={"inputs": {"name": "John Doe", "email": "john@example.com"}},
@@ -240,24 +251,9 @@ def _alive(pid: int) -> bool:
 def test_envoy_stops_when_nexus_serve_is_killed(envoy_bin: Path, tmp_path: Path) -> None:
     """SIGKILL leaves `nexus serve` no chance to stop Envoy: Linux does it (the
     parent-death signal), so no Envoy is left holding the port."""
-    env = {**os.environ, "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nexus_server", "serve", str(ROOT / "examples" / "contacts_app.py"),
-         "--grpc-port", "0", "--api-port", "0"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc, base = _serve_with_envoy(tmp_path)
     envoys: list[int] = []
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        line = ""
-        while not line.startswith("Envoy on"):
-            assert time.monotonic() < deadline
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read() if proc.stderr else ""
-        match = re.match(r"Envoy on (http://127\.0\.0\.1:\d+)", line)
-        assert match, line
-        base = match.group(1)
         assert httpx.get(f"{base}/v1/workflows", timeout=WAIT).status_code == 200
         envoys = [c for c in _children(proc.pid) if "envoy" in Path(f"/proc/{c}/comm").read_text()]
         assert len(envoys) == 1, _children(proc.pid)
