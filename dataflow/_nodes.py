@@ -42,6 +42,20 @@ def _field_param(f: FieldInfo) -> Param:
     return Param(f.type, description=f.description)
 
 
+def _upsert_param(f: FieldInfo) -> Param:
+    """An UpsertNode parameter. A field that is optional on insert is optional here with
+    no default of its own: a node receives every parameter, and a default passed along
+    would overwrite the stored value of an existing record. Left out (or null), the
+    field keeps its stored value; a new record gets the model's default."""
+    if f.primary_key or (f.default is MISSING and not f.nullable):
+        return _field_param(f)
+    note = "left out or null: an existing record keeps its value"
+    if f.default is not MISSING and f.default is not None:
+        note += f"; a new one gets {f.default!r}"
+    description = f"{f.description} ({note})" if f.description else note
+    return Param(f.type | None, default=None, description=description)
+
+
 # parameters every model's nodes share (Param is immutable)
 _FILTER = Param(dict | None, default=None, description="MongoDB-style filter")
 _ALL = Param(bool, default=False, description="allow an empty filter (every record)")
@@ -86,7 +100,8 @@ def make_nodes(model: ModelInfo, get_ops: Callable[[], ModelOps]) -> dict[str, t
         return {"count": await get_ops().count(filter)}
 
     async def upsert(self: Node, conflict_on: Any, **p: Any) -> Mapping[str, Any]:
-        return await get_ops().upsert(conflict_on, **p)
+        # a null is "not given" (see _upsert_param): only given fields change
+        return await get_ops().upsert(conflict_on, **{k: v for k, v in p.items() if v is not None})
 
     async def bulk_create(self: Node, data: Any) -> Mapping[str, Any]:
         return {"created": await get_ops().bulk_create(data)}
@@ -144,7 +159,10 @@ def make_nodes(model: ModelInfo, get_ops: Callable[[], ModelOps]) -> dict[str, t
         "UpsertNode": (
             f"Insert a {name} record or update the one with the same unique key.",
             upsert,
-            {**create_params, "conflict_on": conflict},
+            {
+                **{f.name: _upsert_param(f) for f in model.writable_fields},
+                "conflict_on": conflict,
+            },
             record,
         ),
         "BulkCreateNode": (

@@ -152,6 +152,30 @@ async def test_upsert_changes_only_the_fields_given(contacts: Contacts) -> None:
     assert (cleared["company"], cleared["score"]) == (None, 7)
 
 
+async def test_upsert_node_keeps_what_it_does_not_set(contacts: Contacts) -> None:
+    """A node receives every parameter: the UpsertNode's optional fields default to
+    null, which means "not given", so the model's defaults never reset stored values."""
+    db, Contact = contacts
+    ops = db.ops(Contact)
+    await ops.create(id="n1", name="Nia", email="nia@x", company="Acme", score=7)
+    wf = WorkflowBuilder()
+    wf.add_node(
+        "ContactUpsertNode", "up", {"id": "{{id}}", "name": "{{name}}", "email": "{{email}}"}
+    )
+    out = await AsyncLocalRuntime().execute_workflow_async(
+        wf.build(), {"id": "n1", "name": "Nia B.", "email": "nia@x"}
+    )
+    assert (out["up"]["name"], out["up"]["company"], out["up"]["score"]) == ("Nia B.", "Acme", 7)
+    # a new record through the node still gets the model's defaults
+    new = await run_node("ContactUpsertNode", {"id": "n2", "name": "Oz", "email": "oz@x"})
+    assert (new["company"], new["score"]) == (None, 0)
+    # a field the node does set is written
+    again = await run_node(
+        "ContactUpsertNode", {"name": "Nia", "email": "nia@x", "score": 1, "conflict_on": ["email"]}
+    )
+    assert (again["id"], again["company"], again["score"]) == ("n1", "Acme", 1)
+
+
 async def test_bulk_upsert_changes_only_the_fields_each_entry_gives(contacts: Contacts) -> None:
     db, Contact = contacts
     ops = db.ops(Contact)
