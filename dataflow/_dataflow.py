@@ -57,6 +57,13 @@ CHECKPOINT_ROWS = 2000
 _log = logging.getLogger("dataflow")
 
 
+class _NotHere:
+    """What `DataFlow._here` returns when the work must go to the driver's thread."""
+
+
+NOT_HERE = _NotHere()
+
+
 class _Entry:
     """A declared model and what DataFlow made of it. ModelOps (its prepared statements)
     is built on first use, keeping declaration cheap."""
@@ -265,8 +272,8 @@ class DataFlow:
         self._echo = echo
         self._pg_pool: Any = None
         self._raw_sqlite: Any = None
-        # executemany's own connection to a SQLite file, used on the caller's thread
-        self._here: sqlite3.Connection | None = None
+        # a connection of its own to a SQLite file, used on the caller's thread (_here)
+        self._here_conn: sqlite3.Connection | None = None
         self._here_rows = 0  # rows written through it since the last checkpoint
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._engine: AsyncEngine | None = None
@@ -557,8 +564,8 @@ class DataFlow:
                     pass
         if self._checkpoint_task is not None:
             await self._checkpoint_task
-        if self._here is not None:
-            here, self._here = self._here, None
+        if self._here_conn is not None:
+            here, self._here_conn = self._here_conn, None
             here.close()
         if self._pg_pool is not None:
             pool, self._pg_pool = self._pg_pool, None
@@ -695,7 +702,9 @@ class DataFlow:
         if not rows:
             return
         if self._pg_pool is None:
-            if not self._executemany_here(sql, rows):
+            if len(rows) > EXECUTEMANY_HERE_ROWS or (
+                self._here(None, True, lambda c: c.executemany(sql, rows), len(rows)) is NOT_HERE
+            ):
                 await self._fast_executemany(None, sql, list(rows))
             return
         try:
@@ -704,66 +713,82 @@ class DataFlow:
         except Exception as exc:
             raise _map_error(exc, None) from exc
 
-    def _executemany_here(self, sql: str, rows: Sequence[Sequence[Any]]) -> bool:
-        """SQLite file databases: run `executemany` on the calling thread, on a connection
-        of its own that never waits for a lock. Returns False, having written nothing,
-        when it cannot: an in-memory database (a second connection would see another
-        one), more than `EXECUTEMANY_HERE_ROWS` rows, DataFlow's own connection in use
-        (a `transaction()` block, say: this write must not land in its middle), or the
-        database locked by another writer; the caller then goes through the driver's
-        thread, which waits its turn.
+    def _here(
+        self,
+        model: ModelInfo | None,
+        write: bool,
+        work: Callable[[sqlite3.Connection], R],
+        rows: int,
+    ) -> R | _NotHere:
+        """SQLite file databases: run `work` on the calling thread, on a connection of its
+        own that never waits for a lock (a write in a transaction of its own). Returns
+        `NOT_HERE`, having done nothing, when it cannot: an in-memory database (a second
+        connection would see another one), DataFlow's own connection in use (a
+        `transaction()` block, say: a write must not land in its middle), or the database
+        locked by another writer; the caller then goes through the driver's thread, which
+        waits its turn. Errors are mapped to DataFlow's.
 
-        Why: handing a small batch to aiosqlite's thread costs the event loop more than
-        writing it. Each row makes that thread take the GIL back from a busy loop
-        (sqlite3 releases it around every step), and those handovers cost the loop
-        several times the write itself (docs/benchmarks.md, "Where the time goes").
+        Why: handing a statement to aiosqlite's thread costs the event loop more than
+        running it. The thread must take the GIL back from a busy loop after every
+        step (sqlite3 releases it around each one), and those handovers cost the loop
+        several times the statement itself (docs/benchmarks.md, "Where the time goes").
+        Only small, bounded work comes here: single records by key, and batches of at
+        most `EXECUTEMANY_HERE_ROWS` rows.
         """
-        if not self._sync_init or len(rows) > EXECUTEMANY_HERE_ROWS or self._sqlite_lock.locked():
-            return False
-        conn = self._here
+        if not self._sync_init or self._sqlite_lock.locked():
+            return NOT_HERE
         try:
+            conn = self._here_conn
             if conn is None:
-                conn = self._here = self._connect_here()
+                conn = self._here_conn = self._connect_here()
             try:
+                if not write:
+                    return work(conn)  # autocommit: reads the last committed state
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                    return False  # another writer holds the database: wait in the thread
+                    return NOT_HERE  # another writer holds the database: wait in the thread
                 raise
             try:
-                conn.executemany(sql, rows)
+                result = work(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except Exception as exc:
-            raise _map_error(exc, None) from exc
-        self._here_rows += len(rows)
+            raise _map_error(exc, model) from exc
+        self._here_rows += rows
         if self._here_rows >= CHECKPOINT_ROWS and self._checkpoint_task is None:
             self._here_rows = 0
             self._checkpoint_task = asyncio.create_task(self._checkpoint())
-        return True
+        return result
 
     def _connect_here(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._sqlite_path, isolation_level=None, check_same_thread=False)
         _sqlite_pragmas(conn, None)
         conn.execute("PRAGMA busy_timeout = 0")  # never wait on the caller's thread
-        # checkpoints (copying the log into the database, with an fsync) are run in the
-        # driver's thread by _checkpoint, never on the caller's
+        # checkpoints (copying the log into the database, with an fsync) run in a worker
+        # thread (_checkpoint), never on the caller's
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         return conn
 
     async def _checkpoint(self) -> None:
-        """Copy what executemany wrote from the write-ahead log into the database, in
-        the driver's thread (a passive checkpoint: it waits for no one)."""
+        """Copy what was written on the caller's thread from the write-ahead log into the
+        database, in a worker thread on a connection of its own (a passive checkpoint:
+        it waits for no one, and no one waits for it)."""
         try:
-            async with self._sqlite_lock:
-                conn = self._raw_sqlite or await self._sqlite_connection()
-                await conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            await asyncio.to_thread(self._checkpoint_now)
         except Exception as exc:  # the next one catches up
             _log.debug("checkpoint failed: %s", exc)
         finally:
             self._checkpoint_task = None
+
+    def _checkpoint_now(self) -> None:
+        conn = sqlite3.connect(self._sqlite_path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
 
     def _fast_ok(self) -> bool:
         """Whether a single statement may skip SQLAlchemy: no shared transaction."""
@@ -780,6 +805,9 @@ class DataFlow:
             if self._pg_pool is not None:
                 row: Sequence[Any] | None = await self._pg_pool.fetchrow(sql, *args)
                 return row
+            here = self._here(model, write, lambda c: c.execute(sql, args).fetchall(), 1)
+            if not isinstance(here, _NotHere):
+                return here[0] if here else None
             async with self._sqlite_lock:
                 conn = self._raw_sqlite or await self._sqlite_connection()
                 try:
@@ -814,6 +842,9 @@ class DataFlow:
             if self._pg_pool is not None:
                 status: str = await self._pg_pool.execute(sql, *args)
                 return int(status.rsplit(" ", 1)[-1])
+            here = self._here(model, True, lambda c: c.execute(sql, args).rowcount, 1)
+            if not isinstance(here, _NotHere):
+                return here
             async with self._sqlite_lock:
                 conn = self._raw_sqlite or await self._sqlite_connection()
                 try:

@@ -1,10 +1,10 @@
-"""`DataFlow.executemany` on SQLite files: small batches are written on the calling
-thread through a connection of its own (`_here`) that never waits for a lock; larger
-batches, in-memory databases and a database locked by another writer go through the
-driver's thread, which waits. Either way a batch is one transaction, errors are mapped
-to DataFlow's, the write-ahead log is checkpointed in the background, and `close()`
-closes the inline connection. Also: `_sqlite_dt_in`, the DATETIME text DataFlow stores
-on SQLite."""
+"""SQLite files: single-record operations and `DataFlow.executemany` batches run on the
+calling thread through a connection of its own (`_here_conn`) that never waits for a
+lock; larger batches, in-memory databases, an open `transaction()` block and a database
+locked by another writer go through the driver's thread, which waits. Either way a
+batch is one transaction, errors are mapped to DataFlow's, the write-ahead log is
+checkpointed in the background, and `close()` closes the inline connection. Also:
+`_sqlite_dt_in`, the DATETIME text DataFlow stores on SQLite."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ async def test_a_small_batch_is_written_on_the_calling_thread(
     file_db: DataFlow, db_path: Path
 ) -> None:
     await file_db.executemany(insert_sql(file_db), rows(file_db, range(5)))
-    assert file_db._here is not None
+    assert file_db._here_conn is not None
     assert file_db._here_rows == 5
     # the driver's connection was never opened: nothing went through its thread
     assert file_db._engine is None and file_db._raw_sqlite is None
@@ -170,7 +170,7 @@ async def test_an_in_memory_database_never_uses_the_inline_connection() -> None:
     try:
         await db.run_sync(META.create_all)
         await db.executemany(insert_sql(db), rows(db, range(3)))
-        assert db._here is None
+        assert db._here_conn is None
         assert ids(await read_all(db)) == ["i0000", "i0001", "i0002"]
     finally:
         await db.close()
@@ -181,7 +181,7 @@ async def test_a_batch_over_the_inline_limit_goes_through_the_driver_thread(
 ) -> None:
     monkeypatch.setattr(_dataflow, "EXECUTEMANY_HERE_ROWS", 3)
     await file_db.executemany(insert_sql(file_db), rows(file_db, range(5)))
-    assert file_db._here is None and file_db._here_rows == 0
+    assert file_db._here_conn is None and file_db._here_rows == 0
     assert file_db._raw_sqlite is not None  # the driver's thread wrote it
     assert ids_on_disk(db_path) == [f"i{i:04d}" for i in range(5)]
     # still one transaction: the last row's NOT NULL violation undoes the first four
@@ -192,7 +192,7 @@ async def test_a_batch_over_the_inline_limit_goes_through_the_driver_thread(
     assert ids_on_disk(db_path) == [f"i{i:04d}" for i in range(5)]
     # a batch within the limit is written inline
     await file_db.executemany(insert_sql(file_db), rows(file_db, range(20, 23)))
-    assert file_db._here is not None and file_db._here_rows == 3
+    assert file_db._here_conn is not None and file_db._here_rows == 3
 
 
 async def test_a_failing_inline_batch_writes_none_of_its_rows(
@@ -207,7 +207,7 @@ async def test_a_failing_inline_batch_writes_none_of_its_rows(
         await file_db.executemany(sql, [row(file_db, 3), row(file_db, 4, n=None)])
     assert null.value.field == "n"
     assert file_db._engine is None  # both failed inline, not in the driver's thread
-    assert file_db._here is not None and not file_db._here.in_transaction
+    assert file_db._here_conn is not None and not file_db._here_conn.in_transaction
     assert file_db._here_rows == 1
     assert ids_on_disk(db_path) == ["i0001"]
     await file_db.executemany(sql, [row(file_db, 2)])  # the connection is still usable
@@ -304,13 +304,140 @@ async def test_close_waits_for_the_checkpoint_and_closes_the_inline_connection(
 ) -> None:
     monkeypatch.setattr(_dataflow, "CHECKPOINT_ROWS", 1)
     await file_db.executemany(insert_sql(file_db), [row(file_db, 0)])
-    here, task = file_db._here, file_db._checkpoint_task
+    here, task = file_db._here_conn, file_db._checkpoint_task
     assert here is not None and task is not None and not task.done()
     await file_db.close()
     assert task.done() and not task.cancelled()
-    assert file_db._here is None
+    assert file_db._here_conn is None
     with pytest.raises(sqlite3.ProgrammingError):
         here.execute("SELECT 1")
+
+
+async def test_the_checkpoint_needs_no_turn_on_dataflows_connection(
+    file_db: DataFlow, db_path: Path, tmp_path: Path
+) -> None:
+    """A checkpoint runs in a worker thread on a connection of its own: an open
+    `transaction()` block (which holds DataFlow's connection) does not delay it."""
+    await file_db.executemany(insert_sql(file_db), rows(file_db, range(3)))  # in the log
+    assert ids_in_main_file(db_path, tmp_path) == []
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def block() -> None:
+        async with file_db.transaction():
+            inside.set()
+            await release.wait()
+
+    holder = asyncio.create_task(block())
+    try:
+        await asyncio.wait_for(inside.wait(), 10)
+        assert file_db._sqlite_lock.locked()
+        await asyncio.wait_for(file_db._checkpoint(), 5)
+        assert not holder.done()
+        assert ids_in_main_file(db_path, tmp_path) == ["i0000", "i0001", "i0002"]
+    finally:
+        release.set()
+        await holder
+
+
+async def test_single_records_are_read_and_written_on_the_calling_thread(
+    db_path: Path,
+) -> None:
+    """Create, read, update and delete by id on a SQLite file go through the inline
+    connection: aiosqlite's thread is never started."""
+    db = DataFlow(f"sqlite:///{db_path}")
+
+    @db.model
+    class Pet:
+        id: str
+        name: str
+        age: int = 0
+
+    try:
+        await db.initialize()
+
+        async def no_driver() -> None:
+            raise AssertionError("a single-record operation went to aiosqlite's thread")
+
+        db._raw_sqlite = None
+        db._sqlite_connection = no_driver  # type: ignore[method-assign]
+        ops = db.ops(Pet)
+        made = await ops.create(id="p1", name="Rex")
+        assert (await ops.read("p1")) == made
+        changed = await ops.update("p1", fields={"age": 3})
+        assert changed["age"] == 3
+        assert await ops.delete("p1") == 1
+        assert db._here_conn is not None and db._here_rows == 3  # three writes inline
+    finally:
+        del db._sqlite_connection
+        await db.close()
+
+
+async def test_a_single_record_write_waits_while_another_connection_holds_the_lock(
+    db_path: Path,
+) -> None:
+    db = DataFlow(f"sqlite:///{db_path}")
+
+    @db.model
+    class Pet:
+        id: str
+        name: str
+
+    try:
+        ops = db.ops(Pet)
+        await ops.create(id="p0", name="first")  # the inline connection is open
+        other = sqlite3.connect(db_path, isolation_level=None)
+        released: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:
+            other.execute("COMMIT")
+            released.append(loop.time())
+
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            loop.call_later(0.3, release)
+            made = await asyncio.wait_for(ops.create(id="p1", name="second"), 10)
+            returned = loop.time()
+        finally:
+            other.close()
+        assert released and released[0] <= returned
+        assert made["name"] == "second"
+        assert (await ops.read("p1"))["name"] == "second"
+    finally:
+        await db.close()
+
+
+async def test_a_read_takes_its_turn_while_a_transaction_block_is_open(db_path: Path) -> None:
+    """Reads do not slip past an open `transaction()` block either: DataFlow's
+    connection is in use, so a read waits for its turn, as before."""
+    db = DataFlow(f"sqlite:///{db_path}")
+
+    @db.model
+    class Pet:
+        id: str
+        name: str
+
+    try:
+        ops = db.ops(Pet)
+        await ops.create(id="p0", name="first")
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def block() -> None:
+            async with db.transaction():
+                await ops.update("p0", fields={"name": "changed"})
+                inside.set()
+                await release.wait()
+
+        holder = asyncio.create_task(block())
+        await asyncio.wait_for(inside.wait(), 10)
+        read = asyncio.create_task(ops.read("p0"))
+        await asyncio.sleep(0.1)
+        assert not read.done()  # waiting for its turn, not reading on the side
+        release.set()
+        await asyncio.wait_for(holder, 10)
+        assert (await asyncio.wait_for(read, 10))["name"] == "changed"
+    finally:
+        await db.close()
 
 
 # -- _sqlite_dt_in: the DATETIME text DataFlow stores on SQLite ------------------------
