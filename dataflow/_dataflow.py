@@ -51,7 +51,7 @@ DEFAULT_URL = "sqlite:///nexus.db"
 
 #: The most rows `executemany` writes on the caller's thread (SQLite; about 10 µs each).
 EXECUTEMANY_HERE_ROWS = 1000
-#: Rows `executemany` writes on the caller's thread between two checkpoints of the log.
+#: Rows written on the caller's thread (SQLite) between two checkpoints of the log.
 CHECKPOINT_ROWS = 2000
 
 _log = logging.getLogger("dataflow")
@@ -61,7 +61,7 @@ class _NotHere:
     """What `DataFlow._here` returns when the work must go to the driver's thread."""
 
 
-NOT_HERE = _NotHere()
+_NOT_HERE = _NotHere()
 
 
 class _Entry:
@@ -684,9 +684,9 @@ class DataFlow:
 
         On a SQLite file, up to `EXECUTEMANY_HERE_ROWS` rows are written on the calling
         thread (about 10 µs a row, blocking it), on a connection that never waits for a
-        lock; when another writer holds the database, and for larger batches, they are
-        written in the driver's thread, which waits. PostgreSQL batches go through an
-        asyncpg pool connection.
+        lock; when another writer holds the database or another task's `transaction()`
+        block is open, and for larger batches, they are written in the driver's thread,
+        which waits its turn. PostgreSQL batches go through an asyncpg pool connection.
 
         Raises:
             DataFlowError: inside `transaction()` or an atomic workflow (the statement
@@ -702,8 +702,8 @@ class DataFlow:
         if not rows:
             return
         if self._pg_pool is None:
-            if len(rows) > EXECUTEMANY_HERE_ROWS or (
-                self._here(None, True, lambda c: c.executemany(sql, rows), len(rows)) is NOT_HERE
+            if len(rows) > EXECUTEMANY_HERE_ROWS or isinstance(
+                self._here(None, True, lambda c: c.executemany(sql, rows), len(rows)), _NotHere
             ):
                 await self._fast_executemany(None, sql, list(rows))
             return
@@ -722,7 +722,7 @@ class DataFlow:
     ) -> R | _NotHere:
         """SQLite file databases: run `work` on the calling thread, on a connection of its
         own that never waits for a lock (a write in a transaction of its own). Returns
-        `NOT_HERE`, having done nothing, when it cannot: an in-memory database (a second
+        `_NOT_HERE`, having done nothing, when it cannot: an in-memory database (a second
         connection would see another one), DataFlow's own connection in use (a
         `transaction()` block, say: a write must not land in its middle), or the database
         locked by another writer; the caller then goes through the driver's thread, which
@@ -736,7 +736,7 @@ class DataFlow:
         most `EXECUTEMANY_HERE_ROWS` rows.
         """
         if not self._sync_init or self._sqlite_lock.locked():
-            return NOT_HERE
+            return _NOT_HERE
         try:
             conn = self._here_conn
             if conn is None:
@@ -747,13 +747,17 @@ class DataFlow:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                    return NOT_HERE  # another writer holds the database: wait in the thread
+                    return _NOT_HERE  # another writer holds the database: wait in the thread
                 raise
             try:
                 result = work(conn)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:  # the statement's own error is the one to report;
+                    self._here_conn = None  # a connection that cannot roll back is not
+                    conn.close()  # used again (the next call opens another)
                 raise
         except Exception as exc:
             raise _map_error(exc, model) from exc
