@@ -53,6 +53,8 @@ DEFAULT_URL = "sqlite:///nexus.db"
 EXECUTEMANY_HERE_ROWS = 1000
 #: Rows written on the caller's thread (SQLite) between two checkpoints of the log.
 CHECKPOINT_ROWS = 2000
+#: Seconds between attempts to reopen PostgreSQL's single-statement connection.
+PG_RECONNECT_DELAY = 5.0
 
 _log = logging.getLogger("dataflow")
 
@@ -271,6 +273,14 @@ class DataFlow:
         self._pool_size = connection_pool_size
         self._echo = echo
         self._pg_pool: Any = None
+        # PostgreSQL: a connection of its own for single statements, used by one call at a
+        # time (the others take one from the pool); see _pg_call
+        self._pg_single: Any = None
+        self._pg_single_busy = False
+        self._pg_dsn = ""
+        self._pg_error: type[BaseException] = Exception  # asyncpg.PostgresError, once loaded
+        self._pg_reconnect: asyncio.Task[None] | None = None
+        self._pg_reconnect_at = 0.0
         self._raw_sqlite: Any = None
         # a connection of its own to a SQLite file, used on the caller's thread (_here)
         self._here_conn: sqlite3.Connection | None = None
@@ -472,12 +482,12 @@ class DataFlow:
                     import asyncpg
 
                     dsn = make_url(self._url).set(drivername="postgresql")
+                    self._pg_dsn = dsn.render_as_string(hide_password=False)
+                    self._pg_error = asyncpg.PostgresError
                     self._pg_pool = await asyncpg.create_pool(
-                        dsn.render_as_string(hide_password=False),
-                        min_size=1,
-                        max_size=self._pool_size,
-                        reset=_keep_session,
+                        self._pg_dsn, min_size=1, max_size=self._pool_size, reset=_keep_session
                     )
+                    self._pg_single = await asyncpg.connect(self._pg_dsn)
             except DataFlowError:
                 raise
             except Exception as exc:
@@ -567,6 +577,13 @@ class DataFlow:
         if self._here_conn is not None:
             here, self._here_conn = self._here_conn, None
             here.close()
+        if self._pg_reconnect is not None:
+            self._pg_reconnect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pg_reconnect
+        if self._pg_single is not None:
+            single, self._pg_single = self._pg_single, None
+            await single.close()
         if self._pg_pool is not None:
             pool, self._pg_pool = self._pg_pool, None
             await pool.close()
@@ -794,6 +811,51 @@ class DataFlow:
         finally:
             conn.close()
 
+    async def _pg_call(self, method: str, sql: str, args: Sequence[Any]) -> Any:
+        """PostgreSQL: one autocommit statement (`fetchrow` or `execute`) on the
+        connection kept for single statements when it is free, else on a pool connection.
+
+        Why: a pool's acquire and release cost about as much Python as the statement
+        itself. A failure that is not the database refusing the statement (the
+        connection broke, the call was cancelled mid-statement) retires the kept
+        connection; the pool serves meanwhile, and a new one is opened in the
+        background (at most every `PG_RECONNECT_DELAY` seconds).
+        """
+        conn = self._pg_single
+        if conn is None or self._pg_single_busy or conn.is_closed():
+            if conn is None or conn.is_closed():
+                self._pg_single = None
+                self._pg_reopen()
+            return await getattr(self._pg_pool, method)(sql, *args)
+        self._pg_single_busy = True
+        try:
+            return await getattr(conn, method)(sql, *args)
+        except self._pg_error:
+            raise  # the statement's own error: the connection is fine
+        except BaseException:
+            self._pg_single = None
+            conn.terminate()
+            raise
+        finally:
+            self._pg_single_busy = False
+
+    def _pg_reopen(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._pg_reconnect is not None or loop.time() < self._pg_reconnect_at:
+            return
+        self._pg_reconnect_at = loop.time() + PG_RECONNECT_DELAY
+        self._pg_reconnect = asyncio.create_task(self._pg_open_single())
+
+    async def _pg_open_single(self) -> None:
+        import asyncpg
+
+        try:
+            self._pg_single = await asyncpg.connect(self._pg_dsn, timeout=PG_RECONNECT_DELAY)
+        except Exception as exc:  # the pool serves; the next retirement tries again
+            _log.debug("reconnecting the single-statement connection failed: %s", exc)
+        finally:
+            self._pg_reconnect = None
+
     def _fast_ok(self) -> bool:
         """Whether a single statement may skip SQLAlchemy: no shared transaction."""
         if not self._ready or self._tx.get() is not None:
@@ -807,7 +869,7 @@ class DataFlow:
         """Run one statement on the driver; return its first row (None if none)."""
         try:
             if self._pg_pool is not None:
-                row: Sequence[Any] | None = await self._pg_pool.fetchrow(sql, *args)
+                row: Sequence[Any] | None = await self._pg_call("fetchrow", sql, args)
                 return row
             here = self._here(model, write, lambda c: c.execute(sql, args).fetchall(), 1)
             if not isinstance(here, _NotHere):
@@ -844,7 +906,7 @@ class DataFlow:
         """Run one write statement on the driver; return the rows affected."""
         try:
             if self._pg_pool is not None:
-                status: str = await self._pg_pool.execute(sql, *args)
+                status: str = await self._pg_call("execute", sql, args)
                 return int(status.rsplit(" ", 1)[-1])
             here = self._here(model, True, lambda c: c.execute(sql, args).rowcount, 1)
             if not isinstance(here, _NotHere):
