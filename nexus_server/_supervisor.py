@@ -14,13 +14,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import ctypes
+import functools
 import logging
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -38,30 +39,28 @@ STABLE_AFTER = 10.0
 STOP_GRACE = 10.0
 
 
-#: Linux's prctl option: the signal a process gets when its parent dies.
-_PR_SET_PDEATHSIG = 1
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's `setpriv`, if it can give a child a parent-death signal (Linux).
 
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """On Linux, a function for `preexec_fn` that makes the child get SIGTERM when the
-    process that started it dies, even by SIGKILL (no `stop()` runs then). Looked up
-    here, in the parent: between fork and exec the child only makes the call."""
+    The child is started as `setpriv --pdeathsig TERM -- command...`: setpriv sets the
+    signal and execs the command in the same process, so the child gets SIGTERM when
+    this process dies, even by SIGKILL (no `stop()` runs then). Setting it ourselves
+    between fork and exec (`preexec_fn`) would run Python in the child of a process
+    with gRPC's threads, and forces a fork that gRPC warns about on every start.
+    """
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    path = shutil.which("setpriv")
+    if path is None:
         return None
-    prctl.restype = ctypes.c_int
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
-
-    def set_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return set_signal
-
-
-_SET_PARENT_DEATH_SIGNAL = _parent_death_signal()
+    try:
+        done = subprocess.run(
+            [path, "--help"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return path if "--pdeathsig" in done.stdout else None
 
 
 class SupervisorError(RuntimeError):
@@ -145,6 +144,9 @@ class Supervisor(abc.ABC):
     async def _launch(self) -> None:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         argv = self.command(self.workdir)
+        setpriv = await asyncio.to_thread(_setpriv)  # cached after the first call
+        if setpriv is not None:  # and if we are killed outright, Linux stops the child
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         with self.log_path.open("ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -152,8 +154,6 @@ class Supervisor(abc.ABC):
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # Ctrl-C reaches us; we stop the child ourselves
-                # and if we are killed outright, Linux stops it (Envoy would keep the port)
-                preexec_fn=_SET_PARENT_DEATH_SIGNAL,
             )
         self._launched_at = time.monotonic()
         try:
