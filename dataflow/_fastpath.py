@@ -30,8 +30,8 @@ Conv = Callable[[Any], Any] | None
 def _sqlite_dt_in(v: dt.datetime) -> str:
     # SQLAlchemy's SQLite DATETIME storage format, "YYYY-MM-DD HH:MM:SS.ffffff", in UTC
     # (a naive datetime is taken as UTC)
-    if v.tzinfo is None:
-        return v.isoformat(" ", "microseconds")
+    if v.tzinfo is None or v.tzinfo is dt.UTC:
+        return v.isoformat(" ", "microseconds")[:26]
     # "+00:00" cut off (isoformat always writes four-digit years: the offset is at 26)
     return v.astimezone(dt.UTC).isoformat(" ", "microseconds")[:26]
 
@@ -49,8 +49,35 @@ def _pg_dt_out(v: dt.datetime) -> dt.datetime:
     return v if v.tzinfo is dt.UTC else v.astimezone(dt.UTC)
 
 
-#: json.dumps with its defaults, without re-reading its arguments on every call
-_json_in: Callable[[Any], str] = json.JSONEncoder().encode
+_ENCODER = json.JSONEncoder()
+# json.dumps with its defaults builds a C encoder on every call; this one is built once.
+# Without a circular-reference check: a circular document is retried with the standard
+# encoder, which reports it as json.dumps does.
+_c_encode: Callable[[Any, int], list[str]] | None = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None,
+        _ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        _ENCODER.key_separator,
+        _ENCODER.item_separator,
+        False,
+        False,
+        True,
+    )
+    if json.encoder.c_make_encoder is not None  # type: ignore[attr-defined]
+    else None
+)
+
+
+def _json_in(value: Any) -> str:
+    """`value` as json.dumps writes it with its defaults."""
+    if _c_encode is None:
+        return _ENCODER.encode(value)
+    try:
+        return "".join(_c_encode(value, 0))
+    except RecursionError:
+        return _ENCODER.encode(value)
 
 
 def _json_out(v: Any) -> Any:

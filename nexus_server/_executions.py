@@ -308,7 +308,7 @@ class Executions:
         error: dict[str, Any] | None = None
         state = "FAILED"
         try:
-            results = await self.runtime.execute_workflow_async(
+            results = await self.runtime.run_validated(
                 wf, inputs, execution_id=rec.id, on_event=run.push
             )
             try:

@@ -161,6 +161,15 @@ class Workflow:
         self.atomic = atomic
         self._roots = tuple(nid for nid in order if not any(plans[nid].incoming))
         self._n_deps = {nid: len({i.source for i in p.incoming}) for nid, p in plans.items()}
+        # a chain (each node feeds at most the next one) runs node after node, with no
+        # dependency counting at run time
+        self._chain: tuple[_NodePlan, ...] | None = (
+            tuple(plans[nid] for nid in order)
+            if len(self._roots) <= 1
+            and all(len(plans[nid].successors) <= 1 for nid in order)
+            and all(n <= 1 for n in self._n_deps.values())
+            else None
+        )
         self._required = tuple(n for n, i in inputs.items() if i.required)
         # validate_inputs({}) returns {} at once when nothing is required or defaulted
         self._defaults_or_required = any(

@@ -193,13 +193,12 @@ class AsyncLocalRuntime:
             asyncio.CancelledError: when the calling task is cancelled (a
                 `execution_cancelled` event is emitted first).
         """
-        inputs = workflow.validate_inputs(parameters)
-        return await self._run(
+        return await self.run_validated(
             workflow,
-            inputs,
-            execution_id or uuid.uuid4().hex,
-            self.timeout if timeout is None else timeout,
-            on_event,
+            workflow.validate_inputs(parameters),
+            execution_id=execution_id,
+            timeout=timeout,
+            on_event=on_event,
         )
 
     async def execute(
@@ -231,12 +230,12 @@ class AsyncLocalRuntime:
         inputs = workflow.validate_inputs(parameters)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         task = asyncio.ensure_future(
-            self._run(
+            self.run_validated(
                 workflow,
                 inputs,
-                execution_id or uuid.uuid4().hex,
-                self.timeout if timeout is None else timeout,
-                queue.put_nowait,
+                execution_id=execution_id,
+                timeout=timeout,
+                on_event=queue.put_nowait,
             )
         )
         # the outcome travels in the terminal event; keep the task's own quiet
@@ -253,14 +252,24 @@ class AsyncLocalRuntime:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def _run(
+    async def run_validated(
         self,
         workflow: Workflow,
         inputs: dict[str, Any],
-        execution_id: str,
-        timeout: float | None,
-        emit: EventCallback | None,
+        *,
+        execution_id: str | None = None,
+        timeout: float | None = None,
+        on_event: EventCallback | None = None,
     ) -> dict[str, dict[str, Any]]:
+        """`execute_workflow_async` for inputs that `workflow.validate_inputs` returned
+        already (a server that validated them to answer a bad request before starting
+        anything): they are not validated again. Raises as `execute_workflow_async`,
+        except for invalid inputs."""
+        if execution_id is None:
+            execution_id = uuid.uuid4().hex
+        if timeout is None:
+            timeout = self.timeout
+        emit = on_event
         ctx = ExecutionContext(workflow, execution_id)
         token = _CURRENT.set(ctx)
         running: dict[asyncio.Future[Any], str] = {}
@@ -343,8 +352,13 @@ async def _drive(
     emit: EventCallback | None,
     execution_id: str,
 ) -> dict[str, dict[str, Any]]:
-    plans = workflow._plans
     results: dict[str, dict[str, Any]] = {}
+    chain = workflow._chain
+    if chain is not None:  # node after node: nothing can run beside another
+        for plan in chain:
+            results[plan.id] = await _run_node(plan, inputs, results, active, emit, execution_id)
+        return results
+    plans = workflow._plans
     remaining = dict(workflow._n_deps)
     ready = list(workflow._roots)
 

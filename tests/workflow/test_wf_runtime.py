@@ -65,7 +65,8 @@ async def test_chain_runs_in_dependency_order(recorder: Any) -> None:
     assert started == ["n0", "n1", "n2", "n3", "n4"]
 
 
-async def test_diamond_waits_for_both_branches(recorder: Any) -> None:
+def diamond() -> Workflow:
+    """top feeds left and right, which both feed join."""
     b = WorkflowBuilder()
     b.add_node("TConst", "top", {"value": 1})
     b.add_node("TAdd", "left", {"b": 10})
@@ -75,7 +76,11 @@ async def test_diamond_waits_for_both_branches(recorder: Any) -> None:
     b.add_connection("top", "value", "right", "a")
     b.add_connection("left", "sum", "join", "a")
     b.add_connection("right", "sum", "join", "b")
-    wf = b.build()
+    return b.build()
+
+
+async def test_diamond_waits_for_both_branches(recorder: Any) -> None:
+    wf = diamond()
     assert wf.order == ("top", "left", "right", "join")
     results = await AsyncLocalRuntime().execute_workflow_async(wf, on_event=recorder)
     assert results["join"] == {"sum": 112}
@@ -680,3 +685,155 @@ def test_event_is_a_frozen_dataclass() -> None:
     assert moved == Event(EventKind.NODE_STARTED, "x", "m", "T", timestamp=e.timestamp)
     with pytest.raises(dataclasses.FrozenInstanceError):
         e.node_id = "z"  # type: ignore[misc]
+
+
+# -- run_validated and chains -----------------------------------------------------------
+
+
+@register_node
+class TRvFails(Node):
+    """Fails with a ValueError naming its input."""
+
+    parameters = {"x": Param(int)}
+    outputs = {"x": Output(int)}
+
+    def run(self, x: int) -> dict[str, Any]:
+        raise ValueError(f"no good: {x}")
+
+
+# -- chains: recognised at build time, run node after node ----------------------------
+
+
+def test_a_linear_workflow_is_a_chain_in_dependency_order() -> None:
+    wf = chain(4)
+    assert wf._chain is not None
+    assert [p.id for p in wf._chain] == ["n0", "n1", "n2", "n3"]
+
+
+def test_a_single_node_is_a_chain() -> None:
+    wf = WorkflowBuilder().add_node("TConst", "only", {"value": 1}).build()
+    assert wf._chain is not None
+    assert [p.id for p in wf._chain] == ["only"]
+
+
+def test_two_connections_from_the_same_node_still_make_a_chain() -> None:
+    b = WorkflowBuilder()
+    b.add_node("TConst", "x", {"value": 2})
+    b.add_node("TAdd", "y", {})
+    b.add_connection("x", "value", "y", "a")
+    b.add_connection("x", "value", "y", "b")
+    wf = b.build()
+    assert wf._chain is not None
+    assert [p.id for p in wf._chain] == ["x", "y"]
+
+
+def test_fan_out_fan_in_and_independent_roots_are_not_chains() -> None:
+    assert diamond()._chain is None
+    b = WorkflowBuilder()
+    b.add_node("TConst", "a", {"value": 1})
+    b.add_node("TConst", "b", {"value": 2})
+    assert b.build()._chain is None
+
+
+async def test_a_chain_and_a_diamond_give_the_results_of_every_node() -> None:
+    rt = AsyncLocalRuntime()
+    assert await rt.execute_workflow_async(chain(3), {"start": 5}) == {
+        "n0": {"value": 5},
+        "n1": {"sum": 6},
+        "n2": {"sum": 7},
+    }
+    assert await rt.execute_workflow_async(diamond()) == {
+        "top": {"value": 1},
+        "left": {"sum": 11},
+        "right": {"sum": 101},
+        "join": {"sum": 112},
+    }
+
+
+async def test_a_failing_node_in_a_chain_stops_the_chain(recorder: Any) -> None:
+    b = WorkflowBuilder()
+    b.add_node("TConst", "first", {"value": 1})
+    b.add_node("TRvFails", "bad", {})
+    b.add_node("TConst", "never", {})
+    b.add_connection("first", "value", "bad", "x")
+    b.add_connection("bad", "x", "never", "value")
+    wf = b.build()
+    assert wf._chain is not None
+    with pytest.raises(NodeExecutionError) as info:
+        await AsyncLocalRuntime().execute_workflow_async(wf, on_event=recorder)
+    assert info.value.node_id == "bad"
+    assert "no good: 1" in str(info.value)
+    started = [e.node_id for e in recorder.events if e.kind is EventKind.NODE_STARTED]
+    assert started == ["first", "bad"]
+    assert recorder.events[-1].kind is EventKind.EXECUTION_FAILED
+
+
+async def test_a_timeout_in_a_chain_names_the_running_node(gate: Any) -> None:
+    b = WorkflowBuilder()
+    b.add_node("TConst", "first", {"value": 1})
+    b.add_node("TWait", "slow", {"wait": "never"})
+    b.add_connection("first", "value", "slow", "value")
+    wf = b.build()
+    assert wf._chain is not None
+    async with asyncio.timeout(BOUND):
+        with pytest.raises(ExecutionTimeoutError) as info:
+            await AsyncLocalRuntime(timeout=0.05).execute_workflow_async(wf)
+    assert info.value.running == ["slow"]
+    assert gate.cancelled == ["slow"]
+
+
+# -- run_validated ----------------------------------------------------------------------
+
+
+async def test_run_validated_does_not_validate_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    wf = chain(2)
+    inputs = wf.validate_inputs({"start": 3})
+
+    def refuse(parameters: Any) -> dict[str, Any]:
+        raise AssertionError("validated twice")
+
+    monkeypatch.setattr(wf, "validate_inputs", refuse)
+    results = await AsyncLocalRuntime().run_validated(wf, inputs, execution_id="e1")
+    assert results == {"n0": {"value": 3}, "n1": {"sum": 4}}
+
+
+async def test_execute_workflow_async_still_validates() -> None:
+    with pytest.raises(InvalidInputsError):
+        await AsyncLocalRuntime().execute_workflow_async(chain(2), {"start": "three"})
+
+
+async def test_run_validated_emits_what_execute_workflow_async_emits(recorder: Any) -> None:
+    wf = chain(3)
+    rt = AsyncLocalRuntime()
+    await rt.run_validated(
+        wf, wf.validate_inputs({"start": 1}), execution_id="run-7", on_event=recorder
+    )
+    reference: list[Event] = []
+    await rt.execute_workflow_async(wf, {"start": 1}, on_event=reference.append)
+
+    def seen(events: list[Event]) -> list[tuple[str, str | None, Any, Any]]:
+        return [(str(e.kind), e.node_id, e.outputs, e.results) for e in events]
+
+    assert seen(recorder.events) == seen(reference)
+    assert len(reference) == 8
+    assert {e.execution_id for e in recorder.events} == {"run-7"}
+
+
+async def test_run_validated_makes_an_execution_id_when_none_is_given(recorder: Any) -> None:
+    wf = chain(1)
+    await AsyncLocalRuntime().run_validated(wf, {"start": 1}, on_event=recorder)
+    ids = {e.execution_id for e in recorder.events}
+    assert len(ids) == 1
+    (only,) = ids
+    assert len(only) == 32
+
+
+async def test_run_validated_uses_the_runtime_timeout_unless_given_one(gate: Any) -> None:
+    wf = WorkflowBuilder().add_node("TWait", "only", {"wait": "never"}).build()
+    async with asyncio.timeout(BOUND):
+        with pytest.raises(ExecutionTimeoutError) as info:
+            await AsyncLocalRuntime(timeout=0.05).run_validated(wf, {})
+        assert info.value.timeout == 0.05
+        with pytest.raises(ExecutionTimeoutError) as info:
+            await AsyncLocalRuntime(timeout=BOUND).run_validated(wf, {}, timeout=0.02)
+        assert info.value.timeout == 0.02
