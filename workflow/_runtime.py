@@ -265,8 +265,7 @@ class AsyncLocalRuntime:
         already (a server that validated them to answer a bad request before starting
         anything): they are not validated again. Raises as `execute_workflow_async`,
         except for invalid inputs."""
-        if execution_id is None:
-            execution_id = uuid.uuid4().hex
+        execution_id = execution_id or uuid.uuid4().hex
         if timeout is None:
             timeout = self.timeout
         emit = on_event

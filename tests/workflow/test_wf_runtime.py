@@ -819,9 +819,12 @@ async def test_run_validated_emits_what_execute_workflow_async_emits(recorder: A
     assert {e.execution_id for e in recorder.events} == {"run-7"}
 
 
-async def test_run_validated_makes_an_execution_id_when_none_is_given(recorder: Any) -> None:
+@pytest.mark.parametrize("given", [None, ""])
+async def test_run_validated_makes_an_execution_id_when_none_is_given(
+    recorder: Any, given: str | None
+) -> None:
     wf = chain(1)
-    await AsyncLocalRuntime().run_validated(wf, {"start": 1}, on_event=recorder)
+    await AsyncLocalRuntime().run_validated(wf, {"start": 1}, execution_id=given, on_event=recorder)
     ids = {e.execution_id for e in recorder.events}
     assert len(ids) == 1
     (only,) = ids
