@@ -29,6 +29,8 @@ response bytes must add up for reads, the rows written must match for writes.
 Run: `.venv/bin/python bench/grpc.py` (`--quick` for a short run). To measure a change,
 `--against CHECKOUT` also serves the noop workflow from another checkout (a
 `git worktree` of main, say) and prints this checkout's ratio to it, alternating rounds.
+`--cpu` also prints, for each figure's best round, the CPU time per call of each server's
+event-loop thread and of its other threads (from /proc), and how idle the machine was.
 """
 
 from __future__ import annotations
@@ -360,6 +362,9 @@ class Load:
     p99_ms: float
     data_bytes: int
     http_failed: int
+    #: with --cpu: CPU µs per call of the server's event-loop thread, of its other
+    #: threads, and the share of the machine left idle during the round
+    cpu: tuple[float, float, float] | None = None
 
     @property
     def rps(self) -> float:
@@ -411,6 +416,8 @@ class Case:
     response_size: int | None = None
     #: counts the successful calls so far (for writes), or None
     count: Callable[[], int] | None = None
+    #: the serving process, for `--cpu` (set once the servers are up)
+    pid: int = 0
 
 
 def requests_for(case: Case, concurrency: int, args: argparse.Namespace) -> int:
@@ -424,7 +431,15 @@ def one_round(case: Case, concurrency: int, n: int, args: argparse.Namespace) ->
     """One bounded round; returns the load and how many calls failed (gRPC errors
     included: rows not written, or response bytes missing)."""
     before = case.count() if case.count else 0
+    cpu0 = cpu_times(case.pid) if args.cpu else None
     load = h2load(case.address, case.method, case.body, concurrency, n, args.seconds * 5 + 30)
+    if cpu0 is not None:
+        (loop0, others0, busy0, all0), (loop1, others1, busy1, all1) = cpu0, cpu_times(case.pid)
+        per_call = 1e6 / max(load.requests, 1)
+        idle = 1 - (busy1 - busy0) / max(all1 - all0, 1e-9)
+        load = dataclasses.replace(
+            load, cpu=((loop1 - loop0) * per_call, (others1 - others0) * per_call, idle)
+        )
     bad = load.http_failed
     if case.count is not None:
         bad += load.requests - (settled(case.count) - before)
@@ -446,6 +461,26 @@ def settled(count: Callable[[], int], limit: float = 5.0) -> int:
             return now
         last = now
     return last
+
+
+def cpu_times(pid: int) -> tuple[float, float, float, float]:
+    """Seconds of CPU used so far by process `pid`'s main thread (the event loop) and by
+    its other threads (grpc's), then the machine's busy and total seconds (/proc/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    loop = others = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        if task.name == str(pid):
+            loop += seconds
+        else:
+            others += seconds
+    jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(jiffies) / tick
+    return loop, others, total - (jiffies[3] + jiffies[4]) / tick, total
 
 
 def measure(
@@ -574,6 +609,10 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
                 Case("ExecuteWorkflow noop", nexus.address, EXECUTE, echo_body,
                      count=executions(nexus_db, "noop")),
             ))  # fmt: skip
+        pids = {s.address: s.proc.pid for s in servers}
+        for pair in pairs:
+            for c in pair:
+                c.pid = pids[c.address]
         missed = []
         print(
             f"\nThroughput and latency (h2load, 1 HTTP/2 connection; best of {args.rounds} "
@@ -606,6 +645,13 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
                 )
                 if not ok:
                     missed.append(f"{case.label} at concurrency {conc}: {ratio:.2f}")
+                if args.cpu:
+                    assert base.cpu is not None and load.cpu is not None
+                    print(f"{'':<32} {'':>4}  CPU per call: " + "; ".join(
+                        f"{who} loop {lp:.0f} µs, other threads {ot:.0f} µs, "
+                        f"machine {idle:.0%} idle"
+                        for who, (lp, ot, idle) in (("baseline", base.cpu), ("this", load.cpu))
+                    ))  # fmt: skip
             print()
         rss = {s.name: s.vm("VmHWM") for s in servers}
         print(
@@ -703,6 +749,12 @@ def main() -> int:
         metavar="CHECKOUT",
         help="also serve the noop workflow from another checkout of this repository "
         "(e.g. `git worktree add /tmp/main main`) and print this one's ratio to it",
+    )
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="also print, for the best rounds, each server's CPU time per call (its "
+        "event-loop thread and its other threads) and how idle the machine was",
     )
     # internal: serve a bare baseline in this process
     p.add_argument("--serve", choices=["echo", "driver"], help=argparse.SUPPRESS)
