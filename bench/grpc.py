@@ -488,7 +488,12 @@ def measure(
 ) -> tuple[tuple[Load, str], tuple[Load, str]]:
     """The best round (by req/s) of the baseline and of the case, over `args.rounds`
     rounds that alternate between them, so that both see the same drift of a shared
-    machine. Each figure comes with a note when calls failed."""
+    machine. Each figure comes with a note when calls failed.
+
+    Why the best and why five: on these shared machines other tenants only ever slow a
+    round down, and by a lot (one server's rounds spread by 15-27 % in one minute), so
+    the best round is the closest to what the server can do; with three rounds one of
+    the two servers often had no undisturbed round at all (docs/benchmarks.md)."""
     cases = (base_case, case)
     sizes = [requests_for(c, concurrency, args) for c in cases]
     best: list[Load | None] = [None, None]
@@ -738,7 +743,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short run (about a minute)")
     p.add_argument("--seconds", type=float, help="time budget per round (default 3; quick 1)")
-    p.add_argument("--rounds", type=int, help="rounds per figure, best kept (default 3; quick 1)")
+    p.add_argument("--rounds", type=int, help="rounds per figure, best kept (default 5; quick 1)")
     p.add_argument("--max-requests", type=int, default=100_000, help="request cap per round")
     p.add_argument("--models", type=int, default=100, help="models for start-up and RSS")
     p.add_argument("--startup-runs", type=int, help="start-up runs (default 5; quick 2)")
@@ -765,7 +770,7 @@ def main() -> int:
         asyncio.run(serve_bare(args.serve, args.db, args.port))
         return 0
     args.seconds = args.seconds or (1.0 if args.quick else 3.0)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 5)
     args.startup_runs = args.startup_runs or (2 if args.quick else 5)
     if args.against:
         args.against = str(Path(args.against).resolve())

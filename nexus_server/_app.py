@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from dataflow import DataFlow
 from nexus_api import descriptor_set_bytes
@@ -45,6 +45,30 @@ _log = logging.getLogger("nexus_server")
 WORKFLOW_SERVICE = "nexus.workflow.v1.WorkflowService"
 MODEL_SERVICE = "nexus.model.v1.ModelService"
 OPENAPI_SERVICE = "nexus.openapi.v1.OpenApiService"
+
+
+class GenericHandlersOnly:
+    """Where the generated `add_*Servicer_to_server` functions register services: it
+    passes their generic handlers to the server and drops the registered-method copies.
+
+    Why: in grpcio 1.85 the asyncio server keeps one pending accept per registered
+    method and waits on all of them (`asyncio.wait`) for every incoming call, so each
+    call costs time in proportion to how many methods are registered: with our ~30, about
+    40 µs of event-loop time per call, 7-8 % of ExecuteWorkflow's throughput
+    (docs/benchmarks.md, "Registered methods"; upstream: grpc/grpc#43461). Generic
+    handlers answer the same methods through one accept loop.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, method_handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        """Dropped: the same handlers came through `add_generic_rpc_handlers`."""
 
 
 @dataclass(frozen=True)
@@ -166,24 +190,28 @@ class Nexus:
         typed = TypedModels(db.models, _static_files())
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        handlers = GenericHandlersOnly(server)
         wgrpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
             WorkflowServicer(self.registry, executions, allow_code_nodes=self.allow_code_nodes),
-            server,
+            handlers,
         )
         mgrpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ModelServicer(records, typed), server
+            ModelServicer(records, typed), handlers
         )
-        server.add_generic_rpc_handlers(typed_handlers(records, typed))
+        handlers.add_generic_rpc_handlers(typed_handlers(records, typed))
         ogrpc.add_OpenApiServiceServicer_to_server(  # type: ignore[no-untyped-call]
             # built on the first GetOpenApi, never in the way of startup
             OpenApiServicer(functools.partial(_openapi_document, typed)),
-            server,
+            handlers,
         )
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
         services = (WORKFLOW_SERVICE, MODEL_SERVICE, OPENAPI_SERVICE, *typed.service_names)
-        reflection.enable_server_reflection(
-            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=typed.pool
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), pool=typed.pool
+            ),
+            handlers,
         )
         port = server.add_insecure_port(f"{self.host}:{self.grpc_port}")
         if port == 0:
