@@ -3,6 +3,12 @@
 Each execution runs in a task of its own. Its events are kept in a capped buffer that
 watchers read from (a slow watcher skips node events it missed, never the final one);
 the finished execution is written to the store, so memory holds only what is running.
+
+Durability: nobody hears of an execution's end (the unary reply, a stream's final
+event) before its record is committed, so an acknowledged execution survives a crash.
+An execution with a request_id has its RUNNING record committed before any node runs,
+so a retry after a crash finds it (marked INTERRUPTED at the next start) and never
+runs it a second time. Both commits are group commits shared by concurrent calls.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from dataflow import DatabaseError
 from workflow import AsyncLocalRuntime, Event, EventKind, Workflow
 
 from ._errors import ApiError, to_api_error
 from ._jsonable import to_jsonable
-from ._record_writer import RecordWriter
+from ._record_writer import RecordRejected, RecordWriter
 from ._store import ExecutionRecord, Store, body_hash, check_request_id
 
 __all__ = ["Executions", "RunningExecution", "error_dict"]
@@ -35,6 +42,13 @@ _STATE_OF = {
     EventKind.EXECUTION_FAILED: "FAILED",
     EventKind.EXECUTION_CANCELLED: "CANCELLED",
 }
+
+
+def _unrecorded() -> DatabaseError:
+    return DatabaseError(
+        "the execution could not be recorded: the database is unavailable; retry with "
+        "the same request_id"
+    )
 
 
 def error_dict(exc: BaseException) -> dict[str, Any]:
@@ -55,7 +69,16 @@ def new_execution_id() -> str:
 class RunningExecution:
     """An execution running in this process, with its latest events (for watchers)."""
 
-    __slots__ = ("_changed", "_done", "events", "finished", "record", "sequence", "task")
+    __slots__ = (
+        "_changed",
+        "_done",
+        "commit_error",
+        "events",
+        "finished",
+        "record",
+        "sequence",
+        "task",
+    )
 
     def __init__(self, record: ExecutionRecord) -> None:
         self.record = record
@@ -64,6 +87,8 @@ class RunningExecution:
         self.sequence = 0
         #: whether the execution ended (its record holds how)
         self.finished = False
+        #: why the final record could not be made durable (the call then fails with it)
+        self.commit_error: Exception | None = None
         # created only when someone waits for the end (most executions end unwatched)
         self._done: asyncio.Event | None = None
         #: set (and replaced) on the next event; created only when someone watches
@@ -143,8 +168,12 @@ class Executions:
         timeout: default per-execution timeout in seconds (None: no limit).
     """
 
-    def __init__(self, store: Store, timeout: float | None = None) -> None:
+    def __init__(
+        self, store: Store, timeout: float | None = None, *, commit_timeout: float = 5.0
+    ) -> None:
         self.store = store
+        #: seconds a call waits for its record to be durable before it fails UNAVAILABLE
+        self.commit_timeout = commit_timeout
         self.runtime = AsyncLocalRuntime(timeout=timeout)
         self.running: dict[str, RunningExecution] = {}
         self.writer: RecordWriter[ExecutionRecord] = RecordWriter(
@@ -198,7 +227,11 @@ class Executions:
             await self._run(run, wf, inputs)
         elif run is not None:
             await run.wait()
-        return run.record if run is not None else rec
+        if run is None:
+            return rec
+        if run.commit_error is not None:
+            raise run.commit_error
+        return run.record
 
     async def start(
         self,
@@ -252,6 +285,19 @@ class Executions:
                 await self.writer.wait_for_room()
             run = self._register(name, inputs, caller, request_id, hash_)
             self._requests[key] = run.record.id
+            try:
+                # the key is durable before any work starts: a retry after a crash
+                # finds this execution (INTERRUPTED) instead of running it again
+                await self._commit(run.record.id)
+            except RecordRejected:
+                self._forget(run)  # another server process recorded this key first
+                found = await self._find(caller, request_id, hash_)
+                if found is None:
+                    raise _unrecorded() from None
+                return (*found, None)
+            except BaseException:
+                self._forget(run)
+                raise
             return run, run.record, inputs
 
     def _register(
@@ -281,6 +327,31 @@ class Executions:
         self.running[rec.id] = run
         self.writer.put(rec)
         return run
+
+    async def _commit(self, execution_id: str) -> None:
+        """Wait until the execution's record, as put last, is in the database.
+
+        Raises:
+            DatabaseError: it could not be written within `commit_timeout` seconds or
+                its transaction failed (the row stays queued and is retried).
+            RecordRejected: another server process holds its request_id.
+        """
+        try:
+            async with asyncio.timeout(self.commit_timeout):
+                await self.writer.committed(execution_id)
+        except RecordRejected:
+            raise
+        except (TimeoutError, Exception) as exc:
+            raise _unrecorded() from exc
+
+    def _forget(self, run: RunningExecution) -> None:
+        """Drop an execution that never started (its record could not be made durable)."""
+        rec = run.record
+        self.running.pop(rec.id, None)
+        self.writer.discard(rec.id)
+        if rec.request_id:
+            self._requests.pop((rec.caller, rec.request_id), None)
+        run.finish()
 
     async def _find(
         self, caller: str, request_id: str, hash_: str | None
@@ -331,7 +402,13 @@ class Executions:
             rec.end_time = _dt.datetime.now(_dt.UTC)
             self.writer.put(rec)  # again: its final state is written (once more, if need be)
             self.running.pop(rec.id, None)
-            run.finish()
+            try:
+                # acknowledged means recorded: nobody hears of the end before it is durable
+                await self._commit(rec.id)
+            except Exception as exc:
+                run.commit_error = exc
+            finally:
+                run.finish()
 
     async def get(self, execution_id: str) -> ExecutionRecord:
         rec = self._unflushed(execution_id) or await self.store.get_execution(execution_id)
