@@ -224,6 +224,14 @@ class Store:
                 dropped.append(rec.id)
         return dropped
 
+    async def insert_execution(self, rec: ExecutionRecord) -> None:
+        """Insert one execution in the current `transaction()` (an execution that commits
+        with its workflow's writes). Raises `AlreadyExistsError` when its request_id was
+        recorded first by another server process."""
+        values = {c.name: getattr(rec, c.name) for c in EXECUTIONS.columns}
+        async with self.db.connection() as conn:
+            await conn.execute(EXECUTIONS.insert().values(**values))
+
     @functools.cached_property
     def _upsert(self) -> str:
         """Driver SQL: insert an execution row, or update the columns that change."""

@@ -123,11 +123,13 @@ async def test_a_second_server_never_runs_a_request_the_first_has_started(
         wf2 = wgrpc.WorkflowServiceStub(c2)  # type: ignore[no-untyped-call]
         call = asyncio.ensure_future(wf1.ExecuteWorkflow(request, timeout=WAIT))
         await asyncio.wait_for(gates["both:started"].wait(), WAIT)
-        seen = await wf2.ExecuteWorkflow(request, timeout=WAIT)  # finds, never runs
-        assert seen.state == wpb.Execution.STATE_RUNNING
+        # the second finds the first's execution, never runs it, and waits for its end
+        seen = asyncio.ensure_future(wf2.ExecuteWorkflow(request, timeout=WAIT))
+        await asyncio.sleep(0.3)
+        assert not seen.done()
         gates["both"].set()
-        done = await call
-        assert done.id == seen.id and done.state == wpb.Execution.STATE_SUCCEEDED
+        done, other = await call, await seen
+        assert done == other and done.state == wpb.Execution.STATE_SUCCEEDED
         ms = mgrpc.ModelServiceStub(c1)  # type: ignore[no-untyped-call]
         count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
         assert count.count == 1
@@ -186,3 +188,101 @@ async def test_no_workflow_runs_when_its_request_id_cannot_be_recorded(
         async with asyncio.timeout(WAIT):
             await executions.writer.stop()
         await db.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_database_only_request_commits_with_its_record_or_not_at_all(
+    make_app: Callable[..., Nexus], connect: Connect, db_url: str
+) -> None:
+    """create_then_boom writes a contact, then fails: with a request_id its write is
+    rolled back and the failure recorded; create_contact's record and contact commit
+    together (while it runs, nothing of it is in the database)."""
+    app = make_app()
+    app.register("create_then_fail", _create_then_fail())
+    async with app.serving() as s, connect(s) as channel, reader(db_url) as store:
+        wf = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        ms = mgrpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await wf.ExecuteWorkflow(
+                wpb.ExecuteWorkflowRequest(
+                    name="create_then_fail",
+                    inputs=struct(name="Ada", email="ada@x.io"),
+                    request_id="fails-1",
+                ),
+                timeout=WAIT,
+            )
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+        rec = await store.find_request("anonymous", "fails-1")
+        assert rec is not None and rec.state == "FAILED"
+        count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
+        assert count.count == 0  # the contact written before the failure was rolled back
+        # without a request_id the same workflow keeps its nodes' own commits
+        with pytest.raises(grpc.aio.AioRpcError):
+            await wf.ExecuteWorkflow(
+                wpb.ExecuteWorkflowRequest(
+                    name="create_then_fail", inputs=struct(name="Bob", email="bob@x.io")
+                ),
+                timeout=WAIT,
+            )
+        count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
+        assert count.count == 1
+        done = await wf.ExecuteWorkflow(
+            wpb.ExecuteWorkflowRequest(
+                name="create_contact",
+                inputs=struct(name="Cy", email="cy@x.io"),
+                request_id="ok-1",
+            ),
+            timeout=WAIT,
+        )
+        rec = await store.get_execution(done.id)
+        assert rec is not None and rec.state == "SUCCEEDED" and rec.request_id == "ok-1"
+        again = await wf.ExecuteWorkflow(
+            wpb.ExecuteWorkflowRequest(
+                name="create_contact",
+                inputs=struct(name="Cy", email="cy@x.io"),
+                request_id="ok-1",
+            ),
+            timeout=WAIT,
+        )
+        assert again == done
+        count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
+        assert count.count == 2
+
+
+def _create_then_fail() -> Any:
+    wf = WorkflowBuilder()
+    wf.add_node("ContactCreateNode", "create", {"name": "{{name}}", "email": "{{email}}"})
+    # reads the contact by its email as id: never found, after the create ran
+    wf.add_node("ContactReadNode", "read")
+    wf.add_connection("create", "email", "read", "id")
+    return wf.build()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_two_servers_racing_on_one_request_id_write_once(
+    make_app: Callable[..., Nexus], connect: Connect
+) -> None:
+    # in one process the node classes belong to the first server's DataFlow: the second
+    # takes the record-first path, the first the one-transaction path
+    first, second = make_app(), make_app(models=False, workflows=False)
+    create = WorkflowBuilder()
+    create.add_node("ContactCreateNode", "create", {"name": "{{name}}", "email": "{{email}}"})
+    second.register("create_contact", create.build())
+    async with (
+        first.serving() as s1,
+        connect(s1) as c1,
+        second.serving() as s2,
+        connect(s2) as c2,
+    ):
+        stubs = [wgrpc.WorkflowServiceStub(c) for c in (c1, c2)]  # type: ignore[no-untyped-call]
+        for i in range(10):
+            request = wpb.ExecuteWorkflowRequest(
+                name="create_contact",
+                inputs=struct(name=f"Ada {i}", email=f"ada{i}@x.io"),
+                request_id=f"race-{i}",
+            )
+            a, b = await asyncio.gather(*(s.ExecuteWorkflow(request, timeout=WAIT) for s in stubs))
+            assert a.id == b.id and a.state == b.state == wpb.Execution.STATE_SUCCEEDED
+        ms = mgrpc.ModelServiceStub(c1)  # type: ignore[no-untyped-call]
+        count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
+        assert count.count == 10
