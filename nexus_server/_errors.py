@@ -64,6 +64,11 @@ def brief(value: object, limit: int = BRIEF) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _clip(text: str, limit: int = 100) -> str:
+    """`text` cut to `limit` characters (with `...`): a field path in a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _cut(text: str, max_bytes: int) -> str:
     """`text` cut to at most `max_bytes` UTF-8 bytes (at a character boundary)."""
     data = text.encode("utf-8", "replace")
@@ -201,11 +206,14 @@ _QUERY_PARTS = {
 def _from_validation(exc: dataflow.ValidationError) -> ApiError:
     field = exc.field if exc.row is None else f"records[{exc.row}].{exc.field}"
     meta = {"row": str(exc.row)} if exc.row is not None else {}
+    # the field may be a caller's key (an unknown field name): echoed in brief
+    where = f"row {exc.row}: " if exc.row is not None else ""
+    message = f"{where}{_clip(exc.field)}: {exc.reason}" if exc.field else where + exc.reason
     head = exc.field.split(".", 1)[0].split("[", 1)[0]
     if head == "page_token":
-        return ApiError("PAGE_TOKEN_INVALID", str(exc), [(field, exc.reason)], meta)
+        return ApiError("PAGE_TOKEN_INVALID", message, [(field, exc.reason)], meta)
     reason = _QUERY_PARTS.get(head, "RECORD_INVALID")
-    return ApiError(reason, str(exc), [(field, exc.reason)], meta)
+    return ApiError(reason, message, [(field, exc.reason)], meta)
 
 
 def _from_node(exc: workflow.NodeExecutionError) -> ApiError:
@@ -225,7 +233,7 @@ def _from_not_found(exc: dataflow.NotFoundError) -> ApiError:
     return ApiError(
         "RECORD_NOT_FOUND",
         f"{exc.model} {key} not found",
-        metadata={"model": exc.model, "record_id": _cut(str(exc.key), BRIEF)},
+        metadata={"model": exc.model, "record_id": str(exc.key)[:BRIEF]},
     )
 
 
