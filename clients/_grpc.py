@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool, message, message_factory, struct_pb2
+from google.protobuf import descriptor_pool, json_format, message, message_factory, struct_pb2
 from google.protobuf.json_format import MessageToDict, ParseDict
 
 # registers google.rpc.ErrorInfo/BadRequest, so an `Execution.error` prints its details
@@ -110,7 +110,7 @@ def to_json(msg: message.Message) -> Any:
     """
     try:
         doc = MessageToDict(msg, preserving_proto_field_name=True)
-    except ValueError:
+    except (ValueError, json_format.Error):  # json_format wraps it in a nested message
         copy = type(msg)()
         copy.CopyFrom(msg)
         _finite(copy)

@@ -26,6 +26,7 @@ from .._grpc import to_json, type_spec
 __all__ = [
     "MAX_NAME",
     "REQUEST_ID",
+    "REQUEST_ID_SCHEMA",
     "Hints",
     "ToolSpec",
     "model_tools",
@@ -38,7 +39,7 @@ MAX_NAME = 64
 
 #: The optional idempotency key of every writing tool (the gRPC `request_id`).
 REQUEST_ID = "request_id"
-_REQUEST_ID_SCHEMA: dict[str, Any] = {
+REQUEST_ID_SCHEMA: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
     "maxLength": 128,
@@ -213,7 +214,7 @@ def workflow_tool(workflow: Any, models: Collection[str] = ()) -> ToolSpec:
     hints = workflow_hints(workflow, models)
     takes_key = not hints.read_only and REQUEST_ID not in properties
     if takes_key:
-        properties[REQUEST_ID] = _REQUEST_ID_SCHEMA
+        properties[REQUEST_ID] = REQUEST_ID_SCHEMA
     nodes: dict[str, dict[str, Any]] = {}
     for out in workflow.outputs:
         node = nodes.setdefault(out.node_id, {"type": "object", "properties": {}})
@@ -278,7 +279,7 @@ def model_tools(model: Any) -> list[ToolSpec]:
         if not (f.nullable or f.HasField("default") or f.generated or f.primary_key)
     ]
     takes_key = REQUEST_ID not in field_names
-    key = {REQUEST_ID: _REQUEST_ID_SCHEMA} if takes_key else {}
+    key = {REQUEST_ID: REQUEST_ID_SCHEMA} if takes_key else {}
     id_schema = {"type": "string", "description": f"the {name}'s {pk_name}"}
     fields_schema = {
         "type": "array",
