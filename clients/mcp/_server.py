@@ -328,7 +328,7 @@ class Adapter:
         if spec is None:
             if self.failure is not None:
                 return _error_result(self.failure)
-            return _error_result(f"unknown tool {_quote(params.name)}")
+            return _error_result(f"unknown tool {_quote(repr(params.name))}")
         args = dict(params.arguments or {})
         problems = validate(spec.input_schema, args) or unsendable(args)
         if problems:

@@ -32,7 +32,9 @@ from mcp import Client
 from sqlalchemy import text
 
 from clients.mcp._server import Adapter, unsendable
+from clients.mcp._tools import workflow_hints
 from dataflow import DataFlow
+from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 from nexus_server import Nexus
 from workflow import WorkflowBuilder
 
@@ -478,6 +480,25 @@ async def test_arguments_breaking_the_schema_are_tool_errors(tmp_path: Path) -> 
                     res = await client.call_tool(name, args)
                     assert res.is_error, (name, res)
                 assert not (await client.call_tool("items_count", {})).is_error
+
+
+def test_hints_trust_dataflow_names_only_for_listed_models() -> None:
+    """A node named like a DataFlow node of a model the server does not list (a custom
+    `GhostReadNode`) may do anything; a workflow without a definition too."""
+
+    def hints(*types: str) -> tuple[bool, bool, bool]:
+        wf = w.Workflow(name="x")
+        for i, type_ in enumerate(types):
+            wf.definition.nodes.add(id=f"n{i}", type=type_)
+        h = workflow_hints(wf, {"Item", "ItemBulk"})
+        return h.read_only, h.destructive, h.idempotent
+
+    assert hints("ItemReadNode", "ItemCountNode") == (True, False, True)
+    assert hints("GhostReadNode") == (False, True, False)
+    assert hints("ItemBulkCreateNode") == (False, False, False)
+    assert hints("ItemBulkDeleteNode", "ItemUpsertNode") == (False, True, True)
+    assert hints("ItemCreateNode", "ItemDeleteNode") == (False, True, False)
+    assert hints() == (False, True, False)  # no declarative definition
 
 
 def test_unsendable_names_what_protobuf_cannot_carry() -> None:
