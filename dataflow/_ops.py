@@ -153,7 +153,10 @@ class ModelOps:
             return value
         if value is None:
             raise ValidationError(field, "an id is required")
-        return _check(self._pk, value, None)
+        try:
+            return _check(self._pk, value, None)
+        except ValidationError as exc:
+            raise ValidationError(field, exc.reason) from None
 
     def _values(
         self, data: Mapping[str, Any], row: int | None = None, now: dt.datetime | None = None
