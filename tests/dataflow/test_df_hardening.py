@@ -469,7 +469,8 @@ async def test_stored_non_finite_floats_still_read(
     specials = [float("inf"), float("-inf")] + ([float("nan")] if backend == "postgres" else [])
     async with db.connection() as conn:
         for i, v in enumerate(specials, start=1):
-            await conn.execute(sa.text("UPDATE thing SET ratio = :v WHERE id = :i"), {"v": v, "i": i})
+            stmt = sa.text("UPDATE thing SET ratio = :v WHERE id = :i")
+            await conn.execute(stmt, {"v": v, "i": i})
     assert (await ops.read(1))["ratio"] == float("inf")
     listed = (await ops.list(order_by="ratio"))["records"]
     assert len(listed) == 3
