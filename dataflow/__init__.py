@@ -46,6 +46,7 @@ from ._nodes import NODE_KINDS
 from ._ops import ModelOps
 from ._schema import REGISTRY_TABLE
 from ._sqltypes import SQL_TYPES, dialect_insert
+from ._values import storable_reason
 
 __all__ = [
     "MANAGED_FIELDS",
@@ -68,4 +69,5 @@ __all__ = [
     "ValidationError",
     "dialect_insert",
     "field",
+    "storable_reason",
 ]
