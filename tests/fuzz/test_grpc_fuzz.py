@@ -287,9 +287,15 @@ def forged_tokens(world: World) -> list[str]:
     ]
     for real in world.tokens.values():
         tokens.append(real)  # a real token, maybe of another model or filter
-        body = json.loads(base64.urlsafe_b64decode(real + "=" * (-len(real) % 4)))
+        tokens.append(real[:-2] + ("AA" if not real.endswith("AA") else "BB"))  # tampered
+        tokens.append(real[: len(real) // 2])
+        try:
+            body = json.loads(base64.urlsafe_b64decode(real + "=" * (-len(real) % 4)))
+            values = body["v"]
+        except (ValueError, KeyError, TypeError):
+            continue  # not JSON (a signed token): tampering above is all we can do
         for bad in (2**70, -(2**70), "\x00", 1e308, None, [[]], {"b": "!"}):
-            tokens.append(b64(json.dumps({**body, "v": [bad] * len(body["v"])}).encode()))
+            tokens.append(b64(json.dumps({**body, "v": [bad] * len(values)}).encode()))
     return tokens
 
 
