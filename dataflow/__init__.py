@@ -40,7 +40,7 @@ from ._errors import (
     UniqueViolation,
     ValidationError,
 )
-from ._filters import OPERATORS
+from ._filters import MAX_FILTER_DEPTH, OPERATORS
 from ._model import MANAGED_FIELDS, FieldInfo, ModelInfo, field
 from ._nodes import NODE_KINDS
 from ._ops import ModelOps
@@ -50,6 +50,7 @@ from ._values import storable_reason
 
 __all__ = [
     "MANAGED_FIELDS",
+    "MAX_FILTER_DEPTH",
     "NODE_KINDS",
     "OPERATORS",
     "REGISTRY_TABLE",

@@ -290,6 +290,12 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                         [("state", "unknown value")],
                     )
                 state = wpb.Execution.State.Name(request.state).removeprefix("STATE_")
+            if "\x00" in request.workflow or len(request.workflow) > 128:
+                raise ApiError(
+                    "REQUEST_INVALID",
+                    "workflow is not a workflow name",
+                    [("workflow", "contains NUL or is longer than 128 characters")],
+                )
             await self.executions.drain()  # list what has been recorded
             records, token = await self.executions.store.list_executions(
                 request.workflow or None,

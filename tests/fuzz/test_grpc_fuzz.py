@@ -596,6 +596,12 @@ def problems_of(method: Method, outcome: Outcome, *, raw: bool) -> list[str]:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         found.append(f"no answer within {CALL_TIMEOUT:.0f} s")
     found.extend(f"message shows {p}" for p in message_problems(outcome.message))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and outcome.message.startswith(
+        "SERVER: Received message larger than max"
+    ):
+        # grpc's transport refuses a request over the server's 4 MiB limit before any
+        # handler runs (so no ErrorInfo): the documented answer to an oversized request
+        return found
     if method.ours:
         nexus = [i for i in outcome.infos if i.domain == "nexus"]
         if len(nexus) != 1:
