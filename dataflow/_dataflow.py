@@ -126,8 +126,10 @@ class _SharedTx:
         try:
             await self._stack.enter_async_context(self.db._gate())
             conn = await self._stack.enter_async_context(self.db.engine.begin())
-        except BaseException:
+        except BaseException as exc:
             await self._stack.aclose()
+            if isinstance(exc, Exception) and not isinstance(exc, DataFlowError):
+                raise _map_error(exc, None) from exc
             raise
         return _Tx(conn)
 
@@ -1070,16 +1072,24 @@ class DataFlow:
             yield
             return
         await self.initialize()
+        raised: BaseException | None = None  # the block's own exception, passed on as is
         try:
             async with self._gate(), self.engine.begin() as conn:
                 token = self._tx.set(_Tx(conn))
                 try:
                     yield
+                except BaseException as exc:
+                    raised = exc
+                    raise
                 finally:
                     self._tx.reset(token)
         except DataFlowError:
             raise
-        except sa_exc.SQLAlchemyError as exc:
+        except Exception as exc:
+            if exc is raised:
+                raise
+            # beginning, committing or rolling back failed: the driver's error (a plain
+            # ConnectionRefusedError when the server is down) becomes ours
             raise _map_error(exc, None) from exc
 
     async def migration_plan(self) -> list[str]:

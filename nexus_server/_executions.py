@@ -497,6 +497,7 @@ class Executions:
         error: dict[str, Any] | None = None
         state = "FAILED"
         recorded = False  # committed with the workflow's writes
+        forgotten = False
         try:
             if run.transactional:
                 recorded = await self._run_in_transaction(run, wf, inputs)
@@ -517,14 +518,20 @@ class Executions:
             recorded = True
         except Exception as exc:
             error = error_dict(exc)
+            # rolled back because the database was unavailable: nothing of it was kept,
+            # so it is not recorded and a retry with its request_id runs it
+            forgotten = run.transactional and error.get("reason") == "DATABASE_UNAVAILABLE"
         finally:
             self.running.pop(rec.id, None)
             if run.put_later is not None:
                 run.put_later.cancel()
                 run.put_later = None
             try:
-                if recorded:
+                if recorded or forgotten:
                     self._requests.pop((rec.caller, rec.request_id or ""), None)
+                    if forgotten:
+                        rec.state, rec.error = "FAILED", error
+                        rec.end_time = _dt.datetime.now(_dt.UTC)
                 else:
                     rec.state, rec.outputs, rec.error = state, outputs, error
                     rec.end_time = _dt.datetime.now(_dt.UTC)
