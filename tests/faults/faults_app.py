@@ -4,7 +4,8 @@
   twice shows up as two rows with its email instead of hiding behind a constraint.
 - `create_entry(name, email)`: one EntryCreateNode, the write load of the crash and
   outage tests.
-- `Item` (`n`, default 0): tiny rows for the bulk-size resource test.
+- `Item` (`s`, optional): tiny rows for the bulk-size resource test (`{}` and
+  `{"s": null}` are both valid rows).
 
 Configured by the environment: `NEXUS_DATABASE_URL` (the database),
 `NEXUS_FAULTS_HEALTH_INTERVAL` (seconds between database health checks, default 0.25,
@@ -44,7 +45,7 @@ class Item:
     """A tiny row for bulk requests."""
 
     id: str
-    n: int = 0
+    s: str | None = None
 
 
 app.integrate_dataflow(db)
