@@ -123,8 +123,11 @@ class Load:
 
     async def run(self) -> None:
         todo = collections.deque(self.calls)
-        async with asyncio.timeout(LOAD_SECONDS):
-            await asyncio.gather(*(self._worker(todo) for _ in range(WORKERS)))
+        try:
+            async with asyncio.timeout(LOAD_SECONDS):
+                await asyncio.gather(*(self._worker(todo) for _ in range(WORKERS)))
+        except TimeoutError:
+            raise AssertionError(f"the load was not over within {LOAD_SECONDS} s") from None
 
 
 async def retry_all(address: str, calls: list[Call], details: Details) -> None:
