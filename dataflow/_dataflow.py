@@ -11,15 +11,17 @@ import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, MetaData, Table, event
+from sqlalchemy import Connection, MetaData, Table, event, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
+from sqlalchemy.schema import CreateTable
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -39,8 +41,10 @@ from ._fastpath import driver_value
 from ._model import ModelInfo, parse_model
 from ._nodes import make_nodes
 from ._ops import ModelOps
-from ._schema import apply_migration, build_table, plan_migration, registry_table
+from ._schema import META, META_TABLE, apply_migration, build_table, plan_migration, registry_table
 from ._sqltypes import dialect_insert
+from ._tokens import sign, verify
+from ._values import clean_any
 
 __all__ = ["DataFlow"]
 
@@ -55,6 +59,10 @@ EXECUTEMANY_HERE_ROWS = 1000
 CHECKPOINT_ROWS = 2000
 #: Seconds between attempts to reopen PostgreSQL's single-statement connection.
 PG_RECONNECT_DELAY = 5.0
+#: The most rows one bulk request may carry (`DataFlow(max_bulk_rows=...)`).
+MAX_BULK_ROWS = 10_000
+#: The key of the page-token secret in `dataflow_meta`.
+_SECRET_KEY = "token_secret"
 
 _log = logging.getLogger("dataflow")
 
@@ -165,8 +173,61 @@ _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.*)$")
 _NOT_NULL = re.compile(r"NOT NULL constraint failed: \w+\.(\w+)|column \"(\w+)\"")
 
 
+def _check_rows(rows: Sequence[Sequence[Any]]) -> None:
+    """`executemany` rows meet the value rule (`_values.clean_any`), as records do."""
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            if type(v) is str and "\x00" not in v:
+                continue  # the common case, inline
+            try:
+                clean_any(v)
+            except TypeError as exc:
+                raise ValidationError(f"rows[{i}][{j}]", str(exc)) from None
+
+
+#: SQLSTATE codes and classes, and SQLite messages, that mean "cannot reach the
+#: database" rather than "the database refused this statement".
+_UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+_UNREACHABLE_CLASSES = (
+    "ConnectionDoesNotExistError",
+    "InterfaceError",
+    "ConnectionFailureError",
+    "CannotConnectNowError",
+    "TooManyConnectionsError",
+)
+
+
+def _describe_failure(exc: BaseException, cause: Any, code: str, text: str, model: Any) -> str:
+    """What failed, in words: never the driver's class, SQL, a path or an address."""
+    what = f"{model.name}: " if model else ""
+    table = f"the table {model.table!r}" if model else "a table"
+    if code == "42P01" or "no such table" in text:
+        return f"{what}{table} does not exist; initialize() creates it (or migrate it)"
+    if code == "42703" or "no such column" in text:
+        return f"{what}a column of {table} is missing; the schema differs from the model"
+    if code.startswith(_UNREACHABLE_STATES) or isinstance(cause, OSError | TimeoutError):
+        return f"{what}the database is unreachable"
+    if any(type(c).__name__ in _UNREACHABLE_CLASSES for c in (cause, exc)):
+        return f"{what}the database is unreachable"
+    if "unable to open database file" in text:
+        return f"{what}the database file cannot be opened"
+    if code.startswith("53") or "database or disk is full" in text:
+        return f"{what}the database is out of resources (disk, memory or connections)"
+    if code == "57014":
+        return f"{what}the statement was cancelled (a timeout)"
+    if code.startswith("22"):
+        return f"{what}the database refused a value"
+    if "readonly" in text or "read-only" in text or code == "25006":
+        return f"{what}the database is read-only"
+    return f"{what}the database failed (the server log has the details)"
+
+
 def _map_error(exc: BaseException, model: ModelInfo | None) -> DataFlowError:
-    """Our exception for a driver/SQLAlchemy one (the one place this happens)."""
+    """Our exception for a driver/SQLAlchemy one (the one place this happens).
+
+    Messages say what failed in words; the driver's own text (which may hold SQL, a
+    file path or an address) only goes to the ``dataflow`` logger.
+    """
     if isinstance(exc, DataFlowError):
         return exc
     name = model.name if model else "database"
@@ -192,10 +253,9 @@ def _map_error(exc: BaseException, model: ModelInfo | None) -> DataFlowError:
         return ConflictError(f"{name}: the transaction conflicted with another one; retry it")
     if isinstance(exc, sa_exc.IntegrityError) or (code and str(code).startswith("23")):
         return ConflictError(f"{name}: the write violates a constraint")
-    if isinstance(exc, sa_exc.DBAPIError | sa_exc.SQLAlchemyError | OSError) or code:
-        kind = type(cause).__name__
-        return DatabaseError(f"{name}: the database failed ({kind}: {_first_line(text)})")
-    return DatabaseError(f"{name}: the database failed ({type(exc).__name__})")
+    message = _describe_failure(exc, cause, str(code or ""), text, model)
+    _log.warning("%s (%s: %s)", message, type(cause).__name__, _first_line(text))
+    return DatabaseError(message)
 
 
 async def _keep_session(conn: Any) -> None:
@@ -239,6 +299,8 @@ class DataFlow:
         connection_pool_size: PostgreSQL connections kept open. SQLite uses a single
             connection, and DataFlow serialises access to it.
         echo: log SQL statements (SQLAlchemy's ``echo``).
+        max_bulk_rows: the most rows (or ids) one bulk operation accepts; more is a
+            ValidationError on ``records`` before any row is looked at.
 
     Declaring models does no I/O. `initialize()` connects, migrates and persists, once.
     """
@@ -252,7 +314,12 @@ class DataFlow:
         enable_model_persistence: bool = False,
         connection_pool_size: int = 10,
         echo: bool = False,
+        max_bulk_rows: int = MAX_BULK_ROWS,
     ) -> None:
+        if not isinstance(max_bulk_rows, int) or max_bulk_rows < 1:
+            raise ValidationError("max_bulk_rows", "expects a positive integer")
+        self.max_bulk_rows = max_bulk_rows
+        self._secret: bytes | None = None
         url = database_url or os.environ.get("DATABASE_URL") or DEFAULT_URL
         self._url, self.dialect = _async_url(url)
         self.auto_migrate = auto_migrate
@@ -387,6 +454,8 @@ class DataFlow:
                 )
             return cls
         owner = self._tables.get(info.table)
+        if info.table == META_TABLE:
+            raise ModelError(f"model {info.name}: table {info.table!r} is DataFlow's own")
         if owner is not None:
             raise ModelError(f"model {info.name}: table {info.table!r} is used by model {owner}")
         table = build_table(info, self._metadata)
@@ -471,7 +540,7 @@ class DataFlow:
                     self._registry is not None and self._models
                 )
                 if not needs_io:
-                    pass
+                    pass  # the page-token secret is read at its first use
                 elif self._sync_init and self._engine is None:
                     async with self._gate():
                         await asyncio.to_thread(self._migrate_in_thread, tables)
@@ -508,6 +577,44 @@ class DataFlow:
                 apply_migration(conn, plan)
         if self._registry is not None and self._models:
             conn.execute(self._persist_statement())
+        self._load_secret(conn)
+
+    def _load_secret(self, conn: Connection) -> None:
+        """Read the per-database page-token secret from `dataflow_meta`, creating the
+        table and the secret the first time (a concurrent first start keeps one)."""
+        conn.execute(CreateTable(META, if_not_exists=True))
+        ins = dialect_insert(self.dialect)(META).values(
+            key=_SECRET_KEY, value=secrets.token_hex(32)
+        )
+        conn.execute(ins.on_conflict_do_nothing(index_elements=["key"]))
+        value = conn.execute(select(META.c.value).where(META.c.key == _SECRET_KEY)).scalar_one()
+        self._secret = str(value).encode()
+
+    async def _token_secret(self) -> bytes:
+        """The secret, read once (at `initialize()` when it migrates, else here, on the
+        current transaction's connection when there is one)."""
+        if self._secret is None:
+            async with self._session(None) as (conn, _):
+                await conn.run_sync(self._load_secret)
+        assert self._secret is not None
+        return self._secret
+
+    async def sign_token(self, payload: bytes, context: str = "") -> str:
+        """An opaque token carrying `payload`, signed (HMAC-SHA256) with this database's
+        secret and bound to `context`: `verify_token` accepts it only with the same
+        context. DataFlow's page tokens use it (context: model, order and filter); the
+        server signs its own listings' tokens with it."""
+        return sign(await self._token_secret(), context, payload)
+
+    async def verify_token(self, token: str, context: str = "", field: str = "page_token") -> bytes:
+        """The payload of a token `sign_token` made with this database's secret and the
+        same `context`. The MAC is checked before anything in the token is parsed.
+
+        Raises:
+            ValidationError: on `field`: forged, altered, truncated, or issued for
+                another context.
+        """
+        return verify(await self._token_secret(), context, token, field)
 
     def _migrate_in_thread(self, tables: list[Table]) -> None:
         self._sync_transaction(lambda conn: self._migrate(conn, tables))
@@ -686,10 +793,20 @@ class DataFlow:
         """The driver's placeholder for the i-th (1-based) argument of `executemany`."""
         return "?" if self.dialect == "sqlite" else f"${i}"
 
-    def driver_value(self, value: Any) -> Any:
+    def driver_value(self, value: Any, field: str = "value") -> Any:
         """`value` as the driver takes it in `executemany`, stored exactly as DataFlow's
         column types store it: datetimes (UTC) in the dialect's format, dicts and lists as
-        JSON text; anything else unchanged."""
+        JSON text; anything else unchanged.
+
+        Raises:
+            ValidationError: on `field`, for a value DataFlow's value rule refuses (NUL
+                in text, an int outside 64 bits, NaN, a datetime that leaves year 1..9999
+                in UTC...), as for every record.
+        """
+        try:
+            value = clean_any(value)
+        except TypeError as exc:
+            raise ValidationError(field, str(exc)) from None
         return driver_value(value, self.dialect == "sqlite")
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
@@ -718,11 +835,12 @@ class DataFlow:
             )
         if not rows:
             return
+        _check_rows(rows)
         if self._pg_pool is None:
             if len(rows) > EXECUTEMANY_HERE_ROWS or isinstance(
                 self._here(None, True, lambda c: c.executemany(sql, rows), len(rows)), _NotHere
             ):
-                await self._fast_executemany(None, sql, list(rows))
+                await self._fast_executemany(None, sql, [rows])
             return
         try:
             async with self._pg_pool.acquire() as conn, conn.transaction():
@@ -888,13 +1006,17 @@ class DataFlow:
         except Exception as exc:
             raise _map_error(exc, model) from exc
 
-    async def _fast_executemany(self, model: ModelInfo | None, sql: str, args: list[Any]) -> None:
-        """Run one statement for many argument rows in one SQLite transaction."""
+    async def _fast_executemany(
+        self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
+    ) -> None:
+        """Run one statement for many argument rows in one SQLite transaction, one
+        `executemany` per batch (other tasks run while each batch is written)."""
         try:
             async with self._sqlite_lock:
                 conn = self._raw_sqlite or await self._sqlite_connection()
                 try:
-                    await conn.executemany(sql, args)
+                    for args in batches:
+                        await conn.executemany(sql, args)
                     await conn.commit()
                 except BaseException:
                     await conn.rollback()

@@ -53,7 +53,14 @@ class NotFoundError(DataFlowError, LookupError):
     def __init__(self, model: str, key: object) -> None:
         self.model = model
         self.key = key
-        super().__init__(f"{model} {key!r} not found")
+        # the key is a caller's input: the message shows at most about 60 characters
+        try:
+            text = repr(key[:61] if isinstance(key, str) else key)
+        except ValueError:  # an int too long to print
+            text = "(too long to show)"
+        if len(text) > 60:
+            text = text[:57] + "..."
+        super().__init__(f"{model} {text} not found")
 
 
 class AlreadyExistsError(DataFlowError):

@@ -10,30 +10,46 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import enum
+import math
 import operator
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.engine import Row
 
 from workflow import MISSING
-from workflow._types import check_value
 
 from ._errors import ConflictError, NotFoundError, ValidationError
 from ._fastpath import Codec
 from ._filters import FilterCompiler
 from ._model import FieldInfo, ModelInfo
-from ._pagination import decode_token, encode_token, keyset_after, order_clauses, parse_order
+from ._pagination import (
+    decode_token,
+    encode_token,
+    filter_digest,
+    keyset_after,
+    order_clauses,
+    parse_order,
+    token_context,
+)
 from ._sqltypes import dialect_insert, json_dumps
+from ._values import INT_MAX, INT_MIN, clean, short
 
 if TYPE_CHECKING:
     from ._dataflow import DataFlow
 
 __all__ = ["ModelOps"]
 
-_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+_INT_MIN, _INT_MAX = INT_MIN, INT_MAX
+#: The largest explicit int id a create accepts: generation continues above the largest
+#: id on both databases, so an id near the top of the 64-bit range would exhaust it.
+MAX_EXPLICIT_ID = 2**63 - 2**20
+#: Rows a bulk write sends to the database at a time (one statement or COPY each, all in
+#: the request's one transaction): memory follows a batch, not the request, and other
+#: tasks run between batches.
+BULK_BATCH_ROWS = 1000
 
 
 def _now() -> dt.datetime:
@@ -47,17 +63,15 @@ def _check(f: FieldInfo, value: Any, row: int | None) -> Any:
             return None
         raise ValidationError(f.name, f"expected {f.base_type.__name__}, got null", row=row)
     try:
-        v = check_value(f.base_type, value)
+        # the one rule for values (dataflow._values): a datetime comes back in UTC
+        return clean(f.base_type, value)
     except TypeError as exc:
         raise ValidationError(f.name, str(exc), row=row) from None
-    if isinstance(v, str) and "\x00" in v:
-        raise ValidationError(f.name, "text may not contain NUL (\\x00) characters", row=row)
-    if isinstance(v, int) and not isinstance(v, bool) and not _INT_MIN <= v <= _INT_MAX:
-        raise ValidationError(f.name, "integer is out of the 64-bit range", row=row)
-    if isinstance(v, dt.datetime):
-        # naive means UTC; stored and returned as aware UTC on both databases
-        v = v.replace(tzinfo=dt.UTC) if v.tzinfo is None else v.astimezone(dt.UTC)
-    return v
+
+
+def _name(name: Any) -> str:
+    """A caller's field name as an error may name it (cut when long)."""
+    return name if isinstance(name, str) and len(name) <= 60 else short(name)
 
 
 def _uuid_text() -> str:
@@ -139,7 +153,10 @@ class ModelOps:
             return value
         if value is None:
             raise ValidationError(field, "an id is required")
-        return _check(self._pk, value, None)
+        try:
+            return _check(self._pk, value, None)
+        except ValidationError as exc:
+            raise ValidationError(field, exc.reason) from None
 
     def _values(
         self, data: Mapping[str, Any], row: int | None = None, now: dt.datetime | None = None
@@ -163,15 +180,25 @@ class ModelOps:
                     if _INT_MIN <= value <= _INT_MAX:
                         out[name] = value
                         continue
+                elif exact is float:
+                    if math.isfinite(value):
+                        out[name] = value
+                        continue
                 else:
                     out[name] = value
                     continue
             f = self._writable.get(name)
             if f is None:
-                raise ValidationError(str(name), self._unknown(name), row=row)
+                raise ValidationError(_name(name), self._unknown(name), row=row)
             if value is None and f.primary_key:
                 continue
             out[name] = _check(f, value, row)
+        if not self._str_id:
+            key = out.get("id")
+            if key is not None and not 1 <= key <= MAX_EXPLICIT_ID:
+                raise ValidationError(
+                    "id", f"an explicit id must be between 1 and {MAX_EXPLICIT_ID}", row=row
+                )
         if len(out) < self._n_writable:
             for name, f in self._writable.items():
                 if name in out:
@@ -199,7 +226,7 @@ class ModelOps:
                 reason = (
                     "the primary key cannot be changed" if name == "id" else self._unknown(name)
                 )
-                raise ValidationError(str(name), reason, row=row)
+                raise ValidationError(_name(name), reason, row=row)
             out[name] = _check(f, value, row)
         out["updated_at"] = _now()
         return out
@@ -210,14 +237,19 @@ class ModelOps:
         return f"unknown field of {self.model.name} (fields: {', '.join(self._writable)})"
 
     def _where(self, flt: Any, all: bool, what: str) -> Any:
+        """The WHERE clause of a write by filter. A filter that matches every record by
+        its shape (`FilterCompiler.compile_folded`), not only an empty one, needs
+        ``all=True``."""
         if flt is not None and not isinstance(flt, Mapping):
             raise ValidationError("filter", "expects an object")
-        if _matches_everything(flt) and not all:
+        where, truth = self._fc.compile_folded(flt)
+        if truth is True and not all:
             raise ValidationError(
                 "filter",
-                f"an empty filter would {what} every {self.model.name}; pass all=True to mean that",
+                f"the filter matches every {self.model.name} by its shape (an empty filter, "
+                f"an empty $and...); it would {what} them all: pass all=True to mean that",
             )
-        return self._fc.compile(flt)
+        return where
 
     def _conflict_cols(self, conflict_on: Any) -> tuple[str, ...]:
         if conflict_on is None:
@@ -415,6 +447,7 @@ class ModelOps:
         fc = self._fc
         keys = parse_order(fc, order_by)
         where = fc.compile(filter)
+        db = self._db
         proj: builtins.list[str] | None = None
         if fields is not None:
             if not isinstance(fields, list | tuple):
@@ -425,22 +458,26 @@ class ModelOps:
         if offset is not None and (not isinstance(offset, int) or offset < 0):
             raise ValidationError("offset", "expects a non-negative integer")
         stmt = select(self.table).where(where)
+        context = ""
+        if page_token or limit is not None:
+            context = token_context(self.model.name, keys, filter_digest(filter))
         if page_token:
             if offset:
                 raise ValidationError("offset", "cannot be combined with page_token")
-            stmt = stmt.where(keyset_after(fc, keys, decode_token(keys, page_token)))
+            payload = await db.verify_token(page_token, context)
+            stmt = stmt.where(keyset_after(fc, keys, decode_token(keys, payload)))
         stmt = stmt.order_by(*order_clauses(fc, keys))
         if limit is not None:
             stmt = stmt.limit(limit + 1)
         if offset:
             stmt = stmt.offset(offset)
-        async with self._db._session(self.model) as (conn, _):
+        async with db._session(self.model) as (conn, _):
             rows = (await conn.execute(stmt)).all()
         records = [self._record(r) for r in rows]
         token = None
         if limit is not None and len(records) > limit:
             records = records[:limit]
-            token = encode_token(keys, records[-1])
+            token = await db.sign_token(encode_token(keys, records[-1]), context)
         if proj is not None:
             records = [{n: r[n] for n in proj} for r in records]
         return {"records": records, "next_page_token": token}
@@ -453,9 +490,17 @@ class ModelOps:
 
     # -- bulk operations -------------------------------------------------------------
 
+    def _cap(self, n: int, field: str = "records") -> None:
+        """Refuse a bulk request of more than `DataFlow.max_bulk_rows` rows (checked
+        before any row is looked at)."""
+        cap = self._db.max_bulk_rows
+        if n > cap:
+            raise ValidationError(field, f"at most {cap} rows per request, got {n}")
+
     def _rows(self, data: Any) -> builtins.list[Mapping[str, Any]]:
         if not isinstance(data, list | tuple):
             raise ValidationError("data", "expects a list of records")
+        self._cap(len(data))
         for i, r in enumerate(data):
             if type(r) is not dict and not isinstance(r, Mapping):
                 raise ValidationError("data", "each record must be an object", row=i)
@@ -489,31 +534,37 @@ class ModelOps:
             names = tuple(rows[0])
             codec = self._codec
             sql = codec.insert_many_sql(names)
-            await db._fast_executemany(self.model, sql, codec.many_args(rows, names))
+            await db._fast_executemany(
+                self.model, sql, (codec.many_args(b, names) for b in _batches(rows))
+            )
             return len(rows)
         async with db._session(self.model, write=True) as (conn, _):
             if db.dialect == "postgresql":
                 await self._copy(conn, rows)
             else:
-                await conn.execute(self._insert_many, rows)
+                for batch in _batches(rows):
+                    await conn.execute(self._insert_many, batch)
             if self._bump is not None and "id" in rows[0]:
                 await conn.execute(self._bump)
         return len(rows)
 
     async def _copy(self, conn: Any, rows: builtins.list[dict[str, Any]]) -> None:
+        """COPY the rows, a batch at a time (driver records are made per batch)."""
         names = list(rows[0])
         procs = [_copy_converter(self.model.field_map[n]) for n in names]
         # make the driver open its transaction now, so COPY is part of it
         await conn.exec_driver_sql("SELECT 1")
         raw = await conn.get_raw_connection()
         driver: Any = raw.driver_connection
-        if all(p is None for p in procs):
-            get = operator.itemgetter(*names)
-            records = [get(r) for r in rows] if len(names) > 1 else [(get(r),) for r in rows]
-        else:
-            pairs = list(zip(names, procs, strict=True))
-            records = [tuple([r[n] if p is None else p(r[n]) for n, p in pairs]) for r in rows]
-        await driver.copy_records_to_table(self.table.name, records=records, columns=names)
+        plain = all(p is None for p in procs)
+        get = operator.itemgetter(*names)
+        pairs = list(zip(names, procs, strict=True))
+        for batch in _batches(rows):
+            if plain:
+                records = [get(r) for r in batch] if len(names) > 1 else [(get(r),) for r in batch]
+            else:
+                records = [tuple([r[n] if p is None else p(r[n]) for n, p in pairs]) for r in batch]
+            await driver.copy_records_to_table(self.table.name, records=records, columns=names)
 
     async def bulk_update(
         self,
@@ -570,12 +621,17 @@ class ModelOps:
                 raise ValidationError("ids", "give either ids or a filter, not both")
             if not isinstance(ids, list | tuple):
                 raise ValidationError("ids", "expects a list of ids")
+            self._cap(len(ids), "ids")
             keys = [self._key(v, f"ids[{i}]") for i, v in enumerate(ids)]
             if not keys:
                 return 0
-            stmt = delete(self.table).where(self.table.c.id.in_(keys))
-        else:
-            stmt = delete(self.table).where(self._where(filter, all, "delete"))
+            n = 0
+            async with self._db._session(self.model, write=True) as (conn, _):
+                for batch in _batches(keys):
+                    res = await conn.execute(delete(self.table).where(self.table.c.id.in_(batch)))
+                    n += int(res.rowcount)
+            return n
+        stmt = delete(self.table).where(self._where(filter, all, "delete"))
         async with self._db._session(self.model, write=True) as (conn, _):
             res = await conn.execute(stmt)
         return int(res.rowcount)
@@ -599,32 +655,26 @@ class ModelOps:
                         ", ".join(key), f"same key as row {seen[k]} in this batch", row=i
                     )
                 seen[k] = i
-        # one statement per set of given fields: each entry updates only what it gives
-        groups: dict[frozenset[str], builtins.list[dict[str, Any]]] = {}
-        for given, r in zip(data, rows, strict=True):
-            groups.setdefault(frozenset(given), []).append(r)
         names = list(rows[0])  # every row has the same columns (defaults filled in)
         async with self._db._session(self.model, write=True) as (conn, _):
-            for given_fields, group in groups.items():
-                await conn.execute(self._upsert_stmt(key, names, given_fields), group)
+            for start in range(0, len(rows), BULK_BATCH_ROWS):
+                # one statement per set of given fields: each entry updates only what it
+                # gives
+                groups: dict[frozenset[str], builtins.list[dict[str, Any]]] = {}
+                for given, r in zip(
+                    data[start : start + BULK_BATCH_ROWS],
+                    rows[start : start + BULK_BATCH_ROWS],
+                    strict=True,
+                ):
+                    groups.setdefault(frozenset(given), []).append(r)
+                for given_fields, group in groups.items():
+                    await conn.execute(self._upsert_stmt(key, names, given_fields), group)
             if self._bump is not None and "id" in rows[0]:
                 await conn.execute(self._bump)
         return len(rows)
 
 
-def _matches_everything(flt: Mapping[str, Any] | None) -> bool:
-    """Whether a filter selects every record by its shape alone: `{}`, `{"$and": []}`,
-    `{"$or": [{}]}`... (the empty-filter guard must not be passed by spelling "all"
-    differently)."""
-    if not flt:
-        return True
-    for key, value in flt.items():
-        if key == "$and" and isinstance(value, list | tuple):
-            if not all(isinstance(v, Mapping) and _matches_everything(v) for v in value):
-                return False
-        elif key == "$or" and isinstance(value, list | tuple):
-            if not any(isinstance(v, Mapping) and _matches_everything(v) for v in value):
-                return False
-        else:
-            return False
-    return True
+def _batches(rows: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """`rows` in slices of `BULK_BATCH_ROWS`."""
+    for start in range(0, len(rows), BULK_BATCH_ROWS):
+        yield rows[start : start + BULK_BATCH_ROWS]

@@ -2,7 +2,8 @@
 
 A page token records the sort key of the last record returned (plus ``id``, which makes
 every key unique), so the next page starts strictly after it. Records inserted or
-deleted meanwhile never shift a page, unlike an offset.
+deleted meanwhile never shift a page, unlike an offset. Tokens are signed (`_tokens`)
+and bound to the model, the order and the filter (`token_context`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import binascii
 import datetime as dt
 import decimal
 import enum
+import hashlib
 import json
+import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, false, or_
@@ -24,8 +27,17 @@ from workflow._types import check_value
 from ._errors import ValidationError
 from ._filters import FilterCompiler
 from ._model import FieldInfo
+from ._values import INT_MAX, INT_MIN
 
-__all__ = ["OrderKey", "decode_token", "encode_token", "keyset_after", "parse_order"]
+__all__ = [
+    "OrderKey",
+    "decode_token",
+    "encode_token",
+    "filter_digest",
+    "keyset_after",
+    "parse_order",
+    "token_context",
+]
 
 OrderKey = tuple[FieldInfo, bool]  # (field, descending)
 
@@ -75,8 +87,11 @@ def _signature(keys: list[OrderKey]) -> list[str]:
 
 
 def _enc(v: Any) -> Any:
-    if v is None or isinstance(v, bool | int | float | str):
+    if v is None or isinstance(v, bool | int | str):
         return v
+    if isinstance(v, float):
+        # a value stored before NaN/Infinity were refused still pages
+        return v if math.isfinite(v) else {"f": repr(v)}
     if isinstance(v, enum.Enum):
         return v.value
     if isinstance(v, bytes):
@@ -86,36 +101,58 @@ def _enc(v: Any) -> Any:
     raise TypeError(f"cannot put {type(v).__name__} in a page token")
 
 
-def encode_token(keys: list[OrderKey], record: dict[str, Any]) -> str:
-    """The opaque token that resumes after `record`."""
-    body = {"k": _signature(keys), "v": [_enc(record[f.name]) for f, _ in keys]}
-    raw = json.dumps(body, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def token_context(model: str, keys: list[OrderKey], digest: str) -> str:
+    """What a page token is bound to: the model, the order and the filter's digest."""
+    return f"list\n{model}\n{','.join(_signature(keys))}\n{digest}"
 
 
-def decode_token(keys: list[OrderKey], token: str) -> list[Any]:
-    """The last record's sort key, checked against the field types and the order."""
+def _canon(v: Any) -> Any:
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, bytes):
+        return {"b": base64.b64encode(v).decode()}
+    return f"{type(v).__name__}:{v}"
+
+
+def filter_digest(flt: Mapping[str, Any] | None) -> str:
+    """A digest of a (checked) filter's canonical JSON form: equal filters, equal
+    digests, whatever their key order."""
+    text = json.dumps(flt or {}, sort_keys=True, separators=(",", ":"), default=_canon)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def encode_token(keys: list[OrderKey], record: dict[str, Any]) -> bytes:
+    """The payload of the token that resumes after `record` (signed by the caller)."""
+    values = [_enc(record[f.name]) for f, _ in keys]
+    return json.dumps(values, separators=(",", ":")).encode()
+
+
+_BAD = "is not a token returned by this listing"
+
+
+def decode_token(keys: list[OrderKey], payload: bytes) -> list[Any]:
+    """The last record's sort key from a verified token payload, checked against the
+    field types (the payload is ours: its MAC was checked first)."""
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        body = json.loads(raw)
-        sig, values = body["k"], body["v"]
-        if not isinstance(values, list):
-            raise ValueError
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ValidationError("page_token", "is not a token returned by this listing") from None
-    if sig != _signature(keys) or len(values) != len(keys):
-        raise ValidationError(
-            "page_token", "was returned by a listing with a different order_by; keep order_by"
-        )
+        values = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ValidationError("page_token", _BAD) from None
+    if not isinstance(values, list) or len(values) != len(keys):
+        raise ValidationError("page_token", _BAD)
     out: list[Any] = []
     for (f, _), v in zip(keys, values, strict=True):
         try:
             if isinstance(v, dict) and f.base_type is bytes:
                 out.append(base64.b64decode(v["b"]))
+            elif isinstance(v, dict) and f.base_type is float:
+                out.append(float(v["f"]))
             else:
-                out.append(None if v is None else check_value(f.base_type, v))
+                v = None if v is None else check_value(f.base_type, v)
+                if type(v) is int and not INT_MIN <= v <= INT_MAX:
+                    raise ValueError
+                out.append(v)
         except (TypeError, KeyError, ValueError, binascii.Error):
-            raise ValidationError("page_token", "is not a token returned by this listing") from None
+            raise ValidationError("page_token", _BAD) from None
     return out
 
 

@@ -33,7 +33,14 @@ from ._errors import MigrationError
 from ._model import FieldInfo, ModelInfo
 from ._sqltypes import UTCDateTime, sql_type_for
 
-__all__ = ["REGISTRY_TABLE", "MigrationPlan", "build_table", "plan_migration"]
+__all__ = [
+    "META",
+    "META_TABLE",
+    "REGISTRY_TABLE",
+    "MigrationPlan",
+    "build_table",
+    "plan_migration",
+]
 
 
 def _server_default(f: FieldInfo) -> Any:
@@ -85,6 +92,17 @@ def build_table(model: ModelInfo, metadata: MetaData) -> Table:
 
 #: The table ``enable_model_persistence`` writes model schemas to.
 REGISTRY_TABLE = "dataflow_model_registry"
+
+
+#: DataFlow's own settings table (key/value text), holding the page-token secret.
+META_TABLE = "dataflow_meta"
+#: Its one table object, in a MetaData of its own (never part of the models' schema).
+META = Table(
+    META_TABLE,
+    MetaData(),
+    Column("key", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+)
 
 
 def registry_table(metadata: MetaData) -> Table:

@@ -106,7 +106,10 @@ def check_value(tp: Any, value: Any) -> Any:
         if isinstance(value, float):
             return value
         if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise TypeError("integer is too large for a float") from None
     elif b is decimal.Decimal:
         if isinstance(value, decimal.Decimal):
             return value
@@ -116,7 +119,7 @@ def check_value(tp: Any, value: Any) -> Any:
             try:
                 return decimal.Decimal(value)
             except decimal.InvalidOperation:
-                raise TypeError(f"expected a decimal, got {value!r}") from None
+                raise TypeError(f"expected a decimal, got {_describe(value)}") from None
     elif b is _dt.datetime:
         if isinstance(value, _dt.datetime):
             return value
@@ -124,7 +127,7 @@ def check_value(tp: Any, value: Any) -> Any:
             try:
                 return _dt.datetime.fromisoformat(value)
             except ValueError:
-                raise TypeError(f"expected an ISO 8601 datetime, got {value!r}") from None
+                raise TypeError(f"expected an ISO 8601 datetime, got {_describe(value)}") from None
     elif b is _dt.date:
         if isinstance(value, _dt.date) and not isinstance(value, _dt.datetime):
             return value
@@ -132,7 +135,7 @@ def check_value(tp: Any, value: Any) -> Any:
             try:
                 return _dt.date.fromisoformat(value)
             except ValueError:
-                raise TypeError(f"expected an ISO 8601 date, got {value!r}") from None
+                raise TypeError(f"expected an ISO 8601 date, got {_describe(value)}") from None
     elif b is uuid.UUID:
         if isinstance(value, uuid.UUID):
             return value
@@ -140,7 +143,7 @@ def check_value(tp: Any, value: Any) -> Any:
             try:
                 return uuid.UUID(value)
             except ValueError:
-                raise TypeError(f"expected a UUID, got {value!r}") from None
+                raise TypeError(f"expected a UUID, got {_describe(value)}") from None
     elif isinstance(b, type) and issubclass(b, enum.Enum):
         if isinstance(value, b):
             return value
@@ -148,14 +151,18 @@ def check_value(tp: Any, value: Any) -> Any:
             return b(value)
         except ValueError:
             allowed = ", ".join(repr(m.value) for m in b)
-            raise TypeError(f"expected one of {allowed}, got {value!r}") from None
+            raise TypeError(f"expected one of {allowed}, got {_describe(value)}") from None
     elif isinstance(value, b):
         return value
     raise TypeError(f"expected {type_name(tp)}, got {_describe(value)}")
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """The type and a cut-down repr of a caller's value, for messages (never unbounded)."""
+    try:
+        text = repr(value[:41] if isinstance(value, str | bytes) else value)
+    except ValueError:  # an int too long to print
+        text = "(too long to show)"
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{type(value).__name__} {text}"
