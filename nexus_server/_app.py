@@ -26,6 +26,7 @@ from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from workflow import Workflow
 
 from ._discovery import discover_workflows
+from ._errors import decode_guarded
 from ._executions import Executions
 from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
@@ -57,13 +58,17 @@ class GenericHandlersOnly:
     40 µs of event-loop time per call, 7-8 % of ExecuteWorkflow's throughput
     (docs/benchmarks.md, "Registered methods"; upstream: grpc/grpc#43461). Generic
     handlers answer the same methods through one accept loop.
+
+    Every handler passes through `decode_guarded` on the way: a request that is not
+    valid protobuf is INVALID_ARGUMENT on every method (generated, typed, health,
+    reflection), never grpc's UNKNOWN naming protobuf's DecodeError.
     """
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
+        self._server.add_generic_rpc_handlers([decode_guarded(h) for h in handlers])
 
     def add_registered_method_handlers(
         self, service: str, method_handlers: dict[str, grpc.RpcMethodHandler]

@@ -11,12 +11,16 @@ INTERNAL with a generic message (the exception is logged, never sent).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -29,13 +33,63 @@ __all__ = [
     "ApiError",
     "StatusError",
     "abort",
+    "brief",
+    "call_id",
     "code_of",
+    "decode_guarded",
     "status_of",
     "to_api_error",
 ]
 
 DOMAIN = "nexus"
 _log = logging.getLogger("nexus_server")
+
+#: How many characters of a caller's value an error message or metadata value echoes.
+BRIEF = 60
+
+# What one status may weigh. gRPC clients refuse response metadata above 8 KiB (soft) /
+# 16 KiB (hard limit), and a status travels twice: `grpc-message` (percent-encoded, up
+# to 3 bytes per byte) and `grpc-status-details-bin` (base64 of the whole Status). Kept
+# well below, so that no input can turn an error into RESOURCE_EXHAUSTED.
+_MAX_MESSAGE_BYTES = 768
+_MAX_PART_BYTES = 256  # a violation's field or description, a metadata value
+_MAX_DETAILS_BYTES = 3072  # the serialized Status (message, ErrorInfo, BadRequest)
+
+
+def brief(value: object, limit: int = BRIEF) -> str:
+    """`repr(value)`, cut to `limit` characters (with `...`), for echoing a caller's value
+    (an id, a name, a field, a request_id) in an error message or metadata: an error
+    never grows with the input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    """`text` cut to `limit` characters (with `...`): a field path in a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` UTF-8 bytes (at a character boundary)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= max_bytes:
+        return text
+    return data[: max_bytes - 3].decode("utf-8", "ignore") + "..."
+
+
+_CALL_ID: contextvars.ContextVar[str] = contextvars.ContextVar("nexus_call_id")
+
+
+def call_id() -> str:
+    """This call's id: made on first use within the call (each gRPC call runs in its own
+    task, so its own context) and the same for the rest of it. Sent with INTERNAL errors
+    (`ErrorInfo.metadata["call_id"]`) and logged with them, so that a report leads to
+    the server's log line."""
+    value = _CALL_ID.get(None)
+    if value is None:
+        value = os.urandom(8).hex()
+        _CALL_ID.set(value)
+    return value
 
 
 def code_of(reason: str) -> grpc.StatusCode:
@@ -73,21 +127,37 @@ class ApiError(Exception):
         super().__init__(message)
 
     def to_status(self) -> status_pb2.Status:
-        """The `google.rpc.Status` with `ErrorInfo` (and `BadRequest` when fields are bad)."""
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=DOMAIN, metadata=self.metadata
+        """The `google.rpc.Status` with `ErrorInfo` (and `BadRequest` when fields are bad).
+
+        Bounded whatever the input: the message, each metadata value, violation field and
+        description are cut to a few hundred bytes, and violations that would take the
+        status over its budget are left out (`ErrorInfo.metadata["violations_omitted"]`
+        says how many), so an error always fits gRPC's metadata limits."""
+        status = status_pb2.Status(
+            code=self.code.value[0], message=_cut(self.message, _MAX_MESSAGE_BYTES)
         )
+        metadata = {k: _cut(v, _MAX_PART_BYTES) for k, v in self.metadata.items()}
+        bad = error_details_pb2.BadRequest()
+        budget = _MAX_DETAILS_BYTES - len(status.message.encode()) - 64
+        budget -= sum(len(k) + len(v.encode()) + 4 for k, v in metadata.items())
+        omitted = 0
+        for f, d in self.violations:
+            v = error_details_pb2.BadRequest.FieldViolation(
+                field=_cut(f, _MAX_PART_BYTES), description=_cut(d, _MAX_PART_BYTES)
+            )
+            size = v.ByteSize() + 8
+            if size > budget:
+                omitted += 1
+                continue
+            budget -= size
+            bad.field_violations.append(v)
+        if omitted:
+            metadata["violations_omitted"] = str(omitted)
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=metadata)
         packed = any_pb2.Any()
         packed.Pack(info)
         status.details.append(packed)
-        if self.violations:
-            bad = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                    for f, d in self.violations
-                ]
-            )
+        if bad.field_violations:
             packed = any_pb2.Any()
             packed.Pack(bad)
             status.details.append(packed)
@@ -136,11 +206,14 @@ _QUERY_PARTS = {
 def _from_validation(exc: dataflow.ValidationError) -> ApiError:
     field = exc.field if exc.row is None else f"records[{exc.row}].{exc.field}"
     meta = {"row": str(exc.row)} if exc.row is not None else {}
+    # the field may be a caller's key (an unknown field name): echoed in brief
+    where = f"row {exc.row}: " if exc.row is not None else ""
+    message = f"{where}{_clip(exc.field)}: {exc.reason}" if exc.field else where + exc.reason
     head = exc.field.split(".", 1)[0].split("[", 1)[0]
     if head == "page_token":
-        return ApiError("PAGE_TOKEN_INVALID", str(exc), [(field, exc.reason)], meta)
+        return ApiError("PAGE_TOKEN_INVALID", message, [(field, exc.reason)], meta)
     reason = _QUERY_PARTS.get(head, "RECORD_INVALID")
-    return ApiError(reason, str(exc), [(field, exc.reason)], meta)
+    return ApiError(reason, message, [(field, exc.reason)], meta)
 
 
 def _from_node(exc: workflow.NodeExecutionError) -> ApiError:
@@ -152,6 +225,25 @@ def _from_node(exc: workflow.NodeExecutionError) -> ApiError:
             inner.message = str(exc)
             return inner
     return ApiError("NODE_FAILED", str(exc), metadata=meta)
+
+
+def _from_not_found(exc: dataflow.NotFoundError) -> ApiError:
+    # the key is the caller's (a 10,000-character id must stay a small NOT_FOUND)
+    key = brief(exc.key)
+    return ApiError(
+        "RECORD_NOT_FOUND",
+        f"{exc.model} {key} not found",
+        metadata={"model": exc.model, "record_id": str(exc.key)[:BRIEF]},
+    )
+
+
+def _from_already_exists(exc: dataflow.AlreadyExistsError) -> ApiError:
+    meta = {"model": exc.model}
+    if exc.fields:
+        meta["field"] = ",".join(exc.fields)
+    if exc.row is not None:
+        meta["row"] = str(exc.row)
+    return ApiError("RECORD_ALREADY_EXISTS", str(exc), metadata=meta)
 
 
 def _mapped(exc: BaseException) -> ApiError | None:
@@ -172,8 +264,8 @@ _TABLE: list[tuple[type[BaseException], Callable[[Any], ApiError]]] = [
     (workflow.ExecutionCancelledError, lambda e: ApiError("EXECUTION_CANCELLED", str(e))),
     (workflow.RegistryError, lambda e: ApiError("WORKFLOW_INVALID", str(e))),
     (dataflow.ValidationError, _from_validation),
-    (dataflow.NotFoundError, lambda e: ApiError("RECORD_NOT_FOUND", str(e))),
-    (dataflow.AlreadyExistsError, lambda e: ApiError("RECORD_ALREADY_EXISTS", str(e))),
+    (dataflow.NotFoundError, _from_not_found),
+    (dataflow.AlreadyExistsError, _from_already_exists),
     (dataflow.ConflictError, lambda e: ApiError("TRANSACTION_CONFLICT", str(e))),
     (dataflow.MigrationError, lambda e: ApiError("CONSTRAINT_VIOLATION", str(e))),
     (dataflow.DatabaseError, lambda e: ApiError("DATABASE_UNAVAILABLE", str(e))),
@@ -186,8 +278,13 @@ def to_api_error(exc: BaseException) -> ApiError:
     mapped = _mapped(exc)
     if mapped is not None:
         return mapped
-    _log.error("unexpected error", exc_info=exc)
-    return ApiError("INTERNAL_ERROR", "internal error (logged on the server)")
+    cid = call_id()
+    _log.error("unexpected error (call_id %s)", cid, exc_info=exc)
+    return ApiError(
+        "INTERNAL_ERROR",
+        f"internal error (logged on the server with call_id {cid})",
+        metadata={"call_id": cid},
+    )
 
 
 def status_of(exc: BaseException) -> status_pb2.Status:
@@ -201,6 +298,158 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     rich = rpc_status.to_status(status)
     await context.abort(rich.code, rich.details, trailing_metadata=rich.trailing_metadata)
     raise AssertionError("unreachable")  # context.abort raises
+
+
+# --- requests that are not valid protobuf -------------------------------------------------
+
+
+class _Malformed:
+    """What a guarded deserializer returns for bytes that are not a valid request: the
+    guarded behaviour then ends the call with INVALID_ARGUMENT (a deserializer cannot:
+    grpc turns its exceptions into UNKNOWN with the exception's class in the message)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _message_name(deserializer: Callable[[bytes], Any]) -> str:
+    """The full name of the message a deserializer parses (`Foo.FromString`, or a
+    function with a `message_name` attribute), else "request message"."""
+    name = getattr(deserializer, "message_name", None)
+    if name is None:
+        desc = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+        name = getattr(desc, "full_name", None)
+    return str(name) if name else "request message"
+
+
+def _guard_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    name = _message_name(deserializer)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, RecursionError, UnicodeDecodeError):
+            return _Malformed(name)
+
+    return deserialize
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Malformed) -> NoReturn:
+    await abort(
+        context,
+        ApiError(
+            "REQUEST_INVALID",
+            f"the request is not a valid {bad.message} (malformed protobuf)",
+            metadata={"message": bad.message},
+        ),
+    )
+
+
+async def _checked(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[Any]:
+    async for request in requests:
+        if type(request) is _Malformed:
+            await _refuse(context, request)
+        yield request
+
+
+def _guard_behaviour(behaviour: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
+    if streaming_request:
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def stream_gen(requests: Any, context: Any) -> AsyncIterator[Any]:
+                async for item in behaviour(_checked(requests, context), context):
+                    yield item
+
+            return stream_gen
+
+        async def stream_call(requests: Any, context: Any) -> Any:
+            return await behaviour(_checked(requests, context), context)
+
+        return stream_call
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def unary_gen(request: Any, context: Any) -> AsyncIterator[Any]:
+            if type(request) is _Malformed:
+                await _refuse(context, request)
+            async for item in behaviour(request, context):
+                yield item
+
+        return unary_gen
+
+    async def unary_call(request: Any, context: Any) -> Any:
+        if type(request) is _Malformed:
+            await _refuse(context, request)
+        return await behaviour(request, context)
+
+    return unary_call
+
+
+def _guard_method(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.request_deserializer is None or not hasattr(handler, "_replace"):
+        return handler  # raw bytes in: nothing to decode
+    kind = ("stream_" if handler.request_streaming else "unary_") + (
+        "stream" if handler.response_streaming else "unary"
+    )
+    changes = {
+        "request_deserializer": _guard_deserializer(handler.request_deserializer),
+        kind: _guard_behaviour(getattr(handler, kind), handler.request_streaming),
+    }
+    guarded: grpc.RpcMethodHandler = handler._replace(**changes)
+    return guarded
+
+
+class _DecodeGuard(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose methods answer a request that is not valid protobuf with
+    INVALID_ARGUMENT. Method handlers are wrapped once, on first use of each method."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service_name(self) -> str | None:
+        name = getattr(self._inner, "service_name", None)
+        return name() if callable(name) else None
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        method: str = handler_call_details.method
+        try:
+            return self._methods[method]
+        except KeyError:
+            pass
+        found = self._inner.service(handler_call_details)
+        if found is None:
+            return None  # not remembered: callers choose unknown method names
+        guarded = _guard_method(found)
+        self._methods[method] = guarded
+        return guarded
+
+
+def decode_guarded(handler: grpc.GenericRpcHandler) -> grpc.GenericRpcHandler:
+    """`handler` with every method's request decoding guarded: malformed protobuf (bad
+    UTF-8 in a string, truncated bytes, nesting over the decoder's limit) is
+    INVALID_ARGUMENT/REQUEST_INVALID "the request is not a valid <Message>" (metadata
+    `message`), where grpc would answer UNKNOWN naming protobuf's DecodeError class.
+
+    A service made by `grpc.method_handlers_generic_handler` is rebuilt with its methods
+    guarded (no per-call cost beyond the guard itself); any other handler is wrapped."""
+    methods = getattr(handler, "_method_handlers", None)
+    name = getattr(handler, "service_name", None)
+    if isinstance(methods, dict) and callable(name):
+        service = name()
+        prefix = f"/{service}/"
+        return grpc.method_handlers_generic_handler(
+            service,
+            {
+                path.removeprefix(prefix): _guard_method(h)
+                for path, h in methods.items()
+                if path.startswith(prefix)
+            },
+        )
+    return _DecodeGuard(handler)
 
 
 assert code_pb2.OK == 0  # the numbering grpc.StatusCode and google.rpc.Code share

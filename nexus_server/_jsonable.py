@@ -16,18 +16,28 @@ __all__ = ["to_jsonable"]
 _EXACT = 2**53
 
 
+#: The text of the floats JSON has no number for (proto3 JSON's own spelling).
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
 def to_jsonable(value: Any) -> Any:
     """`value` with datetimes as RFC 3339 text (UTC), dates as ISO dates, decimals and UUIDs
     as text (exact), ints beyond +-2^53 as text (exact), bytes as base64, enums as their
-    value, tuples as lists."""
+    value, tuples as lists, and NaN / infinite floats as the strings "NaN", "Infinity",
+    "-Infinity" (a JSON number cannot be one: proto3 JSON refuses to print a Struct
+    holding one, which would break every REST, CLI and MCP read of the record)."""
     kind = type(value)
-    if kind is str or kind is bool or kind is float or value is None:
+    if kind is str or kind is bool or value is None:
         return value
+    if kind is float:
+        return value if value - value == 0.0 else _NON_FINITE[repr(value)]
     if kind is int and -_EXACT <= value <= _EXACT:
         return value
     if kind is dict:
         return {k if type(k) is str else str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, bool | float | str):  # subclasses
+    if isinstance(value, float):  # a subclass
+        return to_jsonable(float(value))
+    if isinstance(value, bool | str):  # subclasses
         return value
     if isinstance(value, int):
         # a JSON number is a double: an int it cannot hold exactly travels as text, as

@@ -20,9 +20,15 @@ from nexus_api.nexus.model.v1 import model_service_pb2 as mpb
 from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 
 from ._convert import from_struct, page_size, to_struct, to_value
-from ._errors import ApiError, abort
+from ._errors import ApiError, abort, brief
 from ._records import Records, record_fields
-from ._typed import TypedModels, collection_id, message_to_fields, record_to_message
+from ._typed import (
+    PACKAGE,
+    TypedModels,
+    collection_id,
+    message_to_fields,
+    record_to_message,
+)
 from ._workflow_service import caller_of
 
 __all__ = ["ModelServicer", "typed_handlers"]
@@ -97,9 +103,9 @@ def _only(
         raise ApiError(
             "REQUEST_INVALID",
             f"update_mask names no field of {model.name}: "
-            + ", ".join(repr(m) for _, m in unknown),
+            + brief(", ".join(repr(m) for _, m in unknown), 200),
             [
-                (f"{mask_field}.paths[{i}]", f"{m!r} is not a field of {model.name}")
+                (f"{mask_field}.paths[{i}]", f"{brief(m)} is not a field of {model.name}")
                 for i, m in unknown
             ],
         )
@@ -122,8 +128,8 @@ def _check_fields(model: ModelInfo, names: Any) -> list[str] | None:
     if bad:
         raise ApiError(
             "QUERY_INVALID",
-            f"fields: {', '.join(repr(n) for _, n in bad)} not fields of {model.name}",
-            [(f"fields[{i}]", f"unknown field {n!r}") for i, n in bad],
+            f"fields: {brief(', '.join(repr(n) for _, n in bad), 200)} not fields of {model.name}",
+            [(f"fields[{i}]", f"unknown field {brief(n)}") for i, n in bad],
         )
     return names or None
 
@@ -165,7 +171,9 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     async def CreateRecord(self, request: mpb.CreateRecordRequest, context: Context) -> Any:
         try:
             model = self.records.model(request.model)
-            data = self.records.coerce(model, from_struct(request.record, "record"), "record")
+            data = self.records.coerce(
+                model, from_struct(request.record, "record"), "record", new=True
+            )
 
             async def write() -> Any:
                 with record_fields("record"):
@@ -264,7 +272,9 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.UpsertRecordResponse:
         try:
             model = self.records.model(request.model)
-            data = self.records.coerce(model, from_struct(request.record, "record"), "record")
+            data = self.records.coerce(
+                model, from_struct(request.record, "record"), "record", new=True
+            )
             conflict_on = list(request.conflict_on) or None
             if request.HasField("update_mask") and request.update_mask.paths:
                 # an upsert changes exactly the fields sent (the record's other fields keep
@@ -290,8 +300,9 @@ class ModelServicer(mgrpc.ModelServiceServicer):
             await abort(context, exc)
 
     def _rows(self, model: ModelInfo, structs: Any) -> list[dict[str, Any]]:
+        self.records.check_rows(len(structs), "records")
         return [
-            self.records.coerce(model, from_struct(s, f"records[{i}]"), f"records[{i}]")
+            self.records.coerce(model, from_struct(s, f"records[{i}]"), f"records[{i}]", new=True)
             for i, s in enumerate(structs)
         ]
 
@@ -379,6 +390,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
         self, request: mpb.BatchWriteRequest, context: Context
     ) -> mpb.BatchWriteResponse:
         try:
+            self.records.check_rows(len(request.writes), "writes")
             writes = [self._batch_write(w, i) for i, w in enumerate(request.writes)]
             if not writes:
                 raise ApiError("REQUEST_INVALID", "writes is empty", [("writes", "empty")])
@@ -408,7 +420,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
         ops = self.records.ops(model)
         where = f"writes[{i}].{kind}.record"
         if kind == "create":
-            data = self.records.coerce(model, from_struct(op.record, where), where)
+            data = self.records.coerce(model, from_struct(op.record, where), where, new=True)
 
             async def create() -> mpb.WriteResult:
                 with record_fields("create.record"):
@@ -431,7 +443,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
 
             return update
         if kind == "upsert":
-            data = self.records.coerce(model, from_struct(op.record, where), where)
+            data = self.records.coerce(model, from_struct(op.record, where), where, new=True)
             conflict_on = list(op.conflict_on) or None
 
             async def upsert() -> mpb.WriteResult:
@@ -481,8 +493,9 @@ class _TypedService:
     def _msg(self, record: Mapping[str, Any]) -> message.Message:
         return record_to_message(self.info, record, self.cls)
 
-    def _fields(self, msg: message.Message, where: str) -> dict[str, Any]:
-        return self.records.coerce(self.model, message_to_fields(self.info, msg), where)
+    def _fields(self, msg: message.Message, where: str, *, new: bool = False) -> dict[str, Any]:
+        fields = message_to_fields(self.info, msg, where)
+        return self.records.coerce(self.model, fields, where, new=new)
 
     def handler(self) -> grpc.GenericRpcHandler:
         name, plural = self.model.name, _plural(self.typed, self.model.name)
@@ -491,7 +504,7 @@ class _TypedService:
         pk = self.model.primary_key.name
 
         async def create(req: Any, context: Context) -> Any:
-            data = self._fields(getattr(req, self.snake), self.snake)
+            data = self._fields(getattr(req, self.snake), self.snake, new=True)
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"Create{name}", data, self.cls,
                 lambda: _wrap(self._msg, self.ops.create(**data), self.snake),
@@ -519,9 +532,15 @@ class _TypedService:
                 lambda: _wrap(self._msg, self.ops.update(key, fields=changes), self.snake),
             )  # fmt: skip
 
-        async def delete(req: Any, context: Any) -> Any:
-            await self.ops.delete(req.id)
-            return empty_pb2.Empty()
+        async def delete(req: Any, context: Context) -> Any:
+            async def write() -> empty_pb2.Empty:
+                await self.ops.delete(req.id)
+                return empty_pb2.Empty()
+
+            return await self.records.idempotent(
+                caller_of(context), req.request_id, f"Delete{name}", [req.id], empty_pb2.Empty,
+                write,
+            )  # fmt: skip
 
         async def list_(req: Any, context: Any) -> Any:
             flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
@@ -542,7 +561,7 @@ class _TypedService:
             return t.message_class("CountResult")(count=await self.ops.count(flt or None))
 
         async def upsert(req: Any, context: Context) -> Any:
-            data = self._fields(getattr(req, self.snake), self.snake)
+            data = self._fields(getattr(req, self.snake), self.snake, new=True)
             conflict_on = list(req.conflict_on) or None
             return await self.records.idempotent(
                 caller_of(context), req.request_id, f"Upsert{name}", [data, conflict_on],
@@ -553,7 +572,9 @@ class _TypedService:
         result_cls = t.message_class("BulkWriteResult")
 
         def rows(req: Any) -> list[dict[str, Any]]:
-            return [self._fields(r, f"{coll}[{i}]") for i, r in enumerate(getattr(req, coll))]
+            items = getattr(req, coll)
+            self.records.check_rows(len(items), coll)  # before any row is converted
+            return [self._fields(r, f"{coll}[{i}]", new=True) for i, r in enumerate(items)]
 
         async def bulk_create(req: Any, context: Context) -> Any:
             data = rows(req)
@@ -635,6 +656,7 @@ def _parser(typed: TypedModels, name: str) -> Callable[[bytes], Any]:
             parse = typed.message_class(name).FromString
         return parse(data)
 
+    deserialize.message_name = f"{PACKAGE}.{name}"  # type: ignore[attr-defined]
     return deserialize
 
 

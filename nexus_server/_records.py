@@ -14,12 +14,25 @@ from google.protobuf import message as pb_message
 
 from dataflow import DataFlow, ModelInfo, ModelOps, ValidationError
 
-from ._errors import ApiError, to_api_error
+from ._errors import ApiError, brief, to_api_error
 from ._store import Store, body_hash, check_request_id
 
-__all__ = ["Records", "record_fields"]
+__all__ = ["DEFAULT_MAX_BULK_ROWS", "MAX_ID_LENGTH", "Records", "max_bulk_rows", "record_fields"]
 
 M = TypeVar("M", bound=pb_message.Message)
+
+#: The longest text primary key a create or upsert accepts (ids are made for URLs).
+MAX_ID_LENGTH = 256
+
+#: Rows per bulk request when the DataFlow has no `max_bulk_rows` of its own.
+DEFAULT_MAX_BULK_ROWS = 10_000
+
+
+def max_bulk_rows(db: DataFlow | None) -> int:
+    """The most rows one bulk request (or writes one BatchWrite) may carry: the DataFlow's
+    `max_bulk_rows`, the same cap DataFlow enforces itself."""
+    cap = getattr(db, "max_bulk_rows", None)
+    return cap if isinstance(cap, int) and cap > 0 else DEFAULT_MAX_BULK_ROWS
 
 
 class Records:
@@ -41,19 +54,25 @@ class Records:
         known = ", ".join(m.name for m in self.models) or "none"
         raise ApiError(
             "MODEL_NOT_FOUND",
-            f"model {name!r} not found (models: {known})",
+            f"model {brief(name)} not found (models: {known[:200]})",
             [(where, "no model has this name")],
-            {"model": name},
+            {"model": name[:60]},
         )
 
     def ops(self, model: ModelInfo) -> ModelOps:
         assert self.db is not None
         return self.db.ops(model.name)
 
-    def coerce(self, model: ModelInfo, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    def coerce(
+        self, model: ModelInfo, data: Mapping[str, Any], where: str, *, new: bool = False
+    ) -> dict[str, Any]:
         """JSON values as the model's field types where JSON cannot say them: whole
         numbers for int fields (also given as text, as proto3 JSON prints int64), and
-        base64 text for bytes. Everything else is checked by DataFlow itself."""
+        base64 text for bytes. Everything else is checked by DataFlow itself.
+
+        `new`: `data` is a record to create (or upsert), whose text primary key, when
+        given, must be 1 to `MAX_ID_LENGTH` characters: an empty id is refused (leave it
+        out to have one generated), as is one too long to be a key."""
         out: dict[str, Any] = {}
         fields = model.field_map
         for name, value in data.items():
@@ -61,7 +80,26 @@ class Records:
             if f is not None and value is not None:
                 value = _coerce(f.base_type, value, f"{where}.{name}")
             out[name] = value
+        if new:
+            key = model.primary_key.name
+            value = out.get(key)
+            if isinstance(value, str) and not 0 < len(value) <= MAX_ID_LENGTH:
+                path = f"{where}.{key}"
+                reason = (
+                    "may not be empty (leave it out to have one generated)"
+                    if not value
+                    else f"at most {MAX_ID_LENGTH} characters, got {len(value)}"
+                )
+                raise ApiError("RECORD_INVALID", f"{path}: {reason}", [(path, reason)])
         return out
+
+    def check_rows(self, n: int, where: str) -> None:
+        """Refuse a bulk request of more than `max_bulk_rows` rows (the DataFlow's cap),
+        before any row is converted: the cost of a request stays bounded by the cap."""
+        cap = max_bulk_rows(self.db)
+        if n > cap:
+            reason = f"at most {cap} rows per request, got {n}"
+            raise ApiError("REQUEST_INVALID", f"{where}: {reason}", [(where, reason)])
 
     def id_value(self, model: ModelInfo, text: str) -> Any:
         """A primary key given as text in a URL or request, as the key's type."""
@@ -160,8 +198,9 @@ def _replay(
     if stored_method != method or stored_hash != hash_:
         raise ApiError(
             "REQUEST_ID_CONFLICT",
-            f"request_id {request_id!r} was already used for a different request",
+            f"request_id {brief(request_id)} was already used for a different request",
             [("request_id", "already used with another body or method")],
+            {"request_id": request_id[:60]},
         )
     return cls.FromString(payload)
 
@@ -176,7 +215,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             except ValueError:
                 raise ApiError(
                     "RECORD_INVALID",
-                    f"{where}: expected an integer, got {value!r}",
+                    f"{where}: expected an integer, got {brief(value)}",
                     [(where, "expected an integer")],
                 ) from None
     if tp is bytes and isinstance(value, str):

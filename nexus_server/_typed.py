@@ -32,9 +32,13 @@ from google.protobuf import (
     struct_pb2,
     timestamp_pb2,
 )
-from google.protobuf.json_format import MessageToDict, ParseDict
+from google.protobuf.json_format import ParseDict
 
 from dataflow import FieldInfo, ModelInfo
+
+from ._convert import from_struct, from_value
+from ._errors import ApiError
+from ._jsonable import to_jsonable
 
 __all__ = [
     "PACKAGE",
@@ -185,6 +189,7 @@ def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescrip
         b.field(m, "request_id", (s, ""))
         m = b.message(f"Delete{name}Request")
         b.field(m, "id", id_type)
+        b.field(m, "request_id", (s, ""))  # field 2, added later: numbers only grow
         m = b.message(f"List{plural}Request")
         b.field(m, "filter", _STRUCT)
         b.field(m, "order_by", (s, ""))
@@ -357,12 +362,15 @@ def _set_field(msg: Any, f: FieldInfo, value: Any) -> None:
         if value.tzinfo is None:
             value = value.replace(tzinfo=_dt.UTC)
         ts.FromDatetime(value)
+    # JSON values go through to_jsonable, as in every Struct the server returns: a NaN or
+    # infinite number stored before such values were refused is the string "NaN",
+    # "Infinity" or "-Infinity" (proto3 JSON, hence REST, cannot print them as numbers)
     elif tp is dict:
-        getattr(msg, f.name).update(value)
+        getattr(msg, f.name).update(to_jsonable(value))
     elif tp is list:
-        getattr(msg, f.name).extend(value)
+        getattr(msg, f.name).extend(to_jsonable(value))
     elif _proto_type(tp) == _ANY_VALUE:
-        getattr(msg, f.name).CopyFrom(ParseDict(value, struct_pb2.Value()))
+        getattr(msg, f.name).CopyFrom(ParseDict(to_jsonable(value), struct_pb2.Value()))
     elif isinstance(value, enum.Enum):
         setattr(msg, f.name, str(value.value))
     elif tp in (decimal.Decimal, uuid.UUID, _dt.date):
@@ -371,19 +379,48 @@ def _set_field(msg: Any, f: FieldInfo, value: Any) -> None:
         setattr(msg, f.name, value)
 
 
-def message_to_fields(model: ModelInfo, msg: message.Message) -> dict[str, Any]:
+def message_to_fields(model: ModelInfo, msg: message.Message, where: str = "") -> dict[str, Any]:
     """The fields a request message sets, as Python values for DataFlow (which then
-    validates them against the model: a decimal or a date in text is checked there)."""
+    validates them against the model: a decimal or a date in text is checked there).
+
+    `where` is the request field holding the message (`contact`, `contacts[3]`): a value
+    no Python type can hold (a Timestamp outside 0001-01-01..9999-12-31 or with nanos
+    outside 0..999,999,999; NaN in a Struct) is RECORD_INVALID/REQUEST_INVALID naming
+    `<where>.<field>`."""
     out: dict[str, Any] = {}
-    by_name = {f.name: f for f in model.fields}
+    by_name = model.field_map
     for fd, value in msg.ListFields():
         f = by_name.get(fd.name)
         if f is None:
             continue
+        path = f"{where}.{f.name}" if where else f.name
         if f.base_type is _dt.datetime:
-            out[f.name] = value.ToDatetime(tzinfo=_dt.UTC)
-        elif fd.message_type is not None:
-            out[f.name] = MessageToDict(value)
-        else:
+            out[f.name] = _timestamp(value, path)
+        elif fd.message_type is None:
             out[f.name] = value
+        # (the typed pool has its own Struct classes: compare by name, not by class)
+        elif fd.message_type.full_name == "google.protobuf.Struct":
+            out[f.name] = from_struct(value, path)
+        elif fd.message_type.full_name == "google.protobuf.ListValue":
+            out[f.name] = [from_value(v, f"{path}[{i}]") for i, v in enumerate(value.values)]
+        else:
+            out[f.name] = from_value(value, path)
     return out
+
+
+def _timestamp(value: timestamp_pb2.Timestamp, path: str) -> _dt.datetime:
+    """A Timestamp as an aware UTC datetime, or RECORD_INVALID naming `path`."""
+    try:
+        return value.ToDatetime(tzinfo=_dt.UTC)
+    except (ValueError, OverflowError):
+        raise ApiError(
+            "RECORD_INVALID",
+            f"{path}: not a valid timestamp (seconds {value.seconds}, nanos {value.nanos})",
+            [
+                (
+                    path,
+                    "a timestamp must lie in 0001-01-01T00:00:00Z..9999-12-31T23:59:59Z "
+                    "with nanos in 0..999999999",
+                )
+            ],
+        ) from None
