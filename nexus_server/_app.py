@@ -28,6 +28,7 @@ from workflow import Workflow
 from ._discovery import discover_workflows
 from ._errors import decode_guarded
 from ._executions import Executions
+from ._limits import Limits
 from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
 from ._records import Records
@@ -121,6 +122,8 @@ class Nexus:
         discovery_root: where auto-discovery looks (default: the working directory).
         cors_origins: browser origins Envoy allows by CORS (exact origins, or `"*"`);
             empty: no CORS headers (same-origin browsers and non-browser clients only).
+        limits: bounds on what requests and connections may cost (`Limits`: sizes of
+            registered workflows, connection timeouts, health check tolerance).
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class Nexus:
         health_check_interval: float = 5.0,
         discovery_root: str | Path | None = None,
         cors_origins: Sequence[str] = (),
+        limits: Limits | None = None,
     ) -> None:
         self.grpc_port = grpc_port
         self.api_port = api_port
@@ -149,6 +153,7 @@ class Nexus:
         self.health_check_interval = health_check_interval
         self.discovery_root = Path(discovery_root) if discovery_root else None
         self.cors_origins = tuple(cors_origins)
+        self.limits = limits or Limits()
         self.registry = WorkflowRegistry()
         self.db: DataFlow | None = None
         self._own_db = False
@@ -194,10 +199,15 @@ class Nexus:
         records = Records(db, store)
         typed = TypedModels(db.models, _static_files())
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self.limits.grpc_options()])
         handlers = GenericHandlersOnly(server)
         wgrpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            WorkflowServicer(self.registry, executions, allow_code_nodes=self.allow_code_nodes),
+            WorkflowServicer(
+                self.registry,
+                executions,
+                allow_code_nodes=self.allow_code_nodes,
+                limits=self.limits,
+            ),
             handlers,
         )
         mgrpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
@@ -243,6 +253,7 @@ class Nexus:
                         api_port=self.api_port,
                         cors_origins=self.cors_origins,
                         services=transcoded_services(typed),
+                        limits=self.limits,
                     ),
                 )
                 await supervisor.start()
@@ -289,12 +300,26 @@ class Nexus:
     async def _watch_database(
         self, db: DataFlow, servicer: health.aio.HealthServicer, services: tuple[str, ...]
     ) -> None:
-        """Report NOT_SERVING while the database does not answer."""
+        """Report NOT_SERVING while the database does not answer.
+
+        Only a database that fails `health_check_failures` pings in a row is down. A ping
+        that timed out while the event loop itself was late (a heavy workflow holding it
+        in slices) says nothing about the database and does not count either way.
+        """
         healthy = True
+        failures = 0
+        limits = self.limits
         while True:
             await asyncio.sleep(self.health_check_interval)
-            ok = await db.ping()
-            if ok != healthy:
+            ok, loop_late = await _ping(db, limits.health_check_timeout)
+            if ok:
+                failures = 0
+            elif loop_late:
+                _log.debug("database ping inconclusive: the event loop was busy")
+                continue
+            else:
+                failures += 1
+            if ok != healthy and (ok or failures >= limits.health_check_failures):
                 healthy = ok
                 await _set_health(servicer, services, serving=ok)
                 log = _log.info if ok else _log.error
@@ -313,6 +338,38 @@ class Nexus:
         async with self.serving() as info:
             print(f"Nexus gRPC server on {info.address}", flush=True)
             await stop.wait()
+
+
+#: How often the loop's lateness is sampled during a database ping.
+_TICK = 0.05
+
+
+async def _ping(db: DataFlow, timeout: float) -> tuple[bool, bool]:
+    """Ping the database; returns (answered, the loop was late meanwhile).
+
+    A ticker measures how late the event loop wakes it during the ping: when the loop
+    fell behind by a quarter of the timeout or more, a timed-out ping may only have
+    waited for the loop, not for the database.
+    """
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+
+    async def tick() -> None:
+        nonlocal worst
+        while True:
+            due = loop.time() + _TICK
+            await asyncio.sleep(_TICK)
+            worst = max(worst, loop.time() - due)
+
+    ticker = asyncio.create_task(tick())
+    started = loop.time()
+    try:
+        ok = await db.ping(timeout)
+    finally:
+        ticker.cancel()
+    # the ticker's sleep may not have come due yet when the ping ends late
+    worst = max(worst, loop.time() - started - timeout)
+    return ok, worst >= timeout / 4
 
 
 async def _set_health(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import ipaddress
 import logging
@@ -155,11 +156,17 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         grpc_port=app.grpc_port if args.grpc_port is None else args.grpc_port,
         api_host=args.api_host,
         api_port=app.api_port if args.api_port is None else args.api_port,
+        admin_socket=args.admin_socket,
         admin_port=args.admin_port,
         cors_origins=tuple(args.cors_origin or app.cors_origins),
         descriptor_path=None if args.embed_descriptor else args.descriptor,
         grpc_address_is_dns=dns,
         services=transcoded_services(typed),
+        # a file for another machine: its connection limit must not depend on this
+        # process's file descriptor limit
+        limits=dataclasses.replace(
+            app.limits, max_connections=app.limits.max_connections or 10_000
+        ),
     )
     header = [
         f"Envoy for the Nexus app {args.app}: REST (gRPC-JSON transcoder), gRPC-Web and",
@@ -256,7 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--grpc-port", type=int, help="the gRPC server's port (default: the app's)")
     envoy.add_argument("--api-host", default="0.0.0.0", help="interface Envoy listens on")
     envoy.add_argument("--api-port", type=int, help="Envoy's port (default: the app's api_port)")
-    envoy.add_argument("--admin-port", type=int, default=9901, help="admin port, on 127.0.0.1")
+    admin = envoy.add_mutually_exclusive_group()
+    admin.add_argument(
+        "--admin-socket",
+        help="serve Envoy's admin interface on this unix socket (mode 0600); default: none",
+    )
+    admin.add_argument(
+        "--admin-port",
+        type=int,
+        help="serve Envoy's admin interface on 127.0.0.1:PORT instead (any local process "
+        "can reach it); default: none",
+    )
     envoy.add_argument(
         "--cors-origin", action="append", help="allowed browser origin (repeatable; `*`: any)"
     )

@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import http.client
 import json
 import logging
 import os
 import shutil
-import urllib.error
-import urllib.request
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import util as importlib_util
@@ -38,6 +38,7 @@ from google.protobuf import descriptor_pb2
 from nexus_api import descriptor_set_bytes
 
 from ._errors import DOMAIN, code_of
+from ._limits import Limits
 from ._supervisor import Supervisor, SupervisorError
 from ._typed import TypedModels
 
@@ -46,6 +47,7 @@ __all__ = [
     "EnvoyError",
     "EnvoyOptions",
     "EnvoySupervisor",
+    "admin_get",
     "envoy_binary",
     "envoy_config",
     "merged_descriptor_set",
@@ -64,8 +66,8 @@ STATIC_SERVICES = (
 
 #: Largest JSON request body the transcoder buffers (gRPC's default message limit).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
-#: Most downstream connections Envoy accepts at once (beyond: refused, not queued).
-MAX_CONNECTIONS = 10_000
+#: Permissions of the admin interface's unix socket: the server's user only.
+ADMIN_SOCKET_MODE = 0o600
 #: A stream with nothing sent either way for this long is ended (504, or 408).
 STREAM_IDLE_TIMEOUT = "3600s"
 #: A request (headers and body) must have arrived within this long (else 408).
@@ -112,22 +114,29 @@ class EnvoyOptions:
         grpc_port: the gRPC server's port.
         api_host: the interface Envoy listens on.
         api_port: the REST/gRPC-Web/gRPC port (0: Envoy picks one).
-        admin_port: Envoy's admin port, on 127.0.0.1 (0: Envoy picks one).
+        admin_socket: a unix socket path for Envoy's admin interface, created with mode
+            0600 (what `nexus serve` uses, in its private directory).
+        admin_port: an admin port on 127.0.0.1 instead (any local process can reach it,
+            including `POST /quitquitquit`); None with no `admin_socket`: no admin
+            interface at all.
         cors_origins: browser origins allowed by CORS (exact, or `*`); none: no CORS.
         descriptor_path: where the config says the descriptor set is; None embeds it.
         grpc_address_is_dns: resolve `grpc_host` by DNS (for a container name) instead
             of reading it as an IP address.
+        limits: the connection limits and timeouts (see `Limits`).
     """
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    admin_port: int = 0
+    admin_socket: str | None = None
+    admin_port: int | None = None
     cors_origins: tuple[str, ...] = ()
     descriptor_path: str | None = None
     grpc_address_is_dns: bool = False
     services: tuple[str, ...] = field(default=STATIC_SERVICES)
+    limits: Limits = field(default_factory=Limits)
 
 
 def envoy_binary() -> Path | None:
@@ -313,6 +322,7 @@ def _cors_policy(origins: Sequence[str]) -> dict[str, Any]:
 
 def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
     """The Envoy bootstrap configuration (as a dict) for one Nexus gRPC server."""
+    limits = options.limits
     http_filters: list[dict[str, Any]] = []
     if options.cors_origins:
         http_filters.append(
@@ -380,88 +390,108 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         "stream_idle_timeout": STREAM_IDLE_TIMEOUT,
         "request_timeout": REQUEST_TIMEOUT,
         "request_headers_timeout": REQUEST_HEADERS_TIMEOUT,
+        # a connection with no request in progress is closed (an idle flood cannot hold
+        # the listener), and every connection is drained after a while (clients
+        # reconnect; requests in progress finish first)
+        "common_http_protocol_options": {
+            "idle_timeout": _seconds(limits.connection_idle_timeout),
+            "max_connection_duration": _seconds(limits.max_connection_age),
+        },
         "route_config": {"name": "nexus", "virtual_hosts": [virtual_host]},
         "local_reply_config": _local_reply_config(),
         "http_filters": http_filters,
     }
-    return {
+    config: dict[str, Any] = {
         "overload_manager": {
             "resource_monitors": [
                 {
+                    # beyond this many connections at once, new ones are refused
                     "name": "envoy.resource_monitors.global_downstream_max_connections",
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
                         "downstream_connections.v3.DownstreamConnectionsConfig",
-                        "max_active_downstream_connections": MAX_CONNECTIONS,
+                        "max_active_downstream_connections": limits.connections,
                     },
                 }
             ]
         },
-        "admin": {
+    }
+    if options.admin_socket is not None:
+        config["admin"] = {
+            "address": {"pipe": {"path": options.admin_socket, "mode": ADMIN_SOCKET_MODE}}
+        }
+    elif options.admin_port is not None:
+        config["admin"] = {
             "address": {
                 "socket_address": {"address": "127.0.0.1", "port_value": options.admin_port}
             }
-        },
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "nexus_api",
-                    # a busy port is an error, never a port silently shared with another
-                    # process (Envoy's default on Linux is SO_REUSEPORT)
-                    "enable_reuse_port": False,
-                    "address": {
-                        "socket_address": {
-                            "address": options.api_host,
-                            "port_value": options.api_port,
-                        }
-                    },
-                    "filter_chains": [
+        }
+    config["static_resources"] = {
+        "listeners": [
+            {
+                "name": "nexus_api",
+                "per_connection_buffer_limit_bytes": limits.per_connection_buffer_bytes,
+                # a busy port is an error, never a port silently shared with another
+                # process (Envoy's default on Linux is SO_REUSEPORT)
+                "enable_reuse_port": False,
+                "address": {
+                    "socket_address": {
+                        "address": options.api_host,
+                        "port_value": options.api_port,
+                    }
+                },
+                "filter_chains": [
+                    {
+                        "filters": [
+                            {
+                                "name": "envoy.filters.network.http_connection_manager",
+                                "typed_config": hcm,
+                            }
+                        ]
+                    }
+                ],
+            }
+        ],
+        "clusters": [
+            {
+                "name": "nexus_grpc",
+                "type": "STRICT_DNS" if options.grpc_address_is_dns else "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                        "HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    }
+                },
+                "load_assignment": {
+                    "cluster_name": "nexus_grpc",
+                    "endpoints": [
                         {
-                            "filters": [
+                            "lb_endpoints": [
                                 {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
+                                    "endpoint": {
+                                        "address": {
+                                            "socket_address": {
+                                                "address": options.grpc_host,
+                                                "port_value": options.grpc_port,
+                                            }
+                                        }
+                                    }
                                 }
                             ]
                         }
                     ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "nexus_grpc",
-                    "type": "STRICT_DNS" if options.grpc_address_is_dns else "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                            "HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "nexus_grpc",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": options.grpc_host,
-                                                    "port_value": options.grpc_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ],
-        },
+                },
+            }
+        ],
     }
+    return config
+
+
+def _seconds(value: float) -> str:
+    """A protobuf Duration in JSON form."""
+    return f"{value:g}s" if value == int(value) else f"{value:.3f}s"
 
 
 # --- a small YAML writer: block style, every string JSON-quoted ---------------------------
@@ -514,12 +544,33 @@ def render_yaml(config: Mapping[str, Any], header: Iterable[str] = ()) -> str:
 # --- the supervisor ----------------------------------------------------------------------
 
 
-def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (Envoy's admin interface)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def admin_get(socket_path: str | Path, path: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    """GET `path` from Envoy's admin interface on its unix socket: (status, body)."""
+    conn = _UnixHTTPConnection(str(socket_path), timeout)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return int(resp.status), bytes(resp.read())
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), bytes(exc.read())
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 class EnvoySupervisor(Supervisor):
@@ -563,7 +614,6 @@ class EnvoySupervisor(Supervisor):
         self.log_level = log_level
         self.concurrency = concurrency or max(1, min(4, (os.cpu_count() or 2) // 2))
         self.api_port: int | None = None
-        self.admin_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -577,17 +627,19 @@ class EnvoySupervisor(Supervisor):
             self.options,
             api_port=self.api_port or self.options.api_port,  # a restart keeps the port
             descriptor_path=str(descriptor),
+            # the admin interface (which can stop Envoy) only on a 0600 socket in the
+            # private directory: no other local user's process can reach it
+            admin_socket=str(self.admin_socket),
+            admin_port=None,
         )
         config = workdir / "envoy.yaml"
         config.write_text(render_yaml(envoy_config(self.descriptor, opts)))
-        (workdir / "admin-address").unlink(missing_ok=True)
-        self.admin_port = None
+        self.admin_socket.unlink(missing_ok=True)  # a crashed launch's socket
         return [
             str(self.binary),
             "-c", str(config),
             "--disable-hot-restart",
             "--use-dynamic-base-id",
-            "--admin-address-path", str(workdir / "admin-address"),
             "--log-level", self.log_level,
             "--concurrency", str(self.concurrency),
         ]  # fmt: skip
@@ -599,20 +651,20 @@ class EnvoySupervisor(Supervisor):
         self.api_port = port
         return True
 
+    @property
+    def admin_socket(self) -> Path:
+        """The unix socket of Envoy's admin interface (mode 0600, private directory)."""
+        return self.workdir / "admin.sock"
+
     def _listener_port(self) -> int | None:
         """The listener's port once Envoy's admin says it is ready, else None."""
-        if self.admin_port is None:
-            admin_file = self.workdir / "admin-address"
-            text = admin_file.read_text().strip() if admin_file.exists() else ""
-            if not text:
-                return None
-            self.admin_port = int(text.rsplit(":", 1)[1])
-        base = f"http://127.0.0.1:{self.admin_port}"
+        if not self.admin_socket.exists():
+            return None
         try:
-            status, _ = _http_get(f"{base}/ready", 1.0)
+            status, _ = admin_get(self.admin_socket, "/ready")
             if status != 200:
                 return None
-            status, body = _http_get(f"{base}/listeners?format=json", 1.0)
+            status, body = admin_get(self.admin_socket, "/listeners?format=json")
         except OSError:
             return None
         if status != 200:

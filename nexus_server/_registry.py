@@ -11,11 +11,21 @@ from workflow import Workflow
 
 from ._errors import ApiError
 
-__all__ = ["NAME_RULE", "Registered", "WorkflowRegistry", "check_name"]
+__all__ = ["NAME_RULE", "Registered", "WorkflowRegistry", "check_name", "shown"]
 
 #: A workflow name must be usable as a URL path segment, a CLI command and (behind
 #: `run_`) an MCP tool name of at most 64 characters.
 NAME_RULE = re.compile(r"^[a-z][a-z0-9_]{0,59}$")
+
+#: Characters of a caller's value that a message repeats (a name is at most 60 long;
+#: anything longer is cut, so that an error never grows with the request).
+SHOWN_CHARS = 60
+
+
+def shown(value: str) -> str:
+    """`value` as messages quote it: its repr, cut to about `SHOWN_CHARS` characters."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS + 2 else text[: SHOWN_CHARS + 1] + "..."
 
 
 def check_name(name: str) -> None:
@@ -23,8 +33,8 @@ def check_name(name: str) -> None:
     if not NAME_RULE.match(name):
         raise ApiError(
             "WORKFLOW_NAME_INVALID",
-            f"invalid workflow name {name!r}: use 1 to 60 lowercase letters, digits or '_', "
-            f"starting with a letter",
+            f"invalid workflow name {shown(name)}: use 1 to 60 lowercase letters, digits or "
+            "'_', starting with a letter",
             [("name", "must match ^[a-z][a-z0-9_]{0,59}$")],
         )
 
@@ -46,7 +56,17 @@ class WorkflowRegistry:
         self.version = 0
         self._changed = asyncio.Event()
 
-    def add(self, name: str, wf: Workflow, *, builtin: bool, replace: bool = True) -> Registered:
+    def add(
+        self,
+        name: str,
+        wf: Workflow,
+        *,
+        builtin: bool,
+        replace: bool = True,
+        limit: int | None = None,
+    ) -> Registered:
+        """Register `wf` as `name`. `limit`: the most workflows registered over the
+        network (`builtin=False`) there may be, checked when `name` is a new one."""
         check_name(name)
         if not isinstance(wf, Workflow):
             raise TypeError(f"expected a built Workflow (call .build()), got {type(wf).__name__}")
@@ -56,10 +76,35 @@ class WorkflowRegistry:
                 f"workflow {name!r} already exists (set replace to overwrite it)",
                 [("name", "already registered")],
             )
+        if limit is not None and not builtin:
+            self.check_room(name, limit)
         item = Registered(wf, builtin, _dt.datetime.now(_dt.UTC))
         self._items[name] = item
         self._bump()
         return item
+
+    def check_room(self, name: str, limit: int) -> None:
+        """Refuse a new network-registered workflow when `limit` of them exist already.
+
+        FAILED_PRECONDITION (HTTP 400), not RESOURCE_EXHAUSTED (HTTP 429): the registry
+        is full until someone deletes a workflow, so retrying the same call later does
+        not help the way it does after a rate limit.
+        """
+        if name in self._items:
+            return  # a replacement takes no more room
+        if self._registered >= limit:
+            raise ApiError(
+                # CONSTRAINT_VIOLATION until errors.proto has a reason of its own for it
+                "CONSTRAINT_VIOLATION",
+                f"this server holds {limit} workflows registered over the network, its "
+                "limit (Limits.max_workflows); delete one first",
+                [("name", f"no room for another workflow (limit {limit})")],
+                {"limit": "max_workflows", "max": str(limit)},
+            )
+
+    @property
+    def _registered(self) -> int:
+        return sum(1 for item in self._items.values() if not item.builtin)
 
     def remove(self, name: str) -> None:
         self.get(name)
@@ -72,9 +117,9 @@ class WorkflowRegistry:
         except KeyError:
             raise ApiError(
                 "WORKFLOW_NOT_FOUND",
-                f"workflow {name!r} not found",
+                f"workflow {shown(name)} not found",
                 [("name", "no workflow is registered under this name")],
-                {"workflow": name},
+                {"workflow": name[:SHOWN_CHARS]},
             ) from None
 
     def names(self) -> list[str]:

@@ -5,8 +5,9 @@ until it is ready, restarts it whenever it exits (after 0.2 s, doubling up to 5 
 it keeps failing quickly; a run of 10 s or more starts the delays over) and stops it on
 `stop()` (SIGTERM, then SIGKILL after a grace period). On Linux the child also gets
 SIGTERM if this process dies without stopping it (killed with SIGKILL, say), so it
-never outlives the server holding its port. A subclass says what to run and how to
-tell it is ready.
+never outlives the server holding its port; the private directory such a death leaves
+behind (named after the server's pid) is removed by the next start. A subclass says
+what to run and how to tell it is ready.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-__all__ = ["Supervisor", "SupervisorError"]
+__all__ = ["DIR_PREFIX", "Supervisor", "SupervisorError", "remove_stale_dirs"]
 
 _log = logging.getLogger("nexus_server")
 
@@ -37,6 +40,51 @@ MAX_DELAY = 5.0
 STABLE_AFTER = 10.0
 #: Seconds a child gets to exit after SIGTERM before it is killed.
 STOP_GRACE = 10.0
+#: Private directories are named `nexus-child-<pid of the server>-<random>`, so that a
+#: later start can tell the folders of a server that died without cleaning up.
+DIR_PREFIX = "nexus-child-"
+_DIR_NAME = re.compile(re.escape(DIR_PREFIX) + r"(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_dirs(parent: Path | None = None) -> list[Path]:
+    """Remove the private directories that dead servers left behind (killed with
+    SIGKILL: no `stop()` ran). Only our user's folders whose owning pid no longer
+    exists are removed; a live server's folder is never touched. Returns them."""
+    root = Path(parent or tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        candidates = list(root.glob(DIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for path in candidates:
+        match = _DIR_NAME.match(path.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if st.st_uid != uid or not path.is_dir() or path.is_symlink():
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
 
 
 @functools.cache
@@ -133,7 +181,9 @@ class Supervisor(abc.ABC):
 
     async def start(self) -> None:
         """Start the child and wait until it is ready (raises `error` if it is not)."""
-        self._dir = tempfile.TemporaryDirectory(prefix="nexus-child-")
+        for path in await asyncio.to_thread(remove_stale_dirs):
+            _log.info("removed %s, left behind by a server that no longer runs", path.name)
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         try:
             await self._launch()
         except BaseException:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as _dt
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias
 
 from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
@@ -18,6 +20,7 @@ from workflow import (
     Workflow,
     WorkflowBuilder,
     WorkflowValidationError,
+    node_types,
 )
 
 from ._convert import (
@@ -33,7 +36,8 @@ from ._convert import (
 )
 from ._errors import ApiError, StatusError, abort, to_api_error
 from ._executions import Executions, RunningExecution
-from ._registry import WorkflowRegistry, check_name
+from ._limits import Limits
+from ._registry import WorkflowRegistry, check_name, shown
 from ._store import MAX_CALLER
 
 __all__ = ["WorkflowServicer", "caller_of"]
@@ -61,11 +65,17 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
     """Implements nexus.workflow.v1.WorkflowService over the registry and executions."""
 
     def __init__(
-        self, registry: WorkflowRegistry, executions: Executions, *, allow_code_nodes: bool
+        self,
+        registry: WorkflowRegistry,
+        executions: Executions,
+        *,
+        allow_code_nodes: bool,
+        limits: Limits | None = None,
     ) -> None:
         self.registry = registry
         self.executions = executions
         self.allow_code_nodes = allow_code_nodes
+        self.limits = limits or Limits()
 
     async def ListWorkflows(
         self, request: wpb.ListWorkflowsRequest, context: Context
@@ -74,17 +84,22 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             size = page_size(request.page_size)
             after = decode_page_token(request.page_token)
             names = [n for n in self.registry.names() if n > after]
-            page = names[:size]
             resp = wpb.ListWorkflowsResponse()
-            for name in page:
+            budget = self.limits.max_list_bytes
+            for name in names[:size]:
                 item = self.registry.get(name)
-                resp.workflows.append(
-                    workflow_message(
-                        name, item.workflow, builtin=item.builtin, update_time=item.update_time
-                    )
+                msg = workflow_message(
+                    name, item.workflow, builtin=item.builtin, update_time=item.update_time
                 )
-            if len(names) > size:
-                resp.next_page_token = encode_page_token(page[-1])
+                # a page ends early rather than outgrow the budget (every page holds one
+                # workflow at least, so a listing always makes progress)
+                cost = msg.ByteSize() + 8  # the field's tag and length
+                if resp.workflows and cost > budget:
+                    break
+                budget -= cost
+                resp.workflows.append(msg)
+            if len(resp.workflows) < len(names):
+                resp.next_page_token = encode_page_token(resp.workflows[-1].name)
             return resp
         except Exception as exc:
             await abort(context, exc)
@@ -109,23 +124,18 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                     "definition is required",
                     [("definition", "required")],
                 )
-            try:
-                wf = WorkflowBuilder.from_definition(definition_dict(request.definition)).build()
-            except WorkflowValidationError as exc:
-                raise ApiError(
-                    "WORKFLOW_INVALID",
-                    str(exc),
-                    [(_problem_path(p, request.definition), p.message) for p in exc.problems],
-                ) from exc
+            # every check that costs next to nothing comes before any parsing: a refused
+            # definition never reaches the parser, however large it is
+            _check_definition_size(request.definition, self.limits)
+            _check_node_types(request.definition, self.limits, self.allow_code_nodes)
+            self.registry.check_room(request.name, self.limits.max_workflows)
+            wf = await self._build(request.definition)
             if not wf.exposable and not self.allow_code_nodes:
+                # a node class whose instances decide for themselves (see Node.exposable)
                 code_nodes = [n.id for n in wf.nodes.values() if not n.exposable]
                 index = {n.id: i for i, n in enumerate(request.definition.nodes)}
-                raise ApiError(
-                    "CODE_NODES_DISABLED",
-                    "this server does not accept code-bearing nodes in workflows registered "
-                    f"over the network (nodes: {', '.join(code_nodes)}); start it with "
-                    "allow_code_nodes=True to allow them",
-                    [(f"definition.nodes[{index[n]}].type", "runs code") for n in code_nodes],
+                raise _code_nodes_disabled(
+                    [(index[n], n) for n in code_nodes],
                 )
             if request.name in self.registry:
                 existing = self.registry.get(request.name)
@@ -148,10 +158,36 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                     self.registry.add(request.name, wf, builtin=False, replace=False)
                 now = _dt.datetime.now(_dt.UTC)
                 return workflow_message(request.name, wf, builtin=False, update_time=now)
-            item = self.registry.add(request.name, wf, builtin=False, replace=request.replace)
+            item = self.registry.add(
+                request.name,
+                wf,
+                builtin=False,
+                replace=request.replace,
+                limit=self.limits.max_workflows,
+            )
             return workflow_message(request.name, wf, builtin=False, update_time=item.update_time)
         except Exception as exc:
             await abort(context, exc)
+
+    async def _build(self, definition: wpb.WorkflowDefinition) -> Workflow:
+        """Validate `definition` in a worker thread, within `registration_timeout`.
+
+        Converting, parsing and compiling a definition's code is CPU work in proportion
+        to its size: on the event loop it would hold up every other call meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        timeout = self.limits.registration_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await loop.run_in_executor(_VALIDATION, _build_definition, definition)
+        except TimeoutError:
+            raise ApiError(
+                "WORKFLOW_INVALID",
+                f"the definition took longer than {timeout:g} s to validate "
+                "(Limits.registration_timeout); make it smaller",
+                [("definition", "too costly to validate")],
+                {"limit": "registration_timeout"},
+            ) from None
 
     async def DeleteWorkflow(
         self, request: wpb.DeleteWorkflowRequest, context: Context
@@ -274,6 +310,118 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             return execution_message(await self.executions.cancel(request.id))
         except Exception as exc:
             await abort(context, exc)
+
+
+#: Where definitions are validated: two threads, so that one slow registration does not
+#: queue every other one behind it, and no more, so that a burst of them cannot take
+#: the CPU from the calls the event loop serves.
+_VALIDATION = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nexus-validate")
+
+#: Problems and field violations a refused definition reports at most (an error travels
+#: in the call's trailers, which gRPC bounds to a few KiB), and characters of each.
+_MAX_PROBLEMS = 20
+_MAX_PROBLEM_CHARS = 200
+
+
+def _cut(text: str, limit: int = _MAX_PROBLEM_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _build_definition(d: wpb.WorkflowDefinition) -> Workflow:
+    """The workflow `d` describes (runs in a worker thread: see `_build`)."""
+    try:
+        return WorkflowBuilder.from_definition(definition_dict(d)).build()
+    except WorkflowValidationError as exc:
+        problems = exc.problems[:_MAX_PROBLEMS]
+        lines = [f"  - {_cut(str(p))}" for p in problems]
+        if len(exc.problems) > len(problems):
+            lines.append(f"  ... and {len(exc.problems) - len(problems)} more")
+        raise ApiError(
+            "WORKFLOW_INVALID",
+            f"workflow is invalid ({len(exc.problems)} problem(s)):\n" + "\n".join(lines),
+            [(_cut(_problem_path(p, d)), _cut(p.message)) for p in problems],
+        ) from exc
+
+
+def _too_large(field: str, what: str, size: int, limit: int, name: str) -> ApiError:
+    return ApiError(
+        "REQUEST_INVALID",
+        f"{what} is {size:,}; this server accepts at most {limit:,} (Limits.{name})",
+        [(field, f"more than {limit:,}")],
+        {"limit": name, "max": str(limit)},
+    )
+
+
+def _check_definition_size(d: wpb.WorkflowDefinition, limits: Limits) -> None:
+    """Refuse a definition above the size limits (no parsing: counts only)."""
+    size = d.ByteSize()
+    if size > limits.max_definition_bytes:
+        raise _too_large(
+            "definition",
+            "the definition's size in bytes",
+            size,
+            limits.max_definition_bytes,
+            "max_definition_bytes",
+        )
+    if len(d.nodes) > limits.max_workflow_nodes:
+        raise _too_large(
+            "definition.nodes",
+            "the number of nodes",
+            len(d.nodes),
+            limits.max_workflow_nodes,
+            "max_workflow_nodes",
+        )
+    if len(d.connections) > limits.max_workflow_connections:
+        raise _too_large(
+            "definition.connections",
+            "the number of connections",
+            len(d.connections),
+            limits.max_workflow_connections,
+            "max_workflow_connections",
+        )
+
+
+def _check_node_types(d: wpb.WorkflowDefinition, limits: Limits, allow_code: bool) -> None:
+    """Refuse code-bearing nodes by their TYPE (before any code is parsed) when code is
+    not allowed, and code longer than `max_code_chars` when it is. Unknown types are
+    left to the full validation, which reports them with the rest."""
+    types = node_types()
+    refused: list[tuple[int, str]] = []
+    for i, n in enumerate(d.nodes):
+        cls = types.get(n.type)
+        if cls is None:
+            continue
+        if not cls.exposable and not allow_code:
+            refused.append((i, n.id))
+            continue
+        for param in cls.code_params:
+            value = n.params.fields.get(param)
+            if value is None or value.WhichOneof("kind") != "string_value":
+                continue
+            chars = len(value.string_value)
+            if chars > limits.max_code_chars:
+                raise _too_large(
+                    f"definition.nodes[{i}].params.{param}",
+                    f"the code of node {shown(n.id)} in characters",
+                    chars,
+                    limits.max_code_chars,
+                    "max_code_chars",
+                )
+    if refused:
+        raise _code_nodes_disabled(refused)
+
+
+def _code_nodes_disabled(nodes: list[tuple[int, str]]) -> ApiError:
+    """CODE_NODES_DISABLED for `(index, node id)` pairs (the first few are named)."""
+    named = ", ".join(shown(nid) for _, nid in nodes[:5])
+    more = f" and {len(nodes) - 5} more" if len(nodes) > 5 else ""
+    return ApiError(
+        "CODE_NODES_DISABLED",
+        "this server does not accept code-bearing nodes in workflows registered "
+        f"over the network (nodes: {named}{more}); start it with "
+        "allow_code_nodes=True to allow them",
+        [(f"definition.nodes[{i}].type", "runs code") for i, _ in nodes[:_MAX_PROBLEMS]],
+    )
 
 
 def _same_definition(a: Workflow, b: Workflow) -> bool:

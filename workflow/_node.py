@@ -108,6 +108,8 @@ class Node:
         open_outputs: may produce undeclared outputs too (typed any).
         exposable: whether the node is safe to accept in a workflow registered over the
             network. Nodes that run code given in their configuration set it to False.
+        code_params: the parameters that hold code (PythonCodeNode's `code`), so that a
+            server can bound their size before the node parses them.
     """
 
     type_name: ClassVar[str] = ""
@@ -117,6 +119,7 @@ class Node:
     open_inputs: ClassVar[bool] = False
     open_outputs: ClassVar[bool] = False
     exposable: ClassVar[bool] = True
+    code_params: ClassVar[tuple[str, ...]] = ()
     _is_async: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -63,6 +63,7 @@ class PythonCodeNode(Node):
     outputs = {"result": Output(ANY, description="the value of `result`")}
     open_outputs = True
     exposable = False
+    code_params = ("code",)
 
     def __init__(self, node_id: str, config: Mapping[str, Any]) -> None:
         super().__init__(node_id, config)
@@ -100,6 +101,14 @@ class PythonCodeNode(Node):
             self._code = compile(tree, f"<node {node_id}>", "exec")
         except SyntaxError as exc:
             raise NodeConfigError("code", f"syntax error at line {exc.lineno}: {exc.msg}") from None
+        except ValueError:  # Python 3.11 says so for a NUL character
+            raise NodeConfigError("code", "code must not contain NUL characters") from None
+        except (RecursionError, MemoryError):
+            # the parser's and the compiler's own depth limits: an expression nested too
+            # deeply (a long chain of unary operators, say) is refused, never a crash
+            raise NodeConfigError(
+                "code", "code is nested too deeply to compile; split the expression"
+            ) from None
         self._params = {"code": self.parameters["code"]}
         for name in _free_names(tree):
             self._params[name] = Param(ANY, description="variable read by the code")
