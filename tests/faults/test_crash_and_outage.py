@@ -11,7 +11,9 @@ every call that was sent, acknowledged or not, with the same request_id, and che
   request would leave two rows with its email (0 duplicates);
 - a retry of an unacknowledged call either runs it now or answers with the failure
   recorded for it (ABORTED when a crash interrupted it, UNAVAILABLE when the outage
-  failed it), and nothing else.
+  failed it), and nothing else; a request recorded as failed wrote nothing (its only
+  writes go to the app's database, so issue 14 wants its record committed in the same
+  transaction as them: the record and the data never disagree).
 """
 
 from __future__ import annotations
@@ -219,6 +221,13 @@ async def audit(
     outcomes = collections.Counter(":".join(c.retry.split(":")[:2]) for c in sent)
     doubled = [f"{c.request_id} x{counts[c.email]}" for c in sent if counts[c.email] > 1]
     unwritten = [c.request_id for c in sent if c.retry in ("same", "ran") and counts[c.email] != 1]
+    # create_entry writes only to the app's database, so its record commits with its
+    # write: an execution recorded as failed or interrupted wrote nothing
+    failed_but_written = [
+        f"{c.request_id}: {c.retry}"
+        for c in sent
+        if c.retry.startswith("recorded:") and counts[c.email] != 0
+    ]
     unexpected = [
         f"{c.request_id}: {c.retry}"
         for c in sent
@@ -241,6 +250,7 @@ async def audit(
         ],
         "requests that wrote their entry twice": doubled,
         "succeeded without exactly one entry": unwritten,
+        "recorded as failed, but their entry was written": failed_but_written,
         "unexpected answers to retries of unacknowledged calls": unexpected,
         "entries nobody asked for": strangers,
     }
