@@ -41,7 +41,15 @@ from ._fastpath import driver_value
 from ._model import ModelInfo, parse_model
 from ._nodes import make_nodes
 from ._ops import ModelOps
-from ._schema import META, META_TABLE, apply_migration, build_table, plan_migration, registry_table
+from ._schema import (
+    META,
+    META_TABLE,
+    REGISTRY_TABLE,
+    apply_migration,
+    build_table,
+    plan_migration,
+    registry_table,
+)
 from ._sqltypes import dialect_insert
 from ._tokens import sign, verify
 from ._values import clean_any
@@ -454,7 +462,7 @@ class DataFlow:
                 )
             return cls
         owner = self._tables.get(info.table)
-        if info.table == META_TABLE:
+        if info.table in (META_TABLE, REGISTRY_TABLE):
             raise ModelError(f"model {info.name}: table {info.table!r} is DataFlow's own")
         if owner is not None:
             raise ModelError(f"model {info.name}: table {info.table!r} is used by model {owner}")
