@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from workflow._types import check_value
@@ -85,34 +86,36 @@ def _datetime(v: dt.datetime) -> dt.datetime:
 
 
 def _json(doc: Any) -> Any:
-    """Check a JSON document without recursion (its depth is what is being checked)."""
+    """Check a JSON document without recursion (its depth is what is being checked).
+    Mappings and lists or tuples of any class are accepted, as `json.dumps` takes them."""
     stack: list[tuple[Any, int]] = [(doc, 1)]
     while stack:
         v, depth = stack.pop()
-        kind = type(v)
-        if kind is str:
+        if isinstance(v, str):
             if "\x00" in v:
                 raise TypeError(f"{NUL_REASON} (in a JSON document)")
-        elif kind is dict or kind is list:
+        elif isinstance(v, Mapping | list | tuple):
             if depth > JSON_MAX_DEPTH:
                 raise TypeError(f"a JSON document may be nested at most {JSON_MAX_DEPTH} levels")
-            if kind is dict:
+            if isinstance(v, Mapping):
                 for k, item in v.items():
-                    if type(k) is not str:
+                    if not isinstance(k, str):
                         raise TypeError(f"JSON object keys must be text, got {short(k)}")
                     if "\x00" in k:
                         raise TypeError(f"{NUL_REASON} (in a JSON key)")
                     stack.append((item, depth + 1))
             else:
                 stack.extend((item, depth + 1) for item in v)
-        elif kind is int:
+        elif isinstance(v, bool) or v is None:
+            pass
+        elif isinstance(v, int):
             if not INT_MIN <= v <= INT_MAX:
                 raise TypeError(f"{_INT_REASON} (in a JSON document)")
-        elif kind is float:
+        elif isinstance(v, float):
             if not math.isfinite(v):
                 raise TypeError(f"{_FLOAT_REASON} (in a JSON document)")
-        elif v is not None and kind is not bool:
-            raise TypeError(f"a JSON document cannot hold {kind.__name__} values")
+        else:
+            raise TypeError(f"a JSON document cannot hold {type(v).__name__} values")
     return doc
 
 
