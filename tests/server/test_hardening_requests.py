@@ -419,3 +419,42 @@ async def test_bulk_row_cap_follows_the_dataflow(
         "REQUEST_INVALID",
         fields=["records"],
     )
+
+
+async def test_a_handler_of_another_kind_is_guarded_too() -> None:
+    """A generic handler that is not grpc's dictionary handler is wrapped (the fallback
+    of `decode_guarded`): its methods refuse malformed requests the same way."""
+    from grpc_health.v1 import health_pb2
+
+    from nexus_server._app import GenericHandlersOnly
+
+    async def check(request: Any, context: Any) -> Any:
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    method = grpc.unary_unary_rpc_method_handler(
+        check,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+
+    class Custom(grpc.GenericRpcHandler):  # type: ignore[misc]
+        def service(self, details: Any) -> Any:
+            return method if details.method == "/custom.Health/Check" else None
+
+    server = grpc.aio.server()
+    GenericHandlersOnly(server).add_generic_rpc_handlers([Custom()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = _raw(channel, "/custom.Health/Check")
+            ok = await call(
+                health_pb2.HealthCheckRequest(service="x").SerializeToString(), timeout=WAIT
+            )
+            assert health_pb2.HealthCheckResponse.FromString(ok).status == 1
+            await _malformed(call(BAD_UTF8, timeout=WAIT), "grpc.health.v1.HealthCheckRequest")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _raw(channel, "/custom.Health/Nope")(b"", timeout=WAIT)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(None)
