@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ._app import Nexus, Serving
 from ._errors import ApiError
+from ._limits import Limits
 from ._typed import TypedModels, collection_id
 
-__all__ = ["ApiError", "Nexus", "Serving", "TypedModels", "collection_id"]
+__all__ = ["ApiError", "Limits", "Nexus", "Serving", "TypedModels", "collection_id"]
