@@ -27,8 +27,9 @@ invisible to h2load (HTTP 200 with a grpc-status trailer), so each run is checke
 response bytes must add up for reads, the rows written must match for writes.
 
 Run: `.venv/bin/python bench/grpc.py` (`--quick` for a short run). To measure a change,
-`--against CHECKOUT` also serves the noop workflow from another checkout (a
-`git worktree` of main, say) and prints this checkout's ratio to it, alternating rounds.
+`--against CHECKOUT` also serves the noop and create_contact workflows from another
+checkout (a `git worktree` of main, say) and prints this checkout's ratio to it,
+alternating rounds.
 `--cpu` also prints, for each figure's best round, the CPU time per call of each server's
 event-loop thread and of its other threads (from /proc), and how idle the machine was.
 """
@@ -609,11 +610,20 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
         ]  # fmt: skip
         if other is not None:
             assert args.against is not None
+            where = Path(args.against).name
             pairs.append((
-                Case(f"noop served from {Path(args.against).name}", other.address, EXECUTE,
+                Case(f"noop served from {where}", other.address, EXECUTE,
                      echo_body, count=executions(tmp / "other.db", "noop")),
                 Case("ExecuteWorkflow noop", nexus.address, EXECUTE, echo_body,
                      count=executions(nexus_db, "noop")),
+            ))  # fmt: skip
+            pairs.append((
+                Case(f"create_contact served from {where}", other.address, EXECUTE,
+                     execute_body("create_contact", load_person),
+                     count=executions(tmp / "other.db", "create_contact")),
+                Case("ExecuteWorkflow create_contact", nexus.address, EXECUTE,
+                     execute_body("create_contact", load_person),
+                     count=executions(nexus_db, "create_contact")),
             ))  # fmt: skip
         pids = {s.address: s.proc.pid for s in servers}
         for pair in pairs:
@@ -632,7 +642,7 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
         print("-" * len(header))
         for base_case, case in pairs:
             # the comparison with another checkout has no target: its ratio is the change
-            judged = not base_case.label.startswith("noop served from")
+            judged = " served from " not in base_case.label
             for conc in CONCURRENCY:
                 (base, base_note), (load, note) = measure(base_case, case, conc, args)
                 ratio = load.rps / base.rps
@@ -765,8 +775,8 @@ def main() -> int:
     p.add_argument(
         "--against",
         metavar="CHECKOUT",
-        help="also serve the noop workflow from another checkout of this repository "
-        "(e.g. `git worktree add /tmp/main main`) and print this one's ratio to it",
+        help="also serve the noop and create_contact workflows from another checkout of this "
+        "repository (e.g. `git worktree add /tmp/main main`) and print this one's ratio to it",
     )
     p.add_argument(
         "--cpu",

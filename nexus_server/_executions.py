@@ -3,6 +3,19 @@
 Each execution runs in a task of its own. Its events are kept in a capped buffer that
 watchers read from (a slow watcher skips node events it missed, never the final one);
 the finished execution is written to the store, so memory holds only what is running.
+
+Durability: nobody hears of an execution's end (the unary reply, a stream's final
+event) before its record is committed, so an acknowledged execution survives a crash.
+An execution with a request_id never runs twice:
+
+- when every node of its workflow writes only to the app's database (DataFlow nodes of
+  the database the records live in), it runs in one transaction with its record: it
+  happens entirely, recorded, or not at all (a crash leaves nothing; the retry runs it);
+  a failure rolls its writes back and is recorded after;
+- otherwise its RUNNING record is committed before any node runs, so a retry after a
+  crash finds it (marked INTERRUPTED at the next start) instead of running it again.
+
+Commits outside a workflow's transaction are group commits shared by concurrent calls.
 """
 
 from __future__ import annotations
@@ -13,17 +26,19 @@ import contextlib
 import datetime as _dt
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from dataflow import AlreadyExistsError, DatabaseError
 from workflow import AsyncLocalRuntime, Event, EventKind, Workflow
 
 from ._errors import ApiError, to_api_error
 from ._jsonable import to_jsonable
-from ._record_writer import RecordWriter
-from ._store import ExecutionRecord, Store, body_hash, check_request_id
+from ._record_writer import RecordRejected, RecordWriter
+from ._store import RUNNING_STATES, ExecutionRecord, Store, body_hash, check_request_id
 
 __all__ = ["Executions", "RunningExecution", "error_dict"]
 
@@ -35,6 +50,38 @@ _STATE_OF = {
     EventKind.EXECUTION_FAILED: "FAILED",
     EventKind.EXECUTION_CANCELLED: "CANCELLED",
 }
+
+
+def _unrecorded() -> DatabaseError:
+    return DatabaseError(
+        "the execution could not be recorded: the database is unavailable; retry with "
+        "the same request_id"
+    )
+
+
+class _TakenElsewhere(Exception):
+    """Another server process committed the same request_id first (our run rolled back)."""
+
+    def __init__(self, record: ExecutionRecord) -> None:
+        self.record = record
+
+
+class _Unreturnable(Exception):
+    """The workflow ran, but its outputs cannot be returned: roll its writes back."""
+
+    def __init__(self, error: dict[str, Any] | None) -> None:
+        self.error = error
+
+
+def _succeeded(results: Any) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """(state, outputs, error) of a workflow that returned `results`."""
+    try:
+        return "SUCCEEDED", to_jsonable(results), None
+    except TypeError as exc:
+        error = error_dict(
+            ApiError("NODE_FAILED", f"the execution's outputs cannot be returned: {exc}")
+        )
+        return "FAILED", None, error
 
 
 def error_dict(exc: BaseException) -> dict[str, Any]:
@@ -55,7 +102,17 @@ def new_execution_id() -> str:
 class RunningExecution:
     """An execution running in this process, with its latest events (for watchers)."""
 
-    __slots__ = ("_changed", "_done", "events", "finished", "record", "sequence", "task")
+    __slots__ = (
+        "_changed",
+        "_done",
+        "commit_error",
+        "events",
+        "finished",
+        "record",
+        "sequence",
+        "task",
+        "transactional",
+    )
 
     def __init__(self, record: ExecutionRecord) -> None:
         self.record = record
@@ -64,6 +121,10 @@ class RunningExecution:
         self.sequence = 0
         #: whether the execution ended (its record holds how)
         self.finished = False
+        #: why the final record could not be made durable (the call then fails with it)
+        self.commit_error: Exception | None = None
+        #: runs in one transaction with its record (see the module's docstring)
+        self.transactional = False
         # created only when someone waits for the end (most executions end unwatched)
         self._done: asyncio.Event | None = None
         #: set (and replaced) on the next event; created only when someone watches
@@ -143,8 +204,12 @@ class Executions:
         timeout: default per-execution timeout in seconds (None: no limit).
     """
 
-    def __init__(self, store: Store, timeout: float | None = None) -> None:
+    def __init__(
+        self, store: Store, timeout: float | None = None, *, commit_timeout: float = 5.0
+    ) -> None:
         self.store = store
+        #: seconds a call waits for its record to be durable before it fails UNAVAILABLE
+        self.commit_timeout = commit_timeout
         self.runtime = AsyncLocalRuntime(timeout=timeout)
         self.running: dict[str, RunningExecution] = {}
         self.writer: RecordWriter[ExecutionRecord] = RecordWriter(
@@ -153,6 +218,7 @@ class Executions:
         # (caller, request_id) -> execution id, for executions not yet in the database
         self._requests: dict[tuple[str, str], str] = {}
         self._request_locks = _KeyedLocks()
+        self._local: weakref.WeakKeyDictionary[Workflow, bool] = weakref.WeakKeyDictionary()
 
     def open(self) -> None:
         """Start writing execution records (call once the store is initialised)."""
@@ -198,7 +264,11 @@ class Executions:
             await self._run(run, wf, inputs)
         elif run is not None:
             await run.wait()
-        return run.record if run is not None else rec
+        if run is None:
+            return await self._settled(rec)
+        if run.commit_error is not None:
+            raise run.commit_error
+        return await self._settled(run.record)  # another process's, when it took the key
 
     async def start(
         self,
@@ -250,8 +320,25 @@ class Executions:
                 return (*found, None)
             if self.writer.full:
                 await self.writer.wait_for_room()
-            run = self._register(name, inputs, caller, request_id, hash_)
+            transactional = self._writes_only_here(wf)
+            run = self._register(name, inputs, caller, request_id, hash_, queue=not transactional)
+            run.transactional = transactional
             self._requests[key] = run.record.id
+            if transactional:
+                return run, run.record, inputs  # recorded with its writes, when they commit
+            try:
+                # the key is durable before any work starts: a retry after a crash
+                # finds this execution (INTERRUPTED) instead of running it again
+                await self._commit(run.record.id)
+            except RecordRejected:
+                self._forget(run)  # another server process recorded this key first
+                found = await self._find(caller, request_id, hash_)
+                if found is None:
+                    raise _unrecorded() from None
+                return (*found, None)
+            except BaseException:
+                self._forget(run)
+                raise
             return run, run.record, inputs
 
     def _register(
@@ -261,6 +348,8 @@ class Executions:
         caller: str,
         request_id: str | None,
         hash_: str | None,
+        *,
+        queue: bool = True,
     ) -> RunningExecution:
         now = _dt.datetime.now(_dt.UTC)
         rec = ExecutionRecord(
@@ -279,8 +368,58 @@ class Executions:
         )
         run = RunningExecution(rec)
         self.running[rec.id] = run
-        self.writer.put(rec)
+        if queue:
+            self.writer.put(rec)
         return run
+
+    def _writes_only_here(self, wf: Workflow) -> bool:
+        """Whether every node of `wf` is a DataFlow node of the records' database."""
+        known = self._local.get(wf)
+        if known is None:
+            db = self.store.db
+            models = {m.name for m in db.models}
+            known = bool(wf.nodes) and all(
+                (model := getattr(type(node), "dataflow_model", None)) in models
+                and db.node_types(model).get(type(node).type_name) is type(node)
+                for node in wf.nodes.values()
+            )
+            self._local[wf] = known
+        return known
+
+    async def _settled(self, rec: ExecutionRecord) -> ExecutionRecord:
+        """The record once its execution ended: one that another server process runs is
+        read again until it ends (the caller's deadline bounds the wait)."""
+        delay = 0.02
+        while rec.state in RUNNING_STATES:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            rec = await self.store.get_execution(rec.id) or rec
+        return rec
+
+    async def _commit(self, execution_id: str) -> None:
+        """Wait until the execution's record, as put last, is in the database.
+
+        Raises:
+            DatabaseError: it could not be written within `commit_timeout` seconds or
+                its transaction failed (the row stays queued and is retried).
+            RecordRejected: another server process holds its request_id.
+        """
+        try:
+            async with asyncio.timeout(self.commit_timeout):
+                await self.writer.committed(execution_id)
+        except RecordRejected:
+            raise
+        except (TimeoutError, Exception) as exc:
+            raise _unrecorded() from exc
+
+    def _forget(self, run: RunningExecution) -> None:
+        """Drop an execution that never started (its record could not be made durable)."""
+        rec = run.record
+        self.running.pop(rec.id, None)
+        self.writer.discard(rec.id)
+        if rec.request_id:
+            self._requests.pop((rec.caller, rec.request_id), None)
+        run.finish()
 
     async def _find(
         self, caller: str, request_id: str, hash_: str | None
@@ -307,31 +446,85 @@ class Executions:
         outputs: dict[str, Any] | None = None
         error: dict[str, Any] | None = None
         state = "FAILED"
+        recorded = False  # committed with the workflow's writes
         try:
-            results = await self.runtime.run_validated(
-                wf, inputs, execution_id=rec.id, on_event=run.push
-            )
-            try:
-                outputs = to_jsonable(results)
-                state = "SUCCEEDED"
-            except TypeError as exc:
-                error = error_dict(
-                    ApiError("NODE_FAILED", f"the execution's outputs cannot be returned: {exc}")
+            if run.transactional:
+                recorded = await self._run_in_transaction(run, wf, inputs)
+                state, outputs, error = rec.state, rec.outputs, rec.error
+            else:
+                results = await self.runtime.run_validated(
+                    wf, inputs, execution_id=rec.id, on_event=run.push
                 )
+                state, outputs, error = _succeeded(results)
         except asyncio.CancelledError:
             state = "CANCELLED"
             error = error_dict(ApiError("EXECUTION_CANCELLED", "the execution was cancelled"))
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()  # handled: the execution's end is its result
+        except _TakenElsewhere as taken:
+            run.record = taken.record  # another server process ran this request
+            recorded = True
         except Exception as exc:
             error = error_dict(exc)
         finally:
-            rec.state, rec.outputs, rec.error = state, outputs, error
-            rec.end_time = _dt.datetime.now(_dt.UTC)
-            self.writer.put(rec)  # again: its final state is written (once more, if need be)
             self.running.pop(rec.id, None)
-            run.finish()
+            try:
+                if recorded:
+                    self._requests.pop((rec.caller, rec.request_id or ""), None)
+                else:
+                    rec.state, rec.outputs, rec.error = state, outputs, error
+                    rec.end_time = _dt.datetime.now(_dt.UTC)
+                    self.writer.put(rec)  # again: its final state (once more, if need be)
+                    # acknowledged means recorded: nobody hears of the end before it is
+                    await self._commit(rec.id)
+            except RecordRejected:
+                # another server process recorded this request_id first: its answer wins
+                other = await self._other(rec)
+                if other is None:
+                    run.commit_error = _unrecorded()
+                else:
+                    run.record = other
+            except Exception as exc:
+                run.commit_error = exc
+            finally:
+                run.finish()
+
+    async def _run_in_transaction(
+        self, run: RunningExecution, wf: Workflow, inputs: dict[str, Any]
+    ) -> bool:
+        """Run `wf` in one transaction that also inserts its final record. Returns True
+        when it committed; False when the workflow's outputs could not be returned (the
+        record, FAILED, is then written on its own after the rollback)."""
+        rec = run.record
+        db = self.store.db
+        try:
+            async with db.transaction():
+                results = await self.runtime.run_validated(
+                    wf, inputs, execution_id=rec.id, on_event=run.push
+                )
+                state, outputs, error = _succeeded(results)
+                if state != "SUCCEEDED":
+                    raise _Unreturnable(error)
+                rec.state, rec.outputs, rec.error = state, outputs, error
+                rec.end_time = _dt.datetime.now(_dt.UTC)
+                await self.store.insert_execution(rec)
+        except _Unreturnable as exc:
+            rec.state, rec.outputs, rec.error = "FAILED", None, exc.error
+            return False
+        except AlreadyExistsError:
+            other = await self._other(rec)
+            if other is None:
+                raise
+            raise _TakenElsewhere(other) from None
+        return True
+
+    async def _other(self, rec: ExecutionRecord) -> ExecutionRecord | None:
+        """The execution another server process recorded for `rec`'s request_id."""
+        if not rec.request_id:
+            return None
+        other = await self.store.find_request(rec.caller, rec.request_id)
+        return None if other is None or other.id == rec.id else other
 
     async def get(self, execution_id: str) -> ExecutionRecord:
         rec = self._unflushed(execution_id) or await self.store.get_execution(execution_id)

@@ -1,21 +1,20 @@
-"""Write-behind with group commit for execution records.
+"""Group commit for execution records.
 
-Writing an execution's record synchronously cost two database transactions per
-execution (its RUNNING row, then its final row), ten times the cost of the workflow
-itself. Records are therefore queued and written by one task, all pending rows in one
-transaction: under load many executions share a commit, and an execution that ends
-before its RUNNING row was written is written once, in its final state.
+Writing an execution's record by itself cost a database transaction per row, ten times
+the cost of a trivial workflow. Records are therefore queued and written by one task,
+all pending rows in one transaction: under load many executions share a commit, and an
+execution that ends before its RUNNING row was written is written once, in its final
+state.
 
-Once a row arrives, the writer waits `LINGER` (10 ms) for more before it writes: under
-load one transaction then carries every execution of those 10 ms, instead of one per
-few calls.
+A caller that must not answer before a row is in the database (an acknowledged
+execution is never lost: `committed`) makes the writer write at once; rows that arrive
+while a transaction is under way share the next one, so under load one commit carries
+many calls without anyone waiting on a timer. Rows nobody waits for (an execution's
+RUNNING state, when no request_id makes it matter) wait `LINGER` (10 ms) for company.
 
-What this trades: an execution's record reaches the database up to about 10 ms after
-the call returns. Until then it is served from memory (GetExecution, idempotent
-retries), `ListExecutions` waits for the queue to drain (without lingering), and a
-graceful stop drains it. A crash can lose the records of the last 10 ms or so; the
-work the workflow did in the database is not affected (its own transactions are
-committed by its nodes).
+A failed transaction is retried (its rows are kept, never dropped); each waiter of the
+failed rows is told at once (`committed` raises), so calls fail fast while the database
+is down instead of hanging.
 """
 
 from __future__ import annotations
@@ -23,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Generic, TypeVar
 
-__all__ = ["RecordWriter"]
+__all__ = ["RecordRejected", "RecordWriter"]
 
 T = TypeVar("T")
 
@@ -40,6 +39,11 @@ MAX_BATCH = 1_000
 LINGER = 0.01
 
 
+class RecordRejected(Exception):
+    """The row was refused for good by `write` (its key is taken elsewhere); it is not
+    queued any more."""
+
+
 class RecordWriter(Generic[T]):
     """Queues items by key (the latest version of an item wins) and writes them in
     batches.
@@ -50,7 +54,8 @@ class RecordWriter(Generic[T]):
     writes is the state they had when the batch was taken.
 
     Args:
-        write: writes a batch of items in one transaction (an upsert on the key).
+        write: writes a batch of items in one transaction (an upsert on the key), and
+            returns the keys of rows it refused for good (never retried), if any.
         key: the key of an item (the execution id).
         written: called with each batch once it is committed.
         retry_delay: seconds before a failed batch is tried again (it is kept, never
@@ -62,7 +67,7 @@ class RecordWriter(Generic[T]):
 
     def __init__(
         self,
-        write: Callable[[Sequence[T]], Awaitable[None]],
+        write: Callable[[Sequence[T]], Awaitable[Collection[str] | None]],
         key: Callable[[T], str],
         *,
         written: Callable[[Sequence[T]], None] = lambda batch: None,
@@ -83,6 +88,8 @@ class RecordWriter(Generic[T]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        # key -> (the put count that must be written, the waiter's future)
+        self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="nexus-record-writer")
@@ -107,6 +114,59 @@ class RecordWriter(Generic[T]):
         self._puts[key] = self._puts.get(key, 0) + 1
         self._idle.clear()
         self._wakeup.set()
+
+    async def committed(self, key: str) -> None:
+        """Return once the version of `key` put last is in the database.
+
+        The writer writes at once for it (no lingering). Await it right after `put`
+        (before anything else yields): a refused row is forgotten once refused. Raises
+        the write's exception
+        when the transaction carrying it fails (the row stays queued and is retried), or
+        `RecordRejected` when `write` refused it for good.
+        """
+        n = self._puts.get(key)
+        if n is None:
+            return  # not queued: the version put last is written
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append((n, fut))
+        self._urgent.set()
+        self._wakeup.set()
+        try:
+            await fut
+        finally:
+            waiting = self._waiters.get(key)
+            if waiting is not None:
+                waiting[:] = [w for w in waiting if w[1] is not fut]
+                if not waiting:
+                    del self._waiters[key]
+
+    def discard(self, key: str) -> None:
+        """Forget a queued row that must not be written any more (its execution never
+        started). A transaction already carrying it may still write it."""
+        self.pending.pop(key, None)
+        self._puts.pop(key, None)
+
+    def _settle(
+        self,
+        keys: Sequence[str],
+        written: Sequence[int],
+        error: BaseException | None,
+        rejected: Collection[str] = (),
+    ) -> None:
+        """Wake the waiters of `keys` whose version was in the batch just finished."""
+        for k, n in zip(keys, written, strict=True):
+            waiting = self._waiters.get(k)
+            if not waiting:
+                continue
+            for wanted, fut in waiting:
+                if fut.done() or (error is None and wanted > n and k not in rejected):
+                    continue
+                if error is not None:
+                    fut.set_exception(error)
+                elif k in rejected:
+                    fut.set_exception(RecordRejected(k))
+                else:
+                    fut.set_result(None)
 
     async def drain(self) -> None:
         """Return once every row queued so far is written."""
@@ -137,17 +197,21 @@ class RecordWriter(Generic[T]):
                 batch = [self.pending[k] for k in keys]
                 puts = [self._puts[k] for k in keys]
                 try:
-                    await self._write(batch)
+                    rejected = set(await self._write(batch) or ())
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as exc:
                     _log.exception("writing %d execution record(s) failed; retrying", len(batch))
+                    self._settle(keys, puts, exc)
+                    self._urgent.clear()  # waiters were told: retry at the normal pace
                     await asyncio.sleep(self._retry_delay)
                     continue
                 for k, n in zip(keys, puts, strict=True):
                     # an item put again meanwhile stays queued: its newer state is unwritten
-                    if self._puts.get(k) == n:
-                        del self.pending[k], self._puts[k]
+                    if self._puts.get(k) == n or k in rejected:
+                        self.pending.pop(k, None)
+                        self._puts.pop(k, None)
+                self._settle(keys, puts, None, rejected)
                 self._written(batch)
                 if len(self.pending) < MAX_PENDING:
                     self._room.set()

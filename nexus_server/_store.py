@@ -193,35 +193,44 @@ class Store:
 
         return await self.db.run_sync(setup)
 
-    async def write_executions(self, records: Sequence[ExecutionRecord]) -> None:
+    async def write_executions(self, records: Sequence[ExecutionRecord]) -> list[str]:
         """Insert or update these executions (by id) in one transaction.
 
-        A record whose (caller, request_id) another server process recorded first is
-        dropped with an error in the log (the other one answers that request); every
-        other failure raises, so the caller can try again.
+        Returns the ids of records dropped because another server process recorded
+        their (caller, request_id) first (that one answers the request); every other
+        failure raises, so the caller can try again.
         """
         db = self.db
         # read before the first await: RecordWriter's contract (records keep changing)
         rows = [_row(r, db.driver_value) for r in records]
         try:
             await db.executemany(self._upsert, rows)
-            return
+            return []
         except Exception as exc:
             if not _is_unique_violation(exc):
                 raise
+        dropped: list[str] = []
         for rec, row in zip(records, rows, strict=True):  # find the row at fault
             try:
                 await db.executemany(self._upsert, [row])
             except Exception as exc:
                 if not _is_unique_violation(exc):
                     raise
-                _log.error(
-                    "execution %s not recorded: request_id %r of caller %r was recorded by "
-                    "another server first",
+                _log.warning(
+                    "execution %s not recorded: its request_id was recorded by another "
+                    "server process first",
                     rec.id,
-                    rec.request_id,
-                    rec.caller,
                 )
+                dropped.append(rec.id)
+        return dropped
+
+    async def insert_execution(self, rec: ExecutionRecord) -> None:
+        """Insert one execution in the current `transaction()` (an execution that commits
+        with its workflow's writes). Raises `AlreadyExistsError` when its request_id was
+        recorded first by another server process."""
+        values = {c.name: getattr(rec, c.name) for c in EXECUTIONS.columns}
+        async with self.db.connection() as conn:
+            await conn.execute(EXECUTIONS.insert().values(**values))
 
     @functools.cached_property
     def _upsert(self) -> str:

@@ -133,14 +133,15 @@ async def test_an_idempotency_key_is_recorded_once_rows_without_one_are_not_limi
         first = record(caller="ada", request_id="r-1")
         await store.write_executions([first])
         # another server process recording the same key: the database refuses it, the
-        # batch's other rows are written, and the log says which one was dropped
+        # batch's other rows are written, and the dropped one is returned and logged
         second, other_caller, more = (
             record(caller="ada", request_id="r-1"),
             record(caller="bob", request_id="r-1"),
             record(caller="ada"),
         )
-        with caplog.at_level(logging.ERROR, logger="nexus_server"):
-            await store.write_executions([second, other_caller, more])
+        with caplog.at_level(logging.WARNING, logger="nexus_server"):
+            dropped = await store.write_executions([second, other_caller, more])
+        assert dropped == [second.id]
         assert f"execution {second.id} not recorded" in caplog.text
         found = await store.find_request("ada", "r-1")
         assert found is not None and found.id == first.id

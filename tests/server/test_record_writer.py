@@ -209,3 +209,88 @@ async def test_stop_cuts_a_long_linger_short_and_writes_everything() -> None:
     await asyncio.wait_for(w.stop(), 5)
     assert sink.batches == [[(f"r{i}", i) for i in range(3)]]
     assert w.pending == {}
+
+
+async def test_committed_returns_once_the_row_is_written_without_lingering() -> None:
+    sink = Sink()
+    w = writer(sink, linger=60)  # a waiter must not wait for the linger
+    w.start()
+    w.put(("a", 1))
+    await asyncio.wait_for(w.committed("a"), 5)
+    assert sink.rows == [("a", 1)]
+    await asyncio.wait_for(w.committed("a"), 1)  # written already: returns at once
+    await w.stop()
+
+
+async def test_committed_waits_for_the_version_put_last() -> None:
+    gate = asyncio.Event()
+    sink = Sink(gate=gate)
+    w = writer(sink, linger=0)
+    w.start()
+    w.put(("a", 1))
+    await asyncio.sleep(0)  # version 1 is being written
+    w.put(("a", 2))
+    waiting = asyncio.create_task(w.committed("a"))
+    gate.set()
+    await asyncio.wait_for(waiting, 5)
+    assert sink.rows == [("a", 1), ("a", 2)]
+    await w.stop()
+
+
+async def test_rows_waited_for_together_share_one_commit() -> None:
+    gate = asyncio.Event()
+    sink = Sink(gate=gate)
+    w = writer(sink, linger=0)
+    w.start()
+    w.put(("first", 0))
+    await asyncio.sleep(0)  # a transaction is under way
+    for i in range(20):
+        w.put((f"r{i}", i))
+    waiters = [asyncio.create_task(w.committed(f"r{i}")) for i in range(20)]
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert len(sink.batches) == 2 and len(sink.batches[1]) == 20
+    await w.stop()
+
+
+async def test_a_failed_commit_is_raised_to_its_waiters_and_retried() -> None:
+    sink = Sink(failures=1)
+    w = writer(sink, retry_delay=0.01)
+    w.start()
+    w.put(("a", 1))
+    with pytest.raises(OSError, match="database unavailable"):
+        await asyncio.wait_for(w.committed("a"), 5)
+    await asyncio.wait_for(w.drain(), 5)  # kept, and written by the retry
+    assert sink.rows == [("a", 1)]
+    await w.stop()
+
+
+async def test_a_row_refused_for_good_is_dropped_and_its_waiter_told() -> None:
+    written: list[tuple[str, int]] = []
+
+    async def write(batch: Sequence[tuple[str, int]]) -> list[str]:
+        written.extend(row for row in batch if row[0] != "taken")
+        return ["taken"]
+
+    w: RecordWriter[tuple[str, int]] = RecordWriter(write, lambda row: row[0], linger=0)
+    w.start()
+    w.put(("taken", 1))
+    w.put(("free", 2))
+    with pytest.raises(_record_writer.RecordRejected):
+        async with asyncio.timeout(5):  # awaited at once, as the server does after put
+            await w.committed("taken")
+    await asyncio.wait_for(w.committed("free"), 5)
+    assert written == [("free", 2)] and w.pending == {}
+    await w.stop()
+
+
+async def test_a_discarded_row_is_not_written() -> None:
+    sink = Sink()
+    w = writer(sink, linger=60)
+    w.start()
+    w.put(("a", 1))
+    w.discard("a")
+    w.put(("b", 2))
+    await asyncio.wait_for(w.drain(), 5)
+    assert sink.rows == [("b", 2)]
+    await w.stop()

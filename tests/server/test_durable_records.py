@@ -1,0 +1,288 @@
+"""An acknowledged execution is never lost and never run twice.
+
+The reply (or a stream's final event) comes only once the execution's record is
+committed; an execution with a request_id has its RUNNING record committed before any
+node runs; a database that cannot take the record fails the call fast (UNAVAILABLE)
+without running the workflow. Each check reads the database through a connection of its
+own, never the server's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from dataflow import DatabaseError, DataFlow
+from nexus_api.nexus.model.v1 import model_service_pb2 as mpb
+from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
+from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
+from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
+from nexus_server import Nexus, Serving
+from nexus_server._executions import Executions
+from nexus_server._store import ExecutionRecord, Store
+from workflow import WorkflowBuilder
+
+WAIT = 10.0
+Connect = Callable[[Serving], contextlib.AbstractAsyncContextManager[grpc.aio.Channel]]
+
+
+def struct(**values: Any) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(values)
+    return s
+
+
+@contextlib.asynccontextmanager
+async def reader(db_url: str) -> AsyncIterator[Store]:
+    """The executions table through a DataFlow of its own (not the server's)."""
+    db = DataFlow(db_url)
+    try:
+        yield Store(db)
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+@pytest.mark.parametrize("request_id", ["", "durable-1"])
+async def test_the_record_is_committed_before_the_reply(
+    make_app: Callable[..., Nexus], connect: Connect, db_url: str, request_id: str
+) -> None:
+    app = make_app()
+    async with app.serving() as s, connect(s) as channel, reader(db_url) as store:
+        wf = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        for i in range(5):
+            done = await wf.ExecuteWorkflow(
+                wpb.ExecuteWorkflowRequest(
+                    name="create_contact",
+                    inputs=struct(name=f"Ada {i}", email=f"ada{i}@x.io"),
+                    request_id=f"{request_id}-{i}" if request_id else "",
+                ),
+                timeout=WAIT,
+            )
+            rec = await store.get_execution(done.id)  # at once: no drain, no wait
+            assert rec is not None, f"execution {i} acknowledged but not in the database"
+            assert rec.state == "SUCCEEDED"
+            assert rec.request_id == (f"{request_id}-{i}" if request_id else None)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_request_id_is_committed_before_the_workflow_runs(
+    make_app: Callable[..., Nexus],
+    connect: Connect,
+    db_url: str,
+    gates: dict[str, asyncio.Event],
+) -> None:
+    app = make_app()
+    async with app.serving() as s, connect(s) as channel, reader(db_url) as store:
+        wf = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        call = asyncio.ensure_future(
+            wf.ExecuteWorkflow(
+                wpb.ExecuteWorkflowRequest(
+                    name="gated", inputs=struct(gate="held", value=7), request_id="held-1"
+                ),
+                timeout=WAIT,
+            )
+        )
+        await asyncio.wait_for(gates["held:started"].wait(), WAIT)
+        running = await store.find_request("anonymous", "held-1")
+        assert running is not None and running.state == "RUNNING"
+        gates["held"].set()
+        done = await call
+        assert done.id == running.id
+        final = await store.get_execution(done.id)
+        assert final is not None and final.state == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_second_server_never_runs_a_request_the_first_has_started(
+    make_app: Callable[..., Nexus], connect: Connect, gates: dict[str, asyncio.Event]
+) -> None:
+    first, second = make_app(), make_app(models=False, workflows=False)
+    # the second server knows the workflow without declaring the models again
+    assert first.db is not None
+    second.register("create_then_wait", _create_then_wait())
+    first.register("create_then_wait", _create_then_wait())
+    request = wpb.ExecuteWorkflowRequest(
+        name="create_then_wait",
+        inputs=struct(name="Ada", email="ada@x.io", gate="both"),
+        request_id="shared-1",
+    )
+    async with (
+        first.serving() as s1,
+        connect(s1) as c1,
+        second.serving() as s2,
+        connect(s2) as c2,
+    ):
+        wf1 = wgrpc.WorkflowServiceStub(c1)  # type: ignore[no-untyped-call]
+        wf2 = wgrpc.WorkflowServiceStub(c2)  # type: ignore[no-untyped-call]
+        call = asyncio.ensure_future(wf1.ExecuteWorkflow(request, timeout=WAIT))
+        await asyncio.wait_for(gates["both:started"].wait(), WAIT)
+        # the second finds the first's execution, never runs it, and waits for its end
+        seen = asyncio.ensure_future(wf2.ExecuteWorkflow(request, timeout=WAIT))
+        await asyncio.sleep(0.3)
+        assert not seen.done()
+        gates["both"].set()
+        done, other = await call, await seen
+        assert done == other and done.state == wpb.Execution.STATE_SUCCEEDED
+        ms = mgrpc.ModelServiceStub(c1)  # type: ignore[no-untyped-call]
+        count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
+        assert count.count == 1
+
+
+def _create_then_wait() -> Any:
+    wf = WorkflowBuilder()
+    wf.add_node("ContactCreateNode", "create", {"name": "{{name}}", "email": "{{email}}"})
+    wf.add_node("TestGateNode", "wait", {"gate": "{{gate}}"})
+    return wf.build()
+
+
+class _DownStore(Store):
+    """A store whose database refuses every write while `down` (a unit test of
+    Executions alone)."""
+
+    down = True
+
+    async def write_executions(self, records: Sequence[ExecutionRecord]) -> list[str]:
+        if self.down:
+            raise DatabaseError("executions: the database is unreachable")
+        return await super().write_executions(records)
+
+
+async def test_no_workflow_runs_when_its_request_id_cannot_be_recorded(
+    tmp_path: Any, gates: dict[str, asyncio.Event]
+) -> None:
+    db = DataFlow(f"sqlite:///{tmp_path}/down.db")
+    store = _DownStore(db)
+    await store.initialize()
+    executions = Executions(store, commit_timeout=2.0)
+    executions.open()
+    wf = WorkflowBuilder()
+    wf.add_node("TestGateNode", "wait", {"gate": "{{gate}}"})
+    built = wf.build()
+    gates["never"].set()
+    try:
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(DatabaseError, match="could not be recorded"):
+                await executions.execute("w", built, {"gate": "never"}, caller="c", request_id="r")
+        assert not gates["never:started"].is_set()  # the workflow never ran
+        assert executions.running == {} and executions.writer.pending == {}
+        async with asyncio.timeout(WAIT):
+            # without a request_id it runs, but the call is not acknowledged as done
+            with pytest.raises(DatabaseError, match="could not be recorded"):
+                await executions.execute("w", built, {"gate": "never"}, caller="c")
+        assert gates["never:started"].is_set()
+        (ran,) = executions.writer.pending.values()  # kept: written once the database is back
+        store.down = False
+        async with asyncio.timeout(WAIT):
+            await executions.writer.drain()
+        written = await store.get_execution(ran.id)
+        assert written is not None and written.state == "SUCCEEDED"
+    finally:
+        store.down = False
+        async with asyncio.timeout(WAIT):
+            await executions.writer.stop()
+        await db.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_database_only_request_commits_with_its_record_or_not_at_all(
+    make_app: Callable[..., Nexus], connect: Connect, db_url: str
+) -> None:
+    """create_then_boom writes a contact, then fails: with a request_id its write is
+    rolled back and the failure recorded; create_contact's record and contact commit
+    together (while it runs, nothing of it is in the database)."""
+    app = make_app()
+    app.register("create_then_fail", _create_then_fail())
+    async with app.serving() as s, connect(s) as channel, reader(db_url) as store:
+        wf = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        ms = mgrpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await wf.ExecuteWorkflow(
+                wpb.ExecuteWorkflowRequest(
+                    name="create_then_fail",
+                    inputs=struct(name="Ada", email="ada@x.io"),
+                    request_id="fails-1",
+                ),
+                timeout=WAIT,
+            )
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+        rec = await store.find_request("anonymous", "fails-1")
+        assert rec is not None and rec.state == "FAILED"
+        count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
+        assert count.count == 0  # the contact written before the failure was rolled back
+        # without a request_id the same workflow keeps its nodes' own commits
+        with pytest.raises(grpc.aio.AioRpcError):
+            await wf.ExecuteWorkflow(
+                wpb.ExecuteWorkflowRequest(
+                    name="create_then_fail", inputs=struct(name="Bob", email="bob@x.io")
+                ),
+                timeout=WAIT,
+            )
+        count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
+        assert count.count == 1
+        done = await wf.ExecuteWorkflow(
+            wpb.ExecuteWorkflowRequest(
+                name="create_contact",
+                inputs=struct(name="Cy", email="cy@x.io"),
+                request_id="ok-1",
+            ),
+            timeout=WAIT,
+        )
+        rec = await store.get_execution(done.id)
+        assert rec is not None and rec.state == "SUCCEEDED" and rec.request_id == "ok-1"
+        again = await wf.ExecuteWorkflow(
+            wpb.ExecuteWorkflowRequest(
+                name="create_contact",
+                inputs=struct(name="Cy", email="cy@x.io"),
+                request_id="ok-1",
+            ),
+            timeout=WAIT,
+        )
+        assert again == done
+        count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
+        assert count.count == 2
+
+
+def _create_then_fail() -> Any:
+    wf = WorkflowBuilder()
+    wf.add_node("ContactCreateNode", "create", {"name": "{{name}}", "email": "{{email}}"})
+    # reads the contact by its email as id: never found, after the create ran
+    wf.add_node("ContactReadNode", "read")
+    wf.add_connection("create", "email", "read", "id")
+    return wf.build()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_two_servers_racing_on_one_request_id_write_once(
+    make_app: Callable[..., Nexus], connect: Connect
+) -> None:
+    # in one process the node classes belong to the first server's DataFlow: the second
+    # takes the record-first path, the first the one-transaction path
+    first, second = make_app(), make_app(models=False, workflows=False)
+    create = WorkflowBuilder()
+    create.add_node("ContactCreateNode", "create", {"name": "{{name}}", "email": "{{email}}"})
+    second.register("create_contact", create.build())
+    async with (
+        first.serving() as s1,
+        connect(s1) as c1,
+        second.serving() as s2,
+        connect(s2) as c2,
+    ):
+        stubs = [wgrpc.WorkflowServiceStub(c) for c in (c1, c2)]  # type: ignore[no-untyped-call]
+        for i in range(10):
+            request = wpb.ExecuteWorkflowRequest(
+                name="create_contact",
+                inputs=struct(name=f"Ada {i}", email=f"ada{i}@x.io"),
+                request_id=f"race-{i}",
+            )
+            a, b = await asyncio.gather(*(s.ExecuteWorkflow(request, timeout=WAIT) for s in stubs))
+            assert a.id == b.id and a.state == b.state == wpb.Execution.STATE_SUCCEEDED
+        ms = mgrpc.ModelServiceStub(c1)  # type: ignore[no-untyped-call]
+        count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
+        assert count.count == 10
