@@ -16,13 +16,14 @@ package: whatever the server validates or refuses, its clients see the same way.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool, message, message_factory, struct_pb2
+from google.protobuf import descriptor_pool, json_format, message, message_factory, struct_pb2
 from google.protobuf.json_format import MessageToDict, ParseDict
 
 # registers google.rpc.ErrorInfo/BadRequest, so an `Execution.error` prints its details
@@ -101,8 +102,41 @@ def normalize(value: Any) -> Any:
 
 
 def to_json(msg: message.Message) -> Any:
-    """The proto3 JSON document of `msg`: what REST returns for the same call."""
-    return normalize(MessageToDict(msg, preserving_proto_field_name=True))
+    """The proto3 JSON document of `msg`: what REST returns for the same call.
+
+    A `google.protobuf.Value` number that is not finite (a record stored before such
+    values were refused) has no proto3 JSON form; it is printed as a double field is,
+    `"NaN"`, `"Infinity"` or `"-Infinity"`, instead of failing the whole document.
+    """
+    try:
+        doc = MessageToDict(msg, preserving_proto_field_name=True)
+    except (ValueError, json_format.Error):  # json_format wraps it in a nested message
+        copy = type(msg)()
+        copy.CopyFrom(msg)
+        _finite(copy)
+        doc = MessageToDict(copy, preserving_proto_field_name=True)
+    return normalize(doc)
+
+
+def _finite(msg: message.Message) -> None:
+    """Replace every non-finite `Value` number inside `msg` by its proto3 JSON text."""
+    if isinstance(msg, struct_pb2.Value):
+        x = msg.number_value
+        if msg.WhichOneof("kind") == "number_value" and not math.isfinite(x):
+            msg.string_value = "NaN" if math.isnan(x) else f"{'-' if x < 0 else ''}Infinity"
+            return
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if fd.message_type.GetOptions().map_entry:
+            if fd.message_type.fields_by_name["value"].message_type is not None:
+                for item in value.values():
+                    _finite(item)
+        elif fd.is_repeated:
+            for item in value:
+                _finite(item)
+        else:
+            _finite(value)
 
 
 def struct_of(data: Mapping[str, Any]) -> struct_pb2.Struct:

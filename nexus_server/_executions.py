@@ -37,7 +37,7 @@ from workflow import AsyncLocalRuntime, Event, EventKind, Workflow
 
 from ._errors import ApiError, to_api_error
 from ._jsonable import to_jsonable
-from ._record_writer import RecordRejected, RecordWriter
+from ._record_writer import LINGER, RecordRejected, RecordWriter
 from ._store import RUNNING_STATES, ExecutionRecord, Store, body_hash, check_request_id
 
 __all__ = ["Executions", "RunningExecution", "error_dict"]
@@ -108,6 +108,7 @@ class RunningExecution:
         "commit_error",
         "events",
         "finished",
+        "put_later",
         "record",
         "sequence",
         "task",
@@ -125,6 +126,8 @@ class RunningExecution:
         self.commit_error: Exception | None = None
         #: runs in one transaction with its record (see the module's docstring)
         self.transactional = False
+        #: queues the RUNNING row if the execution is still running by then
+        self.put_later: asyncio.TimerHandle | None = None
         # created only when someone waits for the end (most executions end unwatched)
         self._done: asyncio.Event | None = None
         #: set (and replaced) on the next event; created only when someone watches
@@ -310,7 +313,7 @@ class Executions:
         if not request_id:
             if self.writer.full:
                 await self.writer.wait_for_room()
-            run = self._register(name, inputs, caller, None, None)
+            run = self._register(name, inputs, caller, None, None, running_row="later")
             return run, run.record, inputs
         key = (caller, request_id)
         hash_ = body_hash(name, raw_inputs)
@@ -321,7 +324,14 @@ class Executions:
             if self.writer.full:
                 await self.writer.wait_for_room()
             transactional = self._writes_only_here(wf)
-            run = self._register(name, inputs, caller, request_id, hash_, queue=not transactional)
+            run = self._register(
+                name,
+                inputs,
+                caller,
+                request_id,
+                hash_,
+                running_row="never" if transactional else "now",
+            )
             run.transactional = transactional
             self._requests[key] = run.record.id
             if transactional:
@@ -349,8 +359,12 @@ class Executions:
         request_id: str | None,
         hash_: str | None,
         *,
-        queue: bool = True,
+        running_row: str,
     ) -> RunningExecution:
+        """Track a new execution. Its RUNNING row is queued `"now"`, `"never"` (it is
+        recorded with its writes), or `"later"`: only if it still runs `LINGER` seconds
+        from now, so that a short execution is written once, in its final state, and the
+        commits waited for by finished calls carry no RUNNING rows."""
         now = _dt.datetime.now(_dt.UTC)
         rec = ExecutionRecord(
             id=new_execution_id(),
@@ -368,9 +382,24 @@ class Executions:
         )
         run = RunningExecution(rec)
         self.running[rec.id] = run
-        if queue:
+        if running_row == "now":
             self.writer.put(rec)
+        elif running_row == "later":
+            run.put_later = asyncio.get_running_loop().call_later(LINGER, self._put_running, run)
         return run
+
+    async def drain(self) -> None:
+        """Write every execution's current state now (what ListExecutions reads)."""
+        for run in list(self.running.values()):
+            if run.put_later is not None:
+                run.put_later.cancel()
+                self._put_running(run)
+        await self.writer.drain()
+
+    def _put_running(self, run: RunningExecution) -> None:
+        run.put_later = None
+        if not run.finished:
+            self.writer.put(run.record)
 
     def _writes_only_here(self, wf: Workflow) -> bool:
         """Whether every node of `wf` is a DataFlow node of the records' database."""
@@ -469,6 +498,9 @@ class Executions:
             error = error_dict(exc)
         finally:
             self.running.pop(rec.id, None)
+            if run.put_later is not None:
+                run.put_later.cancel()
+                run.put_later = None
             try:
                 if recorded:
                     self._requests.pop((rec.caller, rec.request_id or ""), None)

@@ -290,7 +290,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                         [("state", "unknown value")],
                     )
                 state = wpb.Execution.State.Name(request.state).removeprefix("STATE_")
-            await self.executions.writer.drain()  # list what has been recorded
+            await self.executions.drain()  # list what has been recorded
             records, token = await self.executions.store.list_executions(
                 request.workflow or None,
                 state or None,

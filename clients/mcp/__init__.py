@@ -39,6 +39,18 @@ def _parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds between checks for new or removed workflows and models (default: 5)",
     )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=None,
+        help="HTTP: seconds a connection gets to send its request headers (default: 10)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="HTTP: connections served at once, beyond it 503 (default: 1000)",
+    )
     p.add_argument("--log-level", default="warning")
     return p
 
@@ -53,9 +65,16 @@ async def _serve_stdio(adapter: object) -> None:
         await adapter.server.run(read, write, adapter.init_options())
 
 
-async def _serve_http(adapter: object, host: str, port: int) -> None:
+async def _serve_http(
+    adapter: object,
+    host: str,
+    port: int,
+    header_timeout: float | None = None,
+    max_connections: int | None = None,
+) -> None:
     import uvicorn
 
+    from ._http import HEADER_TIMEOUT, MAX_CONNECTIONS, http_config
     from ._server import Adapter
 
     assert isinstance(adapter, Adapter)
@@ -73,8 +92,11 @@ async def _serve_http(adapter: object, host: str, port: int) -> None:
         raise SystemExit(f"nexus-mcp: cannot listen on {host}:{port}: {exc}") from None
     bound = sock.getsockname()[1]
     app = adapter.server.streamable_http_app(host=host)
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", timeout_graceful_shutdown=_GRACE
+    config = http_config(
+        app,
+        header_timeout=HEADER_TIMEOUT if header_timeout is None else header_timeout,
+        max_connections=MAX_CONNECTIONS if max_connections is None else max_connections,
+        graceful_shutdown=_GRACE,
     )
     server = uvicorn.Server(config)
     url_host = f"[{host}]" if ":" in host else host
@@ -95,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.transport == "stdio":
             asyncio.run(_serve_stdio(adapter))
         else:
-            asyncio.run(_serve_http(adapter, args.host, args.port))
+            asyncio.run(
+                _serve_http(
+                    adapter, args.host, args.port, args.header_timeout, args.max_connections
+                )
+            )
     except KeyboardInterrupt:
         return 130
     return 0

@@ -5,6 +5,12 @@ re-read every `poll_interval` seconds (there is no server push API): when workfl
 models change, clients get `notifications/tools/list_changed` (on the 2026-07-28 wire,
 through their `subscriptions/listen` stream). Every tool call is a gRPC call; a failed
 call is a tool result with `isError` and the status and field violations in its text.
+
+A gRPC server that cannot be reached (or fails to list its workflows and models) is
+logged at WARNING when it happens and when it is over, and every tool call meanwhile
+answers `isError` with "the Nexus server at HOST:PORT is unreachable", never "unknown
+tool". Nothing a client sends ends as a protocol error: arguments the input schema
+refuses, or that protobuf cannot carry, are `isError` results naming the argument.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from mcp.shared.subscriptions import ResourcesListChanged, ToolsListChanged
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from .._grpc import ApiFailure, caller_metadata, server_address, struct_of, to_json
-from ._tools import ToolSpec, model_tools, workflow_tool
+from ._tools import REQUEST_ID, ToolSpec, model_tools, workflow_tool
 
 __all__ = ["Adapter"]
 
@@ -34,6 +40,8 @@ log = logging.getLogger("nexus.mcp")
 
 _MIME = "application/json"
 _MAX_SESSIONS = 256
+#: Longest text of an exception quoted in a tool result.
+_MAX_QUOTE = 200
 
 
 def _text_result(doc: Any, *, error: bool = False, structured: bool = True) -> types.CallToolResult:
@@ -61,6 +69,8 @@ class Adapter:
         self._signature: tuple[Any, ...] = ()
         self._channel: grpc.aio.Channel | None = None
         self._sessions: dict[int, Any] = {}
+        #: Why the gRPC server cannot be used right now (a tool result's text), or None.
+        self.failure: str | None = None
         self.bus = InMemorySubscriptionBus()
         self.server: Server[Any] = Server(
             "nexus-mcp",
@@ -102,8 +112,7 @@ class Adapter:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _server: Any) -> AsyncIterator[dict[str, Any]]:
-        with contextlib.suppress(ApiFailure, grpc.RpcError):
-            await self.refresh()
+        await self._try_refresh()
         poller = asyncio.create_task(self._poll())
         try:
             yield {}
@@ -118,11 +127,33 @@ class Adapter:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            try:
-                if await self.refresh():
-                    await self._announce()
-            except (ApiFailure, grpc.RpcError) as exc:
-                log.debug("refresh failed: %s", exc)
+            if await self._try_refresh():
+                await self._announce()
+
+    async def _try_refresh(self) -> bool:
+        """`refresh()`, with a failure recorded and logged instead of raised; returns
+        whether the tool list changed."""
+        try:
+            changed = await self.refresh()
+        except grpc.RpcError as exc:
+            self._failed(ApiFailure.from_rpc_error(exc), "listing workflows and models")
+            return False
+        if self.failure is not None:
+            log.warning("the Nexus server at %s answers again", self.address)
+            self.failure = None
+        return changed
+
+    def _failed(self, failure: ApiFailure, doing: str) -> str:
+        """Record that the server cannot be reached or failed while `doing`; logs each
+        new state once (not every poll) and returns the text for a tool result."""
+        if _unreachable(failure):
+            text = f"UNAVAILABLE: the Nexus server at {self.address} is unreachable"
+        else:
+            text = f"the Nexus server at {self.address} failed {doing}:\n{failure.render()}"
+        if text != self.failure:
+            log.warning("%s (%s: %s)", text.splitlines()[0], failure.code, failure.message)
+        self.failure = text
+        return text
 
     def _remember(self, ctx: ServerRequestContext[Any]) -> None:
         """Keep a session of each pre-2026 connection, to send it change notifications.
@@ -189,8 +220,9 @@ class Adapter:
         if signature == self._signature:
             return False
         tools: dict[str, ToolSpec] = {}
+        model_names = {md.name for md in models}
         for wf in workflows:
-            spec = workflow_tool(wf)
+            spec = workflow_tool(wf, model_names)
             tools[spec.name] = spec
         for md in models:
             for spec in model_tools(md):
@@ -209,16 +241,17 @@ class Adapter:
     ) -> types.ListToolsResult:
         self._remember(ctx)
         if not self.tools:
-            with contextlib.suppress(ApiFailure, grpc.RpcError):
-                await self.refresh()
+            await self._try_refresh()
         return types.ListToolsResult(tools=[self._tool(s) for s in self.tools.values()])
 
     @staticmethod
     def _tool(spec: ToolSpec) -> types.Tool:
+        # every hint explicit: MCP's defaults (destructive, not idempotent) are for tools
+        # nothing is known about, and ours are known
         hints = types.ToolAnnotations(
             read_only_hint=spec.read_only,
-            destructive_hint=spec.destructive if not spec.read_only else None,
-            idempotent_hint=spec.idempotent or None,
+            destructive_hint=spec.destructive,
+            idempotent_hint=spec.idempotent,
             open_world_hint=False,
         )
         return types.Tool(
@@ -234,8 +267,7 @@ class Adapter:
     ) -> types.ListResourcesResult:
         self._remember(ctx)
         if not self._signature:
-            with contextlib.suppress(ApiFailure, grpc.RpcError):
-                await self.refresh()
+            await self._try_refresh()
         resources = [
             types.Resource(
                 uri=f"nexus://models/{name}",
@@ -291,44 +323,61 @@ class Adapter:
         self._remember(ctx)
         spec = self.tools.get(params.name)
         if spec is None:
-            with contextlib.suppress(ApiFailure, grpc.RpcError):
-                await self.refresh()
+            await self._try_refresh()
             spec = self.tools.get(params.name)
         if spec is None:
-            return _error_result(f"unknown tool {params.name!r}")
+            if self.failure is not None:
+                return _error_result(self.failure)
+            return _error_result(f"unknown tool {_quote(repr(params.name))}")
         args = dict(params.arguments or {})
-        problems = validate(spec.input_schema, args)
+        problems = validate(spec.input_schema, args) or unsendable(args)
         if problems:
             return _error_result("invalid arguments:\n" + "\n".join(f"  {p}" for p in problems))
         try:
             if spec.kind == "workflow":
-                return await self._run_workflow(ctx, spec, args)
-            return await self._model_op(spec, args)
+                result = await self._run_workflow(ctx, spec, args)
+            else:
+                result = await self._model_op(spec, args)
         except grpc.RpcError as exc:
             failure = ApiFailure.from_rpc_error(exc)
+            if _unreachable(failure):
+                return _error_result(self._failed(failure, f"calling {spec.name}"))
             return _error_result(failure.render())
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # a value the schema allows but a protobuf message cannot hold (the checks of
+            # `unsendable` cover the known ones; this keeps it a tool result regardless)
+            return _error_result(f"invalid arguments:\n  {_quote(str(exc))}")
+        except Exception:
+            log.exception("tool %s failed in the adapter", spec.name)
+            return _error_result(f"INTERNAL: the adapter failed to call {spec.name} (see its log)")
+        if self.failure is not None:
+            self.failure = None
+            log.warning("the Nexus server at %s answers again", self.address)
+        return result
 
     async def _run_workflow(
         self, ctx: ServerRequestContext[Any], spec: ToolSpec, args: dict[str, Any]
     ) -> types.CallToolResult:
         from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 
-        request = w.StreamExecutionRequest(name=spec.target, inputs=struct_of(args))
+        inputs = dict(args)
+        request_id = inputs.pop(REQUEST_ID, "") if spec.request_id else ""
+        request = w.StreamExecutionRequest(
+            name=spec.target, inputs=struct_of(inputs), request_id=request_id
+        )
         call = self._wf().StreamExecution(request, metadata=caller_metadata())
         execution_id = ""
-        done = 0
-        total = float(spec.steps) if spec.steps else None
+        progress = _Progress(ctx, spec.steps)
         try:
             async for event in call:
                 kind = event.WhichOneof("event")
                 execution_id = event.execution_id or execution_id
                 if kind == "node_started":
-                    await _progress(ctx, done, total, f"node {event.node_started.node_id} started")
+                    await progress.step(f"node {event.node_started.node_id} started")
                 elif kind in ("node_completed", "node_failed"):
-                    done += 1
                     node = getattr(event, kind).node_id
                     verb = "completed" if kind == "node_completed" else "failed"
-                    await _progress(ctx, done, total, f"node {node} {verb}")
+                    await progress.step(f"node {node} {verb}")
                 elif kind in ("execution_completed", "execution_failed", "execution_cancelled"):
                     execution = getattr(event, kind).execution
                     return _finished(kind, execution)
@@ -355,9 +404,12 @@ class Adapter:
         meta = caller_metadata()
         name = spec.target
         op = spec.kind
+        args = dict(args)
+        key = args.pop(REQUEST_ID, "") if spec.request_id else ""
         if op == "create":
             rec = await ms.CreateRecord(
-                m.CreateRecordRequest(model=name, record=struct_of(args)), metadata=meta
+                m.CreateRecordRequest(model=name, record=struct_of(args), request_id=key),
+                metadata=meta,
             )
             return _text_result(to_json(rec))
         if op == "get":
@@ -384,27 +436,94 @@ class Adapter:
             return _text_result({"count": int(resp.count)})
         if op == "update":
             record = {k: v for k, v in args.items() if k != "id"}
-            ureq = m.UpdateRecordRequest(model=name, id=args["id"], record=struct_of(record))
+            ureq = m.UpdateRecordRequest(
+                model=name, id=args["id"], record=struct_of(record), request_id=key
+            )
             ureq.update_mask.paths.extend(record)
             return _text_result(to_json(await ms.UpdateRecord(ureq, metadata=meta)))
         if op == "upsert":
             record = {k: v for k, v in args.items() if k != "conflict_on"}
             sreq = m.UpsertRecordRequest(
-                model=name, record=struct_of(record), conflict_on=args.get("conflict_on", [])
+                model=name,
+                record=struct_of(record),
+                conflict_on=args.get("conflict_on", []),
+                request_id=key,
             )
             resp2 = await ms.UpsertRecord(sreq, metadata=meta)
             return _text_result({"record": to_json(resp2.record), "created": bool(resp2.created)})
         if op == "delete":
-            await ms.DeleteRecord(m.DeleteRecordRequest(model=name, id=args["id"]), metadata=meta)
+            await ms.DeleteRecord(
+                m.DeleteRecordRequest(model=name, id=args["id"], request_id=key), metadata=meta
+            )
             return _text_result({"deleted": args["id"]})
         return _error_result(f"unsupported operation {op!r}")
 
 
-async def _progress(
-    ctx: ServerRequestContext[Any], done: int, total: float | None, message: str
-) -> None:
-    with contextlib.suppress(Exception):  # progress is best effort, never fails the call
-        await ctx.session.report_progress(float(done), total, message)
+class _Progress:
+    """The progress notifications of one workflow call, strictly increasing (MCP requires
+    it): each node counts half a step when it starts and the other half when it ends, so
+    `progress` is the number of nodes done (plus 0.5 for each running one) of `total`,
+    the workflow's nodes, however many run at once."""
+
+    def __init__(self, ctx: ServerRequestContext[Any], steps: int) -> None:
+        self._ctx = ctx
+        self._total = float(steps) if steps else None
+        self._events = 0
+
+    async def step(self, message: str) -> None:
+        self._events += 1
+        with contextlib.suppress(Exception):  # progress is best effort, never fails the call
+            await self._ctx.session.report_progress(self._events / 2, self._total, message)
+
+
+def _unreachable(failure: ApiFailure) -> bool:
+    """Whether a failed call means the server could not be reached at all (gRPC's own
+    UNAVAILABLE, without our ErrorInfo: a DATABASE_UNAVAILABLE is the server answering)."""
+    return (failure.code == "UNAVAILABLE" and not failure.reason) or (
+        failure.code == "DEADLINE_EXCEEDED" and not failure.reason
+    )
+
+
+def _quote(text: str) -> str:
+    """`text` cut to a bounded length, for a tool result quoting a client's input."""
+    return text if len(text) <= _MAX_QUOTE else text[: _MAX_QUOTE - 1] + "…"
+
+
+def unsendable(args: dict[str, Any]) -> list[str]:
+    """The arguments valid JSON that a protobuf `Struct` cannot carry, as `path: message`
+    lines: an integer beyond a double's range, text that is not UTF-8 (a lone surrogate
+    escape such as `\\ud800`), in a value or a key, at any depth."""
+    out: list[str] = []
+    stack: list[tuple[str, Any]] = [(k, v) for k, v in reversed(args.items())]
+    while stack and len(out) < 20:
+        path, value = stack.pop()
+        if not _utf8(path):
+            out.append(f"{_quote(repr(path))}: a name that is not valid UTF-8 text")
+        elif isinstance(value, int) and not isinstance(value, bool) and not _double(value):
+            out.append(f"{_quote(path)}: an integer beyond the range of a JSON number")
+        elif isinstance(value, str) and not _utf8(value):
+            out.append(f"{_quote(path)}: text that is not valid UTF-8 (a lone surrogate)")
+        elif isinstance(value, dict):
+            stack += [(f"{path}.{k}", v) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value)))]
+    return out
+
+
+def _double(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _finished(kind: str, execution: Any) -> types.CallToolResult:

@@ -20,12 +20,15 @@ Test modules use fixtures only (importlib mode: nothing is imported from here by
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -333,6 +336,51 @@ def cli_popen(cli_env: dict[str, str]) -> Any:
     yield start
     for proc in procs:
         if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+
+
+@pytest.fixture
+def mcp_http(cli_env: dict[str, str]) -> Iterator[Any]:
+    """`mcp_http(*args)`: start `nexus-mcp --transport http --port 0 *args` against the
+    server as a subprocess; returns the URL it announces once it has bound its port (no
+    port picked here and released: nothing can take it in between). Stopped after the
+    test."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> str:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "nexus-mcp"), "--transport", "http", "--port", "0", *args],
+            env=cli_env,
+            cwd=str(ROOT),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        assert proc.stderr is not None
+        seen: list[str] = []
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            deadline = time.monotonic() + WAIT
+            while True:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"nexus-mcp announced no port: {''.join(seen)}"
+                try:
+                    line = pool.submit(proc.stderr.readline).result(timeout=remaining)
+                except concurrent.futures.TimeoutError:
+                    continue  # the deadline check above ends the wait
+                assert line, f"nexus-mcp exited ({proc.poll()}): {''.join(seen)}"
+                seen.append(line)
+                match = re.search(r"streamable HTTP on (http://\S+/mcp)", line)
+                if match:
+                    return match.group(1)
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(WAIT)
 

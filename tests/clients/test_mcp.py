@@ -3,11 +3,9 @@ and over streamable HTTP, against a real gRPC server (see conftest.py)."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -193,8 +191,8 @@ async def test_progress_notifications_on_a_slow_workflow(
                     )
             assert not result.is_error, result.content
             assert result.structured_content == {"wait": {"value": 3}}
-            assert seen[0] == (0.0, 1.0, "node wait started")
-            assert seen[-1] == (1.0, 1.0, "node wait completed")
+            # half a step when the node starts, the other half when it ends
+            assert seen == [(0.5, 1.0, "node wait started"), (1.0, 1.0, "node wait completed")]
 
 
 async def test_cancellation_cancels_the_execution(stdio: Any, server: Any, unique: Any) -> None:
@@ -324,43 +322,10 @@ async def test_resources_for_models_and_workflows(stdio: Any) -> None:
 
 
 @pytest.fixture
-def http_adapter(server: Any) -> Iterator[str]:
-    """`nexus-mcp --transport http --port 0` as a subprocess; yields the URL it announces
-    once it has bound its port (no port picked here and released: nothing can take it
-    in between)."""
-    proc = subprocess.Popen(
-        [NEXUS_MCP, "--transport", "http", "--port", "0", "--poll-interval", "0.2"],
-        env=_env(server),
-        cwd=str(ROOT),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        seen: list[str] = []
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            deadline = time.monotonic() + WAIT
-            while True:
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, f"nexus-mcp announced no port: {''.join(seen)}"
-                try:
-                    line = pool.submit(proc.stderr.readline).result(timeout=remaining)
-                except concurrent.futures.TimeoutError:
-                    continue  # the deadline check above ends the wait
-                assert line, f"nexus-mcp exited ({proc.poll()}): {''.join(seen)}"
-                seen.append(line)
-                match = re.search(r"streamable HTTP on (http://\S+/mcp)", line)
-                if match:
-                    break
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
+def http_adapter(mcp_http: Any) -> str:
+    """`nexus-mcp --transport http --port 0` as a subprocess (conftest's `mcp_http`)."""
+    url: str = mcp_http("--poll-interval", "0.2")
+    return url
 
 
 async def test_streamable_http(http_adapter: str, server: Any, unique: Any) -> None:
