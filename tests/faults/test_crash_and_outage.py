@@ -75,6 +75,7 @@ class Call:
     execution_id: str = ""  # set when acknowledged
     error: Code | None = None
     message: str = ""
+    failed_id: str = ""  # the execution a failure names (ErrorInfo metadata), if any
     seconds: float = 0.0
     retry: str = ""  # how its retry was answered (see `retry_all`)
     retry_id: str = ""
@@ -103,6 +104,7 @@ class Load:
 
     address: str
     calls: list[Call]
+    details: Details
     on_reply: Callable[[Call], None] = lambda call: None
     phase: Callable[[], str] = lambda: "up"
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -119,6 +121,7 @@ class Load:
                     call.execution_id = done.id
                 except grpc.aio.AioRpcError as err:
                     call.error, call.message = err.code(), err.details() or ""
+                    call.failed_id = self.details(err)[1].get("execution_id", "")
                 call.seconds = time.monotonic() - started
                 call.ended = self.phase()
                 self.on_reply(call)
@@ -281,7 +284,7 @@ async def test_kill_9_under_write_load_loses_and_doubles_nothing(
             server.kill9()
             load.stop.set()
 
-    load = Load(server.address, calls, on_reply)
+    load = Load(server.address, calls, details, on_reply)
     await load.run()
     assert load.stop.is_set(), f"the load ended before {kill_after} calls were acknowledged"
     await server.wait()
@@ -321,7 +324,7 @@ async def test_postgres_outage_fails_fast_recovers_and_loses_nothing(
             stopping.append(asyncio.create_task(take_down()))
 
     watcher = asyncio.create_task(wait_health(server.address, NOT_SERVING))
-    load = Load(server.address, calls, on_reply, phase=lambda: phase)
+    load = Load(server.address, calls, details, on_reply, phase=lambda: phase)
     await load.run()
     assert stopping, f"the load ended before {outage_after} calls were acknowledged"
     await stopping[0]
@@ -359,12 +362,20 @@ async def test_postgres_outage_fails_fast_recovers_and_loses_nothing(
     await asyncio.to_thread(pg_cluster.start)
     serving_after = await wait_health(server.address, SERVING)
     fresh = plan("after", 20)
-    await Load(server.address, fresh).run()
+    await Load(server.address, fresh, details).run()
     problems["calls after the recovery that failed"] = [
         f"{c.request_id}: {c.error} {c.message}" for c in fresh if not c.acked
     ]
 
     await retry_all(server.address, calls + fresh, details)
+    # a failure the server answered with is the request's result: its retry answers
+    # the same (a crash or a lost connection answers nothing, so has nothing to repeat)
+    problems["retries answered otherwise than the failure they first got"] = [
+        f"{c.request_id}: {c.error.name if c.error else ''} {c.failed_id}, then {c.retry} "
+        f"{c.retry_id}"
+        for c in calls
+        if c.failed_id and (c.retry_id != c.failed_id or c.retry != f"recorded:{c.error.name}")
+    ]
     summary, lost_or_doubled = await audit(
         server.address, calls + fresh, {"UNAVAILABLE", "ABORTED"}
     )
