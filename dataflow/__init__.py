@@ -40,15 +40,17 @@ from ._errors import (
     UniqueViolation,
     ValidationError,
 )
-from ._filters import OPERATORS
+from ._filters import MAX_FILTER_DEPTH, OPERATORS
 from ._model import MANAGED_FIELDS, FieldInfo, ModelInfo, field
 from ._nodes import NODE_KINDS
 from ._ops import ModelOps
 from ._schema import REGISTRY_TABLE
 from ._sqltypes import SQL_TYPES, dialect_insert
+from ._values import storable_reason
 
 __all__ = [
     "MANAGED_FIELDS",
+    "MAX_FILTER_DEPTH",
     "NODE_KINDS",
     "OPERATORS",
     "REGISTRY_TABLE",
@@ -68,4 +70,5 @@ __all__ = [
     "ValidationError",
     "dialect_insert",
     "field",
+    "storable_reason",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "clean",
     "clean_any",
     "short",
+    "storable_reason",
 ]
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -141,6 +142,17 @@ def clean_any(value: Any) -> Any:
     elif isinstance(value, str) and "\x00" in value:  # a str subclass (str Enum member)
         raise TypeError(NUL_REASON)
     return value
+
+
+def storable_reason(value: Any) -> str | None:
+    """Why DataFlow's value rule refuses `value` (checked by its own type), or None when
+    it may be stored: for documents DataFlow does not type itself, such as the server's
+    execution records."""
+    try:
+        clean_any(value)
+    except TypeError as exc:
+        return str(exc)
+    return None
 
 
 def clean(base_type: Any, value: Any) -> Any:

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -219,7 +219,7 @@ class Nexus:
             OpenApiServicer(functools.partial(_openapi_document, typed)),
             handlers,
         )
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
         services = (WORKFLOW_SERVICE, MODEL_SERVICE, OPENAPI_SERVICE, *typed.service_names)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -373,6 +373,20 @@ async def _ping(db: DataFlow, timeout: float) -> tuple[bool, bool]:
     return ok, worst >= timeout / 4
 
 
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpc's health service with `List` (declared by the health proto, which grpcio's
+    servicer leaves unimplemented): every service's status at once."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: Any
+    ) -> health_pb2.HealthListResponse:
+        statuses = {
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
 async def _set_health(
     servicer: health.aio.HealthServicer, services: tuple[str, ...], *, serving: bool
 ) -> None:
@@ -400,5 +414,17 @@ def _local(host: str) -> str:
 
 
 def _static_files() -> list[descriptor_pb2.FileDescriptorProto]:
+    """Our contracts, plus the health and reflection services' own files, so reflection
+    can describe every service it lists."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
     fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_bytes())
-    return list(fds.file)
+    files = list(fds.file)
+    known = {f.name for f in files}
+    for module in (health_pb2, reflection_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        if proto.name not in known:
+            files.append(proto)
+            known.add(proto.name)
+    return files

@@ -222,7 +222,8 @@ def _from_node(exc: workflow.NodeExecutionError) -> ApiError:
         inner = _mapped(exc.cause)
         if inner is not None:
             inner.metadata.update(meta)
-            inner.message = str(exc)
+            # our own error's words, without its class (a class name is for the log)
+            inner.message = f"node '{exc.node_id}' ({exc.node_type}) failed: {inner.message}"
             return inner
     return ApiError("NODE_FAILED", str(exc), metadata=meta)
 
@@ -308,10 +309,11 @@ class _Malformed:
     guarded behaviour then ends the call with INVALID_ARGUMENT (a deserializer cannot:
     grpc turns its exceptions into UNKNOWN with the exception's class in the message)."""
 
-    __slots__ = ("message",)
+    __slots__ = ("deep", "message")
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, deep: bool) -> None:
         self.message = message
+        self.deep = deep
 
 
 def _message_name(deserializer: Callable[[bytes], Any]) -> str:
@@ -330,10 +332,19 @@ def _guard_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes
     def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except (DecodeError, RecursionError, UnicodeDecodeError):
-            return _Malformed(name)
+        except RecursionError:
+            return _Malformed(name, deep=True)
+        except (DecodeError, UnicodeDecodeError) as exc:
+            return _Malformed(name, deep="depth" in str(exc).lower())
 
     return deserialize
+
+
+_DEEP = (
+    "nested deeper than protobuf's decoder allows (100 message levels; a filter may be "
+    f"nested at most {dataflow.MAX_FILTER_DEPTH} levels)"
+)
+_MALFORMED = "not valid protobuf bytes (bad UTF-8 in a string, truncated, or mis-typed)"
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Malformed) -> NoReturn:
@@ -342,6 +353,7 @@ async def _refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Malformed) 
         ApiError(
             "REQUEST_INVALID",
             f"the request is not a valid {bad.message} (malformed protobuf)",
+            [("request", _DEEP if bad.deep else _MALFORMED)],
             metadata={"message": bad.message},
         ),
     )

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as _dt
+import json
 import os
 import time
 import weakref
@@ -32,10 +33,10 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from dataflow import AlreadyExistsError, DatabaseError
+from dataflow import AlreadyExistsError, DatabaseError, storable_reason
 from workflow import AsyncLocalRuntime, Event, EventKind, Workflow
 
-from ._errors import ApiError, to_api_error
+from ._errors import ApiError, brief, to_api_error
 from ._jsonable import to_jsonable
 from ._record_writer import LINGER, RecordRejected, RecordWriter
 from ._store import RUNNING_STATES, ExecutionRecord, Store, body_hash, check_request_id
@@ -73,22 +74,41 @@ class _Unreturnable(Exception):
         self.error = error
 
 
+def _check_storable(inputs: Mapping[str, Any]) -> None:
+    """Refuse inputs the execution's record could not hold (NUL, ints past 64 bits...)."""
+    if not inputs or storable_reason(to_jsonable(inputs)) is None:
+        return
+    bad = [
+        (f"inputs.{name}", why)
+        for name, value in inputs.items()
+        if (why := storable_reason(to_jsonable(value))) is not None
+    ]
+    if bad:
+        raise ApiError("INPUTS_INVALID", f"invalid inputs: {bad[0][0]}: {bad[0][1]}", bad)
+
+
 def _succeeded(results: Any) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
     """(state, outputs, error) of a workflow that returned `results`."""
     try:
-        return "SUCCEEDED", to_jsonable(results), None
+        outputs = to_jsonable(results)
     except TypeError as exc:
-        error = error_dict(
-            ApiError("NODE_FAILED", f"the execution's outputs cannot be returned: {exc}")
-        )
-        return "FAILED", None, error
+        why = f"cannot be returned: {exc}"
+    else:
+        unstorable = storable_reason(outputs)
+        if unstorable is None:
+            return "SUCCEEDED", outputs, None
+        why = f"cannot be stored: {unstorable}"
+    return "FAILED", None, error_dict(ApiError("NODE_FAILED", f"the execution's outputs {why}"))
 
 
 def error_dict(exc: BaseException) -> dict[str, Any]:
-    """A stored error: the google.rpc.Status as proto3 JSON plus its reason."""
+    """A stored error: the google.rpc.Status as proto3 JSON plus its reason (a NUL in a
+    node's message, which no database stores, becomes U+FFFD)."""
     api = to_api_error(exc)
     doc: dict[str, Any] = MessageToDict(api.to_status())
     doc["reason"] = api.reason
+    if storable_reason(doc) is not None:
+        doc = json.loads(json.dumps(doc).replace("\\u0000", "\\ufffd"))
     return doc
 
 
@@ -310,6 +330,7 @@ class Executions:
         with None for inputs)."""
         check_request_id(request_id)
         inputs = wf.validate_inputs(raw_inputs)
+        _check_storable(inputs)
         if not request_id:
             if self.writer.full:
                 await self.writer.wait_for_room()
@@ -462,7 +483,7 @@ class Executions:
         if rec.request_hash != hash_:
             raise ApiError(
                 "REQUEST_ID_CONFLICT",
-                f"request_id {request_id!r} was already used for a different request",
+                f"request_id {brief(request_id)} was already used for a different request",
                 [("request_id", "already used with other inputs or another workflow")],
                 {"execution_id": rec.id},
             )
@@ -559,11 +580,13 @@ class Executions:
         return None if other is None or other.id == rec.id else other
 
     async def get(self, execution_id: str) -> ExecutionRecord:
-        rec = self._unflushed(execution_id) or await self.store.get_execution(execution_id)
+        rec = self._unflushed(execution_id)
+        if rec is None and len(execution_id) <= 64 and "\x00" not in execution_id:
+            rec = await self.store.get_execution(execution_id)  # else no id can match
         if rec is None:
             raise ApiError(
                 "EXECUTION_NOT_FOUND",
-                f"execution {execution_id!r} not found",
+                f"execution {brief(execution_id)} not found",
                 [("id", "no execution has this id")],
             )
         return rec
@@ -576,7 +599,7 @@ class Executions:
                 return rec  # cancelling twice is not an error: the contract returns it unchanged
             raise ApiError(
                 "EXECUTION_ALREADY_FINISHED",
-                f"execution {execution_id!r} already finished ({rec.state})",
+                f"execution {brief(execution_id)} already finished ({rec.state})",
                 metadata={"state": rec.state},
             )
         run.task.cancel()

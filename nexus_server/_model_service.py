@@ -146,8 +146,10 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.ListModelsResponse:
         try:
             size = page_size(request.page_size)
-            start = int(request.page_token or 0) if request.page_token.isdigit() else 0
-            if request.page_token and not request.page_token.isdigit():
+            token = request.page_token
+            valid = token.isdigit() and token.isascii() and len(token) <= 9
+            start = int(token) if valid else 0
+            if token and not valid:
                 raise ApiError(
                     "PAGE_TOKEN_INVALID",
                     "page_token is not one this server returned",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from workflow import Workflow
 
-from ._errors import ApiError
+from ._errors import ApiError, brief
 
 __all__ = ["NAME_RULE", "Registered", "WorkflowRegistry", "check_name", "shown"]
 
@@ -73,7 +73,7 @@ class WorkflowRegistry:
         if not replace and name in self._items:
             raise ApiError(
                 "WORKFLOW_ALREADY_EXISTS",
-                f"workflow {name!r} already exists (set replace to overwrite it)",
+                f"workflow {brief(name)} already exists (set replace to overwrite it)",
                 [("name", "already registered")],
             )
         if limit is not None and not builtin:

@@ -8,7 +8,7 @@ a reused key with another body is refused.
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dataflow import DataFlow
+from dataflow import DataFlow, ValidationError
 
 from ._jsonable import to_jsonable
 
@@ -107,6 +107,14 @@ def check_request_id(request_id: str) -> None:
             "REQUEST_INVALID",
             f"request_id is {len(request_id)} characters long; at most {MAX_REQUEST_ID}",
             [("request_id", f"longer than {MAX_REQUEST_ID} characters")],
+        )
+    if "\x00" in request_id:
+        from ._errors import ApiError
+
+        raise ApiError(
+            "REQUEST_INVALID",
+            "request_id may not contain the NUL character",
+            [("request_id", "contains the NUL character")],
         )
 
 
@@ -202,7 +210,7 @@ class Store:
         """
         db = self.db
         # read before the first await: RecordWriter's contract (records keep changing)
-        rows = [_row(r, db.driver_value) for r in records]
+        rows = [_storable_row(r, db.driver_value) for r in records]
         try:
             await db.executemany(self._upsert, rows)
             return []
@@ -276,16 +284,18 @@ class Store:
             q = q.where(EXECUTIONS.c.workflow == workflow)
         if state:
             q = q.where(EXECUTIONS.c.state == state)
+        context = f"executions:{workflow or ''}:{state or ''}"
         if page_token:
-            q = q.where(EXECUTIONS.c.id < _decode_token(page_token, workflow, state))
+            last_id = await self.db.verify_token(page_token, context)
+            q = q.where(EXECUTIONS.c.id < last_id.decode("utf-8", "replace"))
         q = q.order_by(EXECUTIONS.c.id.desc()).limit(page_size + 1)
         async with self.db.connection() as conn:
             rows = (await conn.execute(q)).mappings().all()
         records = [ExecutionRecord.from_row(r) for r in rows[:page_size]]
         token = ""
         if len(rows) > page_size and records:
-            last = records[-1]
-            token = _encode_token(last.id, workflow, state)
+            # signed with the database's secret and bound to this listing's filters
+            token = await self.db.sign_token(records[-1].id.encode(), context)
         return records, token
 
     async def find_response(self, caller: str, request_id: str) -> tuple[str, str, bytes] | None:
@@ -316,6 +326,19 @@ class Store:
                     create_time=_dt.datetime.now(_dt.UTC),
                 )
             )
+
+
+def _storable_row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
+    """`_row`, or, for a record the database could not store (the executions refuse such
+    inputs and outputs first, so this is a last resort), the row of a failure saying so:
+    a record that can never be written must not hold up every record behind it."""
+    try:
+        return _row(rec, driver)
+    except ValidationError as exc:
+        _log.error("execution %s cannot be stored as it is (%s); storing it FAILED", rec.id, exc)
+        error = {"code": 13, "message": "the execution's record could not be stored"}
+        failed = dataclasses.replace(rec, state="FAILED", inputs={}, outputs=None, error=error)
+        return _row(failed, driver)
 
 
 def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
@@ -361,28 +384,3 @@ def _upgrade_indexes(conn: sa.Connection) -> None:
         )
     if _BY_WORKFLOW.name not in have:
         _BY_WORKFLOW.create(conn)
-
-
-def _encode_token(last_id: str, workflow: str | None, state: str | None) -> str:
-    # the filters are part of the token: it is only valid for the listing that issued it
-    raw = json.dumps([last_id, workflow or "", state or ""]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_token(token: str, workflow: str | None, state: str | None) -> str:
-    """The last id of the page before, from a token `_encode_token` made for this
-    listing."""
-    from ._errors import ApiError
-
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        last_id, for_workflow, for_state = json.loads(raw)
-        if (for_workflow, for_state) != (workflow or "", state or "") or type(last_id) is not str:
-            raise ValueError("a token of another listing")
-        return last_id
-    except Exception:
-        raise ApiError(
-            "PAGE_TOKEN_INVALID",
-            "page_token is not one this server returned",
-            [("page_token", "not a token returned by ListExecutions")],
-        ) from None

@@ -34,7 +34,7 @@ from ._convert import (
     to_struct,
     workflow_message,
 )
-from ._errors import ApiError, StatusError, abort, to_api_error
+from ._errors import ApiError, StatusError, abort, brief, to_api_error
 from ._executions import Executions, RunningExecution
 from ._limits import Limits
 from ._registry import WorkflowRegistry, check_name, shown
@@ -142,7 +142,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                 if existing.builtin:
                     raise ApiError(
                         "WORKFLOW_NOT_DELETABLE",
-                        f"workflow {request.name!r} is defined by the app's code and cannot "
+                        f"workflow {brief(request.name)} is defined by the app's code and cannot "
                         "be replaced over the network",
                     )
                 if not request.replace and _same_definition(existing.workflow, wf):
@@ -197,7 +197,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             if item.builtin:
                 raise ApiError(
                     "WORKFLOW_NOT_DELETABLE",
-                    f"workflow {request.name!r} is defined by the app's code and cannot be "
+                    f"workflow {brief(request.name)} is defined by the app's code and cannot be "
                     "deleted over the network",
                 )
             self.registry.remove(request.name)
@@ -290,6 +290,12 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                         [("state", "unknown value")],
                     )
                 state = wpb.Execution.State.Name(request.state).removeprefix("STATE_")
+            if "\x00" in request.workflow or len(request.workflow) > 128:
+                raise ApiError(
+                    "REQUEST_INVALID",
+                    "workflow is not a workflow name",
+                    [("workflow", "contains NUL or is longer than 128 characters")],
+                )
             await self.executions.drain()  # list what has been recorded
             records, token = await self.executions.store.list_executions(
                 request.workflow or None,
@@ -320,6 +326,7 @@ _VALIDATION = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nexus-valida
 #: Problems and field violations a refused definition reports at most (an error travels
 #: in the call's trailers, which gRPC bounds to a few KiB), and characters of each.
 _MAX_PROBLEMS = 20
+_MESSAGE_PROBLEMS = 5
 _MAX_PROBLEM_CHARS = 200
 
 
@@ -333,9 +340,12 @@ def _build_definition(d: wpb.WorkflowDefinition) -> Workflow:
         return WorkflowBuilder.from_definition(definition_dict(d)).build()
     except WorkflowValidationError as exc:
         problems = exc.problems[:_MAX_PROBLEMS]
-        lines = [f"  - {_cut(str(p))}" for p in problems]
-        if len(exc.problems) > len(problems):
-            lines.append(f"  ... and {len(exc.problems) - len(problems)} more")
+        # the message names the first few (an error's message is kept under 768 bytes);
+        # the field violations carry up to _MAX_PROBLEMS
+        shown = problems[:_MESSAGE_PROBLEMS]
+        lines = [f"  - {_cut(str(p), 110)}" for p in shown]
+        if len(exc.problems) > len(shown):
+            lines.append(f"  ... and {len(exc.problems) - len(shown)} more")
         raise ApiError(
             "WORKFLOW_INVALID",
             f"workflow is invalid ({len(exc.problems)} problem(s)):\n" + "\n".join(lines),

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import mcp_types as types
+from google.protobuf.message import DecodeError
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions
@@ -42,6 +43,8 @@ _MIME = "application/json"
 _MAX_SESSIONS = 256
 #: Longest text of an exception quoted in a tool result.
 _MAX_QUOTE = 200
+#: Argument problems named in one result (the rest are counted).
+_MAX_PROBLEMS = 10
 
 
 def _text_result(doc: Any, *, error: bool = False, structured: bool = True) -> types.CallToolResult:
@@ -332,7 +335,11 @@ class Adapter:
         args = dict(params.arguments or {})
         problems = validate(spec.input_schema, args) or unsendable(args)
         if problems:
-            return _error_result("invalid arguments:\n" + "\n".join(f"  {p}" for p in problems))
+            lines = "\n".join(f"  {_quote(p)}" for p in problems[:_MAX_PROBLEMS])
+            more = len(problems) - _MAX_PROBLEMS
+            return _error_result(
+                "invalid arguments:\n" + lines + (f"\n  ... and {more} more" if more > 0 else "")
+            )
         try:
             if spec.kind == "workflow":
                 result = await self._run_workflow(ctx, spec, args)
@@ -347,6 +354,11 @@ class Adapter:
             # a value the schema allows but a protobuf message cannot hold (the checks of
             # `unsendable` cover the known ones; this keeps it a tool result regardless)
             return _error_result(f"invalid arguments:\n  {_quote(str(exc))}")
+        except DecodeError:
+            return _error_result(
+                "invalid arguments:\n  nested deeper than a protobuf message can carry "
+                "(100 levels; a filter may nest at most 16)"
+            )
         except Exception:
             log.exception("tool %s failed in the adapter", spec.name)
             return _error_result(f"INTERNAL: the adapter failed to call {spec.name} (see its log)")
