@@ -364,31 +364,20 @@ def _too_large(field: str, what: str, size: int, limit: int, name: str) -> ApiEr
 
 def _check_definition_size(d: wpb.WorkflowDefinition, limits: Limits) -> None:
     """Refuse a definition above the size limits (no parsing: counts only)."""
-    size = d.ByteSize()
-    if size > limits.max_definition_bytes:
-        raise _too_large(
-            "definition",
-            "the definition's size in bytes",
-            size,
-            limits.max_definition_bytes,
-            "max_definition_bytes",
-        )
-    if len(d.nodes) > limits.max_workflow_nodes:
-        raise _too_large(
-            "definition.nodes",
-            "the number of nodes",
-            len(d.nodes),
-            limits.max_workflow_nodes,
-            "max_workflow_nodes",
-        )
-    if len(d.connections) > limits.max_workflow_connections:
-        raise _too_large(
+    checks = (
+        ("definition", "the definition's size in bytes", d.ByteSize(), "max_definition_bytes"),
+        ("definition.nodes", "the number of nodes", len(d.nodes), "max_workflow_nodes"),
+        (
             "definition.connections",
             "the number of connections",
             len(d.connections),
-            limits.max_workflow_connections,
             "max_workflow_connections",
-        )
+        ),
+    )
+    for field, what, value, name in checks:
+        limit: int = getattr(limits, name)
+        if value > limit:
+            raise _too_large(field, what, value, limit, name)
 
 
 def _check_node_types(d: wpb.WorkflowDefinition, limits: Limits, allow_code: bool) -> None:
