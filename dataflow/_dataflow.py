@@ -803,20 +803,25 @@ class DataFlow:
         """The driver's placeholder for the i-th (1-based) argument of `executemany`."""
         return "?" if self.dialect == "sqlite" else f"${i}"
 
-    def driver_value(self, value: Any, field: str = "value") -> Any:
+    def driver_value(self, value: Any, field: str = "value", *, checked: bool = False) -> Any:
         """`value` as the driver takes it in `executemany`, stored exactly as DataFlow's
         column types store it: datetimes (UTC) in the dialect's format, dicts and lists as
         JSON text; anything else unchanged.
+
+        Args:
+            checked: the caller checked `value` with `storable_reason` already (and a
+                datetime is in UTC): it is not walked a second time.
 
         Raises:
             ValidationError: on `field`, for a value DataFlow's value rule refuses (NUL
                 in text, an int outside 64 bits, NaN, a datetime that leaves year 1..9999
                 in UTC...), as for every record.
         """
-        try:
-            value = clean_any(value)
-        except TypeError as exc:
-            raise ValidationError(field, str(exc)) from None
+        if not checked:
+            try:
+                value = clean_any(value)
+            except TypeError as exc:
+                raise ValidationError(field, str(exc)) from None
         return driver_value(value, self.dialect == "sqlite")
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:

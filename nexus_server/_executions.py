@@ -4,9 +4,8 @@ Each execution runs in a task of its own. Its events are kept in a capped buffer
 watchers read from (a slow watcher skips node events it missed, never the final one);
 the finished execution is written to the store, so memory holds only what is running.
 
-Durability: nobody hears of an execution's end (the unary reply, a stream's final
-event) before its record is committed, so an acknowledged execution survives a crash.
-An execution with a request_id never runs twice:
+Durability: an execution with a request_id (the caller's promise to retry, and ours to
+run it once) is acknowledged only once durable, and never runs twice:
 
 - when every node of its workflow writes only to the app's database (DataFlow nodes of
   the database the records live in), it runs in one transaction with its record: it
@@ -15,7 +14,12 @@ An execution with a request_id never runs twice:
 - otherwise its RUNNING record is committed before any node runs, so a retry after a
   crash finds it (marked INTERRUPTED at the next start) instead of running it again.
 
-Commits outside a workflow's transaction are group commits shared by concurrent calls.
+Either way nobody hears of its end (the unary reply, a stream's final event) before its
+record is committed. Commits outside a workflow's transaction are group commits shared
+by concurrent calls. The record of an execution without a request_id is written behind
+(within `LINGER`, many executions per commit): a crash can lose the records of the last
+few milliseconds, never what the workflow's nodes committed (a commit per call would
+cost about 40 % of a short workflow's throughput: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -536,8 +540,9 @@ class Executions:
                     rec.state, rec.outputs, rec.error = state, outputs, error
                     rec.end_time = _dt.datetime.now(_dt.UTC)
                     self.writer.put(rec)  # again: its final state (once more, if need be)
-                    # acknowledged means recorded: nobody hears of the end before it is
-                    await self._commit(rec.id)
+                    if rec.request_id:
+                        # acknowledged means recorded: nobody hears of the end before it is
+                        await self._commit(rec.id)
             except RecordRejected:
                 # another server process recorded this request_id first: its answer wins
                 other = await self._other(rec)

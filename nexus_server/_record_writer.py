@@ -62,7 +62,7 @@ class RecordWriter(Generic[T]):
             dropped, so a database outage delays records instead of losing them).
         linger: seconds to wait, once a row arrives, for more rows to join its batch
             (group commit: under load, one transaction per `linger` instead of one per
-            few calls). `drain` and `stop` cut it short.
+            few calls). `drain`, `stop` and `committed` cut it short.
     """
 
     def __init__(

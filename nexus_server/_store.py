@@ -209,14 +209,26 @@ class Store:
         failure raises, so the caller can try again.
         """
         db = self.db
-        # read before the first await: RecordWriter's contract (records keep changing)
-        rows = [_storable_row(r, db.driver_value) for r in records]
+        # read before the first await: RecordWriter's contract (records keep changing).
+        # Their documents were checked when they were made (inputs, outputs, errors)
+        rows = [_row(r, self._checked_value) for r in records]
         try:
             await db.executemany(self._upsert, rows)
             return []
         except Exception as exc:
             if not _is_unique_violation(exc):
-                raise
+                # a record that cannot be stored must not hold up every record behind
+                # it: check each one, store those that cannot be FAILED, and try again
+                checked = [_storable_row(r, db.driver_value) for r in records]
+                if checked == rows:
+                    raise
+                rows = checked
+                try:
+                    await db.executemany(self._upsert, rows)
+                    return []
+                except Exception as again:
+                    if not _is_unique_violation(again):
+                        raise
         dropped: list[str] = []
         for rec, row in zip(records, rows, strict=True):  # find the row at fault
             try:
@@ -239,6 +251,10 @@ class Store:
         values = {c.name: getattr(rec, c.name) for c in EXECUTIONS.columns}
         async with self.db.connection() as conn:
             await conn.execute(EXECUTIONS.insert().values(**values))
+
+    @functools.cached_property
+    def _checked_value(self) -> Callable[[Any], Any]:
+        return functools.partial(self.db.driver_value, checked=True)
 
     @functools.cached_property
     def _upsert(self) -> str:

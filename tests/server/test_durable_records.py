@@ -49,26 +49,54 @@ async def reader(db_url: str) -> AsyncIterator[Store]:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
-@pytest.mark.parametrize("request_id", ["", "durable-1"])
-async def test_the_record_is_committed_before_the_reply(
-    make_app: Callable[..., Nexus], connect: Connect, db_url: str, request_id: str
+@pytest.mark.parametrize("workflow", ["create_contact", "gated"])
+async def test_a_request_ids_record_is_committed_before_the_reply(
+    make_app: Callable[..., Nexus],
+    connect: Connect,
+    db_url: str,
+    workflow: str,
+    gates: dict[str, asyncio.Event],
 ) -> None:
+    """Both durable paths: create_contact commits with its record, gated (a node of
+    another kind) commits its record before and after running."""
+    gates["open"].set()
     app = make_app()
     async with app.serving() as s, connect(s) as channel, reader(db_url) as store:
         wf = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
         for i in range(5):
+            inputs = (
+                struct(name=f"Ada {i}", email=f"ada{i}@x.io")
+                if workflow == "create_contact"
+                else struct(gate="open", value=i)
+            )
             done = await wf.ExecuteWorkflow(
-                wpb.ExecuteWorkflowRequest(
-                    name="create_contact",
-                    inputs=struct(name=f"Ada {i}", email=f"ada{i}@x.io"),
-                    request_id=f"{request_id}-{i}" if request_id else "",
-                ),
+                wpb.ExecuteWorkflowRequest(name=workflow, inputs=inputs, request_id=f"d-{i}"),
                 timeout=WAIT,
             )
             rec = await store.get_execution(done.id)  # at once: no drain, no wait
             assert rec is not None, f"execution {i} acknowledged but not in the database"
-            assert rec.state == "SUCCEEDED"
-            assert rec.request_id == (f"{request_id}-{i}" if request_id else None)
+            assert rec.state == "SUCCEEDED" and rec.request_id == f"d-{i}"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_record_without_request_id_is_written_behind(
+    make_app: Callable[..., Nexus], connect: Connect, db_url: str
+) -> None:
+    app = make_app()
+    async with app.serving() as s, connect(s) as channel, reader(db_url) as store:
+        wf = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        done = await wf.ExecuteWorkflow(
+            wpb.ExecuteWorkflowRequest(
+                name="create_contact", inputs=struct(name="Ada", email="ada@x.io")
+            ),
+            timeout=WAIT,
+        )
+        rec = None
+        async with asyncio.timeout(WAIT):  # within the writer's linger (10 ms)
+            while rec is None:
+                await asyncio.sleep(0.005)
+                rec = await store.get_execution(done.id)
+        assert rec.state == "SUCCEEDED" and rec.request_id is None
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
@@ -173,10 +201,9 @@ async def test_no_workflow_runs_when_its_request_id_cannot_be_recorded(
         assert not gates["never:started"].is_set()  # the workflow never ran
         assert executions.running == {} and executions.writer.pending == {}
         async with asyncio.timeout(WAIT):
-            # without a request_id it runs, but the call is not acknowledged as done
-            with pytest.raises(DatabaseError, match="could not be recorded"):
-                await executions.execute("w", built, {"gate": "never"}, caller="c")
-        assert gates["never:started"].is_set()
+            # without a request_id it runs, its record written behind
+            done = await executions.execute("w", built, {"gate": "never"}, caller="c")
+        assert gates["never:started"].is_set() and done.state == "SUCCEEDED"
         (ran,) = executions.writer.pending.values()  # kept: written once the database is back
         store.down = False
         async with asyncio.timeout(WAIT):
