@@ -19,7 +19,10 @@ contact = await db.ops(Contact).create(name="Ada", email="ada@example.com")
 
 Each model gets the workflow node types ``<Model>CreateNode``, ``ReadNode``,
 ``UpdateNode``, ``DeleteNode``, ``ListNode``, ``CountNode``, ``UpsertNode``,
-``BulkCreateNode``, ``BulkUpdateNode``, ``BulkDeleteNode`` and ``BulkUpsertNode``.
+``BulkCreateNode``, ``BulkUpdateNode``, ``BulkDeleteNode`` and ``BulkUpsertNode``;
+a model with searchable fields (``field(searchable=True)``, or ``__searchable__ = True``
+for every ``str`` field) also gets ``<Model>SearchNode``, full-text search ranked by
+relevance (`ModelOps.search`).
 
 Introspection (used to build typed protobuf messages and services): `DataFlow.models`
 gives every `ModelInfo`; `ModelInfo.fields` gives each `FieldInfo` (name, type,
@@ -42,7 +45,7 @@ from ._errors import (
 )
 from ._filters import MAX_FILTER_DEPTH, OPERATORS
 from ._model import MANAGED_FIELDS, FieldInfo, ModelInfo, field
-from ._nodes import NODE_KINDS
+from ._nodes import NODE_KINDS, SEARCH_KIND
 from ._ops import ModelOps
 from ._schema import REGISTRY_TABLE
 from ._sqltypes import SQL_TYPES, dialect_insert
@@ -54,6 +57,7 @@ __all__ = [
     "NODE_KINDS",
     "OPERATORS",
     "REGISTRY_TABLE",
+    "SEARCH_KIND",
     "SQL_TYPES",
     "AlreadyExistsError",
     "ConflictError",

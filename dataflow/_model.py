@@ -30,6 +30,10 @@ __all__ = ["FieldInfo", "ModelInfo", "field", "parse_model"]
 MANAGED_FIELDS = ("created_at", "updated_at")
 #: Node parameter names that model fields may not use (they would collide).
 RESERVED_NAMES = frozenset({"conflict_on", *MANAGED_FIELDS})
+#: Text-search configurations a model's search may use (``__search_config__``), the
+#: default first. ``"english"`` stems words (PostgreSQL's english configuration, SQLite
+#: FTS5's porter tokenizer) and, on PostgreSQL, drops stop words.
+SEARCH_CONFIGS = ("simple", "english")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class _FieldSpec:
     unique: bool
     index: bool
     description: str
+    searchable: bool
 
 
 def field(
@@ -46,6 +51,7 @@ def field(
     unique: bool = False,
     index: bool = False,
     description: str = "",
+    searchable: bool = False,
 ) -> Any:
     """Declare a model field's options where a plain default is not enough.
 
@@ -62,8 +68,10 @@ def field(
         unique: a unique index on this field; makes it usable as an upsert `conflict_on`.
         index: a plain index on this field.
         description: carried into node parameter descriptions and generated schemas.
+        searchable: part of the model's full-text search (a ``str`` field only; see
+            ``{Model}SearchNode`` and `ModelOps.search`).
     """
-    return _FieldSpec(default, unique, index, description)
+    return _FieldSpec(default, unique, index, description, searchable)
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class FieldInfo:
         managed: True for ``created_at``/``updated_at`` (set by DataFlow, read-only).
         generated: the primary key is generated when omitted (UUID text or autoincrement).
         description: free text.
+        searchable: the field is part of the model's full-text search.
     """
 
     name: str
@@ -96,6 +105,7 @@ class FieldInfo:
     managed: bool = False
     generated: bool = False
     description: str = ""
+    searchable: bool = False
 
     @property
     def required(self) -> bool:
@@ -113,7 +123,7 @@ class FieldInfo:
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly description (type given by name)."""
         bt = self.base_type
-        return {
+        out = {
             "name": self.name,
             "type": bt.__name__ if isinstance(bt, type) else repr(bt),
             "enum_values": [m.value for m in bt]
@@ -129,6 +139,9 @@ class FieldInfo:
             "generated": self.generated,
             "description": self.description,
         }
+        if self.searchable:  # only then, so earlier descriptions stay the same
+            out["searchable"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,8 @@ class ModelInfo:
         unique_together: composite unique constraints, each a tuple of field names.
         cls: the declared class.
         description: the class docstring's first paragraph.
+        search_config: the text-search configuration of the model's full-text search
+            (``__search_config__``: ``"simple"``, the default, or ``"english"``).
     """
 
     name: str
@@ -153,6 +168,13 @@ class ModelInfo:
     unique_together: tuple[tuple[str, ...], ...]
     cls: type[Any] = dataclasses.field(compare=False)
     description: str = dataclasses.field(default="", compare=False)
+    search_config: str = SEARCH_CONFIGS[0]
+
+    @property
+    def searchable_fields(self) -> tuple[FieldInfo, ...]:
+        """The fields of the full-text search, in declaration order (empty: the model
+        has no search)."""
+        return tuple(f for f in self.fields if f.searchable)
 
     @property
     def field_map(self) -> Mapping[str, FieldInfo]:
@@ -180,7 +202,7 @@ class ModelInfo:
 
     def signature(self) -> tuple[Any, ...]:
         """What makes two declarations the same model (used to accept re-declaration)."""
-        return (self.table, self.fields, self.indexes, self.unique_together)
+        return (self.table, self.fields, self.indexes, self.unique_together, self.search_config)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly description, as stored by ``enable_model_persistence``."""
@@ -191,6 +213,7 @@ class ModelInfo:
             "fields": [f.describe() for f in self.fields],
             "indexes": [list(i) for i in self.indexes],
             "unique": [list(u) for u in self.unique_together],
+            **({"search_config": self.search_config} if self.searchable_fields else {}),
         }
 
 
@@ -234,9 +257,13 @@ def parse_model(cls: type[Any], localns: Mapping[str, Any] | None = None) -> Mod
         raise ModelError(f"model {cname}: declare a primary key field 'id: str' or 'id: int'")
     names.remove("id")
     names.insert(0, "id")
+    opt_in = _search_opt_in(cls)
     fields: list[FieldInfo] = []
     for name in names:
-        fields.append(_parse_field(cname, name, hints[name], cls.__dict__.get(name, MISSING)))
+        f = _parse_field(cname, name, hints[name], cls.__dict__.get(name, MISSING))
+        if opt_in and f.base_type is str and not f.primary_key:
+            f = dataclasses.replace(f, searchable=True)
+        fields.append(f)
     now = dt.datetime
     for m in MANAGED_FIELDS:
         fields.append(FieldInfo(m, now, now, nullable=False, default=MISSING, managed=True))
@@ -247,14 +274,31 @@ def parse_model(cls: type[Any], localns: Mapping[str, Any] | None = None) -> Mod
     if not isinstance(table, str) or not _NAME.match(table):
         raise ModelError(f"model {cname}: __tablename__ {table!r} must be a plain identifier")
     doc = (cls.__doc__ or "").strip().split("\n\n", 1)[0].replace("\n", " ")
-    return ModelInfo(cname, table, tuple(fields), indexes, unique_together, cls, doc)
+    config = getattr(cls, "__search_config__", SEARCH_CONFIGS[0])
+    if config not in SEARCH_CONFIGS:
+        raise ModelError(
+            f"model {cname}: __search_config__ {config!r} is not one of "
+            f"{', '.join(map(repr, SEARCH_CONFIGS))}"
+        )
+    return ModelInfo(cname, table, tuple(fields), indexes, unique_together, cls, doc, config)
+
+
+def _search_opt_in(cls: type[Any]) -> bool:
+    """``__searchable__ = True``: every ``str`` field (except ``id``) is searchable."""
+    value = getattr(cls, "__searchable__", False)
+    if not isinstance(value, bool):
+        raise ModelError(
+            f"model {cls.__name__}: __searchable__ must be True or False (mark single "
+            f"fields with field(searchable=True))"
+        )
+    return value
 
 
 def _parse_field(cname: str, name: str, tp: Any, raw_default: Any) -> FieldInfo:
     where = f"model {cname}, field {name!r}"
     if not _NAME.match(name):
         raise ModelError(f"{where}: field names must be plain identifiers")
-    if name in RESERVED_NAMES:
+    if name in RESERVED_NAMES or name.startswith("dataflow_search_"):
         raise ModelError(f"{where}: the name is reserved by DataFlow")
     spec = raw_default if isinstance(raw_default, _FieldSpec) else None
     default = spec.default if spec else raw_default
@@ -281,6 +325,8 @@ def _parse_field(cname: str, name: str, tp: Any, raw_default: Any) -> FieldInfo:
         except TypeError as exc:
             raise ModelError(f"{where}: default {default!r}: {exc}") from None
     primary = name == "id"
+    if spec and spec.searchable and (bt is not str or primary):
+        raise ModelError(f"{where}: only a str field other than id can be searchable (not {tp!r})")
     if primary:
         if bt not in (str, int) or nullable:
             raise ModelError(f"{where}: the primary key must be 'str' or 'int' (not {tp!r})")
@@ -297,6 +343,7 @@ def _parse_field(cname: str, name: str, tp: Any, raw_default: Any) -> FieldInfo:
         indexed=bool(spec and spec.index) and not primary,
         generated=primary,
         description=spec.description if spec else "",
+        searchable=bool(spec and spec.searchable),
     )
 
 

@@ -14,7 +14,7 @@ from workflow import MISSING, Node, Output, Param
 from ._model import FieldInfo, ModelInfo
 from ._ops import ModelOps
 
-__all__ = ["NODE_KINDS", "make_nodes"]
+__all__ = ["NODE_KINDS", "SEARCH_KIND", "make_nodes"]
 
 #: The operations generated for every model, in order: node type = model name + kind.
 NODE_KINDS = (
@@ -69,6 +69,18 @@ _LIST_PARAMS = {
     "fields": Param(list | None, default=None, description="projection"),
 }
 _COUNT_OUT = {"count": Output(int)}
+#: The node kind generated for models with searchable fields (``<Model>SearchNode``).
+SEARCH_KIND = "SearchNode"
+_SEARCH_PARAMS = {
+    "query": Param(
+        str,
+        description='words (all must occur), "a phrase", -word to exclude, word* for a prefix',
+    ),
+    "filter": _FILTER,
+    "limit": Param(int | None, default=None, description="page size (default 20, at most 1000)"),
+    "page_token": Param(str | None, default=None, description="from next_page_token"),
+    "fields": Param(list | None, default=None, description="projection"),
+}
 
 
 def make_nodes(model: ModelInfo, get_ops: Callable[[], ModelOps]) -> dict[str, type[Node]]:
@@ -114,6 +126,9 @@ def make_nodes(model: ModelInfo, get_ops: Callable[[], ModelOps]) -> dict[str, t
 
     async def bulk_upsert(self: Node, data: Any, conflict_on: Any) -> Mapping[str, Any]:
         return {"upserted": await get_ops().bulk_upsert(data, conflict_on)}
+
+    async def search(self: Node, query: Any, filter: Any, **p: Any) -> Mapping[str, Any]:
+        return await get_ops().search(query, filter, **p)
 
     conflict = _CONFLICT
     specs: dict[str, tuple[str, Any, dict[str, Param], dict[str, Output]]] = {
@@ -199,8 +214,21 @@ def make_nodes(model: ModelInfo, get_ops: Callable[[], ModelOps]) -> dict[str, t
             {"upserted": Output(int)},
         ),
     }
+    kinds = list(NODE_KINDS)
+    if model.searchable_fields:
+        kinds.append(SEARCH_KIND)
+        specs[SEARCH_KIND] = (
+            f"Full-text search of {name} records, most relevant first, with a filter.",
+            search,
+            _SEARCH_PARAMS,
+            {
+                "records": Output(list, f"the {name} records, most relevant first"),
+                "scores": Output(list, "each record's relevance (higher: more relevant)"),
+                "next_page_token": Output(str | None, "token of the next page, if any"),
+            },
+        )
     out: dict[str, type[Node]] = {}
-    for kind in NODE_KINDS:
+    for kind in kinds:
         doc, run, params, outputs = specs[kind]
         type_name = f"{name}{kind}"
         cls = type(

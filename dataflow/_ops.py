@@ -10,13 +10,29 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import enum
+import json
 import math
 import operator
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, bindparam, delete, func, insert, literal, select, update
+from sqlalchemy import (
+    Float,
+    Table,
+    and_,
+    bindparam,
+    column,
+    delete,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    table,
+    update,
+)
 from sqlalchemy.engine import Row
 
 from workflow import MISSING
@@ -26,6 +42,7 @@ from ._fastpath import Codec
 from ._filters import FilterCompiler
 from ._model import FieldInfo, ModelInfo
 from ._pagination import (
+    OrderKey,
     decode_token,
     encode_token,
     filter_digest,
@@ -34,6 +51,7 @@ from ._pagination import (
     parse_order,
     token_context,
 )
+from ._search import SearchSpec, fts5_query, parse_query, tsquery_text
 from ._sqltypes import dialect_insert, json_dumps
 from ._values import INT_MAX, INT_MIN, clean, short
 
@@ -50,6 +68,9 @@ MAX_EXPLICIT_ID = 2**63 - 2**20
 #: the request's one transaction): memory follows a batch, not the request, and other
 #: tasks run between batches.
 BULK_BATCH_ROWS = 1000
+#: A search's page size when no limit is given, and the largest limit accepted.
+SEARCH_DEFAULT_LIMIT = 20
+SEARCH_MAX_LIMIT = 1000
 
 
 def _now() -> dt.datetime:
@@ -482,6 +503,103 @@ class ModelOps:
             records = [{n: r[n] for n in proj} for r in records]
         return {"records": records, "next_page_token": token}
 
+    async def search(
+        self,
+        query: str,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        limit: int | None = None,
+        page_token: str | None = None,
+        fields: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Full-text search: the records matching `query` (and `filter`), most relevant
+        first (``ts_rank`` on PostgreSQL, ``bm25`` on SQLite; ties by ``id``).
+
+        The query language (parsed here, never passed to the engine as written): words
+        (all must occur), ``"a phrase"``, ``-word`` or ``-"a phrase"`` to exclude,
+        ``word*`` for words starting so. `limit` is the page size (default
+        `SEARCH_DEFAULT_LIMIT`, at most `SEARCH_MAX_LIMIT`); pass ``next_page_token``
+        back as `page_token`, with the same query and filter, for the next page.
+
+        Returns:
+            ``{"records": [...], "scores": [float, ...], "next_page_token": str | None}``:
+            ``scores[i]`` is the relevance of ``records[i]`` (higher is more relevant;
+            comparable within one database, not between PostgreSQL and SQLite).
+
+        Raises:
+            ValidationError: the model has no searchable field, or a bad query, filter,
+                limit, token or field name.
+        """
+        spec: SearchSpec | None = self.table.info.get("search")
+        if spec is None:
+            raise ValidationError(
+                "query",
+                f"{self.model.name} has no searchable field (declare field(searchable=True) "
+                f"or __searchable__ = True)",
+            )
+        terms = parse_query(query)
+        fc = self._fc
+        where = fc.compile(filter)
+        proj: builtins.list[str] | None = None
+        if fields is not None:
+            if not isinstance(fields, list | tuple):
+                raise ValidationError("fields", "expects a list of field names")
+            proj = [fc.field(n, f"fields[{i}]").name for i, n in enumerate(fields)]
+        if limit is None:
+            limit = SEARCH_DEFAULT_LIMIT
+        if type(limit) is not int or not 1 <= limit <= SEARCH_MAX_LIMIT:
+            raise ValidationError("limit", f"expects an integer from 1 to {SEARCH_MAX_LIMIT}")
+        db = self._db
+        t = self.table
+        q = db.engine.dialect.identifier_preparer.quote
+        if db.dialect == "postgresql":
+            vector: Any = literal_column(f"{q(t.name)}.{q(spec.column)}")
+            tsq = func.to_tsquery(
+                literal_column(f"'{spec.config}'::regconfig"),
+                bindparam("search_q", tsquery_text(terms)),
+            )
+            match = vector.op("@@")(tsq)
+            score: Any = func.ts_rank(vector, tsq, type_=Float)
+            source: Any = t
+        else:
+            fts: Any = literal_column(q(spec.fts_table))
+            match = fts.op("MATCH")(bindparam("search_q", fts5_query(terms)))
+            score = -func.bm25(fts, type_=Float)
+            fts_table = table(spec.fts_table, column("rowid"))
+            source = t.join(fts_table, fts_table.c.rowid == literal_column(f"{q(t.name)}.rowid"))
+        inner = select(t, score.label("_score")).select_from(source).where(match, where).subquery()
+        stmt = select(inner)
+        context = "search\n" + "\n".join(
+            [
+                self.model.name,
+                repr([(x.tokens, x.negated, x.prefix) for x in terms]),
+                filter_digest(filter),
+            ]
+        )
+        keys: builtins.list[OrderKey] = [(self._pk, False)]
+        if page_token:
+            payload = await db.verify_token(page_token, context)
+            last_score, last_id = _search_position(payload, keys)
+            s_col, id_col = inner.c._score, inner.c.id
+            stmt = stmt.where(or_(s_col < last_score, and_(s_col == last_score, id_col > last_id)))
+        stmt = stmt.order_by(inner.c._score.desc(), inner.c.id.asc()).limit(limit + 1)
+        async with db._session(self.model) as (conn, _):
+            rows = (await conn.execute(stmt)).all()
+        records = []
+        scores: builtins.list[float] = []
+        for r in rows:
+            m = dict(r._mapping)
+            scores.append(float(m.pop("_score")))
+            records.append(m)
+        token = None
+        if len(records) > limit:
+            records, scores = records[:limit], scores[:limit]
+            payload = json_dumps([scores[-1], records[-1]["id"]]).encode()
+            token = await db.sign_token(payload, context)
+        if proj is not None:
+            records = [{n: r[n] for n in proj} for r in records]
+        return {"records": records, "scores": scores, "next_page_token": token}
+
     async def count(self, filter: Mapping[str, Any] | None = None) -> int:
         """How many records match `filter`."""
         stmt = self._count_all if not filter else self._count_all.where(self._fc.compile(filter))
@@ -672,6 +790,19 @@ class ModelOps:
             if self._bump is not None and "id" in rows[0]:
                 await conn.execute(self._bump)
         return len(rows)
+
+
+def _search_position(payload: bytes, keys: builtins.list[OrderKey]) -> tuple[float, Any]:
+    """The (score, id) of the last record of a page, from a verified search token."""
+    try:
+        value = json.loads(payload)
+        score, key = value
+        if type(score) not in (int, float):
+            raise ValueError
+        (last_id,) = decode_token(keys, json.dumps([key]).encode())
+    except (ValueError, TypeError):
+        raise ValidationError("page_token", "is not a token returned by this search") from None
+    return float(score), last_id
 
 
 def _batches(rows: Sequence[Any]) -> Iterator[Sequence[Any]]:
