@@ -199,6 +199,7 @@ _QUERY_PARTS = {
     "filter": "QUERY_INVALID",
     "order_by": "QUERY_INVALID",
     "fields": "QUERY_INVALID",
+    "q": "QUERY_INVALID",  # a full-text search query (SearchRecords, Search<Models>)
     "conflict_on": "REQUEST_INVALID",
 }
 

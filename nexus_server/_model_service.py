@@ -259,6 +259,28 @@ class ModelServicer(mgrpc.ModelServiceServicer):
         except Exception as exc:
             await abort(context, exc)
 
+    async def SearchRecords(
+        self, request: mpb.SearchRecordsRequest, context: Context
+    ) -> mpb.SearchRecordsResponse:
+        try:
+            model = self.records.model(request.model)
+            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
+            result = await self.records.search(
+                model,
+                request.q,
+                flt,
+                page_size(request.page_size),
+                request.page_token,
+                request.fields,
+            )
+            return mpb.SearchRecordsResponse(
+                records=[to_struct(r) for r in result["records"]],
+                scores=result["scores"],
+                next_page_token=result["next_page_token"] or "",
+            )
+        except Exception as exc:
+            await abort(context, exc)
+
     async def CountRecords(
         self, request: mpb.CountRecordsRequest, context: Context
     ) -> mpb.CountRecordsResponse:
@@ -558,6 +580,17 @@ class _TypedService:
             resp.next_page_token = result.get("next_page_token") or ""  # type: ignore[attr-defined]
             return resp
 
+        async def search(req: Any, context: Any) -> Any:
+            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
+            result = await self.records.search(
+                self.model, req.q, flt, page_size(req.page_size), req.page_token, req.fields
+            )
+            resp = t.message_class(f"Search{plural}Response")()
+            getattr(resp, coll).extend(self._msg(r) for r in result["records"])
+            resp.scores.extend(result["scores"])  # type: ignore[attr-defined]
+            resp.next_page_token = result["next_page_token"] or ""  # type: ignore[attr-defined]
+            return resp
+
         async def count(req: Any, context: Any) -> Any:
             flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
             return t.message_class("CountResult")(count=await self.ops.count(flt or None))
@@ -636,6 +669,8 @@ class _TypedService:
             f"BulkDelete{plural}": (bulk_delete, f"BulkDelete{plural}Request"),
             f"BulkUpsert{plural}": (bulk_upsert, f"BulkUpsert{plural}Request"),
         }
+        if self.model.searchable_fields:
+            table[f"Search{plural}"] = (search, f"Search{plural}Request")
         methods = {
             method: grpc.unary_unary_rpc_method_handler(
                 _guarded(fn),

@@ -93,6 +93,30 @@ class Records:
                 raise ApiError("RECORD_INVALID", f"{path}: {reason}", [(path, reason)])
         return out
 
+    async def search(
+        self,
+        model: ModelInfo,
+        q: str,
+        flt: Mapping[str, Any] | None,
+        limit: int,
+        page_token: str,
+        fields: Sequence[str],
+    ) -> dict[str, Any]:
+        """Full-text search of `model` (`ModelOps.search`), for the generic and the typed
+        RPCs alike: a bad query is QUERY_INVALID naming the request field ``q``."""
+        try:
+            return await self.ops(model).search(
+                q,
+                flt or None,
+                limit=limit,
+                page_token=page_token or None,
+                fields=list(fields) or None,
+            )
+        except ValidationError as exc:
+            if exc.field == "query":
+                raise ValidationError("q", exc.reason) from None
+            raise
+
     def check_rows(self, n: int, where: str) -> None:
         """Refuse a bulk request of more than `max_bulk_rows` rows (the DataFlow's cap),
         before any row is converted: the cost of a request stays bounded by the cap."""

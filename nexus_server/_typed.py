@@ -1,8 +1,9 @@
 """Typed per-model protobuf messages and services, built as descriptors at run time.
 
 For a model `Contact` this makes a `Contact` message with real field types and a
-`ContactService` (Create/Get/Update/Delete/List/Count/Upsert and the bulk RPCs) with
-`google.api.http` routes under `/v1/contacts`. Nothing is written by hand per model: the
+`ContactService` (Create/Get/Update/Delete/List/Count/Upsert, the bulk RPCs, and
+`SearchContacts` when the model has searchable fields) with `google.api.http` routes
+under `/v1/contacts`. Nothing is written by hand per model: the
 file descriptor is made from the model's fields when the server starts, added to the
 server's descriptor pool (so reflection, Envoy and other languages see the same types)
 and exported by `nexus proto export`.
@@ -201,6 +202,18 @@ def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescrip
         b.field(m, "next_page_token", (s, ""))
         m = b.message(f"Count{plural}Request")
         b.field(m, "filter", _STRUCT)
+        searchable = bool(model.searchable_fields)
+        if searchable:
+            m = b.message(f"Search{plural}Request")
+            b.field(m, "q", (s, ""))
+            b.field(m, "filter", _STRUCT)
+            b.field(m, "page_size", (_T.TYPE_INT32, ""))
+            b.field(m, "page_token", (s, ""))
+            b.field(m, "fields", (s, ""), repeated=True)
+            m = b.message(f"Search{plural}Response")
+            b.field(m, coll, (_T.TYPE_MESSAGE, p + name), repeated=True)
+            b.field(m, "scores", (_T.TYPE_DOUBLE, ""), repeated=True)
+            b.field(m, "next_page_token", (s, ""))
         m = b.message(f"Upsert{name}Request")
         b.field(m, _snake(name), (_T.TYPE_MESSAGE, p + name))
         b.field(m, "conflict_on", (s, ""), repeated=True)
@@ -254,6 +267,12 @@ def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescrip
             svc, f"Upsert{name}", f"{p}Upsert{name}Request", rec_t,
             _rule("post", base + ":upsert", "*"),
         )  # fmt: skip
+        if searchable:
+            b.method(
+                svc, f"Search{plural}", f"{p}Search{plural}Request",
+                f"{p}Search{plural}Response",
+                _rule("get", base + ":search", extra=_rule("post", base + ":fullTextSearch", "*")),
+            )  # fmt: skip
         for verb in ("Create", "Update", "Delete", "Upsert"):
             b.method(
                 svc,

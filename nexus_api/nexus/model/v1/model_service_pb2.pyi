@@ -153,6 +153,32 @@ class ListRecordsResponse(_message.Message):
     next_page_token: str
     def __init__(self, records: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class SearchRecordsRequest(_message.Message):
+    __slots__ = ("model", "q", "filter", "page_size", "page_token", "fields")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    q: str
+    filter: _struct_pb2.Struct
+    page_size: int
+    page_token: str
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., q: _Optional[str] = ..., filter: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SearchRecordsResponse(_message.Message):
+    __slots__ = ("records", "scores", "next_page_token")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    next_page_token: str
+    def __init__(self, records: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., scores: _Optional[_Iterable[float]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class CountRecordsRequest(_message.Message):
     __slots__ = ("model", "filter")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -77,6 +77,11 @@ class ModelServiceStub:
                 request_serializer=nexus_dot_model_dot_v1_dot_model__service__pb2.CountRecordsRequest.SerializeToString,
                 response_deserializer=nexus_dot_model_dot_v1_dot_model__service__pb2.CountRecordsResponse.FromString,
                 _registered_method=True)
+        self.SearchRecords = channel.unary_unary(
+                '/nexus.model.v1.ModelService/SearchRecords',
+                request_serializer=nexus_dot_model_dot_v1_dot_model__service__pb2.SearchRecordsRequest.SerializeToString,
+                response_deserializer=nexus_dot_model_dot_v1_dot_model__service__pb2.SearchRecordsResponse.FromString,
+                _registered_method=True)
         self.UpsertRecord = channel.unary_unary(
                 '/nexus.model.v1.ModelService/UpsertRecord',
                 request_serializer=nexus_dot_model_dot_v1_dot_model__service__pb2.UpsertRecordRequest.SerializeToString,
@@ -186,6 +191,20 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchRecords(self, request, context):
+        """Full-text search of a model's searchable fields: the records matching the
+        query `q` (and the filter), most relevant first, each with its score.
+        Query syntax: words (all must occur), "a phrase", -word or -"a phrase" to
+        exclude, word* for a prefix (docs/dataflow.md). The GET route takes every
+        field but the filter; the POST `:fullTextSearch` route takes them all in
+        its body.
+        Errors: MODEL_NOT_FOUND, QUERY_INVALID (a bad query, filter or field; a
+        model without searchable fields), PAGE_TOKEN_INVALID.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpsertRecord(self, request, context):
         """Inserts a record, or updates the existing one that has the same values
         in the `conflict_on` fields.
@@ -284,6 +303,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.CountRecords,
                     request_deserializer=nexus_dot_model_dot_v1_dot_model__service__pb2.CountRecordsRequest.FromString,
                     response_serializer=nexus_dot_model_dot_v1_dot_model__service__pb2.CountRecordsResponse.SerializeToString,
+            ),
+            'SearchRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchRecords,
+                    request_deserializer=nexus_dot_model_dot_v1_dot_model__service__pb2.SearchRecordsRequest.FromString,
+                    response_serializer=nexus_dot_model_dot_v1_dot_model__service__pb2.SearchRecordsResponse.SerializeToString,
             ),
             'UpsertRecord': grpc.unary_unary_rpc_method_handler(
                     servicer.UpsertRecord,
@@ -533,6 +557,33 @@ class ModelService:
             '/nexus.model.v1.ModelService/CountRecords',
             nexus_dot_model_dot_v1_dot_model__service__pb2.CountRecordsRequest.SerializeToString,
             nexus_dot_model_dot_v1_dot_model__service__pb2.CountRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.model.v1.ModelService/SearchRecords',
+            nexus_dot_model_dot_v1_dot_model__service__pb2.SearchRecordsRequest.SerializeToString,
+            nexus_dot_model_dot_v1_dot_model__service__pb2.SearchRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,
