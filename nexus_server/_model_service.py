@@ -65,6 +65,7 @@ def model_message(model: ModelInfo, typed: TypedModels | None) -> mpb.Model:
             description=f.description,
             indexed=f.indexed,
             managed=f.managed,
+            searchable=f.searchable,
         )
         if d.get("has_default"):
             item.default.CopyFrom(to_value(d["default"]))

@@ -504,7 +504,8 @@ def _workflow_command(wf: Any) -> Any:
 
 
 def _model_group(model: Any) -> Any:
-    """`nexus <collection> create|get|update|delete|list|count|upsert|import`."""
+    """`nexus <collection> create|get|update|delete|list|count|upsert|import`, and `search`
+    for a model with searchable fields."""
     from nexus_api.nexus.model.v1 import model_service_pb2 as m
 
     create_specs = _without(build_field_params(model), _RECORD_FLAGS)
@@ -598,6 +599,27 @@ def _model_group(model: Any) -> Any:
         else:
             emit(doc, st.output)
 
+    def search(**p: Any) -> None:
+        st = state_of(p["nexus_ctx"])
+        fields = _split(p["nexus_fields"])
+        req = m.SearchRecordsRequest(
+            model=name,
+            q=p["nexus_query"],
+            page_size=p["nexus_limit"],
+            page_token=p["nexus_page_token"] or "",
+            fields=fields,
+        )
+        if p["nexus_filter"]:
+            req.filter.update(_json_object(p["nexus_filter"], "--filter"))
+        doc = to_json(st.rpc(st.models.SearchRecords, req))
+        # the relevance as a first column (its own name, unless a field has it)
+        rel = "relevance" if "relevance" not in {f.name for f in model.fields} else "_relevance"
+        rows = [
+            {rel: f"{score:.4g}", **rec}
+            for rec, score in zip(doc.get("records", []), doc.get("scores", []), strict=False)
+        ]
+        emit_rows(doc, rows, [rel, *fields] if fields else None, st.output)
+
     def upsert(**p: Any) -> None:
         st = state_of(p["nexus_ctx"])
         req = m.UpsertRecordRequest(
@@ -659,6 +681,32 @@ def _model_group(model: Any) -> Any:
         list_,
     )
     add("count", f"Count {model.collection}.", [filter_opt], count)
+    if any(f.searchable for f in model.fields):
+        query_arg = inspect.Parameter(
+            "nexus_query",
+            _KW,
+            annotation=Annotated[
+                str,
+                typer.Argument(
+                    metavar="QUERY",
+                    help='words (all must occur), "a phrase", -word to exclude, prefix*',
+                ),
+            ],
+        )
+        add(
+            "search",
+            f"Full-text search of {model.collection}, most relevant first.",
+            [
+                query_arg,
+                filter_opt,
+                int_opt("nexus_limit", "--limit", 50, 0, 1000, "page size"),
+                _option(
+                    "nexus_page_token", ["--page-token"], str, "next_page_token of the last page"
+                ),
+                fields_opt,
+            ],
+            search,
+        )
     add(
         "upsert",
         f"Create a {name}, or update the one with the same unique key.",

@@ -446,6 +446,20 @@ class Adapter:
                 creq.filter.update(args["filter"])
             resp = await ms.CountRecords(creq, metadata=meta)
             return _text_result({"count": int(resp.count)})
+        if op == "search":
+            qreq = m.SearchRecordsRequest(
+                model=name,
+                q=args.get("query", ""),
+                page_size=int(args.get("limit", 50)),
+                page_token=args.get("page_token", ""),
+                fields=args.get("fields", []),
+            )
+            if args.get("filter"):
+                qreq.filter.update(args["filter"])
+            doc = to_json(await ms.SearchRecords(qreq, metadata=meta))
+            doc.setdefault("records", [])
+            doc.setdefault("scores", [])
+            return _text_result(doc)
         if op == "update":
             record = {k: v for k, v in args.items() if k != "id"}
             ureq = m.UpdateRecordRequest(

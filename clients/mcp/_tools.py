@@ -2,8 +2,9 @@
 
 - `workflow_tool(workflow, models)`: `run_<name>`, its typed inputs as a JSON Schema,
   annotated from the node types of its definition (`workflow_hints`);
-- `model_tools(model)`: `<collection>_create|get|list|count|update|upsert|delete`,
-  typed from the model's fields, annotated read-only or destructive.
+- `model_tools(model)`: `<collection>_create|get|list|count|update|upsert|delete`
+  (and `<collection>_search` for a model with searchable fields), typed from the
+  model's fields, annotated read-only or destructive.
 
 Schemas are small and self-contained (no `$ref`), so common agent clients accept them.
 An input schema says what the server accepts; an output schema accepts everything the
@@ -258,7 +259,7 @@ def _field_schema(fld: Any, *, output: bool = False, default: bool = True) -> di
 
 
 def model_tools(model: Any) -> list[ToolSpec]:
-    """The tools of one model: create, get, list, count, update, upsert, delete.
+    """The tools of one model: create, get, list, count, (search,) update, upsert, delete.
 
     Create, update, upsert and delete take the optional `request_id` (the gRPC
     idempotency key), unless the model has a field of that name. Update and upsert
@@ -314,6 +315,51 @@ def model_tools(model: Any) -> list[ToolSpec]:
         )
 
     update_props = {k: v for k, v in plain_props.items() if k != pk_name}
+    search: list[ToolSpec] = []
+    if any(f.searchable for f in model.fields):
+        search_fields = ", ".join(f.name for f in model.fields if f.searchable)
+        search.append(
+            spec(
+                "search",
+                f"Full-text search of {coll} ({search_fields}), most relevant first, with an "
+                "optional filter; each record's relevance is in `scores` (same order).",
+                _object(
+                    {
+                        "query": {
+                            "type": "string",
+                            "minLength": 1,
+                            "description": (
+                                'words (all must occur), "a phrase", -word to exclude, '
+                                "prefix* for words starting so"
+                            ),
+                        },
+                        "filter": filter_schema,
+                        "limit": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1000,
+                            "default": 50,
+                            "description": "page size",
+                        },
+                        "page_token": {
+                            "type": "string",
+                            "description": "next_page_token of the previous page",
+                        },
+                        "fields": fields_schema,
+                    },
+                    ["query"],
+                ),
+                _READ,
+                output_schema=_object(
+                    {
+                        "records": {"type": "array", "items": record_out},
+                        "scores": {"type": "array", "items": {"type": "number"}},
+                        "next_page_token": {"type": "string"},
+                    },
+                    closed=False,
+                ),
+            )
+        )
     return [
         spec(
             "create",
@@ -370,6 +416,7 @@ def model_tools(model: Any) -> list[ToolSpec]:
             _READ,
             output_schema=_object({"count": {"type": "integer"}}, closed=False),
         ),
+        *search,
         spec(
             "update",
             f"Update some fields of a {name} (only the fields given change).",

@@ -221,7 +221,14 @@ def _wait_healthy(address: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def app_builder() -> Any:
+    """How `server` makes its app and DataFlow from a database URL (`build_app`); a test
+    module overrides this fixture to serve other models with the same machinery."""
+    return build_app
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, app_builder: Any) -> Iterator[Server]:
     """One real Nexus gRPC server for the session, in a thread with its own loop."""
     register_node(ClientsGateNode)
     register_node(ClientsBoomNode)
@@ -230,7 +237,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     stop: list[asyncio.Event] = []
 
     async def serve() -> None:
-        app, db = build_app(db_url)
+        app, db = app_builder(db_url)
         GATES.loop = asyncio.get_running_loop()
         stop.append(asyncio.Event())
         try:

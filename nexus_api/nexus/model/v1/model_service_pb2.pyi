@@ -38,7 +38,7 @@ class FieldGroup(_message.Message):
     def __init__(self, fields: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelField(_message.Message):
-    __slots__ = ("name", "type", "nullable", "default", "primary_key", "unique", "generated", "enum_values", "description", "indexed", "managed")
+    __slots__ = ("name", "type", "nullable", "default", "primary_key", "unique", "generated", "enum_values", "description", "indexed", "managed", "searchable")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     NULLABLE_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class ModelField(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     MANAGED_FIELD_NUMBER: _ClassVar[int]
+    SEARCHABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     nullable: bool
@@ -61,7 +62,8 @@ class ModelField(_message.Message):
     description: str
     indexed: bool
     managed: bool
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., nullable: _Optional[bool] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., primary_key: _Optional[bool] = ..., unique: _Optional[bool] = ..., generated: _Optional[bool] = ..., enum_values: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ..., description: _Optional[str] = ..., indexed: _Optional[bool] = ..., managed: _Optional[bool] = ...) -> None: ...
+    searchable: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., nullable: _Optional[bool] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., primary_key: _Optional[bool] = ..., unique: _Optional[bool] = ..., generated: _Optional[bool] = ..., enum_values: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ..., description: _Optional[str] = ..., indexed: _Optional[bool] = ..., managed: _Optional[bool] = ..., searchable: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
