@@ -150,6 +150,7 @@ _NODE_HINTS: dict[str, Hints] = {
     "ReadNode": _READ,
     "ListNode": _READ,
     "CountNode": _READ,
+    "SearchNode": _READ,
     "CreateNode": _CREATE,
     "BulkCreateNode": _CREATE,
     "UpdateNode": _CHANGE,
@@ -174,7 +175,8 @@ def _node_hints(type_name: str, models: Collection[str]) -> Hints:
 def workflow_hints(workflow: Any, models: Collection[str]) -> Hints:
     """The annotations of `run_<workflow>`, derived from the node types of its definition.
 
-    - read-only when every node only reads (`<Model>ReadNode`, `ListNode`, `CountNode`);
+    - read-only when every node only reads (`<Model>ReadNode`, `ListNode`, `CountNode`,
+      `SearchNode`);
     - destructive when any node updates, upserts or deletes, or is of a type whose
       effect is unknown (a workflow without a declarative definition is unknown too);
     - idempotent when read-only, or when every writing node updates, upserts or deletes
