@@ -7,6 +7,9 @@ Prints, for SQLite (aiosqlite) and PostgreSQL (asyncpg), measured in the same ru
   statement sent with the raw driver, and the ratio;
 * BulkCreate rows per second beside raw ``copy_records_to_table`` (PostgreSQL) and a raw
   ``executemany`` in one transaction (SQLite);
+* full-text search (``ops.search``: FTS5 on SQLite, tsvector + GIN on PostgreSQL) over
+  100,000 records, p50 latency and queries per second, beside a ``$ilike`` listing of
+  the same words on the same data (and how fast the rows went in with the index kept);
 * time from process start (before the interpreter starts) to a DataFlow with 100 models
   initialised on SQLite.
 
@@ -259,6 +262,109 @@ asyncio.run(db.initialize())
 """
 
 
+# -- full-text search ------------------------------------------------------------------
+
+_SYLLABLES = ["ka", "lo", "mi", "ra", "te", "no", "su", "vi", "de", "pa", "ro", "li", "ma", "zu"]
+
+
+def _vocabulary(n: int, rng: Any) -> list[str]:
+    """`n` distinct made-up words of 2 to 4 syllables (deterministic for a seed)."""
+    words: set[str] = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))))
+    return sorted(words)
+
+
+def declare_searchable(db: DataFlow) -> tuple[type[Any], type[Any]]:
+    """A searchable model, and the same fields without search (the insert baseline)."""
+
+    @db.model
+    class Document:
+        __searchable__ = True
+        id: int
+        title: str
+        author: str
+        body: str
+        score: int = 0
+
+    @db.model
+    class PlainDocument:
+        id: int
+        title: str
+        author: str
+        body: str
+        score: int = 0
+
+    return Document, PlainDocument
+
+
+async def search_bench(db: DataFlow, rows: int, queries: int, max_s: float) -> None:
+    """Rows in (bulk, the database keeping the search index), then `queries` searches of
+    one word and of two words, beside `$ilike` listings of the same words."""
+    import random
+
+    rng = random.Random(15)
+    vocab = _vocabulary(5000, rng)
+    names = vocab[:400]
+    Document, PlainDocument = declare_searchable(db)
+    await db.initialize()
+    ops = db.ops(Document)
+    data = [
+        {
+            "title": " ".join(rng.choices(vocab, k=4)),
+            "author": " ".join(rng.choices(names, k=2)),
+            "body": " ".join(rng.choices(vocab, k=30)),
+            "score": i % 100,
+        }
+        for i in range(rows)
+    ]
+    rates = []
+    for target in (db.ops(PlainDocument), ops):
+        t0 = time.perf_counter()
+        for start in range(0, rows, 10_000):
+            await target.bulk_create(data[start : start + 10_000])
+        rates.append(rows / (time.perf_counter() - t0))
+    line("BulkCreate, the same model without search", rates[0], unit="rows/s")
+    line("BulkCreate, the search index kept", rates[1], rates[0], unit="rows/s")
+    # words of middling frequency (about 30 * rows / 5000 occurrences each)
+    words = rng.sample(vocab[400:], 200)
+    pairs = [f"{words[i]} {words[i + 1]}" for i in range(0, 198, 2)]
+
+    async def measure(label: str, fn: Callable[[int], Awaitable[Any]]) -> float:
+        for i in range(5):  # warm up
+            await fn(i)
+        lat: list[float] = []
+        start = time.perf_counter()
+        deadline = start + max_s
+        while len(lat) < queries and time.perf_counter() < deadline:
+            t = time.perf_counter()
+            await fn(len(lat))
+            lat.append(time.perf_counter() - t)
+        qps = len(lat) / (time.perf_counter() - start)
+        print(
+            f"  {label:<44} {statistics.median(lat) * 1000:>9.2f} ms p50 {qps:>9,.0f} q/s",
+            flush=True,
+        )
+        return qps
+
+    def ilike(text: str) -> dict[str, Any]:
+        per_word = [
+            {"$or": [{f: {"$ilike": f"%{w}%"}} for f in ("title", "author", "body")]}
+            for w in text.split()
+        ]
+        return per_word[0] if len(per_word) == 1 else {"$and": per_word}
+
+    for kind, qs in (("one word", words), ("two words", pairs)):
+        fts = await measure(
+            f"search, {kind}, top 20", lambda i, qs=qs: ops.search(qs[i % len(qs)], limit=20)
+        )
+        base = await measure(
+            f"$ilike, {kind}, first 20",
+            lambda i, qs=qs: ops.list(ilike(qs[i % len(qs)]), limit=20),
+        )
+        print(f"  {'search / $ilike (queries per second)':<44} {fts / base:>9.2f}", flush=True)
+
+
 def startup(models: int, runs: int) -> None:
     """Wall time of a fresh interpreter that imports DataFlow, declares `models` models
     and initialises them, measured from before the process is started."""
@@ -299,26 +405,34 @@ async def run_sqlite(args: argparse.Namespace) -> None:
             await db.close()
             await raw.close()
         raw = await RawSqlite.open(f"{tmp}/raw2.db")
-        db = DataFlow(f"sqlite:///{tmp}/df2.db")
+        # one request of `--bulk` rows: above DataFlow's default cap of 10,000
+        db = DataFlow(f"sqlite:///{tmp}/df2.db", max_bulk_rows=max(args.bulk, 10_000))
         try:
             await bulk(db, raw, args.bulk)
         finally:
             await db.close()
             await raw.close()
+        if args.search_rows:
+            print(f"  -- full-text search over {args.search_rows:,} records", flush=True)
+            db = DataFlow(f"sqlite:///{tmp}/df3.db")
+            try:
+                await search_bench(db, args.search_rows, args.search_queries, args.seconds)
+            finally:
+                await db.close()
 
 
 async def run_pg(args: argparse.Namespace) -> None:
     print(f"PostgreSQL (asyncpg) at {PG_URL.rpartition('@')[2]}", flush=True)
     admin = await asyncpg.connect(PG_URL, timeout=5)
-    names = [f"nexus_bench_{secrets.token_hex(4)}" for _ in range(2)]
+    names = [f"nexus_bench_{secrets.token_hex(4)}" for _ in range(3)]
     base = PG_URL.rpartition("/")[0]
     try:
         for name in names:
             await admin.execute(f'CREATE DATABASE "{name}"')
-        for name, fn in zip(names, ("single", "bulk"), strict=True):
+        for name, fn in zip(names[:2], ("single", "bulk"), strict=True):
             url = f"{base}/{name}"
             raw = await RawPg.open(url)
-            db = DataFlow(url)
+            db = DataFlow(url, max_bulk_rows=max(args.bulk, 10_000))
             try:
                 if fn == "single":
                     await single_ops(db, raw, args.ops, args.seconds)
@@ -327,6 +441,13 @@ async def run_pg(args: argparse.Namespace) -> None:
             finally:
                 await db.close()
                 await raw.close()
+        if args.search_rows:
+            print(f"  -- full-text search over {args.search_rows:,} records", flush=True)
+            db = DataFlow(f"{base}/{names[2]}")
+            try:
+                await search_bench(db, args.search_rows, args.search_queries, args.seconds)
+            finally:
+                await db.close()
     finally:
         for name in names:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -341,7 +462,16 @@ def main() -> None:
     p.add_argument("--models", type=int, default=100, help="models for the startup test")
     p.add_argument("--seconds", type=float, default=10.0, help="time cap per measurement")
     p.add_argument("--skip-pg", action="store_true", help="SQLite only")
+    p.add_argument(
+        "--search-rows", type=int, help="records for the search test (default 100000; 0: skip)"
+    )
+    p.add_argument(
+        "--search-queries", type=int, help="queries per search measurement (default 500)"
+    )
     args = p.parse_args()
+    if args.search_rows is None:
+        args.search_rows = 10_000 if args.quick else 100_000
+    args.search_queries = args.search_queries or (50 if args.quick else 500)
     args.ops = args.ops or (300 if args.quick else 3000)
     args.bulk = args.bulk or (10_000 if args.quick else 100_000)
     if args.quick:
