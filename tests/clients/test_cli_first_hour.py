@@ -1,0 +1,246 @@
+"""A newcomer's first hour with the `nexus` CLI (issue 15), one test per finding.
+
+The CLI runs as a subprocess against the real server of conftest.py; `-o json` is
+compared with the body the real Envoy returns for the same call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+WAIT = 20.0
+ROOT = Path(__file__).resolve().parents[2]
+OK, USAGE, INVALID, CONFLICT = 0, 2, 4, 5
+#: The declaration order of the Contact model (conftest.py), managed timestamps last.
+CONTACT_FIELDS = ["id", "name", "email", "company", "score", "created_at", "updated_at"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ordered(text: str) -> Any:
+    """JSON with every object as a list of (key, value) pairs: the printed order."""
+    return json.loads(text, object_pairs_hook=list)
+
+
+def _create(cli: Any, unique: Any, **extra: str) -> dict[str, Any]:
+    args = ["contacts", "create", "--name", unique("Ann"), "--email", unique("a") + "@x.org"]
+    for key, value in extra.items():
+        args += [f"--{key}", value]
+    r = cli("-o", "json", *args)
+    assert r.code == OK, r.err
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+def test_server_option_is_honoured_when_listing_commands(cli: Any, server: Any) -> None:
+    """`nexus -s HOST:PORT --help` lists the models of that server, not the default's."""
+    elsewhere = {"NEXUS_SERVER": f"127.0.0.1:{_closed_port()}"}
+    r = cli("--help", env=elsewhere)
+    assert r.code == OK, r.err
+    assert "contacts" not in r.out  # nothing answers at the default
+    r = cli("-s", server.address, "--help", env=elsewhere)
+    assert r.code == OK, r.err
+    assert "contacts" in r.out and "companies" in r.out
+    r = cli("--server", server.address, "contacts", "--help", env=elsewhere)
+    assert r.code == OK and "import" in r.out
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def test_record_fields_print_in_declaration_order(cli: Any, unique: Any) -> None:
+    rec = _create(cli, unique, company="Acme")
+    for args in (
+        ("contacts", "get", rec["id"]),
+        ("contacts", "update", rec["id"], "--score", "2"),
+    ):
+        r = cli("-o", "json", *args)
+        assert r.code == OK, r.err
+        assert [k for k, _ in _ordered(r.out)] == CONTACT_FIELDS, args
+    r = cli("-o", "json", "contacts", "list", "--filter", json.dumps({"id": rec["id"]}))
+    assert r.code == OK, r.err
+    records = dict(_ordered(r.out))["records"]
+    assert [k for k, _ in records[0]] == CONTACT_FIELDS
+    r = cli("-o", "json", "run", "two_steps", "--name", "Bo", "--email", unique("b") + "@x.org")
+    assert r.code == OK, r.err
+    outputs = dict(dict(_ordered(r.out))["outputs"])
+    assert [k for k, _ in outputs["read"]] == CONTACT_FIELDS
+
+    # the table: one line per field, in the same order, every time
+    r = cli("contacts", "get", rec["id"])
+    assert r.code == OK, r.err
+    assert [line.split()[0] for line in r.out.splitlines() if line.strip()] == CONTACT_FIELDS
+    r = cli("contacts", "list", "--filter", json.dumps({"id": rec["id"]}))
+    header = next(line for line in r.out.splitlines() if "email" in line)
+    assert re.findall(r"\w+", header) == CONTACT_FIELDS
+
+
+def test_null_on_a_nullable_flag_is_null_and_the_text_is_escaped(cli: Any, unique: Any) -> None:
+    assert _create(cli, unique, company="null")["company"] is None
+    assert _create(cli, unique, company="\\null")["company"] == "null"
+    rec = _create(cli, unique, company="Acme")
+    r = cli("-o", "json", "contacts", "update", rec["id"], "--company", "null")
+    assert r.code == OK, r.err
+    assert r.json()["company"] is None
+    # a workflow input typed `str | None`
+    email = unique("w") + "@x.org"
+    run = ["run", "create_contact", "--name", "W", "--email", email, "--company", "null"]
+    r = cli("-o", "json", *run)
+    assert r.code == OK, r.err
+    assert r.json()["inputs"]["company"] is None
+    assert r.json()["outputs"]["create"]["company"] is None
+    # a field that is not nullable takes no null
+    r = cli("contacts", "update", rec["id"], "--score", "null")
+    assert r.code == USAGE and "--score" in r.err
+    r = cli("contacts", "create", "--help")
+    assert "<str|null>" in r.out
+
+
+def test_flags_show_no_type(cli: Any) -> None:
+    for args in (("--help",), ("run", "create_contact", "--help"), ("workflows", "list", "--help")):
+        r = cli(*args)
+        assert r.code == OK, r.err
+        assert "<bool>" not in r.out, args
+    assert "--watch" in cli("run", "create_contact", "--help").out
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def test_run_table_shows_outputs_readably(cli: Any, unique: Any) -> None:
+    email = unique("t") + "@x.org"
+    r = cli("run", "two_steps", "--name", "Tab", "--email", email)
+    assert r.code == OK, r.err
+    lines = r.out.splitlines()
+    assert "outputs.create:" in lines and "outputs.read:" in lines
+    start = lines.index("outputs.read:")
+    rows = [line.split() for line in lines[start + 1 : start + 1 + len(CONTACT_FIELDS)]]
+    assert [row[0] for row in rows] == CONTACT_FIELDS
+    assert rows[2] == ["email", email]
+    assert "{" not in r.out  # no JSON text for people
+
+    r = cli("run", "search_contacts", "--query", "Tab", "--limit", "5")
+    assert r.code == OK, r.err
+    assert re.search(r"^outputs\.search\.records: \d+$", r.out, re.M)
+    assert email in r.out
+
+
+def test_ids_are_never_cut_in_tables(cli: Any, unique: Any) -> None:
+    company = unique("narrow")
+    ids = [_create(cli, unique, company=company)["id"] for _ in range(2)]
+    narrow = {"COLUMNS": "60"}
+    r = cli("contacts", "list", "--filter", json.dumps({"company": company}), env=narrow)
+    assert r.code == OK, r.err
+    for rid in ids:
+        assert rid in r.out  # whole, on one line
+    r = cli("-o", "json", "run", "create_contact", "--name", "N", "--email", unique("n") + "@x.org")
+    execution = r.json()["id"]
+    r = cli("executions", "list", "--workflow", "create_contact", "--limit", "3", env=narrow)
+    assert r.code == OK, r.err
+    assert execution in r.out and "…" not in r.out.split(execution)[0].splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------- docs
+
+
+def test_readme_commands_run_as_written(cli: Any, unique: Any) -> None:
+    """The README's commands, `--output` after the subcommand included."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^\.venv/bin/nexus (.+)$", readme, re.M)
+    assert len(commands) >= 3
+    for line in commands:
+        args = shlex.split(line)
+        if "create_contact" in args:
+            args[args.index("--email") + 1] = unique("readme") + "@example.com"
+        r = cli(*args)
+        assert r.code == OK, (line, r.err)
+        if "--output" in args:
+            assert isinstance(r.json(), dict)
+    late = (("workflows", "list", "-o", "json"), ("models", "get", "Contact", "--output=yaml"))
+    for args in late:
+        r = cli(*args)
+        assert r.code == OK, r.err
+        assert r.out.lstrip().startswith("{") or "name: Contact" in r.out
+
+
+def test_hello_workflow_example_runs_as_its_docstring_says() -> None:
+    path = ROOT / "examples" / "hello_workflow.py"
+    doc = path.read_text()
+    assert "`make run` runs this file" not in doc  # `make run` serves contacts_app.py
+    assert "python examples/hello_workflow.py" in doc
+    proc = subprocess.run(
+        [sys.executable, str(path), "ada"],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=WAIT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "HI ADA" in proc.stdout
+
+
+def test_workflows_get_shows_outputs_and_definition(cli: Any) -> None:
+    r = cli("workflows", "get", "two_steps")
+    assert r.code == OK, r.err
+    cells = [re.findall(r"[^\s│┃]+", line) for line in r.out.splitlines()]
+    assert ["create", "created_at", "datetime"] in cells  # an output, its type
+    assert ["read", "ContactReadNode", "{}"] in cells  # a node of the definition
+    assert ["create.id", "read.id"] in cells  # a connection
+
+
+def test_json_output_is_the_rest_body(cli: Any, rest_url: str, unique: Any) -> None:
+    """`-o json` prints exactly what REST (the real Envoy) returns for the same call,
+    default values (`false`, `""`, `0`) included."""
+    rec = _create(cli, unique)
+    calls: list[tuple[tuple[str, ...], str, Any]] = [
+        (("workflows", "get", "search_contacts"), "/v1/workflows/search_contacts", None),
+        (("models", "get", "Contact"), "/v1/models/Contact", None),
+        (("contacts", "get", rec["id"]), f"/v1/models/Contact/records/{rec['id']}", None),
+        (  # a zero count: `{"count": "0"}` on both, not `{}`
+            ("contacts", "count", "--filter", json.dumps({"id": "none"})),
+            "/v1/models/Contact/records:count",
+            {"filter": {"id": "none"}},
+        ),
+    ]
+    with httpx.Client(base_url=rest_url, timeout=WAIT) as client:
+        for args, path, body_json in calls:
+            r = cli("-o", "json", *args)
+            assert r.code == OK, r.err
+            get = body_json is None
+            body = client.get(path) if get else client.post(path, json=body_json)
+            assert body.status_code == 200, body.text
+            assert r.json() == body.json(), args
+        # a write: upserting the same values again changes nothing but updated_at
+        upsert = ["--name", rec["name"], "--email", rec["email"], "--conflict-on", "email"]
+        r = cli("-o", "json", "contacts", "upsert", *upsert)
+        assert r.code == OK, r.err
+        body = client.post(
+            "/v1/models/Contact/records:upsert",
+            json={
+                "record": {"name": rec["name"], "email": rec["email"]},
+                "conflict_on": ["email"],
+            },
+        )
+        assert body.status_code == 200, body.text
+        cli_doc, rest_doc = r.json(), body.json()
+        assert cli_doc["created"] is False and rest_doc["created"] is False
+        for doc in (cli_doc, rest_doc):
+            del doc["record"]["updated_at"]
+        assert cli_doc == rest_doc
