@@ -702,10 +702,16 @@ def _model_group(model: Any) -> Any:
         emit(doc, st.output)
 
     def import_(**p: Any) -> None:
-        from ._import import import_records
+        from ._import import ImportOptions, import_records
 
         st = state_of(p["nexus_ctx"])
-        import_records(st, model, Path(p["nexus_path"]), p["nexus_batch_size"], p["nexus_format"])
+        opts = ImportOptions(
+            batch_size=p["nexus_batch_size"],
+            fmt=p["nexus_format"],
+            on_conflict=p["nexus_on_conflict"] or "fail",
+            conflict_on=_split(p["nexus_conflict_on"]),
+        )
+        import_records(st, model, Path(p["nexus_path"]), opts)
 
     group = typer.Typer(
         name=model.collection,
@@ -765,7 +771,8 @@ def _model_group(model: Any) -> Any:
     )
     add(
         "import",
-        f"Bulk-create {model.collection} from a .csv or .jsonl file, in batches.",
+        f"Bulk-create {model.collection} from a CSV, JSON lines or JSON file, in batches "
+        "(the format is read from the content).",
         [
             inspect.Parameter(
                 "nexus_path",
@@ -775,7 +782,27 @@ def _model_group(model: Any) -> Any:
                 ],
             ),
             int_opt("nexus_batch_size", "--batch-size", 100, 1, 1000, "records per call"),
-            _option("nexus_format", ["--format"], str, "csv or jsonl (default: the extension)"),
+            _option(
+                "nexus_format",
+                ["--format"],
+                str,
+                "csv, jsonl or json (default: read from the content)",
+                metavar="csv|jsonl|json",
+            ),
+            _option(
+                "nexus_on_conflict",
+                ["--on-conflict"],
+                str,
+                "a taken unique value: fail (stop, naming the line and value), skip the "
+                "record, or upsert it (update the record it matches) [default: fail]",
+                metavar="fail|skip|upsert",
+            ),
+            _option(
+                "nexus_conflict_on",
+                ["--conflict-on"],
+                str,
+                f"with --on-conflict upsert: the fields that identify a record (default: {pk})",
+            ),
         ],
         import_,
     )

@@ -244,3 +244,92 @@ def test_json_output_is_the_rest_body(cli: Any, rest_url: str, unique: Any) -> N
         for doc in (cli_doc, rest_doc):
             del doc["record"]["updated_at"]
         assert cli_doc == rest_doc
+
+
+# ---------------------------------------------------------------------------- import
+
+
+def _count(cli: Any, company: str) -> int:
+    r = cli("-o", "json", "contacts", "count", "--filter", json.dumps({"company": company}))
+    assert r.code == OK, r.err
+    return int(r.json()["count"])
+
+
+def test_import_reads_the_format_from_the_content(cli: Any, unique: Any, tmp_path: Path) -> None:
+    company = unique("sniff")
+
+    def person(i: int) -> dict[str, Any]:
+        return {"name": f"S{i}", "email": unique("s") + "@x.org", "company": company}
+
+    files = {
+        "array.txt": json.dumps([person(0), person(1)], indent=2),  # a JSON array
+        "lines": "\n".join(json.dumps(person(i)) for i in (2, 3)),  # JSON lines, no suffix
+        "semi.data": "name;email;company\n"
+        + "\n".join(f"{p['name']};{p['email']};{company}" for p in (person(4), person(5))),
+        "bom.csv": "\ufeffname,email,company\n" + f"B,{unique('b')}@x.org,{company}\n",
+    }
+    for name, text in files.items():
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        r = cli("contacts", "import", str(path))
+        assert r.code == OK, (name, r.err)
+    assert _count(cli, company) == 7
+
+    # a bad element of a JSON array is named by its line
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([person(8), {"name": "X", "score": "high"}], indent=2))
+    r = cli("contacts", "import", str(path))
+    assert r.code == INVALID and "line 7: " in r.err, r.err  # where its `{` is
+
+    for text in ("hello world\nnot a table\n", "\x00\x01binary"):
+        path = tmp_path / "unknown.bin"
+        path.write_text(text)
+        r = cli("contacts", "import", str(path))
+        assert r.code == INVALID, r.err
+        assert "cannot import unknown.bin" in r.err and "--format" in r.err
+    path.write_bytes(b"\xff\xfe\x00n\x00a")
+    r = cli("contacts", "import", str(path))
+    assert r.code == INVALID and "not UTF-8" in r.err
+    r = cli("contacts", "import", str(tmp_path / "lines"), "--format", "xml")
+    assert r.code == USAGE and "csv, jsonl, json" in r.err
+
+
+def test_import_on_conflict_fail_skip_upsert(cli: Any, unique: Any, tmp_path: Path) -> None:
+    company = unique("conflict")
+    taken = _create(cli, unique, company=company)["email"]
+    new, twice = unique("new") + "@x.org", unique("twice") + "@x.org"
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "name,email,company\n"
+        f"New,{new},{company}\n"
+        f"Taken,{taken},{company}\n"  # line 3
+        f"Once,{twice},{company}\n"
+        f"Twice,{twice},{company}\n"  # line 5: the same as line 4
+    )
+    r = cli("contacts", "import", str(path))  # --on-conflict fail is the default
+    assert r.code == CONFLICT, r.err
+    assert f'line 3: email "{taken}" already exists' in r.err
+    assert _count(cli, company) == 1  # nothing of the batch
+
+    r = cli("-o", "json", "contacts", "import", str(path), "--on-conflict", "skip")
+    assert r.code == OK, r.err
+    assert f'line 3: skipped: email "{taken}" already exists' in r.err
+    assert f'line 5: skipped: email "{twice}" is on line 4 too' in r.err
+    assert r.json() == {"created_count": 2, "batches": 1, "skipped_count": 2}
+    assert _count(cli, company) == 3
+
+    path.write_text(f"name,email,company,score\nRenamed,{taken},{company},7\n")
+    r = cli(
+        "-o", "json", "contacts", "import", str(path), "--on-conflict", "upsert",
+        "--conflict-on", "email",
+    )  # fmt: skip
+    assert r.code == OK, r.err
+    assert r.json() == {"upserted_count": 1, "batches": 1}
+    r = cli("-o", "json", "contacts", "list", "--filter", json.dumps({"email": taken}))
+    assert [(c["name"], c["score"]) for c in r.json()["records"]] == [("Renamed", 7)]
+    assert _count(cli, company) == 3
+
+    r = cli("contacts", "import", str(path), "--conflict-on", "email")
+    assert r.code == USAGE and "--on-conflict upsert" in r.err
+    r = cli("contacts", "import", str(path), "--on-conflict", "ignore")
+    assert r.code == USAGE and "fail, skip, upsert" in r.err
