@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 WAIT = 20.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,6 +111,25 @@ def test_null_on_a_nullable_flag_is_null_and_the_text_is_escaped(cli: Any, uniqu
     assert r.code == USAGE and "--score" in r.err
     r = cli("contacts", "create", "--help")
     assert "<str|null>" in r.out
+
+
+def test_a_nullable_number_flag_takes_null_and_numbers_only() -> None:
+    """The same rule for `int | None` (the test app has no such field): in process."""
+    from clients.cli._app import _collect, _flag, _make_command
+
+    spec = _flag("age", "int | None", nullable=False, help_text="an age")
+    got: dict[str, Any] = {}
+
+    def record(**params: Any) -> None:
+        got.update(_collect(params, [spec]))
+
+    command = _make_command("t", "a test", [spec.parameter()], record)
+    for args, want in ((["--age", "null"], None), (["--age", "5"], 5)):
+        got.clear()
+        command.main(args=args, standalone_mode=False)
+        assert got == {"age": want}
+    with pytest.raises(Exception, match="invalid literal for int"):  # exit 2 in the CLI
+        command.main(args=["--age", "\\null"], standalone_mode=False)
 
 
 def test_flags_show_no_type(cli: Any) -> None:
