@@ -699,7 +699,11 @@ def _model_group(model: Any) -> Any:
         )
         doc = doc_of(st.rpc(st.models.UpsertRecord, req))
         doc["record"] = in_order(doc.get("record"), names)
-        emit(doc, st.output)
+        if st.output != "table":
+            emit(doc, st.output)
+            return
+        emit(doc["record"], st.output)
+        print("created" if doc.get("created") else "updated (it existed)")
 
     def import_(**p: Any) -> None:
         from ._import import ImportOptions, import_records

@@ -90,6 +90,11 @@ def test_record_fields_print_in_declaration_order(cli: Any, unique: Any) -> None
     r = cli("contacts", "list", "--filter", json.dumps({"id": rec["id"]}))
     header = next(line for line in r.out.splitlines() if "email" in line)
     assert re.findall(r"\w+", header) == CONTACT_FIELDS
+    r = cli("contacts", "upsert", "--name", "Up", "--email", rec["email"], "--conflict-on", "email")
+    assert r.code == OK, r.err
+    lines = [line for line in r.out.splitlines() if line.strip()]
+    assert [line.split()[0] for line in lines[:-1]] == CONTACT_FIELDS
+    assert lines[-1] == "updated (it existed)"
 
 
 def test_null_on_a_nullable_flag_is_null_and_the_text_is_escaped(cli: Any, unique: Any) -> None:
