@@ -101,20 +101,29 @@ def normalize(value: Any) -> Any:
     return value
 
 
-def to_json(msg: message.Message) -> Any:
+def to_json(msg: message.Message, *, defaults: bool = False) -> Any:
     """The proto3 JSON document of `msg`: what REST returns for the same call.
+
+    With `defaults`, fields without presence that hold their default value (`false`,
+    `0`, `""`, `[]`) are printed too, as Envoy's transcoder prints them
+    (`always_print_primitive_fields`): the CLI's `-o json` is then exactly the REST
+    body. Without it they are left out (the MCP adapter's smaller documents).
 
     A `google.protobuf.Value` number that is not finite (a record stored before such
     values were refused) has no proto3 JSON form; it is printed as a double field is,
     `"NaN"`, `"Infinity"` or `"-Infinity"`, instead of failing the whole document.
     """
     try:
-        doc = MessageToDict(msg, preserving_proto_field_name=True)
+        doc = MessageToDict(
+            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults
+        )
     except (ValueError, json_format.Error):  # json_format wraps it in a nested message
         copy = type(msg)()
         copy.CopyFrom(msg)
         _finite(copy)
-        doc = MessageToDict(copy, preserving_proto_field_name=True)
+        doc = MessageToDict(
+            copy, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults
+        )
     return normalize(doc)
 
 
@@ -362,7 +371,8 @@ class DynamicMethods:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> Iterator[Any]:
-        """Call `target` with the JSON `body`; yields each response as proto3 JSON."""
+        """Call `target` with the JSON `body`; yields each response as proto3 JSON, default
+        values included (the REST body of the same call)."""
         method = self.find(target)
         if method.client_streaming:
             raise KeyError(f"{target}: client-streaming RPCs are not supported")
@@ -374,10 +384,10 @@ class DynamicMethods:
         if method.server_streaming:
             stream = self._channel.unary_stream(method.path, **kwargs)
             for item in stream(request, timeout=timeout, metadata=tuple(metadata)):
-                yield to_json(item)
+                yield to_json(item, defaults=True)
         else:
             unary = self._channel.unary_unary(method.path, **kwargs)
-            yield to_json(unary(request, timeout=timeout, metadata=tuple(metadata)))
+            yield to_json(unary(request, timeout=timeout, metadata=tuple(metadata)), defaults=True)
 
 
 def dumps(value: Any) -> str:
