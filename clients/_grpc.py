@@ -101,13 +101,12 @@ def normalize(value: Any) -> Any:
     return value
 
 
-def to_json(msg: message.Message, *, defaults: bool = False) -> Any:
+def to_json(msg: message.Message) -> Any:
     """The proto3 JSON document of `msg`: what REST returns for the same call.
 
-    With `defaults`, fields without presence that hold their default value (`false`,
-    `0`, `""`, `[]`) are printed too, as Envoy's transcoder prints them
-    (`always_print_primitive_fields`): the CLI's `-o json` is then exactly the REST
-    body. Without it they are left out (the MCP adapter's smaller documents).
+    Fields without presence that hold their default value (`false`, `0`, `""`, `[]`)
+    are printed too, as Envoy's transcoder prints them (`always_print_primitive_fields`):
+    the CLI's `-o json` and the MCP adapter's results are exactly the REST body.
 
     A `google.protobuf.Value` number that is not finite (a record stored before such
     values were refused) has no proto3 JSON form; it is printed as a double field is,
@@ -115,14 +114,14 @@ def to_json(msg: message.Message, *, defaults: bool = False) -> Any:
     """
     try:
         doc = MessageToDict(
-            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults
+            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
     except (ValueError, json_format.Error):  # json_format wraps it in a nested message
         copy = type(msg)()
         copy.CopyFrom(msg)
         _finite(copy)
         doc = MessageToDict(
-            copy, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults
+            copy, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
     return normalize(doc)
 
@@ -384,10 +383,10 @@ class DynamicMethods:
         if method.server_streaming:
             stream = self._channel.unary_stream(method.path, **kwargs)
             for item in stream(request, timeout=timeout, metadata=tuple(metadata)):
-                yield to_json(item, defaults=True)
+                yield to_json(item)
         else:
             unary = self._channel.unary_unary(method.path, **kwargs)
-            yield to_json(unary(request, timeout=timeout, metadata=tuple(metadata)), defaults=True)
+            yield to_json(unary(request, timeout=timeout, metadata=tuple(metadata)))
 
 
 def dumps(value: Any) -> str:

@@ -56,7 +56,7 @@ _EXECUTION_REASONS = {
 def doc_of(msg: Any) -> Any:
     """The REST body of a response: proto3 JSON with default values printed (`false`,
     `""`, `0`, `[]`), as Envoy's transcoder prints them; what `-o json` shows."""
-    return to_json(msg, defaults=True)
+    return to_json(msg)
 
 
 def exit_code_of(failure: ApiFailure) -> int:
