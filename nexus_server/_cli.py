@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._app import GrpcPortError, Nexus, _local, deferred_start
+from ._app import GrpcPortError, Nexus, UnavailableOption, _local, deferred_start
 from ._discovery import load_app_target
 
 if TYPE_CHECKING:
@@ -52,11 +52,15 @@ def _load(target: str) -> Nexus:
     """The app `target` names. An `app.start()` the file calls while it is imported
     (at module level, without a `__main__` guard) is recorded, not run: the command
     serves (or exports) the app itself, once."""
+    from dataflow import ValidationError
+
     try:
         with deferred_start():
             app = load_app_target(target)
     except (FileNotFoundError, AttributeError, ImportError) as exc:
         raise SystemExit(f"nexus: cannot load {target!r}: {exc}") from None
+    except (UnavailableOption, ValidationError) as exc:  # an option the app passes
+        raise SystemExit(f"nexus: {target}: {exc}") from None
     if not isinstance(app, Nexus):
         raise SystemExit(f"nexus: {target!r} is a {type(app).__name__}, not a Nexus app")
     return app
