@@ -288,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
-        "serve", help="serve APP over gRPC, with Envoy in front for REST, until Ctrl-C"
+        "serve",
+        help="serve APP until Ctrl-C: gRPC, Envoy in front (REST, gRPC-Web, gRPC) and the "
+        "MCP adapter, each unless turned off (as app.start() does)",
     )
     serve.add_argument("app", help="path/to/app.py or module:attr naming a Nexus app")
     serve.add_argument("--host", help="interface to listen on (default: the app's)")
