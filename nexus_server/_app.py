@@ -250,13 +250,13 @@ class Nexus:
         """
         started = time.perf_counter()
         self.check_options()
-        self.resolve_dataflow()
+        if self.auto_discovery:
+            self._discover()
+        self.resolve_dataflow()  # after discovery: discovered workflows count too
         if self.db is None:
             # executions are recorded in the embedded default database
             self.db, self._own_db = DataFlow(), True
         db = self.db
-        if self.auto_discovery:
-            self._discover()
         await db.initialize()
         store = Store(db)
         interrupted = await store.initialize()

@@ -70,7 +70,11 @@ def _typed(app: Nexus) -> TypedModels:
     from ._app import _static_files
     from ._typed import TypedModels
 
-    return TypedModels(app.db.models if app.db else (), _static_files())
+    try:
+        db = app.resolve_dataflow()  # the DataFlow its workflows use, as at start
+    except ValueError as exc:
+        raise SystemExit(f"nexus: {exc}") from None
+    return TypedModels(db.models if db else (), _static_files())
 
 
 async def _serve(app: Nexus, *, log_level: str) -> None:

@@ -245,3 +245,16 @@ def test_skip_migration_against_an_empty_database_warns_at_start(
     warned = [line for line in r.err if "table 'contact' does not exist" in line]
     assert len(warned) == 1, r.err
     assert "skip_migration=True" in warned[0] and "auto_migrate=True" in warned[0]
+
+
+def test_nexus_openapi_sees_the_dataflow_the_workflows_use(tmp_path: Path) -> None:
+    """The commands that export an app's contracts integrate its DataFlow the way start
+    does (and load a file calling `app.start()` without serving it)."""
+    app = write_app(tmp_path, "grpc_port=0")
+    done = subprocess.run(
+        [sys.executable, "-m", "nexus_server", "openapi", str(app)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert '"/v1/contacts"' in done.stdout
+    assert "after start" in done.stdout  # the module ran on past its start()
