@@ -214,7 +214,7 @@ class Nexus:
                 if db is not None:
                     used.setdefault(id(db), db)
         if len(used) > 1:
-            urls = " and ".join(repr(db.url) for db in used.values())
+            urls = " and ".join(repr(shown_url(db)) for db in used.values())
             raise ValueError(
                 f"the registered workflows use the models of two DataFlow instances "
                 f"({urls}); choose the one the app serves with app.integrate_dataflow(db)"
@@ -530,6 +530,15 @@ def _openapi_document(typed: TypedModels) -> bytes:
     from ._openapi import openapi_json
 
     return openapi_json(merged_descriptor_set(typed), transcoded_services(typed))
+
+
+def shown_url(db: DataFlow) -> str:
+    """`db`'s URL as a user writes it: without the async driver DataFlow picked
+    (`postgresql://...`, not `postgresql+asyncpg://...`), password hidden."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db.url)
+    return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
 
 
 def _local(host: str) -> str:

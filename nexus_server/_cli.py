@@ -25,7 +25,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._app import GrpcPortError, Nexus, UnavailableOption, _local, deferred_start
+from ._app import (
+    GrpcPortError,
+    Nexus,
+    UnavailableOption,
+    _local,
+    deferred_start,
+    shown_url,
+)
 from ._discovery import load_app_target
 
 if TYPE_CHECKING:
@@ -172,7 +179,7 @@ def run_app(app: Nexus, *, log_level: str = "info") -> int:
     except GrpcPortError as exc:
         return _fail(str(exc), "choose another port with --grpc-port (grpc_port=)")
     except DataFlowError as exc:
-        url = app.db.url if app.db is not None else "the app's database"
+        url = shown_url(app.db) if app.db is not None else "the app's database"
         return _fail(f"cannot open the database {url}: {_first_line(str(exc))}", None)
     except ValueError as exc:  # an option refused at start (the attribute form)
         return _fail(str(exc), None)

@@ -224,7 +224,7 @@ def test_a_database_that_does_not_exist_is_one_line_and_exit_3(tmp_path: Path, p
     lines = [line for line in done.stderr.splitlines() if line.startswith("nexus:")]
     assert len(lines) == 1, done.stderr
     assert "cannot open the database" in lines[0] and "does not exist" in lines[0]
-    assert "nexus_missing_" in lines[0]
+    assert f"cannot open the database {url}:" in lines[0]  # the URL as written
 
 
 def test_skip_migration_against_an_empty_database_warns_at_start(
