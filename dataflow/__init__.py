@@ -40,6 +40,7 @@ from ._errors import (
     MigrationError,
     ModelError,
     NotFoundError,
+    SchemaMissingError,
     UniqueViolation,
     ValidationError,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "ModelInfo",
     "ModelOps",
     "NotFoundError",
+    "SchemaMissingError",
     "UniqueViolation",
     "ValidationError",
     "dialect_insert",
