@@ -120,15 +120,17 @@ class DatabaseError(DataFlowError):
 class SchemaMissingError(MigrationError, DatabaseError):
     """A model's table does not exist in the database (never created: DataFlow was told
     to skip migration, or it was dropped since). The message names the table and the
-    options that create it. A MigrationError (a server answers FAILED_PRECONDITION: the
+    options that create it (``search=True``: the table's full-text search index, see
+    `ModelOps.search`). A MigrationError (a server answers FAILED_PRECONDITION: the
     database is reachable and retrying will not help) and, as before, a DatabaseError."""
 
-    def __init__(self, table: str, model: str | None = None) -> None:
-        self.differences = [f"missing table {table!r}"]
+    def __init__(self, table: str, model: str | None = None, *, search: bool = False) -> None:
+        thing = f"the full-text search index of table {table!r}" if search else f"table {table!r}"
+        self.differences = [f"missing {thing.removeprefix('the ')}"]
         self.table = table
         what = f"{model}: " if model else ""
         DataFlowError.__init__(
             self,
-            f"{what}the table {table!r} does not exist; DataFlow creates it at start "
-            f"with auto_migrate=True and skip_migration=False",
+            f"{what}{'' if search else 'the '}{thing} does not exist; DataFlow creates it at "
+            f"start with auto_migrate=True and skip_migration=False",
         )

@@ -37,7 +37,13 @@ from sqlalchemy.engine import Row
 
 from workflow import MISSING
 
-from ._errors import ConflictError, NotFoundError, ValidationError
+from ._errors import (
+    ConflictError,
+    DatabaseError,
+    NotFoundError,
+    SchemaMissingError,
+    ValidationError,
+)
 from ._fastpath import Codec
 from ._filters import FilterCompiler
 from ._model import FieldInfo, ModelInfo
@@ -583,8 +589,18 @@ class ModelOps:
             s_col, id_col = inner.c._score, inner.c.id
             stmt = stmt.where(or_(s_col < last_score, and_(s_col == last_score, id_col > last_id)))
         stmt = stmt.order_by(inner.c._score.desc(), inner.c.id.asc()).limit(limit + 1)
-        async with db._session(self.model) as (conn, _):
-            rows = (await conn.execute(stmt)).all()
+        try:
+            async with db._session(self.model) as (conn, _):
+                rows = (await conn.execute(stmt)).all()
+        except DatabaseError as exc:
+            # the index is missing (skip_migration=True): say so, not "table missing"
+            cause = exc.__cause__
+            text = str(getattr(cause, "orig", cause) or "")  # the driver's words, no SQL
+            if f"no such table: {spec.fts_table}" in text or (
+                spec.column in text and "does not exist" in text
+            ):
+                raise SchemaMissingError(t.name, self.model.name, search=True) from exc
+            raise
         records = []
         scores: builtins.list[float] = []
         for r in rows:

@@ -128,7 +128,7 @@ def test_cli_search(seeded: Any, cli: Any) -> None:
     doc = res.json()
     assert doc["records"] == [{"name": "Ada Ada Ada"}] and doc["next_page_token"]
     res = cli("contacts", "search", '"ada')
-    assert res.code != 0
+    assert res.code == 4  # INVALID_ARGUMENT
     assert "QUERY_INVALID" in res.err and "unclosed quote" in res.err
 
 

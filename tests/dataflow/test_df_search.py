@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from dataflow import DataFlow, MigrationError, ModelError, ValidationError, field
+from dataflow import (
+    DataFlow,
+    MigrationError,
+    ModelError,
+    SchemaMissingError,
+    ValidationError,
+    field,
+)
 from dataflow._search import fts5_query, parse_query, tsquery_text
 from workflow import AsyncLocalRuntime, WorkflowBuilder
 
@@ -221,6 +228,15 @@ async def test_migration_backfills_existing_table(make_db: MakeDB, url: str) -> 
     assert "no searchable field" in err.value.reason
     assert "ContactSearchNode" not in plain.node_types()
     await plain.close()
+
+    # skip_migration=True trusts the schema: a search says the index is missing
+    trusting = make_db(skip_migration=True, auto_migrate=False)
+    _declare(trusting)
+    with pytest.raises(SchemaMissingError) as missing:
+        await trusting.ops("Contact").search("ada")
+    assert "full-text search index of table 'contact' does not exist" in str(missing.value)
+    assert "skip_migration=False" in str(missing.value)
+    await trusting.close()
 
     # the same table, now searchable: auto_migrate=False refuses and names the step
     strict = make_db(auto_migrate=False)
