@@ -19,10 +19,10 @@ contact = await db.ops(Contact).create(name="Ada", email="ada@example.com")
 
 Each model gets the workflow node types ``<Model>CreateNode``, ``ReadNode``,
 ``UpdateNode``, ``DeleteNode``, ``ListNode``, ``CountNode``, ``UpsertNode``,
-``BulkCreateNode``, ``BulkUpdateNode``, ``BulkDeleteNode`` and ``BulkUpsertNode``;
-a model with searchable fields (``field(searchable=True)``, or ``__searchable__ = True``
-for every ``str`` field) also gets ``<Model>SearchNode``, full-text search ranked by
-relevance (`ModelOps.search`).
+``BulkCreateNode``, ``BulkUpdateNode``, ``BulkDeleteNode``, ``BulkUpsertNode`` and
+``SearchNode``: full-text search ranked by relevance (`ModelOps.search`) over the
+searchable fields (``field(searchable=True)``, or ``__searchable__ = True`` for every
+``str`` field); without a query, the records matching a filter.
 
 Introspection (used to build typed protobuf messages and services): `DataFlow.models`
 gives every `ModelInfo`; `ModelInfo.fields` gives each `FieldInfo` (name, type,

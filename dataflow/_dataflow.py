@@ -489,7 +489,7 @@ class DataFlow:
     def model(self, cls: type[T]) -> type[T]:
         """Class decorator: declare `cls` as a model (no I/O).
 
-        Registers the model's eleven node types. Declaring a model of the same name with
+        Registers the model's twelve node types. Declaring a model of the same name with
         the same fields again is a no-op; with different fields it is a ModelError.
 
         Raises:

@@ -1,4 +1,4 @@
-"""Generated workflow nodes: eleven per model, thin wrappers over `ModelOps`.
+"""Generated workflow nodes: twelve per model, thin wrappers over `ModelOps`.
 
 Their parameters carry the model's field types, so a workflow placeholder feeding
 ``ContactCreateNode.email`` is typed ``str`` at registration.
@@ -29,6 +29,7 @@ NODE_KINDS = (
     "BulkUpdateNode",
     "BulkDeleteNode",
     "BulkUpsertNode",
+    "SearchNode",
 )
 
 
@@ -69,12 +70,15 @@ _LIST_PARAMS = {
     "fields": Param(list | None, default=None, description="projection"),
 }
 _COUNT_OUT = {"count": Output(int)}
-#: The node kind generated for models with searchable fields (``<Model>SearchNode``).
+#: Full-text search (``<Model>SearchNode``): every model has the node; a query needs
+#: searchable fields, a filter alone works on any model.
 SEARCH_KIND = "SearchNode"
 _SEARCH_PARAMS = {
     "query": Param(
-        str,
-        description='words (all must occur), "a phrase", -word to exclude, word* for a prefix',
+        str | None,
+        default=None,
+        description='words (all must occur), "a phrase", -word to exclude, word* for a '
+        "prefix; none: every record matching the filter",
     ),
     "filter": _FILTER,
     "limit": Param(int | None, default=None, description="page size (default 20, at most 1000)"),
@@ -214,21 +218,18 @@ def make_nodes(model: ModelInfo, get_ops: Callable[[], ModelOps]) -> dict[str, t
             {"upserted": Output(int)},
         ),
     }
-    kinds = list(NODE_KINDS)
-    if model.searchable_fields:
-        kinds.append(SEARCH_KIND)
-        specs[SEARCH_KIND] = (
-            f"Full-text search of {name} records, most relevant first, with a filter.",
-            search,
-            _SEARCH_PARAMS,
-            {
-                "records": Output(list, f"the {name} records, most relevant first"),
-                "scores": Output(list, "each record's relevance (higher: more relevant)"),
-                "next_page_token": Output(str | None, "token of the next page, if any"),
-            },
-        )
+    specs[SEARCH_KIND] = (
+        f"Full-text search of {name} records, most relevant first, with a filter.",
+        search,
+        _SEARCH_PARAMS,
+        {
+            "records": Output(list, f"the {name} records, most relevant first"),
+            "scores": Output(list, "each record's relevance (higher: more relevant)"),
+            "next_page_token": Output(str | None, "token of the next page, if any"),
+        },
+    )
     out: dict[str, type[Node]] = {}
-    for kind in kinds:
+    for kind in NODE_KINDS:
         doc, run, params, outputs = specs[kind]
         type_name = f"{name}{kind}"
         cls = type(

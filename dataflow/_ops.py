@@ -1,4 +1,4 @@
-"""The eleven operations of a model, callable directly (``db.ops(Contact)``) and wrapped
+"""The twelve operations of a model, callable directly (``db.ops(Contact)``) and wrapped
 by the generated workflow nodes.
 
 Every value is checked against the model before a statement is sent; statements are
@@ -31,6 +31,7 @@ from sqlalchemy import (
     or_,
     select,
     table,
+    true,
     update,
 )
 from sqlalchemy.engine import Row
@@ -511,7 +512,7 @@ class ModelOps:
 
     async def search(
         self,
-        query: str,
+        query: str | None = None,
         filter: Mapping[str, Any] | None = None,
         *,
         limit: int | None = None,
@@ -523,7 +524,9 @@ class ModelOps:
 
         The query language (parsed here, never passed to the engine as written): words
         (all must occur), ``"a phrase"``, ``-word`` or ``-"a phrase"`` to exclude,
-        ``word*`` for words starting so. `limit` is the page size (default
+        ``word*`` for words starting so. Without a query (None or blank) every record
+        matching `filter` is a result, all with score 0, in ``id`` order: that works on
+        any model; a query needs searchable fields. `limit` is the page size (default
         `SEARCH_DEFAULT_LIMIT`, at most `SEARCH_MAX_LIMIT`); pass ``next_page_token``
         back as `page_token`, with the same query and filter, for the next page.
 
@@ -533,17 +536,21 @@ class ModelOps:
             comparable within one database, not between PostgreSQL and SQLite).
 
         Raises:
-            ValidationError: the model has no searchable field, or a bad query, filter,
-                limit, token or field name.
+            ValidationError: a query for a model without searchable fields, or a bad
+                query, filter, limit, token or field name.
+            SchemaMissingError: the search index does not exist (``skip_migration``).
         """
         spec: SearchSpec | None = self.table.info.get("search")
-        if spec is None:
-            raise ValidationError(
-                "query",
-                f"{self.model.name} has no searchable field (declare field(searchable=True) "
-                f"or __searchable__ = True)",
-            )
-        terms = parse_query(query)
+        terms = None
+        if query is not None and (not isinstance(query, str) or query.strip()):
+            if spec is None:
+                raise ValidationError(
+                    "query",
+                    f"{self.model.name} has no searchable field (declare "
+                    f"field(searchable=True) or __searchable__ = True); without a query "
+                    f"a search lists the records matching the filter",
+                )
+            terms = parse_query(query)
         fc = self._fc
         where = fc.compile(filter)
         proj: builtins.list[str] | None = None
@@ -558,15 +565,19 @@ class ModelOps:
         db = self._db
         t = self.table
         q = db.engine.dialect.identifier_preparer.quote
-        if db.dialect == "postgresql":
+        match: Any = true()
+        score: Any = literal(0.0, Float)
+        source: Any = t
+        if terms is None or spec is None:
+            pass  # no query: every record matching the filter, equally relevant
+        elif db.dialect == "postgresql":
             vector: Any = literal_column(f"{q(t.name)}.{q(spec.column)}")
             tsq = func.to_tsquery(
                 literal_column(f"'{spec.config}'::regconfig"),
                 bindparam("search_q", tsquery_text(terms)),
             )
             match = vector.op("@@")(tsq)
-            score: Any = func.ts_rank(vector, tsq, type_=Float)
-            source: Any = t
+            score = func.ts_rank(vector, tsq, type_=Float)
         else:
             fts: Any = literal_column(q(spec.fts_table))
             match = fts.op("MATCH")(bindparam("search_q", fts5_query(terms)))
@@ -578,7 +589,7 @@ class ModelOps:
         context = "search\n" + "\n".join(
             [
                 self.model.name,
-                repr([(x.tokens, x.negated, x.prefix) for x in terms]),
+                repr([(x.tokens, x.negated, x.prefix) for x in terms or ()]),
                 filter_digest(filter),
             ]
         )
@@ -594,6 +605,8 @@ class ModelOps:
                 rows = (await conn.execute(stmt)).all()
         except DatabaseError as exc:
             # the index is missing (skip_migration=True): say so, not "table missing"
+            if spec is None:
+                raise
             cause = exc.__cause__
             text = str(getattr(cause, "orig", cause) or "")  # the driver's words, no SQL
             if f"no such table: {spec.fts_table}" in text or (

@@ -38,7 +38,7 @@ async def test_every_node_type_is_registered_and_close_unregisters_them(
     db = DataFlow(UNREACHABLE)
     declare_contact(db)
     names = [f"Contact{k}" for k in NODE_KINDS]
-    assert len(names) == 11
+    assert len(names) == 12
     assert set(db.node_types("Contact")) == set(names)
     for n in names:
         assert get_node_class(n) is db.node_types()[n]

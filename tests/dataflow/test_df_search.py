@@ -110,7 +110,6 @@ async def test_query_language(make_db: MakeDB) -> None:
     ("query", "reason"),
     [
         ('"ada', "unclosed quote"),
-        ("", "no word"),
         ("!!! ...", "no word"),
         ("-ada", "not excluded"),
         ("x" * 1001, "at most 1000"),
@@ -226,7 +225,14 @@ async def test_migration_backfills_existing_table(make_db: MakeDB, url: str) -> 
     with pytest.raises(ValidationError) as err:
         await plain.ops(Contact).search("ada")
     assert "no searchable field" in err.value.reason
-    assert "ContactSearchNode" not in plain.node_types()
+    # without a query a search is a filtered listing, on any model (the original's
+    # ContactSearchNode with filter and limit)
+    res = await plain.ops(Contact).search(filter={"score": {"$gte": 9}}, limit=1)
+    assert [r["id"] for r in res["records"]] == ["a"] and res["scores"] == [0.0]
+    res = await plain.ops(Contact).search(
+        "  ", {"score": {"$gte": 9}}, page_token=res["next_page_token"], limit=1
+    )
+    assert [r["id"] for r in res["records"]] == ["d"] and res["next_page_token"] is None
     await plain.close()
 
     # skip_migration=True trusts the schema: a search says the index is missing
@@ -282,6 +288,11 @@ async def test_search_node_in_a_workflow(make_db: MakeDB) -> None:
     Contact = _declare(db)
     await db.initialize()
     await _seed(db, Contact)
+    # the original's usage: filter and limit, no query
+    wf0 = WorkflowBuilder()
+    wf0.add_node("ContactSearchNode", "search", {"filter": {"company": "Poets"}, "limit": 10})
+    out0 = (await AsyncLocalRuntime().execute_workflow_async(wf0.build()))["search"]
+    assert [r["id"] for r in out0["records"]] == ["e"]
     node = db.node_types()["ContactSearchNode"]
     assert set(node.parameters) == {"query", "filter", "limit", "page_token", "fields"}
     wf = WorkflowBuilder()
@@ -332,6 +343,7 @@ async def test_declaration_errors(tmp_path: Any) -> None:
     info = db.model_info(Note)
     assert [f.name for f in info.searchable_fields] == ["title"]
     assert "NoteSearchNode" in db.node_types()
+    assert info.search_config == "simple"
     await db.close()
 
 
