@@ -39,6 +39,7 @@ from nexus_api import descriptor_set_bytes
 
 from ._errors import DOMAIN, code_of
 from ._limits import Limits
+from ._probes import HTTP_STATUS_HEADER, PROBE_SERVICE
 from ._supervisor import Supervisor, SupervisorError
 from ._typed import TypedModels
 
@@ -62,6 +63,7 @@ STATIC_SERVICES = (
     "nexus.workflow.v1.WorkflowService",
     "nexus.model.v1.ModelService",
     "nexus.openapi.v1.OpenApiService",
+    PROBE_SERVICE,
 )
 
 #: Largest JSON request body the transcoder buffers (gRPC's default message limit).
@@ -272,6 +274,23 @@ def _local_reply_config() -> dict[str, Any]:
     }
 
 
+#: The HTTP probe route whose status the server sets (`_probes.py`): a successful RPC is
+#: always 200 to the transcoder, so the unhealthy answer carries this header and a Lua
+#: filter, enabled on this route only, makes it the response's status.
+HEALTH_PATH = "/health"
+_LUA_FILTER = "envoy.filters.http.lua"
+_HEALTH_STATUS_LUA = f"""\
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local status = headers:get("{HTTP_STATUS_HEADER}")
+  if status ~= nil then
+    headers:remove("{HTTP_STATUS_HEADER}")
+    headers:replace(":status", status)
+  end
+end
+"""
+
+
 def _transcoder(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3."
@@ -350,6 +369,14 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         },
         {
+            # before the transcoder, so it sees the transcoded response; it has no code
+            # of its own, only on the `/health` route (LuaPerRoute)
+            "name": _LUA_FILTER,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+            },
+        },
+        {
             "name": "envoy.filters.http.grpc_json_transcoder",
             "typed_config": _transcoder(descriptor, options),
         },
@@ -365,11 +392,33 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         "domains": ["*"],
         "routes": [
             {
+                # the transcoded REST request (the transcoder rewrote the path and
+                # matches the route again; a plain gRPC call of the same RPC has no
+                # original path, keeps its 200 and gets the header as metadata)
+                "match": {
+                    "path": f"/{PROBE_SERVICE}/GetHealth",
+                    "headers": [
+                        {
+                            "name": "x-envoy-original-path",
+                            "string_match": {"prefix": HEALTH_PATH},
+                        }
+                    ],
+                },
+                "route": {"cluster": "nexus_grpc", "timeout": "0s"},
+                "typed_per_filter_config": {
+                    _LUA_FILTER: {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3."
+                        "LuaPerRoute",
+                        "source_code": {"inline_string": _HEALTH_STATUS_LUA},
+                    }
+                },
+            },
+            {
                 "match": {"prefix": "/"},
                 # no route timeout: the client's deadline bounds an execution, and
                 # Server-Sent Events streams last as long as the execution
                 "route": {"cluster": "nexus_grpc", "timeout": "0s"},
-            }
+            },
         ],
     }
     if options.cors_origins:

@@ -1,0 +1,127 @@
+"""HTTP probes through the real Envoy: `GET /health` (200 healthy, 503 unhealthy, the
+original Nexus's JSON shape) and `GET /workflows` (the registered workflows with their
+inputs), both in the OpenAPI document; a plain gRPC call of the probe through Envoy is
+not turned into an HTTP error."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nexus_api.nexus.health.v1 import probe_service_pb2 as ppb
+from nexus_api.nexus.health.v1 import probe_service_pb2_grpc as pgrpc
+from nexus_server._limits import Limits
+
+from .conftest import WAIT, Running, build_app
+
+
+def test_health_is_200_with_every_component(client: httpx.Client) -> None:
+    resp = client.get("/health")
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    assert "x-nexus-http-status" not in resp.headers
+    body = resp.json()
+    assert body["status"] == "healthy"
+    assert body["components"]["database"] == {"status": "healthy"}
+    assert body["components"]["workflows"] == {"status": "healthy", "registered": 3}
+
+
+def test_workflows_lists_each_workflow_with_its_inputs(client: httpx.Client) -> None:
+    resp = client.get("/workflows")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body == client.get("/v1/workflows").json()
+    by_name = {w["name"]: w for w in body["workflows"]}
+    assert sorted(by_name) == ["boom", "create_contact", "internal"]
+    inputs = {i["name"]: i for i in by_name["create_contact"]["inputs"]}
+    assert sorted(inputs) == ["company", "email", "name", "score"]
+    assert inputs["name"]["type"] == "str"
+
+
+def test_probes_are_in_the_openapi_document(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    health = paths["/health"]["get"]
+    assert health["operationId"] == "ProbeService_GetHealth"
+    assert "application/json" in health["responses"]["200"]["content"]
+    assert paths["/workflows"]["get"]["operationId"] == "WorkflowService_ListWorkflows_1"
+
+
+def test_the_probe_over_grpc_through_envoy_stays_grpc(envoy_channel: grpc.Channel) -> None:
+    stub = pgrpc.ProbeServiceStub(envoy_channel)
+    body = stub.GetHealth(ppb.GetHealthRequest(), timeout=WAIT)
+    assert body.content_type == "application/json"
+    assert b'"status":"healthy"' in body.data
+
+
+@pytest.fixture
+def own_pg_database(pg_url: str) -> Iterator[tuple[str, str]]:
+    """A PostgreSQL database of its own, so dropping it disturbs nothing else."""
+    name = f"nexus_probes_{uuid.uuid4().hex[:10]}"
+    _admin(pg_url, f'CREATE DATABASE "{name}"')
+    yield f"{pg_url.rsplit('/', 1)[0]}/{name}", name
+    _admin(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _admin(pg_url: str, sql: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(pg_url, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def _grpc_status(address: str) -> Any:
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=WAIT).status
+
+
+def test_health_is_503_unhealthy_when_the_database_is_gone(
+    pg_url: str, own_pg_database: tuple[str, str], _nodes: None, envoy_path: Path
+) -> None:
+    url, name = own_pg_database
+    app = build_app(
+        url,
+        models=False,
+        health_check_interval=0.05,
+        limits=Limits(health_check_timeout=0.5, health_check_failures=1),
+    )
+    run = Running(app)
+    info = run.start()
+    try:
+        with httpx.Client(base_url=f"http://{info.api_address}", timeout=WAIT) as client:
+            assert client.get("/health").status_code == 200
+            _admin(pg_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+            deadline = time.monotonic() + WAIT
+            while _grpc_status(info.address) == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "health never said NOT_SERVING"
+                time.sleep(0.05)
+            resp = client.get("/health")
+            assert resp.status_code == 503, resp.text
+            assert resp.headers["content-type"] == "application/json"
+            assert "x-nexus-http-status" not in resp.headers
+            body = resp.json()
+            assert body["status"] == "unhealthy"
+            assert body["components"]["database"] == {"status": "unhealthy"}
+            # the same state, gRPC-side: the call succeeds, the header says 503
+            with grpc.insecure_channel(info.api_address) as ch:
+                reply, call = pgrpc.ProbeServiceStub(ch).GetHealth.with_call(
+                    ppb.GetHealthRequest(), timeout=WAIT
+                )
+            assert b'"status":"unhealthy"' in reply.data
+            assert ("x-nexus-http-status", "503") in call.initial_metadata()
+    finally:
+        run.stop()
