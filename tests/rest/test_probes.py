@@ -125,3 +125,14 @@ def test_health_is_503_unhealthy_when_the_database_is_gone(
             assert ("x-nexus-http-status", "503") in call.initial_metadata()
     finally:
         run.stop()
+
+
+def test_an_unknown_workflow_suggests_the_closest_over_rest(
+    client: httpx.Client, status_body: Any
+) -> None:
+    resp = client.post("/workflows/crate_contact/execute", json={"inputs": {}})
+    assert resp.status_code == 404, resp.text
+    body = status_body(resp.json(), 5, "WORKFLOW_NOT_FOUND")
+    assert body["message"] == "workflow 'crate_contact' not found (did you mean create_contact?)"
+    info = body["details"][0]
+    assert info["metadata"] == {"workflow": "crate_contact", "suggestion": "create_contact"}
