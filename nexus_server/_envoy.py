@@ -234,6 +234,53 @@ _GRPC_REQUEST: dict[str, Any] = {
 _GRPC_BODY = {"text_format": "%LOCAL_REPLY_BODY%"}
 
 
+#: The RPCs whose REST body is `{"inputs": {...}}` (besides `request_id`): a body that
+#: Envoy cannot map onto their request (the inputs sent without the wrapper, so a
+#: `name` input collides with the path's `{name}`; malformed JSON; a field of the wrong
+#: type) gets a 400 that shows the body expected instead of Envoy's parser message.
+_EXECUTE_RPCS = (
+    "/nexus.workflow.v1.WorkflowService/ExecuteWorkflow",
+    "/nexus.workflow.v1.WorkflowService/StreamExecution",
+)
+_EXECUTE_BODY_HINT = (
+    'invalid request body: send the workflow\'s inputs inside "inputs", as in '
+    '{"inputs": {"name": "John Doe", "email": "john@example.com"}} '
+    '(other fields: "request_id"); GET /v1/workflows/{name} lists a workflow\'s inputs'
+)
+
+
+def _execute_body_error() -> dict[str, Any]:
+    """The 400 of an execution's unreadable REST body (see `_EXECUTE_RPCS`): Envoy's own
+    text is not repeated (it quotes the caller's values, unbounded)."""
+    body = _error_body("REQUEST_INVALID")
+    body["message"] = _EXECUTE_BODY_HINT
+    body["details"].append(
+        {
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "field_violations": [
+                {
+                    "field": "inputs",
+                    "description": 'the inputs must be an object inside "inputs", as in '
+                    '{"inputs": {"name": "John Doe"}}',
+                }
+            ],
+        }
+    )
+    return body
+
+
+#: A REST request to an execution RPC (the transcoder has rewritten `:path` to the RPC's
+#: gRPC path by the time it parses the body).
+_EXECUTE_REQUEST: dict[str, Any] = {
+    "or_filter": {
+        "filters": [
+            {"header_filter": {"header": {"name": ":path", "string_match": {"exact": rpc}}}}
+            for rpc in _EXECUTE_RPCS
+        ]
+    }
+}
+
+
 def _local_reply_config() -> dict[str, Any]:
     """Envoy's own error replies: JSON `google.rpc.Status` documents for REST clients.
 
@@ -256,14 +303,26 @@ def _local_reply_config() -> dict[str, Any]:
                 ],
                 "body_format_override": _GRPC_BODY,
             },
+        ]
+        if status == 400:
+            mappers.append(
+                {
+                    "filter": {"and_filter": {"filters": [_EXECUTE_REQUEST, _status_is(400)]}},
+                    "body_format_override": {
+                        "json_format": _execute_body_error(),
+                        "content_type": "application/json",
+                    },
+                }
+            )
+        mappers.append(
             {
                 "filter": _status_is(status),
                 "body_format_override": {
                     "json_format": _error_body(reason),
                     "content_type": "application/json",
                 },
-            },
-        ]
+            }
+        )
     mappers.append({"filter": _GRPC_REQUEST, "body_format_override": _GRPC_BODY})
     return {
         "mappers": mappers,

@@ -136,3 +136,63 @@ def test_an_unknown_workflow_suggests_the_closest_over_rest(
     assert body["message"] == "workflow 'crate_contact' not found (did you mean create_contact?)"
     info = body["details"][0]
     assert info["metadata"] == {"workflow": "crate_contact", "suggestion": "create_contact"}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/workflows/create_contact/execute",
+        "/v1/workflows/create_contact:execute",
+        "/v1/workflows/create_contact:stream",
+    ],
+)
+def test_inputs_without_the_wrapper_get_a_400_showing_the_body(
+    client: httpx.Client, status_body: Any, url: str
+) -> None:
+    # a `name` input collides with the path's {name}: Envoy refuses the body itself
+    big = "J" * 100_000
+    resp = client.post(url, json={"name": big, "email": "j@example.com"})
+    assert resp.status_code == 400, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    body = status_body(resp.json(), 3, "REQUEST_INVALID", gateway=True)
+    assert '{"inputs": {"name": "John Doe", "email": "john@example.com"}}' in body["message"]
+    assert "conflicting" not in body["message"]
+    assert len(resp.content) < 2000  # the caller's value is not repeated
+    violations = [d for d in body["details"] if d["@type"].endswith("BadRequest")]
+    assert violations[0]["field_violations"][0]["field"] == "inputs"
+    # no collision: the transcoder drops the unknown fields, the server says no inputs came
+    resp = client.post(url, json={"email": "j@example.com", "company": "Acme"})
+    assert resp.status_code == 400, resp.text
+    body = status_body(resp.json(), 3, "INPUTS_INVALID")
+    assert 'no inputs were sent: they go inside the request\'s "inputs" field' in body["message"]
+    fields = [
+        v["field"]
+        for d in body["details"]
+        if d["@type"].endswith("BadRequest")
+        for v in d["field_violations"]
+    ]
+    assert fields == ["inputs.name", "inputs.email", "inputs"]
+    # with the wrapper it runs
+    if url.endswith(":stream"):
+        return
+    ok = client.post(url, json={"inputs": {"name": "J", "email": f"{uuid.uuid4().hex}@x.org"}})
+    assert ok.status_code == 200, ok.text
+
+
+def test_other_unreadable_execute_bodies_show_the_expected_body(
+    client: httpx.Client, status_body: Any
+) -> None:
+    for raw in [b'{"inputs": {', b'{"inputs": "x"}', b"[1, 2]"]:
+        resp = client.post(
+            "/workflows/create_contact/execute",
+            content=raw,
+            headers={"content-type": "application/json"},
+        )
+        assert resp.status_code == 400, raw
+        body = status_body(resp.json(), 3, "REQUEST_INVALID", gateway=True)
+        assert body["message"].startswith("invalid request body: send the workflow's inputs")
+    # another route's unreadable body keeps Envoy's own text
+    resp = client.post("/v1/workflows", content=b"{", headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    body = status_body(resp.json(), 3, "REQUEST_INVALID", gateway=True)
+    assert "inputs" not in body["message"]
