@@ -7,11 +7,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
+from mcp import Client
 
+from clients.mcp._server import Adapter
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
+from nexus_server import Serving
 from workflow import (
     InvalidInputsError,
     RegistryError,
@@ -24,6 +28,7 @@ from workflow import (
 
 ExpectError = Callable[..., Awaitable[tuple[dict[str, str], list[tuple[str, str]]]]]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+WAIT = 15.0
 
 
 def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
@@ -124,3 +129,17 @@ async def test_registration_and_inputs_suggest_over_grpc(
     )
     by_field = dict(violations)
     assert "did you mean email?" in by_field["inputs.emial"]
+
+
+async def test_mcp_suggests_the_closest_tool_and_shows_the_servers_hint(
+    serving: Serving, channel: grpc.aio.Channel
+) -> None:
+    adapter = Adapter(serving.address, poll_interval=60)
+    with anyio.fail_after(WAIT):
+        async with Client(adapter.server) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert "run_create_contact" in names
+            res = await client.call_tool("run_crate_contact", {"name": "A", "email": "a@b.c"})
+            assert res.is_error
+            text = res.content[0].text  # type: ignore[union-attr]
+            assert text == "unknown tool 'run_crate_contact' (did you mean run_create_contact?)"
