@@ -25,11 +25,39 @@ from nexus_api.nexus.health.v1 import probe_service_pb2, probe_service_pb2_grpc
 
 from ._registry import WorkflowRegistry
 
-__all__ = ["HTTP_STATUS_HEADER", "PROBE_SERVICE", "ProbeServicer", "health_document"]
+__all__ = [
+    "HEALTH_SCHEMA",
+    "HTTP_STATUS_HEADER",
+    "PROBE_SERVICE",
+    "ProbeServicer",
+    "health_document",
+]
 
 PROBE_SERVICE = "nexus.health.v1.ProbeService"
 #: Response header carrying the HTTP status Envoy gives a REST response (`_envoy.py`).
 HTTP_STATUS_HEADER = "x-nexus-http-status"
+
+
+_STATUS_SCHEMA: dict[str, Any] = {"type": "string", "enum": ["healthy", "unhealthy"]}
+#: The JSON schema of the health document (the OpenAPI document's `GET /health`, for
+#: both its 200 and its 503).
+HEALTH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "components"],
+    "properties": {
+        "status": _STATUS_SCHEMA,
+        "components": {
+            "type": "object",
+            "description": "each component's state: `database` (the database answers "
+            "pings), `workflows` (`registered`: how many)",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {"status": _STATUS_SCHEMA},
+            },
+        },
+    },
+}
 
 
 def health_document(*, database_ok: bool, workflows: int) -> dict[str, Any]:

@@ -52,7 +52,9 @@ def test_probes_are_in_the_openapi_document(client: httpx.Client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     health = paths["/health"]["get"]
     assert health["operationId"] == "ProbeService_GetHealth"
-    assert "application/json" in health["responses"]["200"]["content"]
+    ok = health["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["properties"]["status"]["enum"] == ["healthy", "unhealthy"]
+    assert health["responses"]["503"]["content"]["application/json"]["schema"] == ok
     assert paths["/workflows"]["get"]["operationId"] == "WorkflowService_ListWorkflows_1"
 
 
