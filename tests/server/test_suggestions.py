@@ -4,7 +4,11 @@ names, ErrorInfo metadata `suggestion`) and in the engine itself."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,6 +33,7 @@ from workflow import (
 ExpectError = Callable[..., Awaitable[tuple[dict[str, str], list[tuple[str, str]]]]]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 WAIT = 15.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
@@ -143,3 +148,19 @@ async def test_mcp_suggests_the_closest_tool_and_shows_the_servers_hint(
             assert res.is_error
             text = res.content[0].text  # type: ignore[union-attr]
             assert text == "unknown tool 'run_crate_contact' (did you mean run_create_contact?)"
+
+
+async def test_the_cli_shows_the_suggestion(serving: Serving, channel: grpc.aio.Channel) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "clients.cli", "-s", serving.address,
+        "run", "crate_contact", "--name", "Ann",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip
+    async with asyncio.timeout(WAIT * 2):
+        out, err = await proc.communicate()
+    assert proc.returncode == 3, (out, err)  # NOT_FOUND
+    text = err.decode()
+    assert "workflow 'crate_contact' not found (did you mean create_contact?)" in text
+    assert "suggestion=create_contact" in text
