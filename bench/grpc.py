@@ -44,6 +44,7 @@ import dataclasses
 import datetime as dt
 import functools
 import importlib
+import itertools
 import json
 import os
 import re
@@ -533,6 +534,69 @@ def rows(db: Path, table: str) -> Callable[[], int]:
     return count
 
 
+def print_request_ids(base: str, this: str, where: str, args: argparse.Namespace) -> None:
+    """ExecuteWorkflow create_contact with a unique request_id per call (durable before
+    the reply), this checkout against `where`, alternating rounds. h2load sends one body
+    for every request, so these calls come from a grpc.aio client process
+    (`--drive`), which costs about as much CPU as the server: compare the two servers
+    with each other, not with the table above."""
+    print(
+        f"\nExecuteWorkflow create_contact with a request_id per call (grpc.aio client "
+        f"process; best of {args.rounds} alternating round(s) of {args.seconds:g} s)"
+    )
+    header = f"{'case':<40} {'conc':>4} {'req/s':>9} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for conc in (1, 16):
+        best = {base: 0.0, this: 0.0}
+        for r in range(args.rounds):
+            for address in (base, this):
+                best[address] = max(best[address], drive(address, conc, args.seconds, r))
+        print(f"{'create_contact served from ' + where:<40} {conc:>4} {best[base]:>9,.0f}")
+        print(
+            f"{'create_contact (this checkout)':<40} {conc:>4} {best[this]:>9,.0f} "
+            f"{best[this] / best[base]:>6.2f}",
+            flush=True,
+        )
+
+
+def drive(address: str, concurrency: int, seconds: float, round_: int) -> float:
+    """Calls per second of a `--drive` client process (bounded by `seconds` and a
+    timeout); every call must succeed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--drive", address,
+           "--concurrency", str(concurrency), "--seconds", str(seconds),
+           "--tag", f"{uuid.uuid4().hex[:8]}-{round_}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 5 + 30)
+    if done.returncode != 0:
+        raise RuntimeError(f"the client failed: {done.stderr[-2000:]}")
+    calls, spent = json.loads(done.stdout)
+    return float(calls) / float(spent)
+
+
+async def drive_calls(address: str, concurrency: int, seconds: float, tag: str) -> None:
+    """`--drive`: `concurrency` workers calling create_contact, each call with a request_id
+    of its own, for `seconds`; prints [calls, seconds] as JSON."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(EXECUTE)
+        counter = itertools.count()
+        stop = time.perf_counter() + seconds
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                i = next(counter)
+                req = wf_pb2.ExecuteWorkflowRequest(name="create_contact", request_id=f"{tag}-{i}")
+                req.inputs.update({"name": f"P {i}", "email": f"p{i}@example.org"})
+                reply = wf_pb2.Execution.FromString(await call(req.SerializeToString(), timeout=30))
+                assert reply.state == wf_pb2.Execution.STATE_SUCCEEDED, reply
+                done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        print(json.dumps([done, time.perf_counter() - started]))
+
+
 def execute_body(workflow: str, inputs: dict[str, Any] | None = None) -> bytes:
     req = wf_pb2.ExecuteWorkflowRequest(name=workflow)
     req.inputs.update(inputs or {})
@@ -669,6 +733,9 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
                         for who, (lp, ot, idle) in (("baseline", base.cpu), ("this", load.cpu))
                     ))  # fmt: skip
             print()
+        if other is not None:
+            assert args.against is not None
+            print_request_ids(other.address, nexus.address, Path(args.against).name, args)
         rss = {s.name: s.vm("VmHWM") for s in servers}
         print(
             "peak RSS after the load: "
@@ -786,9 +853,16 @@ def main() -> int:
     )
     # internal: serve a bare baseline in this process
     p.add_argument("--serve", choices=["echo", "driver"], help=argparse.SUPPRESS)
+    # internal: the client process of print_request_ids
+    p.add_argument("--drive", metavar="ADDRESS", help=argparse.SUPPRESS)
+    p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--tag", default="r", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--db", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.drive:
+        asyncio.run(drive_calls(args.drive, args.concurrency, args.seconds or 3.0, args.tag))
+        return 0
     if args.serve:
         asyncio.run(serve_bare(args.serve, args.db, args.port))
         return 0

@@ -104,17 +104,25 @@ def normalize(value: Any) -> Any:
 def to_json(msg: message.Message) -> Any:
     """The proto3 JSON document of `msg`: what REST returns for the same call.
 
+    Fields without presence that hold their default value (`false`, `0`, `""`, `[]`)
+    are printed too, as Envoy's transcoder prints them (`always_print_primitive_fields`):
+    the CLI's `-o json` and the MCP adapter's results are exactly the REST body.
+
     A `google.protobuf.Value` number that is not finite (a record stored before such
     values were refused) has no proto3 JSON form; it is printed as a double field is,
     `"NaN"`, `"Infinity"` or `"-Infinity"`, instead of failing the whole document.
     """
     try:
-        doc = MessageToDict(msg, preserving_proto_field_name=True)
+        doc = MessageToDict(
+            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
     except (ValueError, json_format.Error):  # json_format wraps it in a nested message
         copy = type(msg)()
         copy.CopyFrom(msg)
         _finite(copy)
-        doc = MessageToDict(copy, preserving_proto_field_name=True)
+        doc = MessageToDict(
+            copy, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
     return normalize(doc)
 
 
@@ -362,7 +370,8 @@ class DynamicMethods:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> Iterator[Any]:
-        """Call `target` with the JSON `body`; yields each response as proto3 JSON."""
+        """Call `target` with the JSON `body`; yields each response as proto3 JSON, default
+        values included (the REST body of the same call)."""
         method = self.find(target)
         if method.client_streaming:
             raise KeyError(f"{target}: client-streaming RPCs are not supported")

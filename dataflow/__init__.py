@@ -37,6 +37,7 @@ from ._errors import (
     MigrationError,
     ModelError,
     NotFoundError,
+    SchemaMissingError,
     UniqueViolation,
     ValidationError,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "ModelInfo",
     "ModelOps",
     "NotFoundError",
+    "SchemaMissingError",
     "UniqueViolation",
     "ValidationError",
     "dialect_insert",

@@ -14,6 +14,7 @@ import re
 import secrets
 import sqlite3
 import sys
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,6 +36,7 @@ from ._errors import (
     DataFlowError,
     MigrationError,
     ModelError,
+    SchemaMissingError,
     ValidationError,
 )
 from ._fastpath import driver_value
@@ -73,6 +75,9 @@ MAX_BULK_ROWS = 10_000
 _SECRET_KEY = "token_secret"
 
 _log = logging.getLogger("dataflow")
+
+#: Every DataFlow constructed and not yet collected (`DataFlow.owner_of`).
+_LIVE: weakref.WeakSet[DataFlow] = weakref.WeakSet()
 
 
 class _NotHere:
@@ -179,6 +184,7 @@ def _sqlite_begin(conn: Connection) -> None:
 
 
 _PG_KEY = re.compile(r"Key \(([^)]*)\)=")
+_NO_TABLE = re.compile(r"no such table: (?:\w+\.)?(\w+)|relation \"(?:\w+\.)?(\w+)\" does not")
 _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.*)$")
 _NOT_NULL = re.compile(r"NOT NULL constraint failed: \w+\.(\w+)|column \"(\w+)\"")
 
@@ -211,8 +217,8 @@ def _describe_failure(exc: BaseException, cause: Any, code: str, text: str, mode
     """What failed, in words: never the driver's class, SQL, a path or an address."""
     what = f"{model.name}: " if model else ""
     table = f"the table {model.table!r}" if model else "a table"
-    if code == "42P01" or "no such table" in text:
-        return f"{what}{table} does not exist; initialize() creates it (or migrate it)"
+    if code == "3D000":
+        return f"{what}the database does not exist (create it first)"
     if code == "42703" or "no such column" in text:
         return f"{what}a column of {table} is missing; the schema differs from the model"
     if code.startswith(_UNREACHABLE_STATES) or isinstance(cause, OSError | TimeoutError):
@@ -259,6 +265,13 @@ def _map_error(exc: BaseException, model: ModelInfo | None) -> DataFlowError:
         m = _NOT_NULL.search(text)
         field = (m.group(1) or m.group(2)) if m else ""
         return ValidationError(field, "may not be null")
+    if code == "42P01" or "no such table" in text:
+        missing = _NO_TABLE.search(text)
+        found = (missing.group(1) or missing.group(2)) if missing else None
+        table = model.table if model else (found or "?")
+        missing_table = SchemaMissingError(table, model.name if model else None)
+        _log.warning("%s (%s)", missing_table, type(cause).__name__)
+        return missing_table
     if code in ("40001", "40P01") or "database is locked" in text:
         return ConflictError(f"{name}: the transaction conflicted with another one; retry it")
     if isinstance(exc, sa_exc.IntegrityError) or (code and str(code).startswith("23")):
@@ -311,6 +324,9 @@ class DataFlow:
         echo: log SQL statements (SQLAlchemy's ``echo``).
         max_bulk_rows: the most rows (or ids) one bulk operation accepts; more is a
             ValidationError on ``records`` before any row is looked at.
+        enable_metrics, enable_caching: the original's options for capabilities a
+            later issue adds (metrics, a query cache): False/None is accepted, True is
+            refused with a ValueError naming what it needs.
 
     Declaring models does no I/O. `initialize()` connects, migrates and persists, once.
     """
@@ -325,9 +341,28 @@ class DataFlow:
         connection_pool_size: int = 10,
         echo: bool = False,
         max_bulk_rows: int = MAX_BULK_ROWS,
+        enable_metrics: bool | None = None,
+        enable_caching: bool | None = None,
     ) -> None:
         if not isinstance(max_bulk_rows, int) or max_bulk_rows < 1:
             raise ValidationError("max_bulk_rows", "expects a positive integer")
+        if (
+            not isinstance(connection_pool_size, int)
+            or isinstance(connection_pool_size, bool)
+            or connection_pool_size < 1
+        ):
+            raise ValidationError("connection_pool_size", "expects a positive integer")
+        for option, value, capability in (
+            ("enable_metrics", enable_metrics, "metrics"),
+            ("enable_caching", enable_caching, "a query cache (caching)"),
+        ):
+            if value is not None and value is not False:
+                raise ValidationError(
+                    option,
+                    f"DataFlow({option}={value!r}): not available yet: needs {capability}, "
+                    f"which a later issue adds (after issue 15); leave it unset (None/False)",
+                )
+        _LIVE.add(self)
         self.max_bulk_rows = max_bulk_rows
         self._secret: bytes | None = None
         url = database_url or os.environ.get("DATABASE_URL") or DEFAULT_URL
@@ -375,6 +410,17 @@ class DataFlow:
 
     def __repr__(self) -> str:
         return f"<DataFlow {self.url} models={list(self._models)}>"
+
+    @staticmethod
+    def owner_of(node_type: type[Node]) -> DataFlow | None:
+        """The open DataFlow whose model generated `node_type`, if any (how an app
+        finds the DataFlow its workflows use without `integrate_dataflow`)."""
+        model = getattr(node_type, "dataflow_model", None)
+        for db in list(_LIVE):
+            entry = db._models.get(model) if isinstance(model, str) else None
+            if entry is not None and node_type in entry.nodes.values():
+                return db
+        return None
 
     @property
     def url(self) -> str:

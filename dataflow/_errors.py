@@ -15,6 +15,7 @@ __all__ = [
     "MigrationError",
     "ModelError",
     "NotFoundError",
+    "SchemaMissingError",
     "UniqueViolation",
     "ValidationError",
 ]
@@ -114,3 +115,20 @@ class DatabaseError(DataFlowError):
     """The database failed in a way that is not the caller's fault (connection lost,
     server error). The message names the operation; the driver's exception is not
     exposed."""
+
+
+class SchemaMissingError(MigrationError, DatabaseError):
+    """A model's table does not exist in the database (never created: DataFlow was told
+    to skip migration, or it was dropped since). The message names the table and the
+    options that create it. A MigrationError (a server answers FAILED_PRECONDITION: the
+    database is reachable and retrying will not help) and, as before, a DatabaseError."""
+
+    def __init__(self, table: str, model: str | None = None) -> None:
+        self.differences = [f"missing table {table!r}"]
+        self.table = table
+        what = f"{model}: " if model else ""
+        DataFlowError.__init__(
+            self,
+            f"{what}the table {table!r} does not exist; DataFlow creates it at start "
+            f"with auto_migrate=True and skip_migration=False",
+        )

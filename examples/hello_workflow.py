@@ -1,6 +1,10 @@
-"""A two-node workflow run with the synchronous runtime: `make run` runs this file.
+"""A two-node workflow run with the synchronous runtime, no server involved.
 
-It greets a name, then shouts the greeting, printing each node's progress as it goes.
+It greets a name, then shouts the greeting, printing each node's progress as it goes:
+
+    .venv/bin/python examples/hello_workflow.py ada     # or: python examples/hello_workflow.py
+
+(`make run` serves `examples/contacts_app.py` instead: the server, for the CLI and REST.)
 """
 
 from __future__ import annotations

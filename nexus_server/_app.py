@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +41,7 @@ from ._workflow_service import WorkflowServicer
 if TYPE_CHECKING:
     from ._envoy import EnvoySupervisor
 
-__all__ = ["Nexus", "Serving"]
+__all__ = ["GrpcPortError", "Nexus", "Serving", "UnavailableOption", "deferred_start"]
 
 _log = logging.getLogger("nexus_server")
 
@@ -110,8 +109,10 @@ class Nexus:
     Args:
         grpc_port: the gRPC port (0 picks a free one; `Serving.port` tells which).
         api_port: the port Envoy listens on (REST, gRPC-Web and gRPC) when the app is
-            served with Envoy (`nexus serve`, `serving(envoy=True)`); 0 picks a free one.
-        mcp_port: the MCP adapter's HTTP port (MCP issue).
+            served (`start()`, `nexus serve`, `serving(envoy=True)`); 0 picks a free one;
+            None: no Envoy (gRPC only).
+        mcp_port: the MCP adapter's streamable HTTP port when the app is served
+            (`start()`, `nexus serve`); 0 picks a free one; None: no MCP adapter.
         host: the interface to listen on.
         auto_discovery: at start, import workflow files found under the working
             directory (`workflows/*.py`, `*_workflow.py`, `workflow_*.py`,
@@ -126,14 +127,23 @@ class Nexus:
             empty: no CORS headers (same-origin browsers and non-browser clients only).
         limits: bounds on what requests and connections may cost (`Limits`: sizes of
             registered workflows, connection timeouts, health check tolerance).
+        enable_durability: executions called with a `request_id` are durable (recorded
+            before the reply, answered from the record on retry): True or None. False is
+            refused: that guarantee cannot be turned off.
+        enable_auth, enable_monitoring, rate_limit: the original's options for
+            capabilities later issues add; False/None is accepted, anything else is
+            refused (`UnavailableOption`) naming the capability it needs.
+
+    The options are checked at construction and again at `start()`/`serving()`, so the
+    attribute form (`app.enable_auth = True` before `start()`) is refused the same way.
     """
 
     def __init__(
         self,
         *,
         grpc_port: int = 50051,
-        api_port: int = 8000,
-        mcp_port: int = 3001,
+        api_port: int | None = 8000,
+        mcp_port: int | None = 3001,
         host: str = "127.0.0.1",
         auto_discovery: bool = False,
         allow_code_nodes: bool = False,
@@ -143,6 +153,10 @@ class Nexus:
         discovery_root: str | Path | None = None,
         cors_origins: Sequence[str] = (),
         limits: Limits | None = None,
+        enable_durability: bool | None = True,
+        enable_auth: bool | None = None,
+        enable_monitoring: bool | None = None,
+        rate_limit: object = None,
     ) -> None:
         self.grpc_port = grpc_port
         self.api_port = api_port
@@ -157,15 +171,67 @@ class Nexus:
         self.cors_origins = tuple(cors_origins)
         self.limits = limits or Limits()
         self.registry = WorkflowRegistry()
+        self.enable_durability = enable_durability
+        self.enable_auth = enable_auth
+        self.enable_monitoring = enable_monitoring
+        self.rate_limit = rate_limit
         self.db: DataFlow | None = None
         self._own_db = False
+        self._chosen_db = False
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Refuse options this build cannot honour (see the class docstring).
+
+        Raises:
+            UnavailableOption: an option of a capability a later issue adds is set.
+            ValueError: `enable_durability=False`.
+        """
+        for option, capability in _LATER_OPTIONS.items():
+            value = getattr(self, option)
+            if value is not None and value is not False:
+                raise UnavailableOption(f"Nexus({option}={value!r})", capability)
+        if self.enable_durability is False:
+            raise ValueError(
+                "Nexus(enable_durability=False): cannot be turned off: an execution "
+                "called with a request_id is always recorded before its reply, so a "
+                "retry gets that reply instead of running it twice; leave it True"
+            )
+
+    def resolve_dataflow(self) -> DataFlow | None:
+        """The DataFlow the app serves: the one `integrate_dataflow` chose, or else the
+        one whose model nodes the registered workflows use (integrated now, so its
+        models get their typed services and executions are recorded in its database).
+
+        Raises:
+            ValueError: the workflows use the models of two DataFlow instances and
+                neither was chosen with `integrate_dataflow`.
+        """
+        if self._chosen_db:
+            return self.db
+        used: dict[int, DataFlow] = {}
+        for name in self.registry.names():
+            for node in self.registry.get(name).workflow.nodes.values():
+                db = DataFlow.owner_of(type(node))
+                if db is not None:
+                    used.setdefault(id(db), db)
+        if len(used) > 1:
+            urls = " and ".join(repr(shown_url(db)) for db in used.values())
+            raise ValueError(
+                f"the registered workflows use the models of two DataFlow instances "
+                f"({urls}); choose the one the app serves with app.integrate_dataflow(db)"
+            )
+        if used:
+            self.db = next(iter(used.values()))
+            self._own_db = False
+        return self.db
 
     def integrate_dataflow(self, db: DataFlow) -> None:
         """Serve `db`'s models (ModelService and a typed service per model) and keep the
         execution records in its database. One DataFlow per app."""
-        if self.db is not None and self.db is not db:
+        if self._chosen_db and self.db is not db:
             raise ValueError("this app already integrates a DataFlow; use one per app")
-        self.db = db
+        self.db, self._chosen_db = db, True
 
     def register(self, name: str, workflow: Workflow) -> None:
         """Expose `workflow` as `name` on every channel. The name is checked now."""
@@ -185,12 +251,14 @@ class Nexus:
         it is ready, restarts it if it dies and stops it first on exit.
         """
         started = time.perf_counter()
+        self.check_options()
+        if self.auto_discovery:
+            self._discover()
+        self.resolve_dataflow()  # after discovery: discovered workflows count too
         if self.db is None:
             # executions are recorded in the embedded default database
             self.db, self._own_db = DataFlow(), True
         db = self.db
-        if self.auto_discovery:
-            self._discover()
         await db.initialize()
         store = Store(db)
         interrupted = await store.initialize()
@@ -239,15 +307,24 @@ class Nexus:
             ),
             handlers,
         )
-        port = server.add_insecure_port(f"{self.host}:{self.grpc_port}")
+        try:
+            port = server.add_insecure_port(f"{self.host}:{self.grpc_port}")
+        except RuntimeError:  # grpcio raises it for a port it cannot bind
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {self.host}:{self.grpc_port}")
+            await executions.close(0)
+            raise GrpcPortError(
+                f"cannot start gRPC on port {self.grpc_port}: {self.host}:{self.grpc_port} "
+                "is in use (or not an address of this host)"
+            )
         await server.start()
         await _set_health(health_servicer, services, serving=True)
         watcher = asyncio.create_task(self._watch_database(db, health_servicer, services))
         supervisor: EnvoySupervisor | None = None
         try:
             if envoy:
+                if self.api_port is None:
+                    raise ValueError("serving(envoy=True) needs an api_port (it is None)")
                 from ._envoy import (
                     EnvoyOptions,
                     EnvoySupervisor,
@@ -337,18 +414,65 @@ class Nexus:
                 log("database %s", "reachable again" if ok else "unreachable: NOT_SERVING")
 
     def start(self) -> None:
-        """Serve until SIGINT or SIGTERM (blocking)."""
-        asyncio.run(self._serve_forever())
+        """Serve every configured channel until SIGINT or SIGTERM (blocking), exactly as
+        `nexus serve` does (one code path, `_cli.run_app`): gRPC on `grpc_port`, Envoy
+        on `api_port`, the MCP adapter on `mcp_port` (a port set to None: that channel
+        is off). A clean start failure (a busy port, a missing database) prints one line
+        and exits with status 3.
 
-    async def _serve_forever(self) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        async with self.serving() as info:
-            print(f"Nexus gRPC server on {info.address}", flush=True)
-            await stop.wait()
+        While `nexus serve` imports the app's file, `start()` only records the request
+        and returns: `nexus serve` then serves once, with its own options.
+        """
+        if _DEFERRED is not None:
+            _DEFERRED.append(self)
+            return
+        from ._cli import run_app
+
+        if not logging.getLogger().handlers:
+            logging.basicConfig(
+                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
+        code = run_app(self, log_level="info")
+        if code:
+            raise SystemExit(code)
+
+
+class GrpcPortError(OSError):
+    """The gRPC port could not be bound (in use, or not an address of this host)."""
+
+
+class UnavailableOption(ValueError):
+    """An option of a capability this build does not have yet."""
+
+    def __init__(self, option: str, capability: str) -> None:
+        super().__init__(
+            f"{option}: not available yet: needs {capability}, which a later issue adds "
+            f"(after issue 15); leave it unset (None/False)"
+        )
+
+
+#: The original's options whose capabilities come in later issues.
+_LATER_OPTIONS = {
+    "enable_auth": "authentication",
+    "enable_monitoring": "metrics (monitoring)",
+    "rate_limit": "rate limits",
+}
+
+#: While `nexus serve` loads an app file, the apps whose `start()` was called (see
+#: `deferred_start`); None otherwise.
+_DEFERRED: list[Nexus] | None = None
+
+
+@contextlib.contextmanager
+def deferred_start() -> Iterator[list[Nexus]]:
+    """Within the block, `Nexus.start()` records its app instead of serving (how
+    `nexus serve app.py` loads a file that calls `app.start()` at module level)."""
+    global _DEFERRED
+    previous, _DEFERRED = _DEFERRED, []
+    try:
+        yield _DEFERRED
+    finally:
+        _DEFERRED = previous
 
 
 #: How often the loop's lateness is sampled during a database ping.
@@ -421,6 +545,15 @@ def _openapi_document(typed: TypedModels) -> bytes:
     from ._openapi import openapi_json
 
     return openapi_json(merged_descriptor_set(typed), transcoded_services(typed))
+
+
+def shown_url(db: DataFlow) -> str:
+    """`db`'s URL as a user writes it: without the async driver DataFlow picked
+    (`postgresql://...`, not `postgresql+asyncpg://...`), password hidden."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db.url)
+    return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
 
 
 def _local(host: str) -> str:

@@ -1,8 +1,11 @@
 """The `nexus` server commands: `nexus serve APP`, `nexus proto export APP`,
 `nexus envoy-config APP` and `nexus openapi APP`.
 
-`nexus serve --mcp` also runs the MCP adapter, as a supervised child process that talks
-to the server over gRPC like any other client (see `_mcp_process.py`).
+`nexus serve` serves every channel the app is configured for, exactly as `app.start()`
+does (both call `run_app`): gRPC, Envoy in front (REST, gRPC-Web, gRPC) unless
+`--no-envoy`/`api_port=None`, and the MCP adapter unless `--no-mcp`/`mcp_port=None`, a
+supervised child process that talks to the server over gRPC like any other client (see
+`_mcp_process.py`).
 
 APP is `path/to/app.py` (its `app` attribute) or `module:attr`, naming a `Nexus`.
 This command, not the library, configures logging.
@@ -22,10 +25,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._app import Nexus, _local
+from ._app import (
+    GrpcPortError,
+    Nexus,
+    UnavailableOption,
+    _local,
+    deferred_start,
+    shown_url,
+)
 from ._discovery import load_app_target
 
 if TYPE_CHECKING:
+    from dataflow import DataFlow
+
     from ._mcp_process import McpProcess
     from ._typed import TypedModels
 
@@ -33,15 +45,29 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+_log = logging.getLogger("nexus_server")
+
 EXIT_USAGE = 2
 EXIT_APP = 3
+#: The MCP adapter's port when `--mcp` is given and the app turned MCP off.
+DEFAULT_MCP_PORT = 3001
+#: Envoy's port in `nexus envoy-config` when neither --api-port nor the app sets one.
+DEFAULT_API_PORT = 8000
 
 
 def _load(target: str) -> Nexus:
+    """The app `target` names. An `app.start()` the file calls while it is imported
+    (at module level, without a `__main__` guard) is recorded, not run: the command
+    serves (or exports) the app itself, once."""
+    from dataflow import ValidationError
+
     try:
-        app = load_app_target(target)
+        with deferred_start():
+            app = load_app_target(target)
     except (FileNotFoundError, AttributeError, ImportError) as exc:
         raise SystemExit(f"nexus: cannot load {target!r}: {exc}") from None
+    except (UnavailableOption, ValidationError) as exc:  # an option the app passes
+        raise SystemExit(f"nexus: {target}: {exc}") from None
     if not isinstance(app, Nexus):
         raise SystemExit(f"nexus: {target!r} is a {type(app).__name__}, not a Nexus app")
     return app
@@ -51,19 +77,25 @@ def _typed(app: Nexus) -> TypedModels:
     from ._app import _static_files
     from ._typed import TypedModels
 
-    return TypedModels(app.db.models if app.db else (), _static_files())
+    try:
+        db = app.resolve_dataflow()  # the DataFlow its workflows use, as at start
+    except ValueError as exc:
+        raise SystemExit(f"nexus: {exc}") from None
+    return TypedModels(db.models if db else (), _static_files())
 
 
-async def _serve(app: Nexus, *, envoy: bool, mcp: bool, log_level: str) -> None:
+async def _serve(app: Nexus, *, log_level: str) -> None:
+    """Serve every channel `app` is configured for until SIGINT/SIGTERM: gRPC, Envoy
+    (unless `api_port` is None) and the MCP adapter (unless `mcp_port` is None)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        info = await stack.enter_async_context(app.serving(envoy=envoy))
+        info = await stack.enter_async_context(app.serving(envoy=app.api_port is not None))
         adapter: McpProcess | None = None
-        if mcp:
+        if app.mcp_port is not None:
             from ._mcp_process import McpProcess
 
             # a client of this server, so stopped before it (the stack unwinds in reverse)
@@ -74,6 +106,8 @@ async def _serve(app: Nexus, *, envoy: bool, mcp: bool, log_level: str) -> None:
                 log_level="debug" if log_level == "debug" else "warning",
             )
             await stack.enter_async_context(adapter)
+        if app.db is not None and app.db.skip_migration:
+            await _warn_missing_tables(app.db)
         names = ", ".join(app.registry.names()) or "none"
         models = ", ".join(m.name for m in (app.db.models if app.db else ())) or "none"
         print(
@@ -95,10 +129,75 @@ async def _serve(app: Nexus, *, envoy: bool, mcp: bool, log_level: str) -> None:
         print("stopping: letting in-flight calls finish...", flush=True)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+async def _warn_missing_tables(db: DataFlow) -> None:
+    """With `skip_migration=True` nothing creates the models' tables: say at start which
+    are missing (each call on such a model fails with FAILED_PRECONDITION)."""
+    from sqlalchemy import inspect
+
+    from dataflow import DataFlowError
+
+    try:
+        present = await db.run_sync(lambda conn: set(inspect(conn).get_table_names()))
+    except DataFlowError as exc:
+        _log.warning("cannot list the database's tables: %s", exc)
+        return
+    for model in db.models:
+        if model.table not in present:
+            _log.warning(
+                "model %s: the table %r does not exist and skip_migration=True: calls on "
+                "it fail (FAILED_PRECONDITION) until it is created; "
+                "DataFlow(auto_migrate=True, skip_migration=False) creates it at start",
+                model.name,
+                model.table,
+            )
+
+
+def run_app(app: Nexus, *, log_level: str = "info") -> int:
+    """Serve `app` until Ctrl-C/SIGTERM: the one code path of `nexus serve` and
+    `Nexus.start()`. A start that cannot happen (a busy port, a database that is not
+    there, an option this build refuses) prints one line (and a hint) on stderr and
+    returns EXIT_APP; a clean stop returns 0."""
+    from dataflow import DataFlowError
+
     from ._envoy import EnvoyError
     from ._mcp_process import McpProcessError
 
+    try:
+        asyncio.run(_serve(app, log_level=log_level))
+    except McpProcessError as exc:
+        return _fail(
+            f"cannot start the MCP adapter on port {app.mcp_port}: {exc}",
+            "choose another port with --mcp-port (mcp_port=), or serve without MCP "
+            "with --no-mcp (mcp_port=None)",
+        )
+    except EnvoyError as exc:
+        return _fail(
+            f"cannot start Envoy on port {app.api_port}: {exc}",
+            "choose another port with --api-port (api_port=), or serve gRPC only with "
+            "--no-envoy (api_port=None)",
+        )
+    except GrpcPortError as exc:
+        return _fail(str(exc), "choose another port with --grpc-port (grpc_port=)")
+    except DataFlowError as exc:
+        url = shown_url(app.db) if app.db is not None else "the app's database"
+        return _fail(f"cannot open the database {url}: {_first_line(str(exc))}", None)
+    except ValueError as exc:  # an option refused at start (the attribute form)
+        return _fail(str(exc), None)
+    except OSError as exc:
+        return _fail(f"cannot serve: {exc}", None)
+    return 0
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _fail(message: str, hint: str | None) -> int:
+    print(f"nexus: {message}" + (f"\n  {hint}" if hint else ""), file=sys.stderr, flush=True)
+    return EXIT_APP
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -109,30 +208,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         app.grpc_port = args.grpc_port
     if args.api_port is not None:
         app.api_port = args.api_port
+    if args.no_envoy:
+        app.api_port = None
     if args.mcp_port is not None:
         app.mcp_port = args.mcp_port
+    elif args.mcp and app.mcp_port is None:
+        app.mcp_port = DEFAULT_MCP_PORT
+    if args.no_mcp:
+        app.mcp_port = None
     if args.cors_origin:
         app.cors_origins = tuple(args.cors_origin)
-    try:
-        asyncio.run(_serve(app, envoy=not args.no_envoy, mcp=args.mcp, log_level=args.log_level))
-    except McpProcessError as exc:
-        print(
-            f"nexus: cannot start the MCP adapter on port {app.mcp_port}: {exc}\n"
-            "  choose another port with --mcp-port, or serve without --mcp",
-            file=sys.stderr,
-        )
-        return EXIT_APP
-    except EnvoyError as exc:
-        print(
-            f"nexus: cannot start Envoy on port {app.api_port}: {exc}\n"
-            "  choose another port with --api-port, or serve gRPC only with --no-envoy",
-            file=sys.stderr,
-        )
-        return EXIT_APP
-    except OSError as exc:
-        print(f"nexus: cannot serve: {exc}", file=sys.stderr)
-        return EXIT_APP
-    return 0
+    return run_app(app, log_level=args.log_level)
 
 
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
@@ -155,7 +241,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         grpc_host=args.grpc_host,
         grpc_port=app.grpc_port if args.grpc_port is None else args.grpc_port,
         api_host=args.api_host,
-        api_port=app.api_port if args.api_port is None else args.api_port,
+        api_port=next(p for p in (args.api_port, app.api_port, DEFAULT_API_PORT) if p is not None),
         admin_socket=args.admin_socket,
         admin_port=args.admin_port,
         cors_origins=tuple(args.cors_origin or app.cors_origins),
@@ -213,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
-        "serve", help="serve APP over gRPC, with Envoy in front for REST, until Ctrl-C"
+        "serve",
+        help="serve APP until Ctrl-C: gRPC, Envoy in front (REST, gRPC-Web, gRPC) and the "
+        "MCP adapter, each unless turned off (as app.start() does)",
     )
     serve.add_argument("app", help="path/to/app.py or module:attr naming a Nexus app")
     serve.add_argument("--host", help="interface to listen on (default: the app's)")
@@ -222,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-port", type=int, help="Envoy's port: REST, gRPC-Web, gRPC (default: the app's)"
     )
     serve.add_argument(
-        "--no-envoy", action="store_true", help="serve gRPC only, without Envoy in front"
+        "--no-envoy", action="store_true", help="no Envoy in front (as api_port=None)"
     )
     serve.add_argument(
         "--cors-origin",
@@ -230,16 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="browser origin Envoy allows by CORS (repeatable; `*`: any; default: the "
         "app's cors_origins)",
     )
-    serve.add_argument(
+    mcp = serve.add_mutually_exclusive_group()
+    mcp.add_argument(
         "--mcp",
         action="store_true",
-        help="also run the MCP adapter (nexus-mcp over streamable HTTP) as a supervised "
-        "child process, a gRPC client of this server",
+        help="run the MCP adapter (nexus-mcp over streamable HTTP, a supervised child "
+        "process and gRPC client of this server) even if the app sets mcp_port=None "
+        f"(then on port {DEFAULT_MCP_PORT}); served by default when mcp_port is set",
     )
+    mcp.add_argument("--no-mcp", action="store_true", help="no MCP adapter (as mcp_port=None)")
     serve.add_argument(
         "--mcp-port",
         type=int,
-        help="the MCP adapter's HTTP port, with --mcp (default: the app's mcp_port; 0: any)",
+        help="the MCP adapter's HTTP port (default: the app's mcp_port; 0: any)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_cmd_serve)
@@ -297,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "mcp_port", None) is not None and not args.mcp:
-        parser.error("--mcp-port goes with --mcp")
+    if getattr(args, "mcp_port", None) is not None and args.no_mcp:
+        parser.error("--mcp-port and --no-mcp contradict each other")
     if args.command == "serve" and args.cors_origin and args.no_envoy:
         parser.error("--cors-origin goes with Envoy (it is Envoy that answers CORS)")
     code: int = args.func(args)

@@ -9,12 +9,13 @@ every model has a command group named after its collection (`nexus contacts ...`
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import inspect
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -34,9 +35,10 @@ from .._grpc import (
     to_json,
     type_spec,
 )
-from ._output import emit, emit_rows, err
+from ._output import emit, emit_rows, emit_value, err
+from ._style import tidy_help
 
-__all__ = ["app", "build_field_params", "build_input_params", "exit_code_of"]
+__all__ = ["app", "build_field_params", "build_input_params", "doc_of", "exit_code_of"]
 
 #: Deadline of the calls that only list commands for `--help` and completion.
 _DISCOVERY_TIMEOUT = 3.0
@@ -49,6 +51,12 @@ _EXECUTION_REASONS = {
     "EXECUTION_INTERRUPTED",
     "INTERNAL_ERROR",
 }
+
+
+def doc_of(msg: Any) -> Any:
+    """The REST body of a response: proto3 JSON with default values printed (`false`,
+    `""`, `0`, `[]`), as Envoy's transcoder prints them; what `-o json` shows."""
+    return to_json(msg)
 
 
 def exit_code_of(failure: ApiFailure) -> int:
@@ -195,11 +203,47 @@ def _flag_names(name: str) -> list[str]:
 
 
 def _option(
-    pname: str, flags: list[str], python: Any, help_text: str, *, metavar: str | None = None
+    pname: str,
+    flags: list[str],
+    python: Any,
+    help_text: str,
+    *,
+    metavar: str | None = None,
+    parser: Callable[[Any], Any] | None = None,
 ) -> inspect.Parameter:
     """A keyword parameter typer turns into an option (absent means None: not sent)."""
-    info = typer.Option(*flags, help=help_text, metavar=metavar, show_default=False)
+    info = typer.Option(*flags, help=help_text, metavar=metavar, show_default=False, parser=parser)
     return inspect.Parameter(pname, _KW, default=None, annotation=Annotated[python | None, info])
+
+
+class _Null:
+    """The value of a nullable flag given as `null`: sent as JSON null."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+#: `--company null` on a nullable field or input.
+NULL = _Null()
+
+#: The text that stands for the literal four letters `null` on a nullable flag.
+LITERAL_NULL = "\\null"
+
+
+def nullable_parser(python: type) -> Callable[[Any], Any]:
+    """The parser of a nullable flag: `null` is JSON null (`NULL`), `\\null` the text
+    "null", anything else is read as `python` (`int`, `float` or `str`)."""
+
+    def parse(text: Any) -> Any:
+        if not isinstance(text, str):  # already parsed
+            return text
+        if text == "null":
+            return NULL
+        value = "null" if text == LITERAL_NULL else text
+        return python(value)
+
+    parse.__name__ = f"{python.__name__}|null"
+    return parse
 
 
 @dataclass(frozen=True)
@@ -211,10 +255,16 @@ class FlagSpec:
     python: type
     help: str
     is_json: bool
+    nullable: bool = False
 
     def parameter(self) -> inspect.Parameter:
-        metavar = "JSON" if self.is_json else None
-        return _option(self.pname, self.flags, self.python, self.help, metavar=metavar)
+        if self.is_json:
+            return _option(self.pname, self.flags, self.python, self.help, metavar="JSON")
+        if self.nullable and self.python is not bool:
+            parse = nullable_parser(self.python)
+            meta = f"<{parse.__name__}>"
+            return _option(self.pname, self.flags, Any, self.help, metavar=meta, parser=parse)
+        return _option(self.pname, self.flags, self.python, self.help)
 
     @property
     def pname(self) -> str:
@@ -227,7 +277,7 @@ def _flag(name: str, type_name: str, *, nullable: bool, help_text: str) -> FlagS
     flags = _flag_names(name)
     if spec.python is bool:
         flags = [f"{flags[0]}/--no-{name.replace('_', '-')}"]
-    return FlagSpec(name, flags, spec.python, help_text, spec.is_json)
+    return FlagSpec(name, flags, spec.python, help_text, spec.is_json, spec.nullable)
 
 
 def _default_text(value: Any) -> str:
@@ -285,7 +335,9 @@ def _collect(params: dict[str, Any], specs: Iterable[FlagSpec]) -> dict[str, Any
         value = params.get(spec.pname)
         if value is None:
             continue
-        if spec.is_json:
+        if value is NULL:
+            value = None
+        elif spec.is_json:
             value = read_json_arg(value, spec.flags[0])
         values[spec.key] = value
     return values
@@ -332,7 +384,7 @@ class NexusGroup(TyperGroup):
             fail(exc)
         for model in models:
             if model.collection == cmd_name:
-                return _model_group(model)
+                return finish(_model_group(model), _root_ctx(ctx).command)
         return None
 
 
@@ -357,7 +409,7 @@ class RunGroup(TyperGroup):
             if ctx.resilient_parsing:
                 return None
             fail(exc)
-        return _workflow_command(wf)
+        return finish(_workflow_command(wf), _root_ctx(ctx).command)
 
 
 def _all_workflows(st: State) -> list[dict[str, Any]]:
@@ -369,7 +421,7 @@ def _all_workflows(st: State) -> list[dict[str, Any]]:
         resp = st.rpc(
             st.workflows.ListWorkflows, w.ListWorkflowsRequest(page_size=1000, page_token=token)
         )
-        out += to_json(resp).get("workflows", [])
+        out += doc_of(resp).get("workflows", [])
         token = resp.next_page_token
         if not token:
             return out
@@ -389,7 +441,7 @@ _LABEL = {
 }
 
 
-def follow(stream: Iterable[Any], output: str) -> dict[str, Any]:
+def follow(stream: Iterable[Any], st: State) -> dict[str, Any]:
     """Print each event of an execution stream on stderr; return the final execution.
 
     Exits with the execution's error when it failed or was cancelled.
@@ -399,7 +451,7 @@ def follow(stream: Iterable[Any], output: str) -> dict[str, Any]:
     try:
         for event in stream:
             kind = event.WhichOneof("event") or ""
-            doc = to_json(event)
+            doc = doc_of(event)
             body = doc.get(kind, {})
             seq = doc.get("sequence", "")
             if kind == "execution_started":
@@ -426,23 +478,60 @@ def follow(stream: Iterable[Any], output: str) -> dict[str, Any]:
             "EXECUTION_CANCELLED" if cancelled else "NODE_FAILED",
             {"execution_id": final.get("id", "")},
         )
-        _emit_execution(final, output)
+        _emit_execution(final, st)
         fail(failure)
     return final
 
 
-def _emit_execution(doc: dict[str, Any], output: str) -> None:
-    if output != "table":
-        emit(doc, output)
+def _emit_execution(doc: dict[str, Any], st: State) -> None:
+    """An execution: the document, or for people its summary then each node's outputs
+    (records as tables, their fields in the model's order)."""
+    if "outputs" in doc:
+        doc["outputs"] = order_values(doc["outputs"], record_orders(st))
+    if st.output != "table":
+        emit(doc, st.output)
         return
-    keys = ("id", "workflow", "state", "duration", "outputs", "error")
-    emit({k: doc[k] for k in keys if k in doc}, output)
+    keys = ("id", "workflow", "state", "duration", "error")
+    emit({k: doc[k] for k in keys if k in doc}, st.output)
+    for node, outputs in doc.get("outputs", {}).items():
+        emit_value(f"outputs.{node}", outputs)
+
+
+def in_order(record: Any, names: Sequence[str]) -> Any:
+    """A record with its fields in `names` order (the model's declaration order), any
+    other keys after them, sorted: the same order every time."""
+    if not isinstance(record, dict):
+        return record
+    rank = {n: i for i, n in enumerate(names)}
+    return dict(sorted(record.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
+def record_orders(st: State) -> list[list[str]]:
+    """The field names of every model, in declaration order (none without a server)."""
+    try:
+        return [[f.name for f in m.fields] for m in st.model_list()]
+    except ApiFailure:
+        return []
+
+
+def order_values(value: Any, orders: Sequence[Sequence[str]]) -> Any:
+    """`value` with every object's keys in a fixed order: an object whose keys are all
+    fields of a model in that model's declaration order, any other object sorted (a
+    `Struct` comes back from gRPC in no particular order)."""
+    if isinstance(value, list):
+        return [order_values(v, orders) for v in value]
+    if not isinstance(value, dict):
+        return value
+    keys = set(value)
+    fits = [o for o in orders if keys <= set(o)]
+    names = min(fits, key=len) if fits else sorted(keys)
+    return {k: order_values(v, orders) for k, v in in_order(value, names).items()}
 
 
 #: Flags of the generated commands themselves; an input or field of the same name is
 #: given through `--inputs` / `--json` instead.
-_RUN_FLAGS = {"--inputs", "--watch", "--request-id", "--help"}
-_RECORD_FLAGS = {"--json", "--request-id", "--conflict-on", "--help"}
+_RUN_FLAGS = {"--inputs", "--watch", "--request-id", "--output", "--help"}
+_RECORD_FLAGS = {"--json", "--request-id", "--conflict-on", "--output", "--help"}
 
 
 def _without(specs: list[FlagSpec], reserved: set[str]) -> list[FlagSpec]:
@@ -466,12 +555,12 @@ def _workflow_command(wf: Any) -> Any:
             stream = st.workflows.StreamExecution(
                 req, timeout=st.timeout, metadata=caller_metadata()
             )
-            _emit_execution(follow(stream, st.output), st.output)
+            _emit_execution(follow(stream, st), st)
             return
         req2 = w.ExecuteWorkflowRequest(
             name=wf.name, inputs=struct_of(inputs), request_id=request_id
         )
-        _emit_execution(to_json(st.rpc(st.workflows.ExecuteWorkflow, req2)), st.output)
+        _emit_execution(doc_of(st.rpc(st.workflows.ExecuteWorkflow, req2)), st)
 
     extra = [
         _option(
@@ -511,6 +600,7 @@ def _model_group(model: Any) -> Any:
     update_specs = _without(build_field_params(model, for_update=True), _RECORD_FLAGS)
     pk = next((f.name for f in model.fields if f.primary_key), "id")
     name = model.name
+    names = [f.name for f in model.fields]
 
     def record_from(params: dict[str, Any], specs: list[FlagSpec]) -> dict[str, Any]:
         record = _json_object(params.get("nexus_json"), "--json")
@@ -540,12 +630,12 @@ def _model_group(model: Any) -> Any:
             record=struct_of(record_from(p, create_specs)),
             request_id=p.get("nexus_request_id") or "",
         )
-        emit(to_json(st.rpc(st.models.CreateRecord, req)), st.output)
+        emit(in_order(doc_of(st.rpc(st.models.CreateRecord, req)), names), st.output)
 
     def get(**p: Any) -> None:
         st = state_of(p["nexus_ctx"])
         req = m.GetRecordRequest(model=name, id=p["nexus_id"], fields=_split(p["nexus_fields"]))
-        emit(to_json(st.rpc(st.models.GetRecord, req)), st.output)
+        emit(in_order(doc_of(st.rpc(st.models.GetRecord, req)), names), st.output)
 
     def update(**p: Any) -> None:
         st = state_of(p["nexus_ctx"])
@@ -559,7 +649,7 @@ def _model_group(model: Any) -> Any:
             request_id=p.get("nexus_request_id") or "",
         )
         req.update_mask.paths.extend(record)
-        emit(to_json(st.rpc(st.models.UpdateRecord, req)), st.output)
+        emit(in_order(doc_of(st.rpc(st.models.UpdateRecord, req)), names), st.output)
 
     def delete(**p: Any) -> None:
         st = state_of(p["nexus_ctx"])
@@ -584,15 +674,16 @@ def _model_group(model: Any) -> Any:
         )
         if p["nexus_filter"]:
             req.filter.update(_json_object(p["nexus_filter"], "--filter"))
-        doc = to_json(st.rpc(st.models.ListRecords, req))
-        emit_rows(doc, doc.get("records", []), fields or None, st.output)
+        doc = doc_of(st.rpc(st.models.ListRecords, req))
+        doc["records"] = [in_order(r, names) for r in doc.get("records", [])]
+        emit_rows(doc, doc["records"], fields or None, st.output, keep=[pk])
 
     def count(**p: Any) -> None:
         st = state_of(p["nexus_ctx"])
         req = m.CountRecordsRequest(model=name)
         if p["nexus_filter"]:
             req.filter.update(_json_object(p["nexus_filter"], "--filter"))
-        doc = to_json(st.rpc(st.models.CountRecords, req))
+        doc = doc_of(st.rpc(st.models.CountRecords, req))
         if st.output == "table":
             print(int(doc.get("count", 0)))
         else:
@@ -606,13 +697,25 @@ def _model_group(model: Any) -> Any:
             conflict_on=_split(p["nexus_conflict_on"]),
             request_id=p.get("nexus_request_id") or "",
         )
-        emit(to_json(st.rpc(st.models.UpsertRecord, req)), st.output)
+        doc = doc_of(st.rpc(st.models.UpsertRecord, req))
+        doc["record"] = in_order(doc.get("record"), names)
+        if st.output != "table":
+            emit(doc, st.output)
+            return
+        emit(doc["record"], st.output)
+        print("created" if doc.get("created") else "updated (it existed)")
 
     def import_(**p: Any) -> None:
-        from ._import import import_records
+        from ._import import ImportOptions, import_records
 
         st = state_of(p["nexus_ctx"])
-        import_records(st, model, Path(p["nexus_path"]), p["nexus_batch_size"], p["nexus_format"])
+        opts = ImportOptions(
+            batch_size=p["nexus_batch_size"],
+            fmt=p["nexus_format"],
+            on_conflict=p["nexus_on_conflict"] or "fail",
+            conflict_on=_split(p["nexus_conflict_on"]),
+        )
+        import_records(st, model, Path(p["nexus_path"]), opts)
 
     group = typer.Typer(
         name=model.collection,
@@ -672,7 +775,8 @@ def _model_group(model: Any) -> Any:
     )
     add(
         "import",
-        f"Bulk-create {model.collection} from a .csv or .jsonl file, in batches.",
+        f"Bulk-create {model.collection} from a CSV, JSON lines or JSON file, in batches "
+        "(the format is read from the content).",
         [
             inspect.Parameter(
                 "nexus_path",
@@ -682,7 +786,27 @@ def _model_group(model: Any) -> Any:
                 ],
             ),
             int_opt("nexus_batch_size", "--batch-size", 100, 1, 1000, "records per call"),
-            _option("nexus_format", ["--format"], str, "csv or jsonl (default: the extension)"),
+            _option(
+                "nexus_format",
+                ["--format"],
+                str,
+                "csv, jsonl or json (default: read from the content)",
+                metavar="csv|jsonl|json",
+            ),
+            _option(
+                "nexus_on_conflict",
+                ["--on-conflict"],
+                str,
+                "a taken unique value: fail (stop, naming the line and value), skip the "
+                "record, or upsert it (update the record it matches) [default: fail]",
+                metavar="fail|skip|upsert",
+            ),
+            _option(
+                "nexus_conflict_on",
+                ["--conflict-on"],
+                str,
+                f"with --on-conflict upsert: the fields that identify a record (default: {pk})",
+            ),
         ],
         import_,
     )
@@ -737,12 +861,18 @@ def _root(
             "-s",
             envvar="NEXUS_SERVER",
             show_envvar=True,
+            # eager: read before `--help`, which lists the commands of this server
+            is_eager=True,
             help="the gRPC server, HOST:PORT [default: 127.0.0.1:50051]",
         ),
     ] = None,
     output: Annotated[
         OutputFormat,
-        typer.Option("--output", "-o", help="table for people; json is the REST document; yaml"),
+        typer.Option(
+            "--output",
+            "-o",
+            help="table for people; json is the REST document; yaml (also after the command)",
+        ),
     ] = OutputFormat.table,
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="deadline of each call, seconds")
@@ -778,12 +908,12 @@ def workflows_get(
     from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 
     st = state_of(ctx)
-    doc = to_json(st.rpc(st.workflows.GetWorkflow, w.GetWorkflowRequest(name=name)))
+    doc = doc_of(st.rpc(st.workflows.GetWorkflow, w.GetWorkflowRequest(name=name)))
     if st.output != "table":
         emit(doc, st.output)
         return
     emit({k: doc.get(k) for k in ("name", "description", "builtin", "atomic")}, st.output)
-    rows = [
+    inputs = [
         {
             "input": i["name"],
             "type": i["type"],
@@ -793,7 +923,35 @@ def workflows_get(
         }
         for i in doc.get("inputs", [])
     ]
-    emit_rows(doc, rows, None, st.output)
+    emit_rows(doc, inputs, ["input", "type", "required", "default", "description"], st.output)
+    outputs = [
+        {
+            "node": o["node_id"],
+            "output": o["name"],
+            "type": o["type"],
+            "description": o.get("description", ""),
+        }
+        for o in doc.get("outputs", [])
+    ]
+    emit_rows(doc, outputs, ["node", "output", "type", "description"], st.output)
+    definition = doc.get("definition")
+    if not definition:
+        print("definition: none (registered in code with values JSON cannot hold)")
+        return
+    nodes = [
+        {"node": n["id"], "type": n["type"], "params": n.get("params", {})}
+        for n in definition.get("nodes", [])
+    ]
+    emit_rows(doc, nodes, ["node", "type", "params"], st.output)
+    links = [
+        {
+            "from": f"{c['source']}.{c['output']}",
+            "to": f"{c['target']}.{c['input']}",
+        }
+        for c in definition.get("connections", [])
+    ]
+    if links:
+        emit_rows(doc, links, ["from", "to"], st.output)
 
 
 @executions_app.command("get")
@@ -802,8 +960,8 @@ def executions_get(ctx: typer.Context, execution_id: IdArg) -> None:
     from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 
     st = state_of(ctx)
-    doc = to_json(st.rpc(st.workflows.GetExecution, w.GetExecutionRequest(id=execution_id)))
-    _emit_execution(doc, st.output)
+    doc = doc_of(st.rpc(st.workflows.GetExecution, w.GetExecutionRequest(id=execution_id)))
+    _emit_execution(doc, st)
 
 
 @executions_app.command("list")
@@ -833,7 +991,7 @@ def executions_list(
             req.state = w.Execution.State.Value(name)  # type: ignore[assignment]
         except ValueError:
             usage(f"--state: unknown state {state!r}")
-    doc = to_json(st.rpc(st.workflows.ListExecutions, req))
+    doc = doc_of(st.rpc(st.workflows.ListExecutions, req))
     rows = [
         {
             "id": e.get("id"),
@@ -853,8 +1011,8 @@ def executions_cancel(ctx: typer.Context, execution_id: IdArg) -> None:
     from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 
     st = state_of(ctx)
-    doc = to_json(st.rpc(st.workflows.CancelExecution, w.CancelExecutionRequest(id=execution_id)))
-    _emit_execution(doc, st.output)
+    doc = doc_of(st.rpc(st.workflows.CancelExecution, w.CancelExecutionRequest(id=execution_id)))
+    _emit_execution(doc, st)
 
 
 @executions_app.command("watch")
@@ -866,14 +1024,14 @@ def executions_watch(ctx: typer.Context, execution_id: IdArg) -> None:
     stream = st.workflows.WatchExecution(
         w.WatchExecutionRequest(id=execution_id), timeout=st.timeout, metadata=caller_metadata()
     )
-    _emit_execution(follow(stream, st.output), st.output)
+    _emit_execution(follow(stream, st), st)
 
 
 @models_app.command("list")
 def models_list(ctx: typer.Context) -> None:
     """List the models, their collections (command names) and typed services."""
     st = state_of(ctx)
-    models = [to_json(x) for x in st.model_list()]
+    models = [doc_of(x) for x in st.model_list()]
     rows = [
         {
             "name": x["name"],
@@ -894,7 +1052,7 @@ def models_get(
     from nexus_api.nexus.model.v1 import model_service_pb2 as mm
 
     st = state_of(ctx)
-    doc = to_json(st.rpc(st.models.GetModel, mm.GetModelRequest(name=name)))
+    doc = doc_of(st.rpc(st.models.GetModel, mm.GetModelRequest(name=name)))
     if st.output != "table":
         emit(doc, st.output)
         return
@@ -939,9 +1097,31 @@ def call(
         usage(f"--json: {exc}", EXIT_INVALID)
 
 
+def _set_late_output(ctx: Any, _param: Any, value: Any) -> None:
+    if value is not None:
+        state_of(ctx).output = _output_name(value)
+
+
+def finish(command: Any, root: Any) -> Any:
+    """`command` (and its subcommands) as the CLI shows it: `--output`/`-o` accepted after
+    the command too (`nexus contacts list -o json`), no type after a flag in its help."""
+    if hasattr(command, "commands"):  # a group
+        for sub in command.commands.values():
+            finish(sub, root)
+    elif not any(p.name == "output" for p in command.params):
+        template = next(p for p in root.params if p.name == "output")
+        late = copy.copy(template)
+        late.default = None
+        late.expose_value = False
+        late.callback = _set_late_output
+        command.params.append(late)
+    return tidy_help(command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see docs/cli.md for the table)."""
     command = typer.main.get_command(app)
+    finish(command, command)
     try:
         command.main(args=argv, prog_name="nexus", standalone_mode=False)
     except typer.Exit as exc:

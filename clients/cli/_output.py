@@ -2,6 +2,8 @@
 
 `json` is the proto3 JSON document REST returns for the same call; `yaml` is the same
 document as YAML; `table` is for people (rich tables, nested values as compact JSON).
+In tables an id is never cut: id columns keep their whole width and the other columns
+fold their text onto more lines instead.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["FORMATS", "emit", "emit_rows", "err"]
+__all__ = ["FORMATS", "emit", "emit_rows", "emit_value", "err", "is_id_column"]
 
 FORMATS = ("table", "json", "yaml")
 
@@ -59,13 +61,37 @@ def emit(doc: Any, output: str) -> None:
     Console(soft_wrap=True).print(table)
 
 
+def is_id_column(name: str) -> bool:
+    """Whether a column holds ids (`id`, `execution_id`, ...), which are never cut."""
+    return name == "id" or name.endswith("_id")
+
+
 def emit_rows(
-    doc: Any, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None, output: str
+    doc: Any,
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] | None,
+    output: str,
+    *,
+    keep: Sequence[str] = (),
 ) -> None:
-    """Print a list: `rows` as a table, else the whole response `doc` as JSON or YAML."""
+    """Print a list: `rows` as a table, else the whole response `doc` as JSON or YAML.
+
+    Id columns (and those named in `keep`, such as a model's primary key) are printed
+    whole on one line; every other column folds its text when the terminal is narrow,
+    so nothing is cut with an ellipsis.
+    """
     if output != "table":
         _print_doc(doc, output)
         return
+    _print_table(rows, columns, keep)
+    token = doc.get("next_page_token") if isinstance(doc, dict) else None
+    if token:
+        err(f"more: --page-token {token}")
+
+
+def _print_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None, keep: Sequence[str] = ()
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -74,11 +100,36 @@ def emit_rows(
         for row in rows:
             seen.update(dict.fromkeys(row))
         columns = list(seen)
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    console = Console(soft_wrap=True)
-    console.print(table)
-    token = doc.get("next_page_token") if isinstance(doc, dict) else None
-    if token:
-        err(f"more: --page-token {token}")
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    table = Table()
+    for i, name in enumerate(columns):
+        if name in keep or is_id_column(name):
+            widest = max([len(name), *(len(r[i]) for r in cells)])
+            table.add_column(name, no_wrap=True, min_width=widest)
+        else:
+            table.add_column(name, overflow="fold")
+    for row_cells in cells:
+        table.add_row(*row_cells)
+    Console(soft_wrap=True).print(table)
+
+
+def _scalar(value: Any) -> bool:
+    return not isinstance(value, dict | list)
+
+
+def emit_value(title: str, value: Any) -> None:
+    """Print one value for people under a `title` line: a record (a flat object) as a
+    key/value table, a list of records as a table with one row each, an object of such
+    values as one section per key; anything else as indented JSON."""
+    if isinstance(value, dict) and all(_scalar(v) for v in value.values()):
+        print(f"{title}:", flush=True)
+        emit(value, "table")
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        print(f"{title}: {len(value)}", flush=True)
+        _print_table(value, None)
+    elif isinstance(value, dict) and value:
+        for key, item in value.items():
+            emit_value(f"{title}.{key}", item)
+    else:
+        text = json.dumps(value, indent=2, ensure_ascii=False)
+        print(f"{title}: {text}", flush=True)

@@ -90,7 +90,7 @@ def _serve_options() -> list[str]:
         text=True,
         timeout=WAIT,
     )
-    return ["--no-envoy"] if "--no-envoy" in done.stdout else []
+    return [o for o in ("--no-envoy", "--no-mcp") if o in done.stdout]
 
 
 @pytest.fixture(scope="module")

@@ -88,10 +88,14 @@ async def test_same_outputs_over_grpc_rest_cli_and_mcp(
 
 
 def test_cli_json_is_the_grpc_document(server: Any, cli: Any, unique: Any) -> None:
-    """`--output json` prints exactly the proto3 JSON document of the response."""
+    """`--output json` prints exactly the proto3 JSON document of the response, default
+    values included as REST prints them (tests/clients/test_cli_first_hour.py compares it
+    with the REST body itself)."""
     r = cli("-o", "json", "workflows", "get", "search_contacts")
     assert r.code == 0, r.err
     with grpc.insecure_channel(server.address) as channel:
         stub = wg.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
         wf = stub.GetWorkflow(w.GetWorkflowRequest(name="search_contacts"), timeout=WAIT)
-    assert r.json() == MessageToDict(wf, preserving_proto_field_name=True)
+    assert r.json() == MessageToDict(
+        wf, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )

@@ -182,8 +182,10 @@ def test_serve_help_has_the_mcp_flags_and_checks_them(tmp_path: Path) -> None:
     )
     assert shown.returncode == 0, shown.stderr
     assert "--mcp " in shown.stdout and "--mcp-port MCP_PORT" in shown.stdout
-    alone = subprocess.run(
-        [*nexus, str(APP), "--mcp-port", "0"], env=env, capture_output=True, text=True, timeout=WAIT
-    )
-    assert alone.returncode == 2
-    assert "--mcp-port goes with --mcp" in alone.stderr
+    # MCP is served by default (the app's mcp_port): --mcp-port with --no-mcp contradicts
+    both = subprocess.run(
+        [*nexus, str(APP), "--mcp-port", "0", "--no-mcp"],
+        env=env, capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert both.returncode == 2
+    assert "--mcp-port and --no-mcp contradict each other" in both.stderr

@@ -105,14 +105,16 @@ async def test_bad_values_are_refused_on_every_write_path(
     assert await ops.read(1) == before
 
 
-@pytest.mark.parametrize(("name", "value", "words"), BAD_VALUES)
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    # JSON fields are not compared by filters (their own refusal is tested elsewhere)
+    [case for case in BAD_VALUES if case[0] not in ("meta", "tags")],
+)
 async def test_bad_values_are_refused_in_filters(
     things: tuple[DataFlow, Any], name: str, value: Any, words: str
 ) -> None:
     db, Thing = things
     ops = db.ops(Thing)
-    if name in ("meta", "tags"):
-        pytest.skip("JSON fields are not compared")
     for flt, path in [
         ({name: value}, f"filter.{name}"),
         ({name: {"$ne": value}}, f"filter.{name}.$ne"),

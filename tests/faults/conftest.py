@@ -128,7 +128,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[NexusPr
         with log.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "nexus_server", "serve", str(APP),
-                "--grpc-port", "0", "--no-envoy", "--log-level", "warning",
+                "--grpc-port", "0", "--no-envoy", "--no-mcp", "--log-level", "warning",
                 cwd=tmp_path, env=environ, stdout=asyncio.subprocess.PIPE, stderr=err,
             )  # fmt: skip
         server = NexusProcess(proc, "", log)

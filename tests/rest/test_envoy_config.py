@@ -181,7 +181,7 @@ def _serve_with_envoy(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[s
     env = {**os.environ, "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nexus_server", "serve", str(ROOT / "examples" / "contacts_app.py"),
-         "--grpc-port", "0", "--api-port", "0", *options],
+         "--grpc-port", "0", "--api-port", "0", "--no-mcp", *options],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -288,7 +288,7 @@ def test_nexus_serve_without_envoy(tmp_path: Path) -> None:
     env = {**os.environ, "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nexus_server", "serve", str(ROOT / "examples" / "contacts_app.py"),
-         "--grpc-port", "0", "--no-envoy"],
+         "--grpc-port", "0", "--no-envoy", "--no-mcp"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -436,7 +436,7 @@ def test_nexus_serve_reports_a_busy_api_port(envoy_bin: Path, tmp_path: Path) ->
         port = busy.getsockname()[1]
         proc = subprocess.run(
             [sys.executable, "-m", "nexus_server", "serve", str(ROOT / "examples/contacts_app.py"),
-             "--grpc-port", "0", "--api-port", str(port)],
+             "--grpc-port", "0", "--api-port", str(port), "--no-mcp"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90,
         )  # fmt: skip
     assert proc.returncode == 3, proc.stdout + proc.stderr

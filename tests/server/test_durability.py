@@ -205,7 +205,7 @@ class HangNode(Node):
         return {"x": x}
 
 
-app = Nexus(grpc_port=0)
+app = Nexus(grpc_port=0, api_port=None, mcp_port=None)
 db = DataFlow(sys.argv[1])
 
 

@@ -22,7 +22,7 @@ async def _serve(tmp: Path, db: Path) -> asyncio.subprocess.Process:
     env = {**os.environ, "TMPDIR": str(tmp), "NEXUS_DATABASE_URL": f"sqlite:///{db}"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "nexus_server", "serve", str(APP),
-        "--grpc-port", "0", "--api-port", "0",
+        "--grpc-port", "0", "--api-port", "0", "--no-mcp",
         cwd=tmp.parent, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip

@@ -45,7 +45,8 @@ async def _wait_for(address: str, status: int, deadline: float = 15.0) -> None:
 async def test_serve_prints_address_answers_health_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     env = {**os.environ, "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nexus_server", "serve", str(APP), "--grpc-port", "0", "--no-envoy",
+        sys.executable, "-m", "nexus_server", "serve", str(APP),
+        "--grpc-port", "0", "--no-envoy", "--no-mcp",
         cwd=tmp_path, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
