@@ -6,6 +6,10 @@ not turned into an HTTP error."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +27,8 @@ from nexus_api.nexus.health.v1 import probe_service_pb2_grpc as pgrpc
 from nexus_server._limits import Limits
 
 from .conftest import WAIT, Running, build_app
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_health_is_200_with_every_component(client: httpx.Client) -> None:
@@ -198,3 +204,68 @@ def test_other_unreadable_execute_bodies_show_the_expected_body(
     assert resp.status_code == 400
     body = status_body(resp.json(), 3, "REQUEST_INVALID", gateway=True)
     assert "inputs" not in body["message"]
+
+
+def _doc_block(marker: str) -> str:
+    """The ```python block of docs/coming-from-kailash.md that contains `marker`."""
+    text = (ROOT / "docs" / "coming-from-kailash.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (found,) = [b for b in blocks if marker in b]
+    return found
+
+
+def test_the_migration_pages_example_runs_and_answers_the_originals_curl(
+    tmp_path: Path, envoy_path: Path
+) -> None:
+    """The "ours" example of docs/coming-from-kailash.md, run as `python app.py` (on a
+    SQLite file and free ports instead of mydb, 8000 and 3001; MCP left to its own
+    tests), answers the original's curl body, `/health` and `/workflows`."""
+    code = _doc_block("from nexus_server import Nexus")
+    for old, new in [
+        ('"postgresql://localhost:5432/mydb"', f'"sqlite:///{tmp_path / "app.db"}"'),
+        ("Nexus(api_port=8000, mcp_port=3001,", "Nexus(grpc_port=0, api_port=0, mcp_port=None,"),
+    ]:
+        assert old in code
+        code = code.replace(old, new)
+    (tmp_path / "app.py").write_text(code)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXUS_", "DATABASE_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        address = None
+        while address is None:
+            assert time.monotonic() < deadline, lines
+            line = proc.stdout.readline()
+            assert line, f"app.py ended: {lines}"
+            lines.append(line)
+            if line.startswith("Envoy on http://"):
+                address = line.split()[2]
+        with httpx.Client(base_url=address, timeout=WAIT) as client:
+            resp = client.post(
+                "/workflows/create_contact/execute",
+                json={
+                    "inputs": {
+                        "name": "John Doe",
+                        "email": "john@example.com",
+                        "company": "Acme Corp",
+                    }
+                },
+            )
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["outputs"]["create"]["company"] == "Acme Corp"
+            assert client.get("/health").json()["status"] == "healthy"
+            names = [w["name"] for w in client.get("/workflows").json()["workflows"]]
+            assert names == ["create_contact"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            proc.kill()
+            proc.wait()
