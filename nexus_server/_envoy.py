@@ -350,6 +350,33 @@ end
 """
 
 
+#: Envoy's own replies quote the caller's value (the transcoder's `field: invalid value
+#: "..."`), and its formatter cannot cut `%LOCAL_REPLY_BODY%`. Every 4xx JSON status over
+#: `_QUOTE_LIMIT` bytes (ours are kept far smaller by the server) gets its message, the
+#: last key of the local reply's sorted JSON, cut to `_QUOTE_KEEP` characters, an escape
+#: sequence never split.
+_QUOTE_LIMIT = 4096
+_QUOTE_KEEP = 200
+_CUT_QUOTE_LUA = f"""\
+function envoy_on_response(handle)
+  local status = handle:headers():get(":status")
+  if status == nil or string.sub(status, 1, 1) ~= "4" then return end
+  local length = handle:headers():get("content-length")
+  if length ~= nil and tonumber(length) <= {_QUOTE_LIMIT} then return end
+  local body = handle:body()
+  if body == nil or body:length() <= {_QUOTE_LIMIT} then return end
+  local text = string.gsub(body:getBytes(0, body:length()), "%s+$", "")
+  local at = string.find(text, '"message":"', 1, true)
+  if at == nil or string.sub(text, -2) ~= '"}}' then return end
+  local start = at + 11
+  local cut = string.sub(text, start, math.min(#text - 2, start + {_QUOTE_KEEP} - 1))
+  cut = string.gsub(cut, "\\\\u%x*$", "")
+  if #string.match(cut, "\\\\*$") % 2 == 1 then cut = string.sub(cut, 1, #cut - 1) end
+  body:setBytes(string.sub(text, 1, start - 1) .. cut .. '... (cut)"}}\\n')
+end
+"""
+
+
 def _transcoder(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3."
@@ -428,11 +455,13 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         },
         {
-            # before the transcoder, so it sees the transcoded response; it has no code
-            # of its own, only on the `/health` route (LuaPerRoute)
+            # before the transcoder, so it sees the transcoded response and the
+            # transcoder's own replies: it cuts quoted values out of long 4xx replies,
+            # and on the `/health` route (LuaPerRoute) sets the probe's status instead
             "name": _LUA_FILTER,
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": _CUT_QUOTE_LUA},
             },
         },
         {
