@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from dataflow import DataFlow
 from nexus_api import descriptor_set_bytes
+from nexus_api.nexus.health.v1 import probe_service_pb2_grpc as pgrpc
 from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 from nexus_api.nexus.openapi.v1 import openapi_service_pb2_grpc as ogrpc
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
@@ -30,6 +31,7 @@ from ._executions import Executions
 from ._limits import Limits
 from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
+from ._probes import PROBE_SERVICE, ProbeServicer
 from ._records import Records
 from ._registry import WorkflowRegistry
 from ._store import Store
@@ -289,7 +291,16 @@ class Nexus:
         )
         health_servicer = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
-        services = (WORKFLOW_SERVICE, MODEL_SERVICE, OPENAPI_SERVICE, *typed.service_names)
+        pgrpc.add_ProbeServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            ProbeServicer(health_servicer.serving, self.registry), handlers
+        )
+        services = (
+            WORKFLOW_SERVICE,
+            MODEL_SERVICE,
+            OPENAPI_SERVICE,
+            PROBE_SERVICE,
+            *typed.service_names,
+        )
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(
                 (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), pool=typed.pool
@@ -509,6 +520,10 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc]
             for name, status in self._server_status.items()
         }
         return health_pb2.HealthListResponse(statuses=statuses)
+
+    def serving(self) -> bool:
+        """Whether the server as a whole is SERVING (what `GET /health` reports)."""
+        return bool(self._server_status.get("") == health_pb2.HealthCheckResponse.SERVING)
 
 
 async def _set_health(

@@ -34,6 +34,7 @@ from ._app import (
     shown_url,
 )
 from ._discovery import load_app_target
+from ._help import Parser, describe_commands
 
 if TYPE_CHECKING:
     from dataflow import DataFlow
@@ -295,7 +296,7 @@ def _cmd_proto_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nexus", description="Serve a Nexus app.")
+    parser = Parser(prog="nexus", description="Serve a Nexus app.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -332,7 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="the MCP adapter's HTTP port (default: the app's mcp_port; 0: any)",
     )
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the server's log level (default: info)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     proto = sub.add_parser("proto", help="the app's protobuf contracts")
@@ -382,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     openapi.add_argument("app", help="path/to/app.py or module:attr naming a Nexus app")
     openapi.add_argument("--out", help="file to write (default: standard output)")
     openapi.set_defaults(func=_cmd_openapi)
-    return parser
+    return describe_commands(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

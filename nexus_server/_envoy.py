@@ -39,6 +39,7 @@ from nexus_api import descriptor_set_bytes
 
 from ._errors import DOMAIN, code_of
 from ._limits import Limits
+from ._probes import HTTP_STATUS_HEADER, PROBE_SERVICE
 from ._supervisor import Supervisor, SupervisorError
 from ._typed import TypedModels
 
@@ -62,6 +63,7 @@ STATIC_SERVICES = (
     "nexus.workflow.v1.WorkflowService",
     "nexus.model.v1.ModelService",
     "nexus.openapi.v1.OpenApiService",
+    PROBE_SERVICE,
 )
 
 #: Largest JSON request body the transcoder buffers (gRPC's default message limit).
@@ -232,6 +234,53 @@ _GRPC_REQUEST: dict[str, Any] = {
 _GRPC_BODY = {"text_format": "%LOCAL_REPLY_BODY%"}
 
 
+#: The RPCs whose REST body is `{"inputs": {...}}` (besides `request_id`): a body that
+#: Envoy cannot map onto their request (the inputs sent without the wrapper, so a
+#: `name` input collides with the path's `{name}`; malformed JSON; a field of the wrong
+#: type) gets a 400 that shows the body expected instead of Envoy's parser message.
+_EXECUTE_RPCS = (
+    "/nexus.workflow.v1.WorkflowService/ExecuteWorkflow",
+    "/nexus.workflow.v1.WorkflowService/StreamExecution",
+)
+_EXECUTE_BODY_HINT = (
+    'invalid request body: send the workflow\'s inputs inside "inputs", as in '
+    '{"inputs": {"name": "John Doe", "email": "john@example.com"}} '
+    '(other fields: "request_id"); GET /v1/workflows/{name} lists a workflow\'s inputs'
+)
+
+
+def _execute_body_error() -> dict[str, Any]:
+    """The 400 of an execution's unreadable REST body (see `_EXECUTE_RPCS`): Envoy's own
+    text is not repeated (it quotes the caller's values, unbounded)."""
+    body = _error_body("REQUEST_INVALID")
+    body["message"] = _EXECUTE_BODY_HINT
+    body["details"].append(
+        {
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "field_violations": [
+                {
+                    "field": "inputs",
+                    "description": 'the inputs must be an object inside "inputs", as in '
+                    '{"inputs": {"name": "John Doe"}}',
+                }
+            ],
+        }
+    )
+    return body
+
+
+#: A REST request to an execution RPC (the transcoder has rewritten `:path` to the RPC's
+#: gRPC path by the time it parses the body).
+_EXECUTE_REQUEST: dict[str, Any] = {
+    "or_filter": {
+        "filters": [
+            {"header_filter": {"header": {"name": ":path", "string_match": {"exact": rpc}}}}
+            for rpc in _EXECUTE_RPCS
+        ]
+    }
+}
+
+
 def _local_reply_config() -> dict[str, Any]:
     """Envoy's own error replies: JSON `google.rpc.Status` documents for REST clients.
 
@@ -254,14 +303,26 @@ def _local_reply_config() -> dict[str, Any]:
                 ],
                 "body_format_override": _GRPC_BODY,
             },
+        ]
+        if status == 400:
+            mappers.append(
+                {
+                    "filter": {"and_filter": {"filters": [_EXECUTE_REQUEST, _status_is(400)]}},
+                    "body_format_override": {
+                        "json_format": _execute_body_error(),
+                        "content_type": "application/json",
+                    },
+                }
+            )
+        mappers.append(
             {
                 "filter": _status_is(status),
                 "body_format_override": {
                     "json_format": _error_body(reason),
                     "content_type": "application/json",
                 },
-            },
-        ]
+            }
+        )
     mappers.append({"filter": _GRPC_REQUEST, "body_format_override": _GRPC_BODY})
     return {
         "mappers": mappers,
@@ -270,6 +331,50 @@ def _local_reply_config() -> dict[str, Any]:
             "content_type": "application/json",
         },
     }
+
+
+#: The HTTP probe route whose status the server sets (`_probes.py`): a successful RPC is
+#: always 200 to the transcoder, so the unhealthy answer carries this header and a Lua
+#: filter, enabled on this route only, makes it the response's status.
+HEALTH_PATH = "/health"
+_LUA_FILTER = "envoy.filters.http.lua"
+_HEALTH_STATUS_LUA = f"""\
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local status = headers:get("{HTTP_STATUS_HEADER}")
+  if status ~= nil then
+    headers:remove("{HTTP_STATUS_HEADER}")
+    headers:replace(":status", status)
+  end
+end
+"""
+
+
+#: Envoy's own replies quote the caller's value (the transcoder's `field: invalid value
+#: "..."`), and its formatter cannot cut `%LOCAL_REPLY_BODY%`. Every 4xx JSON status over
+#: `_QUOTE_LIMIT` bytes (ours are kept far smaller by the server) gets its message, the
+#: last key of the local reply's sorted JSON, cut to `_QUOTE_KEEP` characters, an escape
+#: sequence never split.
+_QUOTE_LIMIT = 4096
+_QUOTE_KEEP = 200
+_CUT_QUOTE_LUA = f"""\
+function envoy_on_response(handle)
+  local status = handle:headers():get(":status")
+  if status == nil or string.sub(status, 1, 1) ~= "4" then return end
+  local length = handle:headers():get("content-length")
+  if length ~= nil and tonumber(length) <= {_QUOTE_LIMIT} then return end
+  local body = handle:body()
+  if body == nil or body:length() <= {_QUOTE_LIMIT} then return end
+  local text = string.gsub(body:getBytes(0, body:length()), "%s+$", "")
+  local at = string.find(text, '"message":"', 1, true)
+  if at == nil or string.sub(text, -2) ~= '"}}' then return end
+  local start = at + 11
+  local cut = string.sub(text, start, math.min(#text - 2, start + {_QUOTE_KEEP} - 1))
+  cut = string.gsub(cut, "\\\\u%x*$", "")
+  if #string.match(cut, "\\\\*$") % 2 == 1 then cut = string.sub(cut, 1, #cut - 1) end
+  body:setBytes(string.sub(text, 1, start - 1) .. cut .. '... (cut)"}}\\n')
+end
+"""
 
 
 def _transcoder(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
@@ -350,6 +455,16 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         },
         {
+            # before the transcoder, so it sees the transcoded response and the
+            # transcoder's own replies: it cuts quoted values out of long 4xx replies,
+            # and on the `/health` route (LuaPerRoute) sets the probe's status instead
+            "name": _LUA_FILTER,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": _CUT_QUOTE_LUA},
+            },
+        },
+        {
             "name": "envoy.filters.http.grpc_json_transcoder",
             "typed_config": _transcoder(descriptor, options),
         },
@@ -365,11 +480,33 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         "domains": ["*"],
         "routes": [
             {
+                # the transcoded REST request (the transcoder rewrote the path and
+                # matches the route again; a plain gRPC call of the same RPC has no
+                # original path, keeps its 200 and gets the header as metadata)
+                "match": {
+                    "path": f"/{PROBE_SERVICE}/GetHealth",
+                    "headers": [
+                        {
+                            "name": "x-envoy-original-path",
+                            "string_match": {"prefix": HEALTH_PATH},
+                        }
+                    ],
+                },
+                "route": {"cluster": "nexus_grpc", "timeout": "0s"},
+                "typed_per_filter_config": {
+                    _LUA_FILTER: {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3."
+                        "LuaPerRoute",
+                        "source_code": {"inline_string": _HEALTH_STATUS_LUA},
+                    }
+                },
+            },
+            {
                 "match": {"prefix": "/"},
                 # no route timeout: the client's deadline bounds an execution, and
                 # Server-Sent Events streams last as long as the execution
                 "route": {"cluster": "nexus_grpc", "timeout": "0s"},
-            }
+            },
         ],
     }
     if options.cors_origins:

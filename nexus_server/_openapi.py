@@ -25,6 +25,8 @@ from google.protobuf import descriptor_pb2
 
 from nexus_api.nexus.openapi.v1 import openapi_service_pb2, openapi_service_pb2_grpc
 
+from ._probes import HEALTH_SCHEMA, PROBE_SERVICE
+
 __all__ = ["OpenApiServicer", "openapi_document", "openapi_json"]
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -80,6 +82,9 @@ _WELL_KNOWN: dict[str, dict[str, Any]] = {
     "google.protobuf.StringValue": {"type": ["string", "null"]},
     "google.protobuf.BytesValue": {"type": ["string", "null"], "contentEncoding": "base64"},
 }
+
+#: The RPC behind `GET /health`, whose 503 carries the health document.
+_HEALTH_RPC = f"{PROBE_SERVICE}.GetHealth"
 
 _ERROR_CODES = {
     "400": "The request is invalid (INVALID_ARGUMENT, FAILED_PRECONDITION).",
@@ -293,7 +298,13 @@ def _operation(
             schema = b.field(req_name, fld)
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     ok: dict[str, Any]
-    if resp_name == "google.api.HttpBody":
+    unhealthy: dict[str, Any] | None = None
+    if f"{service}.{method.name}" == _HEALTH_RPC:
+        # the health document, also the body of its 503 (not a google.rpc.Status)
+        content = {"application/json": {"schema": HEALTH_SCHEMA}}
+        ok = {"description": "Healthy.", "content": content}
+        unhealthy = {"description": "Unhealthy: the same document.", "content": content}
+    elif resp_name == "google.api.HttpBody":
         ok = {"description": "The document.", "content": {"application/json": {"schema": {}}}}
     else:
         if response_body:
@@ -312,6 +323,8 @@ def _operation(
     for code, desc in _ERROR_CODES.items():
         responses[code] = {"$ref": f"#/components/responses/Error{code}"}
         del desc
+    if unhealthy is not None:
+        responses["503"] = unhealthy
     responses["default"] = {"$ref": "#/components/responses/Error"}
     op["responses"] = responses
     return path, {verb: op}

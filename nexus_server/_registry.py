@@ -7,7 +7,7 @@ import datetime as _dt
 import re
 from dataclasses import dataclass
 
-from workflow import Workflow
+from workflow import Workflow, closest
 
 from ._errors import ApiError, brief
 
@@ -115,12 +115,20 @@ class WorkflowRegistry:
         try:
             return self._items[name]
         except KeyError:
-            raise ApiError(
-                "WORKFLOW_NOT_FOUND",
-                f"workflow {shown(name)} not found",
-                [("name", "no workflow is registered under this name")],
-                {"workflow": name[:SHOWN_CHARS]},
-            ) from None
+            pass
+        # the closest registered name, in the message (every channel shows it) and in
+        # the ErrorInfo's metadata (`suggestion`, for clients that offer it)
+        best = closest(name, self._items)
+        hint = f" (did you mean {best}?)" if best else ""
+        metadata = {"workflow": name[:SHOWN_CHARS]}
+        if best:
+            metadata["suggestion"] = best
+        raise ApiError(
+            "WORKFLOW_NOT_FOUND",
+            f"workflow {shown(name)} not found{hint}",
+            [("name", f"no workflow is registered under this name{hint}")],
+            metadata,
+        )
 
     def names(self) -> list[str]:
         return sorted(self._items)

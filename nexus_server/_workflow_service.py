@@ -16,6 +16,7 @@ from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from workflow import (
     Event,
     EventKind,
+    InvalidInputsError,
     Problem,
     Workflow,
     WorkflowBuilder,
@@ -222,7 +223,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                 raise StatusError(status_message(rec.error), execution_id=rec.id)
             return execution_message(rec)
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, _no_inputs_hint(exc, request.inputs))
 
     async def StreamExecution(
         self, request: wpb.StreamExecutionRequest, context: Context
@@ -237,7 +238,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                 request_id=request.request_id,
             )
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, _no_inputs_hint(exc, request.inputs))
         try:
             async for ev in self._events(run, rec):
                 yield ev
@@ -495,3 +496,30 @@ def _event_message(event: Event, seq: int, rec: Any) -> wpb.ExecutionEvent:
         if event.error is not None:
             nf.error.CopyFrom(to_api_error(event.error).to_status())
     return msg
+
+
+#: Appended to INPUTS_INVALID when a call sent no inputs at all: the usual cause is
+#: inputs sent beside `inputs` instead of inside it (a REST body without the wrapper,
+#: whose unknown top-level fields the transcoder drops).
+NO_INPUTS_HINT = (
+    'no inputs were sent: they go inside the request\'s "inputs" field, as in '
+    '{"inputs": {"name": "John Doe"}}'
+)
+
+
+def _no_inputs_hint(exc: Exception, inputs: Any) -> Exception:
+    """`exc` with `NO_INPUTS_HINT` added when it is INPUTS_INVALID and `inputs` is empty."""
+    if len(inputs.fields):
+        return exc
+    if isinstance(exc, InvalidInputsError):
+        error = to_api_error(exc)
+    elif isinstance(exc, ApiError) and exc.reason == "INPUTS_INVALID":
+        error = exc
+    else:
+        return exc
+    return ApiError(
+        error.reason,
+        f"{error.message} ({NO_INPUTS_HINT})",
+        [*error.violations, ("inputs", NO_INPUTS_HINT)],
+        error.metadata,
+    )

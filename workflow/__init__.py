@@ -44,6 +44,7 @@ from ._runtime import (
     LocalRuntime,
     current_execution,
 )
+from ._suggest import closest, did_you_mean
 from ._types import type_from_name, type_name
 
 __all__ = [
@@ -72,7 +73,9 @@ __all__ = [
     "WorkflowInput",
     "WorkflowOutput",
     "WorkflowValidationError",
+    "closest",
     "current_execution",
+    "did_you_mean",
     "get_node_class",
     "node_types",
     "register_node",

@@ -11,6 +11,7 @@ from typing import Any
 
 from ._errors import InputError, InvalidInputsError, Problem, RegistryError, WorkflowValidationError
 from ._node import MISSING, Node, NodeConfigError, Param, get_node_class
+from ._suggest import did_you_mean
 from ._template import Template, is_template
 from ._types import (
     ANY,
@@ -215,7 +216,10 @@ class Workflow:
             spec = inputs.get(name)
             if spec is None:
                 known = ", ".join(sorted(inputs)) or "none"
-                errors.append(InputError(name, f"unknown input (this workflow's inputs: {known})"))
+                hint = did_you_mean(name, inputs)
+                errors.append(
+                    InputError(name, f"unknown input{hint} (this workflow's inputs: {known})")
+                )
                 continue
             try:
                 out[name] = check_value(spec.type, value)
@@ -395,6 +399,8 @@ class _Validator:
     def __init__(self, builder: WorkflowBuilder) -> None:
         self.b = builder
         self.problems: list[Problem] = list(builder._problems)
+        # every node id added, valid or not (a connection to one is not "unknown")
+        self.ids: set[Any] = {n for _, n, _ in builder._nodes}
         self.nodes: dict[str, Node] = {}
         self.configs: dict[str, dict[str, Any]] = {}
         self.types: dict[str, str] = {}
@@ -460,25 +466,31 @@ class _Validator:
             ok = True
             if src is None:
                 ok = False
-                if c.source not in {n for _, n, _ in self.b._nodes}:
-                    self.problem(c.source, "", f"connection to {c.target}.{c.input}: unknown node")
+                if c.source not in self.ids:
+                    hint = did_you_mean(c.source, self.ids)
+                    self.problem(
+                        c.source, "", f"connection to {c.target}.{c.input}: unknown node{hint}"
+                    )
             if tgt is None:
                 ok = False
-                if c.target not in {n for _, n, _ in self.b._nodes}:
+                if c.target not in self.ids:
+                    hint = did_you_mean(c.target, self.ids)
                     self.problem(
-                        c.target, "", f"connection from {c.source}.{c.output}: unknown node"
+                        c.target, "", f"connection from {c.source}.{c.output}: unknown node{hint}"
                     )
             if not ok or src is None or tgt is None:
                 continue
             out_spec = src.output_specs().get(c.output)
             if out_spec is None and not src.open_outputs:
                 known = ", ".join(src.output_specs()) or "none"
-                self.problem(c.source, c.output, f"unknown output (outputs: {known})")
+                hint = did_you_mean(c.output, src.output_specs())
+                self.problem(c.source, c.output, f"unknown output{hint} (outputs: {known})")
                 ok = False
             in_spec = tgt.input_specs().get(c.input)
             if in_spec is None and not tgt.open_inputs:
                 known = ", ".join(tgt.input_specs()) or "none"
-                self.problem(c.target, c.input, f"unknown parameter (parameters: {known})")
+                hint = did_you_mean(c.input, tgt.input_specs())
+                self.problem(c.target, c.input, f"unknown parameter{hint} (parameters: {known})")
                 ok = False
             if c.source == c.target:
                 self.problem(c.source, c.output, "a node cannot feed itself")
@@ -523,7 +535,8 @@ class _Validator:
                 spec = specs.get(pname)
                 if spec is None and not node.open_inputs:
                     known = ", ".join(specs) or "none"
-                    self.problem(nid, pname, f"unknown parameter (parameters: {known})")
+                    hint = did_you_mean(pname, specs)
+                    self.problem(nid, pname, f"unknown parameter{hint} (parameters: {known})")
                     continue
                 if is_template(value):
                     tmpl = Template(value)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ._errors import RegistryError
+from ._suggest import did_you_mean
 from ._types import ANY, check_value, is_supported, type_name
 
 __all__ = [
@@ -197,7 +198,7 @@ def get_node_class(name: str) -> type[Node]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise RegistryError(f"unknown node type {name!r}") from None
+        raise RegistryError(f"unknown node type {name!r}{did_you_mean(name, _REGISTRY)}") from None
 
 
 def node_types() -> dict[str, type[Node]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -331,7 +332,9 @@ class Adapter:
         if spec is None:
             if self.failure is not None:
                 return _error_result(self.failure)
-            return _error_result(f"unknown tool {_quote(repr(params.name))}")
+            best = difflib.get_close_matches(params.name[:200], list(self.tools), n=1)
+            hint = f" (did you mean {best[0]}?)" if best else ""
+            return _error_result(f"unknown tool {_quote(repr(params.name))}{hint}")
         args = dict(params.arguments or {})
         problems = validate(spec.input_schema, args) or unsendable(args)
         if problems:

@@ -181,7 +181,8 @@ def test_serve_help_has_the_mcp_flags_and_checks_them(tmp_path: Path) -> None:
         [*nexus, "--help"], env=env, capture_output=True, text=True, timeout=WAIT
     )
     assert shown.returncode == 0, shown.stderr
-    assert "--mcp " in shown.stdout and "--mcp-port MCP_PORT" in shown.stdout
+    assert re.search(r"--mcp\s+run the MCP adapter", shown.stdout), shown.stdout
+    assert re.search(r"--mcp-port\s+MCP_PORT", shown.stdout), shown.stdout
     # MCP is served by default (the app's mcp_port): --mcp-port with --no-mcp contradicts
     both = subprocess.run(
         [*nexus, str(APP), "--mcp-port", "0", "--no-mcp"],

@@ -17,6 +17,7 @@ from google.protobuf import descriptor, descriptor_pb2
 
 import nexus_api
 from nexus_api.nexus.common.v1 import errors_pb2
+from nexus_api.nexus.health.v1 import probe_service_pb2
 from nexus_api.nexus.model.v1 import model_service_pb2
 from nexus_api.nexus.openapi.v1 import openapi_service_pb2
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2
@@ -30,6 +31,7 @@ SERVICES = [
     workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"],
     model_service_pb2.DESCRIPTOR.services_by_name["ModelService"],
     openapi_service_pb2.DESCRIPTOR.services_by_name["OpenApiService"],
+    probe_service_pb2.DESCRIPTOR.services_by_name["ProbeService"],
 ]
 METHODS = [m for s in SERVICES for m in s.methods]
 
@@ -172,7 +174,13 @@ def test_descriptor_set_is_complete() -> None:
     ours = [n for n in files if n.startswith("nexus/")]
     assert sorted(ours) == sorted(
         m.DESCRIPTOR.name
-        for m in (errors_pb2, model_service_pb2, openapi_service_pb2, workflow_service_pb2)
+        for m in (
+            errors_pb2,
+            model_service_pb2,
+            openapi_service_pb2,
+            probe_service_pb2,
+            workflow_service_pb2,
+        )
     )
     for needed in (
         "google/api/annotations.proto",

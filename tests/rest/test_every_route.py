@@ -26,8 +26,12 @@ def test_every_route_answers(client: httpx.Client, unique: str) -> None:
     u = unique
     doc = call("GET", "/openapi.json", "/openapi.json")
 
+    # ProbeService
+    call("GET", "/health", "/health")
+
     # WorkflowService
     call("GET", "/v1/workflows", "/v1/workflows")
+    call("GET", "/workflows", "/workflows")
     definition = {
         "nodes": [{"id": "n", "type": "RestBoomNode", "params": {"message": "{{message}}"}}]
     }

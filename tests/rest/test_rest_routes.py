@@ -210,3 +210,22 @@ def test_enums_and_query_parameters(client: httpx.Client) -> None:
     # case-insensitive enum parsing; `+` is a space in a query string
     resp = client.get("/v1/executions?workflow=create_contact&state=state_succeeded")
     assert resp.status_code == 200, resp.text
+
+
+def test_envoys_own_errors_never_quote_a_long_value(client: httpx.Client, status_body: Any) -> None:
+    """The transcoder's "field: invalid value ..." quotes the caller's value; Envoy cannot
+    cut it, so the Lua filter does (over 4 KiB): from the body and from the query."""
+    big = "x" * 100_000
+    resp = client.post("/v1/models/Contact/records:count", json={"filter": big})
+    assert resp.status_code == 400, resp.text[:300]
+    body = status_body(resp.json(), 3, "REQUEST_INVALID", gateway=True)
+    assert body["message"].startswith("filter: invalid value")
+    assert body["message"].endswith("... (cut)") and len(resp.content) < 1000
+    resp = client.get("/v1/models/Contact/records", params={"filter": "y" * 20_000})
+    assert resp.status_code == 400 and len(resp.content) < 1000, resp.text[:300]
+    assert status_body(resp.json(), 3, "REQUEST_INVALID", gateway=True)["message"].endswith(
+        "... (cut)"
+    )
+    # a short one is quoted whole
+    resp = client.post("/v1/models/Contact/records:count", json={"filter": "short"})
+    assert resp.status_code == 400 and '"short"' in resp.json()["message"]

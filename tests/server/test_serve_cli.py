@@ -139,3 +139,35 @@ async def test_health_is_not_serving_while_the_database_is_unreachable(
     finally:
         await admin.close()
         await db.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "usage", "panels"),
+    [
+        (["serve"], "Usage: nexus serve [OPTIONS] APP", ["Arguments", "Options"]),
+        (["proto"], "Usage: nexus proto [OPTIONS] COMMAND [ARGS]...", ["Options", "Commands"]),
+        (["proto", "export"], "Usage: nexus proto export [OPTIONS] APP", ["Arguments"]),
+        (["envoy-config"], "Usage: nexus envoy-config [OPTIONS] APP", ["Options"]),
+    ],
+)
+def test_server_commands_help_looks_like_the_rest_of_the_cli(
+    args: list[str], usage: str, panels: list[str]
+) -> None:
+    """The `nexus` CLI's look (usage line, description, rounded panels), flags without a
+    metavar, choices listed; not argparse's own help."""
+    done = subprocess.run(
+        [sys.executable, "-m", "clients.cli", *args, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert usage in out
+    for title in panels:
+        assert f"╭─ {title} " in out
+    assert "positional arguments" not in out and "usage:" not in out
+    if args == ["serve"]:
+        assert "[debug|info|warning|error]" in out
+        assert "--no-envoy  " in out and "NO_ENVOY" not in out  # a flag shows no metavar

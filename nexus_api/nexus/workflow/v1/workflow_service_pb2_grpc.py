@@ -93,7 +93,9 @@ class WorkflowServiceServicer:
     """
 
     def ListWorkflows(self, request, context):
-        """Lists the registered workflows, ordered by name.
+        """Lists the registered workflows, ordered by name, each with its typed
+        inputs. `GET /workflows` is the same list (the original Nexus's probe
+        route).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
