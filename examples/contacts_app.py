@@ -1,7 +1,8 @@
 """The example app: contacts and companies, served on every channel.
 
 Based on the original Nexus + DataFlow docs: two models, a workflow that creates a
-contact and one that searches them. `make run` serves it on the embedded SQLite default
+contact and one that lists them by a part of their name; contacts' names and companies
+are full-text searchable (`nexus contacts search "ada"`, `GET /v1/contacts:search?q=ada`). `make run` serves it on the embedded SQLite default
 (`nexus.db` in the working directory):
 
     nexus serve examples/contacts_app.py
@@ -45,9 +46,9 @@ class Contact:
     """A person to keep in touch with."""
 
     id: str
-    name: str
+    name: str = field(searchable=True)
     email: str = field(unique=True, description="where to write to")
-    company: str | None = None
+    company: str | None = field(default=None, searchable=True)
     score: int = 0
 
 

@@ -702,14 +702,15 @@ def _model_group(model: Any) -> Any:
         )
         if p["nexus_filter"]:
             req.filter.update(_json_object(p["nexus_filter"], "--filter"))
-        doc = to_json(st.rpc(st.models.SearchRecords, req))
+        doc = doc_of(st.rpc(st.models.SearchRecords, req))
+        doc["records"] = [in_order(r, names) for r in doc.get("records", [])]
         # the relevance as a first column (its own name, unless a field has it)
         rel = "relevance" if "relevance" not in {f.name for f in model.fields} else "_relevance"
         rows = [
             {rel: f"{score:.4g}", **rec}
-            for rec, score in zip(doc.get("records", []), doc.get("scores", []), strict=False)
+            for rec, score in zip(doc["records"], doc.get("scores", []), strict=False)
         ]
-        emit_rows(doc, rows, [rel, *fields] if fields else None, st.output)
+        emit_rows(doc, rows, [rel, *fields] if fields else None, st.output, keep=[pk])
 
     def upsert(**p: Any) -> None:
         st = state_of(p["nexus_ctx"])

@@ -124,6 +124,10 @@ def test_cli_search(seeded: Any, cli: Any) -> None:
     doc = res.json()
     assert sorted(r["id"] for r in doc["records"]) == ["s2", "s4"]
     assert len(doc["scores"]) == 2
+    # records in the model's declaration order, as `list` prints them
+    listed = cli("-o", "json", "contacts", "list", "--filter", '{"id": "s2"}').json()
+    (found,) = [r for r in doc["records"] if r["id"] == "s2"]
+    assert list(found) == list(listed["records"][0])
     res = cli("-o", "json", "contacts", "search", "ada", "--limit", "1", "--fields", "name")
     doc = res.json()
     assert doc["records"] == [{"name": "Ada Ada Ada"}] and doc["next_page_token"]
