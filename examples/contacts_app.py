@@ -2,8 +2,8 @@
 
 Based on the original Nexus + DataFlow docs: two models, a workflow that creates a
 contact and one that lists them by a part of their name; contacts' names and companies
-are full-text searchable (`nexus contacts search "ada"`, `GET /v1/contacts:search?q=ada`). `make run` serves it on the embedded SQLite default
-(`nexus.db` in the working directory):
+are full-text searchable (`nexus contacts search "ada"`, `GET /v1/contacts:search?q=ada`).
+`make run` serves it on the embedded SQLite default (`nexus.db` in the working directory):
 
     nexus serve examples/contacts_app.py
 
