@@ -146,9 +146,9 @@ def build_app(db_url: str) -> tuple[Nexus, DataFlow]:
         """A person to keep in touch with."""
 
         id: str
-        name: str
+        name: str = model_field(searchable=True)  # as in examples/contacts_app.py
         email: str = model_field(unique=True, description="where to write to")
-        company: str | None = None
+        company: str | None = model_field(default=None, searchable=True)
         score: int = 0
 
     app.integrate_dataflow(db)
