@@ -47,6 +47,8 @@ from ._store import RUNNING_STATES, ExecutionRecord, Store, body_hash, check_req
 
 __all__ = ["Executions", "RunningExecution", "error_dict"]
 
+#: Seconds a call waits for an execution another server process runs (same request_id).
+SETTLE_SECONDS = 300.0
 #: Events kept per running execution; older node events are dropped past this.
 EVENT_BUFFER = 1000
 
@@ -442,9 +444,12 @@ class Executions:
 
     async def _settled(self, rec: ExecutionRecord) -> ExecutionRecord:
         """The record once its execution ended: one that another server process runs is
-        read again until it ends (the caller's deadline bounds the wait)."""
+        read again until it ends, for `SETTLE_SECONDS` at most (or the caller's deadline);
+        then it is returned as it is, RUNNING (that process may have died: its restart
+        marks it INTERRUPTED)."""
         delay = 0.02
-        while rec.state in RUNNING_STATES:
+        give_up = time.monotonic() + SETTLE_SECONDS
+        while rec.state in RUNNING_STATES and time.monotonic() < give_up:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
             rec = await self.store.get_execution(rec.id) or rec

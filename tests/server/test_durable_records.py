@@ -313,3 +313,37 @@ async def test_two_servers_racing_on_one_request_id_write_once(
         ms = mgrpc.ModelServiceStub(c1)  # type: ignore[no-untyped-call]
         count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
         assert count.count == 10
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_waiting_for_another_servers_execution_is_bounded(
+    make_app: Callable[..., Nexus],
+    connect: Connect,
+    gates: dict[str, asyncio.Event],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nexus_server import _executions
+
+    monkeypatch.setattr(_executions, "SETTLE_SECONDS", 0.3)
+    first, second = make_app(), make_app(models=False, workflows=False)
+    second.register("create_then_wait", _create_then_wait())
+    first.register("create_then_wait", _create_then_wait())
+    request = wpb.ExecuteWorkflowRequest(
+        name="create_then_wait",
+        inputs=struct(name="Ada", email="ada@x.io", gate="stuck"),
+        request_id="stuck-1",
+    )
+    async with (
+        first.serving() as s1,
+        connect(s1) as c1,
+        second.serving() as s2,
+        connect(s2) as c2,
+    ):
+        call = asyncio.ensure_future(
+            wgrpc.WorkflowServiceStub(c1).ExecuteWorkflow(request, timeout=WAIT)  # type: ignore[no-untyped-call]
+        )
+        await asyncio.wait_for(gates["stuck:started"].wait(), WAIT)
+        seen = await wgrpc.WorkflowServiceStub(c2).ExecuteWorkflow(request, timeout=WAIT)  # type: ignore[no-untyped-call]
+        assert seen.state == wpb.Execution.STATE_RUNNING  # answered, not waited on forever
+        gates["stuck"].set()
+        assert (await call).id == seen.id
