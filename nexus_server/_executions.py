@@ -80,17 +80,18 @@ class _Unreturnable(Exception):
         self.error = error
 
 
-def _check_storable(inputs: Mapping[str, Any]) -> None:
-    """Refuse inputs the execution's record could not hold (NUL, ints past 64 bits...)."""
-    if not inputs or storable_reason(to_jsonable(inputs)) is None:
-        return
+def _storable_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs as the execution's record holds them (JSON), or INPUTS_INVALID naming
+    each input the record could not hold (NUL, ints past 64 bits...)."""
+    doc: dict[str, Any] = to_jsonable(inputs)
+    if not doc or storable_reason(doc) is None:
+        return doc
     bad = [
         (f"inputs.{name}", why)
-        for name, value in inputs.items()
-        if (why := storable_reason(to_jsonable(value))) is not None
+        for name, value in doc.items()
+        if (why := storable_reason(value)) is not None
     ]
-    if bad:
-        raise ApiError("INPUTS_INVALID", f"invalid inputs: {bad[0][0]}: {bad[0][1]}", bad)
+    raise ApiError("INPUTS_INVALID", f"invalid inputs: {bad[0][0]}: {bad[0][1]}", bad)
 
 
 def _succeeded(results: Any) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
@@ -336,11 +337,11 @@ class Executions:
         with None for inputs)."""
         check_request_id(request_id)
         inputs = wf.validate_inputs(raw_inputs)
-        _check_storable(inputs)
+        stored = _storable_inputs(inputs)
         if not request_id:
             if self.writer.full:
                 await self.writer.wait_for_room()
-            run = self._register(name, inputs, caller, None, None, running_row="later")
+            run = self._register(name, stored, caller, None, None, running_row="later")
             return run, run.record, inputs
         key = (caller, request_id)
         hash_ = body_hash(name, raw_inputs)
@@ -353,7 +354,7 @@ class Executions:
             transactional = self._writes_only_here(wf)
             run = self._register(
                 name,
-                inputs,
+                stored,
                 caller,
                 request_id,
                 hash_,
@@ -381,7 +382,7 @@ class Executions:
     def _register(
         self,
         name: str,
-        inputs: dict[str, Any],
+        stored_inputs: dict[str, Any],
         caller: str,
         request_id: str | None,
         hash_: str | None,
@@ -400,7 +401,7 @@ class Executions:
             caller=caller,
             request_id=request_id,
             request_hash=hash_,
-            inputs=to_jsonable(inputs),
+            inputs=stored_inputs,
             outputs=None,
             error=None,
             create_time=now,

@@ -347,3 +347,24 @@ async def test_waiting_for_another_servers_execution_is_bounded(
         assert seen.state == wpb.Execution.STATE_RUNNING  # answered, not waited on forever
         gates["stuck"].set()
         assert (await call).id == seen.id
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_inputs_the_record_cannot_hold_are_refused_naming_the_input(
+    make_app: Callable[..., Nexus], connect: Connect, db_url: str
+) -> None:
+    app = make_app()
+    async with app.serving() as s, connect(s) as channel, reader(db_url) as store:
+        wf = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await wf.ExecuteWorkflow(
+                wpb.ExecuteWorkflowRequest(
+                    name="create_contact",
+                    inputs=struct(name="Ada\x00", email="ada@x.io"),
+                    request_id="nul-1",
+                ),
+                timeout=WAIT,
+            )
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inputs.name" in (bad.value.details() or "")
+        assert await store.find_request("anonymous", "nul-1") is None  # nothing recorded
