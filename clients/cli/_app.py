@@ -38,7 +38,7 @@ from .._grpc import (
 from ._output import emit, emit_rows, emit_value, err
 from ._style import tidy_help
 
-__all__ = ["app", "build_field_params", "build_input_params", "doc_of", "exit_code_of"]
+__all__ = ["app", "build_field_params", "build_input_params", "exit_code_of"]
 
 #: Deadline of the calls that only list commands for `--help` and completion.
 _DISCOVERY_TIMEOUT = 3.0
@@ -51,12 +51,6 @@ _EXECUTION_REASONS = {
     "EXECUTION_INTERRUPTED",
     "INTERNAL_ERROR",
 }
-
-
-def doc_of(msg: Any) -> Any:
-    """The REST body of a response: proto3 JSON with default values printed (`false`,
-    `""`, `0`, `[]`), as Envoy's transcoder prints them; what `-o json` shows."""
-    return to_json(msg)
 
 
 def exit_code_of(failure: ApiFailure) -> int:
@@ -421,7 +415,7 @@ def _all_workflows(st: State) -> list[dict[str, Any]]:
         resp = st.rpc(
             st.workflows.ListWorkflows, w.ListWorkflowsRequest(page_size=1000, page_token=token)
         )
-        out += doc_of(resp).get("workflows", [])
+        out += to_json(resp).get("workflows", [])
         token = resp.next_page_token
         if not token:
             return out
@@ -451,7 +445,7 @@ def follow(stream: Iterable[Any], st: State) -> dict[str, Any]:
     try:
         for event in stream:
             kind = event.WhichOneof("event") or ""
-            doc = doc_of(event)
+            doc = to_json(event)
             body = doc.get(kind, {})
             seq = doc.get("sequence", "")
             if kind == "execution_started":
@@ -560,7 +554,7 @@ def _workflow_command(wf: Any) -> Any:
         req2 = w.ExecuteWorkflowRequest(
             name=wf.name, inputs=struct_of(inputs), request_id=request_id
         )
-        _emit_execution(doc_of(st.rpc(st.workflows.ExecuteWorkflow, req2)), st)
+        _emit_execution(to_json(st.rpc(st.workflows.ExecuteWorkflow, req2)), st)
 
     extra = [
         _option(
@@ -631,12 +625,12 @@ def _model_group(model: Any) -> Any:
             record=struct_of(record_from(p, create_specs)),
             request_id=p.get("nexus_request_id") or "",
         )
-        emit(in_order(doc_of(st.rpc(st.models.CreateRecord, req)), names), st.output)
+        emit(in_order(to_json(st.rpc(st.models.CreateRecord, req)), names), st.output)
 
     def get(**p: Any) -> None:
         st = state_of(p["nexus_ctx"])
         req = m.GetRecordRequest(model=name, id=p["nexus_id"], fields=_split(p["nexus_fields"]))
-        emit(in_order(doc_of(st.rpc(st.models.GetRecord, req)), names), st.output)
+        emit(in_order(to_json(st.rpc(st.models.GetRecord, req)), names), st.output)
 
     def update(**p: Any) -> None:
         st = state_of(p["nexus_ctx"])
@@ -650,7 +644,7 @@ def _model_group(model: Any) -> Any:
             request_id=p.get("nexus_request_id") or "",
         )
         req.update_mask.paths.extend(record)
-        emit(in_order(doc_of(st.rpc(st.models.UpdateRecord, req)), names), st.output)
+        emit(in_order(to_json(st.rpc(st.models.UpdateRecord, req)), names), st.output)
 
     def delete(**p: Any) -> None:
         st = state_of(p["nexus_ctx"])
@@ -675,7 +669,7 @@ def _model_group(model: Any) -> Any:
         )
         if p["nexus_filter"]:
             req.filter.update(_json_object(p["nexus_filter"], "--filter"))
-        doc = doc_of(st.rpc(st.models.ListRecords, req))
+        doc = to_json(st.rpc(st.models.ListRecords, req))
         doc["records"] = [in_order(r, names) for r in doc.get("records", [])]
         emit_rows(doc, doc["records"], fields or None, st.output, keep=[pk])
 
@@ -684,7 +678,7 @@ def _model_group(model: Any) -> Any:
         req = m.CountRecordsRequest(model=name)
         if p["nexus_filter"]:
             req.filter.update(_json_object(p["nexus_filter"], "--filter"))
-        doc = doc_of(st.rpc(st.models.CountRecords, req))
+        doc = to_json(st.rpc(st.models.CountRecords, req))
         if st.output == "table":
             print(int(doc.get("count", 0)))
         else:
@@ -702,7 +696,7 @@ def _model_group(model: Any) -> Any:
         )
         if p["nexus_filter"]:
             req.filter.update(_json_object(p["nexus_filter"], "--filter"))
-        doc = doc_of(st.rpc(st.models.SearchRecords, req))
+        doc = to_json(st.rpc(st.models.SearchRecords, req))
         doc["records"] = [in_order(r, names) for r in doc.get("records", [])]
         # the relevance as a first column (its own name, unless a field has it)
         rel = "relevance" if "relevance" not in {f.name for f in model.fields} else "_relevance"
@@ -720,7 +714,7 @@ def _model_group(model: Any) -> Any:
             conflict_on=_split(p["nexus_conflict_on"]),
             request_id=p.get("nexus_request_id") or "",
         )
-        doc = doc_of(st.rpc(st.models.UpsertRecord, req))
+        doc = to_json(st.rpc(st.models.UpsertRecord, req))
         doc["record"] = in_order(doc.get("record"), names)
         if st.output != "table":
             emit(doc, st.output)
@@ -957,7 +951,7 @@ def workflows_get(
     from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 
     st = state_of(ctx)
-    doc = doc_of(st.rpc(st.workflows.GetWorkflow, w.GetWorkflowRequest(name=name)))
+    doc = to_json(st.rpc(st.workflows.GetWorkflow, w.GetWorkflowRequest(name=name)))
     if st.output != "table":
         emit(doc, st.output)
         return
@@ -1009,7 +1003,7 @@ def executions_get(ctx: typer.Context, execution_id: IdArg) -> None:
     from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 
     st = state_of(ctx)
-    doc = doc_of(st.rpc(st.workflows.GetExecution, w.GetExecutionRequest(id=execution_id)))
+    doc = to_json(st.rpc(st.workflows.GetExecution, w.GetExecutionRequest(id=execution_id)))
     _emit_execution(doc, st)
 
 
@@ -1040,7 +1034,7 @@ def executions_list(
             req.state = w.Execution.State.Value(name)  # type: ignore[assignment]
         except ValueError:
             usage(f"--state: unknown state {state!r}")
-    doc = doc_of(st.rpc(st.workflows.ListExecutions, req))
+    doc = to_json(st.rpc(st.workflows.ListExecutions, req))
     rows = [
         {
             "id": e.get("id"),
@@ -1060,7 +1054,7 @@ def executions_cancel(ctx: typer.Context, execution_id: IdArg) -> None:
     from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 
     st = state_of(ctx)
-    doc = doc_of(st.rpc(st.workflows.CancelExecution, w.CancelExecutionRequest(id=execution_id)))
+    doc = to_json(st.rpc(st.workflows.CancelExecution, w.CancelExecutionRequest(id=execution_id)))
     _emit_execution(doc, st)
 
 
@@ -1080,7 +1074,7 @@ def executions_watch(ctx: typer.Context, execution_id: IdArg) -> None:
 def models_list(ctx: typer.Context) -> None:
     """List the models, their collections (command names) and typed services."""
     st = state_of(ctx)
-    models = [doc_of(x) for x in st.model_list()]
+    models = [to_json(x) for x in st.model_list()]
     rows = [
         {
             "name": x["name"],
@@ -1101,7 +1095,7 @@ def models_get(
     from nexus_api.nexus.model.v1 import model_service_pb2 as mm
 
     st = state_of(ctx)
-    doc = doc_of(st.rpc(st.models.GetModel, mm.GetModelRequest(name=name)))
+    doc = to_json(st.rpc(st.models.GetModel, mm.GetModelRequest(name=name)))
     if st.output != "table":
         emit(doc, st.output)
         return

@@ -440,9 +440,7 @@ class Adapter:
             )
             if args.get("filter"):
                 lreq.filter.update(args["filter"])
-            doc = to_json(await ms.ListRecords(lreq, metadata=meta))
-            doc.setdefault("records", [])
-            return _text_result(doc)
+            return _text_result(to_json(await ms.ListRecords(lreq, metadata=meta)))
         if op == "count":
             creq = m.CountRecordsRequest(model=name)
             if args.get("filter"):
@@ -459,10 +457,7 @@ class Adapter:
             )
             if args.get("filter"):
                 qreq.filter.update(args["filter"])
-            doc = to_json(await ms.SearchRecords(qreq, metadata=meta))
-            doc.setdefault("records", [])
-            doc.setdefault("scores", [])
-            return _text_result(doc)
+            return _text_result(to_json(await ms.SearchRecords(qreq, metadata=meta)))
         if op == "update":
             record = {k: v for k, v in args.items() if k != "id"}
             ureq = m.UpdateRecordRequest(

@@ -102,6 +102,19 @@ class ToolSpec:
     request_id: bool = False
 
 
+#: The paging arguments of the list and search tools.
+_PAGING: dict[str, Any] = {
+    "limit": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 1000,
+        "default": 50,
+        "description": "page size",
+    },
+    "page_token": {"type": "string", "description": "next_page_token of the previous page"},
+}
+
+
 def _lenient(schema: dict[str, Any]) -> dict[str, Any]:
     """An output schema accepting every value the server returns for `schema`'s type.
 
@@ -336,17 +349,7 @@ def model_tools(model: Any) -> list[ToolSpec]:
                             ),
                         },
                         "filter": filter_schema,
-                        "limit": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": 1000,
-                            "default": 50,
-                            "description": "page size",
-                        },
-                        "page_token": {
-                            "type": "string",
-                            "description": "next_page_token of the previous page",
-                        },
+                        **_PAGING,
                         "fields": fields_schema,
                     },
                     ["query"],
@@ -388,17 +391,7 @@ def model_tools(model: Any) -> list[ToolSpec]:
                         "type": "string",
                         "description": "comma-separated fields, - for descending: -created_at",
                     },
-                    "limit": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "maximum": 1000,
-                        "default": 50,
-                        "description": "page size",
-                    },
-                    "page_token": {
-                        "type": "string",
-                        "description": "next_page_token of the previous page",
-                    },
+                    **_PAGING,
                     "fields": fields_schema,
                 }
             ),
