@@ -127,28 +127,43 @@ async def test_a_request_id_is_committed_before_the_workflow_runs(
         assert final is not None and final.state == "SUCCEEDED"
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
-async def test_a_second_server_never_runs_a_request_the_first_has_started(
-    make_app: Callable[..., Nexus], connect: Connect, gates: dict[str, asyncio.Event]
-) -> None:
+@contextlib.asynccontextmanager
+async def two_servers(
+    make_app: Callable[..., Nexus], connect: Connect, name: str, workflow: Callable[[], Any]
+) -> AsyncIterator[tuple[Any, Any, grpc.aio.Channel]]:
+    """Two server processes' worth of apps on one database, both serving `workflow()` as
+    `name`: their workflow stubs and the first's channel. In one process the node classes
+    belong to the first's DataFlow, so the second takes the record-first path."""
     first, second = make_app(), make_app(models=False, workflows=False)
-    # the second server knows the workflow without declaring the models again
-    assert first.db is not None
-    second.register("create_then_wait", _create_then_wait())
-    first.register("create_then_wait", _create_then_wait())
-    request = wpb.ExecuteWorkflowRequest(
-        name="create_then_wait",
-        inputs=struct(name="Ada", email="ada@x.io", gate="both"),
-        request_id="shared-1",
-    )
+    first.register(name, workflow())
+    second.register(name, workflow())
     async with (
         first.serving() as s1,
         connect(s1) as c1,
         second.serving() as s2,
         connect(s2) as c2,
     ):
-        wf1 = wgrpc.WorkflowServiceStub(c1)  # type: ignore[no-untyped-call]
-        wf2 = wgrpc.WorkflowServiceStub(c2)  # type: ignore[no-untyped-call]
+        yield (
+            wgrpc.WorkflowServiceStub(c1),  # type: ignore[no-untyped-call]
+            wgrpc.WorkflowServiceStub(c2),  # type: ignore[no-untyped-call]
+            c1,
+        )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_second_server_never_runs_a_request_the_first_has_started(
+    make_app: Callable[..., Nexus], connect: Connect, gates: dict[str, asyncio.Event]
+) -> None:
+    request = wpb.ExecuteWorkflowRequest(
+        name="create_then_wait",
+        inputs=struct(name="Ada", email="ada@x.io", gate="both"),
+        request_id="shared-1",
+    )
+    async with two_servers(make_app, connect, "create_then_wait", _create_then_wait) as (
+        wf1,
+        wf2,
+        c1,
+    ):
         call = asyncio.ensure_future(wf1.ExecuteWorkflow(request, timeout=WAIT))
         await asyncio.wait_for(gates["both:started"].wait(), WAIT)
         # the second finds the first's execution, never runs it, and waits for its end
@@ -161,6 +176,12 @@ async def test_a_second_server_never_runs_a_request_the_first_has_started(
         ms = mgrpc.ModelServiceStub(c1)  # type: ignore[no-untyped-call]
         count = await ms.CountRecords(mpb.CountRecordsRequest(model="Contact"))
         assert count.count == 1
+
+
+def _create() -> Any:
+    wf = WorkflowBuilder()
+    wf.add_node("ContactCreateNode", "create", {"name": "{{name}}", "email": "{{email}}"})
+    return wf.build()
 
 
 def _create_then_wait() -> Any:
@@ -289,19 +310,12 @@ def _create_then_fail() -> Any:
 async def test_two_servers_racing_on_one_request_id_write_once(
     make_app: Callable[..., Nexus], connect: Connect
 ) -> None:
-    # in one process the node classes belong to the first server's DataFlow: the second
-    # takes the record-first path, the first the one-transaction path
-    first, second = make_app(), make_app(models=False, workflows=False)
-    create = WorkflowBuilder()
-    create.add_node("ContactCreateNode", "create", {"name": "{{name}}", "email": "{{email}}"})
-    second.register("create_contact", create.build())
-    async with (
-        first.serving() as s1,
-        connect(s1) as c1,
-        second.serving() as s2,
-        connect(s2) as c2,
+    async with two_servers(make_app, connect, "create_contact", _create) as (
+        wf1,
+        wf2,
+        c1,
     ):
-        stubs = [wgrpc.WorkflowServiceStub(c) for c in (c1, c2)]  # type: ignore[no-untyped-call]
+        stubs = [wf1, wf2]
         for i in range(10):
             request = wpb.ExecuteWorkflowRequest(
                 name="create_contact",
@@ -325,25 +339,19 @@ async def test_waiting_for_another_servers_execution_is_bounded(
     from nexus_server import _executions
 
     monkeypatch.setattr(_executions, "SETTLE_SECONDS", 0.3)
-    first, second = make_app(), make_app(models=False, workflows=False)
-    second.register("create_then_wait", _create_then_wait())
-    first.register("create_then_wait", _create_then_wait())
     request = wpb.ExecuteWorkflowRequest(
         name="create_then_wait",
         inputs=struct(name="Ada", email="ada@x.io", gate="stuck"),
         request_id="stuck-1",
     )
-    async with (
-        first.serving() as s1,
-        connect(s1) as c1,
-        second.serving() as s2,
-        connect(s2) as c2,
+    async with two_servers(make_app, connect, "create_then_wait", _create_then_wait) as (
+        wf1,
+        wf2,
+        _,
     ):
-        call = asyncio.ensure_future(
-            wgrpc.WorkflowServiceStub(c1).ExecuteWorkflow(request, timeout=WAIT)  # type: ignore[no-untyped-call]
-        )
+        call = asyncio.ensure_future(wf1.ExecuteWorkflow(request, timeout=WAIT))
         await asyncio.wait_for(gates["stuck:started"].wait(), WAIT)
-        seen = await wgrpc.WorkflowServiceStub(c2).ExecuteWorkflow(request, timeout=WAIT)  # type: ignore[no-untyped-call]
+        seen = await wf2.ExecuteWorkflow(request, timeout=WAIT)
         assert seen.state == wpb.Execution.STATE_RUNNING  # answered, not waited on forever
         gates["stuck"].set()
         assert (await call).id == seen.id
