@@ -17,22 +17,12 @@ from dataflow import DataFlow, ModelInfo, ModelOps, ValidationError
 from ._errors import ApiError, brief, to_api_error
 from ._store import Store, body_hash, check_request_id
 
-__all__ = ["DEFAULT_MAX_BULK_ROWS", "MAX_ID_LENGTH", "Records", "max_bulk_rows", "record_fields"]
+__all__ = ["MAX_ID_LENGTH", "Records", "record_fields"]
 
 M = TypeVar("M", bound=pb_message.Message)
 
 #: The longest text primary key a create or upsert accepts (ids are made for URLs).
 MAX_ID_LENGTH = 256
-
-#: Rows per bulk request when the DataFlow has no `max_bulk_rows` of its own.
-DEFAULT_MAX_BULK_ROWS = 10_000
-
-
-def max_bulk_rows(db: DataFlow | None) -> int:
-    """The most rows one bulk request (or writes one BatchWrite) may carry: the DataFlow's
-    `max_bulk_rows`, the same cap DataFlow enforces itself."""
-    cap = getattr(db, "max_bulk_rows", None)
-    return cap if isinstance(cap, int) and cap > 0 else DEFAULT_MAX_BULK_ROWS
 
 
 class Records:
@@ -120,7 +110,8 @@ class Records:
     def check_rows(self, n: int, where: str) -> None:
         """Refuse a bulk request of more than `max_bulk_rows` rows (the DataFlow's cap),
         before any row is converted: the cost of a request stays bounded by the cap."""
-        cap = max_bulk_rows(self.db)
+        assert self.db is not None
+        cap = self.db.max_bulk_rows
         if n > cap:
             reason = f"at most {cap} rows per request, got {n}"
             raise ApiError("REQUEST_INVALID", f"{where}: {reason}", [(where, reason)])

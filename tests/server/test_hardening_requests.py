@@ -360,9 +360,7 @@ async def test_typed_delete_is_idempotent_with_a_request_id(
 async def test_bulk_row_cap_is_checked_before_conversion(
     channel: grpc.aio.Channel, serving: Serving, app: Any, ms: Any, expect_error: Any
 ) -> None:
-    from nexus_server._records import DEFAULT_MAX_BULK_ROWS
-
-    cap = getattr(app.db, "max_bulk_rows", DEFAULT_MAX_BULK_ROWS)
+    cap = app.db.max_bulk_rows
     too_many = mpb.BulkCreateRecordsRequest(model="Contact")
     for i in range(cap + 1):
         # rows DataFlow would refuse (no email): the cap answers before any is looked at
