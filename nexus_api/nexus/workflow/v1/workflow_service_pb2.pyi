@@ -17,7 +17,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Workflow(_message.Message):
-    __slots__ = ("name", "description", "atomic", "inputs", "outputs", "definition", "builtin", "update_time")
+    __slots__ = ("name", "description", "atomic", "inputs", "outputs", "definition", "builtin", "update_time", "owner")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     ATOMIC_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class Workflow(_message.Message):
     DEFINITION_FIELD_NUMBER: _ClassVar[int]
     BUILTIN_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     atomic: bool
@@ -34,7 +35,8 @@ class Workflow(_message.Message):
     definition: WorkflowDefinition
     builtin: bool
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., atomic: _Optional[bool] = ..., inputs: _Optional[_Iterable[_Union[WorkflowInput, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[WorkflowOutput, _Mapping]]] = ..., definition: _Optional[_Union[WorkflowDefinition, _Mapping]] = ..., builtin: _Optional[bool] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., atomic: _Optional[bool] = ..., inputs: _Optional[_Iterable[_Union[WorkflowInput, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[WorkflowOutput, _Mapping]]] = ..., definition: _Optional[_Union[WorkflowDefinition, _Mapping]] = ..., builtin: _Optional[bool] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class WorkflowInput(_message.Message):
     __slots__ = ("name", "type", "required", "default", "description", "targets")
@@ -120,7 +122,7 @@ class WorkflowDefinition(_message.Message):
     def __init__(self, description: _Optional[str] = ..., atomic: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[WorkflowDefinition.Node, _Mapping]]] = ..., connections: _Optional[_Iterable[_Union[WorkflowDefinition.Connection, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[WorkflowDefinition.Input, _Mapping]]] = ...) -> None: ...
 
 class Execution(_message.Message):
-    __slots__ = ("id", "workflow", "state", "inputs", "outputs", "error", "request_id", "create_time", "start_time", "end_time", "duration")
+    __slots__ = ("id", "workflow", "state", "inputs", "outputs", "error", "request_id", "create_time", "start_time", "end_time", "duration", "owner")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Execution.State]
@@ -148,6 +150,7 @@ class Execution(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
     workflow: str
     state: Execution.State
@@ -159,7 +162,8 @@ class Execution(_message.Message):
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     duration: _duration_pb2.Duration
-    def __init__(self, id: _Optional[str] = ..., workflow: _Optional[str] = ..., state: _Optional[_Union[Execution.State, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    owner: str
+    def __init__(self, id: _Optional[str] = ..., workflow: _Optional[str] = ..., state: _Optional[_Union[Execution.State, str]] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ExecutionEvent(_message.Message):
     __slots__ = ("execution_id", "sequence", "time", "execution_started", "node_started", "node_completed", "node_failed", "execution_completed", "execution_failed", "execution_cancelled")

@@ -1,0 +1,14 @@
+"""The gateway: every check a call passes before a servicer runs it, in one place.
+
+The chain (`_chain`) wraps every method handler of the server; for each call it
+authenticates the credential (`_authn`), checks the permission the method needs against
+the principal's roles (`_policy`), sets the principal and its tenant for the call, and
+records the audit entry (`_audit`). Every channel (gRPC, REST and gRPC-Web through Envoy,
+the CLI, MCP) is a client of the server, so each is checked the same way.
+"""
+
+from __future__ import annotations
+
+from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
+
+__all__ = ["ADMIN", "CURRENT_PRINCIPAL", "AuthError", "Principal"]
