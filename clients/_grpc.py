@@ -15,6 +15,7 @@ package: whatever the server validates or refuses, its clients see the same way.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from google.rpc import error_details_pb2
 
 __all__ = [
+    "CREDENTIAL",
     "DEFAULT_SERVER",
     "EXIT_CONFLICT",
     "EXIT_FAILED",
@@ -40,11 +42,14 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
     "ApiFailure",
+    "Credential",
     "DynamicMethods",
     "TypeSpec",
-    "caller_metadata",
+    "call_metadata",
+    "credential_from_env",
     "normalize",
     "server_address",
+    "set_channel",
     "struct_of",
     "to_json",
     "type_spec",
@@ -80,10 +85,66 @@ def server_address(explicit: str | None = None) -> str:
     return explicit or os.environ.get("NEXUS_SERVER") or DEFAULT_SERVER
 
 
-def caller_metadata() -> tuple[tuple[str, str], ...]:
-    """The `x-nexus-caller` metadata (the idempotency scope) from `$NEXUS_CALLER`, if set."""
+@dataclass(frozen=True)
+class Credential:
+    """What a client sends to prove who it is: a JWT (`token`) or an API key."""
+
+    kind: str  # "token" or "api_key"
+    value: str
+
+    def metadata(self) -> tuple[str, str]:
+        if self.kind == "token":
+            return ("authorization", f"Bearer {self.value}")
+        return ("x-api-key", self.value)
+
+
+#: The credential of the calls made in this context (the CLI sets it once; the MCP
+#: adapter sets it per HTTP request, from the caller's own headers).
+CREDENTIAL: contextvars.ContextVar[Credential | None] = contextvars.ContextVar(
+    "nexus_credential", default=None
+)
+
+#: The channel this process is (`cli`, `mcp`), sent as `x-nexus-channel` for the audit
+#: trail; set once by the channel's entry point. Plain gRPC clients send none (`grpc`).
+_CHANNEL: list[str] = []
+
+
+def set_channel(name: str) -> None:
+    """Name the channel this process's calls come through (`x-nexus-channel`)."""
+    _CHANNEL[:] = [name]
+
+
+def credential_from_env() -> Credential | None:
+    """The credential `$NEXUS_TOKEN` (a JWT) or `$NEXUS_API_KEY` gives, if either is set.
+
+    Raises:
+        ValueError: both are set (which one was meant cannot be told).
+    """
+    token = os.environ.get("NEXUS_TOKEN")
+    key = os.environ.get("NEXUS_API_KEY")
+    if token and key:
+        raise ValueError("both NEXUS_TOKEN and NEXUS_API_KEY are set; set one of them")
+    if token:
+        return Credential("token", token)
+    if key:
+        return Credential("api_key", key)
+    return None
+
+
+def call_metadata() -> tuple[tuple[str, str], ...]:
+    """The metadata of every call: the credential of this context, the channel, and the
+    development label `x-nexus-caller` from `$NEXUS_CALLER` (used only when the server's
+    authentication is off)."""
+    meta: list[tuple[str, str]] = []
+    cred = CREDENTIAL.get()
+    if cred is not None:
+        meta.append(cred.metadata())
+    if _CHANNEL:
+        meta.append(("x-nexus-channel", _CHANNEL[0]))
     caller = os.environ.get("NEXUS_CALLER")
-    return (("x-nexus-caller", caller),) if caller else ()
+    if caller:
+        meta.append(("x-nexus-caller", caller))
+    return tuple(meta)
 
 
 def normalize(value: Any) -> Any:

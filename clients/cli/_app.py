@@ -29,7 +29,7 @@ from .._grpc import (
     EXIT_INVALID,
     EXIT_USAGE,
     ApiFailure,
-    caller_metadata,
+    call_metadata,
     server_address,
     struct_of,
     to_json,
@@ -94,7 +94,7 @@ class State:
     def rpc(self, fn: Callable[..., Any], request: Any, *, timeout: float | None = None) -> Any:
         """Call a unary RPC; a failure becomes `ApiFailure`."""
         try:
-            return fn(request, timeout=timeout or self.timeout, metadata=caller_metadata())
+            return fn(request, timeout=timeout or self.timeout, metadata=call_metadata())
         except grpc.RpcError as exc:
             raise ApiFailure.from_rpc_error(exc) from None
 
@@ -546,9 +546,7 @@ def _workflow_command(wf: Any) -> Any:
             req = w.StreamExecutionRequest(
                 name=wf.name, inputs=struct_of(inputs), request_id=request_id
             )
-            stream = st.workflows.StreamExecution(
-                req, timeout=st.timeout, metadata=caller_metadata()
-            )
+            stream = st.workflows.StreamExecution(req, timeout=st.timeout, metadata=call_metadata())
             _emit_execution(follow(stream, st), st)
             return
         req2 = w.ExecuteWorkflowRequest(
@@ -1065,7 +1063,7 @@ def executions_watch(ctx: typer.Context, execution_id: IdArg) -> None:
 
     st = state_of(ctx)
     stream = st.workflows.WatchExecution(
-        w.WatchExecutionRequest(id=execution_id), timeout=st.timeout, metadata=caller_metadata()
+        w.WatchExecutionRequest(id=execution_id), timeout=st.timeout, metadata=call_metadata()
     )
     _emit_execution(follow(stream, st), st)
 
@@ -1127,7 +1125,7 @@ def call(
     request = _json_object(body, "--json")
     methods = DynamicMethods(st.channel)
     try:
-        for doc in methods.call(target, request, timeout=st.timeout, metadata=caller_metadata()):
+        for doc in methods.call(target, request, timeout=st.timeout, metadata=call_metadata()):
             if st.output == "json":
                 print(json.dumps(doc, ensure_ascii=False), flush=True)
             else:

@@ -26,7 +26,7 @@ from .._grpc import (
     EXIT_INVALID,
     EXIT_USAGE,
     ApiFailure,
-    caller_metadata,
+    call_metadata,
     struct_of,
     to_json,
     type_spec,
@@ -245,7 +245,7 @@ def find_conflicts(
     req.filter.update(flt)
     stored: set[tuple[str, ...] | None] = set()
     try:
-        resp = st.models.ListRecords(req, timeout=st.timeout, metadata=caller_metadata())
+        resp = st.models.ListRecords(req, timeout=st.timeout, metadata=call_metadata())
         stored = {key_of(to_json(r)) for r in resp.records}
     except Exception as exc:  # the conflict is still reported, by the server's message
         import grpc
@@ -332,12 +332,10 @@ def import_records(st: State, model: Any, path: Path, opts: ImportOptions) -> No
             ureq = m.BulkUpsertRecordsRequest(
                 model=model.name, records=records, conflict_on=list(opts.conflict_on)
             )
-            uresp = st.models.BulkUpsertRecords(
-                ureq, timeout=st.timeout, metadata=caller_metadata()
-            )
+            uresp = st.models.BulkUpsertRecords(ureq, timeout=st.timeout, metadata=call_metadata())
             return int(uresp.upserted_count)
         req = m.BulkCreateRecordsRequest(model=model.name, records=records)
-        resp = st.models.BulkCreateRecords(req, timeout=st.timeout, metadata=caller_metadata())
+        resp = st.models.BulkCreateRecords(req, timeout=st.timeout, metadata=call_metadata())
         return int(resp.created_count)
 
     def send(batch: list[tuple[int, dict[str, Any]]]) -> None:

@@ -33,7 +33,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.shared.subscriptions import ResourcesListChanged, ToolsListChanged
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from .._grpc import ApiFailure, caller_metadata, server_address, struct_of, to_json
+from .._grpc import ApiFailure, call_metadata, server_address, struct_of, to_json
 from ._tools import REQUEST_ID, ToolSpec, model_tools, workflow_tool
 
 __all__ = ["Adapter"]
@@ -380,7 +380,7 @@ class Adapter:
         request = w.StreamExecutionRequest(
             name=spec.target, inputs=struct_of(inputs), request_id=request_id
         )
-        call = self._wf().StreamExecution(request, metadata=caller_metadata())
+        call = self._wf().StreamExecution(request, metadata=call_metadata())
         execution_id = ""
         progress = _Progress(ctx, spec.steps)
         try:
@@ -409,14 +409,14 @@ class Adapter:
 
         with contextlib.suppress(grpc.RpcError, asyncio.TimeoutError):
             await self._wf().CancelExecution(
-                w.CancelExecutionRequest(id=execution_id), timeout=10, metadata=caller_metadata()
+                w.CancelExecutionRequest(id=execution_id), timeout=10, metadata=call_metadata()
             )
 
     async def _model_op(self, spec: ToolSpec, args: dict[str, Any]) -> types.CallToolResult:
         from nexus_api.nexus.model.v1 import model_service_pb2 as m
 
         ms = self._ms()
-        meta = caller_metadata()
+        meta = call_metadata()
         name = spec.target
         op = spec.kind
         args = dict(args)
