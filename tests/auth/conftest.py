@@ -267,7 +267,7 @@ class Stack:
         """How many Notes of `batch` each tenant has (tenants with none left out)."""
         found = self._sql(
             f'SELECT "{self.tenant_column}", COUNT(*) FROM "{self.table}" '
-            'WHERE batch = ? GROUP BY 1',
+            "WHERE batch = ? GROUP BY 1",
             batch,
         )
         return {str(tenant): int(n) for tenant, n in found}

@@ -204,7 +204,7 @@ def call_grpc(stack: Any, cell: Cell) -> Outcome:
     service, method, request = _request(cell)
     bearer = stack.bearer(cell.credential)
     metadata = () if bearer is None else (("authorization", f"Bearer {bearer}"),)
-    stubs = {
+    stubs: dict[str, Any] = {
         "nexus.workflow.v1.WorkflowService": wg.WorkflowServiceStub,
         "nexus.model.v1.ModelService": mg.ModelServiceStub,
     }
@@ -306,7 +306,8 @@ def call_cli(stack: Any, cell: Cell, env: dict[str, str]) -> Outcome:
     if proc.returncode == 0:
         return Outcome("OK", doc=json.loads(proc.stdout), exit=0)
     found = _CLI_ERROR.search(proc.stderr)
-    assert found, f"exit {proc.returncode} without an error line: {proc.stderr[-2000:]}"
+    if found is None:  # the cell fails on its own, showing what the CLI printed
+        return Outcome(f"exit {proc.returncode}", exit=proc.returncode, text=proc.stderr[-2000:])
     permission = re.search(r"permission=(\S+)", proc.stderr)
     return Outcome(
         found.group(1),
@@ -336,7 +337,8 @@ def _mcp_result(result: Any) -> Outcome:
     if not result.is_error:
         return Outcome("OK", doc=result.structured_content, is_error=False, text=text)
     found = _MCP_ERROR.search(text)
-    assert found, f"an error result without a code: {text[:2000]}"
+    if found is None:  # the cell fails on its own, showing the result's text
+        return Outcome("isError without a code", is_error=True, text=text[:2000])
     permission = re.search(r"permission=(\S+)", text)
     return Outcome(
         found.group(1),
@@ -390,7 +392,7 @@ async def _mcp_unauthenticated(stack: Any, bearer: str | None) -> Outcome:
     async with httpx.AsyncClient(timeout=WAIT) as http:
         resp = await http.post(stack.mcp_url, json=initialize, headers=headers)
     challenge = resp.headers.get("www-authenticate", "")
-    with pytest.raises(Exception) as refused:  # noqa: PT011 (whatever the SDK raises)
+    with pytest.raises(Exception) as refused:  # whatever the SDK raises on a 401
         async with _mcp_client(stack, bearer) as client:
             with anyio.fail_after(WAIT):
                 await client.list_tools()
