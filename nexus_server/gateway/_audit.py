@@ -236,7 +236,7 @@ class AuditTrail:
     async def initialize(self) -> None:
         """Create `nexus_audit` and its index if missing, and start the writer (when the
         table is on; otherwise nothing)."""
-        if not self.table or self.db is None:
+        if not self.table or self.db is None or self._closed:
             return
 
         def setup(conn: sa.Connection) -> None:
