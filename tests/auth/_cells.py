@@ -24,10 +24,12 @@ import re
 import struct
 import subprocess
 import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import grpc
@@ -51,6 +53,7 @@ __all__ = [
     "REFUSED",
     "Cell",
     "Outcome",
+    "Refusal",
     "call_cli",
     "call_grpc",
     "call_grpc_web",
@@ -229,8 +232,11 @@ def _rest_route(cell: Cell) -> tuple[str, dict[str, Any]]:
 
 
 def _headers(stack: Any, cell: Cell) -> dict[str, str]:
+    """The credential, and a false channel name Envoy must replace (the audit trail
+    names the channel a call really came through, whatever the client claims)."""
     bearer = stack.bearer(cell.credential)
-    return {} if bearer is None else {"authorization": f"Bearer {bearer}"}
+    claimed = {"x-nexus-channel": "cli"}
+    return claimed if bearer is None else {**claimed, "authorization": f"Bearer {bearer}"}
 
 
 def call_rest(stack: Any, cell: Cell) -> Outcome:
@@ -423,6 +429,39 @@ def seed(stack: Any, cell: Cell) -> None:
         stack.seed(cell.batch, *DELETE_SEED)
 
 
+class Refusal(NamedTuple):
+    """A refusal the audit trail must hold."""
+
+    channel: str
+    method: str
+    code: str
+    reason: str
+    principal: str
+
+
+#: The audit trail's name of each channel of the matrix.
+AUDIT_CHANNEL = {"grpcweb": "grpc-web", "stdio": "mcp", "pg-grpc": "grpc", "pg-rest": "rest"}
+#: The principal of each valid credential (`jwt:<sub>`).
+PRINCIPAL = {"no_role": "jwt:olive", "role": "jwt:ada", "other_tenant": "jwt:bob"}
+_METHODS = {
+    "execute": "/nexus.workflow.v1.WorkflowService/ExecuteWorkflow",
+    "read": "/nexus.model.v1.ModelService/ListRecords",
+    "bulk_delete": "/nexus.model.v1.ModelService/BulkDeleteRecords",
+    "delete": "/nexus.model.v1.ModelService/DeleteRecord",
+    "register": "/nexus.workflow.v1.WorkflowService/RegisterWorkflow",
+}
+
+
+def _audited_method(cell: Cell) -> str:
+    """The RPC the refusal of `cell` is recorded under: the CLI's `run` asks for the
+    workflow first (refused there), MCP runs a workflow by streaming it."""
+    if cell.operation == "execute" and cell.channel == "cli":
+        return "/nexus.workflow.v1.WorkflowService/GetWorkflow"
+    if cell.operation == "execute" and cell.channel in ("mcp", "stdio"):
+        return "/nexus.workflow.v1.WorkflowService/StreamExecution"
+    return _METHODS[cell.operation]
+
+
 def check(stack: Any, cell: Cell, got: Outcome) -> None:
     """The outcome and the database afterwards, the same rules on every channel."""
     op, cred = cell.operation, cell.credential
@@ -438,6 +477,11 @@ def check(stack: Any, cell: Cell, got: Outcome) -> None:
             assert (got.code, got.reason) == (code, reason), got
             if code == "PERMISSION_DENIED":
                 assert got.permission == PERMISSION[op], got
+        if not (cell.channel == "mcp" and code == "UNAUTHENTICATED"):  # never reached gRPC
+            stack.refusals.append(
+                Refusal(AUDIT_CHANNEL.get(cell.channel, cell.channel), _audited_method(cell),
+                        code, reason, "" if code == "UNAUTHENTICATED" else PRINCIPAL[cred])
+            )  # fmt: skip
         # nothing written
         if op == "execute":
             assert stack.rows(cell.batch) == {}
@@ -482,3 +526,36 @@ def seen(cell: Cell, got: Outcome) -> str:
     if cell.channel in ("mcp", "stdio") and got.is_error:
         return f"isError {got.brief()}"
     return got.brief()
+
+
+def check_audit_trail(stack: Any) -> dict[str, int]:
+    """Every refusal the cells saw is in the audit trail (`nexus_audit`, read straight
+    from the database), under the channel it really came through.
+
+    gRPC, REST and gRPC-Web: the trail's failed calls of the channel are exactly the
+    cells' refusals (method, code, reason, principal), no more, no fewer. The CLI and
+    MCP make calls of their own around the one the cell is about (the CLI's `run` asks
+    for the workflow first, the MCP adapter lists the tools): there, each refusal's
+    code, reason and principal are in the trail under that channel. Waits (bounded) for
+    the trail's write-behind. Returns the refusals checked per channel.
+    """
+    exact = {"grpc", "rest", "grpc-web"}
+    expected = Counter(r for r in stack.refusals if r.channel in exact)
+    loose = {
+        (r.channel, r.code, r.reason, r.principal) for r in stack.refusals if r.channel not in exact
+    }
+    deadline = time.monotonic() + WAIT
+    while True:
+        rows = stack.sql(
+            "SELECT channel, method, code, reason, principal FROM nexus_audit WHERE code <> 'OK'"
+        )
+        trail = [Refusal(*(str(v or "") for v in row)) for row in rows]
+        got = Counter(r for r in trail if r.channel in exact)
+        seen_loose = {(r.channel, r.code, r.reason, r.principal) for r in trail}
+        if got == expected and loose <= seen_loose:
+            return dict(Counter(r.channel for r in stack.refusals))
+        if time.monotonic() > deadline:
+            missing = (expected - got) + Counter(loose - seen_loose)
+            extra = got - expected
+            raise AssertionError(f"audit trail: missing {dict(missing)}; extra {dict(extra)}")
+        time.sleep(0.05)

@@ -255,6 +255,8 @@ class Stack:
     channel: grpc.Channel
     #: the ids each batch was seeded with (batch -> tenant -> ids)
     seeded: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    #: the refusals the cells saw (`_cells.Refusal`), which the audit trail must hold
+    refusals: list[Any] = field(default_factory=list)
 
     def bearer(self, credential: str) -> str | None:
         """The bearer value of `credential` (None: send none)."""

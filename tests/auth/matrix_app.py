@@ -1,4 +1,5 @@
-"""The app of the access matrix: one tenant-scoped model, one workflow, two roles.
+"""The app of the access matrix: one tenant-scoped model, one workflow, two roles, and
+the audit trail stored in the app's database.
 
 - `Note` (tenant-scoped): `title`, and `batch`, the matrix cell that wrote it, so the
   checker counts each cell's rows on its own;
@@ -61,7 +62,13 @@ def build_app(db_url: str) -> Nexus:
         }
     )
     app = Nexus(
-        grpc_port=0, api_port=0, mcp_port=None, grace_period=1.0, enable_auth=True, policy=policy
+        grpc_port=0,
+        api_port=0,
+        mcp_port=None,
+        grace_period=1.0,
+        enable_auth=True,
+        policy=policy,
+        audit_table=True,
     )
     db = DataFlow(db_url)
 

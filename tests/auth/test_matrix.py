@@ -152,3 +152,10 @@ async def test_mcp_over_stdio(
         assert stack.executions(cell.batch) == 1
     assert bearer is None or bearer not in got.text, "MCP echoed the credential"
     record_cell("mcp-stdio", credential, "execute", _cells.seen(cell, got))
+
+
+def test_audit_trail_holds_every_refusal(stack: Any) -> None:
+    """Last: the refusals of the cells above are in the audit trail, each under the
+    channel it came through (Envoy names REST and gRPC-Web whatever the client claims)."""
+    checked = _cells.check_audit_trail(stack)
+    assert checked, "no refusal was recorded by the cells (run them first)"

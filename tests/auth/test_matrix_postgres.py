@@ -48,3 +48,8 @@ def test_rest_on_postgres(stack: Any, cell: Any, record_cell: Any) -> None:
     _cells.check(stack, cell, got)
     assert got.http == _cells.HTTP_STATUS[got.code], got
     record_cell(cell.channel, cell.credential, cell.operation, _cells.seen(cell, got))
+
+
+def test_audit_trail_holds_every_refusal_on_postgres(stack: Any) -> None:
+    checked = _cells.check_audit_trail(stack)
+    assert checked, "no refusal was recorded by the cells (run them first)"
