@@ -166,8 +166,9 @@ def _status_outcome(status: status_pb2.Status, **extra: Any) -> Outcome:
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             reason, permission = info.reason, info.metadata.get("permission")
-    return Outcome(CODE_NAMES.get(status.code, str(status.code)), reason, permission,
-                   status.message, **extra)  # fmt: skip
+    return Outcome(
+        CODE_NAMES.get(status.code, str(status.code)), reason, permission, status.message, **extra
+    )
 
 
 # ---------------------------------------------------------------------------- requests
@@ -307,10 +308,13 @@ def call_cli(stack: Any, cell: Cell, env: dict[str, str]) -> Outcome:
     bearer = stack.bearer(cell.credential)
     creds = [] if bearer is None else ["--token", bearer]
     proc = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "--server", stack.address, *creds,
-         *_cli_args(cell)],
-        capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=WAIT * 2,
-    )  # fmt: skip
+        [sys.executable, "-m", "clients.cli", "--server", stack.address, *creds, *_cli_args(cell)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=WAIT * 2,
+    )
     if proc.returncode == 0:
         return Outcome("OK", doc=json.loads(proc.stdout), exit=0)
     found = _CLI_ERROR.search(proc.stderr)
@@ -372,8 +376,7 @@ async def call_mcp(stack: Any, cell: Cell) -> Outcome:
         return await _mcp_unauthenticated(stack, bearer)
     async with mcp_client(stack, bearer) as client:
         with anyio.fail_after(WAIT):
-            result = await client.call_tool(_MCP_TOOLS[cell.operation],
-                                            _mcp_arguments(stack, cell))  # fmt: skip
+            result = await client.call_tool(_MCP_TOOLS[cell.operation], _mcp_arguments(stack, cell))
     return mcp_result(result)
 
 
@@ -479,16 +482,23 @@ def check(stack: Any, cell: Cell, got: Outcome) -> None:
                 assert got.permission == PERMISSION[op], got
         if not (cell.channel == "mcp" and code == "UNAUTHENTICATED"):  # never reached gRPC
             stack.refusals.append(
-                Refusal(AUDIT_CHANNEL.get(cell.channel, cell.channel), _audited_method(cell),
-                        code, reason, "" if code == "UNAUTHENTICATED" else PRINCIPAL[cred])
-            )  # fmt: skip
+                Refusal(
+                    AUDIT_CHANNEL.get(cell.channel, cell.channel),
+                    _audited_method(cell),
+                    code,
+                    reason,
+                    "" if code == "UNAUTHENTICATED" else PRINCIPAL[cred],
+                )
+            )
         # nothing written
         if op == "execute":
             assert stack.rows(cell.batch) == {}
             assert stack.executions(cell.batch) == 0
         elif op in ("bulk_delete", "delete"):
-            assert stack.rows(cell.batch) == {TENANT_A: len(seeded[TENANT_A]),
-                                              TENANT_B: len(seeded[TENANT_B])}  # fmt: skip
+            assert stack.rows(cell.batch) == {
+                TENANT_A: len(seeded[TENANT_A]),
+                TENANT_B: len(seeded[TENANT_B]),
+            }
         elif op == "register":
             assert not stack.workflow_exists(cell.workflow)
         return

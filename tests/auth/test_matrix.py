@@ -142,6 +142,8 @@ async def test_mcp_over_stdio(
     if credential in _cells.REFUSED:
         code, reason = _cells.REFUSED[credential]
         assert (got.code, got.reason) == (code, reason), got
+        principal = "" if code == "UNAUTHENTICATED" else _cells.PRINCIPAL[credential]
+        stack.refusals.append(_cells.Refusal("mcp", "", code, reason, principal))
         if code == "PERMISSION_DENIED":
             assert got.permission == _cells.PERMISSION["execute"], got
         assert stack.rows(cell.batch) == {}
