@@ -47,6 +47,7 @@ from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wg
 
 __all__ = [
+    "AUTHORIZATION_SERVER",
     "HTTP_STATUS",
     "OPERATIONS",
     "PERMISSION",
@@ -91,6 +92,10 @@ PERMISSION = {
     "delete": f"model:{MODEL}:delete",
     "register": "workflow:register",
 }
+#: What the MCP adapter's 401s point to (`nexus-mcp --authorization-server`).
+AUTHORIZATION_SERVER = "https://login.example.org/realms/matrix"
+#: The outcome of calling an MCP tool the caller is not shown.
+UNKNOWN_TOOL = "UNKNOWN_TOOL"
 HTTP_STATUS = {"OK": 200, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404}
 CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 #: Notes seeded (tenant A, tenant B) for the read cells (once), and per bulk-delete and
@@ -348,6 +353,8 @@ def mcp_result(result: Any) -> Outcome:
     text = "\n".join(getattr(c, "text", "") for c in result.content)
     if not result.is_error:
         return Outcome("OK", doc=result.structured_content, is_error=False, text=text)
+    if text.startswith("unknown tool "):  # not listed to this caller, as if absent
+        return Outcome(UNKNOWN_TOOL, UNKNOWN_TOOL, is_error=True, text=text)
     found = _MCP_ERROR.search(text)
     if found is None:  # the cell fails on its own, showing the result's text
         return Outcome("isError without a code", is_error=True, text=text[:2000])
@@ -383,8 +390,9 @@ async def call_mcp(stack: Any, cell: Cell) -> Outcome:
 async def _mcp_unauthenticated(stack: Any, bearer: str | None) -> Outcome:
     """A request without a valid credential is refused by the adapter's HTTP layer, as
     the MCP authorization spec says: 401 with `WWW-Authenticate: Bearer
-    resource_metadata=...` (and `error="invalid_token"` when a token was sent); the real
-    client then fails to connect, and the server was never reached."""
+    resource_metadata=...` (and `error="invalid_token"` when a token was sent), whose
+    document (RFC 9728) names the authorization server; the real client then fails to
+    connect, and no tool was called."""
     headers = {
         "accept": "application/json, text/event-stream",
         "content-type": "application/json",
@@ -403,6 +411,11 @@ async def _mcp_unauthenticated(stack: Any, bearer: str | None) -> Outcome:
     async with httpx.AsyncClient(timeout=WAIT) as http:
         resp = await http.post(stack.mcp_url, json=initialize, headers=headers)
     challenge = resp.headers.get("www-authenticate", "")
+    metadata = None
+    found = re.search(r'resource_metadata="([^"]+)"', challenge)
+    if found:
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            metadata = (await http.get(found.group(1))).json()
     connected = True
     try:
         async with mcp_client(stack, bearer) as client:
@@ -413,8 +426,9 @@ async def _mcp_unauthenticated(stack: Any, bearer: str | None) -> Outcome:
     except Exception:  # whatever the SDK raises on a 401
         connected = False
     return Outcome(
-        "UNAUTHENTICATED" if resp.status_code == 401 else f"HTTP {resp.status_code}",
+        f"HTTP {resp.status_code}",
         http=resp.status_code,
+        doc=metadata,
         is_error=not connected,
         text=challenge,
     )
@@ -476,11 +490,20 @@ def check(stack: Any, cell: Cell, got: Outcome) -> None:
             assert got.is_error, "the MCP client connected without a valid credential"
             assert 'Bearer resource_metadata="' in got.text, got.text
             assert ('error="invalid_token"' in got.text) is (cred != "none"), got.text
+            assert got.doc is not None and got.doc["authorization_servers"] == [
+                AUTHORIZATION_SERVER
+            ], got.doc
+        elif cell.channel in ("mcp", "stdio") and cred == "no_role" and op == "execute":
+            # MCP lists a workflow's tool only to who may run it: to anyone else it is an
+            # unknown tool, as one that does not exist (no hint that it does)
+            assert got.code == UNKNOWN_TOOL, got
+            assert got.text.startswith(f"unknown tool 'run_{WORKFLOW}'"), got
         else:
             assert (got.code, got.reason) == (code, reason), got
             if code == "PERMISSION_DENIED":
                 assert got.permission == PERMISSION[op], got
-        if not (cell.channel == "mcp" and code == "UNAUTHENTICATED"):  # never reached gRPC
+        # what reached the server: not MCP's 401s, nor a tool MCP does not show
+        if cell.channel not in ("mcp", "stdio") or got.code not in (UNKNOWN_TOOL, "HTTP 401"):
             stack.refusals.append(
                 Refusal(
                     AUDIT_CHANNEL.get(cell.channel, cell.channel),
@@ -512,7 +535,7 @@ def check(stack: Any, cell: Cell, got: Outcome) -> None:
     if op == "execute":
         assert stack.rows(cell.batch) == {tenant: 1}
         assert stack.executions(cell.batch) == 1
-        if cell.channel != "mcp":
+        if cell.channel not in ("mcp", "stdio"):
             assert got.doc["state"] == "STATE_SUCCEEDED", got.doc
     elif op == "read":
         ids = sorted(r["id"] for r in got.doc["records"])
@@ -529,8 +552,10 @@ def check(stack: Any, cell: Cell, got: Outcome) -> None:
 
 
 def seen(cell: Cell, got: Outcome) -> str:
-    if cell.channel.endswith("rest") or (cell.channel == "mcp" and got.http == 401):
-        return f"{got.http} {got.brief()}".strip()
+    if cell.channel == "mcp" and got.http == 401:
+        return "401 Bearer challenge"
+    if cell.channel.endswith("rest"):
+        return f"{got.http} {got.brief()}"
     if cell.channel == "cli":
         return f"exit {got.exit} {got.brief() if got.code != 'OK' else ''}".strip()
     if cell.channel in ("mcp", "stdio") and got.is_error:

@@ -88,6 +88,9 @@ OTHER_SECRET = "another-secret-" + secrets.token_urlsafe(32)
 #: Three dot-separated parts, so it is taken for a JWT; none of them decodes.
 MALFORMED = "this-is-not.a.valid-jwt!"
 
+#: The authorization server the MCP adapter names to clients it refuses (never called:
+#: the matrix's tokens are made by the test).
+AUTHORIZATION_SERVER = "https://login.example.org/realms/matrix"
 #: Runs one query on the app's database (placeholders `?`), returns its rows.
 Sql = Callable[..., list[tuple[Any, ...]]]
 
@@ -200,7 +203,11 @@ def _start_mcp_http(address: str, env: dict[str, str]) -> tuple[subprocess.Popen
     """`nexus-mcp --transport http --port 0` against `address`; the process and the URL
     it announces once bound."""
     proc = subprocess.Popen(
-        [str(VENV_BIN / "nexus-mcp"), "--transport", "http", "--port", "0", "--server", address],
+        [
+            str(VENV_BIN / "nexus-mcp"),
+            *("--transport", "http", "--port", "0", "--server", address),
+            *("--authorization-server", AUTHORIZATION_SERVER),
+        ],
         env=env,
         cwd=str(ROOT),
         stdout=subprocess.DEVNULL,

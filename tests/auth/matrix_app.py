@@ -6,8 +6,9 @@ the audit trail stored in the app's database.
 - `add_note(title, batch)`: creates a Note in the caller's tenant (one node);
 - roles: `matrix` holds every permission the four operations need (execute `add_note`,
   read and bulk-delete Notes, and the single delete the MCP channel has instead of a
-  bulk one; register workflows); `outsider` holds one permission none of them needs, so
-  its principal is valid and known, yet refused each operation.
+  bulk one; register workflows); `outsider` holds permissions none of them needs
+  (writing Notes, running another workflow), so its principal is valid, sees the model,
+  and is refused each operation.
 
 Loaded by path from `conftest.py` (test folders are not packages).
 """
@@ -58,7 +59,7 @@ def build_app(db_url: str) -> Nexus:
                 f"model:{MODEL}:delete",
                 f"model:{MODEL}:bulk",
             ],
-            OUTSIDER: ["workflow:unrelated:execute"],
+            OUTSIDER: [f"model:{MODEL}:write", "workflow:unrelated:execute"],
         }
     )
     app = Nexus(

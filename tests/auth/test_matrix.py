@@ -139,19 +139,7 @@ async def test_mcp_over_stdio(
         with anyio.fail_after(WAIT):
             result = await client.call_tool("run_add_note", cell.inputs())
     got = _cells.mcp_result(result)
-    if credential in _cells.REFUSED:
-        code, reason = _cells.REFUSED[credential]
-        assert (got.code, got.reason) == (code, reason), got
-        principal = "" if code == "UNAUTHENTICATED" else _cells.PRINCIPAL[credential]
-        stack.refusals.append(_cells.Refusal("mcp", "", code, reason, principal))
-        if code == "PERMISSION_DENIED":
-            assert got.permission == _cells.PERMISSION["execute"], got
-        assert stack.rows(cell.batch) == {}
-        assert stack.executions(cell.batch) == 0
-    else:
-        assert got.code == "OK", got
-        assert stack.rows(cell.batch) == {_stack.TENANT_A: 1}
-        assert stack.executions(cell.batch) == 1
+    await anyio.to_thread.run_sync(_cells.check, stack, cell, got)
     assert bearer is None or bearer not in got.text, "MCP echoed the credential"
     record_cell("mcp-stdio", credential, "execute", _cells.seen(cell, got))
 
