@@ -223,7 +223,8 @@ def call_grpc(stack: Any, cell: Cell) -> Outcome:
     try:
         reply = getattr(stub, method)(request, timeout=WAIT, metadata=metadata)
     except grpc.RpcError as exc:
-        return _failure_outcome(ApiFailure.from_rpc_error(exc))
+        failure = ApiFailure.from_rpc_error(exc)
+        return _failure_outcome(failure, text=f"{exc.details()}\n{failure.render()}")
     return Outcome("OK", doc=to_json(reply))
 
 
@@ -251,10 +252,10 @@ def call_rest(stack: Any, cell: Cell) -> Outcome:
         resp = client.post(path, json=body, headers=_headers(stack, cell))
     doc = resp.json()
     if resp.status_code == 200:
-        return Outcome("OK", doc=doc, http=200)
+        return Outcome("OK", doc=doc, http=200, text=resp.text)
     assert set(doc) == {"code", "message", "details"}, resp.text
     status = json_format.ParseDict(doc, status_pb2.Status())
-    return _status_outcome(status, http=resp.status_code)
+    return _status_outcome(status, http=resp.status_code, text=f"{resp.headers}\n{resp.text}")
 
 
 def _grpc_web_frames(data: bytes) -> Iterator[tuple[int, bytes]]:
@@ -294,7 +295,7 @@ def call_grpc_web(stack: Any, cell: Cell) -> Outcome:
     assert details, f"no status details in {trailers}"
     status = status_pb2.Status.FromString(base64.b64decode(details + "=" * (-len(details) % 4)))
     assert status.code == code
-    return _status_outcome(status, http=resp.status_code)
+    return _status_outcome(status, http=resp.status_code, text=f"{trailers}\n{status}")
 
 
 def _cli_args(cell: Cell) -> list[str]:
@@ -482,6 +483,8 @@ def _audited_method(cell: Cell) -> str:
 def check(stack: Any, cell: Cell, got: Outcome) -> None:
     """The outcome and the database afterwards, the same rules on every channel."""
     op, cred = cell.operation, cell.credential
+    bearer = stack.bearer(cred)
+    assert bearer is None or bearer not in got.text + got.message, "the credential was echoed"
     seeded = stack.seeded.get(cell.batch)
     if cred in REFUSED:
         code, reason = REFUSED[cred]

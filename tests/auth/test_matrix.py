@@ -92,8 +92,6 @@ def test_cli(stack: Any, cell: Any, cli_outcomes: dict[str, Any], record_cell: A
     got = cli_outcomes[cell.batch]
     _cells.check(stack, cell, got)
     assert got.exit == (0 if got.code == "OK" else 7), got
-    bearer = stack.bearer(cell.credential)
-    assert bearer is None or bearer not in got.text, "the CLI printed the credential"
     record_cell(cell.channel, cell.credential, cell.operation, _cells.seen(cell, got))
 
 
@@ -102,8 +100,6 @@ async def test_mcp_over_http(stack: Any, cell: Any, record_cell: Any) -> None:
     await anyio.to_thread.run_sync(_cells.seed, stack, cell)
     got = await _cells.call_mcp(stack, cell)
     await anyio.to_thread.run_sync(_cells.check, stack, cell, got)
-    bearer = stack.bearer(cell.credential)
-    assert bearer is None or bearer not in got.text, "MCP echoed the credential"
     record_cell(cell.channel, cell.credential, cell.operation, _cells.seen(cell, got))
 
 
@@ -140,7 +136,6 @@ async def test_mcp_over_stdio(
             result = await client.call_tool("run_add_note", cell.inputs())
     got = _cells.mcp_result(result)
     await anyio.to_thread.run_sync(_cells.check, stack, cell, got)
-    assert bearer is None or bearer not in got.text, "MCP echoed the credential"
     record_cell("mcp-stdio", credential, "execute", _cells.seen(cell, got))
 
 
