@@ -370,8 +370,12 @@ def _reason(exc: jwt.PyJWTError) -> str:
         return "the token's algorithm is not accepted for its key"
     if isinstance(exc, jwt.InvalidKeyError):
         return "the token's key is not usable for its algorithm"
+    if isinstance(exc, jwt.exceptions.InvalidSubjectError):
+        return "the token's 'sub' claim is not a string"
+    if isinstance(exc, jwt.InvalidIssuedAtError):
+        return "the token's 'iat' claim is not a number"
     if isinstance(exc, jwt.DecodeError):
         return "the token is not a well-formed JWT"
-    # InvalidSubjectError, InvalidIssuedAtError, InvalidJTIError, ...: claims of the
-    # wrong type; PyJWT's words name the claim and never the token
+    # InvalidJTIError, ...: claims of the wrong type; PyJWT's words name the claim and
+    # never the token
     return f"the token's claims are not accepted: {str(exc)[:120]}"
