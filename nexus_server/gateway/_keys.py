@@ -6,20 +6,22 @@ a salted hash of the secret is stored (HMAC-SHA256 keyed with a per-key random s
 secret is high-entropy, so a fast hash is the right one; a slow password hash would only
 slow every call). Hashes are compared in constant time.
 
-Every `lookup` reads the row, nothing is cached: a revocation takes effect on the next
-call, on every server sharing the database.
+Every `lookup` reads the row (one primary-key query, on the driver), nothing is cached:
+a revocation takes effect on the next call, on every server sharing the database.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import hmac
 import json
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -63,7 +65,7 @@ _LIST_ORDER_DDL = (
     "CREATE INDEX IF NOT EXISTS ix_nexus_api_keys_order ON nexus_api_keys (create_time, id)"
 )
 
-_BY_ID = sa.select(API_KEYS).where(API_KEYS.c.id == sa.bindparam("id"))
+_COLUMNS = tuple(c.name for c in API_KEYS.columns)
 
 
 class ApiKeyExistsError(Exception):
@@ -82,9 +84,13 @@ class ApiKeyNotFoundError(Exception):
         self.name = name
 
 
-def _utc(value: _dt.datetime | None) -> _dt.datetime | None:
+def _utc(value: _dt.datetime | str | None) -> _dt.datetime | None:
+    """A stored time in UTC: a datetime from SQLAlchemy or asyncpg, or the text SQLite's
+    driver returns for a DateTime column."""
     if value is None:
         return None
+    if isinstance(value, str):
+        value = _dt.datetime.fromisoformat(value)
     return value.replace(tzinfo=_dt.UTC) if value.tzinfo is None else value.astimezone(_dt.UTC)
 
 
@@ -122,7 +128,7 @@ class ApiKeyRecord:
         return self.expire_time <= (now or _dt.datetime.now(_dt.UTC))
 
     @classmethod
-    def _from_row(cls, row: sa.RowMapping) -> ApiKeyRecord:
+    def _from_row(cls, row: Mapping[Any, Any]) -> ApiKeyRecord:
         created = _utc(row["create_time"])
         assert created is not None
         return cls(
@@ -216,13 +222,22 @@ class KeyStore:
         if shape is None:
             return None
         key_id, secret = shape.groups()
-        async with self.db.connection() as conn:
-            row = (await conn.execute(_BY_ID, {"id": key_id})).mappings().first()
-        if row is None:
+        # straight on the driver: this runs on every call that sends a managed key, and
+        # SQLAlchemy's round trip would cost many times the query itself
+        raw = await self.db.fetchrow(self._by_id, (key_id,))
+        if raw is None:
             return None
+        row = dict(zip(_COLUMNS, raw, strict=True))
         if not hmac.compare_digest(_digest(row["salt"], secret), row["hash"]):
             return None
         return ApiKeyRecord._from_row(row)
+
+    @functools.cached_property
+    def _by_id(self) -> str:
+        """Driver SQL: one key's row by its id."""
+        return (
+            f"SELECT {', '.join(_COLUMNS)} FROM {API_KEYS.name} WHERE id = {self.db.placeholder(1)}"
+        )
 
     async def list(
         self, page_size: int, page_token: str = "", show_revoked: bool = False
