@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -257,8 +258,10 @@ class JwtVerifier:
             now = self._now()
             for key in [k for k, (_, e) in cache.items() if e <= now]:
                 del cache[key]
-            while len(cache) >= CACHE_SIZE:
-                del cache[next(iter(cache))]  # the oldest entry
+            if len(cache) >= CACHE_SIZE:
+                # the oldest tenth goes at once, so a full cache is not scanned per token
+                for key in list(itertools.islice(cache, CACHE_SIZE // 10)):
+                    del cache[key]
         cache[digest] = (principal, exp)
 
     async def _verify(self, token: str) -> tuple[Principal, float]:

@@ -626,3 +626,30 @@ async def test_has_source() -> None:
     assert await authn().has_source()
     assert await Authenticator(AuthConfig(jwt_secret=SECRET)).has_source()
     assert not await Authenticator(AuthConfig()).has_source()
+
+
+async def test_the_token_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nexus_server.gateway import _jwt
+
+    monkeypatch.setattr(_jwt, "CACHE_SIZE", 50)
+    verifier = JwtVerifier(AuthConfig(jwt_secret=SECRET))
+    for i in range(200):
+        await verifier.verify(jwt.encode(claims(sub=f"u{i}"), SECRET, "HS256"))
+        assert len(verifier._cache) <= 50
+
+
+async def test_a_concurrent_burst_of_unknown_kids_fetches_once(
+    jwks_server: Jwks, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    import asyncio
+
+    jwks_server.publish(("k1", rsa_key, "RS256"))
+    verifier = JwtVerifier(
+        oidc(jwks_server.url), jwks=JwksCache(jwks_server.url, refresh_interval=10, clock=Clock())
+    )
+    tokens = [oidc_token(rsa_key, "RS256", f"junk{i}") for i in range(40)]
+    tokens.append(oidc_token(rsa_key, "RS256", "k1"))
+    results = await asyncio.gather(*(verifier.verify(t) for t in tokens), return_exceptions=True)
+    assert jwks_server.requests == 1
+    assert all(isinstance(r, AuthError) for r in results[:-1])
+    assert isinstance(results[-1], Principal)
