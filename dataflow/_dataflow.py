@@ -909,6 +909,26 @@ class DataFlow:
         except Exception as exc:
             raise _map_error(exc, None) from exc
 
+    async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> Sequence[Any] | None:
+        """Run one read statement of driver SQL (placeholders from `placeholder`, values
+        from `driver_value`) straight on the driver and return its first row as the
+        driver gives it (None without one): no SQLAlchemy compile or result processing,
+        so values come back raw (a datetime is text on SQLite). For hot single-row reads
+        by key, like the server's API key lookup on every call. Driver errors are mapped
+        to DataFlow's.
+
+        Raises:
+            DataFlowError: inside `transaction()` or an atomic workflow (it would not
+                read through the shared transaction), or the database's error.
+        """
+        if not self._ready:
+            await self.initialize()
+        if not self._fast_ok():
+            raise DataFlowError(
+                "fetchrow() reads outside any transaction; it cannot join the current one"
+            )
+        return await self._fast_fetch(None, sql, list(args), False)
+
     def _here(
         self,
         model: ModelInfo | None,
@@ -1043,7 +1063,7 @@ class DataFlow:
         return ctx is None or not ctx.atomic
 
     async def _fast_fetch(
-        self, model: ModelInfo, sql: str, args: list[Any], write: bool
+        self, model: ModelInfo | None, sql: str, args: list[Any], write: bool
     ) -> Sequence[Any] | None:
         """Run one statement on the driver; return its first row (None if none)."""
         try:
