@@ -230,7 +230,7 @@ def plan_migration(conn: Connection, tables: list[Table]) -> MigrationPlan:
                 f"{table.name}.{tenant}: the model is tenant-scoped but the table has no "
                 f"tenant column; DataFlow will not guess the tenant of the existing rows "
                 f"(add the column with each row's tenant and make ({tenant}, id) the primary "
-                f"key, or create the model in a new table: see docs/dataflow.md, Tenants)"
+                f"key, or create the model in a new table: see the DataFlow docs, Tenants)"
             )
         elif tenant is not None:
             pk = insp.get_pk_constraint(table.name).get("constrained_columns") or []
