@@ -361,6 +361,9 @@ async def test_explicit_ids_collide_only_within_a_tenant(models: Models) -> None
         up = await seq.upsert(conflict_on=["name", "code"], name="g3")
         ids = sorted(r["id"] for r in (await seq.list())["records"])
         assert len(set(ids)) == 5 and up["id"] in ids and ids[0] == 5
+        assert await seq.bulk_upsert([{"name": "u1"}, {"name": "u2"}], ["name", "code"]) == 2
+        ids = sorted(r["id"] for r in (await seq.list())["records"])
+        assert len(set(ids)) == 7
         assert await seq.bulk_upsert([{"id": 5, "name": "b5!"}]) == 1
         assert (await seq.read(5))["name"] == "b5!"
         assert (await ops.read("k"))["title"] == "b!"
@@ -511,3 +514,39 @@ async def test_a_table_without_tenants_is_not_made_tenant_scoped(make_db: MakeDB
     with pytest.raises(MigrationError, match=r"memo\.tenant_id: the model is tenant-scoped"):
         await second.initialize()
     assert "tenant" in "\n".join(await second.migration_plan())
+    await second.close()
+    # a tenant column is not enough: keys unique across tenants would leak
+    third = make_db()
+
+    @third.model
+    class Card:
+        id: int
+        tenant_id: str
+
+    await third.ops(Card).create(tenant_id=A)
+    await third.close()
+    fourth = make_db()
+
+    @fourth.model(tenant_scoped=True)
+    class Card:  # type: ignore[no-redef]
+        id: int
+        tenant_id: str
+
+    with pytest.raises(MigrationError, match=r"primary key must be \(tenant_id, id\)"):
+        await fourth.initialize()
+
+
+async def test_a_tenant_scoped_table_opens_again_unchanged(make_db: MakeDB) -> None:
+    first = make_db()
+    note, _, _ = _declare(first)
+    await first.initialize()
+    with tenant_scope(A):
+        await first.ops(note).create(title="a", email="a@x")
+    await first.close()
+    second = make_db(auto_migrate=False)  # any difference would be an error
+    note, seq, _ = _declare(second)
+    assert await second.migration_plan() == []
+    await second.initialize()
+    with tenant_scope(A):
+        assert await second.ops(note).count() == 1
+        assert (await second.ops(seq).create(name="n"))["id"] == 1
