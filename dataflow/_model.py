@@ -302,11 +302,15 @@ def parse_model(
     opt_in = _search_opt_in(cls)
     fields: list[FieldInfo] = []
     for name in names:
-        f = _parse_field(cname, name, hints[name], cls.__dict__.get(name, MISSING))
-        if opt_in and f.base_type is str and not f.primary_key and not f.tenant:
-            f = dataclasses.replace(f, searchable=True)
-        fields.append(f)
+        fields.append(_parse_field(cname, name, hints[name], cls.__dict__.get(name, MISSING)))
     tenant_field = _tenant_field(cname, fields, tenant_scoped)
+    if opt_in:  # after the tenant field is known: it is never searchable
+        fields = [
+            dataclasses.replace(f, searchable=True)
+            if f.base_type is str and not f.primary_key and not f.tenant
+            else f
+            for f in fields
+        ]
     now = dt.datetime
     for m in MANAGED_FIELDS:
         fields.append(FieldInfo(m, now, now, nullable=False, default=MISSING, managed=True))

@@ -92,7 +92,18 @@ async def test_declaring_a_tenant_scoped_model() -> None:
         seq_info = db.model_info(seq)
         assert seq_info.tenant_field == "tenant_id"
         assert [f.name for f in seq_info.fields][:2] == ["id", "tenant_id"]
+
         # a model that is not tenant-scoped says so, and its description is as before
+        @db.model(tenant_scoped=True)
+        class Everything:
+            id: str
+            tenant_id: str
+            text: str = ""
+            __searchable__ = True
+
+        everything = db.model_info(Everything)
+        assert [f.name for f in everything.searchable_fields] == ["text"]
+        assert everything.tenant_field == "tenant_id"
         plain_info = db.model_info(plain)
         assert plain_info.tenant_field is None
         assert "tenant_field" not in plain_info.describe()
