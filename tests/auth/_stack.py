@@ -1,11 +1,12 @@
 """The stack of the access matrix: the app served with authentication on, its credentials,
 and a checker that reads what is really there.
 
-- `open_stack(db_url, sql, tmp, mcp=True)`: the matrix app (`matrix_app.py`) served by
-  `Nexus.serving(envoy=True)` on its own event loop in a thread (gRPC, and REST and
+- `open_stack(db_url, sql, tmp, backend=...)`: the matrix app (`matrix_app.py`) served
+  by `Nexus.serving(envoy=True)` on its own event loop in a thread (gRPC, and REST and
   gRPC-Web through the real Envoy), started with `NEXUS_JWT_SECRET` and the operator key
-  `NEXUS_API_KEY_ADMIN` in its environment; and, with `mcp`, the real MCP adapter
-  (`nexus-mcp --transport http`) as a subprocess in front of it, holding no credential.
+  `NEXUS_API_KEY_ADMIN` in its environment.
+- `mcp_adapter(stack)`: the real MCP adapter (`nexus-mcp --transport http`) as a
+  subprocess in front of it, holding no credential.
 - `Stack.bearer(credential)`: the `Authorization` bearer of each credential of the
   matrix (`CREDENTIALS`); tokens are HS256 JWTs made here with PyJWT.
 - `Stack.seed(batch, a, b)`: Notes of tenants A and B, written through gRPC with each
@@ -59,6 +60,7 @@ __all__ = [
     "clean_env",
     "load_sibling",
     "make_token",
+    "mcp_adapter",
     "open_stack",
 ]
 
@@ -358,12 +360,11 @@ def _environment(**values: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def open_stack(db_url: str, sql: Sql, tmp: Path, *, backend: str, mcp: bool) -> Iterator[Stack]:
+def open_stack(db_url: str, sql: Sql, tmp: Path, *, backend: str) -> Iterator[Stack]:
     """The stack on `db_url` (see the module docstring), stopped at the end."""
     config_dir = tmp / "config"
     config_dir.mkdir(mode=0o700)
     served: _Served | None = None
-    adapter: subprocess.Popen[str] | None = None
     with _environment(NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_API_KEY_ADMIN=ADMIN_KEY):
         try:
             app = matrix_app.build_app(db_url)
@@ -372,17 +373,13 @@ def open_stack(db_url: str, sql: Sql, tmp: Path, *, backend: str, mcp: bool) -> 
             assert info.api_address is not None and app.db is not None
             model = app.db.model_info(matrix_app.MODEL)
             assert model.tenant_field, "Note is declared tenant-scoped"
-            mcp_url = None
-            if mcp:
-                env = clean_env(XDG_CONFIG_HOME=str(config_dir))
-                adapter, mcp_url = _start_mcp_http(info.address, env)
             with grpc.insecure_channel(info.address) as channel:
                 grpc.channel_ready_future(channel).result(timeout=WAIT)
                 yield Stack(
                     backend=backend,
                     address=info.address,
                     rest_url=f"http://{info.api_address}",
-                    mcp_url=mcp_url,
+                    mcp_url=None,
                     sql=sql,
                     table=model.table,
                     tenant_column=model.tenant_field,
@@ -391,7 +388,19 @@ def open_stack(db_url: str, sql: Sql, tmp: Path, *, backend: str, mcp: bool) -> 
                     channel=channel,
                 )
         finally:
-            if adapter is not None:
-                _stop_process(adapter)
             if served is not None:
                 served.stop()
+
+
+@contextlib.contextmanager
+def mcp_adapter(stack: Stack) -> Iterator[str]:
+    """The real MCP adapter over streamable HTTP in front of `stack` (a subprocess
+    holding no credential); sets and yields `stack.mcp_url`, stopped at the end."""
+    env = clean_env(XDG_CONFIG_HOME=str(stack.config_dir))
+    adapter, url = _start_mcp_http(stack.address, env)
+    try:
+        stack.mcp_url = url
+        yield url
+    finally:
+        stack.mcp_url = None
+        _stop_process(adapter)

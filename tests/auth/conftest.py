@@ -6,6 +6,8 @@ authentication on.
   defines its own `matrix_backend` fixture returning "postgres" gets a database of its
   own on the machine's PostgreSQL server (skipped when it is unreachable, failed under
   CI=true). Rows are counted around the gateway, straight from the database.
+- `mcp_url` (module): the real MCP adapter (`nexus-mcp --transport http`, a subprocess
+  holding no credential) in front of the stack.
 - `client_env(**extra)`: the environment of a client subprocess (no server secret, no
   credential unless given).
 - `record_cell(channel, credential, operation, seen)`: one cell for the summary printed
@@ -100,7 +102,7 @@ def stack(
     if matrix_backend == "sqlite":
         path = tmp / "nexus.db"
         with _stack.open_stack(
-            f"sqlite:///{path}", _sqlite_sql(path), tmp, backend="sqlite", mcp=True
+            f"sqlite:///{path}", _sqlite_sql(path), tmp, backend="sqlite"
         ) as running:
             yield running
         return
@@ -116,11 +118,19 @@ def stack(
     url = f"{PG_URL.rpartition('/')[0]}/{name}"
     try:
         with _stack.open_stack(
-            url, lambda q, *a: _pg(url, q, *a), tmp, backend="postgres", mcp=False
+            url, lambda q, *a: _pg(url, q, *a), tmp, backend="postgres"
         ) as running:
             yield running
     finally:
         _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def mcp_url(stack: Any) -> Iterator[str]:
+    """The MCP adapter over streamable HTTP in front of the module's stack (its URL; also
+    `stack.mcp_url` while it runs)."""
+    with _stack.mcp_adapter(stack) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

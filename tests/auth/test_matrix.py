@@ -96,7 +96,7 @@ def test_cli(stack: Any, cell: Any, cli_outcomes: dict[str, Any], record_cell: A
 
 
 @pytest.mark.parametrize("cell", _cells_of("mcp", ("execute", "read", "delete")))
-async def test_mcp_over_http(stack: Any, cell: Any, record_cell: Any) -> None:
+async def test_mcp_over_http(stack: Any, mcp_url: str, cell: Any, record_cell: Any) -> None:
     await anyio.to_thread.run_sync(_cells.seed, stack, cell)
     got = await _cells.call_mcp(stack, cell)
     await anyio.to_thread.run_sync(_cells.check, stack, cell, got)
@@ -105,7 +105,7 @@ async def test_mcp_over_http(stack: Any, cell: Any, record_cell: Any) -> None:
 
 @pytest.mark.parametrize("credential", ["no_role", "role", "other_tenant"])
 async def test_mcp_has_no_bulk_delete_or_register_tool(
-    stack: Any, credential: str, record_cell: Any
+    stack: Any, mcp_url: str, credential: str, record_cell: Any
 ) -> None:
     """No MCP tool bulk-deletes or registers, whoever asks; a workflow's tool is listed
     only to a principal who may run it."""
