@@ -491,7 +491,8 @@ def check(stack: Any, cell: Cell, got: Outcome) -> None:
         if cell.channel == "mcp" and code == "UNAUTHENTICATED":
             assert got.http == 401, got
             assert got.is_error, "the MCP client connected without a valid credential"
-            assert 'Bearer resource_metadata="' in got.text, got.text
+            assert got.text.startswith("Bearer "), got.text
+            assert 'resource_metadata="' in got.text, got.text
             assert ('error="invalid_token"' in got.text) is (cred != "none"), got.text
             assert got.doc is not None and got.doc["authorization_servers"] == [
                 AUTHORIZATION_SERVER
