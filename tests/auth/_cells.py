@@ -417,15 +417,19 @@ async def _mcp_unauthenticated(stack: Any, bearer: str | None) -> Outcome:
     if found:
         async with httpx.AsyncClient(timeout=WAIT) as http:
             metadata = (await http.get(found.group(1))).json()
-    connected = True
-    try:
-        async with mcp_client(stack, bearer) as client:
-            with anyio.fail_after(WAIT):
-                await client.list_tools()
-    except TimeoutError:
-        raise
-    except Exception:  # whatever the SDK raises on a 401
-        connected = False
+    # the real client, once per credential (its answer does not depend on the tool)
+    connected = stack.mcp_connects.get(bearer)
+    if connected is None:
+        connected = True
+        try:
+            async with mcp_client(stack, bearer) as client:
+                with anyio.fail_after(WAIT):
+                    await client.list_tools()
+        except TimeoutError:
+            raise
+        except Exception:  # whatever the SDK raises on a 401
+            connected = False
+        stack.mcp_connects[bearer] = connected
     return Outcome(
         f"HTTP {resp.status_code}",
         http=resp.status_code,

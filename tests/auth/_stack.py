@@ -266,6 +266,8 @@ class Stack:
     seeded: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     #: the refusals the cells saw (`_cells.Refusal`), which the audit trail must hold
     refusals: list[Any] = field(default_factory=list)
+    #: whether the real MCP client could connect with a bearer (None: no credential)
+    mcp_connects: dict[str | None, bool] = field(default_factory=dict)
 
     def bearer(self, credential: str) -> str | None:
         """The bearer value of `credential` (None: send none)."""

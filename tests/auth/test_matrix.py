@@ -23,6 +23,7 @@ around the gateway (`_cells.check`). One stack serves the whole module, on SQLit
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import sys
 from pathlib import Path
@@ -118,24 +119,45 @@ async def test_mcp_has_no_bulk_delete_or_register_tool(
         record_cell("mcp", credential, op, "no tool")
 
 
-@pytest.mark.parametrize("credential", ["none", "expired", "no_role", "role"])
-async def test_mcp_over_stdio(
-    stack: Any, credential: str, client_env: Any, record_cell: Any
-) -> None:
-    """stdio: the adapter sends the credential of its environment (`NEXUS_TOKEN`)."""
-    cell = _cells.Cell("stdio", credential, "execute")
-    bearer = stack.bearer(credential)
-    env = client_env(NEXUS_SERVER=stack.address, XDG_CONFIG_HOME=str(stack.config_dir))
-    if bearer is not None:
-        env["NEXUS_TOKEN"] = bearer
+STDIO_CREDENTIALS = ("none", "expired", "no_role", "role")
+
+
+async def _stdio_call(stack: Any, cell: Any, env: dict[str, str]) -> Any:
     params = StdioServerParameters(
         command=sys.executable, args=["-m", "clients.mcp"], env=env, cwd=str(ROOT)
     )
     async with Client(params, read_timeout_seconds=WAIT) as client:
         with anyio.fail_after(WAIT):
             result = await client.call_tool("run_add_note", cell.inputs())
-    got = _cells.mcp_result(result)
-    await anyio.to_thread.run_sync(_cells.check, stack, cell, got)
+    return _cells.mcp_result(result)
+
+
+@pytest.fixture(scope="module")
+def stdio_outcomes(stack: Any, client_env: Any) -> dict[str, Any]:
+    """The stdio cells' outcomes by credential: one adapter subprocess each, all at
+    once (each its own event loop in a thread), with `NEXUS_TOKEN` in its environment."""
+
+    def run(credential: str) -> Any:
+        bearer = stack.bearer(credential)
+        env = client_env(NEXUS_SERVER=stack.address, XDG_CONFIG_HOME=str(stack.config_dir))
+        if bearer is not None:
+            env["NEXUS_TOKEN"] = bearer
+        cell = _cells.Cell("stdio", credential, "execute")
+        return asyncio.run(_stdio_call(stack, cell, env))
+
+    with concurrent.futures.ThreadPoolExecutor(len(STDIO_CREDENTIALS)) as pool:
+        futures = {c: pool.submit(run, c) for c in STDIO_CREDENTIALS}
+        return {c: f.result(timeout=WAIT * 3) for c, f in futures.items()}
+
+
+@pytest.mark.parametrize("credential", STDIO_CREDENTIALS)
+def test_mcp_over_stdio(
+    stack: Any, credential: str, stdio_outcomes: dict[str, Any], record_cell: Any
+) -> None:
+    """stdio: the adapter sends the credential of its environment (`NEXUS_TOKEN`)."""
+    cell = _cells.Cell("stdio", credential, "execute")
+    got = stdio_outcomes[credential]
+    _cells.check(stack, cell, got)
     record_cell("mcp-stdio", credential, "execute", _cells.seen(cell, got))
 
 
