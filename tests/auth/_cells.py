@@ -67,14 +67,19 @@ __all__ = [
     "seen",
 ]
 
+# loaded by conftest.py, by path (test folders are not packages)
+_stack = sys.modules["nexus_auth__stack"]
+_app = sys.modules["nexus_auth_matrix_app"]
+
 ROOT = Path(__file__).resolve().parents[2]
-WAIT = 20.0
+WAIT: float = _stack.WAIT
 OPERATIONS = ("execute", "read", "bulk_delete", "register")
-TENANT_A = "tenant-a"
-TENANT_B = "tenant-b"
-SHARED = "shared"
-MODEL = "Note"
-WORKFLOW = "add_note"
+TENANT_A: str = _stack.TENANT_A
+TENANT_B: str = _stack.TENANT_B
+SHARED: str = _stack.SHARED
+MODEL: str = _app.MODEL
+WORKFLOW: str = _app.WORKFLOW
+AUTHORIZATION_SERVER: str = _stack.AUTHORIZATION_SERVER
 
 #: What each refused credential gets: (gRPC code, ErrorInfo reason).
 REFUSED = {
@@ -85,15 +90,7 @@ REFUSED = {
     "no_role": ("PERMISSION_DENIED", "PERMISSION_DENIED"),
 }
 #: The permission a PERMISSION_DENIED names, per operation.
-PERMISSION = {
-    "execute": f"workflow:{WORKFLOW}:execute",
-    "read": f"model:{MODEL}:read",
-    "bulk_delete": f"model:{MODEL}:bulk",
-    "delete": f"model:{MODEL}:delete",
-    "register": "workflow:register",
-}
-#: What the MCP adapter's 401s point to (`nexus-mcp --authorization-server`).
-AUTHORIZATION_SERVER = "https://login.example.org/realms/matrix"
+PERMISSION: dict[str, str] = _app.OPERATION_PERMISSIONS
 #: The outcome of calling an MCP tool the caller is not shown.
 UNKNOWN_TOOL = "UNKNOWN_TOOL"
 HTTP_STATUS = {"OK": 200, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404}

@@ -16,14 +16,14 @@ Loaded by path from `conftest.py` (test folders are not packages).
 from __future__ import annotations
 
 from dataflow import DataFlow
-from nexus_server import Nexus
-from nexus_server.gateway import Policy
+from nexus_server import Nexus, Policy
 from workflow import WorkflowBuilder
 
 __all__ = [
     "EXECUTE_PERMISSION",
     "MODEL",
     "OPERATION_PERMISSIONS",
+    "OUTSIDER",
     "ROLE",
     "WORKFLOW",
     "build_app",
