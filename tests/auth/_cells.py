@@ -91,6 +91,11 @@ REFUSED = {
 }
 #: The permission a PERMISSION_DENIED names, per operation.
 PERMISSION: dict[str, str] = _app.OPERATION_PERMISSIONS
+#: Sent on every call of gRPC, REST, gRPC-Web and the CLI: who and where the caller
+#: claims to be. With authentication on they are ignored: a call without a valid
+#: credential stays refused (and audited without a principal), tenant B's calls stay in
+#: tenant B.
+DEVELOPMENT_LABELS = {"x-nexus-caller": "jwt:ada", "x-nexus-tenant": TENANT_A}
 #: The outcome of calling an MCP tool the caller is not shown.
 UNKNOWN_TOOL = "UNKNOWN_TOOL"
 HTTP_STATUS = {"OK": 200, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404}
@@ -211,7 +216,9 @@ _RESPONSES: dict[str, Any] = {
 def call_grpc(stack: Any, cell: Cell) -> Outcome:
     service, method, request = _request(cell)
     bearer = stack.bearer(cell.credential)
-    metadata = () if bearer is None else (("authorization", f"Bearer {bearer}"),)
+    metadata = [*DEVELOPMENT_LABELS.items()]
+    if bearer is not None:
+        metadata.append(("authorization", f"Bearer {bearer}"))
     stubs: dict[str, Any] = {
         "nexus.workflow.v1.WorkflowService": wg.WorkflowServiceStub,
         "nexus.model.v1.ModelService": mg.ModelServiceStub,
@@ -236,10 +243,11 @@ def _rest_route(cell: Cell) -> tuple[str, dict[str, Any]]:
 
 
 def _headers(stack: Any, cell: Cell) -> dict[str, str]:
-    """The credential, and a false channel name Envoy must replace (the audit trail
-    names the channel a call really came through, whatever the client claims)."""
+    """The credential, the development labels, and a false channel name Envoy must
+    replace (the audit trail names the channel a call really came through, whatever the
+    client claims)."""
     bearer = stack.bearer(cell.credential)
-    claimed = {"x-nexus-channel": "cli"}
+    claimed = {**DEVELOPMENT_LABELS, "x-nexus-channel": "cli"}
     return claimed if bearer is None else {**claimed, "authorization": f"Bearer {bearer}"}
 
 
@@ -310,6 +318,7 @@ _CLI_ERROR = re.compile(r"^error: ([A-Z_]+)(?: \(([A-Z_]+)\))?: (.*)$", re.M)
 def call_cli(stack: Any, cell: Cell, env: dict[str, str]) -> Outcome:
     bearer = stack.bearer(cell.credential)
     creds = [] if bearer is None else ["--token", bearer]
+    env = {**env, "NEXUS_CALLER": DEVELOPMENT_LABELS["x-nexus-caller"]}
     proc = subprocess.run(
         [sys.executable, "-m", "clients.cli", "--server", stack.address, *creds, *_cli_args(cell)],
         capture_output=True,
