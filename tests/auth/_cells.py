@@ -48,10 +48,13 @@ from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wg
 
 __all__ = [
     "AUTHORIZATION_SERVER",
+    "DEVELOPMENT_LABELS",
     "HTTP_STATUS",
     "OPERATIONS",
     "PERMISSION",
+    "PRINCIPAL",
     "REFUSED",
+    "UNKNOWN_TOOL",
     "Cell",
     "Outcome",
     "Refusal",
@@ -61,6 +64,7 @@ __all__ = [
     "call_mcp",
     "call_rest",
     "check",
+    "check_audit_trail",
     "mcp_client",
     "mcp_result",
     "seed",
