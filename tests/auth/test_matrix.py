@@ -17,7 +17,10 @@ gets a row of its own.
 Every cell asserts the exact outcome on its channel (gRPC code and ErrorInfo reason with
 the permission named, the HTTP status, the CLI's exit code 7 and reason, MCP's 401 with
 its challenge or isError with the code) and what is in the database afterwards, read
-around the gateway (`_cells.check`). One stack serves the whole module, on SQLite;
+around the gateway (`_cells.check`); no channel echoes the credential; the development
+labels `x-nexus-caller`/`x-nexus-tenant` sent along are ignored. Then: the audit trail
+holds every refusal under the channel it came through, and a refusal tells nothing of
+whether what was asked for exists. One stack serves the whole module, on SQLite;
 `test_matrix_postgres.py` runs the server-side channels again on PostgreSQL.
 """
 
@@ -30,8 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import grpc
+import httpx
 import pytest
 from mcp import Client, StdioServerParameters
+
+from clients._grpc import ApiFailure
+from nexus_api.nexus.model.v1 import model_service_pb2 as m
+from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mg
+from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wg
 
 # loaded by conftest.py, by path (test folders are not packages)
 _cells = sys.modules["nexus_auth__cells"]
@@ -166,3 +177,48 @@ def test_audit_trail_holds_every_refusal(stack: Any) -> None:
     channel it came through (Envoy names REST and gRPC-Web whatever the client claims)."""
     checked = _cells.check_audit_trail(stack)
     assert checked, "no refusal was recorded by the cells (run them first)"
+
+
+def _grpc_answer(call: Any, request: Any, bearer: str | None) -> tuple[str, str]:
+    metadata = () if bearer is None else (("authorization", f"Bearer {bearer}"),)
+    try:
+        call(request, timeout=WAIT, metadata=metadata)
+    except grpc.RpcError as exc:
+        failure = ApiFailure.from_rpc_error(exc)
+        return failure.code, failure.reason
+    raise AssertionError(f"{request}: a refused caller was served")
+
+
+def _rest_answer(url: str, body: dict[str, Any], bearer: str | None) -> tuple[int, str]:
+    headers = {} if bearer is None else {"authorization": f"Bearer {bearer}"}
+    resp = httpx.post(url, json=body, headers=headers, timeout=WAIT)
+    return resp.status_code, resp.json()["details"][0]["reason"]
+
+
+@pytest.mark.parametrize("credential", ["none", "no_role"])
+def test_a_refusal_tells_nothing_of_existence(stack: Any, credential: str) -> None:
+    """A refused caller gets the same answer, over gRPC and REST, for a workflow or model
+    that exists and one that does not: no hint of what it may not see."""
+    bearer = stack.bearer(credential)
+    workflows = wg.WorkflowServiceStub(stack.channel)  # type: ignore[no-untyped-call]
+    models = mg.ModelServiceStub(stack.channel)  # type: ignore[no-untyped-call]
+    for real, absent in (("add_note", "no_such_flow"), ("Note", "Nope")):
+        seen = set()
+        for name in (real, absent):
+            if real == "add_note":
+                grpc_answer = _grpc_answer(
+                    workflows.ExecuteWorkflow, w.ExecuteWorkflowRequest(name=name), bearer
+                )
+                rest_answer = _rest_answer(
+                    f"{stack.rest_url}/v1/workflows/{name}:execute", {"inputs": {}}, bearer
+                )
+            else:
+                grpc_answer = _grpc_answer(
+                    models.ListRecords, m.ListRecordsRequest(model=name), bearer
+                )
+                rest_answer = _rest_answer(
+                    f"{stack.rest_url}/v1/models/{name}/records:search", {}, bearer
+                )
+            # (the permission a PERMISSION_DENIED names is the one asked for: left out)
+            seen.add((grpc_answer, rest_answer))
+        assert len(seen) == 1, f"{real} and {absent} answered differently: {seen}"
