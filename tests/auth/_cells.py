@@ -92,7 +92,10 @@ REFUSED = {
     "bad_signature": ("UNAUTHENTICATED", "CREDENTIALS_INVALID"),
     "expired": ("UNAUTHENTICATED", "CREDENTIALS_EXPIRED"),
     "no_role": ("PERMISSION_DENIED", "PERMISSION_DENIED"),
+    "revoked_key": ("UNAUTHENTICATED", "CREDENTIALS_INVALID"),
 }
+#: The tenant each accepted credential acts in.
+TENANT_OF = {"role": TENANT_A, "api_key": TENANT_A, "other_tenant": TENANT_B}
 #: The permission a PERMISSION_DENIED names, per operation.
 PERMISSION: dict[str, str] = _app.OPERATION_PERMISSIONS
 #: Sent on every call of gRPC, REST, gRPC-Web and the CLI: who and where the caller
@@ -219,10 +222,7 @@ _RESPONSES: dict[str, Any] = {
 
 def call_grpc(stack: Any, cell: Cell) -> Outcome:
     service, method, request = _request(cell)
-    bearer = stack.bearer(cell.credential)
-    metadata = [*DEVELOPMENT_LABELS.items()]
-    if bearer is not None:
-        metadata.append(("authorization", f"Bearer {bearer}"))
+    metadata = [*DEVELOPMENT_LABELS.items(), *stack.metadata(cell.credential)]
     stubs: dict[str, Any] = {
         "nexus.workflow.v1.WorkflowService": wg.WorkflowServiceStub,
         "nexus.model.v1.ModelService": mg.ModelServiceStub,
@@ -250,9 +250,11 @@ def _headers(stack: Any, cell: Cell) -> dict[str, str]:
     """The credential, the development labels, and a false channel name Envoy must
     replace (the audit trail names the channel a call really came through, whatever the
     client claims)."""
-    bearer = stack.bearer(cell.credential)
-    claimed = {**DEVELOPMENT_LABELS, "x-nexus-channel": "cli"}
-    return claimed if bearer is None else {**claimed, "authorization": f"Bearer {bearer}"}
+    return {
+        **DEVELOPMENT_LABELS,
+        "x-nexus-channel": "cli",
+        **dict(stack.metadata(cell.credential)),
+    }
 
 
 def call_rest(stack: Any, cell: Cell) -> Outcome:
@@ -320,8 +322,8 @@ _CLI_ERROR = re.compile(r"^error: ([A-Z_]+)(?: \(([A-Z_]+)\))?: (.*)$", re.M)
 
 
 def call_cli(stack: Any, cell: Cell, env: dict[str, str]) -> Outcome:
-    bearer = stack.bearer(cell.credential)
-    creds = [] if bearer is None else ["--token", bearer]
+    sent = stack.credential(cell.credential)
+    creds = [] if sent is None else [f"--{sent.kind.replace('_', '-')}", sent.value]
     env = {**env, "NEXUS_CALLER": DEVELOPMENT_LABELS["x-nexus-caller"]}
     proc = subprocess.run(
         [sys.executable, "-m", "clients.cli", "--server", stack.address, *creds, *_cli_args(cell)],
@@ -380,8 +382,9 @@ def mcp_result(result: Any) -> Outcome:
     )
 
 
-def mcp_client(stack: Any, bearer: str | None) -> Client:
-    headers = {} if bearer is None else {"Authorization": f"Bearer {bearer}"}
+def mcp_client(stack: Any, credential: str) -> Client:
+    """The real MCP client over streamable HTTP, sending the matrix's `credential`."""
+    headers = dict(stack.metadata(credential))
     transport = streamable_http_client(
         stack.mcp_url, http_client=create_mcp_http_client(headers=headers)
     )
@@ -389,16 +392,15 @@ def mcp_client(stack: Any, bearer: str | None) -> Client:
 
 
 async def call_mcp(stack: Any, cell: Cell) -> Outcome:
-    bearer = stack.bearer(cell.credential)
     if cell.credential in REFUSED and REFUSED[cell.credential][0] == "UNAUTHENTICATED":
-        return await _mcp_unauthenticated(stack, bearer)
-    async with mcp_client(stack, bearer) as client:
+        return await _mcp_unauthenticated(stack, cell.credential)
+    async with mcp_client(stack, cell.credential) as client:
         with anyio.fail_after(WAIT):
             result = await client.call_tool(_MCP_TOOLS[cell.operation], _mcp_arguments(stack, cell))
     return mcp_result(result)
 
 
-async def _mcp_unauthenticated(stack: Any, bearer: str | None) -> Outcome:
+async def _mcp_unauthenticated(stack: Any, credential: str) -> Outcome:
     """A request without a valid credential is refused by the adapter's HTTP layer, as
     the MCP authorization spec says: 401 with `WWW-Authenticate: Bearer
     resource_metadata=...` (and `error="invalid_token"` when a token was sent), whose
@@ -407,7 +409,7 @@ async def _mcp_unauthenticated(stack: Any, bearer: str | None) -> Outcome:
     headers = {
         "accept": "application/json, text/event-stream",
         "content-type": "application/json",
-        **({} if bearer is None else {"authorization": f"Bearer {bearer}"}),
+        **dict(stack.metadata(credential)),
     }
     initialize = {
         "jsonrpc": "2.0",
@@ -428,18 +430,18 @@ async def _mcp_unauthenticated(stack: Any, bearer: str | None) -> Outcome:
         async with httpx.AsyncClient(timeout=WAIT) as http:
             metadata = (await http.get(found.group(1))).json()
     # the real client, once per credential (its answer does not depend on the tool)
-    connected = stack.mcp_connects.get(bearer)
+    connected = stack.mcp_connects.get(credential)
     if connected is None:
         connected = True
         try:
-            async with mcp_client(stack, bearer) as client:
+            async with mcp_client(stack, credential) as client:
                 with anyio.fail_after(WAIT):
                     await client.list_tools()
         except TimeoutError:
             raise
         except Exception:  # whatever the SDK raises on a 401
             connected = False
-        stack.mcp_connects[bearer] = connected
+        stack.mcp_connects[credential] = connected
     return Outcome(
         f"HTTP {resp.status_code}",
         http=resp.status_code,
@@ -474,7 +476,12 @@ class Refusal(NamedTuple):
 #: The audit trail's name of each channel of the matrix.
 AUDIT_CHANNEL = {"grpcweb": "grpc-web", "stdio": "mcp", "pg-grpc": "grpc", "pg-rest": "rest"}
 #: The principal of each valid credential (`jwt:<sub>`).
-PRINCIPAL = {"no_role": "jwt:olive", "role": "jwt:ada", "other_tenant": "jwt:bob"}
+PRINCIPAL = {
+    "no_role": "jwt:olive",
+    "role": "jwt:ada",
+    "other_tenant": "jwt:bob",
+    "api_key": f"key:{_stack.KEY_NAME}",
+}
 _METHODS = {
     "execute": "/nexus.workflow.v1.WorkflowService/ExecuteWorkflow",
     "read": "/nexus.model.v1.ModelService/ListRecords",
@@ -497,8 +504,8 @@ def _audited_method(cell: Cell) -> str:
 def check(stack: Any, cell: Cell, got: Outcome) -> None:
     """The outcome and the database afterwards, the same rules on every channel."""
     op, cred = cell.operation, cell.credential
-    bearer = stack.bearer(cred)
-    assert bearer is None or bearer not in got.text + got.message, "the credential was echoed"
+    secret = stack.secret(cred)
+    assert secret is None or secret not in got.text + got.message, "the credential was echoed"
     seeded = stack.seeded.get(cell.batch)
     if cred in REFUSED:
         code, reason = REFUSED[cred]
@@ -543,7 +550,8 @@ def check(stack: Any, cell: Cell, got: Outcome) -> None:
         elif op == "register":
             assert not stack.workflow_exists(cell.workflow)
         return
-    tenant, other = (TENANT_A, TENANT_B) if cred == "role" else (TENANT_B, TENANT_A)
+    tenant = TENANT_OF[cred]
+    other = TENANT_B if tenant == TENANT_A else TENANT_A
     if op == "delete" and cred == "other_tenant":
         # tenant A's record is, for tenant B, a record that does not exist
         assert (got.code, got.reason) == ("NOT_FOUND", "RECORD_NOT_FOUND"), got

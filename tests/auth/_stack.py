@@ -7,8 +7,9 @@ and a checker that reads what is really there.
   `NEXUS_API_KEY_ADMIN` in its environment.
 - `mcp_adapter(stack)`: the real MCP adapter (`nexus-mcp --transport http`) as a
   subprocess in front of it, holding no credential.
-- `Stack.bearer(credential)`: the `Authorization` bearer of each credential of the
-  matrix (`CREDENTIALS`); tokens are HS256 JWTs made here with PyJWT.
+- `Stack.credential(name)`: what each credential of the matrix (`CREDENTIALS`) sends:
+  HS256 JWTs made here with PyJWT (`authorization: Bearer`), and managed API keys made
+  through AuthService with the operator's key (`x-api-key`).
 - `Stack.seed(batch, a, b)`: Notes of tenants A and B, written through gRPC with each
   tenant's token.
 - The checker goes around the gateway: rows per tenant straight from the database
@@ -41,6 +42,9 @@ import grpc
 import jwt
 from google.protobuf import struct_pb2
 
+from clients._grpc import Credential
+from nexus_api.nexus.auth.v1 import auth_service_pb2 as a
+from nexus_api.nexus.auth.v1 import auth_service_pb2_grpc as ag
 from nexus_api.nexus.model.v1 import model_service_pb2 as m
 from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mg
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
@@ -69,7 +73,8 @@ VENV_BIN = Path(sys.executable).parent
 #: Every wait of these tests is bounded by this many seconds.
 WAIT = 20.0
 
-#: The credentials of the matrix, in the order the summary prints them.
+#: The credentials of the matrix, in the order the summary prints them: the issue's
+#: seven (JWTs), then a managed API key with the role (tenant A) and a revoked one.
 CREDENTIALS = (
     "none",
     "malformed",
@@ -78,7 +83,11 @@ CREDENTIALS = (
     "no_role",
     "role",
     "other_tenant",
+    "api_key",
+    "revoked_key",
 )
+#: The managed API key of the "api_key" credential (principal `key:matrix_key`).
+KEY_NAME = "matrix_key"
 TENANT_A = "tenant-a"
 TENANT_B = "tenant-b"
 #: The batch of the Notes every read cell reads (seeded once, written by no cell).
@@ -130,10 +139,9 @@ def make_token(
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-def _bearers() -> dict[str, str | None]:
+def _tokens() -> dict[str, Credential | None]:
     role = [matrix_app.ROLE]
-    return {
-        "none": None,
+    tokens = {
         "malformed": MALFORMED,
         "bad_signature": make_token("mallory", role, TENANT_A, secret=OTHER_SECRET),
         # an hour in the past: far beyond any clock skew the server allows
@@ -142,6 +150,25 @@ def _bearers() -> dict[str, str | None]:
         "role": make_token("ada", role, TENANT_A),
         "other_tenant": make_token("bob", role, TENANT_B),
     }
+    return {"none": None, **{k: Credential("token", v) for k, v in tokens.items()}}
+
+
+def _managed_keys(channel: grpc.Channel) -> dict[str, Credential | None]:
+    """The managed API keys of the matrix, made through AuthService with the operator's
+    key: `matrix_key` (role matrix, tenant A) and `gone_key` (the same, revoked)."""
+    stub = ag.AuthServiceStub(channel)  # type: ignore[no-untyped-call]
+    keys: dict[str, Credential | None] = {}
+    for credential, name in (("api_key", KEY_NAME), ("revoked_key", "gone_key")):
+        made = stub.CreateApiKey(
+            a.CreateApiKeyRequest(name=name, roles=[matrix_app.ROLE], tenant=TENANT_A),
+            timeout=WAIT,
+            metadata=admin_metadata(),
+        )
+        keys[credential] = Credential("api_key", made.key)
+    stub.RevokeApiKey(
+        a.RevokeApiKeyRequest(name="gone_key"), timeout=WAIT, metadata=admin_metadata()
+    )
+    return keys
 
 
 def admin_metadata() -> tuple[tuple[str, str], ...]:
@@ -260,18 +287,29 @@ class Stack:
     table: str
     tenant_column: str
     config_dir: Path
-    bearers: dict[str, str | None]
+    credentials: dict[str, Credential | None]
     channel: grpc.Channel
     #: the ids each batch was seeded with (batch -> tenant -> ids)
     seeded: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     #: the refusals the cells saw (`_cells.Refusal`), which the audit trail must hold
     refusals: list[Any] = field(default_factory=list)
-    #: whether the real MCP client could connect with a bearer (None: no credential)
-    mcp_connects: dict[str | None, bool] = field(default_factory=dict)
+    #: whether the real MCP client could connect with a credential (by matrix name)
+    mcp_connects: dict[str, bool] = field(default_factory=dict)
 
-    def bearer(self, credential: str) -> str | None:
-        """The bearer value of `credential` (None: send none)."""
-        return self.bearers[credential]
+    def credential(self, name: str) -> Credential | None:
+        """What the credential `name` of the matrix sends (None: nothing)."""
+        return self.credentials[name]
+
+    def secret(self, name: str) -> str | None:
+        """The token or key of `name`, which no answer may contain."""
+        cred = self.credentials[name]
+        return None if cred is None else cred.value
+
+    def metadata(self, name: str) -> list[tuple[str, str]]:
+        """The gRPC metadata (or HTTP headers) carrying `name`: `authorization: Bearer`
+        for a token, `x-api-key` for a key."""
+        cred = self.credentials[name]
+        return [] if cred is None else [cred.metadata()]
 
     def seed(self, batch: str, a: int, b: int) -> dict[str, list[str]]:
         """`a` Notes of tenant A and `b` of tenant B in `batch`, each created by its own
@@ -288,7 +326,7 @@ class Stack:
                 stub.BulkCreateRecords(
                     request,
                     timeout=WAIT,
-                    metadata=(("authorization", f"Bearer {self.bearers[cred]}"),),
+                    metadata=self.metadata(cred),
                 )
             ids[tenant] = sorted(self.row_ids(batch, tenant))
             assert len(ids[tenant]) == count, (batch, tenant, ids)
@@ -377,6 +415,7 @@ def open_stack(db_url: str, sql: Sql, tmp: Path, *, backend: str) -> Iterator[St
             assert model.tenant_field, "Note is declared tenant-scoped"
             with grpc.insecure_channel(info.address) as channel:
                 grpc.channel_ready_future(channel).result(timeout=WAIT)
+                credentials = {**_tokens(), **_managed_keys(channel)}
                 yield Stack(
                     backend=backend,
                     address=info.address,
@@ -386,7 +425,7 @@ def open_stack(db_url: str, sql: Sql, tmp: Path, *, backend: str) -> Iterator[St
                     table=model.table,
                     tenant_column=model.tenant_field,
                     config_dir=config_dir,
-                    bearers=_bearers(),
+                    credentials=credentials,
                     channel=channel,
                 )
         finally:

@@ -1,12 +1,13 @@
 """The access matrix: every channel x every kind of credential x four operations.
 
 Channels: gRPC (the stubs), REST and gRPC-Web through the real Envoy, the CLI as a
-subprocess (`--token`), MCP through the real `mcp` client over streamable HTTP (the
-adapter as a subprocess, forwarding the caller's bearer token), and a smaller check of
-MCP over stdio with the credential in the environment.
+subprocess (`--token`/`--api-key`), MCP through the real `mcp` client over streamable
+HTTP (the adapter as a subprocess, forwarding the caller's credential), and a smaller
+check of MCP over stdio with the credential in the environment.
 
 Credentials: none, malformed, bad signature, expired, valid without the role, valid with
-the role (tenant A), other tenant (valid with the role, tenant B).
+the role (tenant A), other tenant (valid with the role, tenant B): JWTs; then a managed
+API key with the role (tenant A) and a revoked one, sent as `x-api-key`.
 
 Operations: execute `add_note` (writes a Note), read Notes (`ListRecords`), bulk-delete
 Notes, register a workflow. MCP has no bulk-delete or register tool (its tools are the
@@ -115,13 +116,13 @@ async def test_mcp_over_http(stack: Any, mcp_url: str, cell: Any, record_cell: A
     record_cell(cell.channel, cell.credential, cell.operation, _cells.seen(cell, got))
 
 
-@pytest.mark.parametrize("credential", ["no_role", "role", "other_tenant"])
+@pytest.mark.parametrize("credential", ["no_role", "role", "other_tenant", "api_key"])
 async def test_mcp_has_no_bulk_delete_or_register_tool(
     stack: Any, mcp_url: str, credential: str, record_cell: Any
 ) -> None:
     """No MCP tool bulk-deletes or registers, whoever asks; a workflow's tool is listed
     only to a principal who may run it."""
-    async with _cells.mcp_client(stack, stack.bearer(credential)) as client:
+    async with _cells.mcp_client(stack, credential) as client:
         with anyio.fail_after(WAIT):
             tools = {t.name for t in (await client.list_tools()).tools}
     assert not {t for t in tools if "bulk" in t or "register" in t}, tools
@@ -130,7 +131,7 @@ async def test_mcp_has_no_bulk_delete_or_register_tool(
         record_cell("mcp", credential, op, "no tool")
 
 
-STDIO_CREDENTIALS = ("none", "expired", "no_role", "role")
+STDIO_CREDENTIALS = ("none", "expired", "no_role", "role", "api_key", "revoked_key")
 
 
 async def _stdio_call(stack: Any, cell: Any, env: dict[str, str]) -> Any:
@@ -149,10 +150,10 @@ def stdio_outcomes(stack: Any, client_env: Any) -> dict[str, Any]:
     once (each its own event loop in a thread), with `NEXUS_TOKEN` in its environment."""
 
     def run(credential: str) -> Any:
-        bearer = stack.bearer(credential)
+        sent = stack.credential(credential)
         env = client_env(NEXUS_SERVER=stack.address, XDG_CONFIG_HOME=str(stack.config_dir))
-        if bearer is not None:
-            env["NEXUS_TOKEN"] = bearer
+        if sent is not None:
+            env["NEXUS_TOKEN" if sent.kind == "token" else "NEXUS_API_KEY"] = sent.value
         cell = _cells.Cell("stdio", credential, "execute")
         return asyncio.run(_stdio_call(stack, cell, env))
 
@@ -179,8 +180,7 @@ def test_audit_trail_holds_every_refusal(stack: Any) -> None:
     assert checked, "no refusal was recorded by the cells (run them first)"
 
 
-def _grpc_answer(call: Any, request: Any, bearer: str | None) -> tuple[str, str]:
-    metadata = () if bearer is None else (("authorization", f"Bearer {bearer}"),)
+def _grpc_answer(call: Any, request: Any, metadata: list[tuple[str, str]]) -> tuple[str, str]:
     try:
         call(request, timeout=WAIT, metadata=metadata)
     except grpc.RpcError as exc:
@@ -189,9 +189,10 @@ def _grpc_answer(call: Any, request: Any, bearer: str | None) -> tuple[str, str]
     raise AssertionError(f"{request}: a refused caller was served")
 
 
-def _rest_answer(url: str, body: dict[str, Any], bearer: str | None) -> tuple[int, str]:
-    headers = {} if bearer is None else {"authorization": f"Bearer {bearer}"}
-    resp = httpx.post(url, json=body, headers=headers, timeout=WAIT)
+def _rest_answer(
+    url: str, body: dict[str, Any], metadata: list[tuple[str, str]]
+) -> tuple[int, str]:
+    resp = httpx.post(url, json=body, headers=dict(metadata), timeout=WAIT)
     return resp.status_code, resp.json()["details"][0]["reason"]
 
 
@@ -199,7 +200,7 @@ def _rest_answer(url: str, body: dict[str, Any], bearer: str | None) -> tuple[in
 def test_a_refusal_tells_nothing_of_existence(stack: Any, credential: str) -> None:
     """A refused caller gets the same answer, over gRPC and REST, for a workflow or model
     that exists and one that does not: no hint of what it may not see."""
-    bearer = stack.bearer(credential)
+    sent = stack.metadata(credential)
     workflows = wg.WorkflowServiceStub(stack.channel)  # type: ignore[no-untyped-call]
     models = mg.ModelServiceStub(stack.channel)  # type: ignore[no-untyped-call]
     for real, absent in (("add_note", "no_such_flow"), ("Note", "Nope")):
@@ -207,17 +208,17 @@ def test_a_refusal_tells_nothing_of_existence(stack: Any, credential: str) -> No
         for name in (real, absent):
             if real == "add_note":
                 grpc_answer = _grpc_answer(
-                    workflows.ExecuteWorkflow, w.ExecuteWorkflowRequest(name=name), bearer
+                    workflows.ExecuteWorkflow, w.ExecuteWorkflowRequest(name=name), sent
                 )
                 rest_answer = _rest_answer(
-                    f"{stack.rest_url}/v1/workflows/{name}:execute", {"inputs": {}}, bearer
+                    f"{stack.rest_url}/v1/workflows/{name}:execute", {"inputs": {}}, sent
                 )
             else:
                 grpc_answer = _grpc_answer(
-                    models.ListRecords, m.ListRecordsRequest(model=name), bearer
+                    models.ListRecords, m.ListRecordsRequest(model=name), sent
                 )
                 rest_answer = _rest_answer(
-                    f"{stack.rest_url}/v1/models/{name}/records:search", {}, bearer
+                    f"{stack.rest_url}/v1/models/{name}/records:search", {}, sent
                 )
             # (the permission a PERMISSION_DENIED names is the one asked for: left out)
             seen.add((grpc_answer, rest_answer))
