@@ -155,18 +155,36 @@ def record_cell() -> Any:
     return record
 
 
+#: Shorter words for the summary's cells (its legend says them).
+_SHORT = (
+    ("CREDENTIALS_", ""),
+    ("PERMISSION_DENIED", "DENIED"),
+    ("RECORD_NOT_FOUND", "NOT_FOUND"),
+    ("Bearer challenge", "challenge"),
+)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The cells covered: a line per channel and operation, a column per credential."""
     if not _CELLS:
         return
     tr = terminalreporter
     tr.section("access matrix: cells covered")
-    rows = sorted({(c, o) for c, _, o in _CELLS})
+    cells = dict(_CELLS)
+    for key, seen in cells.items():
+        for long, short in _SHORT:
+            seen = seen.replace(long, short)
+        cells[key] = seen
+    rows = sorted({(c, o) for c, _, o in cells})
     width = max(len(f"{c} {o}") for c, o in rows)
     creds = _stack.CREDENTIALS
-    col = max(len(s) for s in [*creds, *_CELLS.values()])
-    tr.write_line(" " * (width + 2) + " | ".join(f"{c:<{col}}" for c in creds))
+    col = max(len(s) for s in [*creds, *cells.values()])
+    tr.write_line(" " * (width + 1) + " ".join(f"{c:<{col}}" for c in creds))
     for channel, op in rows:
-        seen = [_CELLS.get((channel, cred, op), "-") for cred in creds]
-        tr.write_line(f"{channel + ' ' + op:<{width}}  " + " | ".join(f"{s:<{col}}" for s in seen))
-    tr.write_line(f"{len(_CELLS)} cells")
+        seen = [cells.get((channel, cred, op), "-") for cred in creds]
+        tr.write_line(f"{channel + ' ' + op:<{width}} " + " ".join(f"{s:<{col}}" for s in seen))
+    tr.write_line(
+        f"{len(cells)} cells. MISSING/INVALID/EXPIRED: UNAUTHENTICATED (CREDENTIALS_...); "
+        "DENIED: PERMISSION_DENIED naming the permission; gRPC-Web: grpc-status; "
+        "challenge: HTTP 401 with WWW-Authenticate; no tool: MCP lists none for it."
+    )
