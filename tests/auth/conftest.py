@@ -171,18 +171,18 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     tr = terminalreporter
     tr.section("access matrix: cells covered")
     cells = dict(_CELLS)
-    for key, seen in cells.items():
+    for key, text in cells.items():
         for long, short in _SHORT:
-            seen = seen.replace(long, short)
-        cells[key] = seen
+            text = text.replace(long, short)
+        cells[key] = text
     rows = sorted({(c, o) for c, _, o in cells})
     width = max(len(f"{c} {o}") for c, o in rows)
     creds = _stack.CREDENTIALS
     col = max(len(s) for s in [*creds, *cells.values()])
     tr.write_line(" " * (width + 1) + " ".join(f"{c:<{col}}" for c in creds))
     for channel, op in rows:
-        seen = [cells.get((channel, cred, op), "-") for cred in creds]
-        tr.write_line(f"{channel + ' ' + op:<{width}} " + " ".join(f"{s:<{col}}" for s in seen))
+        line = [cells.get((channel, cred, op), "-") for cred in creds]
+        tr.write_line(f"{channel + ' ' + op:<{width}} " + " ".join(f"{s:<{col}}" for s in line))
     tr.write_line(
         f"{len(cells)} cells. MISSING/INVALID/EXPIRED: UNAUTHENTICATED (CREDENTIALS_...); "
         "DENIED: PERMISSION_DENIED naming the permission; gRPC-Web: grpc-status; "
