@@ -385,9 +385,11 @@ class Stack:
 
 @contextlib.contextmanager
 def _environment(**values: str) -> Iterator[None]:
-    """Only `values` among our variables while the block runs (the server reads its
-    credential configuration from the environment at start)."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("NEXUS_")}
+    """`values` as the only identity settings of the environment while the block runs
+    (the server reads its credential configuration from the environment at start; an
+    operator's own keys, tokens or NEXUS_ENV must not change what the matrix sees).
+    Other settings (the Envoy binary, the test database) stay."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(_IDENTITY)}
     for name in saved:
         del os.environ[name]
     os.environ.update(values)
@@ -397,6 +399,18 @@ def _environment(**values: str) -> Iterator[None]:
         for name in values:
             os.environ.pop(name, None)
         os.environ.update(saved)
+
+
+#: The variables that say who calls or how callers are authenticated.
+_IDENTITY = (
+    "NEXUS_API_KEY",
+    "NEXUS_JWT",
+    "NEXUS_JWKS",
+    "NEXUS_ENV",
+    "NEXUS_TOKEN",
+    "NEXUS_CALLER",
+    "NEXUS_MCP_AUTHORIZATION_SERVER",
+)
 
 
 @contextlib.contextmanager
