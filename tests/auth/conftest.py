@@ -13,9 +13,10 @@ authentication on.
 - `record_cell(channel, credential, operation, seen)`: one cell for the summary printed
   at the end of the run (`pytest_terminal_summary`).
 
-The code lives in sibling modules loaded by path (`_stack.py`, `_cells.py`,
-`matrix_app.py`); test modules reach them with `load_sibling` through the `siblings`
-fixture or `sys.modules` (importlib mode: nothing is imported from here by name).
+The code lives in sibling modules this file loads by path (`_stack.py`, which loads
+`matrix_app.py`, and `_cells.py`): test folders are not packages, and in importlib mode
+nothing is imported from here by name. Test modules find them in `sys.modules`
+(`nexus_auth__stack`, `nexus_auth__cells`).
 """
 
 from __future__ import annotations
