@@ -65,6 +65,7 @@ __all__ = [
     "call_rest",
     "check",
     "check_audit_trail",
+    "check_no_secret_kept",
     "mcp_client",
     "mcp_result",
     "seed",
@@ -620,3 +621,21 @@ def check_audit_trail(stack: Any) -> dict[str, int]:
             extra = got - expected
             raise AssertionError(f"audit trail: missing {dict(missing)}; extra {dict(extra)}")
         time.sleep(0.05)
+
+
+def check_no_secret_kept(stack: Any) -> int:
+    """No credential of the matrix (tokens, API keys, the operator's key, the JWT secret)
+    is in the server's log (every record, every level), the MCP adapter's log, or
+    anything the app's database holds (audit rows, executions, workflows, API keys:
+    those store a salted hash). Returns how many log lines were searched."""
+    secrets = [v for v in (stack.secret(c) for c in stack.credentials) if v is not None]
+    secrets += [_stack.ADMIN_KEY, _stack.JWT_SECRET]
+    logs = "\n".join(stack.logs)
+    assert "nexus.audit" in logs, "the server's log was not captured"
+    stored = stack.dump()
+    # the role's executions are stored with their owner: the rows were read
+    assert PRINCIPAL["role"].encode() in stored, "the database's rows were not read"
+    for secret in secrets:
+        assert secret not in logs, f"a credential is in the log ({secret[:6]}...)"
+        assert secret.encode() not in stored, f"a credential is stored ({secret[:6]}...)"
+    return len(stack.logs)

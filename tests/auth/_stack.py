@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 import secrets
@@ -228,9 +229,11 @@ class _Served:
         assert not self._thread.is_alive(), "the server did not stop"
 
 
-def _start_mcp_http(address: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+def _start_mcp_http(
+    address: str, env: dict[str, str], log: list[str]
+) -> tuple[subprocess.Popen[str], str]:
     """`nexus-mcp --transport http --port 0` against `address`; the process and the URL
-    it announces once bound."""
+    it announces once bound. Its log (stderr) goes on into `log`."""
     proc = subprocess.Popen(
         [
             str(VENV_BIN / "nexus-mcp"),
@@ -261,8 +264,9 @@ def _start_mcp_http(address: str, env: dict[str, str]) -> tuple[subprocess.Popen
             seen.append(line)
             match = re.search(r"streamable HTTP on (http://\S+/mcp)", line)
             if match:
+                log.extend(seen)
                 # keep reading its log, so a full pipe never blocks it
-                threading.Thread(target=proc.stderr.read, daemon=True).start()
+                threading.Thread(target=log.extend, args=(proc.stderr,), daemon=True).start()
                 return proc, match.group(1)
 
 
@@ -284,6 +288,8 @@ class Stack:
     rest_url: str
     mcp_url: str | None
     sql: Sql
+    #: everything the app's database holds, as bytes (to look for what must not be there)
+    dump: Callable[[], bytes]
     table: str
     tenant_column: str
     config_dir: Path
@@ -295,6 +301,8 @@ class Stack:
     refusals: list[Any] = field(default_factory=list)
     #: whether the real MCP client could connect with a credential (by matrix name)
     mcp_connects: dict[str, bool] = field(default_factory=dict)
+    #: every log line of the server (in this process) and of the MCP adapter
+    logs: list[str] = field(default_factory=list)
 
     def credential(self, name: str) -> Credential | None:
         """What the credential `name` of the matrix sends (None: nothing)."""
@@ -413,13 +421,46 @@ _IDENTITY = (
 )
 
 
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines = lines
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # a record that cannot be formatted
+            self.lines.append(self.format(record))
+
+
 @contextlib.contextmanager
-def open_stack(db_url: str, sql: Sql, tmp: Path, *, backend: str) -> Iterator[Stack]:
-    """The stack on `db_url` (see the module docstring), stopped at the end."""
+def _logs_into(lines: list[str]) -> Iterator[None]:
+    """Every log record of this process, at every level, into `lines` while the block
+    runs (the server runs in this process: its log and its audit lines)."""
+    root = logging.getLogger()
+    handler, level = _Lines(lines), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+@contextlib.contextmanager
+def open_stack(
+    db_url: str, sql: Sql, dump: Callable[[], bytes], tmp: Path, *, backend: str
+) -> Iterator[Stack]:
+    """The stack on `db_url` (see the module docstring), stopped at the end. `sql` runs
+    a query on its database, `dump` returns all it holds."""
     config_dir = tmp / "config"
     config_dir.mkdir(mode=0o700)
     served: _Served | None = None
-    with _environment(NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_API_KEY_ADMIN=ADMIN_KEY):
+    logs: list[str] = []
+    with (
+        _environment(NEXUS_JWT_SECRET=JWT_SECRET, NEXUS_API_KEY_ADMIN=ADMIN_KEY),
+        _logs_into(logs),
+    ):
         try:
             app = matrix_app.build_app(db_url)
             served = _Served(app)
@@ -436,11 +477,13 @@ def open_stack(db_url: str, sql: Sql, tmp: Path, *, backend: str) -> Iterator[St
                     rest_url=f"http://{info.api_address}",
                     mcp_url=None,
                     sql=sql,
+                    dump=dump,
                     table=model.table,
                     tenant_column=model.tenant_field,
                     config_dir=config_dir,
                     credentials=credentials,
                     channel=channel,
+                    logs=logs,
                 )
         finally:
             if served is not None:
@@ -452,7 +495,7 @@ def mcp_adapter(stack: Stack) -> Iterator[str]:
     """The real MCP adapter over streamable HTTP in front of `stack` (a subprocess
     holding no credential); sets and yields `stack.mcp_url`, stopped at the end."""
     env = clean_env(XDG_CONFIG_HOME=str(stack.config_dir))
-    adapter, url = _start_mcp_http(stack.address, env)
+    adapter, url = _start_mcp_http(stack.address, env, stack.logs)
     try:
         stack.mcp_url = url
         yield url

@@ -83,6 +83,13 @@ def _pg(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
         return pool.submit(asyncio.run, go()).result(timeout=_stack.WAIT)
 
 
+def _pg_dump(url: str) -> bytes:
+    """Every row of every table of the database at `url`, as text."""
+    tables = _pg(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    rows = [r for (t,) in tables for r in _pg(url, f'SELECT t::text FROM "{t}" t')]
+    return "\n".join(str(r[0]) for r in rows).encode()
+
+
 def _pg_admin(sql: str) -> None:
     _pg(PG_URL, sql)
 
@@ -103,7 +110,12 @@ def stack(
     if matrix_backend == "sqlite":
         path = tmp / "nexus.db"
         with _stack.open_stack(
-            f"sqlite:///{path}", _sqlite_sql(path), tmp, backend="sqlite"
+            f"sqlite:///{path}",
+            _sqlite_sql(path),
+            # the database's files as they are (its write-ahead log too)
+            lambda: b"".join(p.read_bytes() for p in sorted(tmp.glob("nexus.db*"))),
+            tmp,
+            backend="sqlite",
         ) as running:
             yield running
         return
@@ -119,7 +131,7 @@ def stack(
     url = f"{PG_URL.rpartition('/')[0]}/{name}"
     try:
         with _stack.open_stack(
-            url, lambda q, *a: _pg(url, q, *a), tmp, backend="postgres"
+            url, lambda q, *a: _pg(url, q, *a), lambda: _pg_dump(url), tmp, backend="postgres"
         ) as running:
             yield running
     finally:

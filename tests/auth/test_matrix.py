@@ -223,3 +223,8 @@ def test_a_refusal_tells_nothing_of_existence(stack: Any, credential: str) -> No
             # (the permission a PERMISSION_DENIED names is the one asked for: left out)
             seen.add((grpc_answer, rest_answer))
         assert len(seen) == 1, f"{real} and {absent} answered differently: {seen}"
+
+
+def test_no_credential_in_logs_or_database(stack: Any) -> None:
+    """Last: after every cell, no credential is in a log line or in the database."""
+    assert _cells.check_no_secret_kept(stack) > 0

@@ -53,3 +53,8 @@ def test_rest_on_postgres(stack: Any, cell: Any, record_cell: Any) -> None:
 def test_audit_trail_holds_every_refusal_on_postgres(stack: Any) -> None:
     checked = _cells.check_audit_trail(stack)
     assert checked, "no refusal was recorded by the cells (run them first)"
+
+
+def test_no_credential_in_logs_or_database_on_postgres(stack: Any) -> None:
+    """Last: after every cell, no credential is in a log line or in the database."""
+    assert _cells.check_no_secret_kept(stack) > 0
