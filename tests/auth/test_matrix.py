@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,22 +88,32 @@ def test_grpc_web_through_envoy(stack: Any, cell: Any, record_cell: Any) -> None
     record_cell(cell.channel, cell.credential, cell.operation, _cells.seen(cell, got))
 
 
-@pytest.fixture(scope="module")
-def cli_outcomes(stack: Any, client_env: Any) -> dict[str, Any]:
-    """Every CLI cell's outcome by batch: all run at once on first use (a subprocess
-    each, in parallel: each cell has its own rows and workflow name)."""
+@pytest.fixture(scope="module", autouse=True)
+def cli_outcomes(
+    request: pytest.FixtureRequest, stack: Any, client_env: Any
+) -> Iterator[dict[str, Any]]:
+    """The outcome of each selected CLI cell, by batch (a future until it is done).
+
+    Each CLI cell is a subprocess that mostly spends its time starting Python, so they
+    all start when the module's first test does, eight at a time in the background,
+    while the other channels' cells run (every cell has its own rows and workflow name,
+    so none sees another's writes); `test_cli` waits for its own.
+    """
+    cells = [
+        item.callspec.params["cell"]
+        for item in request.session.items
+        if item.module is request.module and item.originalname == "test_cli"
+    ]
     env = client_env(XDG_CONFIG_HOME=str(stack.config_dir), HOME=str(stack.config_dir))
-    cells = [p.values[0] for p in _cells_of("cli")]
     for cell in cells:
         _cells.seed(stack, cell)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = {cell.batch: pool.submit(_cells.call_cli, stack, cell, env) for cell in cells}
-        return {batch: f.result(timeout=WAIT * 4) for batch, f in futures.items()}
+        yield {cell.batch: pool.submit(_cells.call_cli, stack, cell, env) for cell in cells}
 
 
 @pytest.mark.parametrize("cell", _cells_of("cli"))
 def test_cli(stack: Any, cell: Any, cli_outcomes: dict[str, Any], record_cell: Any) -> None:
-    got = cli_outcomes[cell.batch]
+    got = cli_outcomes[cell.batch].result(timeout=WAIT * 4)
     _cells.check(stack, cell, got)
     assert got.exit == (0 if got.code == "OK" else 7), got
     record_cell(cell.channel, cell.credential, cell.operation, _cells.seen(cell, got))
