@@ -102,7 +102,9 @@ def cli_outcomes(
     cells = [
         item.callspec.params["cell"]
         for item in request.session.items
-        if item.module is request.module and item.originalname == "test_cli"
+        if isinstance(item, pytest.Function)
+        and item.module is request.module
+        and item.originalname == "test_cli"
     ]
     env = client_env(XDG_CONFIG_HOME=str(stack.config_dir), HOME=str(stack.config_dir))
     for cell in cells:
