@@ -99,7 +99,7 @@ def cli_outcomes(
     while the other channels' cells run (every cell has its own rows and workflow name,
     so none sees another's writes); `test_cli` waits for its own.
     """
-    cells = [
+    cells: list[Any] = [
         item.callspec.params["cell"]
         for item in request.session.items
         if isinstance(item, pytest.Function)
