@@ -562,8 +562,9 @@ def check(stack: Any, cell: Cell, got: Outcome) -> None:
     if op == "execute":
         assert stack.rows(cell.batch) == {tenant: 1}
         assert stack.executions(cell.batch) == 1
-        if cell.channel not in ("mcp", "stdio"):
+        if cell.channel not in ("mcp", "stdio"):  # MCP's result is the outputs alone
             assert got.doc["state"] == "STATE_SUCCEEDED", got.doc
+            assert got.doc["owner"] == PRINCIPAL[cred], got.doc
     elif op == "read":
         ids = sorted(r["id"] for r in got.doc["records"])
         assert ids == stack.seeded[SHARED][tenant], (ids, stack.seeded[SHARED])
@@ -575,6 +576,7 @@ def check(stack: Any, cell: Cell, got: Outcome) -> None:
         assert stack.rows(cell.batch) == {TENANT_B: 1}
     else:
         assert got.doc["name"] == cell.workflow, got.doc
+        assert got.doc["owner"] == PRINCIPAL[cred], got.doc
         assert stack.workflow_exists(cell.workflow)
 
 
