@@ -39,7 +39,14 @@ from .._grpc import (
     to_json,
     type_spec,
 )
-from ._credentials import CredentialError, forget, looks_like_jwt, resolve, store
+from ._credentials import (
+    CredentialError,
+    forget,
+    looks_like_jwt,
+    resolve,
+    store,
+    with_call_metadata,
+)
 from ._output import emit, emit_rows, emit_value, err
 from ._style import tidy_help
 
@@ -85,7 +92,7 @@ class State:
     @property
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.server)
+            self._channel = with_call_metadata(grpc.insecure_channel(self.server))
         return self._channel
 
     @property

@@ -23,13 +23,15 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .._grpc import Credential, credential_from_env
+import grpc
+
+from .._grpc import Credential, call_metadata, credential_from_env
 
 __all__ = [
     "CredentialError",
@@ -41,6 +43,7 @@ __all__ = [
     "looks_like_jwt",
     "resolve",
     "store",
+    "with_call_metadata",
 ]
 
 _FILE_MODE = 0o600
@@ -238,3 +241,57 @@ def _write(path: Path, doc: Mapping[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise CredentialError(f"cannot write {path}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------------------- the channel
+
+
+@dataclass(frozen=True)
+class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str | bytes]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _CallMetadata(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds `call_metadata()` (the credential, the channel) to every call that does not
+    already send those keys: the calls made by libraries that take no metadata, server
+    reflection above all, carry the credential too."""
+
+    def _details(self, details: Any) -> _Details:
+        given = list(details.metadata or ())
+        keys = {k for k, _ in given}
+        extra = [(k, v) for k, v in call_metadata() if k not in keys]
+        return _Details(
+            details.method,
+            details.timeout,
+            given + extra,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def with_call_metadata(channel: grpc.Channel) -> grpc.Channel:
+    """`channel`, sending this context's credential and channel name on every call."""
+    return grpc.intercept_channel(channel, _CallMetadata())
