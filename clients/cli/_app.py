@@ -41,6 +41,8 @@ from .._grpc import (
 )
 from ._credentials import (
     CredentialError,
+    Resolved,
+    StoredLoginError,
     forget,
     looks_like_jwt,
     resolve,
@@ -86,11 +88,15 @@ class State:
     credential_source: str = ""
     #: the help listing already said it needs a credential (said once per command)
     told_login: bool = False
+    #: why the stored login cannot be used (told when a call would send it)
+    credential_problem: str = ""
     _channel: grpc.Channel | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def channel(self) -> grpc.Channel:
+        if self.credential_problem and CREDENTIAL.get() is None:
+            usage(self.credential_problem)
         if self._channel is None:
             self._channel = with_call_metadata(grpc.insecure_channel(self.server))
         return self._channel
@@ -170,8 +176,12 @@ def state_of(ctx: Any) -> State:
     if st is None:
         params = root.params
         server = server_address(params.get("server"))
+        problem = ""
         try:
             resolved = resolve(server, params.get("token"), params.get("api_key"))
+        except StoredLoginError as exc:
+            # told when a call needs it: `login` and `logout` still work, to mend it
+            resolved, problem = Resolved(None), str(exc)
         except CredentialError as exc:
             usage(str(exc))
         # set once: every call of this command sends it (`call_metadata()`)
@@ -182,6 +192,7 @@ def state_of(ctx: Any) -> State:
             _output_name(params.get("output")),
             params.get("timeout"),
             resolved.source,
+            credential_problem=problem,
         )
         root.meta["nexus.state"] = st
     assert isinstance(st, State)

@@ -37,6 +37,7 @@ __all__ = [
     "CredentialError",
     "Resolved",
     "StoredLogin",
+    "StoredLoginError",
     "credentials_path",
     "forget",
     "load_stored",
@@ -54,6 +55,10 @@ _VERSION = 1
 class CredentialError(ValueError):
     """The credential cannot be chosen or stored: two at one level, an empty one, or a
     credentials file that cannot be read. The message never holds a credential."""
+
+
+class StoredLoginError(CredentialError):
+    """The credentials file cannot be used (unreadable, broken, or readable by others)."""
 
 
 @dataclass(frozen=True)
@@ -135,13 +140,13 @@ def _read(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {"version": _VERSION, "servers": {}}
     except OSError as exc:
-        raise CredentialError(f"cannot read {path}: {exc.strerror}") from None
+        raise StoredLoginError(f"cannot read {path}: {exc.strerror}") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
         doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("servers"), dict):
-        raise CredentialError(
+        raise StoredLoginError(
             f"{path} is not a nexus credentials file; remove it and run nexus login again"
         )
     return doc
@@ -172,15 +177,13 @@ def load_stored(server: str) -> StoredLogin | None:
         return None
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        raise CredentialError(
+        raise StoredLoginError(
             f"{path} can be read by other users (mode {mode:04o}); "
-            f"run chmod 600 {path}, or remove it and run nexus login again"
+            f"run chmod 600 {path}, or nexus login again"
         )
     login = _entry(entry)
     if login is None:
-        raise CredentialError(
-            f"{path} has a broken entry for {server}; run nexus logout, then nexus login"
-        )
+        raise StoredLoginError(f"{path} has a broken entry for {server}; run nexus login again")
     return login
 
 

@@ -282,6 +282,11 @@ def test_a_credentials_file_others_can_read_is_refused(nx: Any, home: Path) -> N
     r = nx("whoami")
     assert r.code == USAGE and "can be read by other users" in r.err, r.err
     hidden(r)
+    # logging in again mends it: the file is written anew, 0600
+    r = nx("login", "--api-key", ADMIN_KEY)
+    assert r.code == OK, r.err
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert nx("whoami").code == OK
 
 
 # ---------------------------------------------------------------------------- keys
