@@ -936,7 +936,7 @@ def _model_group(model: Any) -> Any:
                 ["--on-conflict"],
                 str,
                 "a taken unique value: fail (stop, naming the line and value), skip the "
-                "record, or upsert it (update the record it matches) [default: fail]",
+                "record, or upsert it (update the record it matches) (default: fail)",
                 metavar="fail|skip|upsert",
             ),
             _option(
@@ -1001,7 +1001,7 @@ def _root(
             show_envvar=True,
             # eager: read before `--help`, which lists the commands of this server
             is_eager=True,
-            help="the gRPC server, HOST:PORT [default: 127.0.0.1:50051]",
+            help="the gRPC server, HOST:PORT (default: 127.0.0.1:50051)",
         ),
     ] = None,
     output: Annotated[
@@ -1023,7 +1023,7 @@ def _root(
             show_default=False,
             # eager, as --server: `--help` lists what this credential may use
             is_eager=True,
-            help="a JWT to send [default: $NEXUS_TOKEN, else the stored login]",
+            help="a JWT to send (default: $NEXUS_TOKEN, else the stored login)",
         ),
     ] = None,
     api_key: Annotated[
@@ -1033,7 +1033,7 @@ def _root(
             metavar="KEY",
             show_default=False,
             is_eager=True,
-            help="an API key to send [default: $NEXUS_API_KEY, else the stored login]",
+            help="an API key to send (default: $NEXUS_API_KEY, else the stored login)",
         ),
     ] = None,
 ) -> None:
@@ -1443,19 +1443,24 @@ def _key_row(key: dict[str, Any], now: datetime) -> dict[str, Any]:
 @keys_app.command("create")
 def keys_create(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="the key's name, lower snake case")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the key's name, lower snake case")],
     role: Annotated[
         list[str],
-        typer.Option("--role", help="a role the key grants (repeat for more)", show_default=False),
+        typer.Option(
+            "--role",
+            metavar="ROLE",
+            help="a role the key grants (repeat for more)",
+            show_default=False,
+        ),
     ],
     tenant: Annotated[
-        str | None, typer.Option(help="the tenant of its calls [default: none]")
+        str | None, typer.Option(help="the tenant of its calls (default: none)")
     ] = None,
     expires: Annotated[
         str | None,
         typer.Option(
             help="when it stops working: 30d, 12h, 90m, 2w, or 2027-01-01T00:00:00Z "
-            "[default: never]"
+            "(default: never)"
         ),
     ] = None,
     as_json: Annotated[
@@ -1510,7 +1515,8 @@ def keys_list(
 
 @keys_app.command("revoke")
 def keys_revoke(
-    ctx: typer.Context, name: Annotated[str, typer.Argument(help="the key's name")]
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the key's name")],
 ) -> None:
     """Revoke an API key: the next call with it is refused, on every server."""
     from nexus_api.nexus.auth.v1 import auth_service_pb2 as a
