@@ -43,6 +43,7 @@ from ._credentials import (
     CredentialError,
     Resolved,
     StoredLoginError,
+    checked,
     forget,
     looks_like_jwt,
     resolve,
@@ -1276,10 +1277,10 @@ def _read_secret(value: str, flag: str) -> str:
     out of the shell's history and the process list)."""
     if value == "-":
         value = sys.stdin.readline()
-    value = value.strip()
-    if not value:
-        usage(f"{flag}: the value is empty")
-    return value
+    try:
+        return checked(value, flag)
+    except CredentialError as exc:
+        usage(str(exc))
 
 
 def _prompt_credential() -> Credential:
@@ -1289,9 +1290,12 @@ def _prompt_credential() -> Credential:
         value = typer.prompt("Token or API key", hide_input=True, err=True)
     else:
         value = sys.stdin.readline()
-    value = value.strip()
-    if not value:
+    if not value.strip():
         usage("no credential given: pass --token or --api-key, or type it at the prompt")
+    try:
+        value = checked(value, "the credential")
+    except CredentialError as exc:
+        usage(str(exc))
     return Credential("token" if looks_like_jwt(value) else "api_key", value)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "Resolved",
     "StoredLogin",
     "StoredLoginError",
+    "checked",
     "credentials_path",
     "forget",
     "load_stored",
@@ -92,6 +94,28 @@ def credentials_path() -> Path:
     return root / "nexus" / "credentials.json"
 
 
+#: What a credential may hold: printable ASCII without spaces, what a header carries
+#: unchanged (gRPC refuses anything else before the call leaves).
+_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def checked(value: str, where: str) -> str:
+    """`value` without surrounding whitespace, if it can be sent as a credential.
+
+    Raises:
+        CredentialError: empty, or a character a header cannot carry (the message names
+            `where`, never the value).
+    """
+    value = value.strip()
+    if not value:
+        raise CredentialError(f"{where}: the value is empty")
+    if not _PRINTABLE.match(value):
+        raise CredentialError(
+            f"{where}: a credential is printable ASCII without spaces; this value is not"
+        )
+    return value
+
+
 def resolve(server: str, token: str | None, api_key: str | None) -> Resolved:
     """The credential for a command against `server`: flags, else env, else stored.
 
@@ -102,18 +126,15 @@ def resolve(server: str, token: str | None, api_key: str | None) -> Resolved:
     if token is not None and api_key is not None:
         raise CredentialError("give --token or --api-key, not both")
     for flag, kind, value in (("--token", "token", token), ("--api-key", "api_key", api_key)):
-        if value is None:
-            continue
-        if not value.strip():
-            raise CredentialError(f"{flag}: the value is empty")
-        return Resolved(Credential(kind, value.strip()), flag)
+        if value is not None:
+            return Resolved(Credential(kind, checked(value, flag)), flag)
     try:
         env = credential_from_env()
     except ValueError as exc:
         raise CredentialError(str(exc)) from None
     if env is not None:
         source = "NEXUS_TOKEN" if env.kind == "token" else "NEXUS_API_KEY"
-        return Resolved(Credential(env.kind, env.value.strip()), source)
+        return Resolved(Credential(env.kind, checked(env.value, source)), source)
     stored = load_stored(server)
     if stored is not None:
         return Resolved(stored.credential, "stored login")

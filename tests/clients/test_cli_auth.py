@@ -485,6 +485,10 @@ def test_resolve_precedence(config_home: Path, monkeypatch: pytest.MonkeyPatch) 
         resolve("a:1", "a.b.c", "k")
     with pytest.raises(CredentialError, match="--api-key: the value is empty"):
         resolve("a:1", None, "  ")
+    for bad in ("k\u00e9y-SECRET", "two words-SECRET", "line\nbreak-SECRET"):
+        with pytest.raises(CredentialError, match="printable ASCII") as info:
+            resolve("a:1", bad, None)  # gRPC would refuse it with an INTERNAL error
+        assert "SECRET" not in str(info.value)
     monkeypatch.setenv("NEXUS_TOKEN", "a.b.c")
     with pytest.raises(CredentialError, match="set one of them"):
         resolve("a:1", None, None)
