@@ -1424,6 +1424,17 @@ def parse_expires(text: str, now: datetime | None = None) -> datetime:
     return when
 
 
+def _short_time(text: str) -> str:
+    """A proto3 JSON timestamp to the second, for tables (`-o json` keeps it whole)."""
+    return re.sub(r"\.\d+Z$", "Z", text)
+
+
+def _short_method(text: str) -> str:
+    """`/nexus.workflow.v1.WorkflowService/GetWorkflow` as `WorkflowService/GetWorkflow`."""
+    service, _, method = text.strip("/").rpartition("/")
+    return f"{service.rsplit('.', 1)[-1]}/{method}" if service else text
+
+
 def _key_row(key: dict[str, Any], now: datetime) -> dict[str, Any]:
     expires = key.get("expire_time")
     if key.get("revoke_time"):
@@ -1438,8 +1449,8 @@ def _key_row(key: dict[str, Any], now: datetime) -> dict[str, Any]:
         "roles": ", ".join(key.get("roles", [])),
         "tenant": key.get("tenant", ""),
         "prefix": key.get("prefix", ""),
-        "created": key.get("create_time", ""),
-        "expires": expires or "never",
+        "created": _short_time(key.get("create_time", "")),
+        "expires": _short_time(expires) if expires else "never",
         "creator": key.get("creator", ""),
     }
 
@@ -1560,10 +1571,10 @@ def audit_list(
     doc = to_json(st.rpc(st.audit.ListAuditEvents, req))
     rows = [
         {
-            "time": e.get("time", ""),
+            "time": _short_time(e.get("time", "")),
             "principal": e.get("principal", ""),
             "channel": e.get("channel", ""),
-            "method": e.get("method", ""),
+            "method": _short_method(e.get("method", "")),
             "resource": e.get("resource", ""),
             "code": e.get("code", ""),
             "reason": e.get("reason", ""),

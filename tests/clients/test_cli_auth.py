@@ -359,10 +359,15 @@ def test_audit_list_shows_cli_calls_and_refusals(nx: Any) -> None:
     assert refused[0]["method"].endswith("/ListApiKeys")
     hidden(r, wrong)
 
-    r = nx("--api-key", ADMIN_KEY, "audit", "list", "--principal", "key:root", "--limit", "5")
+    r = nx("--api-key", ADMIN_KEY, "audit", "list", "--failed", "--limit", "5")
     assert r.code == OK, r.err
     for column in ("time", "principal", "channel", "method", "resource", "code", "reason"):
         assert column in r.out
+    assert "AuthService/ListApiKeys" in r.out and "CREDENTIALS_INVALID" in r.out
+    r = nx("--api-key", ADMIN_KEY, "-o", "json", "audit", "list", "--principal", "key:root")
+    assert r.code == OK, r.err
+    mine = r.json()["events"]
+    assert mine and {e["principal"] for e in mine} == {"key:root"}
     r = nx("--token", token("aud", ["auditor"]), "audit", "list")
     assert r.code == PERMISSION, r.err
 
