@@ -347,15 +347,26 @@ def test_keys_create_json_and_bad_expires(nx: Any, unique: Any) -> None:
 # ---------------------------------------------------------------------------- audit
 
 
-def test_audit_list_shows_cli_calls_and_refusals(nx: Any) -> None:
+def test_audit_list_shows_cli_calls_and_refusals(nx: Any, unique: Any) -> None:
     wrong = "wrong_" + secrets.token_hex(16)
     assert nx("--api-key", wrong, "keys", "list").code == PERMISSION
-    r = nx("--api-key", ADMIN_KEY, "-o", "json", "audit", "list", "--failed", "--limit", "20")
-    assert r.code == OK, r.err
-    events = r.json()["events"]
+    name = unique("audited").replace("-", "_")
+    assert nx("--api-key", ADMIN_KEY, "keys", "create", name, "--role", "reader").code == OK
+    # the server writes audit rows behind, in batches: poll until the refusal is listed
+    deadline = time.monotonic() + 20.0
+    while True:
+        r = nx("--api-key", ADMIN_KEY, "-o", "json", "audit", "list", "--failed", "--limit", "20")
+        assert r.code == OK, r.err
+        events = r.json()["events"]
+        refused = [e for e in events if e["reason"] == "CREDENTIALS_INVALID"]
+        mine = nx("--api-key", ADMIN_KEY, "-o", "json", "audit", "list", "--principal", "key:root")
+        created = [e for e in mine.json()["events"] if e["resource"] == f"api_key:{name}"]
+        if (refused and created) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert events and all(e["code"] != "OK" for e in events)
-    refused = [e for e in events if e["reason"] == "CREDENTIALS_INVALID"]
-    assert refused and refused[0]["channel"] == "cli"
+    assert refused, events
+    assert refused[0]["channel"] == "cli"
     assert refused[0]["method"].endswith("/ListApiKeys")
     hidden(r, wrong)
 
@@ -364,10 +375,8 @@ def test_audit_list_shows_cli_calls_and_refusals(nx: Any) -> None:
     for column in ("time", "principal", "channel", "method", "resource", "code", "reason"):
         assert column in r.out
     assert "AuthService/ListApiKeys" in r.out and "CREDENTIALS_INVALID" in r.out
-    r = nx("--api-key", ADMIN_KEY, "-o", "json", "audit", "list", "--principal", "key:root")
-    assert r.code == OK, r.err
-    mine = r.json()["events"]
-    assert mine and {e["principal"] for e in mine} == {"key:root"}
+    assert created and created[0]["code"] == "OK" and created[0]["channel"] == "cli"
+    assert {e["principal"] for e in mine.json()["events"]} == {"key:root"}
     r = nx("--token", token("aud", ["auditor"]), "audit", "list")
     assert r.code == PERMISSION, r.err
 
