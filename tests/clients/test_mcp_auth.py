@@ -200,6 +200,39 @@ def test_credential_of_reads_one_credential() -> None:
         credential_of({"authorization": "Bearer  "})
 
 
+def test_nexus_serve_passes_the_authorization_servers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from nexus_server._mcp_process import McpProcess, authorization_servers_from_env
+
+    monkeypatch.delenv("NEXUS_MCP_AUTHORIZATION_SERVER", raising=False)
+    monkeypatch.delenv("NEXUS_JWT_ISSUER", raising=False)
+    assert authorization_servers_from_env() == []
+    monkeypatch.setenv("NEXUS_JWT_ISSUER", ISSUER)
+    assert authorization_servers_from_env() == [ISSUER]
+    monkeypatch.setenv("NEXUS_MCP_AUTHORIZATION_SERVER", "https://a.example, https://b.example")
+    servers = authorization_servers_from_env()
+    assert servers == ["https://a.example", "https://b.example"]
+    command = McpProcess("127.0.0.1:1", authorization_servers=servers).command(tmp_path)
+    flags = [command[i + 1] for i, a in enumerate(command) if a == "--authorization-server"]
+    assert flags == servers
+    assert "--authorization-server" not in McpProcess("127.0.0.1:1").command(tmp_path)
+
+
+def test_a_bad_authorization_server_stops_the_adapter_at_start() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [NEXUS_MCP, "--transport", "http", "--port", "0", "--authorization-server", "nope"],
+        env=_child_env("127.0.0.1:1"),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode != 0
+    assert "--authorization-server" in done.stderr and "URL" in done.stderr
+
+
 # ---------------------------------------------------------------------------- HTTP
 
 
