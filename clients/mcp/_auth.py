@@ -118,7 +118,10 @@ def check_authorization_servers(urls: Sequence[str]) -> list[str]:
     """`urls` if each is an http(s) URL (checked at start, so a typo is not found by the
     first client that fails to sign in)."""
     for url in urls:
-        protected_resource_metadata("http://127.0.0.1/mcp", [url])
+        try:
+            protected_resource_metadata("http://127.0.0.1/mcp", [url])
+        except ValueError as exc:
+            raise ValueError(f"{url[:100]!r} is not an http(s) URL ({exc})") from None
     return list(urls)
 
 
@@ -149,7 +152,10 @@ class ResourceServer:
         self._principal = principal
         self.authorization_servers = check_authorization_servers(authorization_servers)
         if resource_url is not None:
-            protected_resource_metadata(resource_url, ["http://127.0.0.1/"])
+            try:
+                protected_resource_metadata(resource_url, ["http://127.0.0.1/"])
+            except ValueError as exc:
+                raise ValueError(f"{resource_url[:100]!r} is not an http(s) URL ({exc})") from None
         self.resource_url = resource_url
         self.path = path
         self._sessions: OrderedDict[str, str] = OrderedDict()
