@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import re
 import sys
@@ -20,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import grpc
@@ -323,7 +326,15 @@ async def test_tools_list_shows_what_the_principal_may_use(adapter: HttpAdapter)
     assert "run_secret" not in missing.content[0].text  # type: ignore[union-attr]
 
 
-async def test_a_refused_permission_is_an_error_result(adapter: HttpAdapter) -> None:
+def _audited(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The audit trail's log lines so far."""
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "nexus.audit"]
+
+
+async def test_a_refused_permission_is_an_error_result(
+    adapter: HttpAdapter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nexus.audit")
     with anyio.fail_after(WAIT):
         async with _client(adapter.url, {"x-api-key": OPS_KEY}) as admin:
             made = await admin.call_tool("notes_create", {"id": "n1", "text": "keep me"})
@@ -338,7 +349,12 @@ async def test_a_refused_permission_is_an_error_result(adapter: HttpAdapter) -> 
     assert refused.is_error
     text = refused.content[0].text  # type: ignore[union-attr]
     assert text.startswith("PERMISSION_DENIED"), text
+    assert "model:Note:delete" in text
     assert count.structured_content == {"count": 1}  # nothing was deleted
+    # the calls came through the MCP channel, each as its own caller
+    entries = {(e["principal"], e["code"], e["channel"]) for e in _audited(caplog)}
+    assert ("key:ops", "OK", "mcp") in entries
+    assert ("jwt:rob", "PERMISSION_DENIED", "mcp") in entries
 
 
 async def test_a_session_belongs_to_its_principal(adapter: HttpAdapter) -> None:
@@ -398,13 +414,20 @@ def _stdio(address: str, **env: str) -> StdioServerParameters:
     )
 
 
-async def test_stdio_uses_the_environments_credential(served: Served) -> None:
+async def test_stdio_uses_the_environments_credential(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nexus.audit")
     with anyio.fail_after(WAIT):
         async with Client(_stdio(served.address, NEXUS_API_KEY=OPS_KEY)) as client:
             names = {t.name for t in (await client.list_tools()).tools}
             assert {"run_hello", "run_secret", "notes_create"} <= names
             made = await client.call_tool("notes_create", {"id": "s1"})
             assert not made.is_error, made.content
+        created = [e for e in _audited(caplog) if e["method"].endswith("/CreateRecord")]
+        assert [(e["principal"], e["channel"], e["code"]) for e in created] == [
+            ("key:ops", "mcp", "OK")
+        ]
         token = _token("ann", "greeter")
         async with Client(_stdio(served.address, NEXUS_TOKEN=token)) as client:
             assert {t.name for t in (await client.list_tools()).tools} == {"run_hello"}
