@@ -158,7 +158,9 @@ async def _http_adapter(address: str, *args: str) -> AsyncIterator[HttpAdapter]:
 
 @pytest.fixture
 async def adapter(served: Served) -> AsyncIterator[HttpAdapter]:
-    async with _http_adapter(served.address, "--authorization-server", ISSUER) as a:
+    async with _http_adapter(
+        served.address, "--authorization-server", ISSUER, "--log-level", "debug"
+    ) as a:
         yield a
 
 
@@ -287,18 +289,23 @@ async def test_no_credential_is_401_with_the_resource_metadata(adapter: HttpAdap
     assert bad not in "".join(adapter.log)
 
 
-async def test_bearer_token_and_api_key_are_accepted(adapter: HttpAdapter) -> None:
+async def test_bearer_token_and_api_key_are_accepted(served: Served) -> None:
     token = _token("ann", "greeter")
-    for headers in (
-        {"authorization": f"Bearer {token}"},
-        {"x-api-key": OPS_KEY},
-        {"authorization": f"Bearer {OPS_KEY}"},  # an API key sent as a bearer token
-    ):
-        with anyio.fail_after(WAIT):
-            async with _client(adapter.url, headers) as client:
-                result = await client.call_tool("run_hello", {"who": "ann"})
-                assert not result.is_error, result.content
-                assert result.structured_content == {"greet": {"result": "hi ann"}}
+    async with _http_adapter(served.address, "--log-level", "debug") as adapter:
+        for headers in (
+            {"authorization": f"Bearer {token}"},
+            {"x-api-key": OPS_KEY},
+            {"authorization": f"Bearer {OPS_KEY}"},  # an API key sent as a bearer token
+        ):
+            with anyio.fail_after(WAIT):
+                async with _client(adapter.url, headers) as client:
+                    result = await client.call_tool("run_hello", {"who": "ann"})
+                    assert not result.is_error, result.content
+                    assert result.structured_content == {"greet": {"result": "hi ann"}}
+    # the adapter's whole log (it has stopped), at DEBUG, and never a credential
+    log = "".join(adapter.log)
+    assert "DEBUG" in log
+    assert token not in log and OPS_KEY not in log
 
 
 async def test_tools_list_shows_what_the_principal_may_use(adapter: HttpAdapter) -> None:
