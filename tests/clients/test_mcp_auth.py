@@ -445,6 +445,29 @@ async def test_stdio_uses_the_environments_credential(
                 await client.list_tools()
 
 
+async def test_stdio_watches_for_changes_with_its_credential(served: Served) -> None:
+    """The adapter's polling sends the environment's credential too: a workflow
+    registered over the network is announced (`tools/list_changed`)."""
+    from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
+    from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wg
+
+    definition = w.WorkflowDefinition(description="Added over the network.")
+    definition.nodes.add(id="list", type="NoteListNode").params.update({"limit": 1})
+    ops = (("x-api-key", OPS_KEY),)
+    async with (
+        grpc.aio.insecure_channel(served.address) as channel,
+        Client(_stdio(served.address, NEXUS_API_KEY=OPS_KEY), read_timeout_seconds=WAIT) as client,
+    ):
+        with anyio.fail_after(WAIT):
+            assert "run_added" not in {t.name for t in (await client.list_tools()).tools}
+            async with client.listen(tools_list_changed=True) as sub:
+                await wg.WorkflowServiceStub(channel).RegisterWorkflow(  # type: ignore[no-untyped-call]
+                    w.RegisterWorkflowRequest(name="added", definition=definition), metadata=ops
+                )
+                await sub.__anext__()
+            assert "run_added" in {t.name for t in (await client.list_tools()).tools}
+
+
 # ---------------------------------------------------------------------------- auth off
 
 
