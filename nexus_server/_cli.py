@@ -105,7 +105,9 @@ async def _serve(app: Nexus, *, log_level: str) -> None:
                 host=info.host,
                 port=app.mcp_port,
                 log_level="debug" if log_level == "debug" else "warning",
-                authorization_servers=authorization_servers_from_env(),
+                authorization_servers=authorization_servers_from_env(
+                    app.auth.jwt_issuer if app.auth is not None else None
+                ),
             )
             await stack.enter_async_context(adapter)
         if app.db is not None and app.db.skip_migration:

@@ -31,14 +31,16 @@ __all__ = ["McpProcess", "McpProcessError", "authorization_servers_from_env"]
 _ANNOUNCED = re.compile(r"nexus-mcp: streamable HTTP on http://\S+:(\d+)/mcp")
 
 
-def authorization_servers_from_env() -> list[str]:
+def authorization_servers_from_env(issuer: str | None = None) -> list[str]:
     """The OAuth authorization servers the adapter names in its protected resource
     metadata: `$NEXUS_MCP_AUTHORIZATION_SERVER` (URLs separated by commas or spaces),
-    else the JWT issuer `$NEXUS_JWT_ISSUER`, else none."""
+    else the app's JWT issuer (`issuer`, from `AuthConfig(jwt_issuer=...)`), else
+    `$NEXUS_JWT_ISSUER`, else none."""
     text = os.environ.get("NEXUS_MCP_AUTHORIZATION_SERVER", "").replace(",", " ")
     urls = text.split()
-    if not urls and os.environ.get("NEXUS_JWT_ISSUER", "").strip():
-        urls = [os.environ["NEXUS_JWT_ISSUER"].strip()]
+    fallback = issuer or os.environ.get("NEXUS_JWT_ISSUER", "").strip()
+    if not urls and fallback:
+        urls = [fallback]
     return urls
 
 
