@@ -14,6 +14,7 @@ import re
 import secrets
 import sqlite3
 import sys
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -26,6 +27,8 @@ from sqlalchemy.schema import CreateTable
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    from ._metrics import DataFlowMetrics
 
 from workflow import Node, RegistryError, current_execution, register_node, unregister_node
 
@@ -324,9 +327,11 @@ class DataFlow:
         echo: log SQL statements (SQLAlchemy's ``echo``).
         max_bulk_rows: the most rows (or ids) one bulk operation accepts; more is a
             ValidationError on ``records`` before any row is looked at.
-        enable_metrics, enable_caching: the original's options for capabilities a
-            later issue adds (metrics, a query cache): False/None is accepted, True is
-            refused with a ValueError naming what it needs.
+        enable_metrics: keep Prometheus metrics of the connection pool and of every
+            statement's duration (`DataFlow.metrics`, a prometheus_client collector;
+            `Nexus(enable_monitoring=True)` exposes it).
+        enable_caching: the original's option for a capability a later issue adds (a
+            query cache): False/None is accepted, True is refused with a ValueError.
 
     Declaring models does no I/O. `initialize()` connects, migrates and persists, once.
     """
@@ -352,8 +357,9 @@ class DataFlow:
             or connection_pool_size < 1
         ):
             raise ValidationError("connection_pool_size", "expects a positive integer")
+        if enable_metrics not in (None, True, False):
+            raise ValidationError("enable_metrics", "expects True or False")
         for option, value, capability in (
-            ("enable_metrics", enable_metrics, "metrics"),
             ("enable_caching", enable_caching, "a query cache (caching)"),
         ):
             if value is not None and value is not False:
@@ -407,6 +413,24 @@ class DataFlow:
         self._sync_init = (
             self.dialect == "sqlite" and db_path != ":memory:" and "memory" not in self._url
         )
+        #: the pool and statement metrics (`enable_metrics=True`), else None
+        self.metrics: DataFlowMetrics | None = None
+        if enable_metrics:
+            from ._metrics import DataFlowMetrics
+
+            self.metrics = DataFlowMetrics(self.dialect, self._pool_use)
+
+    def _pool_use(self) -> tuple[int, int, int] | None:
+        """(in use, idle, max) connections: asyncpg's pool on PostgreSQL (the kept
+        single-statement connection not counted), the one connection on SQLite."""
+        pool = self._pg_pool
+        if pool is not None:
+            size, idle = pool.get_size(), pool.get_idle_size()
+            return size - idle, idle, pool.get_max_size()
+        if self.dialect == "sqlite":
+            busy = int(self._sqlite_lock.locked())
+            return busy, 1 - busy, 1
+        return None
 
     def __repr__(self) -> str:
         return f"<DataFlow {self.url} models={list(self._models)}>"
@@ -469,13 +493,33 @@ class DataFlow:
 
             event.listen(engine.sync_engine, "invalidate", dropped)
             event.listen(engine.sync_engine, "close", dropped)
+            self._time_statements(engine)
             return engine
-        return create_async_engine(
+        engine = create_async_engine(
             self._url,
             pool_size=self._pool_size,
             max_overflow=max(2, self._pool_size // 2),
             echo=self._echo,
         )
+        self._time_statements(engine)
+        return engine
+
+    def _time_statements(self, engine: AsyncEngine) -> None:
+        """With metrics on, time every statement SQLAlchemy runs on `engine`."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+
+        def before(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            conn.info["dataflow_started"] = time.perf_counter()
+
+        def after(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            started = conn.info.pop("dataflow_started", None)
+            if started is not None:
+                metrics.observe(statement, time.perf_counter() - started)
+
+        event.listen(engine.sync_engine, "before_cursor_execute", before)
+        event.listen(engine.sync_engine, "after_cursor_execute", after)
 
     async def _sqlite_connection(self) -> Any:
         """The aiosqlite connection (opened through the engine on first use)."""
@@ -929,11 +973,15 @@ class DataFlow:
             ):
                 await self._fast_executemany(None, sql, [rows])
             return
+        started = time.perf_counter() if self.metrics is not None else 0.0
         try:
             async with self._pg_pool.acquire() as conn, conn.transaction():
                 await conn.executemany(sql, rows)
         except Exception as exc:
             raise _map_error(exc, None) from exc
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(sql, time.perf_counter() - started)
 
     async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> Sequence[Any] | None:
         """Run one read statement of driver SQL (placeholders from `placeholder`, values
@@ -1092,6 +1140,17 @@ class DataFlow:
         self, model: ModelInfo | None, sql: str, args: list[Any], write: bool
     ) -> Sequence[Any] | None:
         """Run one statement on the driver; return its first row (None if none)."""
+        if self.metrics is not None:
+            started = time.perf_counter()
+            try:
+                return await self._fast_fetch_now(model, sql, args, write)
+            finally:
+                self.metrics.observe(sql, time.perf_counter() - started)
+        return await self._fast_fetch_now(model, sql, args, write)
+
+    async def _fast_fetch_now(
+        self, model: ModelInfo | None, sql: str, args: list[Any], write: bool
+    ) -> Sequence[Any] | None:
         try:
             if self._pg_pool is not None:
                 row: Sequence[Any] | None = await self._pg_call("fetchrow", sql, args)
@@ -1118,6 +1177,7 @@ class DataFlow:
     ) -> None:
         """Run one statement for many argument rows in one SQLite transaction, one
         `executemany` per batch (other tasks run while each batch is written)."""
+        started = time.perf_counter() if self.metrics is not None else 0.0
         try:
             async with self._sqlite_lock:
                 conn = self._raw_sqlite or await self._sqlite_connection()
@@ -1130,9 +1190,21 @@ class DataFlow:
                     raise
         except Exception as exc:
             raise _map_error(exc, model) from exc
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(sql, time.perf_counter() - started)
 
     async def _fast_execute(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
         """Run one write statement on the driver; return the rows affected."""
+        if self.metrics is not None:
+            started = time.perf_counter()
+            try:
+                return await self._fast_execute_now(model, sql, args)
+            finally:
+                self.metrics.observe(sql, time.perf_counter() - started)
+        return await self._fast_execute_now(model, sql, args)
+
+    async def _fast_execute_now(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
         try:
             if self._pg_pool is not None:
                 status: str = await self._pg_call("execute", sql, args)

@@ -49,6 +49,7 @@ from .gateway._auth_service import AuthServicer
 from .gateway._authn import Authenticator
 from .gateway._config import AuthConfig
 from .gateway._keys import KeyStore
+from .gateway._metrics import Metrics, MetricsServer
 
 if TYPE_CHECKING:
     from ._envoy import EnvoySupervisor
@@ -119,6 +120,10 @@ class Serving:
     api_port: int | None = None
     #: The Envoy supervisor when `serving(envoy=True)`, else None.
     envoy: EnvoySupervisor | None = None
+    #: The metrics when `enable_monitoring` is on, else None.
+    metrics: Metrics | None = None
+    #: The port serving `GET /metrics` when monitoring is on with a `metrics_port`.
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -170,9 +175,19 @@ class Nexus:
         audit_table: keep the audit trail in the app's database (`nexus_audit`, read
             with `nexus audit list`) as well as in the log.
         audit_reads: audit reads too, not only changes and refusals.
-        enable_monitoring, rate_limit: the original's options for capabilities later
-            issues add; False/None is accepted, anything else is refused
-            (`UnavailableOption`) naming the capability it needs.
+        enable_monitoring: Prometheus metrics (docs/operations.md): every call by
+            method, channel and code with its duration, calls in flight, executions and
+            nodes, refusals by reason, and DataFlow's pool and queries when it has
+            `enable_metrics=True`. Off (None/False): no metric is kept at all.
+        metrics_port: with monitoring on, the port serving `GET /metrics` (Prometheus'
+            text format) on `host`; 0 picks a free one (`Serving.metrics_port` tells
+            which); None: no metrics port (read them through Envoy or `Serving.metrics`).
+        expose_metrics: with monitoring on and Envoy served, `GET /metrics` on Envoy's
+            public port too (off by default: metrics are not for every client).
+        access_log: one JSON line per call on the `nexus.access` logger (written when
+            that logger is enabled for INFO, as `nexus serve` does).
+        rate_limit: the original's option for a capability a later issue adds;
+            None is accepted, anything else is refused (`UnavailableOption`).
 
     The options are checked at construction and again at `start()`/`serving()`, so the
     attribute form (`app.enable_auth = True` before `start()`) is refused the same way.
@@ -201,6 +216,9 @@ class Nexus:
         audit_table: bool = False,
         audit_reads: bool = False,
         enable_monitoring: bool | None = None,
+        metrics_port: int | None = 9464,
+        expose_metrics: bool = False,
+        access_log: bool = True,
         rate_limit: object = None,
     ) -> None:
         self.grpc_port = grpc_port
@@ -224,6 +242,9 @@ class Nexus:
         self.audit_table = audit_table
         self.audit_reads = audit_reads
         self.enable_monitoring = enable_monitoring
+        self.metrics_port = metrics_port
+        self.expose_metrics = expose_metrics
+        self.access_log = access_log
         self.rate_limit = rate_limit
         self.db: DataFlow | None = None
         self._own_db = False
@@ -241,6 +262,29 @@ class Nexus:
             value = getattr(self, option)
             if value is not None and value is not False:
                 raise UnavailableOption(f"Nexus({option}={value!r})", capability)
+        if self.enable_monitoring not in (None, True, False):
+            raise TypeError(
+                f"Nexus(enable_monitoring={self.enable_monitoring!r}): expects True or False"
+            )
+        if self.metrics_port is not None and (
+            not isinstance(self.metrics_port, int)
+            or isinstance(self.metrics_port, bool)
+            or not 0 <= self.metrics_port <= 65535
+        ):
+            raise ValueError(
+                f"Nexus(metrics_port={self.metrics_port!r}): expects a port number "
+                "(0..65535; 0 picks a free one) or None"
+            )
+        if self.expose_metrics and not self.enable_monitoring:
+            raise ValueError(
+                "Nexus(expose_metrics=True) needs enable_monitoring=True: there are no "
+                "metrics to expose"
+            )
+        if self.expose_metrics and self.metrics_port is None:
+            raise ValueError(
+                "Nexus(expose_metrics=True) needs a metrics_port (Envoy forwards "
+                "GET /metrics to it; 0 picks a free one)"
+            )
         if self.enable_durability is False:
             raise ValueError(
                 "Nexus(enable_durability=False): cannot be turned off: an execution "
@@ -331,7 +375,10 @@ class Nexus:
         interrupted = await store.initialize()
         if interrupted:
             _log.warning("marked %d execution(s) interrupted by the last stop", interrupted)
-        executions = Executions(store, timeout=self.execution_timeout)
+        metrics = Metrics() if self.enable_monitoring else None
+        if metrics is not None and db.metrics is not None:
+            metrics.add_collector(db.metrics)
+        executions = Executions(store, timeout=self.execution_timeout, metrics=metrics)
         keys = KeyStore(db)
         await keys.initialize()
         authenticator = await self._authenticator(keys) if self.auth_enabled() else None
@@ -348,6 +395,8 @@ class Nexus:
             typed_models={typed.service_name(m): m for m in typed.models},
             public_discovery=self.public_discovery,
             audit_reads=self.audit_reads,
+            metrics=metrics,
+            access_log=self.access_log,
         )
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self.limits.grpc_options()])
@@ -414,7 +463,17 @@ class Nexus:
         await _set_health(health_servicer, services, serving=True)
         watcher = asyncio.create_task(self._watch_database(db, health_servicer, services))
         supervisor: EnvoySupervisor | None = None
+        metrics_server: MetricsServer | None = None
         try:
+            if metrics is not None and self.metrics_port is not None:
+                try:
+                    metrics_server = MetricsServer(metrics, self.host, self.metrics_port)
+                except OSError:
+                    raise GrpcPortError(
+                        f"cannot serve metrics on port {self.metrics_port}: "
+                        f"{self.host}:{self.metrics_port} is in use (or not an address of "
+                        "this host); set metrics_port (0 picks a free one, None: none)"
+                    ) from None
             if envoy:
                 if self.api_port is None:
                     raise ValueError("serving(envoy=True) needs an api_port (it is None)")
@@ -435,6 +494,11 @@ class Nexus:
                         cors_origins=self.cors_origins,
                         services=transcoded_services(typed),
                         limits=self.limits,
+                        metrics_port=(
+                            metrics_server.port
+                            if metrics_server is not None and self.expose_metrics
+                            else None
+                        ),
                     ),
                 )
                 await supervisor.start()
@@ -446,16 +510,22 @@ class Nexus:
                 time.perf_counter() - started,
                 api_port=supervisor.api_port if supervisor else None,
                 envoy=supervisor,
+                metrics=metrics,
+                metrics_port=metrics_server.port if metrics_server is not None else None,
             )
             _log.info(
                 "gRPC server listening on %s (%.0f ms)", info.address, info.startup_seconds * 1e3
             )
             if info.api_address:
                 _log.info("Envoy (REST, gRPC-Web, gRPC) listening on %s", info.api_address)
+            if info.metrics_port is not None:
+                _log.info("metrics on http://%s:%d/metrics", self.host, info.metrics_port)
             yield info
         finally:
             if supervisor is not None:
                 await supervisor.stop()
+            if metrics_server is not None:
+                await asyncio.to_thread(metrics_server.close)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -574,7 +644,8 @@ class AuthNotConfigured(ValueError):
 
 
 class GrpcPortError(OSError):
-    """The gRPC port could not be bound (in use, or not an address of this host)."""
+    """The gRPC port (or the metrics port) could not be bound (in use, or not an
+    address of this host)."""
 
 
 class UnavailableOption(ValueError):
@@ -589,7 +660,6 @@ class UnavailableOption(ValueError):
 
 #: The original's options whose capabilities come in later issues.
 _LATER_OPTIONS = {
-    "enable_monitoring": "metrics (monitoring)",
     "rate_limit": "rate limits",
 }
 

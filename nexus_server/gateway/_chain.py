@@ -18,6 +18,9 @@ For each call, in order:
    included.
 4. **Audit.** Every refusal and every call that changes something (and every read when
    `audit_reads` is on) is recorded once it ends (`_audit`).
+5. **Observe.** With monitoring on, every call is counted once when it ends (method,
+   channel, code, duration; calls in flight; refusals by reason: `_metrics`), and with
+   the access log on, it gets one JSON line (`_access_log`). Off, each costs one `if`.
 
 The chain wraps the method handlers themselves (`Gateway.method`, applied by the app to
 every service it registers), not a grpc interceptor: one function call per RPC, and the
@@ -26,10 +29,12 @@ decoded request is at hand for the permission check.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as _dt
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,8 +46,10 @@ from dataflow import tenant_scope
 
 from .._errors import FAILURE_REASON, ApiError, abort, to_api_error
 from .._store import MAX_CALLER
+from ._access_log import log_call
 from ._audit import AuditEntry
 from ._jwt import JwksUnavailable
+from ._metrics import MethodMetrics, Metrics
 from ._policy import Policy
 from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
 
@@ -195,6 +202,75 @@ def typed_rule(model: str, method: str) -> Rule:
     return _UNKNOWN
 
 
+# --- observing calls -------------------------------------------------------------------
+
+
+class _Watch:
+    """What is observed of one method's calls: its metric children (monitoring on) and
+    its access log lines (access log on)."""
+
+    __slots__ = ("log", "method", "method_metrics", "metrics")
+
+    def __init__(self, method: str, metrics: Metrics | None, log: bool) -> None:
+        self.method = method
+        self.metrics = metrics
+        self.method_metrics: MethodMetrics | None = (
+            metrics.for_method(method) if metrics is not None else None
+        )
+        self.log = log
+
+    def start(self) -> float:
+        if self.method_metrics is not None:
+            self.method_metrics.in_flight.inc()
+        return time.perf_counter()
+
+    def end(
+        self,
+        started: float,
+        channel: str,
+        principal: str,
+        code: str,
+        request: Any,
+        context: Any,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        if self.method_metrics is not None:
+            self.method_metrics.in_flight.dec()
+            self.method_metrics.ended(channel, code, seconds)
+        if self.log:
+            log_call(
+                method=self.method,
+                channel=channel,
+                principal=principal,
+                code=code,
+                seconds=seconds,
+                request=request,
+                context=context,
+            )
+
+    def refused(self, reason: str, channel: str) -> None:
+        if self.metrics is not None:
+            self.metrics.auth_failure(reason, channel)
+
+
+def _code_of(context: Any, failure: BaseException | None) -> str:
+    """The status name a call ended with (what the client sees)."""
+    code = context.code()
+    if code is None or code == 0 or code == grpc.StatusCode.OK:
+        if failure is None:
+            return "OK"
+        return "CANCELLED" if isinstance(failure, asyncio.CancelledError) else "UNKNOWN"
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    try:
+        return str(_CODE_NAMES[int(code)])
+    except (KeyError, TypeError, ValueError):
+        return "UNKNOWN"
+
+
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
 # --- the chain ---------------------------------------------------------------------------
 
 
@@ -217,6 +293,8 @@ class Gateway:
         typed_models: full service name -> model name, of the typed per-model services.
         public_discovery: reflection and the OpenAPI document need no credential.
         audit_reads: audit reads too, not only changes and refusals.
+        metrics: where calls are counted (monitoring on), or None.
+        access_log: write one `nexus.access` line per call.
     """
 
     def __init__(
@@ -229,6 +307,8 @@ class Gateway:
         typed_models: Mapping[str, str],
         public_discovery: bool = False,
         audit_reads: bool = False,
+        metrics: Metrics | None = None,
+        access_log: bool = False,
     ) -> None:
         self.authenticator = authenticator
         self.policy = policy
@@ -237,6 +317,8 @@ class Gateway:
         self.typed_models = dict(typed_models)
         self.public_discovery = public_discovery
         self.audit_reads = audit_reads
+        self.metrics = metrics
+        self.access_log = access_log
         self._dev: dict[tuple[str, str | None], Principal] = {}
 
     @property
@@ -276,90 +358,135 @@ class Gateway:
         if not hasattr(handler, "_replace"):
             return handler
         rule = self.rule(path)
+        watch = (
+            _Watch(path, self.metrics, self.access_log)
+            if self.metrics is not None or self.access_log
+            else None
+        )
         if handler.request_streaming:
             kind = "stream_stream" if handler.response_streaming else "stream_unary"
-            wrapped = self._streaming_requests(path, rule, getattr(handler, kind))
+            wrapped = self._streaming_requests(path, rule, getattr(handler, kind), watch)
         elif handler.response_streaming and _is_async_gen(handler.unary_stream):
             kind = "unary_stream"
-            wrapped = self._unary_stream(path, rule, handler.unary_stream)
+            wrapped = self._unary_stream(path, rule, handler.unary_stream, watch)
         elif handler.response_streaming:  # a coroutine writing with context.write
             kind = "unary_stream"
-            wrapped = self._unary_unary(path, rule, handler.unary_stream)
+            wrapped = self._unary_unary(path, rule, handler.unary_stream, watch)
         else:
             kind = "unary_unary"
-            wrapped = self._unary_unary(path, rule, handler.unary_unary)
+            wrapped = self._unary_unary(path, rule, handler.unary_unary, watch)
         replaced: grpc.RpcMethodHandler = handler._replace(**{kind: wrapped})
         return replaced
 
-    def _unary_unary(self, path: str, rule: Rule, behaviour: Any) -> Any:
+    def _unary_unary(self, path: str, rule: Rule, behaviour: Any, watch: _Watch | None) -> Any:
         audited = rule.change or self.audit_reads
 
         async def call(request: Any, context: Any) -> Any:
-            principal, channel = await self._admit(path, rule, request, context)
+            started = watch.start() if watch is not None else 0.0
+            principal, channel = await self._admit(path, rule, request, context, watch, started)
             token = CURRENT_PRINCIPAL.set(principal)
+            failure: BaseException | None = None
             try:
                 with tenant_scope(principal.tenant):
                     return await behaviour(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
                 CURRENT_PRINCIPAL.reset(token)
                 if audited:
                     self._record(path, rule, request, principal, channel, context)
+                if watch is not None:
+                    code = _code_of(context, failure)
+                    watch.end(started, channel, principal.id, code, request, context)
 
         return call
 
-    def _unary_stream(self, path: str, rule: Rule, behaviour: Any) -> Any:
+    def _unary_stream(self, path: str, rule: Rule, behaviour: Any, watch: _Watch | None) -> Any:
         audited = rule.change or self.audit_reads
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            principal, channel = await self._admit(path, rule, request, context)
+            started = watch.start() if watch is not None else 0.0
+            principal, channel = await self._admit(path, rule, request, context, watch, started)
             token = CURRENT_PRINCIPAL.set(principal)
+            failure: BaseException | None = None
             try:
                 with tenant_scope(principal.tenant):
                     async for item in behaviour(request, context):
                         yield item
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
                 with contextlib.suppress(ValueError):  # closed from another context
                     CURRENT_PRINCIPAL.reset(token)
                 if audited:
                     self._record(path, rule, request, principal, channel, context)
+                if watch is not None:
+                    code = _code_of(context, failure)
+                    watch.end(started, channel, principal.id, code, request, context)
 
         return stream
 
-    def _streaming_requests(self, path: str, rule: Rule, behaviour: Any) -> Any:
+    def _streaming_requests(
+        self, path: str, rule: Rule, behaviour: Any, watch: _Watch | None
+    ) -> Any:
         """Methods that take a stream of requests (reflection): admitted on the
         credential alone, before the first request is read."""
         if _is_async_gen(behaviour):
 
             async def stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-                principal, _ = await self._admit(path, rule, None, context)
+                started = watch.start() if watch is not None else 0.0
+                principal, channel = await self._admit(path, rule, None, context, watch, started)
                 token = CURRENT_PRINCIPAL.set(principal)
+                failure: BaseException | None = None
                 try:
                     async for item in behaviour(requests, context):
                         yield item
+                except BaseException as exc:
+                    failure = exc
+                    raise
                 finally:
                     with contextlib.suppress(ValueError):
                         CURRENT_PRINCIPAL.reset(token)
+                    if watch is not None:
+                        code = _code_of(context, failure)
+                        watch.end(started, channel, principal.id, code, None, context)
 
             return stream
 
         async def call(requests: Any, context: Any) -> Any:
-            principal, _ = await self._admit(path, rule, None, context)
+            started = watch.start() if watch is not None else 0.0
+            principal, channel = await self._admit(path, rule, None, context, watch, started)
             token = CURRENT_PRINCIPAL.set(principal)
+            failure: BaseException | None = None
             try:
                 return await behaviour(requests, context)
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
                 CURRENT_PRINCIPAL.reset(token)
+                if watch is not None:
+                    code = _code_of(context, failure)
+                    watch.end(started, channel, principal.id, code, None, context)
 
         return call
 
     # -- the checks ---------------------------------------------------------------------
 
     async def _admit(
-        self, path: str, rule: Rule, request: Any, context: Any
+        self,
+        path: str,
+        rule: Rule,
+        request: Any,
+        context: Any,
+        watch: _Watch | None = None,
+        started: float = 0.0,
     ) -> tuple[Principal, str]:
         """The call's principal and channel, once the call may go on; ends the call
         (UNAUTHENTICATED, PERMISSION_DENIED, or INVALID_ARGUMENT for a bad development
-        label) otherwise, audited."""
+        label) otherwise, audited (and observed, with `watch`)."""
         metadata = context.invocation_metadata() or ()
         channel = "grpc"
         for key, value in metadata:
@@ -392,8 +519,14 @@ class Gateway:
                     principal = _ANONYMOUS
                 self._authorize(rule, request, principal)
         except Exception as exc:  # a refusal, or the key store's database is down
-            reason = to_api_error(exc).reason
+            api = to_api_error(exc)
+            reason = api.reason
             self._refused(path, rule, request, principal, channel, reason)
+            if watch is not None:
+                watch.refused(reason, channel)
+                code = api.code.name
+                who = principal.id if principal is not None else ""
+                watch.end(started, channel, who, code, request, context)
             await abort(context, exc)
         return principal, channel
 
