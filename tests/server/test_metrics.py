@@ -62,7 +62,7 @@ async def execute(
 
     body = struct_pb2.Struct()
     body.update(inputs)
-    return await wgrpc.WorkflowServiceStub(channel).ExecuteWorkflow(
+    return await wgrpc.WorkflowServiceStub(channel).ExecuteWorkflow(  # type: ignore[no-untyped-call]
         wpb.ExecuteWorkflowRequest(name=workflow, inputs=body),
         metadata=(("x-nexus-channel", via),),
         timeout=10,
@@ -139,7 +139,7 @@ async def test_auth_failures_are_counted_by_reason(
     )
     async with app.serving() as serving, connect(serving) as channel:
         assert serving.metrics is not None
-        stub = wgrpc.WorkflowServiceStub(channel)
+        stub = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
         for metadata in ((), (("x-api-key", "not-a-valid-key-0123456789"),)):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.ListWorkflows(wpb.ListWorkflowsRequest(), metadata=metadata)
@@ -185,7 +185,7 @@ async def test_dataflow_pool_and_statements(db_url: str, connect: Any) -> None:
     try:
         async with app.serving() as serving, connect(serving) as channel:
             assert serving.metrics is not None and serving.metrics_port is None
-            await mgrpc.ModelServiceStub(channel).CountRecords(
+            await mgrpc.ModelServiceStub(channel).CountRecords(  # type: ignore[no-untyped-call]
                 mpb.CountRecordsRequest(model="Meter"), timeout=5
             )
             await db.ops(Meter).create(reading=3)
@@ -317,7 +317,7 @@ async def test_access_log_one_line_per_call(
     caplog.set_level(logging.INFO, logger="nexus.access")
     async with app.serving() as serving, connect(serving) as channel:
         caplog.clear()
-        stub = wgrpc.WorkflowServiceStub(channel)
+        stub = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
         await stub.ListWorkflows(
             wpb.ListWorkflowsRequest(),
             metadata=(
