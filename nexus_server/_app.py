@@ -49,10 +49,10 @@ from .gateway._auth_service import AuthServicer
 from .gateway._authn import Authenticator
 from .gateway._config import AuthConfig
 from .gateway._keys import KeyStore
-from .gateway._metrics import Metrics, MetricsServer
 
 if TYPE_CHECKING:
     from ._envoy import EnvoySupervisor
+    from .gateway._metrics import Metrics, MetricsServer
 
 __all__ = [
     "AuthNotConfigured",
@@ -375,7 +375,12 @@ class Nexus:
         interrupted = await store.initialize()
         if interrupted:
             _log.warning("marked %d execution(s) interrupted by the last stop", interrupted)
-        metrics = Metrics() if self.enable_monitoring else None
+        metrics: Metrics | None = None
+        if self.enable_monitoring:
+            # imported only when on: prometheus_client costs nothing otherwise
+            from .gateway._metrics import Metrics
+
+            metrics = Metrics()
         if metrics is not None and db.metrics is not None:
             metrics.add_collector(db.metrics)
         executions = Executions(store, timeout=self.execution_timeout, metrics=metrics)
@@ -466,6 +471,8 @@ class Nexus:
         metrics_server: MetricsServer | None = None
         try:
             if metrics is not None and self.metrics_port is not None:
+                from .gateway._metrics import MetricsServer
+
                 try:
                     metrics_server = MetricsServer(metrics, self.host, self.metrics_port)
                 except OSError:

@@ -49,12 +49,12 @@ from .._store import MAX_CALLER
 from ._access_log import log_call
 from ._audit import AuditEntry
 from ._jwt import JwksUnavailable
-from ._metrics import MethodMetrics, Metrics
 from ._policy import Policy
 from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
 
 if TYPE_CHECKING:
     from .._registry import WorkflowRegistry
+    from ._metrics import MethodMetrics, Metrics
 
 __all__ = ["CHANNELS", "Gateway", "caller_id"]
 

@@ -3,9 +3,9 @@ ported by changing only its import lines (examples/kailash_complete_example.py),
 a user runs it: `python app.py` and `nexus serve app.py`, driven with the original's curl
 command (httpx) on port 8000 and an MCP client on port 3001.
 
-As written it passes `enable_metrics=True, enable_caching=True`: metrics and caching come
-in later issues, so DataFlow refuses them with an error naming that (tested as such).
-The serving tests run it with those two lines left out, nothing else changed. Its
+As written it passes `enable_metrics=True, enable_caching=True`: metrics work (issue 17),
+caching comes later, so DataFlow refuses it with an error naming that (tested as such).
+The serving tests run it with that line left out, nothing else changed. Its
 database URL is `postgresql://localhost:5432/mydb`: the test creates `mydb` if missing
 (its tables too: the example sets `skip_migration=True`) and drops it after if it made
 it; `PGUSER=postgres` is the only environment it is given for that URL.
@@ -34,7 +34,7 @@ EXAMPLE = ROOT / "examples" / "kailash_complete_example.py"
 REFERENCE = sorted((ROOT.parent / "shared" / "reference").glob("000_*.txt"))
 ADMIN_URL = os.environ.get("NEXUS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 WAIT = 60.0
-UNAVAILABLE_LINES = ("enable_metrics=True", "enable_caching=True")
+UNAVAILABLE_LINES = ("enable_caching=True",)
 
 MAKE_TABLES = """
 import asyncio
@@ -117,7 +117,7 @@ def test_as_written_its_metrics_and_caching_are_refused_naming_why(
         argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=WAIT
     )
     assert done.returncode != 0
-    assert "DataFlow(enable_metrics=True): not available yet: needs metrics" in done.stderr
+    assert "DataFlow(enable_caching=True): not available yet: needs" in done.stderr
     if how == "serve":
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -1,7 +1,8 @@
 """The original's options (issue 15): every option its examples pass is accepted and
 works, or is refused with an error naming the capability a later issue adds. The
-attribute form (`app.enable_monitoring = True` before start) is refused the same way.
-`enable_auth` works now (tests/server/test_gateway.py)."""
+attribute form (`app.rate_limit = 100` before start) is refused the same way.
+`enable_auth` works now (tests/server/test_gateway.py), and so do `enable_monitoring` and
+DataFlow's `enable_metrics` (tests/server/test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from nexus_server import Nexus
 from nexus_server._app import UnavailableOption
 
 LATER_NEXUS = [
-    ("enable_monitoring", True, "metrics"),
     ("rate_limit", 100, "rate limits"),
     ("rate_limit", {"requests": 10}, "rate limits"),
 ]
@@ -74,20 +74,18 @@ def test_the_attribute_form_makes_start_exit_with_one_line(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     app = Nexus(grpc_port=0, api_port=None, mcp_port=None)
-    app.enable_monitoring = True
+    app.rate_limit = 100
     with pytest.raises(SystemExit) as caught:
         app.start()
     assert caught.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert "enable_monitoring" in err[0] and "metrics" in err[0]
+    assert "rate_limit" in err[0] and "rate limits" in err[0]
     assert not (tmp_path / "nexus.db").exists()
 
 
-@pytest.mark.parametrize(
-    ("option", "capability"), [("enable_metrics", "metrics"), ("enable_caching", "caching")]
-)
-def test_dataflow_refuses_metrics_and_caching(option: str, capability: str) -> None:
+@pytest.mark.parametrize(("option", "capability"), [("enable_caching", "caching")])
+def test_dataflow_refuses_caching(option: str, capability: str) -> None:
     with pytest.raises(ValidationError) as caught:
         DataFlow("sqlite:///:memory:", **{option: True})
     assert caught.value.field == option
