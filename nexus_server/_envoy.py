@@ -567,6 +567,14 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             {
                 "match": {"path": METRICS_PATH, "headers": [_GET_ONLY]},
                 "route": {"cluster": "nexus_metrics", "timeout": "10s"},
+                # plain HTTP to the metrics port: the transcoder (which refuses a path
+                # that is no RPC) stays out of it
+                "typed_per_filter_config": {
+                    "envoy.filters.http.grpc_json_transcoder": {
+                        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                        "disabled": True,
+                    }
+                },
             },
         )
     if options.cors_origins:
@@ -891,6 +899,8 @@ class EnvoySupervisor(Supervisor):
             "--use-dynamic-base-id",
             "--log-level", self.log_level,
             "--concurrency", str(self.concurrency),
+            # the access log reaches its file within a second (Envoy's default: 10 s)
+            "--file-flush-interval-msec", "1000",
         ]  # fmt: skip
 
     async def probe(self, log_offset: int) -> bool:
