@@ -17,6 +17,9 @@ Measured:
     grpc.aio server whose handlers use aiosqlite directly (SELECT by id; INSERT +
     COMMIT), on a SQLite file with the same pragmas;
   each Nexus figure is printed with its ratio to its baseline (target >= 0.6);
+* the cost of Prometheus metrics: ExecuteWorkflow (noop and create_contact) on the same
+  app served twice, `enable_monitoring=True` against off, alternating rounds (target:
+  metrics cost under 5 %, i.e. ratio >= 0.95);
 * time from process start to answering grpc.health.v1 Check with 100 models and
   `enable_model_persistence=True` (target < 1 s), beside the same for the bare echo
   server, and the peak RSS (VmHWM) of that server after some calls (target < 150 MB).
@@ -116,7 +119,13 @@ class BenchNoop(Node):
         return {{"x": x}}
 
 
-app = Nexus(grpc_port=0, auto_discovery=False)
+# BENCH_MONITORING=1: Prometheus metrics on (the "Metrics" section); unset, the options
+# are not passed at all, so that another checkout (--against) serves the same file
+monitoring = (
+    {{"enable_monitoring": True, "metrics_port": 0}}
+    if os.environ.get("BENCH_MONITORING") == "1" else {{}}
+)
+app = Nexus(grpc_port=0, auto_discovery=False, **monitoring)
 db = DataFlow(os.environ["NEXUS_DATABASE_URL"], enable_model_persistence=True)
 for i in range({extra}):
     db.model(type(f"Model{{i}}", (), {{"__annotations__": {{
@@ -268,7 +277,9 @@ def free_port() -> int:
 
 
 def child_env(db_url: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # this checkout first; the caller's own PYTHONPATH entries after it
+    extra = os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), extra) if p)}
     if db_url is not None:
         env["NEXUS_DATABASE_URL"] = db_url
     return env
@@ -747,6 +758,98 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
             s.stop()
 
 
+#: Metrics on may cost at most this fraction of the throughput with them off.
+METRICS_COST_TARGET = 0.05
+
+
+def run_metrics(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """ExecuteWorkflow with Prometheus metrics on against off (the same app file, two
+    servers, alternating rounds); returns the missed targets."""
+    app = write_app(tmp, 1)
+    servers: list[Server] = []
+    try:
+        off_db, on_db = tmp / "metrics-off.db", tmp / "metrics-on.db"
+        # two servers at once: neither runs an MCP adapter (both would take its port)
+        off_cmd = [*nexus_cmd(app, free_port()), "--no-mcp"]
+        off, _ = start("metrics off", off_cmd, child_env(f"sqlite:///{off_db}"), tmp)
+        servers.append(off)
+        on_env = {**child_env(f"sqlite:///{on_db}"), "BENCH_MONITORING": "1"}
+        on, _ = start("metrics on", [*nexus_cmd(app, free_port()), "--no-mcp"], on_env, tmp)
+        servers.append(on)
+        person = {"name": "Load Test", "email": "load@example.org"}
+        noop, create = execute_body("noop"), execute_body("create_contact", person)
+        pairs = [
+            (
+                Case("noop, metrics off", off.address, EXECUTE, noop,
+                     count=executions(off_db, "noop")),
+                Case("noop, metrics on", on.address, EXECUTE, noop,
+                     count=executions(on_db, "noop")),
+            ),
+            (
+                Case("create_contact, metrics off", off.address, EXECUTE, create,
+                     count=executions(off_db, "create_contact")),
+                Case("create_contact, metrics on", on.address, EXECUTE, create,
+                     count=executions(on_db, "create_contact")),
+            ),
+        ]  # fmt: skip
+        for pair in pairs:
+            for c in pair:
+                c.pid = off.proc.pid if c.address == off.address else on.proc.pid
+        print(
+            f"\nMetrics (enable_monitoring=True) against off: ExecuteWorkflow, best of "
+            f"{args.rounds} alternating round(s) of up to {args.seconds:g} s each"
+        )
+        header = f"{'case':<32} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}"
+        print(header)
+        print("-" * len(header))
+        missed = []
+        for base_case, case in pairs:
+            for conc in CONCURRENCY:
+                (base, base_note), (load, note) = measure(base_case, case, conc, args)
+                ratio = load.rps / base.rps
+                for c, m, r, n in ((base_case, base, "", base_note), (case, load, ratio, note)):
+                    shown = f"{r:>6.2f}" if r else f"{'':>6}"
+                    print(
+                        f"{c.label:<32} {conc:>4} {m.rps:>9,.0f} {m.p50_ms:>8.2f}"
+                        f" {m.p99_ms:>8.2f} {shown}{'  ' + n if n else ''}",
+                        flush=True,
+                    )
+                if ratio < 1 - METRICS_COST_TARGET:
+                    missed.append(f"{case.label} at concurrency {conc}: {ratio:.2f} of off")
+            print()
+        # the scrape itself: what the metrics port answers after the load
+        port = _metrics_port(on)
+        if port is not None:
+            t0 = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+                size = sum(len(chunk) for chunk in iter(lambda: sock.recv(65536), b""))
+            took = (time.perf_counter() - t0) * 1e3
+            print(f"one scrape of /metrics: {size:,} bytes in {took:.1f} ms")
+        return missed
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _metrics_port(server: Server) -> int | None:
+    """The metrics port the server listens on besides its gRPC port (from /proc)."""
+    grpc_port = int(server.address.rsplit(":", 1)[1])
+    ports = set()
+    for fd in Path(f"/proc/{server.proc.pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                ports.add(link[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in ports:  # LISTEN
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if port != grpc_port:
+                return port
+    return None
+
+
 #: The packages `nexus serve` imports from this checkout.
 PACKAGES = ("nexus_server", "dataflow", "workflow", "nexus_api", "clients")
 
@@ -839,6 +942,8 @@ def main() -> int:
     p.add_argument("--startup-runs", type=int, help="start-up runs (default 5; quick 2)")
     p.add_argument("--skip-load", action="store_true", help="only start-up and RSS")
     p.add_argument("--skip-startup", action="store_true", help="only the throughput table")
+    p.add_argument("--skip-metrics", action="store_true", help="no metrics on/off section")
+    p.add_argument("--only-metrics", action="store_true", help="only the metrics on/off section")
     p.add_argument(
         "--against",
         metavar="CHECKOUT",
@@ -879,9 +984,11 @@ def main() -> int:
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, grpcio {grpc.__version__}")
     missed: list[str] = []
     with workdir() as tmp:
-        if not args.skip_load:
+        if not args.skip_load and not args.only_metrics:
             missed += run_load(args, tmp)
-        if not args.skip_startup:
+        if not args.skip_metrics:
+            missed += run_metrics(args, tmp)
+        if not args.skip_startup and not args.only_metrics:
             missed += run_startup(args, tmp)
     print()
     if missed:
