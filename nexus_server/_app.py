@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AuthNotConfigured",
     "GrpcPortError",
+    "MetricsPortError",
     "Nexus",
     "Serving",
     "UnavailableOption",
@@ -476,7 +477,7 @@ class Nexus:
                 try:
                     metrics_server = MetricsServer(metrics, self.host, self.metrics_port)
                 except OSError:
-                    raise GrpcPortError(
+                    raise MetricsPortError(
                         f"cannot serve metrics on port {self.metrics_port}: "
                         f"{self.host}:{self.metrics_port} is in use (or not an address of "
                         "this host); set metrics_port (0 picks a free one, None: none)"
@@ -638,9 +639,12 @@ class Nexus:
         from ._cli import run_app
 
         if not logging.getLogger().handlers:
+            from .gateway._access_log import configure_access_log
+
             logging.basicConfig(
                 level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
+            configure_access_log()
         code = run_app(self, log_level="info")
         if code:
             raise SystemExit(code)
@@ -651,8 +655,11 @@ class AuthNotConfigured(ValueError):
 
 
 class GrpcPortError(OSError):
-    """The gRPC port (or the metrics port) could not be bound (in use, or not an
-    address of this host)."""
+    """The gRPC port could not be bound (in use, or not an address of this host)."""
+
+
+class MetricsPortError(GrpcPortError):
+    """The metrics port could not be bound (in use, or not an address of this host)."""
 
 
 class UnavailableOption(ValueError):

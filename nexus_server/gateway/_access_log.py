@@ -23,12 +23,25 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ACCESS_LOG", "access_line", "log_call", "trace_id_of"]
+__all__ = ["ACCESS_LOG", "access_line", "configure_access_log", "log_call", "trace_id_of"]
 
 ACCESS_LOG = logging.getLogger("nexus.access")
 
 #: Longest request id or principal written (longer ones are cut).
 _MAX_FIELD = 256
+
+
+def configure_access_log(stream: Any = None) -> None:
+    """Write the access log as bare JSON lines on `stream` (default: stderr), not through
+    the root logger's format (which would prefix each line): what `nexus serve` and
+    `Nexus.start()` do. A logger an embedding program configured itself (it has a
+    handler) is left as it is."""
+    if ACCESS_LOG.handlers:
+        return
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ACCESS_LOG.addHandler(handler)
+    ACCESS_LOG.propagate = False
 
 
 def trace_id_of(metadata: Sequence[tuple[str, Any]]) -> str:

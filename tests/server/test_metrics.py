@@ -255,14 +255,14 @@ def test_options_are_checked() -> None:
 async def test_busy_metrics_port_fails_start(make_app: Callable[..., Nexus]) -> None:
     import socket
 
-    from nexus_server._app import GrpcPortError
+    from nexus_server._app import MetricsPortError
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         app = make_app(enable_monitoring=True, metrics_port=port)
-        with pytest.raises(GrpcPortError, match="metrics"):
+        with pytest.raises(MetricsPortError, match="metrics"):
             async with app.serving():
                 pass
 
@@ -380,3 +380,62 @@ def test_access_line_prefers_the_request_id_field_and_checks_traceparent() -> No
     assert trace_id_of((("traceparent", "00-" + "0" * 32 + "-00f067aa0ba902b7-01"),)) == ""
     assert trace_id_of((("traceparent", "00-xyz-00f067aa0ba902b7-01"),)) == ""
     assert trace_id_of((("traceparent", "garbage"),)) == ""
+
+
+SERVED_APP = """
+from nexus_server import Nexus
+from workflow import WorkflowBuilder
+
+app = Nexus(api_port=None, mcp_port=None, enable_monitoring=True, metrics_port=0)
+"""
+
+
+async def test_nexus_serve_writes_bare_json_access_lines_and_serves_metrics(
+    tmp_path: Path,
+) -> None:
+    """`nexus serve` logs each call as a bare JSON line on stderr (no log prefix) and
+    says where the metrics are."""
+    import re
+
+    app = tmp_path / "app.py"
+    app.write_text(SERVED_APP)
+    env = {
+        **os.environ,
+        "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nexus_server", "serve", str(app), "--grpc-port", "0",
+        cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            line = (await proc.stdout.readline()).decode()
+            address = re.search(r"on (127\.0\.0\.1:\d+)", line)
+            assert address, line
+            metrics_port = None
+            while metrics_port is None:
+                err = (await proc.stderr.readline()).decode()
+                assert err, "stderr ended before the metrics port was logged"
+                found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", err)
+                metrics_port = int(found.group(1)) if found else None
+            async with grpc.aio.insecure_channel(address.group(1)) as channel:
+                await wgrpc.WorkflowServiceStub(channel).ListWorkflows(  # type: ignore[no-untyped-call]
+                    wpb.ListWorkflowsRequest(), metadata=(("x-request-id", "cli-1"),)
+                )
+            access = None
+            while access is None:
+                err = (await proc.stderr.readline()).decode()
+                assert err, "stderr ended before the access line"
+                if "cli-1" in err:
+                    access = json.loads(err)  # the whole line is the JSON document
+            found_metrics = await scrape(metrics_port)
+    finally:
+        proc.send_signal(2)
+        async with asyncio.timeout(30):
+            await proc.wait()
+    assert access["method"].endswith("/ListWorkflows") and access["code"] == "OK"
+    listing = "/nexus.workflow.v1.WorkflowService/ListWorkflows"
+    assert value(found_metrics, "nexus_calls_total", method=listing, channel="grpc", code="OK") == 1
