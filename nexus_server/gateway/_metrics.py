@@ -196,6 +196,11 @@ class Metrics:
             ["cache", "result"],
             registry=r,
         )
+        # metric children by label values, bound on first use (a `labels()` look-up costs
+        # more than the observation itself)
+        self._running: dict[str, Any] = {}
+        self._ended: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._nodes: dict[tuple[str, str, str], Any] = {}
         self._breakers = _Breakers()
         r.register(self._breakers)
         self._process: list[Collector] = [self._breakers]
@@ -213,18 +218,31 @@ class Metrics:
 
     def execution_started(self, workflow: str) -> None:
         """An execution of `workflow` starts running in this process."""
-        self.executions_running.labels(workflow).inc()
+        running = self._running.get(workflow)
+        if running is None:
+            running = self._running[workflow] = self.executions_running.labels(workflow)
+        running.inc()
 
     def execution_ended(self, workflow: str, state: str, seconds: float) -> None:
         """An execution of `workflow` that `execution_started` counted ended in `state`
         (SUCCEEDED, FAILED, CANCELLED) after `seconds`."""
-        self.executions_running.labels(workflow).dec()
-        self.executions.labels(workflow, state).inc()
-        self.execution_seconds.labels(workflow, state).observe(seconds)
+        self._running[workflow].dec()
+        ended = self._ended.get((workflow, state))
+        if ended is None:
+            ended = self._ended[(workflow, state)] = (
+                self.executions.labels(workflow, state),
+                self.execution_seconds.labels(workflow, state),
+            )
+        ended[0].inc()
+        ended[1].observe(seconds)
 
     def node_ended(self, workflow: str, node_type: str, outcome: str, seconds: float) -> None:
         """A node of type `node_type` ran for `seconds` (`outcome`: completed, failed)."""
-        self.node_seconds.labels(workflow, node_type, outcome).observe(seconds)
+        key = (workflow, node_type, outcome)
+        child = self._nodes.get(key)
+        if child is None:
+            child = self._nodes[key] = self.node_seconds.labels(workflow, node_type, outcome)
+        child.observe(seconds)
 
     # -- hooks the other gateway checks call -----------------------------------------------
 
