@@ -109,6 +109,32 @@ async def test_calls_executions_and_nodes_are_counted(
     assert nodes[("boom", "TestBoomNode", "failed")] == 1
 
 
+async def test_a_streamed_execution_is_one_call(
+    make_app: Callable[..., Nexus], connect: Any
+) -> None:
+    from google.protobuf import struct_pb2
+
+    app = make_app(enable_monitoring=True, metrics_port=None)
+    async with app.serving() as serving, connect(serving) as channel:
+        assert serving.metrics is not None
+        body = struct_pb2.Struct()
+        body.update({"name": "Ada", "email": "ada@example.com"})
+        stub = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        events = [
+            e
+            async for e in stub.StreamExecution(
+                wpb.StreamExecutionRequest(name="create_contact", inputs=body), timeout=10
+            )
+        ]
+        assert events
+        found = samples(serving.metrics.exposition().decode())
+    stream = "/nexus.workflow.v1.WorkflowService/StreamExecution"
+    assert value(found, "nexus_calls_total", method=stream, channel="grpc", code="OK") == 1
+    assert value(found, "nexus_calls_in_flight", method=stream) == 0
+    ok = {"workflow": "create_contact", "state": "SUCCEEDED"}
+    assert value(found, "nexus_executions_total", **ok) == 1
+
+
 async def test_calls_in_flight_while_an_execution_runs(
     make_app: Callable[..., Nexus], connect: Any, gates: dict[str, asyncio.Event]
 ) -> None:
@@ -129,7 +155,7 @@ async def test_calls_in_flight_while_an_execution_runs(
 
 
 async def test_auth_failures_are_counted_by_reason(
-    make_app: Callable[..., Nexus], connect: Any
+    make_app: Callable[..., Nexus], connect: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = make_app(
         enable_monitoring=True,
@@ -137,6 +163,7 @@ async def test_auth_failures_are_counted_by_reason(
         enable_auth=True,
         auth=AuthConfig(api_keys={"ops": ApiKeySpec(KEY)}),
     )
+    caplog.set_level(logging.INFO, logger="nexus.access")
     async with app.serving() as serving, connect(serving) as channel:
         assert serving.metrics is not None
         stub = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -155,6 +182,13 @@ async def test_auth_failures_are_counted_by_reason(
     )
     assert value(found, "nexus_calls_total", method=listing, channel="grpc", code="OK") == 1
     assert value(found, "nexus_calls_in_flight", method=listing) == 0
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "nexus.access"]
+    listed = [line for line in lines if line["method"] == listing]
+    assert [(line["principal"], line["code"]) for line in listed] == [
+        ("", "UNAUTHENTICATED"),
+        ("", "UNAUTHENTICATED"),
+        ("key:ops", "OK"),
+    ]
 
 
 async def test_monitoring_off_keeps_no_metrics(
