@@ -528,6 +528,11 @@ class Gateway:
                 who = principal.id if principal is not None else ""
                 watch.end(started, channel, who, code, request, context)
             await abort(context, exc)
+        except BaseException:  # cancelled while authenticating (the client went away)
+            if watch is not None:
+                who = principal.id if principal is not None else ""
+                watch.end(started, channel, who, "CANCELLED", request, context)
+            raise
         return principal, channel
 
     def _needs_credential(self, rule: Rule, request: Any) -> bool:

@@ -473,3 +473,54 @@ async def test_nexus_serve_writes_bare_json_access_lines_and_serves_metrics(
     assert access["method"].endswith("/ListWorkflows") and access["code"] == "OK"
     listing = "/nexus.workflow.v1.WorkflowService/ListWorkflows"
     assert value(found_metrics, "nexus_calls_total", method=listing, channel="grpc", code="OK") == 1
+
+
+async def test_a_call_cancelled_while_authenticating_leaves_no_call_in_flight() -> None:
+    """The client goes away while its credential is being checked (a slow identity
+    provider): the call is counted CANCELLED and is no longer in flight."""
+    from nexus_server._registry import WorkflowRegistry
+    from nexus_server.gateway import Gateway, Policy
+
+    entered = asyncio.Event()
+
+    class Slow:
+        async def authenticate(self, metadata: Any) -> Any:
+            entered.set()
+            await asyncio.Event().wait()  # never answers: the call is cancelled
+
+    class Audit:
+        def record(self, entry: Any) -> None:
+            pass
+
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("x-nexus-channel", "cli"),)
+
+        def code(self) -> None:
+            return None
+
+    metrics = Metrics()
+    gateway = Gateway(
+        authenticator=Slow(),
+        policy=Policy(),
+        registry=WorkflowRegistry(),
+        audit=Audit(),
+        typed_models={},
+        metrics=metrics,
+    )
+
+    async def behaviour(request: Any, context: Any) -> Any:
+        raise AssertionError("never admitted")
+
+    handler = grpc.unary_unary_rpc_method_handler(behaviour)
+    listing = "/nexus.workflow.v1.WorkflowService/ListWorkflows"
+    wrapped = gateway.method(listing, handler)
+    call = asyncio.create_task(wrapped.unary_unary(wpb.ListWorkflowsRequest(), Context()))
+    async with asyncio.timeout(10):
+        await entered.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    found = samples(metrics.exposition().decode())
+    assert value(found, "nexus_calls_in_flight", method=listing) == 0
+    assert value(found, "nexus_calls_total", method=listing, channel="cli", code="CANCELLED") == 1
