@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NoReturn
@@ -114,6 +115,8 @@ class ApiError(Exception):
         message: the developer-facing message.
         violations: `(field, description)` pairs for `BadRequest.field_violations`.
         metadata: extra `ErrorInfo.metadata` (string values).
+        retry_delay: seconds after which a retry may succeed: sent as a
+            `google.rpc.RetryInfo` detail (None: no RetryInfo).
     """
 
     def __init__(
@@ -122,12 +125,15 @@ class ApiError(Exception):
         message: str,
         violations: Sequence[tuple[str, str]] = (),
         metadata: Mapping[str, str] | None = None,
+        *,
+        retry_delay: float | None = None,
     ) -> None:
         self.reason = reason
         self.code = code_of(reason)
         self.message = message
         self.violations = list(violations)
         self.metadata = dict(metadata or {})
+        self.retry_delay = retry_delay
         super().__init__(message)
 
     def to_status(self) -> status_pb2.Status:
@@ -164,6 +170,13 @@ class ApiError(Exception):
         if bad.field_violations:
             packed = any_pb2.Any()
             packed.Pack(bad)
+            status.details.append(packed)
+        if self.retry_delay is not None:
+            retry = error_details_pb2.RetryInfo()
+            # whole milliseconds, rounded up: never "retry now" for a delay under 1 ms
+            retry.retry_delay.FromMilliseconds(max(1, math.ceil(self.retry_delay * 1000)))
+            packed = any_pb2.Any()
+            packed.Pack(retry)
             status.details.append(packed)
         return status
 
@@ -270,6 +283,16 @@ def _from_tenant_required(exc: Any) -> ApiError:
     )
 
 
+def _from_circuit_open(exc: dataflow.CircuitOpenError) -> ApiError:
+    # refused at once by an open circuit breaker: the caller learns when to retry
+    return ApiError(
+        "DEPENDENCY_UNAVAILABLE",
+        str(exc),
+        metadata={"dependency": exc.dependency[:BRIEF]},
+        retry_delay=exc.retry_after,
+    )
+
+
 def _mapped(exc: BaseException) -> ApiError | None:
     if isinstance(exc, ApiError):
         return exc
@@ -291,6 +314,7 @@ _TABLE: list[tuple[type[BaseException], Callable[[Any], ApiError]]] = [
     (dataflow.ValidationError, _from_validation),
     (dataflow.NotFoundError, _from_not_found),
     (dataflow.AlreadyExistsError, _from_already_exists),
+    (dataflow.CircuitOpenError, _from_circuit_open),
     (dataflow.ConflictError, lambda e: ApiError("TRANSACTION_CONFLICT", str(e))),
     (dataflow.MigrationError, lambda e: ApiError("CONSTRAINT_VIOLATION", str(e))),
     (dataflow.DatabaseError, lambda e: ApiError("DATABASE_UNAVAILABLE", str(e))),
