@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2
+from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
 
 from dataflow import (
@@ -49,7 +49,8 @@ from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from nexus_server import Nexus
-from workflow import WorkflowBuilder
+from nexus_server._errors import status_of
+from workflow import NodeExecutionError, WorkflowBuilder
 
 #: Bound of every wait (a state change, the cluster coming back).
 WAIT = 30.0
@@ -374,3 +375,23 @@ async def test_server_answers_dependency_unavailable_with_retry_info(pg_cluster:
             assert doc["components"]["breaker"]["status"] == "healthy"
     finally:
         await db.close()
+
+
+def test_circuit_open_error_maps_to_dependency_unavailable() -> None:
+    """The mapping alone (no cluster needed): a breaker of a node's own dependency, raised
+    directly or from inside a node, is UNAVAILABLE/DEPENDENCY_UNAVAILABLE with RetryInfo."""
+    exc = CircuitOpenError("payments", 2.5, 5)
+    for raised, extra in (
+        (exc, {}),
+        (NodeExecutionError("charge", "ChargeNode", exc), {"node_id": "charge"}),
+    ):
+        status = status_of(raised)
+        assert status.code == code_pb2.UNAVAILABLE
+        info = error_details_pb2.ErrorInfo()
+        retry = error_details_pb2.RetryInfo()
+        assert status.details[0].Unpack(info) and status.details[-1].Unpack(retry)
+        assert info.reason == "DEPENDENCY_UNAVAILABLE"
+        assert info.metadata["dependency"] == "payments"
+        assert extra.items() <= dict(info.metadata).items()
+        assert retry.retry_delay.ToMilliseconds() == 2500
+        assert "payments unavailable" in status.message and "retry in 2.5 s" in status.message
