@@ -270,11 +270,7 @@ class Nexus:
             ValueError: `rate_limit` is not a rate limit (the message names it).
         """
         limits = RateLimits.of(self.rate_limit)
-        if self._workflow_rates:
-            limits = dataclasses.replace(
-                limits, workflows={**limits.workflows, **self._workflow_rates}
-            )
-        return limits
+        return limits.with_workflows(self._workflow_rates) if self._workflow_rates else limits
 
     def resolve_dataflow(self) -> DataFlow | None:
         """The DataFlow the app serves: the one `integrate_dataflow` chose, or else the

@@ -38,7 +38,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -138,7 +138,7 @@ def parse_rate(value: object, option: str) -> RateLimit:
     raise ValueError(f"{option}={str(value)[:60]!r} is not a rate limit: expected {_FORMS}")
 
 
-def _rates(values: Mapping[str, object] | None, option: str) -> dict[str, RateLimit]:
+def _rates(values: Mapping[str, RateSpec] | None, option: str) -> dict[str, RateLimit]:
     if values is None:
         return {}
     if not isinstance(values, Mapping):
@@ -146,7 +146,10 @@ def _rates(values: Mapping[str, object] | None, option: str) -> dict[str, RateLi
     return {str(k): parse_rate(v, f"{option}[{k!r}]") for k, v in values.items()}
 
 
-@dataclass
+#: What a limit may be written as (see `parse_rate`).
+RateSpec = RateLimit | int | str
+
+
 class RateLimits:
     """Every rate limit of an app (see the module docstring for which one applies).
 
@@ -157,20 +160,24 @@ class RateLimits:
             part) -> its limit.
         roles: role -> the limit of principals holding it (instead of the default).
         key_prefix: the prefix of every Redis key (one per app or test).
+
+    Each limit in any `parse_rate` form (`RateLimit`, an int per minute, `"10/s"`).
     """
 
-    default: RateLimit | None = None
-    workflows: dict[str, RateLimit] = field(default_factory=dict)
-    models: dict[str, RateLimit] = field(default_factory=dict)
-    roles: dict[str, RateLimit] = field(default_factory=dict)
-    key_prefix: str = "nexus:rate:"
-
-    def __post_init__(self) -> None:
-        if self.default is not None:
-            self.default = parse_rate(self.default, "RateLimits.default")
-        self.workflows = _rates(self.workflows, "RateLimits.workflows")
-        self.models = _rates(self.models, "RateLimits.models")
-        self.roles = _rates(self.roles, "RateLimits.roles")
+    def __init__(
+        self,
+        default: RateSpec | None = None,
+        *,
+        workflows: Mapping[str, RateSpec] | None = None,
+        models: Mapping[str, RateSpec] | None = None,
+        roles: Mapping[str, RateSpec] | None = None,
+        key_prefix: str = "nexus:rate:",
+    ) -> None:
+        self.default = None if default is None else parse_rate(default, "RateLimits.default")
+        self.workflows = _rates(workflows, "RateLimits.workflows")
+        self.models = _rates(models, "RateLimits.models")
+        self.roles = _rates(roles, "RateLimits.roles")
+        self.key_prefix = key_prefix
         for key in self.models:
             model, _, op = key.partition(":")
             if not model or op not in ("read", "write", "delete", "bulk", "*"):
@@ -178,6 +185,22 @@ class RateLimits:
                     f"RateLimits.models[{key!r}]: expected '<Model>:<class>' with class "
                     "read, write, delete, bulk or '*'"
                 )
+
+    def __repr__(self) -> str:
+        return (
+            f"RateLimits(default={self.default}, workflows={self.workflows}, "
+            f"models={self.models}, roles={self.roles})"
+        )
+
+    def with_workflows(self, workflows: Mapping[str, RateLimit]) -> RateLimits:
+        """These limits, with `workflows` added to (or replacing) the workflows' own."""
+        return RateLimits(
+            self.default,
+            workflows={**self.workflows, **workflows},
+            models=self.models,
+            roles=self.roles,
+            key_prefix=self.key_prefix,
+        )
 
     @classmethod
     def of(cls, value: object, option: str = "Nexus(rate_limit)") -> RateLimits:
@@ -187,7 +210,7 @@ class RateLimits:
             return value
         if value is None or value is False:
             return cls()
-        return cls(default=parse_rate(value, option))
+        return cls(parse_rate(value, option))
 
     @property
     def empty(self) -> bool:
