@@ -27,8 +27,9 @@ Which limit applies to a call (the most specific wins, each with its own bucket)
 4. the default (`Nexus(rate_limit=...)`, `RateLimits(default=...)`).
 
 Health checks and discovery (reflection, the OpenAPI document) are never limited. When
-Redis cannot be reached the limiter admits the call (fails open) and logs a warning at
-most once a minute: a rate limit protects the server, it must not take it down.
+Redis cannot be reached the limiter admits the call (fails open), asks Redis again only
+after 5 s, and logs a warning at most once a minute: a rate limit protects the server,
+it must not take it down.
 """
 
 from __future__ import annotations
@@ -311,6 +312,11 @@ class _MemoryStore:
         self._state.clear()
 
 
+#: Seconds the limiter admits calls without asking Redis after Redis failed (so that an
+#: unreachable Redis costs one bounded wait every few seconds, not one per call).
+_RETRY_REDIS = 5.0
+
+
 class _RedisStore:
     """Buckets in Redis, one hash per key, stepped by pyrate-limiter's Lua script."""
 
@@ -319,8 +325,11 @@ class _RedisStore:
         self._script = _ALGORITHM.redis_script() or ""
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
         self._warned = 0.0
+        self._down_until = 0.0
 
     async def check(self, key: str, rate: Rate) -> Decision:
+        if self._down_until and time.monotonic() < self._down_until:
+            return Decision()  # Redis failed a moment ago: no call waits for it again
         now = int(time.time() * 1000)
         ttl = max(1, -(-2 * rate.burst * rate.interval // rate.limit))
         args: list[str] = [str(now), "1", str(ttl), "1"]
@@ -328,10 +337,12 @@ class _RedisStore:
         try:
             reply = await self._client.evalsha(self._sha, self._script, [key], args)
         except (RedisError, OSError, TimeoutError) as exc:
+            self._down_until = time.monotonic() + _RETRY_REDIS
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
                 _log.warning("rate limits: Redis unreachable (%s): calls are admitted", exc)
             return Decision()
+        self._down_until = 0.0
         index, retry = int(reply[0]), int(reply[1])
         if index < 0:
             return Decision()
