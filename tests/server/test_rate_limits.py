@@ -421,3 +421,73 @@ async def test_an_unreachable_redis_admits_calls(
                 await stub.ListWorkflows(
                     w.ListWorkflowsRequest(), metadata=_as("leo"), timeout=WAIT
                 )
+
+
+_REPLICA = """
+import asyncio, sys
+from dataflow import DataFlow
+from nexus_server import Nexus, RateLimits
+
+async def main() -> None:
+    app = Nexus(
+        grpc_port=0,
+        api_port=None,
+        mcp_port=None,
+        rate_limit=RateLimits("3/minute", key_prefix=sys.argv[1]),
+        rate_limit_backend=sys.argv[2],
+    )
+    app.integrate_dataflow(DataFlow(sys.argv[3]))
+    async with app.serving() as info:
+        print(info.port, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main())
+"""
+
+
+async def test_two_server_processes_share_the_limit(
+    make_app: Callable[..., Nexus], connect: Connect, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A replica in another process and this one step the same buckets."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _REPLICA,
+        redis_prefix,
+        REDIS,
+        f"sqlite:///{tmp_path / 'replica.db'}",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=str(tmp_path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        async with asyncio.timeout(WAIT):
+            port = int((await proc.stdout.readline()).decode())
+        here = make_app(
+            rate_limit=RateLimits("3/minute", key_prefix=redis_prefix), rate_limit_backend=REDIS
+        )
+        async with (
+            _serve(here) as info,
+            connect(info) as local,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as remote,
+        ):
+            stubs = [wgrpc.WorkflowServiceStub(c) for c in (local, remote)]  # type: ignore[no-untyped-call]
+            request = w.ListWorkflowsRequest()
+            await stubs[1].ListWorkflows(
+                request, metadata=_as("mia"), timeout=WAIT, wait_for_ready=True
+            )
+            await stubs[0].ListWorkflows(request, metadata=_as("mia"), timeout=WAIT)
+            await stubs[1].ListWorkflows(request, metadata=_as("mia"), timeout=WAIT)
+            for stub in stubs:
+                err = await _refused(stub.ListWorkflows(request, metadata=_as("mia")))
+                assert _retry_info(err)[0].reason == "RATE_LIMITED"
+    finally:
+        proc.stdin.close()
+        try:
+            async with asyncio.timeout(WAIT):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
