@@ -115,8 +115,9 @@ class ApiError(Exception):
         message: the developer-facing message.
         violations: `(field, description)` pairs for `BadRequest.field_violations`.
         metadata: extra `ErrorInfo.metadata` (string values).
-        retry_delay: seconds after which a retry may succeed: sent as a
-            `google.rpc.RetryInfo` detail (None: no RetryInfo).
+        retry_after: seconds after which a retry may succeed: sent as a
+            `google.rpc.RetryInfo` detail and as the `retry-after` trailer (whole
+            seconds, rounded up), which Envoy passes to REST as `Retry-After`.
     """
 
     def __init__(
@@ -126,15 +127,22 @@ class ApiError(Exception):
         violations: Sequence[tuple[str, str]] = (),
         metadata: Mapping[str, str] | None = None,
         *,
-        retry_delay: float | None = None,
+        retry_after: float | None = None,
     ) -> None:
         self.reason = reason
         self.code = code_of(reason)
         self.message = message
         self.violations = list(violations)
         self.metadata = dict(metadata or {})
-        self.retry_delay = retry_delay
+        self.retry_after = retry_after
         super().__init__(message)
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata beside the status: `retry-after` when a retry delay is
+        known (HTTP's whole seconds, at least 1)."""
+        if self.retry_after is None:
+            return ()
+        return (("retry-after", str(max(1, math.ceil(self.retry_after)))),)
 
     def to_status(self) -> status_pb2.Status:
         """The `google.rpc.Status` with `ErrorInfo` (and `BadRequest` when fields are bad).
@@ -171,10 +179,9 @@ class ApiError(Exception):
             packed = any_pb2.Any()
             packed.Pack(bad)
             status.details.append(packed)
-        if self.retry_delay is not None:
+        if self.retry_after is not None:
             retry = error_details_pb2.RetryInfo()
-            # whole milliseconds, rounded up: never "retry now" for a delay under 1 ms
-            retry.retry_delay.FromMilliseconds(max(1, math.ceil(self.retry_delay * 1000)))
+            retry.retry_delay.FromNanoseconds(max(0, round(self.retry_after * 1e9)))
             packed = any_pb2.Any()
             packed.Pack(retry)
             status.details.append(packed)
@@ -289,7 +296,7 @@ def _from_circuit_open(exc: dataflow.CircuitOpenError) -> ApiError:
         "DEPENDENCY_UNAVAILABLE",
         str(exc),
         metadata={"dependency": exc.dependency[:BRIEF]},
-        retry_delay=exc.retry_after,
+        retry_after=exc.retry_after,
     )
 
 
@@ -350,6 +357,7 @@ FAILURE_REASON: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     """End the call with the status of `exc`, details in `grpc-status-details-bin`."""
+    extra: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, StatusError):
         status = exc.status
         FAILURE_REASON.set(_reason_of(status))
@@ -357,8 +365,11 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
         api = to_api_error(exc)
         FAILURE_REASON.set(api.reason)
         status = api.to_status()
+        extra = api.trailers()
     rich = rpc_status.to_status(status)
-    await context.abort(rich.code, rich.details, trailing_metadata=rich.trailing_metadata)
+    await context.abort(
+        rich.code, rich.details, trailing_metadata=(*rich.trailing_metadata, *extra)
+    )
     raise AssertionError("unreachable")  # context.abort raises
 
 
