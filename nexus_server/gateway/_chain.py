@@ -13,6 +13,10 @@ For each call, in order:
    call needs, from its request (the workflow, the model and the operation class);
    without it the call is PERMISSION_DENIED naming the permission, whether or not the
    resource exists.
+2b. **Rate limit.** With rate limits configured (`_rate`), the call takes a token of
+   its principal's bucket or is RESOURCE_EXHAUSTED (`RATE_LIMITED`, with RetryInfo).
+   Before all of it, with `Limits.max_in_flight`/`max_executions` set, a call past
+   the cap is refused at once (`_shed`: `OVERLOADED`); health is never limited.
 3. **Scope.** The principal (`CURRENT_PRINCIPAL`) and its tenant (DataFlow's
    `tenant_scope`) are set for the servicer and everything it awaits, workflow nodes
    included.
@@ -55,6 +59,8 @@ from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
 if TYPE_CHECKING:
     from .._registry import WorkflowRegistry
     from ._metrics import MethodMetrics, Metrics
+    from ._rate import RateLimiter
+    from ._shed import Shedder
 
 __all__ = ["CHANNELS", "Gateway", "caller_id"]
 
@@ -248,9 +254,16 @@ class _Watch:
                 context=context,
             )
 
-    def refused(self, reason: str, channel: str) -> None:
-        if self.metrics is not None:
-            self.metrics.auth_failure(reason, channel)
+    def refused(self, api: ApiError, channel: str) -> None:
+        """Count a refusal of the chain: a rate limit's, or an authentication or
+        authorization failure by its reason."""
+        if self.metrics is None:
+            return
+        if api.reason == "RATE_LIMITED":
+            scope = api.metadata.get("scope", "")
+            self.metrics.rate_limited(self.method, channel, scope.split(":", 1)[0] or "default")
+        else:
+            self.metrics.auth_failure(api.reason, channel)
 
 
 def _code_of(context: Any, failure: BaseException | None) -> str:
@@ -293,6 +306,8 @@ class Gateway:
         typed_models: full service name -> model name, of the typed per-model services.
         public_discovery: reflection and the OpenAPI document need no credential.
         audit_reads: audit reads too, not only changes and refusals.
+        rate: the rate limiter (`_rate.RateLimiter`); None: no rate limits.
+        shed: the in-flight caps (`_shed.Shedder`); None: no caps.
         metrics: where calls are counted (monitoring on), or None.
         access_log: write one `nexus.access` line per call.
     """
@@ -307,6 +322,8 @@ class Gateway:
         typed_models: Mapping[str, str],
         public_discovery: bool = False,
         audit_reads: bool = False,
+        rate: RateLimiter | None = None,
+        shed: Shedder | None = None,
         metrics: Metrics | None = None,
         access_log: bool = False,
     ) -> None:
@@ -317,6 +334,8 @@ class Gateway:
         self.typed_models = dict(typed_models)
         self.public_discovery = public_discovery
         self.audit_reads = audit_reads
+        self.rate = rate
+        self.shed = shed
         self.metrics = metrics
         self.access_log = access_log
         self._dev: dict[tuple[str, str | None], Principal] = {}
@@ -375,6 +394,8 @@ class Gateway:
         else:
             kind = "unary_unary"
             wrapped = self._unary_unary(path, rule, handler.unary_unary, watch)
+        if self.shed is not None and rule.access != OPEN and not handler.request_streaming:
+            wrapped = self.shed.wrap(wrapped, execution=rule.access == WORKFLOW and rule.change)
         replaced: grpc.RpcMethodHandler = handler._replace(**{kind: wrapped})
         return replaced
 
@@ -518,12 +539,14 @@ class Gateway:
                         )
                     principal = _ANONYMOUS
                 self._authorize(rule, request, principal)
+            if self.rate is not None and rule.access not in (OPEN, DISCOVERY):
+                await self._limit(rule, request, principal)
         except Exception as exc:  # a refusal, or the key store's database is down
             api = to_api_error(exc)
             reason = api.reason
             self._refused(path, rule, request, principal, channel, reason)
             if watch is not None:
-                watch.refused(reason, channel)
+                watch.refused(api, channel)
                 code = api.code.name
                 who = principal.id if principal is not None else ""
                 watch.end(started, channel, who, code, request, context)
@@ -534,6 +557,19 @@ class Gateway:
                 watch.end(started, channel, who, "CANCELLED", request, context)
             raise
         return principal, channel
+
+    async def _limit(self, rule: Rule, request: Any, principal: Principal) -> None:
+        """Take a token of the call's bucket (`_rate`), or raise RATE_LIMITED."""
+        assert self.rate is not None
+        workflow: str | None = None
+        models: list[str] = []
+        if isinstance(request, message.Message):
+            if rule.access == WORKFLOW and rule.change:
+                workflow = request.name  # type: ignore[attr-defined]
+            elif rule.needs is not None and self.rate.limits.models:
+                with contextlib.suppress(Exception):  # the servicer refuses a bad one
+                    models = [p for p, _ in rule.needs(request) if p.startswith("model:")]
+        await self.rate.admit(principal, workflow, models)
 
     def _needs_credential(self, rule: Rule, request: Any) -> bool:
         if rule.access == OPEN:
@@ -614,6 +650,8 @@ _CODE_OF_REFUSAL = {
     "PERMISSION_DENIED": "PERMISSION_DENIED",
     "AUTH_PROVIDER_UNAVAILABLE": "UNAVAILABLE",
     "DATABASE_UNAVAILABLE": "UNAVAILABLE",
+    "DEPENDENCY_UNAVAILABLE": "UNAVAILABLE",
+    "RATE_LIMITED": "RESOURCE_EXHAUSTED",
 }
 
 

@@ -246,9 +246,9 @@ class Metrics:
 
     # -- hooks the other gateway checks call -----------------------------------------------
 
-    def rate_limited(self, method: str, channel: str, scope: str = "principal") -> None:
+    def rate_limited(self, method: str, channel: str, scope: str = "default") -> None:
         """Count a call refused with RATE_LIMITED. `scope`: which limit refused it
-        (`principal`, `workflow`, `model`, `role`)."""
+        (`default`: `rate_limit`; `workflow`, `model`, `role`: an override)."""
         self.rate_limited_calls.labels(method, channel, scope).inc()
 
     def shed(self, kind: str) -> None:

@@ -524,3 +524,50 @@ async def test_a_call_cancelled_while_authenticating_leaves_no_call_in_flight() 
     found = samples(metrics.exposition().decode())
     assert value(found, "nexus_calls_in_flight", method=listing) == 0
     assert value(found, "nexus_calls_total", method=listing, channel="cli", code="CANCELLED") == 1
+
+
+async def test_rate_limit_refusals_are_counted_apart_from_auth_failures(
+    make_app: Callable[..., Nexus], connect: Any
+) -> None:
+    app = make_app(enable_monitoring=True, metrics_port=None, rate_limit="2/minute")
+    listing = "/nexus.workflow.v1.WorkflowService/ListWorkflows"
+    async with app.serving() as serving, connect(serving) as channel:
+        assert serving.metrics is not None
+        stub = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        meta = (("x-nexus-caller", "flood"), ("x-nexus-channel", "mcp"))
+        for _ in range(2):
+            await stub.ListWorkflows(wpb.ListWorkflowsRequest(), metadata=meta)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ListWorkflows(wpb.ListWorkflowsRequest(), metadata=meta)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        found = samples(serving.metrics.exposition().decode())
+    limited = {"method": listing, "channel": "mcp", "scope": "default"}
+    assert value(found, "nexus_rate_limited_total", **limited) == 1
+    assert not [k for k in found if k[0] == "nexus_auth_failures_total"]
+    assert (
+        value(found, "nexus_calls_total", method=listing, channel="mcp", code="RESOURCE_EXHAUSTED")
+        == 1
+    )
+
+
+async def test_shed_calls_and_the_database_breaker_are_reported(
+    make_app: Callable[..., Nexus],
+    connect: Any,
+    gates: dict[str, asyncio.Event],
+) -> None:
+    from nexus_server._limits import Limits
+
+    app = make_app(enable_monitoring=True, metrics_port=None, limits=Limits(max_executions=1))
+    async with app.serving() as serving, connect(serving) as channel:
+        assert serving.metrics is not None
+        first = asyncio.create_task(execute(channel, "gated", gate="shed"))
+        async with asyncio.timeout(10):
+            await gates["shed:started"].wait()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await execute(channel, "gated", gate="other")
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        gates["shed"].set()
+        await asyncio.wait_for(first, 10)
+        found = samples(serving.metrics.exposition().decode())
+    assert value(found, "nexus_load_shed_total", kind="executions") == 1
+    assert value(found, "nexus_circuit_breaker_state", dependency="database") == 0

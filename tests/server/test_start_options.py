@@ -1,8 +1,9 @@
 """The original's options (issue 15): every option its examples pass is accepted and
-works, or is refused with an error naming the capability a later issue adds. The
-attribute form (`app.rate_limit = 100` before start) is refused the same way.
-`enable_auth` works now (tests/server/test_gateway.py), and so do `enable_monitoring` and
-DataFlow's `enable_metrics` (tests/server/test_metrics.py)."""
+works, or is refused with an error naming the capability a later issue adds. Options are
+checked again at start, so the attribute form (`app.metrics_port = -1` before start) is
+refused like the keyword. `enable_auth` (tests/server/test_gateway.py), `rate_limit`
+and `enable_monitoring` with DataFlow's `enable_metrics` (tests/server/test_metrics.py)
+work now."""
 
 from __future__ import annotations
 
@@ -13,24 +14,6 @@ import pytest
 
 from dataflow import DataFlow, ValidationError
 from nexus_server import Nexus
-from nexus_server._app import UnavailableOption
-
-LATER_NEXUS = [
-    ("rate_limit", 100, "rate limits"),
-    ("rate_limit", {"requests": 10}, "rate limits"),
-]
-
-
-@pytest.mark.parametrize(("option", "value", "capability"), LATER_NEXUS)
-def test_nexus_refuses_options_of_later_capabilities(
-    option: str, value: Any, capability: str
-) -> None:
-    with pytest.raises(UnavailableOption) as caught:
-        Nexus(**{option: value})
-    text = str(caught.value)
-    assert f"Nexus({option}=" in text
-    assert "not available yet" in text and capability in text
-    assert isinstance(caught.value, ValueError)
 
 
 @pytest.mark.parametrize("value", [None, False])
@@ -58,13 +41,10 @@ def test_durability_off_is_refused_saying_what_it_keeps() -> None:
         Nexus(enable_durability=False)
 
 
-@pytest.mark.parametrize(("option", "value", "capability"), LATER_NEXUS)
-async def test_the_attribute_form_is_refused_at_start(
-    option: str, value: Any, capability: str
-) -> None:
-    app = Nexus(grpc_port=0, api_port=None, mcp_port=None)
-    setattr(app, option, value)
-    with pytest.raises(UnavailableOption, match=capability):
+async def test_the_attribute_form_is_refused_at_start() -> None:
+    app = Nexus(grpc_port=0, api_port=None, mcp_port=None, enable_monitoring=True)
+    app.metrics_port = -1
+    with pytest.raises(ValueError, match="metrics_port"):
         async with app.serving():
             pytest.fail("served despite a refused option")
 
@@ -74,13 +54,13 @@ def test_the_attribute_form_makes_start_exit_with_one_line(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     app = Nexus(grpc_port=0, api_port=None, mcp_port=None)
-    app.rate_limit = 100
+    app.expose_metrics = True  # without enable_monitoring
     with pytest.raises(SystemExit) as caught:
         app.start()
     assert caught.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert "rate_limit" in err[0] and "rate limits" in err[0]
+    assert "expose_metrics=True" in err[0] and "enable_monitoring" in err[0]
     assert not (tmp_path / "nexus.db").exists()
 
 
