@@ -879,8 +879,9 @@ def check_refused(address: str) -> None:
 def run_auth(args: argparse.Namespace, tmp: Path) -> list[str]:
     """ExecuteWorkflow noop served with authentication off and on, in the same run: with
     it on, an env API key (`x-api-key`), an HS256 JWT (`authorization: Bearer`) and a
-    managed key (one database read per call); each figure's ratio to auth off. Returns
-    the missed targets."""
+    managed key (one database read per call); each figure's ratio to auth off. Then the
+    admission of one call timed in process (`bench/_auth_cost.py`). Returns the missed
+    targets."""
     jwt: Any = importlib.import_module("jwt")
     api_key = secrets.token_urlsafe(32)
     jwt_secret = secrets.token_urlsafe(48)
@@ -936,10 +937,14 @@ def run_auth(args: argparse.Namespace, tmp: Path) -> list[str]:
                      count=executions(db, "noop"), pid=server.proc.pid,
                      headers=(credential.header,) if credential.header else ())
             )  # fmt: skip
-        return print_auth_table(cases, args)
+        missed = print_auth_table(cases, args)
     finally:
         for s in servers:
             s.stop()
+    # where the difference is: the chain's admission of one call, timed in process
+    auth_cost: Any = importlib.import_module("bench._auth_cost")
+    auth_cost.print_costs(asyncio.run(auth_cost.admission_costs()))
+    return missed
 
 
 def print_auth_table(cases: list[Case], args: argparse.Namespace) -> list[str]:
