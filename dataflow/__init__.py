@@ -27,6 +27,11 @@ searchable fields (``field(searchable=True)``, or ``__searchable__ = True`` for 
 Introspection (used to build typed protobuf messages and services): `DataFlow.models`
 gives every `ModelInfo`; `ModelInfo.fields` gives each `FieldInfo` (name, type,
 nullable, default, primary_key, unique, ...); `DataFlow.node_types()` the node classes.
+
+Tenants: ``@db.model(tenant_scoped=True)`` (or a field declared ``field(tenant=True)``)
+makes every operation of a model see and write only the current tenant's records, set
+with ``with tenant_scope("acme"): ...`` (`current_tenant()` reads it); without one, the
+operations raise `TenantRequired`. `ModelInfo.tenant_field` names the tenant field.
 """
 
 from __future__ import annotations
@@ -41,15 +46,17 @@ from ._errors import (
     ModelError,
     NotFoundError,
     SchemaMissingError,
+    TenantRequired,
     UniqueViolation,
     ValidationError,
 )
 from ._filters import MAX_FILTER_DEPTH, OPERATORS
-from ._model import MANAGED_FIELDS, FieldInfo, ModelInfo, field
+from ._model import MANAGED_FIELDS, TENANT_FIELD, FieldInfo, ModelInfo, field
 from ._nodes import NODE_KINDS, SEARCH_KIND
 from ._ops import ModelOps
 from ._schema import REGISTRY_TABLE
 from ._sqltypes import SQL_TYPES, dialect_insert
+from ._tenant import current_tenant, tenant_scope
 from ._values import storable_reason
 
 __all__ = [
@@ -60,6 +67,7 @@ __all__ = [
     "REGISTRY_TABLE",
     "SEARCH_KIND",
     "SQL_TYPES",
+    "TENANT_FIELD",
     "AlreadyExistsError",
     "ConflictError",
     "DataFlow",
@@ -72,9 +80,12 @@ __all__ = [
     "ModelOps",
     "NotFoundError",
     "SchemaMissingError",
+    "TenantRequired",
     "UniqueViolation",
     "ValidationError",
+    "current_tenant",
     "dialect_insert",
     "field",
     "storable_reason",
+    "tenant_scope",
 ]

@@ -15,9 +15,9 @@ import secrets
 import sqlite3
 import sys
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from sqlalchemy import Connection, MetaData, Table, event, select
 from sqlalchemy import exc as sa_exc
@@ -486,20 +486,46 @@ class DataFlow:
 
     # -- models ----------------------------------------------------------------------
 
-    def model(self, cls: type[T]) -> type[T]:
-        """Class decorator: declare `cls` as a model (no I/O).
+    @overload
+    def model(self, cls: type[T], /, *, tenant_scoped: bool = False) -> type[T]: ...
+
+    @overload
+    def model(
+        self, cls: None = None, /, *, tenant_scoped: bool = False
+    ) -> Callable[[type[T]], type[T]]: ...
+
+    def model(
+        self, cls: type[T] | None = None, /, *, tenant_scoped: bool = False
+    ) -> type[T] | Callable[[type[T]], type[T]]:
+        """Class decorator: declare `cls` as a model (no I/O). Used bare (``@db.model``)
+        or with options (``@db.model(tenant_scoped=True)``).
 
         Registers the model's twelve node types. Declaring a model of the same name with
         the same fields again is a no-op; with different fields it is a ModelError.
+
+        Args:
+            tenant_scoped: every record belongs to one tenant, held in a ``tenant_id``
+                field (added when not declared; see `dataflow.field`'s ``tenant``), and
+                every operation sees and writes only the current tenant's records
+                (`dataflow.tenant_scope`).
 
         Raises:
             ModelError: the class has an unsupported annotation (naming the class, field
                 and type), no ``id``, a bad option, or redefines a model differently.
         """
+        if cls is None:
+            locals_ = sys._getframe(1).f_locals
+
+            def declare(c: type[T]) -> type[T]:
+                return self._declare(c, locals_, tenant_scoped)
+
+            return declare
+        return self._declare(cls, sys._getframe(1).f_locals, tenant_scoped)
+
+    def _declare(self, cls: type[T], localns: Mapping[str, Any], tenant_scoped: bool) -> type[T]:
         if self._closed:
             raise DataFlowError("this DataFlow is closed")
-        frame = sys._getframe(1)
-        info = parse_model(cls, frame.f_locals)
+        info = parse_model(cls, localns, tenant_scoped=tenant_scoped)
         old = self._models.get(info.name)
         if old is not None:
             if old.info.signature() != info.signature():
@@ -514,7 +540,7 @@ class DataFlow:
             raise ModelError(f"model {info.name}: table {info.table!r} is DataFlow's own")
         if owner is not None:
             raise ModelError(f"model {info.name}: table {info.table!r} is used by model {owner}")
-        table = build_table(info, self._metadata)
+        table = build_table(info, self._metadata, self.dialect)
         entry = _Entry(self, info, table)
         nodes = make_nodes(info, lambda: entry.ops)
         done: list[str] = []
@@ -909,6 +935,26 @@ class DataFlow:
         except Exception as exc:
             raise _map_error(exc, None) from exc
 
+    async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> Sequence[Any] | None:
+        """Run one read statement of driver SQL (placeholders from `placeholder`, values
+        from `driver_value`) straight on the driver and return its first row as the
+        driver gives it (None without one): no SQLAlchemy compile or result processing,
+        so values come back raw (a datetime is text on SQLite). For hot single-row reads
+        by key, like the server's API key lookup on every call. Driver errors are mapped
+        to DataFlow's.
+
+        Raises:
+            DataFlowError: inside `transaction()` or an atomic workflow (it would not
+                read through the shared transaction), or the database's error.
+        """
+        if not self._ready:
+            await self.initialize()
+        if not self._fast_ok():
+            raise DataFlowError(
+                "fetchrow() reads outside any transaction; it cannot join the current one"
+            )
+        return await self._fast_fetch(None, sql, list(args), False)
+
     def _here(
         self,
         model: ModelInfo | None,
@@ -1043,7 +1089,7 @@ class DataFlow:
         return ctx is None or not ctx.atomic
 
     async def _fast_fetch(
-        self, model: ModelInfo, sql: str, args: list[Any], write: bool
+        self, model: ModelInfo | None, sql: str, args: list[Any], write: bool
     ) -> Sequence[Any] | None:
         """Run one statement on the driver; return its first row (None if none)."""
         try:
@@ -1163,4 +1209,6 @@ def _diff(a: ModelInfo, b: ModelInfo) -> str:
         parts.append("indexes")
     if a.table != b.table:
         parts.append("table name")
+    if a.tenant_field != b.tenant_field:
+        parts.append("tenant_scoped")
     return ", ".join(parts) or "options"

@@ -16,6 +16,7 @@ __all__ = [
     "ModelError",
     "NotFoundError",
     "SchemaMissingError",
+    "TenantRequired",
     "UniqueViolation",
     "ValidationError",
 ]
@@ -46,6 +47,21 @@ class ValidationError(DataFlowError, ValueError):
         self.row = row
         where = f"row {row}: " if row is not None else ""
         super().__init__(f"{where}{field}: {reason}" if field else f"{where}{reason}")
+
+
+class TenantRequired(DataFlowError):
+    """An operation on a tenant-scoped model ran without a current tenant
+    (`dataflow.tenant_scope`). Nothing was read or written: without a tenant there is
+    no way to tell which rows the caller may see, so the call is refused rather than
+    run over every tenant's rows.
+
+    Attributes:
+        model: the model's name.
+    """
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(f"model {model} is tenant-scoped: this call has no tenant")
 
 
 class NotFoundError(DataFlowError, LookupError):

@@ -167,14 +167,44 @@ class Codec:
         convs = [(n, _null_safe(_result(fields[n], self.sqlite))) for n in self.names]
         self._plain = all(c is None for _, c in convs)
         self._convs = convs
-        self.read_sql = f"SELECT {self.all_cols} FROM {self.table} WHERE {q('id')} = {self.p(1)}"
-        self.delete_sql = f"DELETE FROM {self.table} WHERE {q('id')} = {self.p(1)}"
+        # a tenant-scoped model: every statement by id also matches the tenant, bound
+        # after the other arguments
+        tf = model.tenant_field
+        self._tenant = f" AND {q(tf)} = " if tf is not None else ""
+        self.read_sql = (
+            f"SELECT {self.all_cols} FROM {self.table} WHERE {q('id')} = {self.p(1)}"
+            + self._and_tenant(2)
+        )
+        self.delete_sql = (
+            f"DELETE FROM {self.table} WHERE {q('id')} = {self.p(1)}" + self._and_tenant(2)
+        )
+        # SQLite, a tenant-scoped model with int ids: no rowid alias generates them
+        # (the primary key is (tenant, id)), so an insert without an id takes the
+        # largest id plus one, as SQLite's rowid does (and PostgreSQL's sequence, which
+        # DataFlow moves past explicit ids)
+        self.gen_id = (
+            f"(SELECT coalesce(max({q('id')}), 0) + 1 FROM {self.table})"
+            if tf is not None and self.sqlite and fields["id"].base_type is int
+            else None
+        )
         self._insert: dict[tuple[str, ...], str] = {}
         self._update: dict[tuple[str, ...], str] = {}
 
     def p(self, i: int) -> str:
         """The i-th (1-based) placeholder."""
         return "?" if self.sqlite else f"${i}"
+
+    def _and_tenant(self, i: int) -> str:
+        """`` AND tenant = <i-th placeholder>`` for a tenant-scoped model, else ""."""
+        return f"{self._tenant}{self.p(i)}" if self._tenant else ""
+
+    def _insert_head(self, names: tuple[str, ...]) -> str:
+        cols = ", ".join(self._q(n) for n in names)
+        ps = ", ".join(self.p(i + 1) for i in range(len(names)))
+        if self.gen_id is not None and "id" not in names:
+            cols = f"{self._q('id')}, {cols}"
+            ps = f"{self.gen_id}, {ps}"
+        return f"INSERT INTO {self.table} ({cols}) VALUES ({ps})"
 
     def args(self, values: Mapping[str, Any], names: Sequence[str]) -> list[Any]:
         binds = self.binds
@@ -188,17 +218,13 @@ class Codec:
     def insert_sql(self, names: tuple[str, ...]) -> str:
         sql = self._insert.get(names)
         if sql is None:
-            cols = ", ".join(self._q(n) for n in names)
-            ps = ", ".join(self.p(i + 1) for i in range(len(names)))
-            sql = f"INSERT INTO {self.table} ({cols}) VALUES ({ps}) RETURNING {self.all_cols}"
+            sql = f"{self._insert_head(names)} RETURNING {self.all_cols}"
             self._insert[names] = sql
         return sql
 
     def insert_many_sql(self, names: tuple[str, ...]) -> str:
         """INSERT without RETURNING, for executemany."""
-        cols = ", ".join(self._q(n) for n in names)
-        ps = ", ".join(self.p(i + 1) for i in range(len(names)))
-        return f"INSERT INTO {self.table} ({cols}) VALUES ({ps})"
+        return self._insert_head(names)
 
     def many_args(self, rows: Sequence[Mapping[str, Any]], names: tuple[str, ...]) -> list[Any]:
         """Driver arguments for many new records. All rows of one bulk write share their
@@ -226,10 +252,13 @@ class Codec:
         return out
 
     def update_sql(self, names: tuple[str, ...]) -> str:
+        """UPDATE of `names` by id (arguments: the values, the id, and for a
+        tenant-scoped model the tenant)."""
         sql = self._update.get(names)
         if sql is None:
             sets = ", ".join(f"{self._q(n)} = {self.p(i + 1)}" for i, n in enumerate(names))
-            where = f"{self._q('id')} = {self.p(len(names) + 1)}"
+            n = len(names)
+            where = f"{self._q('id')} = {self.p(n + 1)}{self._and_tenant(n + 2)}"
             sql = f"UPDATE {self.table} SET {sets} WHERE {where} RETURNING {self.all_cols}"
             self._update[names] = sql
         return sql

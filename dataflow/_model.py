@@ -43,6 +43,13 @@ class _FieldSpec:
     index: bool
     description: str
     searchable: bool
+    tenant: bool
+
+
+#: The tenant field's name when a model is declared ``tenant_scoped=True`` without one.
+TENANT_FIELD = "tenant_id"
+#: Why a caller may not set the tenant field (the reason of that ValidationError).
+TENANT_REASON = "set by the server from the caller's tenant"
 
 
 def field(
@@ -52,6 +59,7 @@ def field(
     index: bool = False,
     description: str = "",
     searchable: bool = False,
+    tenant: bool = False,
 ) -> Any:
     """Declare a model field's options where a plain default is not enough.
 
@@ -70,8 +78,11 @@ def field(
         description: carried into node parameter descriptions and generated schemas.
         searchable: part of the model's full-text search (a ``str`` field only; see
             ``{Model}SearchNode`` and `ModelOps.search`).
+        tenant: this field holds the record's tenant and makes the model tenant-scoped
+            (as ``@db.model(tenant_scoped=True)`` does): a ``str`` field without a
+            default, set by DataFlow from `current_tenant` and never by a caller.
     """
-    return _FieldSpec(default, unique, index, description, searchable)
+    return _FieldSpec(default, unique, index, description, searchable, tenant)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,8 @@ class FieldInfo:
         generated: the primary key is generated when omitted (UUID text or autoincrement).
         description: free text.
         searchable: the field is part of the model's full-text search.
+        tenant: the field holds the record's tenant (`ModelInfo.tenant_field`): DataFlow
+            sets it from the current tenant; a caller can read it, never set it.
     """
 
     name: str
@@ -106,11 +119,14 @@ class FieldInfo:
     generated: bool = False
     description: str = ""
     searchable: bool = False
+    tenant: bool = False
 
     @property
     def required(self) -> bool:
         """Whether a create must supply this field."""
-        return self.default is MISSING and not self.nullable and not self.generated
+        return (
+            self.default is MISSING and not self.nullable and not self.generated and not self.tenant
+        )
 
     @property
     def sql_type(self) -> str:
@@ -141,6 +157,8 @@ class FieldInfo:
         }
         if self.searchable:  # only then, so earlier descriptions stay the same
             out["searchable"] = True
+        if self.tenant:  # likewise
+            out["tenant"] = True
         return out
 
 
@@ -159,6 +177,10 @@ class ModelInfo:
         description: the class docstring's first paragraph.
         search_config: the text-search configuration of the model's full-text search
             (``__search_config__``: ``"simple"``, the default, or ``"english"``).
+        tenant_field: the name of the field holding each record's tenant when the model
+            is tenant-scoped (``@db.model(tenant_scoped=True)`` or a field declared with
+            ``field(tenant=True)``), else None. Every operation on a tenant-scoped model
+            sees only the current tenant's rows (`dataflow.tenant_scope`).
     """
 
     name: str
@@ -169,6 +191,7 @@ class ModelInfo:
     cls: type[Any] = dataclasses.field(compare=False)
     description: str = dataclasses.field(default="", compare=False)
     search_config: str = SEARCH_CONFIGS[0]
+    tenant_field: str | None = None
 
     @property
     def searchable_fields(self) -> tuple[FieldInfo, ...]:
@@ -188,13 +211,16 @@ class ModelInfo:
 
     @property
     def writable_fields(self) -> tuple[FieldInfo, ...]:
-        """The fields a caller may set (every field except the managed timestamps)."""
-        return tuple(f for f in self.fields if not f.managed)
+        """The fields a caller may set: every field except the managed timestamps and
+        the tenant field."""
+        return tuple(f for f in self.fields if not f.managed and not f.tenant)
 
     @property
     def unique_keys(self) -> tuple[tuple[str, ...], ...]:
         """Every field set that identifies a record: ``("id",)``, each unique field,
-        each ``__unique__`` group. These are the valid upsert ``conflict_on`` values."""
+        each ``__unique__`` group. These are the valid upsert ``conflict_on`` values.
+        On a tenant-scoped model each is unique within a tenant (the database's
+        constraints include the tenant field, which ``conflict_on`` never names)."""
         keys: list[tuple[str, ...]] = [("id",)]
         keys += [(f.name,) for f in self.fields if f.unique]
         keys += list(self.unique_together)
@@ -202,7 +228,14 @@ class ModelInfo:
 
     def signature(self) -> tuple[Any, ...]:
         """What makes two declarations the same model (used to accept re-declaration)."""
-        return (self.table, self.fields, self.indexes, self.unique_together, self.search_config)
+        return (
+            self.table,
+            self.fields,
+            self.indexes,
+            self.unique_together,
+            self.search_config,
+            self.tenant_field,
+        )
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly description, as stored by ``enable_model_persistence``."""
@@ -214,6 +247,7 @@ class ModelInfo:
             "indexes": [list(i) for i in self.indexes],
             "unique": [list(u) for u in self.unique_together],
             **({"search_config": self.search_config} if self.searchable_fields else {}),
+            **({"tenant_field": self.tenant_field} if self.tenant_field else {}),
         }
 
 
@@ -234,8 +268,16 @@ def _snake(name: str) -> str:
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
-def parse_model(cls: type[Any], localns: Mapping[str, Any] | None = None) -> ModelInfo:
+def parse_model(
+    cls: type[Any], localns: Mapping[str, Any] | None = None, *, tenant_scoped: bool = False
+) -> ModelInfo:
     """Read a class's annotations into a ModelInfo.
+
+    Args:
+        tenant_scoped: the model is tenant-scoped; its tenant field is the one declared
+            with ``field(tenant=True)``, else a declared ``tenant_id: str``, else a
+            ``tenant_id`` field added after the declared ones. A field declared with
+            ``field(tenant=True)`` makes a model tenant-scoped without this.
 
     Raises:
         ModelError: naming the class and field, for an annotation with no column type,
@@ -260,10 +302,15 @@ def parse_model(cls: type[Any], localns: Mapping[str, Any] | None = None) -> Mod
     opt_in = _search_opt_in(cls)
     fields: list[FieldInfo] = []
     for name in names:
-        f = _parse_field(cname, name, hints[name], cls.__dict__.get(name, MISSING))
-        if opt_in and f.base_type is str and not f.primary_key:
-            f = dataclasses.replace(f, searchable=True)
-        fields.append(f)
+        fields.append(_parse_field(cname, name, hints[name], cls.__dict__.get(name, MISSING)))
+    tenant_field = _tenant_field(cname, fields, tenant_scoped)
+    if opt_in:  # after the tenant field is known: it is never searchable
+        fields = [
+            dataclasses.replace(f, searchable=True)
+            if f.base_type is str and not f.primary_key and not f.tenant
+            else f
+            for f in fields
+        ]
     now = dt.datetime
     for m in MANAGED_FIELDS:
         fields.append(FieldInfo(m, now, now, nullable=False, default=MISSING, managed=True))
@@ -280,7 +327,59 @@ def parse_model(cls: type[Any], localns: Mapping[str, Any] | None = None) -> Mod
             f"model {cname}: __search_config__ {config!r} is not one of "
             f"{', '.join(map(repr, SEARCH_CONFIGS))}"
         )
-    return ModelInfo(cname, table, tuple(fields), indexes, unique_together, cls, doc, config)
+    return ModelInfo(
+        cname, table, tuple(fields), indexes, unique_together, cls, doc, config, tenant_field
+    )
+
+
+def _tenant_field(cname: str, fields: list[FieldInfo], tenant_scoped: bool) -> str | None:
+    """The name of the tenant field (marking or adding it in `fields`), or None."""
+    if not isinstance(tenant_scoped, bool):
+        raise ModelError(f"model {cname}: tenant_scoped must be True or False")
+    marked = [f.name for f in fields if f.tenant]
+    if len(marked) > 1:
+        raise ModelError(
+            f"model {cname}: only one field can hold the tenant (marked: {', '.join(marked)})"
+        )
+    if marked:
+        return marked[0]
+    if not tenant_scoped:
+        return None
+    for i, f in enumerate(fields):
+        if f.name == TENANT_FIELD:
+            _check_tenant_field(cname, f.name, f.type, f.default, f.unique, f.searchable)
+            fields[i] = dataclasses.replace(f, tenant=True, indexed=True)
+            return f.name
+    fields.append(
+        FieldInfo(
+            TENANT_FIELD,
+            str,
+            str,
+            nullable=False,
+            default=MISSING,
+            indexed=True,
+            description="the tenant the record belongs to (set by the server)",
+            tenant=True,
+        )
+    )
+    return TENANT_FIELD
+
+
+def _check_tenant_field(
+    cname: str, name: str, tp: Any, default: Any, unique: bool, searchable: bool
+) -> None:
+    where = f"model {cname}, field {name!r}"
+    if tp is not str:
+        raise ModelError(f"{where}: the tenant field must be declared 'str' (not {tp!r})")
+    if name == "id":
+        raise ModelError(f"{where}: the primary key cannot be the tenant field")
+    if default is not MISSING:
+        raise ModelError(f"{where}: the tenant field cannot have a default ({TENANT_REASON})")
+    if unique or searchable:
+        raise ModelError(
+            f"{where}: the tenant field cannot be unique or searchable (unique fields are "
+            f"unique within a tenant)"
+        )
 
 
 def _search_opt_in(cls: type[Any]) -> bool:
@@ -325,6 +424,8 @@ def _parse_field(cname: str, name: str, tp: Any, raw_default: Any) -> FieldInfo:
         except TypeError as exc:
             raise ModelError(f"{where}: default {default!r}: {exc}") from None
     primary = name == "id"
+    if spec and spec.tenant:
+        _check_tenant_field(cname, name, tp, default, spec.unique, spec.searchable)
     if spec and spec.searchable and (bt is not str or primary):
         raise ModelError(f"{where}: only a str field other than id can be searchable (not {tp!r})")
     if primary:
@@ -340,10 +441,11 @@ def _parse_field(cname: str, name: str, tp: Any, raw_default: Any) -> FieldInfo:
         default=default,
         primary_key=primary,
         unique=bool(spec and spec.unique) and not primary,
-        indexed=bool(spec and spec.index) and not primary,
+        indexed=bool(spec and (spec.index or spec.tenant)) and not primary,
         generated=primary,
         description=spec.description if spec else "",
         searchable=bool(spec and spec.searchable),
+        tenant=bool(spec and spec.tenant),
     )
 
 

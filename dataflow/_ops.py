@@ -43,11 +43,12 @@ from ._errors import (
     DatabaseError,
     NotFoundError,
     SchemaMissingError,
+    TenantRequired,
     ValidationError,
 )
 from ._fastpath import Codec
 from ._filters import FilterCompiler
-from ._model import FieldInfo, ModelInfo
+from ._model import TENANT_REASON, FieldInfo, ModelInfo
 from ._pagination import (
     OrderKey,
     decode_token,
@@ -60,6 +61,7 @@ from ._pagination import (
 )
 from ._search import SearchSpec, fts5_query, parse_query, tsquery_text
 from ._sqltypes import dialect_insert, json_dumps
+from ._tenant import current_tenant
 from ._values import INT_MAX, INT_MIN, clean, short
 
 if TYPE_CHECKING:
@@ -137,6 +139,12 @@ class ModelOps:
 
     All methods are coroutines. Outside `DataFlow.transaction()` (and outside an atomic
     workflow) each call is its own transaction; inside, it joins the shared one.
+
+    On a tenant-scoped model (`ModelInfo.tenant_field`) every method works on the
+    current tenant's records only (`dataflow.tenant_scope`): another tenant's records
+    behave as if they did not exist, every record written gets the current tenant, and
+    a caller naming the tenant field in a write gets a ValidationError. Without a
+    current tenant every method raises `TenantRequired`.
     """
 
     def __init__(self, db: DataFlow, model: ModelInfo, table: Table) -> None:
@@ -154,10 +162,22 @@ class ModelOps:
         self._pk = model.primary_key
         self._str_id = self._pk.base_type is str
         c = table.c
+        self._tf = model.tenant_field
+        self._tcol: Any = None if self._tf is None else c[self._tf]
+        by_key = c.id == bindparam("pk")
+        if self._tcol is not None:
+            by_key = and_(by_key, self._tcol == bindparam("tenant"))
         self._insert = insert(table).returning(*c)
         self._insert_many = insert(table)
-        self._read = select(table).where(c.id == bindparam("pk"))
-        self._delete = delete(table).where(c.id == bindparam("pk"))
+        # SQLite, tenant-scoped with int ids: the id of an insert without one (see
+        # Codec.gen_id: the primary key is (tenant, id), so no rowid alias makes it)
+        self._gen_id: Any = None
+        if self._tf is not None and not self._str_id and db.dialect == "sqlite":
+            self._gen_id = select(func.coalesce(func.max(c.id), 0) + 1).scalar_subquery()
+            self._insert_gen = insert(table).values(id=self._gen_id).returning(*c)
+            self._insert_many_gen = insert(table).values(id=self._gen_id)
+        self._read = select(table).where(by_key)
+        self._delete = delete(table).where(by_key)
         self._count_all = select(func.count()).select_from(table)
         self._dialect_insert = dialect_insert(db.dialect)
         self._codec = Codec(model, table, db.engine.dialect)
@@ -167,6 +187,35 @@ class ModelOps:
         if db.dialect == "postgresql" and not self._str_id:
             seq = func.pg_get_serial_sequence(literal(f'"{table.name}"'), literal("id"))
             self._bump = select(func.setval(seq, select(func.max(c.id)).scalar_subquery()))
+
+    # -- tenants -------------------------------------------------------------------
+
+    def _tenant(self) -> str:
+        """The current tenant (a tenant-scoped model only), or TenantRequired."""
+        tenant = current_tenant()
+        if tenant is None:
+            raise TenantRequired(self.model.name)
+        return tenant
+
+    def _scoped(self, where: Any) -> Any:
+        """`where`, and on a tenant-scoped model: of the current tenant."""
+        if self._tcol is None:
+            return where
+        return and_(where, self._tcol == self._tenant())
+
+    def _by_key(self, key: Any) -> dict[str, Any]:
+        """The parameters of `_read` and `_delete`."""
+        if self._tf is None:
+            return {"pk": key}
+        return {"pk": key, "tenant": self._tenant()}
+
+    def _digest(self, flt: Mapping[str, Any] | None) -> str:
+        """What a page token is bound to besides the model and order: the filter, and
+        the tenant (a token never resumes a listing in another tenant)."""
+        digest = filter_digest(flt)
+        if self._tf is None:
+            return digest
+        return f"{digest}\ntenant {self._tenant()}"
 
     # -- validation ----------------------------------------------------------------
 
@@ -192,8 +241,10 @@ class ModelOps:
         """A complete new record from caller data: checked, defaults applied, id made.
 
         The common case (a value already of the field's exact type) is checked inline:
-        this runs once per row of a bulk write.
+        this runs once per row of a bulk write. A tenant-scoped model's record gets the
+        current tenant.
         """
+        tenant = None if self._tf is None else self._tenant()
         out: dict[str, Any] = {}
         fast = self._fast_types
         value: Any
@@ -242,6 +293,9 @@ class ModelOps:
             now = _now()
         out["created_at"] = now
         out["updated_at"] = now
+        tf = self._tf
+        if tf is not None and tenant is not None:
+            out[tf] = tenant
         return out
 
     def _changes(self, fields: Any, row: int | None = None) -> dict[str, Any]:
@@ -260,6 +314,8 @@ class ModelOps:
         return out
 
     def _unknown(self, name: Any) -> str:
+        if name == self._tf:
+            return TENANT_REASON
         if name in ("created_at", "updated_at"):
             return "is managed by DataFlow and cannot be set"
         return f"unknown field of {self.model.name} (fields: {', '.join(self._writable)})"
@@ -277,9 +333,17 @@ class ModelOps:
                 f"the filter matches every {self.model.name} by its shape (an empty filter, "
                 f"an empty $and...); it would {what} them all: pass all=True to mean that",
             )
-        return where
+        return self._scoped(where)
 
     def _conflict_cols(self, conflict_on: Any) -> tuple[str, ...]:
+        """The columns of the unique index `conflict_on` names (a tenant-scoped model's
+        lead with the tenant field, as its indexes do)."""
+        key = self._conflict_key(conflict_on)
+        if self._tf is None:
+            return key
+        return (self._tf, *(n for n in key if n != self._tf))
+
+    def _conflict_key(self, conflict_on: Any) -> tuple[str, ...]:
         if conflict_on is None:
             return ("id",)
         if isinstance(conflict_on, str):
@@ -315,8 +379,9 @@ class ModelOps:
             raw = await db._fast_fetch(self.model, sql, codec.args(values, names), True)
             assert raw is not None
             return codec.record(raw)
+        stmt = self._insert if self._gen_id is None or "id" in values else self._insert_gen
         async with db._session(self.model, write=bump) as (conn, _):
-            row = (await conn.execute(self._insert, values)).one()
+            row = (await conn.execute(stmt, values)).one()
             if bump:
                 await conn.execute(self._bump)
         return self._record(row)
@@ -331,12 +396,14 @@ class ModelOps:
         db = self._db
         if db._fast_ok():
             codec = self._codec
-            raw = await db._fast_fetch(self.model, codec.read_sql, [key], False)
+            args = [key] if self._tf is None else [key, self._tenant()]
+            raw = await db._fast_fetch(self.model, codec.read_sql, args, False)
             if raw is None:
                 raise NotFoundError(self.model.name, key)
             return codec.record(raw)
+        params = self._by_key(key)
         async with db._session(self.model) as (conn, _):
-            row = (await conn.execute(self._read, {"pk": key})).first()
+            row = (await conn.execute(self._read, params)).first()
         if row is None:
             raise NotFoundError(self.model.name, key)
         return self._record(row)
@@ -359,6 +426,8 @@ class ModelOps:
             ValidationError: bad field or value, both or neither of id and filter, or an
                 empty filter without ``all=True``.
         """
+        if self._tf is not None:
+            self._tenant()  # before anything else: no tenant, no call
         changes = self._changes(fields)
         c = self.table.c
         if id is not None and filter is not None:
@@ -388,11 +457,13 @@ class ModelOps:
             names = tuple(changes)
             args = codec.args(changes, names)
             args.append(key)
+            if self._tf is not None:
+                args.append(self._tenant())
             raw = await db._fast_fetch(self.model, codec.update_sql(names), args, True)
             if raw is None:
                 raise NotFoundError(self.model.name, key)
             return codec.record(raw)
-        stmt = update(self.table).where(c.id == key).values(changes).returning(*c)
+        stmt = update(self.table).where(self._scoped(c.id == key)).values(changes).returning(*c)
         async with self._db._session(self.model) as (conn, _):
             row = (await conn.execute(stmt)).first()
         if row is None:
@@ -408,12 +479,14 @@ class ModelOps:
         key = self._key(id)
         db = self._db
         if db._fast_ok():
-            n = await db._fast_execute(self.model, self._codec.delete_sql, [key])
+            args = [key] if self._tf is None else [key, self._tenant()]
+            n = await db._fast_execute(self.model, self._codec.delete_sql, args)
             if n == 0:
                 raise NotFoundError(self.model.name, key)
             return n
+        params = self._by_key(key)
         async with db._session(self.model) as (conn, _):
-            n = (await conn.execute(self._delete, {"pk": key})).rowcount
+            n = (await conn.execute(self._delete, params)).rowcount
         if n == 0:
             raise NotFoundError(self.model.name, key)
         return int(n)
@@ -428,6 +501,8 @@ class ModelOps:
         in the fields given (and ``updated_at``): a field left out keeps its value, it is
         never reset to its default. Returns the record as stored.
         """
+        if self._tf is not None:
+            self._tenant()  # before anything else: no tenant, no call
         key = self._conflict_cols(conflict_on)
         values = self._values(fields)
         stmt = self._upsert_stmt(key, list(values), fields).returning(*self.table.c)
@@ -444,6 +519,8 @@ class ModelOps:
         """INSERT of the columns `names`; on a conflict on `key`, SET the `given` fields
         (never the key, ``id`` or ``created_at``) and ``updated_at``."""
         ins = self._dialect_insert(self.table)
+        if self._gen_id is not None and "id" not in names:
+            ins = ins.values(id=self._gen_id)
         skip = {*key, "id", "created_at"}
         sets = {
             n: ins.excluded[n] for n in names if n not in skip and (n in given or n == "updated_at")
@@ -472,9 +549,11 @@ class ModelOps:
         Returns:
             ``{"records": [...], "next_page_token": str | None}``
         """
+        if self._tf is not None:
+            self._tenant()  # before anything else: no tenant, no call
         fc = self._fc
         keys = parse_order(fc, order_by)
-        where = fc.compile(filter)
+        where = self._scoped(fc.compile(filter))
         db = self._db
         proj: builtins.list[str] | None = None
         if fields is not None:
@@ -488,7 +567,7 @@ class ModelOps:
         stmt = select(self.table).where(where)
         context = ""
         if page_token or limit is not None:
-            context = token_context(self.model.name, keys, filter_digest(filter))
+            context = token_context(self.model.name, keys, self._digest(filter))
         if page_token:
             if offset:
                 raise ValidationError("offset", "cannot be combined with page_token")
@@ -540,6 +619,8 @@ class ModelOps:
                 query, filter, limit, token or field name.
             SchemaMissingError: the search index does not exist (``skip_migration``).
         """
+        if self._tf is not None:
+            self._tenant()  # before anything else: no tenant, no call
         spec: SearchSpec | None = self.table.info.get("search")
         terms = None
         if query is not None and (not isinstance(query, str) or query.strip()):
@@ -552,7 +633,7 @@ class ModelOps:
                 )
             terms = parse_query(query)
         fc = self._fc
-        where = fc.compile(filter)
+        where = self._scoped(fc.compile(filter))
         proj: builtins.list[str] | None = None
         if fields is not None:
             if not isinstance(fields, list | tuple):
@@ -590,7 +671,7 @@ class ModelOps:
             [
                 self.model.name,
                 repr([(x.tokens, x.negated, x.prefix) for x in terms or ()]),
-                filter_digest(filter),
+                self._digest(filter),
             ]
         )
         keys: builtins.list[OrderKey] = [(self._pk, False)]
@@ -631,7 +712,14 @@ class ModelOps:
 
     async def count(self, filter: Mapping[str, Any] | None = None) -> int:
         """How many records match `filter`."""
-        stmt = self._count_all if not filter else self._count_all.where(self._fc.compile(filter))
+        if self._tf is not None:
+            self._tenant()  # before anything else: no tenant, no call
+        if self._tf is not None:
+            stmt = self._count_all.where(self._scoped(self._fc.compile(filter)))
+        elif not filter:
+            stmt = self._count_all
+        else:
+            stmt = self._count_all.where(self._fc.compile(filter))
         async with self._db._session(self.model) as (conn, _):
             return int((await conn.execute(stmt)).scalar_one())
 
@@ -673,6 +761,8 @@ class ModelOps:
         nothing, and the error names its row index and field. On PostgreSQL the rows are
         sent with COPY.
         """
+        if self._tf is not None:
+            self._tenant()  # before anything else: no tenant, no call
         rows = self._new_rows(data)
         if not rows:
             return 0
@@ -689,8 +779,10 @@ class ModelOps:
             if db.dialect == "postgresql":
                 await self._copy(conn, rows)
             else:
+                gen = self._gen_id is not None and "id" not in rows[0]
+                stmt = self._insert_many_gen if gen else self._insert_many
                 for batch in _batches(rows):
-                    await conn.execute(self._insert_many, batch)
+                    await conn.execute(stmt, batch)
             if self._bump is not None and "id" in rows[0]:
                 await conn.execute(self._bump)
         return len(rows)
@@ -728,6 +820,8 @@ class ModelOps:
         `filter` and the `fields` to set on every match (an empty filter needs
         ``all=True``).
         """
+        if self._tf is not None:
+            self._tenant()  # before anything else: no tenant, no call
         c = self.table.c
         if data is not None:
             if filter is not None or fields is not None:
@@ -741,7 +835,8 @@ class ModelOps:
             n = 0
             async with self._db._session(self.model, write=True) as (conn, _):
                 for i, (key, ch) in enumerate(items):
-                    res = await conn.execute(update(self.table).where(c.id == key).values(ch))
+                    by_id = self._scoped(c.id == key)
+                    res = await conn.execute(update(self.table).where(by_id).values(ch))
                     if res.rowcount == 0:
                         raise NotFoundError(self.model.name, f"{key!r} (row {i})")
                     n += res.rowcount
@@ -763,6 +858,8 @@ class ModelOps:
     ) -> int:
         """Delete the records matching `filter` (an empty filter needs ``all=True``), or
         those whose id is in `ids`; return how many were deleted."""
+        if self._tf is not None:
+            self._tenant()  # before anything else: no tenant, no call
         if ids is not None:
             if filter is not None:
                 raise ValidationError("ids", "give either ids or a filter, not both")
@@ -775,7 +872,8 @@ class ModelOps:
             n = 0
             async with self._db._session(self.model, write=True) as (conn, _):
                 for batch in _batches(keys):
-                    res = await conn.execute(delete(self.table).where(self.table.c.id.in_(batch)))
+                    in_batch = self._scoped(self.table.c.id.in_(batch))
+                    res = await conn.execute(delete(self.table).where(in_batch))
                     n += int(res.rowcount)
             return n
         stmt = delete(self.table).where(self._where(filter, all, "delete"))
@@ -789,6 +887,8 @@ class ModelOps:
         """Insert or update every record of `data` on its `conflict_on` key, with native
         ``INSERT ... ON CONFLICT DO UPDATE``, in one transaction; return how many. As in
         `upsert`, an existing record changes only in the fields its entry gives."""
+        if self._tf is not None:
+            self._tenant()  # before anything else: no tenant, no call
         key = self._conflict_cols(conflict_on)
         rows = self._new_rows(data)
         if not rows:

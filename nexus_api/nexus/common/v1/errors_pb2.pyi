@@ -43,6 +43,9 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CREDENTIALS_INVALID: _ClassVar[ErrorReason]
     CREDENTIALS_EXPIRED: _ClassVar[ErrorReason]
     PERMISSION_DENIED: _ClassVar[ErrorReason]
+    API_KEY_NOT_FOUND: _ClassVar[ErrorReason]
+    API_KEY_ALREADY_EXISTS: _ClassVar[ErrorReason]
+    API_KEYS_UNAVAILABLE: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 REQUEST_INVALID: ErrorReason
 PAGE_TOKEN_INVALID: ErrorReason
@@ -77,5 +80,8 @@ CREDENTIALS_MISSING: ErrorReason
 CREDENTIALS_INVALID: ErrorReason
 CREDENTIALS_EXPIRED: ErrorReason
 PERMISSION_DENIED: ErrorReason
+API_KEY_NOT_FOUND: ErrorReason
+API_KEY_ALREADY_EXISTS: ErrorReason
+API_KEYS_UNAVAILABLE: ErrorReason
 CODE_FIELD_NUMBER: _ClassVar[int]
 code: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, int]
