@@ -712,9 +712,7 @@ class ModelOps:
 
     async def count(self, filter: Mapping[str, Any] | None = None) -> int:
         """How many records match `filter`."""
-        if self._tf is not None:
-            self._tenant()  # before anything else: no tenant, no call
-        if self._tf is not None:
+        if self._tf is not None:  # the tenant is always a condition
             stmt = self._count_all.where(self._scoped(self._fc.compile(filter)))
         elif not filter:
             stmt = self._count_all

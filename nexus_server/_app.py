@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from dataflow import DataFlow
 from nexus_api import descriptor_set_bytes
+from nexus_api.nexus.audit.v1 import audit_service_pb2_grpc as augrpc
+from nexus_api.nexus.auth.v1 import auth_service_pb2_grpc as agrpc
 from nexus_api.nexus.health.v1 import probe_service_pb2_grpc as pgrpc
 from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 from nexus_api.nexus.openapi.v1 import openapi_service_pb2_grpc as ogrpc
@@ -26,8 +30,9 @@ from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from workflow import Workflow
 
 from ._discovery import discover_workflows
-from ._errors import decode_guarded
+from ._errors import guard_method
 from ._executions import Executions
+from ._handlers import map_methods
 from ._limits import Limits
 from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
@@ -37,17 +42,33 @@ from ._registry import WorkflowRegistry
 from ._store import Store
 from ._typed import TypedModels
 from ._workflow_service import WorkflowServicer
+from .gateway import Gateway, Policy
+from .gateway._audit import AuditTrail
+from .gateway._audit_service import AuditServicer
+from .gateway._auth_service import AuthServicer
+from .gateway._authn import Authenticator
+from .gateway._config import AuthConfig
+from .gateway._keys import KeyStore
 
 if TYPE_CHECKING:
     from ._envoy import EnvoySupervisor
 
-__all__ = ["GrpcPortError", "Nexus", "Serving", "UnavailableOption", "deferred_start"]
+__all__ = [
+    "AuthNotConfigured",
+    "GrpcPortError",
+    "Nexus",
+    "Serving",
+    "UnavailableOption",
+    "deferred_start",
+]
 
 _log = logging.getLogger("nexus_server")
 
 WORKFLOW_SERVICE = "nexus.workflow.v1.WorkflowService"
 MODEL_SERVICE = "nexus.model.v1.ModelService"
 OPENAPI_SERVICE = "nexus.openapi.v1.OpenApiService"
+AUTH_SERVICE = "nexus.auth.v1.AuthService"
+AUDIT_SERVICE = "nexus.audit.v1.AuditService"
 
 
 class GenericHandlersOnly:
@@ -61,16 +82,23 @@ class GenericHandlersOnly:
     (docs/benchmarks.md, "Registered methods"; upstream: grpc/grpc#43461). Generic
     handlers answer the same methods through one accept loop.
 
-    Every handler passes through `decode_guarded` on the way: a request that is not
-    valid protobuf is INVALID_ARGUMENT on every method (generated, typed, health,
-    reflection), never grpc's UNKNOWN naming protobuf's DecodeError.
+    Every method passes through the gateway chain (`gateway.Gateway`: authentication,
+    authorization, tenant, audit) and then `guard_method`: a request that is not valid
+    protobuf is INVALID_ARGUMENT on every method (generated, typed, health, reflection),
+    never grpc's UNKNOWN naming protobuf's DecodeError.
     """
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, gateway: Gateway) -> None:
         self._server = server
+        self._gateway = gateway
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers([decode_guarded(h) for h in handlers])
+        self._server.add_generic_rpc_handlers([map_methods(h, self._method) for h in handlers])
+
+    def _method(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        # the chain outside the decoding guard: a stranger is refused before anything
+        # about its request is said
+        return self._gateway.method(path, guard_method(path, handler))
 
     def add_registered_method_handlers(
         self, service: str, method_handlers: dict[str, grpc.RpcMethodHandler]
@@ -130,9 +158,21 @@ class Nexus:
         enable_durability: executions called with a `request_id` are durable (recorded
             before the reply, answered from the record on retry): True or None. False is
             refused: that guarantee cannot be turned off.
-        enable_auth, enable_monitoring, rate_limit: the original's options for
-            capabilities later issues add; False/None is accepted, anything else is
-            refused (`UnavailableOption`) naming the capability it needs.
+        enable_auth: authenticate every call (API keys, JWT; docs/security.md). None
+            (the default): on when `NEXUS_ENV=production`, else off. On without any
+            credential source configured, start fails naming the options.
+        auth: the credential sources in code (`AuthConfig`), merged with the
+            environment's (`NEXUS_API_KEY_<NAME>`, `NEXUS_JWT_SECRET`, ...).
+        policy: roles -> permissions (`Policy`); the built-in roles are admin, reader
+            and writer. `register(..., roles=[...])` grants a workflow to roles too.
+        public_discovery: reflection and the OpenAPI document need no credential (off:
+            any valid credential may read them).
+        audit_table: keep the audit trail in the app's database (`nexus_audit`, read
+            with `nexus audit list`) as well as in the log.
+        audit_reads: audit reads too, not only changes and refusals.
+        enable_monitoring, rate_limit: the original's options for capabilities later
+            issues add; False/None is accepted, anything else is refused
+            (`UnavailableOption`) naming the capability it needs.
 
     The options are checked at construction and again at `start()`/`serving()`, so the
     attribute form (`app.enable_auth = True` before `start()`) is refused the same way.
@@ -155,6 +195,11 @@ class Nexus:
         limits: Limits | None = None,
         enable_durability: bool | None = True,
         enable_auth: bool | None = None,
+        auth: AuthConfig | None = None,
+        policy: Policy | None = None,
+        public_discovery: bool = False,
+        audit_table: bool = False,
+        audit_reads: bool = False,
         enable_monitoring: bool | None = None,
         rate_limit: object = None,
     ) -> None:
@@ -173,6 +218,11 @@ class Nexus:
         self.registry = WorkflowRegistry()
         self.enable_durability = enable_durability
         self.enable_auth = enable_auth
+        self.auth = auth
+        self.policy = policy or Policy()
+        self.public_discovery = public_discovery
+        self.audit_table = audit_table
+        self.audit_reads = audit_reads
         self.enable_monitoring = enable_monitoring
         self.rate_limit = rate_limit
         self.db: DataFlow | None = None
@@ -233,9 +283,26 @@ class Nexus:
             raise ValueError("this app already integrates a DataFlow; use one per app")
         self.db, self._chosen_db = db, True
 
-    def register(self, name: str, workflow: Workflow) -> None:
-        """Expose `workflow` as `name` on every channel. The name is checked now."""
-        self.registry.add(name, workflow, builtin=True)
+    def register(
+        self,
+        name: str,
+        workflow: Workflow,
+        *,
+        roles: Sequence[str] = (),
+        public: bool = False,
+    ) -> None:
+        """Expose `workflow` as `name` on every channel. The name is checked now.
+
+        Args:
+            roles: with authentication on, the roles that may run it (granted
+                `workflow:<name>:execute`; admins always may).
+            public: anyone may run it, with or without a credential.
+        """
+        if isinstance(roles, str):
+            raise TypeError(f"roles expects a list of role names, got the string {roles!r}")
+        self.registry.add(name, workflow, builtin=True, public=public)
+        for role in roles:
+            self.policy.grant(role, f"workflow:{name}:execute")
 
     def unregister(self, name: str) -> None:
         self.registry.remove(name)
@@ -265,29 +332,52 @@ class Nexus:
         if interrupted:
             _log.warning("marked %d execution(s) interrupted by the last stop", interrupted)
         executions = Executions(store, timeout=self.execution_timeout)
+        keys = KeyStore(db)
+        await keys.initialize()
+        authenticator = await self._authenticator(keys) if self.auth_enabled() else None
+        audit = AuditTrail(db, table=self.audit_table)
+        await audit.initialize()
         executions.open()
         records = Records(db, store)
         typed = TypedModels(db.models, _static_files())
+        gateway = Gateway(
+            authenticator=authenticator,
+            policy=self.policy,
+            registry=self.registry,
+            audit=audit,
+            typed_models={typed.service_name(m): m for m in typed.models},
+            public_discovery=self.public_discovery,
+            audit_reads=self.audit_reads,
+        )
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self.limits.grpc_options()])
-        handlers = GenericHandlersOnly(server)
+        handlers = GenericHandlersOnly(server, gateway)
         wgrpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
             WorkflowServicer(
                 self.registry,
                 executions,
                 allow_code_nodes=self.allow_code_nodes,
+                gateway=gateway,
                 limits=self.limits,
             ),
             handlers,
         )
         mgrpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ModelServicer(records, typed), handlers
+            ModelServicer(records, typed, gateway), handlers
         )
         handlers.add_generic_rpc_handlers(typed_handlers(records, typed))
         ogrpc.add_OpenApiServiceServicer_to_server(  # type: ignore[no-untyped-call]
             # built on the first GetOpenApi, never in the way of startup
-            OpenApiServicer(functools.partial(_openapi_document, typed)),
+            OpenApiServicer(
+                functools.partial(_openapi_document, typed, secured=authenticator is not None)
+            ),
             handlers,
+        )
+        agrpc.add_AuthServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            AuthServicer(authenticator, keys, auth_enabled=authenticator is not None), handlers
+        )
+        augrpc.add_AuditServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            AuditServicer(audit), handlers
         )
         health_servicer = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
@@ -299,6 +389,8 @@ class Nexus:
             MODEL_SERVICE,
             OPENAPI_SERVICE,
             PROBE_SERVICE,
+            AUTH_SERVICE,
+            AUDIT_SERVICE,
             *typed.service_names,
         )
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -313,6 +405,7 @@ class Nexus:
             port = 0
         if port == 0:
             await executions.close(0)
+            await audit.close()
             raise GrpcPortError(
                 f"cannot start gRPC on port {self.grpc_port}: {self.host}:{self.grpc_port} "
                 "is in use (or not an address of this host)"
@@ -369,9 +462,48 @@ class Nexus:
             await _set_health(health_servicer, services, serving=False)
             await server.stop(self.grace_period)
             await executions.close(self.grace_period)
+            await audit.close()
             if self._own_db:
                 await db.close()
                 self.db, self._own_db = None, False
+
+    def auth_enabled(self) -> bool:
+        """Whether calls are authenticated: `enable_auth`, or when it is None, whether
+        `NEXUS_ENV=production`. Logs a warning for a production app or a non-loopback
+        host served without authentication."""
+        production = os.environ.get("NEXUS_ENV", "").strip().lower() == "production"
+        on = production if self.enable_auth is None else bool(self.enable_auth)
+        if not on:
+            if production:
+                _log.warning(
+                    "NEXUS_ENV=production with enable_auth=False: every caller may do "
+                    "everything (docs/security.md)"
+                )
+            elif self.host not in ("127.0.0.1", "localhost", "::1"):
+                _log.warning(
+                    "serving on %s without authentication: anyone who reaches this "
+                    "address may do everything; set enable_auth=True (docs/security.md)",
+                    self.host,
+                )
+        return on
+
+    async def _authenticator(self, keys: KeyStore) -> Authenticator:
+        """The authenticator of the configured sources (fails closed without one)."""
+        explicit = (
+            {f.name: getattr(self.auth, f.name) for f in dataclasses.fields(self.auth)}
+            if self.auth is not None
+            else {}
+        )
+        config = AuthConfig.from_env(os.environ, **explicit)
+        authenticator = Authenticator(config, keys)
+        if not await authenticator.has_source():
+            raise AuthNotConfigured(
+                "enable_auth is on but no credential source is configured: set "
+                "NEXUS_API_KEY_<NAME>, NEXUS_JWT_SECRET, NEXUS_JWT_PUBLIC_KEY or "
+                "NEXUS_JWKS_URL (or Nexus(auth=AuthConfig(...))), or create a key with "
+                "`nexus keys create` (docs/security.md)"
+            )
+        return authenticator
 
     def _discover(self) -> None:
         report = discover_workflows(self.discovery_root)
@@ -437,6 +569,10 @@ class Nexus:
             raise SystemExit(code)
 
 
+class AuthNotConfigured(ValueError):
+    """Authentication is on and no credential source is configured."""
+
+
 class GrpcPortError(OSError):
     """The gRPC port could not be bound (in use, or not an address of this host)."""
 
@@ -453,7 +589,6 @@ class UnavailableOption(ValueError):
 
 #: The original's options whose capabilities come in later issues.
 _LATER_OPTIONS = {
-    "enable_auth": "authentication",
     "enable_monitoring": "metrics (monitoring)",
     "rate_limit": "rate limits",
 }
@@ -539,12 +674,12 @@ async def _set_health(
         await servicer.set(name, status)
 
 
-def _openapi_document(typed: TypedModels) -> bytes:
+def _openapi_document(typed: TypedModels, *, secured: bool) -> bytes:
     """The OpenAPI document of what REST reaches (Envoy's module imported only now)."""
     from ._envoy import merged_descriptor_set, transcoded_services
     from ._openapi import openapi_json
 
-    return openapi_json(merged_descriptor_set(typed), transcoded_services(typed))
+    return openapi_json(merged_descriptor_set(typed), transcoded_services(typed), secured=secured)
 
 
 def shown_url(db: DataFlow) -> str:

@@ -273,8 +273,11 @@ def _cmd_openapi(args: argparse.Namespace) -> int:
     from ._envoy import merged_descriptor_set, transcoded_services
     from ._openapi import openapi_json
 
-    typed = _typed(_load(args.app))
-    doc = openapi_json(merged_descriptor_set(typed), transcoded_services(typed))
+    app = _load(args.app)
+    typed = _typed(app)
+    doc = openapi_json(
+        merged_descriptor_set(typed), transcoded_services(typed), secured=app.auth_enabled()
+    )
     if args.out:
         Path(args.out).write_bytes(doc)
         print(f"wrote {args.out}", file=sys.stderr)

@@ -140,10 +140,12 @@ def _set_time(
 
 
 def workflow_message(
-    name: str, wf: Workflow, *, builtin: bool, update_time: _dt.datetime
+    name: str, wf: Workflow, *, builtin: bool, update_time: _dt.datetime, owner: str = ""
 ) -> wpb.Workflow:
     """A registered workflow as the contract's `Workflow` resource."""
-    msg = wpb.Workflow(name=name, description=wf.description, atomic=wf.atomic, builtin=builtin)
+    msg = wpb.Workflow(
+        name=name, description=wf.description, atomic=wf.atomic, builtin=builtin, owner=owner
+    )
     msg.update_time.FromDatetime(update_time)
     for inp in wf.inputs.values():
         item = msg.inputs.add(
@@ -224,6 +226,7 @@ def execution_message(rec: ExecutionRecord) -> wpb.Execution:
         workflow=rec.workflow,
         state=_STATES[rec.state],
         request_id=rec.request_id or "",
+        owner=rec.caller,
     )
     # a record's inputs and outputs are JSON documents already (to_jsonable on the way in)
     if rec.inputs:

@@ -377,6 +377,24 @@ end
 """
 
 
+#: The channel of each call through Envoy, for the server's audit trail: set here (a
+#: caller's own `x-nexus-channel` is replaced), before the gRPC-Web filter turns a
+#: gRPC-Web request into gRPC.
+_CHANNEL_LUA = """\
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local ctype = headers:get("content-type") or ""
+  local channel = "rest"
+  if string.sub(ctype, 1, 20) == "application/grpc-web" then
+    channel = "grpc-web"
+  elseif string.sub(ctype, 1, 16) == "application/grpc" then
+    channel = "grpc"
+  end
+  headers:replace("x-nexus-channel", channel)
+end
+"""
+
+
 def _transcoder(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3."
@@ -418,7 +436,8 @@ def _cors_policy(origins: Sequence[str]) -> dict[str, Any]:
         "allow_origin_string_match": matches,
         "allow_methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
         "allow_headers": (
-            "content-type, authorization, x-nexus-caller, x-grpc-web, x-user-agent, grpc-timeout"
+            "content-type, authorization, x-api-key, x-nexus-caller, x-nexus-tenant, "
+            "x-grpc-web, x-user-agent, grpc-timeout"
         ),
         "expose_headers": "grpc-status, grpc-message, grpc-status-details-bin",
         "max_age": "86400",
@@ -439,6 +458,13 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             }
         )
     http_filters += [
+        {
+            "name": "nexus.channel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": _CHANNEL_LUA},
+            },
+        },
         {
             # 413 for a request body above the limit, before anything reaches the server
             # (the transcoder alone streams a `body: "*"` request upstream)

@@ -28,8 +28,11 @@ import dataflow
 import workflow
 from nexus_api.nexus.common.v1 import errors_pb2
 
+from ._handlers import map_methods
+
 __all__ = [
     "DOMAIN",
+    "FAILURE_REASON",
     "ApiError",
     "StatusError",
     "abort",
@@ -37,6 +40,7 @@ __all__ = [
     "call_id",
     "code_of",
     "decode_guarded",
+    "guard_method",
     "status_of",
     "to_api_error",
 ]
@@ -164,6 +168,15 @@ class ApiError(Exception):
         return status
 
 
+def _reason_of(status: status_pb2.Status) -> str:
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
 class StatusError(Exception):
     """Ends a call with a status made earlier (a finished execution's stored error),
     adding the execution id to its `ErrorInfo.metadata`."""
@@ -248,6 +261,15 @@ def _from_already_exists(exc: dataflow.AlreadyExistsError) -> ApiError:
     return ApiError("RECORD_ALREADY_EXISTS", str(exc), metadata=meta)
 
 
+def _from_tenant_required(exc: Any) -> ApiError:
+    # a principal without a tenant on a tenant-scoped model: a right it does not have
+    return ApiError(
+        "PERMISSION_DENIED",
+        f"permission denied: {exc}",
+        metadata={"permission": "tenant"},
+    )
+
+
 def _mapped(exc: BaseException) -> ApiError | None:
     if isinstance(exc, ApiError):
         return exc
@@ -265,6 +287,7 @@ _TABLE: list[tuple[type[BaseException], Callable[[Any], ApiError]]] = [
     (workflow.ExecutionTimeoutError, lambda e: ApiError("EXECUTION_TIMEOUT", str(e))),
     (workflow.ExecutionCancelledError, lambda e: ApiError("EXECUTION_CANCELLED", str(e))),
     (workflow.RegistryError, lambda e: ApiError("WORKFLOW_INVALID", str(e))),
+    (dataflow.TenantRequired, _from_tenant_required),
     (dataflow.ValidationError, _from_validation),
     (dataflow.NotFoundError, _from_not_found),
     (dataflow.AlreadyExistsError, _from_already_exists),
@@ -294,9 +317,22 @@ def status_of(exc: BaseException) -> status_pb2.Status:
     return to_api_error(exc).to_status()
 
 
+#: The ErrorInfo reason of the call's failure, once `abort` ended it (the gateway's
+#: audit entry reads it after the servicer returns).
+FAILURE_REASON: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "nexus_failure_reason", default=""
+)
+
+
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     """End the call with the status of `exc`, details in `grpc-status-details-bin`."""
-    status = exc.status if isinstance(exc, StatusError) else to_api_error(exc).to_status()
+    if isinstance(exc, StatusError):
+        status = exc.status
+        FAILURE_REASON.set(_reason_of(status))
+    else:
+        api = to_api_error(exc)
+        FAILURE_REASON.set(api.reason)
+        status = api.to_status()
     rich = rpc_status.to_status(status)
     await context.abort(rich.code, rich.details, trailing_metadata=rich.trailing_metadata)
     raise AssertionError("unreachable")  # context.abort raises
@@ -401,7 +437,8 @@ def _guard_behaviour(behaviour: Callable[..., Any], streaming_request: bool) -> 
     return unary_call
 
 
-def _guard_method(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def guard_method(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` with its request decoding guarded (see `decode_guarded`)."""
     if handler.request_deserializer is None or not hasattr(handler, "_replace"):
         return handler  # raw bytes in: nothing to decode
     kind = ("stream_" if handler.request_streaming else "unary_") + (
@@ -415,54 +452,12 @@ def _guard_method(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return guarded
 
 
-class _DecodeGuard(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """A generic handler whose methods answer a request that is not valid protobuf with
-    INVALID_ARGUMENT. Method handlers are wrapped once, on first use of each method."""
-
-    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
-        self._inner = inner
-        self._methods: dict[str, grpc.RpcMethodHandler] = {}
-
-    def service_name(self) -> str | None:
-        name = getattr(self._inner, "service_name", None)
-        return name() if callable(name) else None
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        method: str = handler_call_details.method
-        try:
-            return self._methods[method]
-        except KeyError:
-            pass
-        found = self._inner.service(handler_call_details)
-        if found is None:
-            return None  # not remembered: callers choose unknown method names
-        guarded = _guard_method(found)
-        self._methods[method] = guarded
-        return guarded
-
-
 def decode_guarded(handler: grpc.GenericRpcHandler) -> grpc.GenericRpcHandler:
     """`handler` with every method's request decoding guarded: malformed protobuf (bad
     UTF-8 in a string, truncated bytes, nesting over the decoder's limit) is
     INVALID_ARGUMENT/REQUEST_INVALID "the request is not a valid <Message>" (metadata
-    `message`), where grpc would answer UNKNOWN naming protobuf's DecodeError class.
-
-    A service made by `grpc.method_handlers_generic_handler` is rebuilt with its methods
-    guarded (no per-call cost beyond the guard itself); any other handler is wrapped."""
-    methods = getattr(handler, "_method_handlers", None)
-    name = getattr(handler, "service_name", None)
-    if isinstance(methods, dict) and callable(name):
-        service = name()
-        prefix = f"/{service}/"
-        return grpc.method_handlers_generic_handler(
-            service,
-            {
-                path.removeprefix(prefix): _guard_method(h)
-                for path, h in methods.items()
-                if path.startswith(prefix)
-            },
-        )
-    return _DecodeGuard(handler)
+    `message`), where grpc would answer UNKNOWN naming protobuf's DecodeError class."""
+    return map_methods(handler, guard_method)
 
 
 assert code_pb2.OK == 0  # the numbering grpc.StatusCode and google.rpc.Code share

@@ -597,11 +597,13 @@ class Executions:
         other = await self.store.find_request(rec.caller, rec.request_id)
         return None if other is None or other.id == rec.id else other
 
-    async def get(self, execution_id: str) -> ExecutionRecord:
+    async def get(self, execution_id: str, owner: str | None = None) -> ExecutionRecord:
+        """The execution `execution_id`; with `owner`, only if that principal started it
+        (another's is NOT_FOUND, as if it did not exist)."""
         rec = self._unflushed(execution_id)
         if rec is None and len(execution_id) <= 64 and "\x00" not in execution_id:
             rec = await self.store.get_execution(execution_id)  # else no id can match
-        if rec is None:
+        if rec is None or (owner is not None and rec.caller != owner):
             raise ApiError(
                 "EXECUTION_NOT_FOUND",
                 f"execution {brief(execution_id)} not found",
@@ -609,10 +611,13 @@ class Executions:
             )
         return rec
 
-    async def cancel(self, execution_id: str) -> ExecutionRecord:
+    async def cancel(self, execution_id: str, owner: str | None = None) -> ExecutionRecord:
+        """Cancel `execution_id` (with `owner`: only that principal's, see `get`)."""
         run = self.running.get(execution_id)
+        if run is not None and owner is not None and run.record.caller != owner:
+            run = None  # another's: answered by `get` below as not found
         if run is None or run.task is None:
-            rec = await self.get(execution_id)
+            rec = await self.get(execution_id, owner)
             if rec.state == "CANCELLED":
                 return rec  # cancelling twice is not an error: the contract returns it unchanged
             raise ApiError(

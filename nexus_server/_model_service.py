@@ -29,7 +29,7 @@ from ._typed import (
     message_to_fields,
     record_to_message,
 )
-from ._workflow_service import caller_of
+from .gateway import CURRENT_PRINCIPAL, Gateway, caller_id
 
 __all__ = ["ModelServicer", "typed_handlers"]
 
@@ -138,9 +138,10 @@ def _check_fields(model: ModelInfo, names: Any) -> list[str] | None:
 class ModelServicer(mgrpc.ModelServiceServicer):
     """Implements nexus.model.v1.ModelService: any model, records as Structs."""
 
-    def __init__(self, records: Records, typed: TypedModels | None) -> None:
+    def __init__(self, records: Records, typed: TypedModels | None, gateway: Gateway) -> None:
         self.records = records
         self.typed = typed
+        self.gateway = gateway
 
     async def ListModels(
         self, request: mpb.ListModelsRequest, context: Context
@@ -156,7 +157,12 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                     "page_token is not one this server returned",
                     [("page_token", "invalid")],
                 )
-            models = self.records.models
+            me = CURRENT_PRINCIPAL.get()
+            models = [
+                m
+                for m in self.records.models
+                if me is not None and self.gateway.may_use_model(me, m.name)
+            ]
             page = models[start : start + size]
             resp = mpb.ListModelsResponse(models=[model_message(m, self.typed) for m in page])
             if start + size < len(models):
@@ -183,7 +189,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                     return to_struct(await self.records.ops(model).create(**data))
 
             return await self.records.idempotent(
-                caller_of(context), request.request_id, "CreateRecord",
+                caller_id(), request.request_id, "CreateRecord",
                 [request.model, data], type(to_struct({})), write,
             )  # fmt: skip
         except Exception as exc:
@@ -216,7 +222,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                 return to_struct(rec)
 
             return await self.records.idempotent(
-                caller_of(context), request.request_id, "UpdateRecord",
+                caller_id(), request.request_id, "UpdateRecord",
                 [request.model, request.id, changes], type(to_struct({})), write,
             )  # fmt: skip
         except Exception as exc:
@@ -234,7 +240,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                 return empty_pb2.Empty()
 
             return await self.records.idempotent(
-                caller_of(context), request.request_id, "DeleteRecord",
+                caller_id(), request.request_id, "DeleteRecord",
                 [request.model, request.id], empty_pb2.Empty, write,
             )  # fmt: skip
         except Exception as exc:
@@ -318,7 +324,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                 return mpb.UpsertRecordResponse(record=to_struct(rec), created=created)
 
             return await self.records.idempotent(
-                caller_of(context), request.request_id, "UpsertRecord",
+                caller_id(), request.request_id, "UpsertRecord",
                 [request.model, data, conflict_on], mpb.UpsertRecordResponse, write,
             )  # fmt: skip
         except Exception as exc:
@@ -344,7 +350,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                 return mpb.BulkCreateRecordsResponse(created_count=n)
 
             return await self.records.idempotent(
-                caller_of(context), request.request_id, "BulkCreateRecords",
+                caller_id(), request.request_id, "BulkCreateRecords",
                 [request.model, rows], mpb.BulkCreateRecordsResponse, write,
             )  # fmt: skip
         except Exception as exc:
@@ -366,7 +372,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                 return mpb.BulkUpdateRecordsResponse(updated_count=n)
 
             return await self.records.idempotent(
-                caller_of(context), request.request_id, "BulkUpdateRecords",
+                caller_id(), request.request_id, "BulkUpdateRecords",
                 [request.model, flt, values, request.allow_all],
                 mpb.BulkUpdateRecordsResponse, write,
             )  # fmt: skip
@@ -385,7 +391,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                 return mpb.BulkDeleteRecordsResponse(deleted_count=n)
 
             return await self.records.idempotent(
-                caller_of(context), request.request_id, "BulkDeleteRecords",
+                caller_id(), request.request_id, "BulkDeleteRecords",
                 [request.model, flt, request.allow_all], mpb.BulkDeleteRecordsResponse, write,
             )  # fmt: skip
         except Exception as exc:
@@ -405,7 +411,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
                 return mpb.BulkUpsertRecordsResponse(upserted_count=n)
 
             return await self.records.idempotent(
-                caller_of(context), request.request_id, "BulkUpsertRecords",
+                caller_id(), request.request_id, "BulkUpsertRecords",
                 [request.model, rows, conflict_on], mpb.BulkUpsertRecordsResponse, write,
             )  # fmt: skip
         except Exception as exc:
@@ -426,7 +432,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
 
             body = [w.SerializeToString(deterministic=True).hex() for w in request.writes]
             return await self.records.idempotent(
-                caller_of(context), request.request_id, "BatchWrite", body,
+                caller_id(), request.request_id, "BatchWrite", body,
                 mpb.BatchWriteResponse, write,
             )  # fmt: skip
         except Exception as exc:
@@ -531,7 +537,7 @@ class _TypedService:
         async def create(req: Any, context: Context) -> Any:
             data = self._fields(getattr(req, self.snake), self.snake, new=True)
             return await self.records.idempotent(
-                caller_of(context), req.request_id, f"Create{name}", data, self.cls,
+                caller_id(), req.request_id, f"Create{name}", data, self.cls,
                 lambda: _wrap(self._msg, self.ops.create(**data), self.snake),
             )  # fmt: skip
 
@@ -553,7 +559,7 @@ class _TypedService:
             changes.pop(pk, None)
             _require_changes(changes, self.snake)
             return await self.records.idempotent(
-                caller_of(context), req.request_id, f"Update{name}", [key, changes], self.cls,
+                caller_id(), req.request_id, f"Update{name}", [key, changes], self.cls,
                 lambda: _wrap(self._msg, self.ops.update(key, fields=changes), self.snake),
             )  # fmt: skip
 
@@ -563,7 +569,7 @@ class _TypedService:
                 return empty_pb2.Empty()
 
             return await self.records.idempotent(
-                caller_of(context), req.request_id, f"Delete{name}", [req.id], empty_pb2.Empty,
+                caller_id(), req.request_id, f"Delete{name}", [req.id], empty_pb2.Empty,
                 write,
             )  # fmt: skip
 
@@ -600,7 +606,7 @@ class _TypedService:
             data = self._fields(getattr(req, self.snake), self.snake, new=True)
             conflict_on = list(req.conflict_on) or None
             return await self.records.idempotent(
-                caller_of(context), req.request_id, f"Upsert{name}", [data, conflict_on],
+                caller_id(), req.request_id, f"Upsert{name}", [data, conflict_on],
                 self.cls,
                 lambda: _wrap(self._msg, self.ops.upsert(conflict_on, **data), self.snake),
             )  # fmt: skip
@@ -615,7 +621,7 @@ class _TypedService:
         async def bulk_create(req: Any, context: Context) -> Any:
             data = rows(req)
             return await self.records.idempotent(
-                caller_of(context), req.request_id, f"BulkCreate{plural}", data, result_cls,
+                caller_id(), req.request_id, f"BulkCreate{plural}", data, result_cls,
                 lambda: _wrap(
                     lambda n: result_cls(affected=n), self.ops.bulk_create(data), rows=coll
                 ),
@@ -625,7 +631,7 @@ class _TypedService:
             flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
             values = self._fields(req.values, "values")
             return await self.records.idempotent(
-                caller_of(context), req.request_id, f"BulkUpdate{plural}",
+                caller_id(), req.request_id, f"BulkUpdate{plural}",
                 [flt, values, req.allow_all], result_cls,
                 lambda: _wrap(
                     lambda n: result_cls(affected=n),
@@ -637,7 +643,7 @@ class _TypedService:
         async def bulk_delete(req: Any, context: Context) -> Any:
             flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
             return await self.records.idempotent(
-                caller_of(context), req.request_id, f"BulkDelete{plural}",
+                caller_id(), req.request_id, f"BulkDelete{plural}",
                 [flt, req.allow_all], result_cls,
                 lambda: _wrap(
                     lambda n: result_cls(affected=n), self.ops.bulk_delete(flt, all=req.allow_all)
@@ -648,7 +654,7 @@ class _TypedService:
             data = rows(req)
             conflict_on = list(req.conflict_on) or None
             return await self.records.idempotent(
-                caller_of(context), req.request_id, f"BulkUpsert{plural}", [data, conflict_on],
+                caller_id(), req.request_id, f"BulkUpsert{plural}", [data, conflict_on],
                 result_cls,
                 lambda: _wrap(
                     lambda n: result_cls(affected=n),

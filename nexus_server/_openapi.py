@@ -352,8 +352,13 @@ def openapi_document(
     *,
     title: str = "Nexus",
     version: str = "v1",
+    secured: bool = False,
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for `services` of a descriptor set (its bytes, or files)."""
+    """The OpenAPI 3.1 document for `services` of a descriptor set (its bytes, or files).
+
+    Its security schemes (an API key in `X-API-Key`, a bearer API key or JWT) are always
+    declared; `secured` (the server authenticates calls) requires one of them on every
+    operation but the health probe."""
     if isinstance(files, bytes):
         files = list(descriptor_pb2.FileDescriptorSet.FromString(files).file)
     index = _Index(files)
@@ -394,7 +399,10 @@ def openapi_document(
         "for bad fields) in `details`.",
         "content": error_content,
     }
-    return {
+    if secured:
+        for op in paths.get("/health", {}).values():
+            op["security"] = []  # the probe stays open
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": title,
@@ -404,15 +412,41 @@ def openapi_document(
         },
         "tags": tags,
         "paths": dict(sorted(paths.items())),
-        "components": {"schemas": dict(sorted(b.schemas.items())), "responses": responses},
+        "components": {
+            "schemas": dict(sorted(b.schemas.items())),
+            "responses": responses,
+            "securitySchemes": _SECURITY_SCHEMES,
+        },
     }
+    if secured:
+        doc["security"] = [{"apiKey": []}, {"bearer": []}]
+    return doc
+
+
+#: How a caller proves who it is (docs/security.md).
+_SECURITY_SCHEMES = {
+    "apiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "An API key (`nexus keys create`, or NEXUS_API_KEY_<NAME>).",
+    },
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A JWT from the configured issuer, or an API key.",
+    },
+}
 
 
 def openapi_json(
-    files: Sequence[descriptor_pb2.FileDescriptorProto] | bytes, services: Sequence[str]
+    files: Sequence[descriptor_pb2.FileDescriptorProto] | bytes,
+    services: Sequence[str],
+    *,
+    secured: bool = False,
 ) -> bytes:
     """The document as UTF-8 JSON."""
-    doc = openapi_document(files, services)
+    doc = openapi_document(files, services, secured=secured)
     return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
 
 

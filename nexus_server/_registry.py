@@ -41,11 +41,15 @@ def check_name(name: str) -> None:
 
 @dataclass(frozen=True)
 class Registered:
-    """A workflow and how it got here: `builtin` when registered in code by the app."""
+    """A workflow and how it got here: `builtin` when registered in code by the app;
+    `owner`, the principal that registered it over the API (empty for the app's own);
+    `public`, anyone may run it, with or without a credential."""
 
     workflow: Workflow
     builtin: bool
     update_time: _dt.datetime
+    owner: str = ""
+    public: bool = False
 
 
 class WorkflowRegistry:
@@ -64,6 +68,8 @@ class WorkflowRegistry:
         builtin: bool,
         replace: bool = True,
         limit: int | None = None,
+        owner: str = "",
+        public: bool = False,
     ) -> Registered:
         """Register `wf` as `name`. `limit`: the most workflows registered over the
         network (`builtin=False`) there may be, checked when `name` is a new one."""
@@ -78,7 +84,7 @@ class WorkflowRegistry:
             )
         if limit is not None and not builtin:
             self.check_room(name, limit)
-        item = Registered(wf, builtin, _dt.datetime.now(_dt.UTC))
+        item = Registered(wf, builtin, _dt.datetime.now(_dt.UTC), owner, public)
         self._items[name] = item
         self._bump()
         return item

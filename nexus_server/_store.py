@@ -292,15 +292,23 @@ class Store:
         return ExecutionRecord.from_row(row) if row else None
 
     async def list_executions(
-        self, workflow: str | None, state: str | None, page_size: int, page_token: str
+        self,
+        workflow: str | None,
+        state: str | None,
+        page_size: int,
+        page_token: str,
+        caller: str | None = None,
     ) -> tuple[list[ExecutionRecord], str]:
-        """Newest first (ids begin with their creation time), keyset-paginated on id."""
+        """Newest first (ids begin with their creation time), keyset-paginated on id;
+        with `caller`, only the executions that principal started."""
         q = EXECUTIONS.select()
         if workflow:
             q = q.where(EXECUTIONS.c.workflow == workflow)
         if state:
             q = q.where(EXECUTIONS.c.state == state)
-        context = f"executions:{workflow or ''}:{state or ''}"
+        if caller is not None:
+            q = q.where(EXECUTIONS.c.caller == caller)
+        context = f"executions:{workflow or ''}:{state or ''}:{caller or ''}"
         if page_token:
             last_id = await self.db.verify_token(page_token, context)
             q = q.where(EXECUTIONS.c.id < last_id.decode("utf-8", "replace"))

@@ -38,28 +38,13 @@ from ._convert import (
 from ._errors import ApiError, StatusError, abort, brief, to_api_error
 from ._executions import Executions, RunningExecution
 from ._limits import Limits
-from ._registry import WorkflowRegistry, check_name, shown
-from ._store import MAX_CALLER
+from ._registry import Registered, WorkflowRegistry, check_name, shown
+from .gateway import CURRENT_PRINCIPAL, Gateway, Principal, caller_id
 
-__all__ = ["WorkflowServicer", "caller_of"]
+__all__ = ["WorkflowServicer"]
 
 # grpc ships no type information: its servicer context is Any to the type checker
 Context: TypeAlias = Any
-
-
-def caller_of(context: Context) -> str:
-    """Who is calling, for idempotency keys. Until authentication exists this is the
-    `x-nexus-caller` metadata value, or "anonymous"."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-nexus-caller" and isinstance(value, str) and value:
-            if len(value) > MAX_CALLER:
-                raise ApiError(
-                    "REQUEST_INVALID",
-                    f"x-nexus-caller is {len(value)} characters long; at most {MAX_CALLER}",
-                    [("x-nexus-caller", f"longer than {MAX_CALLER} characters")],
-                )
-            return value
-    return "anonymous"
 
 
 class WorkflowServicer(wgrpc.WorkflowServiceServicer):
@@ -71,11 +56,13 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         executions: Executions,
         *,
         allow_code_nodes: bool,
+        gateway: Gateway,
         limits: Limits | None = None,
     ) -> None:
         self.registry = registry
         self.executions = executions
         self.allow_code_nodes = allow_code_nodes
+        self.gateway = gateway
         self.limits = limits or Limits()
 
     async def ListWorkflows(
@@ -84,14 +71,15 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         try:
             size = page_size(request.page_size)
             after = decode_page_token(request.page_token)
-            names = [n for n in self.registry.names() if n > after]
+            me = principal()
+            names = [
+                n for n in self.registry.names() if n > after and self.gateway.may_execute(me, n)
+            ]
             resp = wpb.ListWorkflowsResponse()
             budget = self.limits.max_list_bytes
             for name in names[:size]:
                 item = self.registry.get(name)
-                msg = workflow_message(
-                    name, item.workflow, builtin=item.builtin, update_time=item.update_time
-                )
+                msg = _message(name, item)
                 # a page ends early rather than outgrow the budget (every page holds one
                 # workflow at least, so a listing always makes progress)
                 cost = msg.ByteSize() + 8  # the field's tag and length
@@ -107,10 +95,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
 
     async def GetWorkflow(self, request: wpb.GetWorkflowRequest, context: Context) -> wpb.Workflow:
         try:
-            item = self.registry.get(request.name)
-            return workflow_message(
-                request.name, item.workflow, builtin=item.builtin, update_time=item.update_time
-            )
+            return _message(request.name, self.registry.get(request.name))
         except Exception as exc:
             await abort(context, exc)
 
@@ -146,27 +131,26 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                         f"workflow {brief(request.name)} is defined by the app's code and cannot "
                         "be replaced over the network",
                     )
+                _check_owner(existing, request.name, "replace")
                 if not request.replace and _same_definition(existing.workflow, wf):
                     # the same definition again: a retry, answered with what is registered
-                    return workflow_message(
-                        request.name,
-                        existing.workflow,
-                        builtin=False,
-                        update_time=existing.update_time,
-                    )
+                    return _message(request.name, existing)
             if request.validate_only:
                 if request.name in self.registry and not request.replace:
                     self.registry.add(request.name, wf, builtin=False, replace=False)
                 now = _dt.datetime.now(_dt.UTC)
-                return workflow_message(request.name, wf, builtin=False, update_time=now)
+                return workflow_message(
+                    request.name, wf, builtin=False, update_time=now, owner=caller_id()
+                )
             item = self.registry.add(
                 request.name,
                 wf,
                 builtin=False,
                 replace=request.replace,
                 limit=self.limits.max_workflows,
+                owner=caller_id(),
             )
-            return workflow_message(request.name, wf, builtin=False, update_time=item.update_time)
+            return _message(request.name, item)
         except Exception as exc:
             await abort(context, exc)
 
@@ -201,6 +185,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                     f"workflow {brief(request.name)} is defined by the app's code and cannot be "
                     "deleted over the network",
                 )
+            _check_owner(item, request.name, "delete")
             self.registry.remove(request.name)
             return empty_pb2.Empty()
         except Exception as exc:
@@ -215,7 +200,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                 request.name,
                 item.workflow,
                 from_struct(request.inputs, "inputs"),
-                caller=caller_of(context),
+                caller=caller_id(),
                 request_id=request.request_id,
             )
             if rec.state != "SUCCEEDED" and rec.error:
@@ -234,7 +219,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                 request.name,
                 item.workflow,
                 from_struct(request.inputs, "inputs"),
-                caller=caller_of(context),
+                caller=caller_id(),
                 request_id=request.request_id,
             )
         except Exception as exc:
@@ -251,7 +236,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self, request: wpb.WatchExecutionRequest, context: Context
     ) -> AsyncIterator[wpb.ExecutionEvent]:
         try:
-            rec = await self.executions.get(request.id)
+            rec = await self.executions.get(request.id, _owner_filter())
         except Exception as exc:
             await abort(context, exc)
         async for ev in self._events(self.executions.running.get(rec.id), rec):
@@ -274,7 +259,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self, request: wpb.GetExecutionRequest, context: Context
     ) -> wpb.Execution:
         try:
-            return execution_message(await self.executions.get(request.id))
+            return execution_message(await self.executions.get(request.id, _owner_filter()))
         except Exception as exc:
             await abort(context, exc)
 
@@ -303,6 +288,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                 state or None,
                 page_size(request.page_size),
                 request.page_token,
+                _owner_filter(),
             )
             return wpb.ListExecutionsResponse(
                 executions=[execution_message(r) for r in records], next_page_token=token
@@ -314,9 +300,41 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self, request: wpb.CancelExecutionRequest, context: Context
     ) -> wpb.Execution:
         try:
-            return execution_message(await self.executions.cancel(request.id))
+            return execution_message(await self.executions.cancel(request.id, _owner_filter()))
         except Exception as exc:
             await abort(context, exc)
+
+
+def principal() -> Principal:
+    """The principal of the call being served (set by the gateway chain)."""
+    found = CURRENT_PRINCIPAL.get()
+    if found is None:
+        raise RuntimeError("no principal: the call did not pass the gateway chain")
+    return found
+
+
+def _owner_filter() -> str | None:
+    """Whose executions the caller sees: its own, or (an admin) everyone's (None)."""
+    me = principal()
+    return None if me.is_admin else me.id
+
+
+def _check_owner(item: Registered, name: str, verb: str) -> None:
+    """Only a workflow's registrant, or an admin, may replace or delete it."""
+    me = principal()
+    if not me.is_admin and item.owner != me.id:
+        raise ApiError(
+            "PERMISSION_DENIED",
+            f"permission denied: only the principal that registered workflow {brief(name)} "
+            f"or an admin may {verb} it",
+            metadata={"permission": "admin"},
+        )
+
+
+def _message(name: str, item: Registered) -> wpb.Workflow:
+    return workflow_message(
+        name, item.workflow, builtin=item.builtin, update_time=item.update_time, owner=item.owner
+    )
 
 
 #: Where definitions are validated: two threads, so that one slow registration does not

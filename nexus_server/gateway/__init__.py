@@ -9,6 +9,18 @@ the CLI, MCP) is a client of the server, so each is checked the same way.
 
 from __future__ import annotations
 
+from ._chain import CHANNELS, Gateway, caller_id
+from ._policy import BUILTIN_ROLES, Policy
 from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
 
-__all__ = ["ADMIN", "CURRENT_PRINCIPAL", "AuthError", "Principal"]
+__all__ = [
+    "ADMIN",
+    "BUILTIN_ROLES",
+    "CHANNELS",
+    "CURRENT_PRINCIPAL",
+    "AuthError",
+    "Gateway",
+    "Policy",
+    "Principal",
+    "caller_id",
+]

@@ -29,7 +29,7 @@ FLUSH_WAIT = 2.0
 # No ErrorReason says "a feature of the server is switched off"; of the reasons whose
 # code is FAILED_PRECONDITION, this one ("the database refuses the operation") is the
 # nearest. One name, so that a dedicated reason replaces it in one place.
-_TABLE_OFF = "CONSTRAINT_VIOLATION"
+_TABLE_OFF = "AUDIT_TABLE_DISABLED"
 
 
 def _event_message(record: AuditRecord) -> apb.AuditEvent:
@@ -65,7 +65,7 @@ class AuditServicer(agrpc.AuditServiceServicer):
                 raise ApiError(
                     _TABLE_OFF,
                     "the audit table is not enabled on this server (audit entries are "
-                    "only logged); enable it to list them",
+                    "only logged); start it with Nexus(audit_table=True) to list them",
                 )
             principal = request.principal
             if len(principal) > MAX_PRINCIPAL or "\x00" in principal:

@@ -16,6 +16,8 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, descriptor_pb2
 
 import nexus_api
+from nexus_api.nexus.audit.v1 import audit_service_pb2
+from nexus_api.nexus.auth.v1 import auth_service_pb2
 from nexus_api.nexus.common.v1 import errors_pb2
 from nexus_api.nexus.health.v1 import probe_service_pb2
 from nexus_api.nexus.model.v1 import model_service_pb2
@@ -175,6 +177,8 @@ def test_descriptor_set_is_complete() -> None:
     assert sorted(ours) == sorted(
         m.DESCRIPTOR.name
         for m in (
+            audit_service_pb2,
+            auth_service_pb2,
             errors_pb2,
             model_service_pb2,
             openapi_service_pb2,

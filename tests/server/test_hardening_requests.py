@@ -421,10 +421,13 @@ async def test_bulk_row_cap_follows_the_dataflow(
 
 async def test_a_handler_of_another_kind_is_guarded_too() -> None:
     """A generic handler that is not grpc's dictionary handler is wrapped (the fallback
-    of `decode_guarded`): its methods refuse malformed requests the same way."""
+    of `map_methods`): its methods refuse malformed requests the same way."""
     from grpc_health.v1 import health_pb2
 
     from nexus_server._app import GenericHandlersOnly
+    from nexus_server._registry import WorkflowRegistry
+    from nexus_server.gateway import Gateway, Policy
+    from nexus_server.gateway._audit import AuditTrail
 
     async def check(request: Any, context: Any) -> Any:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
@@ -439,8 +442,15 @@ async def test_a_handler_of_another_kind_is_guarded_too() -> None:
         def service(self, details: Any) -> Any:
             return method if details.method == "/custom.Health/Check" else None
 
+    gateway = Gateway(
+        authenticator=None,
+        policy=Policy(),
+        registry=WorkflowRegistry(),
+        audit=AuditTrail(None, table=False),
+        typed_models={},
+    )
     server = grpc.aio.server()
-    GenericHandlersOnly(server).add_generic_rpc_handlers([Custom()])
+    GenericHandlersOnly(server, gateway).add_generic_rpc_handlers([Custom()])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -1,6 +1,7 @@
 """The original's options (issue 15): every option its examples pass is accepted and
 works, or is refused with an error naming the capability a later issue adds. The
-attribute form (`app.enable_auth = True` before start) is refused the same way."""
+attribute form (`app.enable_monitoring = True` before start) is refused the same way.
+`enable_auth` works now (tests/server/test_gateway.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from nexus_server import Nexus
 from nexus_server._app import UnavailableOption
 
 LATER_NEXUS = [
-    ("enable_auth", True, "authentication"),
     ("enable_monitoring", True, "metrics"),
     ("rate_limit", 100, "rate limits"),
     ("rate_limit", {"requests": 10}, "rate limits"),
@@ -74,13 +74,13 @@ def test_the_attribute_form_makes_start_exit_with_one_line(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     app = Nexus(grpc_port=0, api_port=None, mcp_port=None)
-    app.enable_auth = True
+    app.enable_monitoring = True
     with pytest.raises(SystemExit) as caught:
         app.start()
     assert caught.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert "enable_auth" in err[0] and "authentication" in err[0]
+    assert "enable_monitoring" in err[0] and "metrics" in err[0]
     assert not (tmp_path / "nexus.db").exists()
 
 

@@ -46,6 +46,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     API_KEY_NOT_FOUND: _ClassVar[ErrorReason]
     API_KEY_ALREADY_EXISTS: _ClassVar[ErrorReason]
     API_KEYS_UNAVAILABLE: _ClassVar[ErrorReason]
+    AUTH_PROVIDER_UNAVAILABLE: _ClassVar[ErrorReason]
+    AUDIT_TABLE_DISABLED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 REQUEST_INVALID: ErrorReason
 PAGE_TOKEN_INVALID: ErrorReason
@@ -83,5 +85,7 @@ PERMISSION_DENIED: ErrorReason
 API_KEY_NOT_FOUND: ErrorReason
 API_KEY_ALREADY_EXISTS: ErrorReason
 API_KEYS_UNAVAILABLE: ErrorReason
+AUTH_PROVIDER_UNAVAILABLE: ErrorReason
+AUDIT_TABLE_DISABLED: ErrorReason
 CODE_FIELD_NUMBER: _ClassVar[int]
 code: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, int]
