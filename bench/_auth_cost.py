@@ -22,6 +22,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,11 @@ class _NoAudit:
 
 
 def _token(subject: str) -> str:
-    claims = {"sub": subject, "roles": ["bench"], "exp": int(time.time()) + 3600}
+    # a jti of its own: every token made is a new one (the server remembers tokens)
+    claims = {
+        "sub": subject, "roles": ["bench"], "exp": int(time.time()) + 3600,
+        "jti": uuid.uuid4().hex,
+    }  # fmt: skip
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
