@@ -13,12 +13,19 @@ between authentication off and on), and within it `Authenticator.authenticate`, 
   remembered until its `exp`), and a new JWT on every call (the signature check);
 - a managed key (`nxk_...`, one database read per call, on a SQLite file in WAL mode).
 
+And the audit entry every call that changes something gets once it ends, authentication
+on or off (`Gateway._record`, the trail without its table): not logged (the servers of
+`bench/grpc.py` run at `--log-level warning`), and logged as `nexus serve` does by
+default (INFO; a handler writing to /dev/null).
+
 Every figure is the best of a few rounds of many calls (wall clock, one event loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import statistics
 import tempfile
 import time
@@ -33,7 +40,8 @@ import jwt
 from dataflow import DataFlow
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wf_pb2
 from nexus_server._registry import WorkflowRegistry
-from nexus_server.gateway import Gateway, Policy
+from nexus_server.gateway import Gateway, Policy, Principal
+from nexus_server.gateway._audit import AuditTrail
 from nexus_server.gateway._authn import Authenticator
 from nexus_server.gateway._config import AuthConfig
 from nexus_server.gateway._keys import KeyStore
@@ -42,6 +50,7 @@ from workflow import Node, Output, WorkflowBuilder, register_node
 __all__ = ["Cost", "admission_costs"]
 
 PATH = "/nexus.workflow.v1.WorkflowService/ExecuteWorkflow"
+AUDIT_PREFIX = "audit entry, "
 #: What h2load's calls carry besides the credential (grpc keeps user-agent).
 BASE_METADATA: tuple[tuple[str, str], ...] = (("user-agent", "h2load nghttp2"),)
 API_KEY = "bench-" + "k" * 40
@@ -71,13 +80,16 @@ class BenchAuthNoop(Node):
 
 
 class _Context:
-    """The one part of a grpc servicer context that admission reads."""
+    """The parts of a grpc servicer context that admission and audit read."""
 
     def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
         self._metadata = tuple(metadata)
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
+
+    def code(self) -> None:  # the call succeeded
+        return None
 
 
 class _NoAudit:
@@ -177,16 +189,56 @@ async def _measure(db: DataFlow, calls: int, rounds: int) -> list[Cost]:
 
     best, median = await _best(new_tokens, max(rounds // 2, 1))
     out.append(Cost("JWT HS256, a new token", float("nan"), float("nan"), best, median))
+    out += _audit_costs(common, request, rule, calls, rounds)
+    return out
+
+
+def _audit_costs(
+    common: dict[str, Any], request: Any, rule: Any, calls: int, rounds: int
+) -> list[Cost]:
+    """The audit entry of one change, not logged and logged (see the module docstring).
+    Synchronous, as `Gateway._record` is."""
+    gateway = Gateway(authenticator=None, **(common | {"audit": AuditTrail(None, table=False)}))
+    context = _Context(BASE_METADATA)
+    principal = Principal("key:bench", frozenset({"bench"}), None, "api_key")
+
+    def run() -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            gateway._record(PATH, rule, request, principal, "grpc", context)
+        return (time.perf_counter() - started) / calls * 1e6
+
+    log = logging.getLogger("nexus.audit")
+    saved = log.level, log.propagate, list(log.handlers)
+    out = []
+    with open(os.devnull, "w") as devnull:
+        handler = logging.StreamHandler(devnull)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        try:
+            log.propagate = False
+            log.handlers = [handler]
+            for label, level in (
+                (AUDIT_PREFIX + "not logged", logging.WARNING),
+                (AUDIT_PREFIX + "logged (INFO)", logging.INFO),
+            ):
+                log.setLevel(level)
+                times = [run() for _ in range(rounds)]
+                out.append(Cost(label, min(times), statistics.median(times)))
+        finally:
+            log.setLevel(saved[0])
+            log.propagate = saved[1]
+            log.handlers = saved[2]
     return out
 
 
 def print_costs(costs: Sequence[Cost]) -> None:
-    """The table, µs per call."""
+    """The tables, µs per call."""
+    admissions = [c for c in costs if not c.label.startswith(AUDIT_PREFIX)]
     print("\nAdmission of one ExecuteWorkflow call, in process (µs per call; best / median)")
     header = f"{'credential':<26} {'Gateway._admit':>18} {'of which authenticate':>24}"
     print(header)
     print("-" * len(header))
-    for c in costs:
+    for c in admissions:
         admit = "" if c.admit_us != c.admit_us else f"{c.admit_us:.1f} / {c.admit_median_us:.1f}"
         auth = (
             ""
@@ -194,6 +246,11 @@ def print_costs(costs: Sequence[Cost]) -> None:
             else f"{c.authenticate_us:.1f} / {c.authenticate_median_us:.1f}"
         )
         print(f"{c.label:<26} {admit:>18} {auth:>24}")
+    print("\nThe audit entry of one change, in process (Gateway._record; µs; best / median)")
+    for c in costs:
+        if c.label.startswith(AUDIT_PREFIX):
+            label = c.label.removeprefix(AUDIT_PREFIX)
+            print(f"  {label:<24} {c.admit_us:.1f} / {c.admit_median_us:.1f}")
 
 
 if __name__ == "__main__":
