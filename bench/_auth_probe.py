@@ -12,7 +12,8 @@ The timers are `time.perf_counter` around the awaited step (none of these steps 
 on anything while it runs: the managed key's read runs on the calling thread), so a
 step's time includes the steps it calls, and about 0.2 µs of the timer itself.
 
-Run: `.venv/bin/python -m bench._auth_probe` (`--calls`, `--concurrency`).
+Run: `.venv/bin/python -m bench._auth_probe` (`--calls`, `--concurrency`; `--auth-off`
+serves the same app without authentication, for the admission's time without it).
 """
 
 from __future__ import annotations
@@ -93,10 +94,13 @@ def _bench_grpc() -> Any:
     return module
 
 
-async def _h2load(address: str, body: Path, header: str, calls: int, concurrency: int) -> str:
+async def _h2load(
+    address: str, body: Path, header: str | None, calls: int, concurrency: int
+) -> str:
+    extra = ("-H", header) if header else ()
     proc = await asyncio.create_subprocess_exec(
         "h2load", "-n", str(calls), "-c", "1", "-t", "1", "-m", str(concurrency),
-        "-H", "content-type: application/grpc", "-H", "te: trailers", "-H", header,
+        "-H", "content-type: application/grpc", "-H", "te: trailers", *extra,
         "-d", str(body), f"http://{address}/nexus.workflow.v1.WorkflowService/ExecuteWorkflow",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -109,7 +113,7 @@ async def _h2load(address: str, body: Path, header: str, calls: int, concurrency
     return f"{float(rate.group(1)):,.0f} calls/s"
 
 
-async def _serve(calls: int, concurrency: int, tmp: Path) -> None:
+async def _serve(calls: int, concurrency: int, tmp: Path, auth: bool) -> None:
     bench = _bench_grpc()
     app_file = bench.write_app(tmp, 1, auth=True)
     spec = importlib.util.spec_from_file_location("bench_auth_app", app_file)
@@ -117,6 +121,7 @@ async def _serve(calls: int, concurrency: int, tmp: Path) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     app = module.app
+    app.enable_auth = auth
     keys_module = importlib.import_module("nexus_server.gateway._keys")
     token = jwt.encode(
         {"sub": "bench", "roles": ["bench"], "exp": int(time.time()) + 3600},
@@ -131,10 +136,14 @@ async def _serve(calls: int, concurrency: int, tmp: Path) -> None:
             "bench_managed", ["bench"], None, None, "key:bench"
         )
         address = f"127.0.0.1:{serving.port}"
-        credentials = (
-            ("env API key", f"x-api-key: {API_KEY}"),
-            ("JWT HS256, same token", f"authorization: Bearer {token}"),
-            ("managed key (DB read)", f"x-api-key: {managed}"),
+        credentials: tuple[tuple[str, str | None], ...] = (
+            (
+                ("env API key", f"x-api-key: {API_KEY}"),
+                ("JWT HS256, same token", f"authorization: Bearer {token}"),
+                ("managed key (DB read)", f"x-api-key: {managed}"),
+            )
+            if auth
+            else (("auth off, no credential", None),)
         )
         print(
             f"\nThe gateway's steps inside served ExecuteWorkflow noop calls ({calls} calls "
@@ -158,6 +167,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--calls", type=int, default=10_000, help="calls per credential")
     p.add_argument("--concurrency", type=int, default=16, help="h2load streams")
+    p.add_argument(
+        "--auth-off", action="store_true", help="serve without authentication (no credential)"
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="nexus-auth-probe-") as tmp:
         os.environ.update(
@@ -169,7 +181,7 @@ def main() -> int:
             }
         )
         _instrument()
-        asyncio.run(_serve(args.calls, args.concurrency, Path(tmp)))
+        asyncio.run(_serve(args.calls, args.concurrency, Path(tmp), not args.auth_off))
     return 0
 
 
