@@ -97,7 +97,7 @@ async def _serve(app: Nexus, *, log_level: str) -> None:
         info = await stack.enter_async_context(app.serving(envoy=app.api_port is not None))
         adapter: McpProcess | None = None
         if app.mcp_port is not None:
-            from ._mcp_process import McpProcess
+            from ._mcp_process import McpProcess, authorization_servers_from_env
 
             # a client of this server, so stopped before it (the stack unwinds in reverse)
             adapter = McpProcess(
@@ -105,6 +105,9 @@ async def _serve(app: Nexus, *, log_level: str) -> None:
                 host=info.host,
                 port=app.mcp_port,
                 log_level="debug" if log_level == "debug" else "warning",
+                authorization_servers=authorization_servers_from_env(
+                    app.auth.jwt_issuer if app.auth is not None else None
+                ),
             )
             await stack.enter_async_context(adapter)
         if app.db is not None and app.db.skip_migration:

@@ -15,18 +15,33 @@ there (`nexus-mcp: streamable HTTP on http://HOST:PORT/mcp`, written by
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from ._supervisor import Supervisor, SupervisorError
 
-__all__ = ["McpProcess", "McpProcessError"]
+__all__ = ["McpProcess", "McpProcessError", "authorization_servers_from_env"]
 
 #: The line the adapter writes once it has bound its port (see `clients/mcp/__init__.py`).
 _ANNOUNCED = re.compile(r"nexus-mcp: streamable HTTP on http://\S+:(\d+)/mcp")
+
+
+def authorization_servers_from_env(issuer: str | None = None) -> list[str]:
+    """The OAuth authorization servers the adapter names in its protected resource
+    metadata: `$NEXUS_MCP_AUTHORIZATION_SERVER` (URLs separated by commas or spaces),
+    else the app's JWT issuer (`issuer`, from `AuthConfig(jwt_issuer=...)`), else
+    `$NEXUS_JWT_ISSUER`, else none."""
+    text = os.environ.get("NEXUS_MCP_AUTHORIZATION_SERVER", "").replace(",", " ")
+    urls = text.split()
+    fallback = issuer or os.environ.get("NEXUS_JWT_ISSUER", "").strip()
+    if not urls and fallback:
+        urls = [fallback]
+    return urls
 
 
 class McpProcessError(SupervisorError):
@@ -43,6 +58,8 @@ class McpProcess(Supervisor):
         ready_timeout: seconds the adapter gets to answer over HTTP.
         poll_interval: seconds between the adapter's checks for changed workflows.
         log_level: the adapter's log level (its log is kept for error messages).
+        authorization_servers: the OAuth authorization servers the adapter names to
+            its clients (`--authorization-server`).
     """
 
     error = McpProcessError
@@ -56,6 +73,7 @@ class McpProcess(Supervisor):
         ready_timeout: float = 30.0,
         poll_interval: float = 5.0,
         log_level: str = "warning",
+        authorization_servers: Sequence[str] = (),
     ) -> None:
         super().__init__("MCP adapter", ready_timeout=ready_timeout)
         self.server = server
@@ -63,6 +81,7 @@ class McpProcess(Supervisor):
         self.port = port
         self.poll_interval = poll_interval
         self.log_level = log_level
+        self.authorization_servers = list(authorization_servers)
         self._announced: int | None = None
 
     @property
@@ -85,6 +104,7 @@ class McpProcess(Supervisor):
             "--port", str(self.port),  # after a restart: the port the first launch bound
             "--poll-interval", str(self.poll_interval),
             "--log-level", self.log_level,
+            *(a for url in self.authorization_servers for a in ("--authorization-server", url)),
         ]  # fmt: skip
 
     async def probe(self, log_offset: int) -> bool:

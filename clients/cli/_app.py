@@ -8,7 +8,7 @@ every model has a command group named after its collection (`nexus contacts ...`
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import copy
 import enum
 import inspect
@@ -17,6 +17,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -25,15 +26,29 @@ import typer
 from typer.core import TyperGroup
 
 from .._grpc import (
+    CREDENTIAL,
     EXIT_FAILED,
     EXIT_INVALID,
     EXIT_USAGE,
     ApiFailure,
+    Credential,
     call_metadata,
     server_address,
+    set_channel,
     struct_of,
     to_json,
     type_spec,
+)
+from ._credentials import (
+    CredentialError,
+    Resolved,
+    StoredLoginError,
+    checked,
+    forget,
+    looks_like_jwt,
+    resolve,
+    store,
+    with_call_metadata,
 )
 from ._output import emit, emit_rows, emit_value, err
 from ._style import tidy_help
@@ -70,13 +85,21 @@ class State:
     server: str
     output: str = "table"
     timeout: float | None = None
+    #: where the credential of this command came from (`--token`, `stored login`, ...)
+    credential_source: str = ""
+    #: the help listing already said it needs a credential (said once per command)
+    told_login: bool = False
+    #: why the stored login cannot be used (told when a call would send it)
+    credential_problem: str = ""
     _channel: grpc.Channel | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def channel(self) -> grpc.Channel:
+        if self.credential_problem and CREDENTIAL.get() is None:
+            usage(self.credential_problem)
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.server)
+            self._channel = with_call_metadata(grpc.insecure_channel(self.server))
         return self._channel
 
     @property
@@ -90,6 +113,18 @@ class State:
         from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mg
 
         return mg.ModelServiceStub(self.channel)  # type: ignore[no-untyped-call]
+
+    @property
+    def auth(self) -> Any:
+        from nexus_api.nexus.auth.v1 import auth_service_pb2_grpc as ag
+
+        return ag.AuthServiceStub(self.channel)  # type: ignore[no-untyped-call]
+
+    @property
+    def audit(self) -> Any:
+        from nexus_api.nexus.audit.v1 import audit_service_pb2_grpc as dg
+
+        return dg.AuditServiceStub(self.channel)  # type: ignore[no-untyped-call]
 
     def rpc(self, fn: Callable[..., Any], request: Any, *, timeout: float | None = None) -> Any:
         """Call a unary RPC; a failure becomes `ApiFailure`."""
@@ -120,6 +155,11 @@ class State:
         return result
 
 
+#: Where this command's credential came from, for the messages of a refused call (read
+#: after click's context is gone, when a failure reaches `main`).
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("nexus_cli_source", default="")
+
+
 def _root_ctx(ctx: Any) -> Any:
     while ctx.parent is not None:
         ctx = ctx.parent
@@ -136,10 +176,24 @@ def state_of(ctx: Any) -> State:
     st = root.meta.get("nexus.state")
     if st is None:
         params = root.params
+        server = server_address(params.get("server"))
+        problem = ""
+        try:
+            resolved = resolve(server, params.get("token"), params.get("api_key"))
+        except StoredLoginError as exc:
+            # told when a call needs it: `login` and `logout` still work, to mend it
+            resolved, problem = Resolved(None), str(exc)
+        except CredentialError as exc:
+            usage(str(exc))
+        # set once: every call of this command sends it (`call_metadata()`)
+        CREDENTIAL.set(resolved.credential)
+        _SOURCE.set(resolved.source)
         st = State(
-            server_address(params.get("server")),
+            server,
             _output_name(params.get("output")),
             params.get("timeout"),
+            resolved.source,
+            credential_problem=problem,
         )
         root.meta["nexus.state"] = st
     assert isinstance(st, State)
@@ -153,8 +207,49 @@ def _output_name(value: Any) -> str:
 
 
 def fail(failure: ApiFailure) -> NoReturn:
-    err(f"error: {failure.render()}")
+    err(render_failure(failure))
     raise SystemExit(exit_code_of(failure))
+
+
+def render_failure(failure: ApiFailure) -> str:
+    """`error: CODE (REASON): message`, and for a refused credential how to give one."""
+    text = f"error: {failure.render()}"
+    hint = _credential_hint(failure.code)
+    return f"{text}\n  {hint}" if hint else text
+
+
+def _credential_hint(code: str) -> str:
+    """What to do about UNAUTHENTICATED / PERMISSION_DENIED, naming where the credential
+    came from (never the credential)."""
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return ""
+    source = _SOURCE.get()
+    if code == "PERMISSION_DENIED":
+        return "the credential is valid but lacks this right; nexus whoami shows its roles"
+    if CREDENTIAL.get() is None:
+        return f"no credential was sent: {_LOGIN_HOWTO}"
+    where = f" (from {source})" if source else ""
+    return f"the credential{where} was refused: {_LOGIN_HOWTO}"
+
+
+_LOGIN_HOWTO = "run nexus login, or give --token/--api-key (or set NEXUS_TOKEN/NEXUS_API_KEY)"
+
+
+def _tell_login(ctx: Any, failure: ApiFailure) -> None:
+    """While listing commands for help: one line on stderr when the server wants a
+    credential (the static commands are still listed)."""
+    if failure.code != "UNAUTHENTICATED":
+        return
+    st = state_of(ctx)
+    if st.told_login:
+        return
+    st.told_login = True
+    reason = f" ({failure.reason})" if failure.reason else ""
+    what = "no credential was sent" if CREDENTIAL.get() is None else "the credential was refused"
+    err(
+        f"note: {st.server} lists its workflows and models only to a known caller and "
+        f"{what}{reason}: {_LOGIN_HOWTO}"
+    )
 
 
 def usage(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -362,8 +457,10 @@ class NexusGroup(TyperGroup):
 
     def list_commands(self, ctx: Any) -> list[str]:
         names = list(super().list_commands(ctx))
-        with contextlib.suppress(ApiFailure):  # help still works without a server
+        try:
             names += sorted(m.collection for m in state_of(ctx).model_list(_DISCOVERY_TIMEOUT))
+        except ApiFailure as exc:  # help still works without a server, or a credential
+            _tell_login(ctx, exc)
         return names
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
@@ -388,7 +485,8 @@ class RunGroup(TyperGroup):
     def list_commands(self, ctx: Any) -> list[str]:
         try:
             return [w["name"] for w in _all_workflows(state_of(ctx))]
-        except ApiFailure:
+        except ApiFailure as exc:
+            _tell_login(ctx, exc)
             return []
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
@@ -839,7 +937,7 @@ def _model_group(model: Any) -> Any:
                 ["--on-conflict"],
                 str,
                 "a taken unique value: fail (stop, naming the line and value), skip the "
-                "record, or upsert it (update the record it matches) [default: fail]",
+                "record, or upsert it (update the record it matches) (default: fail)",
                 metavar="fail|skip|upsert",
             ),
             _option(
@@ -904,7 +1002,7 @@ def _root(
             show_envvar=True,
             # eager: read before `--help`, which lists the commands of this server
             is_eager=True,
-            help="the gRPC server, HOST:PORT [default: 127.0.0.1:50051]",
+            help="the gRPC server, HOST:PORT (default: 127.0.0.1:50051)",
         ),
     ] = None,
     output: Annotated[
@@ -917,6 +1015,27 @@ def _root(
     ] = OutputFormat.table,
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="deadline of each call, seconds")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            metavar="TOKEN",
+            show_default=False,
+            # eager, as --server: `--help` lists what this credential may use
+            is_eager=True,
+            help="a JWT to send (default: $NEXUS_TOKEN, else the stored login)",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            metavar="KEY",
+            show_default=False,
+            is_eager=True,
+            help="an API key to send (default: $NEXUS_API_KEY, else the stored login)",
+        ),
     ] = None,
 ) -> None:
     state_of(ctx)
@@ -1138,6 +1257,334 @@ def call(
         usage(f"--json: {exc}", EXIT_INVALID)
 
 
+# ---------------------------------------------------------------------------- access
+
+
+keys_app = typer.Typer(
+    help="API keys the server manages (needs the admin role).", no_args_is_help=True
+)
+audit_app = typer.Typer(
+    help="The server's audit trail (needs the admin role).", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
+
+_STDIN_HELP = "- reads it from stdin"
+
+
+def _read_secret(value: str, flag: str) -> str:
+    """The value of a credential flag, `-` meaning the first line of stdin (so it stays
+    out of the shell's history and the process list)."""
+    if value == "-":
+        value = sys.stdin.readline()
+    try:
+        return checked(value, flag)
+    except CredentialError as exc:
+        usage(str(exc))
+
+
+def _prompt_credential() -> Credential:
+    """The credential typed at a hidden prompt, or the first line of stdin when it is not
+    a terminal; a JWT is told from an API key by its shape."""
+    if sys.stdin.isatty():
+        value = typer.prompt("Token or API key", hide_input=True, err=True)
+    else:
+        value = sys.stdin.readline()
+    if not value.strip():
+        usage("no credential given: pass --token or --api-key, or type it at the prompt")
+    try:
+        value = checked(value, "the credential")
+    except CredentialError as exc:
+        usage(str(exc))
+    return Credential("token" if looks_like_jwt(value) else "api_key", value)
+
+
+def _principal_row(principal: Any, st: State) -> dict[str, Any]:
+    return {
+        "server": st.server,
+        "principal": principal.id,
+        "roles": ", ".join(principal.roles),
+        "tenant": principal.tenant or "(none)",
+        "authentication": principal.authentication,
+    }
+
+
+@app.command("login")
+def login(
+    ctx: typer.Context,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", metavar="TOKEN", help=f"the JWT to store; {_STDIN_HELP}"),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", metavar="KEY", help=f"the API key to store; {_STDIN_HELP}"),
+    ] = None,
+) -> None:
+    """Check a credential with the server and store it for this server.
+
+    Without --token or --api-key it is asked for (hidden), or read from stdin when that
+    is not a terminal. A credential the server refuses is not stored.
+    """
+    from nexus_api.nexus.auth.v1 import auth_service_pb2 as a
+
+    st = state_of(ctx)
+    root = _root_ctx(ctx).params
+    if token is None and api_key is None:
+        token, api_key = root.get("token"), root.get("api_key")
+    if token is not None and api_key is not None:
+        usage("give --token or --api-key, not both")
+    if token is not None:
+        cred = Credential("token", _read_secret(token, "--token"))
+    elif api_key is not None:
+        cred = Credential("api_key", _read_secret(api_key, "--api-key"))
+    else:
+        cred = _prompt_credential()
+    previous = CREDENTIAL.set(cred)
+    try:
+        principal = st.rpc(st.auth.GetPrincipal, a.GetPrincipalRequest())
+    except ApiFailure as exc:
+        err(f"error: {exc.render()}")
+        err(f"  the credential was not stored; nothing changed for {st.server}")
+        raise SystemExit(exit_code_of(exc)) from None
+    finally:
+        CREDENTIAL.reset(previous)
+    try:
+        path = store(st.server, cred, principal.id)
+    except CredentialError as exc:
+        usage(str(exc), EXIT_FAILED)
+    if st.output == "table":
+        emit(_principal_row(principal, st), st.output)
+    else:
+        emit(to_json(principal), st.output)
+    err(f"logged in to {st.server}; stored in {path}")
+    if not principal.auth_enabled:
+        err(
+            f"note: {st.server} does not authenticate callers (authentication is off): "
+            "the credential was not checked"
+        )
+
+
+@app.command("logout")
+def logout(ctx: typer.Context) -> None:
+    """Remove the login stored for this server."""
+    st = state_of(ctx)
+    try:
+        removed = forget(st.server)
+    except CredentialError as exc:
+        usage(str(exc), EXIT_FAILED)
+    err(f"logged out of {st.server}" if removed else f"no login stored for {st.server}")
+
+
+@app.command("whoami")
+def whoami(ctx: typer.Context) -> None:
+    """Show who the server thinks you are: principal, roles, tenant."""
+    from nexus_api.nexus.auth.v1 import auth_service_pb2 as a
+
+    st = state_of(ctx)
+    principal = st.rpc(st.auth.GetPrincipal, a.GetPrincipalRequest())
+    if st.output != "table":
+        emit(to_json(principal), st.output)
+        return
+    row = _principal_row(principal, st)
+    row["auth_enabled"] = principal.auth_enabled
+    row["credential"] = st.credential_source or "(none)"
+    emit(row, st.output)
+
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_expires(text: str, now: datetime | None = None) -> datetime:
+    """`--expires`: a duration from now (`30d`, `12h`, `90m`, `2w`) or an ISO 8601 time
+    (`2027-01-01T00:00:00Z`; UTC when it names no offset); always in the future.
+
+    Raises:
+        ValueError: neither form, or not in the future (the message says which).
+    """
+    now = now or datetime.now(UTC)
+    match = _DURATION.match(text.strip())
+    if match:
+        amount = int(match.group(1))
+        if amount <= 0:
+            raise ValueError("a duration must be more than 0")
+        when = now + timedelta(**{_UNIT[match.group(2)]: amount})
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise ValueError(
+                "expected a duration (30d, 12h, 90m, 2w) or a time (2027-01-01T00:00:00Z)"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+    if when <= now:
+        raise ValueError("the time is not in the future")
+    return when
+
+
+def _short_time(text: str) -> str:
+    """A proto3 JSON timestamp to the second, for tables (`-o json` keeps it whole)."""
+    return re.sub(r"\.\d+Z$", "Z", text)
+
+
+def _short_method(text: str) -> str:
+    """`/nexus.workflow.v1.WorkflowService/GetWorkflow` as `WorkflowService/GetWorkflow`."""
+    service, _, method = text.strip("/").rpartition("/")
+    return f"{service.rsplit('.', 1)[-1]}/{method}" if service else text
+
+
+def _key_row(key: dict[str, Any], now: datetime) -> dict[str, Any]:
+    expires = key.get("expire_time")
+    if key.get("revoke_time"):
+        state = "revoked"
+    elif expires and datetime.fromisoformat(expires) <= now:
+        state = "expired"
+    else:
+        state = "active"
+    return {
+        "name": key.get("name"),
+        "state": state,
+        "roles": ", ".join(key.get("roles", [])),
+        "tenant": key.get("tenant", ""),
+        "prefix": key.get("prefix", ""),
+        "created": _short_time(key.get("create_time", "")),
+        "expires": _short_time(expires) if expires else "never",
+        "creator": key.get("creator", ""),
+    }
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the key's name, lower snake case")],
+    role: Annotated[
+        list[str],
+        typer.Option(
+            "--role",
+            metavar="ROLE",
+            help="a role the key grants (repeat for more)",
+            show_default=False,
+        ),
+    ],
+    tenant: Annotated[
+        str | None, typer.Option(help="the tenant of its calls (default: none)")
+    ] = None,
+    expires: Annotated[
+        str | None,
+        typer.Option(
+            help="when it stops working: 30d, 12h, 90m, 2w, or 2027-01-01T00:00:00Z "
+            "(default: never)"
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the CreateApiKeyResponse as JSON (-o json)")
+    ] = False,
+) -> None:
+    """Create an API key and print it, once: the server keeps only a salted hash."""
+    from nexus_api.nexus.auth.v1 import auth_service_pb2 as a
+
+    st = state_of(ctx)
+    req = a.CreateApiKeyRequest(name=name, roles=role, tenant=tenant or "")
+    if expires is not None:
+        try:
+            req.expire_time.FromDatetime(parse_expires(expires))
+        except ValueError as exc:
+            usage(f"--expires: {exc}")
+    resp = st.rpc(st.auth.CreateApiKey, req)
+    output = "json" if as_json else st.output
+    if output != "table":
+        emit(to_json(resp), output)
+    else:
+        print(resp.key, flush=True)
+        row = _key_row(to_json(resp.api_key), datetime.now(UTC))
+        err(
+            f"created API key {row['name']} (roles: {row['roles']}; "
+            f"tenant: {row['tenant'] or '(none)'}; expires: {row['expires']})"
+        )
+    err("store this key now: it is shown only once (the server keeps only a salted hash)")
+
+
+@keys_app.command("list")
+def keys_list(
+    ctx: typer.Context,
+    show_all: Annotated[bool, typer.Option("--all", help="include revoked keys")] = False,
+) -> None:
+    """List the server's API keys, newest first (never the keys themselves)."""
+    from nexus_api.nexus.auth.v1 import auth_service_pb2 as a
+
+    st = state_of(ctx)
+    keys: list[dict[str, Any]] = []
+    token = ""
+    while True:
+        req = a.ListApiKeysRequest(page_size=1000, page_token=token, show_revoked=show_all)
+        resp = st.rpc(st.auth.ListApiKeys, req)
+        keys += to_json(resp).get("api_keys", [])
+        token = resp.next_page_token
+        if not token:
+            break
+    now = datetime.now(UTC)
+    emit_rows({"api_keys": keys}, [_key_row(k, now) for k in keys], None, st.output)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the key's name")],
+) -> None:
+    """Revoke an API key: the next call with it is refused, on every server."""
+    from nexus_api.nexus.auth.v1 import auth_service_pb2 as a
+
+    st = state_of(ctx)
+    doc = to_json(st.rpc(st.auth.RevokeApiKey, a.RevokeApiKeyRequest(name=name)))
+    if st.output != "table":
+        emit(doc, st.output)
+        return
+    emit(_key_row(doc, datetime.now(UTC)), st.output)
+    err(f"revoked API key {name}: calls with it are refused from now on")
+
+
+@audit_app.command("list")
+def audit_list(
+    ctx: typer.Context,
+    principal: Annotated[
+        str | None, typer.Option(help="only the calls of this principal (key:ci, jwt:ada)")
+    ] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="only refused or failed calls")] = False,
+    limit: Annotated[int, typer.Option(min=0, max=1000, help="page size")] = 50,
+    page_token: Annotated[
+        str | None, typer.Option(help="the next_page_token of the previous page")
+    ] = None,
+) -> None:
+    """List audit events, newest first: who called what, through which channel, and the
+    outcome."""
+    from nexus_api.nexus.audit.v1 import audit_service_pb2 as d
+
+    st = state_of(ctx)
+    req = d.ListAuditEventsRequest(
+        page_size=limit,
+        page_token=page_token or "",
+        principal=principal or "",
+        failed_only=failed,
+    )
+    doc = to_json(st.rpc(st.audit.ListAuditEvents, req))
+    rows = [
+        {
+            "time": _short_time(e.get("time", "")),
+            "principal": e.get("principal", ""),
+            "channel": e.get("channel", ""),
+            "method": _short_method(e.get("method", "")),
+            "resource": e.get("resource", ""),
+            "code": e.get("code", ""),
+            "reason": e.get("reason", ""),
+        }
+        for e in doc.get("events", [])
+    ]
+    columns = ["time", "principal", "channel", "method", "resource", "code", "reason"]
+    emit_rows(doc, rows, columns, st.output)
+
+
 def _set_late_output(ctx: Any, _param: Any, value: Any) -> None:
     if value is not None:
         state_of(ctx).output = _output_name(value)
@@ -1161,6 +1608,7 @@ def finish(command: Any, root: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (see docs/cli.md for the table)."""
+    set_channel("cli")
     command = typer.main.get_command(app)
     finish(command, command)
     try:
@@ -1181,7 +1629,7 @@ def main(argv: list[str] | None = None) -> int:
         err("interrupted")
         return 130
     except ApiFailure as exc:
-        err(f"error: {exc.render()}")
+        err(render_failure(exc))
         return exit_code_of(exc)
     except SystemExit as exc:
         code = exc.code

@@ -3,7 +3,9 @@
     nexus-mcp --server 127.0.0.1:50051                  # stdio (for desktop agents)
     nexus-mcp --transport http --port 3001              # streamable HTTP at /mcp
 
-See docs/mcp.md. The adapter is a gRPC client only: it never imports the server.
+See docs/mcp.md. The adapter is a gRPC client only: it never imports the server. It
+holds no rights of its own: over stdio its calls carry `NEXUS_TOKEN`/`NEXUS_API_KEY`,
+over HTTP each request's own credential (an OAuth 2.1 resource server, `_auth.py`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
+from collections.abc import Sequence
 
 __all__ = ["main"]
 
@@ -51,6 +55,20 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="HTTP: connections served at once, beyond it 503 (default: 1000)",
     )
+    p.add_argument(
+        "--authorization-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="HTTP: an OAuth authorization server (issuer URL) that issues tokens for this "
+        "server, named in /.well-known/oauth-protected-resource (repeatable)",
+    )
+    p.add_argument(
+        "--resource-url",
+        metavar="URL",
+        help="HTTP: the URL clients reach the MCP endpoint at, as the resource's identifier "
+        "(default: http://<the request's Host>/mcp; set it behind a proxy)",
+    )
     p.add_argument("--log-level", default="warning")
     return p
 
@@ -71,13 +89,25 @@ async def _serve_http(
     port: int,
     header_timeout: float | None = None,
     max_connections: int | None = None,
+    authorization_servers: Sequence[str] = (),
+    resource_url: str | None = None,
 ) -> None:
     import uvicorn
 
+    from ._auth import ResourceServer
     from ._http import HEADER_TIMEOUT, MAX_CONNECTIONS, http_config
     from ._server import Adapter
 
     assert isinstance(adapter, Adapter)
+    try:
+        app = ResourceServer(
+            adapter.server.streamable_http_app(host=host),
+            adapter.principal,
+            authorization_servers=authorization_servers,
+            resource_url=resource_url,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"nexus-mcp: --authorization-server/--resource-url: {exc}") from None
     # Bound here rather than by uvicorn, so that a taken port is a clear error and port 0
     # is announced as the port it became (`nexus serve --mcp` reads this line).
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -91,7 +121,6 @@ async def _serve_http(
         sock.close()
         raise SystemExit(f"nexus-mcp: cannot listen on {host}:{port}: {exc}") from None
     bound = sock.getsockname()[1]
-    app = adapter.server.streamable_http_app(host=host)
     config = http_config(
         app,
         header_timeout=HEADER_TIMEOUT if header_timeout is None else header_timeout,
@@ -108,18 +137,39 @@ async def _serve_http(
 
 def main(argv: list[str] | None = None) -> int:
     """Run `nexus-mcp`; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    from .._grpc import credential_from_env, set_channel
     from ._server import Adapter
 
-    adapter = Adapter(args.server, poll_interval=args.poll_interval)
+    set_channel("mcp")
+    credential = None
+    if args.transport == "stdio":
+        if args.authorization_server or args.resource_url:
+            parser.error("--authorization-server and --resource-url are for --transport http")
+        try:
+            credential = credential_from_env()
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif os.environ.get("NEXUS_TOKEN") or os.environ.get("NEXUS_API_KEY"):
+        logging.getLogger("nexus.mcp").info(
+            "NEXUS_TOKEN/NEXUS_API_KEY are not used over HTTP: each request sends its own"
+        )
+    adapter = Adapter(args.server, poll_interval=args.poll_interval, credential=credential)
     try:
         if args.transport == "stdio":
             asyncio.run(_serve_stdio(adapter))
         else:
             asyncio.run(
                 _serve_http(
-                    adapter, args.host, args.port, args.header_timeout, args.max_connections
+                    adapter,
+                    args.host,
+                    args.port,
+                    args.header_timeout,
+                    args.max_connections,
+                    args.authorization_server,
+                    args.resource_url,
                 )
             )
     except KeyboardInterrupt:

@@ -11,6 +11,16 @@ logged at WARNING when it happens and when it is over, and every tool call meanw
 answers `isError` with "the Nexus server at HOST:PORT is unreachable", never "unknown
 tool". Nothing a client sends ends as a protocol error: arguments the input schema
 refuses, or that protobuf cannot carry, are `isError` results naming the argument.
+
+Every gRPC call carries the caller's credential and nothing else (the adapter holds no
+rights of its own): over HTTP the `Authorization: Bearer` or `X-API-Key` of the HTTP
+request that carried the MCP message (the SDK hands it to each handler as
+`ctx.request`; the session itself runs in another task, so a context variable set by
+the HTTP layer would not reach it), over stdio (and in process) the adapter's
+`credential`, from `NEXUS_TOKEN`/`NEXUS_API_KEY`. The tool list is per caller too: each
+`tools/list` reads `ListWorkflows`/`ListModels` with the caller's credential, so it
+shows only what that principal may use; the catalogs kept to find a called tool are
+keyed by a digest of the credential, never shared between two credentials.
 """
 
 from __future__ import annotations
@@ -18,22 +28,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import hashlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import mcp_types as types
 from google.protobuf.message import DecodeError
 from mcp.server import Server
-from mcp.server.context import ServerRequestContext
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.lowlevel.server import NotificationOptions
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.shared.subscriptions import ResourcesListChanged, ToolsListChanged
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from .._grpc import ApiFailure, call_metadata, server_address, struct_of, to_json
+from .._grpc import (
+    CREDENTIAL,
+    ApiFailure,
+    Credential,
+    call_metadata,
+    server_address,
+    struct_of,
+    to_json,
+)
+from ._auth import CredentialError, credential_of
 from ._tools import REQUEST_ID, ToolSpec, model_tools, workflow_tool
 
 __all__ = ["Adapter"]
@@ -42,6 +64,10 @@ log = logging.getLogger("nexus.mcp")
 
 _MIME = "application/json"
 _MAX_SESSIONS = 256
+#: Callers (credentials) whose tool catalog is kept to find the tools they call.
+_MAX_CATALOGS = 256
+#: Codes of a call refused for its caller's credential, not for the server's state.
+_REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 #: Longest text of an exception quoted in a tool result.
 _MAX_QUOTE = 200
 #: Argument problems named in one result (the rest are counted).
@@ -61,16 +87,48 @@ def _error_result(text: str) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
 
 
-class Adapter:
-    """Holds the gRPC channel, the current tool catalog and the MCP server."""
+@dataclass
+class _Catalog:
+    """The tools one caller may use, as its last `ListWorkflows`/`ListModels` read."""
 
-    def __init__(self, server: str | None = None, *, poll_interval: float = 5.0) -> None:
+    tools: dict[str, ToolSpec] = field(default_factory=dict)
+    workflows: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    signature: tuple[Any, ...] = ()
+
+
+def _caller_key(credential: Credential | None) -> str:
+    """The key of a caller's catalog: a digest, so no credential is kept in memory."""
+    if credential is None:
+        return ""
+    return hashlib.sha256(f"{credential.kind}\0{credential.value}".encode()).hexdigest()
+
+
+class Adapter:
+    """Holds the gRPC channel, the callers' tool catalogs and the MCP server.
+
+    Args:
+        server: the gRPC server, `HOST:PORT` (default: `$NEXUS_SERVER`, else local).
+        poll_interval: seconds between checks for changed workflows and models.
+        credential: the credential of the calls of a client that brings none of its
+            own (stdio, in process); never used for an HTTP request.
+    """
+
+    def __init__(
+        self,
+        server: str | None = None,
+        *,
+        poll_interval: float = 5.0,
+        credential: Credential | None = None,
+    ) -> None:
         self.address = server_address(server)
         self.poll_interval = poll_interval
-        self.tools: dict[str, ToolSpec] = {}
-        self.workflows: dict[str, Any] = {}
-        self.models: dict[str, Any] = {}
-        self._signature: tuple[Any, ...] = ()
+        self.credential = credential
+        self._catalogs: OrderedDict[str, _Catalog] = OrderedDict()
+        #: The lists as the poller last saw them (change notifications compare them).
+        self._watched: tuple[Any, ...] = ()
+        #: Whether the server authenticates callers (None: not known yet).
+        self.auth_enabled: bool | None = None
         self._channel: grpc.aio.Channel | None = None
         self._sessions: dict[int, Any] = {}
         #: Why the gRPC server cannot be used right now (a tool result's text), or None.
@@ -90,6 +148,77 @@ class Adapter:
             on_read_resource=self._read_resource,
             on_subscriptions_listen=ListenHandler(self.bus),
         )
+        self.server.middleware.append(self._as_caller)
+
+    # ------------------------------------------------------------------ callers
+
+    async def _as_caller(
+        self, ctx: ServerRequestContext[Any], call_next: CallNext
+    ) -> HandlerResult:
+        """Run the handler of one MCP message with its caller's credential in `CREDENTIAL`
+        (which `call_metadata()` puts on every gRPC call)."""
+        credential = self.credential
+        headers = getattr(ctx.request, "headers", None)
+        if headers is not None:  # HTTP: the caller's own, never the adapter's
+            try:
+                credential = credential_of(headers)
+            except CredentialError:  # refused by the resource server before
+                credential = None
+        token = CREDENTIAL.set(credential)
+        try:
+            return await call_next(ctx)
+        finally:
+            CREDENTIAL.reset(token)
+
+    def _catalog(self) -> _Catalog:
+        """The catalog of the current caller (`CREDENTIAL`)."""
+        key = _caller_key(CREDENTIAL.get())
+        catalog = self._catalogs.get(key)
+        if catalog is None:
+            catalog = self._catalogs[key] = _Catalog()
+            while len(self._catalogs) > _MAX_CATALOGS:
+                self._catalogs.popitem(last=False)
+        else:
+            self._catalogs.move_to_end(key)
+        return catalog
+
+    @property
+    def tools(self) -> dict[str, ToolSpec]:
+        """The current caller's tools, by name."""
+        return self._catalog().tools
+
+    @property
+    def workflows(self) -> dict[str, Any]:
+        """The current caller's workflows (`Workflow` messages), by name."""
+        return self._catalog().workflows
+
+    @property
+    def models(self) -> dict[str, Any]:
+        """The current caller's models (`Model` messages), by name."""
+        return self._catalog().models
+
+    async def principal(self) -> Any:
+        """Who the current caller is (`AuthService.GetPrincipal` with its credential).
+
+        Raises:
+            grpc.RpcError: UNAUTHENTICATED for a missing or bad credential when the
+                server's authentication is on; UNAVAILABLE; UNIMPLEMENTED (an older
+                server).
+        """
+        from nexus_api.nexus.auth.v1 import auth_service_pb2 as a
+        from nexus_api.nexus.auth.v1 import auth_service_pb2_grpc as ag
+
+        stub = ag.AuthServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        try:
+            principal = await stub.GetPrincipal(
+                a.GetPrincipalRequest(), metadata=call_metadata(), timeout=10
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self.auth_enabled = True
+            raise
+        self.auth_enabled = bool(principal.auth_enabled)
+        return principal
 
     # ------------------------------------------------------------------ plumbing
 
@@ -116,7 +245,7 @@ class Adapter:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _server: Any) -> AsyncIterator[dict[str, Any]]:
-        await self._try_refresh()
+        await self._watch()
         poller = asyncio.create_task(self._poll())
         try:
             yield {}
@@ -131,21 +260,50 @@ class Adapter:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            if await self._try_refresh():
+            if await self._watch():
                 await self._announce()
 
-    async def _try_refresh(self) -> bool:
-        """`refresh()`, with a failure recorded and logged instead of raised; returns
-        whether the tool list changed."""
-        try:
-            changed = await self.refresh()
-        except grpc.RpcError as exc:
-            self._failed(ApiFailure.from_rpc_error(exc), "listing workflows and models")
+    async def _watch(self) -> bool:
+        """Re-read the lists as the adapter's own caller (its `credential`: stdio's; none
+        over HTTP); returns whether they changed since the last look.
+
+        With the server's authentication on and no credential of its own, the adapter
+        sees nothing, so it does not ask (each refusal would be audited): clients of the
+        HTTP transport see changes on their next `tools/list`, which always reads afresh.
+        """
+        if self.credential is None and self.auth_enabled:
             return False
+        token = CREDENTIAL.set(self.credential)
+        try:
+            refused = await self._try_refresh()
+            signature = self._catalog().signature
+        finally:
+            CREDENTIAL.reset(token)
+        if refused is not None:
+            if refused.code == "UNAUTHENTICATED":
+                self.auth_enabled = True
+            return False
+        changed = bool(self._watched) and signature != self._watched
+        self._watched = signature
+        return changed
+
+    async def _try_refresh(self) -> ApiFailure | None:
+        """`refresh()` for the current caller. A server that cannot be reached or fails
+        is recorded and logged (`failure`) instead of raised; a refusal of the caller's
+        credential (UNAUTHENTICATED, PERMISSION_DENIED) is that caller's own answer,
+        returned and not recorded (another caller may be served)."""
+        try:
+            await self.refresh()
+        except grpc.RpcError as exc:
+            failure = ApiFailure.from_rpc_error(exc)
+            if failure.code in _REFUSED:
+                return failure
+            self._failed(failure, "listing workflows and models")
+            return None
         if self.failure is not None:
             log.warning("the Nexus server at %s answers again", self.address)
             self.failure = None
-        return changed
+        return None
 
     def _failed(self, failure: ApiFailure, doing: str) -> str:
         """Record that the server cannot be reached or failed while `doing`; logs each
@@ -193,7 +351,8 @@ class Adapter:
                 self._sessions.pop(key, None)
 
     async def refresh(self) -> bool:
-        """Re-read workflows and models; returns whether the tool list changed."""
+        """Re-read the workflows and models the current caller may use; returns whether
+        its tool list changed (False the first time)."""
         from nexus_api.nexus.model.v1 import model_service_pb2 as m
         from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 
@@ -201,7 +360,9 @@ class Adapter:
         token = ""
         while True:
             resp = await self._wf().ListWorkflows(
-                w.ListWorkflowsRequest(page_size=1000, page_token=token), timeout=10
+                w.ListWorkflowsRequest(page_size=1000, page_token=token),
+                timeout=10,
+                metadata=call_metadata(),
             )
             workflows += resp.workflows
             token = resp.next_page_token
@@ -211,7 +372,9 @@ class Adapter:
         token = ""
         while True:
             mresp = await self._ms().ListModels(
-                m.ListModelsRequest(page_size=1000, page_token=token), timeout=10
+                m.ListModelsRequest(page_size=1000, page_token=token),
+                timeout=10,
+                metadata=call_metadata(),
             )
             models += mresp.models
             token = mresp.next_page_token
@@ -221,7 +384,8 @@ class Adapter:
             tuple(sorted(wf.SerializeToString(deterministic=True) for wf in workflows)),
             tuple(sorted(md.SerializeToString(deterministic=True) for md in models)),
         )
-        if signature == self._signature:
+        catalog = self._catalog()
+        if signature == catalog.signature:
             return False
         tools: dict[str, ToolSpec] = {}
         model_names = {md.name for md in models}
@@ -231,11 +395,11 @@ class Adapter:
         for md in models:
             for spec in model_tools(md):
                 tools.setdefault(spec.name, spec)
-        self.tools = tools
-        self.workflows = {wf.name: wf for wf in workflows}
-        self.models = {md.name: md for md in models}
-        changed = bool(self._signature)
-        self._signature = signature
+        catalog.tools = tools
+        catalog.workflows = {wf.name: wf for wf in workflows}
+        catalog.models = {md.name: md for md in models}
+        changed = bool(catalog.signature)
+        catalog.signature = signature
         return changed
 
     # ------------------------------------------------------------------ handlers
@@ -244,9 +408,17 @@ class Adapter:
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         self._remember(ctx)
-        if not self.tools:
-            await self._try_refresh()
+        await self._refresh_or_raise()
         return types.ListToolsResult(tools=[self._tool(s) for s in self.tools.values()])
+
+    async def _refresh_or_raise(self) -> None:
+        """Read the caller's lists afresh (a list request shows what the principal may
+        use now); a refused credential is the request's error."""
+        from mcp.shared.exceptions import MCPError
+
+        refused = await self._try_refresh()
+        if refused is not None:
+            raise MCPError(types.INVALID_REQUEST, refused.render())
 
     @staticmethod
     def _tool(spec: ToolSpec) -> types.Tool:
@@ -270,8 +442,7 @@ class Adapter:
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListResourcesResult:
         self._remember(ctx)
-        if not self._signature:
-            await self._try_refresh()
+        await self._refresh_or_raise()
         resources = [
             types.Resource(
                 uri=f"nexus://models/{name}",
@@ -304,10 +475,16 @@ class Adapter:
         kind, _, name = uri.removeprefix("nexus://").partition("/")
         try:
             if kind == "models":
-                doc = to_json(await self._ms().GetModel(m.GetModelRequest(name=name), timeout=10))
+                doc = to_json(
+                    await self._ms().GetModel(
+                        m.GetModelRequest(name=name), timeout=10, metadata=call_metadata()
+                    )
+                )
             elif kind == "workflows":
                 doc = to_json(
-                    await self._wf().GetWorkflow(w.GetWorkflowRequest(name=name), timeout=10)
+                    await self._wf().GetWorkflow(
+                        w.GetWorkflowRequest(name=name), timeout=10, metadata=call_metadata()
+                    )
                 )
             else:
                 raise MCPError(types.INVALID_PARAMS, f"unknown resource {uri}")
@@ -327,7 +504,9 @@ class Adapter:
         self._remember(ctx)
         spec = self.tools.get(params.name)
         if spec is None:
-            await self._try_refresh()
+            refused = await self._try_refresh()
+            if refused is not None:
+                return _error_result(refused.render())
             spec = self.tools.get(params.name)
         if spec is None:
             if self.failure is not None:

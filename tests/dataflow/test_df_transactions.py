@@ -26,10 +26,14 @@ Contacts = tuple[DataFlow, type[Any]]
 class DFTestFail(Node):
     """Fails when told to (the 'later node' that must roll earlier writes back)."""
 
-    parameters = {"after": Param(str), "fail": Param(bool, default=True)}
+    parameters = {
+        "after": Param(str),
+        "fail": Param(bool, default=True),
+        "created": Param(int, default=0),
+    }
     outputs = {"ok": Output(bool)}
 
-    def run(self, after: str, fail: bool) -> Mapping[str, Any]:
+    def run(self, after: str, fail: bool, created: int) -> Mapping[str, Any]:
         if fail:
             raise RuntimeError(f"failing after {after}")
         return {"ok": True}
@@ -50,6 +54,9 @@ def _workflow(atomic: bool) -> Any:
     wf.add_node("DFTestFail", "boom", {"fail": "{{fail}}"})
     wf.add_connection("c1", "id", "u", "id")
     wf.add_connection("u", "id", "boom", "after")
+    # after the bulk create too: a failing node cancels the nodes still running, and the
+    # tests count what the earlier writes left
+    wf.add_connection("c2", "created", "boom", "created")
     return wf.build()
 
 

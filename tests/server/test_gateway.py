@@ -437,3 +437,46 @@ async def test_refusals_and_changes_are_audited(
         for line in lines
     ), lines
     assert not any(ROOT_KEY in line for line in lines)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_managed_keys_work_and_revoke_on_every_replica(
+    auth_env: None,
+    make_app: Callable[..., Nexus],
+    connect: Connect,
+    expect_error: ExpectError,
+    db_url: str,
+) -> None:
+    """Two servers on one database: a key created on one works on the other, and its
+    revocation on the first refuses the very next call on the second."""
+    one = make_app(models=False, enable_auth=True)
+    two = make_app(models=False, enable_auth=True, url=db_url)
+    async with (
+        one.serving() as s1,
+        two.serving() as s2,
+        connect(s1) as c1,
+        connect(s2) as c2,
+    ):
+        keys1 = agrpc.AuthServiceStub(c1)  # type: ignore[no-untyped-call]
+        keys2 = agrpc.AuthServiceStub(c2)  # type: ignore[no-untyped-call]
+        made = await keys1.CreateApiKey(
+            apb.CreateApiKeyRequest(name="ci", roles=["reader"], tenant="acme"), metadata=ROOT
+        )
+        assert made.key.startswith("nxk_") and made.api_key.creator == "key:root"
+        mine = (("x-api-key", made.key),)
+        me = await keys2.GetPrincipal(apb.GetPrincipalRequest(), metadata=mine)
+        assert (me.id, list(me.roles), me.tenant) == ("key:ci", ["reader"], "acme")
+        listed = await keys2.ListApiKeys(apb.ListApiKeysRequest(), metadata=ROOT)
+        assert [k.name for k in listed.api_keys] == ["ci"]
+        assert made.key not in str(listed)
+        await expect_error(
+            keys2.CreateApiKey(apb.CreateApiKeyRequest(name="x", roles=["admin"]), metadata=mine),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PERMISSION_DENIED",
+        )
+        await keys1.RevokeApiKey(apb.RevokeApiKeyRequest(name="ci"), metadata=ROOT)
+        await expect_error(
+            keys2.GetPrincipal(apb.GetPrincipalRequest(), metadata=mine),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "CREDENTIALS_INVALID",
+        )

@@ -48,6 +48,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     API_KEYS_UNAVAILABLE: _ClassVar[ErrorReason]
     AUTH_PROVIDER_UNAVAILABLE: _ClassVar[ErrorReason]
     AUDIT_TABLE_DISABLED: _ClassVar[ErrorReason]
+    RATE_LIMITED: _ClassVar[ErrorReason]
+    OVERLOADED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 REQUEST_INVALID: ErrorReason
 PAGE_TOKEN_INVALID: ErrorReason
@@ -87,5 +89,7 @@ API_KEY_ALREADY_EXISTS: ErrorReason
 API_KEYS_UNAVAILABLE: ErrorReason
 AUTH_PROVIDER_UNAVAILABLE: ErrorReason
 AUDIT_TABLE_DISABLED: ErrorReason
+RATE_LIMITED: ErrorReason
+OVERLOADED: ErrorReason
 CODE_FIELD_NUMBER: _ClassVar[int]
 code: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, int]
