@@ -1,6 +1,6 @@
 """The gateway's admission of one call, timed in process, for each kind of credential.
 
-`bench/grpc.py --auth-only` prints this under its h2load table: the h2load figures say
+`bench/grpc.py --only-auth` prints this under its h2load table: the h2load figures say
 what authentication costs a served call, and on a shared 2-core machine they move by
 10-20 % between rounds; these say where that cost is, to the microsecond. Timed: the
 chain's `Gateway._admit` for an ExecuteWorkflow call (read the metadata, authenticate,

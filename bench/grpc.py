@@ -17,6 +17,10 @@ Measured:
     grpc.aio server whose handlers use aiosqlite directly (SELECT by id; INSERT +
     COMMIT), on a SQLite file with the same pragmas;
   each Nexus figure is printed with its ratio to its baseline (target >= 0.6);
+* the cost of authentication: ExecuteWorkflow noop served with authentication off and
+  on in the same run, called with an env API key, an HS256 JWT and a managed key, beside
+  a second auth-off server as a control (target: >= 0.9 of auth off at concurrency 16),
+  then the gateway's admission of one call timed in process (`bench/_auth_cost.py`);
 * time from process start to answering grpc.health.v1 Check with 100 models and
   `enable_model_persistence=True` (target < 1 s), beside the same for the bare echo
   server, and the peak RSS (VmHWM) of that server after some calls (target < 150 MB).
@@ -26,7 +30,8 @@ the count to `--seconds`; the h2load process itself has a timeout). gRPC errors 
 invisible to h2load (HTTP 200 with a grpc-status trailer), so each run is checked: the
 response bytes must add up for reads, the rows written must match for writes.
 
-Run: `.venv/bin/python bench/grpc.py` (`--quick` for a short run). To measure a change,
+Run: `.venv/bin/python bench/grpc.py` (`--quick` for a short run; `--only-auth` or
+`--skip-auth` for the authentication table alone or without it). To measure a change,
 `--against CHECKOUT` also serves the noop and create_contact workflows from another
 checkout (a `git worktree` of main, say) and prints this checkout's ratio to it,
 alternating rounds.
@@ -1094,7 +1099,10 @@ def main() -> int:
     p.add_argument("--skip-startup", action="store_true", help="only the throughput tables")
     p.add_argument("--skip-auth", action="store_true", help="without the authentication table")
     p.add_argument(
-        "--auth-only", action="store_true", help="only the authentication table (auth off/on)"
+        "--only-auth",
+        "--auth-only",
+        action="store_true",
+        help="only the authentication table (auth off/on)",
     )
     p.add_argument(
         "--against",
@@ -1136,11 +1144,11 @@ def main() -> int:
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, grpcio {grpc.__version__}")
     missed: list[str] = []
     with workdir() as tmp:
-        if not args.skip_load and not args.auth_only:
+        if not args.skip_load and not args.only_auth:
             missed += run_load(args, tmp)
         if not args.skip_load and not args.skip_auth:
             missed += run_auth(args, tmp)
-        if not args.skip_startup and not args.auth_only:
+        if not args.skip_startup and not args.only_auth:
             missed += run_startup(args, tmp)
     print()
     if missed:
