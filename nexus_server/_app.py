@@ -9,7 +9,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -426,7 +426,8 @@ class Nexus:
         health_servicer = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
         pgrpc.add_ProbeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ProbeServicer(health_servicer.serving, self.registry), handlers
+            ProbeServicer(health_servicer.serving, self.registry, _breaker_component(db)),
+            handlers,
         )
         services = (
             WORKFLOW_SERVICE,
@@ -659,6 +660,17 @@ def deferred_start() -> Iterator[list[Nexus]]:
 
 #: How often the loop's lateness is sampled during a database ping.
 _TICK = 0.05
+
+
+def _breaker_component(
+    db: DataFlow,
+) -> Callable[[], dict[str, dict[str, Any]]] | None:
+    """The health document's `breaker` component: the database's circuit breaker
+    (None when the DataFlow has none)."""
+    breaker = db.breaker
+    if breaker is None:
+        return None
+    return lambda: {"breaker": breaker.snapshot()}
 
 
 async def _ping(db: DataFlow, timeout: float) -> tuple[bool, bool]:

@@ -290,6 +290,16 @@ def _from_tenant_required(exc: Any) -> ApiError:
     )
 
 
+def _from_circuit_open(exc: dataflow.CircuitOpenError) -> ApiError:
+    # refused at once by an open circuit breaker: the caller learns when to retry
+    return ApiError(
+        "DEPENDENCY_UNAVAILABLE",
+        str(exc),
+        metadata={"dependency": exc.dependency[:BRIEF]},
+        retry_after=exc.retry_after,
+    )
+
+
 def _mapped(exc: BaseException) -> ApiError | None:
     if isinstance(exc, ApiError):
         return exc
@@ -311,6 +321,7 @@ _TABLE: list[tuple[type[BaseException], Callable[[Any], ApiError]]] = [
     (dataflow.ValidationError, _from_validation),
     (dataflow.NotFoundError, _from_not_found),
     (dataflow.AlreadyExistsError, _from_already_exists),
+    (dataflow.CircuitOpenError, _from_circuit_open),
     (dataflow.ConflictError, lambda e: ApiError("TRANSACTION_CONFLICT", str(e))),
     (dataflow.MigrationError, lambda e: ApiError("CONSTRAINT_VIOLATION", str(e))),
     (dataflow.DatabaseError, lambda e: ApiError("DATABASE_UNAVAILABLE", str(e))),

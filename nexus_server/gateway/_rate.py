@@ -43,12 +43,13 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import redis.asyncio as aioredis
+import redis.exceptions
 from pyrate_limiter import Rate, TokenBucket
 from pyrate_limiter.abstracts.algorithm import Decision
 
 from .._errors import ApiError
 from ._principal import Principal
-from ._resp import RedisClient, RedisError
 
 __all__ = [
     "RateLimit",
@@ -321,7 +322,11 @@ class _RedisStore:
     """Buckets in Redis, one hash per key, stepped by pyrate-limiter's Lua script."""
 
     def __init__(self, url: str) -> None:
-        self._client = RedisClient(url)
+        # every command bounded: an unreachable Redis costs one short wait, then the
+        # limiter admits calls without it for `_RETRY_REDIS` seconds
+        self._client = aioredis.Redis.from_url(
+            url, socket_timeout=1.0, socket_connect_timeout=1.0, max_connections=16
+        )
         self._script = _ALGORITHM.redis_script() or ""
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
         self._warned = 0.0
@@ -335,8 +340,11 @@ class _RedisStore:
         args: list[str] = [str(now), "1", str(ttl), "1"]
         args += [str(a) for a in _ALGORITHM.redis_args([rate])]
         try:
-            reply = await self._client.evalsha(self._sha, self._script, [key], args)
-        except (RedisError, OSError, TimeoutError) as exc:
+            try:
+                reply = await self._client.evalsha(self._sha, 1, key, *args)
+            except redis.exceptions.NoScriptError:  # first use on this Redis: load it
+                reply = await self._client.eval(self._script, 1, key, *args)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             self._down_until = time.monotonic() + _RETRY_REDIS
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
@@ -349,7 +357,7 @@ class _RedisStore:
         return Decision(failing_rate=rate, retry_after_ms=max(retry, 0))
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._client.aclose()
 
 
 class RateLimiter:

@@ -34,6 +34,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONSTRAINT_VIOLATION: _ClassVar[ErrorReason]
     TRANSACTION_CONFLICT: _ClassVar[ErrorReason]
     DATABASE_UNAVAILABLE: _ClassVar[ErrorReason]
+    DEPENDENCY_UNAVAILABLE: _ClassVar[ErrorReason]
     INTERNAL_ERROR: _ClassVar[ErrorReason]
     ROUTE_NOT_FOUND: _ClassVar[ErrorReason]
     REQUEST_TOO_LARGE: _ClassVar[ErrorReason]
@@ -75,6 +76,7 @@ QUERY_INVALID: ErrorReason
 CONSTRAINT_VIOLATION: ErrorReason
 TRANSACTION_CONFLICT: ErrorReason
 DATABASE_UNAVAILABLE: ErrorReason
+DEPENDENCY_UNAVAILABLE: ErrorReason
 INTERNAL_ERROR: ErrorReason
 ROUTE_NOT_FOUND: ErrorReason
 REQUEST_TOO_LARGE: ErrorReason
