@@ -1060,7 +1060,7 @@ class DataFlow:
             raise DataFlowError(
                 "fetchrow() reads outside any transaction; it cannot join the current one"
             )
-        return await self._fast_fetch(None, sql, list(args), False)
+        return await self._fast_fetch(None, sql, list(args), False, turn=False)
 
     def _here(
         self,
@@ -1068,6 +1068,8 @@ class DataFlow:
         write: bool,
         work: Callable[[sqlite3.Connection], R],
         rows: int,
+        *,
+        turn: bool = True,
     ) -> R | _NotHere:
         """SQLite file databases: run `work` on the calling thread, on a connection of its
         own that never waits for a lock (a write in a transaction of its own). Returns
@@ -1083,8 +1085,12 @@ class DataFlow:
         several times the statement itself (docs/benchmarks.md, "Where the time goes").
         Only small, bounded work comes here: single records by key, and batches of at
         most `EXECUTEMANY_HERE_ROWS` rows.
+
+        `turn=False` (reads of `fetchrow` only): do not wait for DataFlow's connection; on
+        its own WAL connection the read sees the last committed state even while another
+        task's transaction or the execution-record writer holds that connection.
         """
-        if not self._sync_init or self._sqlite_lock.locked():
+        if not self._sync_init or (turn and self._sqlite_lock.locked()):
             return _NOT_HERE
         try:
             conn = self._here_conn
@@ -1196,9 +1202,16 @@ class DataFlow:
         return ctx is None or not ctx.atomic
 
     async def _fast_fetch(
-        self, model: ModelInfo | None, sql: str, args: list[Any], write: bool
+        self,
+        model: ModelInfo | None,
+        sql: str,
+        args: list[Any],
+        write: bool,
+        *,
+        turn: bool = True,
     ) -> Sequence[Any] | None:
-        """Run one statement on the driver; return its first row (None if none)."""
+        """Run one statement on the driver; return its first row (None if none).
+        `turn`: see `_here`."""
         br = self._breaker
         trial = br is not None and not br.quiet and br.admit()
         row: Sequence[Any] | None
@@ -1206,7 +1219,9 @@ class DataFlow:
             if self._pg_pool is not None:
                 row = await self._pg_call("fetchrow", sql, args)
             else:
-                here = self._here(model, write, lambda c: c.execute(sql, args).fetchall(), 1)
+                here = self._here(
+                    model, write, lambda c: c.execute(sql, args).fetchall(), 1, turn=turn
+                )
                 if not isinstance(here, _NotHere):
                     row = here[0] if here else None
                 else:
