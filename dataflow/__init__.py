@@ -36,6 +36,7 @@ operations raise `TenantRequired`. `ModelInfo.tenant_field` names the tenant fie
 
 from __future__ import annotations
 
+from ._cache import cache_scope, current_cache_scope
 from ._dataflow import DataFlow
 from ._errors import (
     AlreadyExistsError,
@@ -83,6 +84,8 @@ __all__ = [
     "TenantRequired",
     "UniqueViolation",
     "ValidationError",
+    "cache_scope",
+    "current_cache_scope",
     "current_tenant",
     "dialect_insert",
     "field",

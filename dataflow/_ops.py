@@ -10,12 +10,13 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import enum
+import functools
 import json
 import math
 import operator
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Float,
@@ -80,6 +81,35 @@ BULK_BATCH_ROWS = 1000
 #: A search's page size when no limit is given, and the largest limit accepted.
 SEARCH_DEFAULT_LIMIT = 20
 SEARCH_MAX_LIMIT = 1000
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _writes(
+    fn: Callable[Concatenate[ModelOps, _P], Awaitable[_R]],
+) -> Callable[Concatenate[ModelOps, _P], Awaitable[_R]]:
+    """A write operation: once it completed, the model's cached reads end (at the commit
+    of the shared transaction when it joined one). A write that failed inside a shared
+    transaction counts too: the caller may catch the error and commit what it did."""
+
+    @functools.wraps(fn)
+    async def write(self: ModelOps, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        db = self._db
+        if db._cache is None:
+            return await fn(self, *args, **kwargs)
+        try:
+            result = await fn(self, *args, **kwargs)
+        except BaseException:
+            tx = db._tx.get()
+            if tx is not None:
+                tx.written.add(self.model.table)
+            raise
+        await db._written(self.model)
+        return result
+
+    return write
 
 
 def _now() -> dt.datetime:
@@ -362,7 +392,8 @@ class ModelOps:
 
     # -- single-record operations --------------------------------------------------
 
-    async def create(self, **fields: Any) -> dict[str, Any]:
+    @_writes
+    async def create(self, /, **fields: Any) -> dict[str, Any]:
         """Insert one record; return it as stored (with its id and timestamps).
 
         Raises:
@@ -392,6 +423,21 @@ class ModelOps:
         Raises:
             NotFoundError: there is none.
         """
+        cache = self._db._caching()
+        if cache is None:
+            return await self._read_now(id)
+        key = self._key(id)
+        result: dict[str, Any] = await cache.fetch(
+            self.model, "read", (key,), self._cache_tenant(), lambda: self._read_now(key)
+        )
+        return result
+
+    def _cache_tenant(self) -> str | None:
+        """The tenant a cached read is keyed by (a tenant-scoped model without one: the
+        operation's TenantRequired, before the cache is looked at)."""
+        return self._tenant() if self._tf is not None else current_tenant()
+
+    async def _read_now(self, id: Any) -> dict[str, Any]:
         key = self._key(id)
         db = self._db
         if db._fast_ok():
@@ -408,6 +454,7 @@ class ModelOps:
             raise NotFoundError(self.model.name, key)
         return self._record(row)
 
+    @_writes
     async def update(
         self,
         id: Any = None,
@@ -470,6 +517,7 @@ class ModelOps:
             raise NotFoundError(self.model.name, key)
         return self._record(row)
 
+    @_writes
     async def delete(self, id: Any) -> int:
         """Delete the record with this id; return 1.
 
@@ -491,8 +539,9 @@ class ModelOps:
             raise NotFoundError(self.model.name, key)
         return int(n)
 
+    @_writes
     async def upsert(
-        self, conflict_on: Sequence[str] | None = None, **fields: Any
+        self, /, conflict_on: Sequence[str] | None = None, **fields: Any
     ) -> dict[str, Any]:
         """Insert the record, or update the existing one with the same `conflict_on` key
         (default ``["id"]``), in one ``INSERT ... ON CONFLICT DO UPDATE`` statement.
@@ -549,6 +598,25 @@ class ModelOps:
         Returns:
             ``{"records": [...], "next_page_token": str | None}``
         """
+        cache = self._db._caching()
+        if cache is None:
+            return await self._list_now(filter, order_by, limit, offset, page_token, fields)
+        args = (filter, order_by, limit, offset, page_token, fields)
+        result: dict[str, Any] = await cache.fetch(
+            self.model, "list", args, self._cache_tenant(), lambda: self._list_now(*args)
+        )
+        return result
+
+    async def _list_now(
+        self,
+        filter: Mapping[str, Any] | None,
+        order_by: str | Sequence[str] | None,
+        limit: int | None,
+        offset: int | None,
+        page_token: str | None,
+        fields: Sequence[str] | None,
+    ) -> dict[str, Any]:
+        """`list` on the database."""
         if self._tf is not None:
             self._tenant()  # before anything else: no tenant, no call
         fc = self._fc
@@ -597,6 +665,24 @@ class ModelOps:
         limit: int | None = None,
         page_token: str | None = None,
         fields: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Full-text search (see `_search_now`), through the query cache when on."""
+        cache = self._db._caching()
+        if cache is None:
+            return await self._search_now(query, filter, limit, page_token, fields)
+        args = (query, filter, limit, page_token, fields)
+        result: dict[str, Any] = await cache.fetch(
+            self.model, "search", args, self._cache_tenant(), lambda: self._search_now(*args)
+        )
+        return result
+
+    async def _search_now(
+        self,
+        query: str | None,
+        filter: Mapping[str, Any] | None,
+        limit: int | None,
+        page_token: str | None,
+        fields: Sequence[str] | None,
     ) -> dict[str, Any]:
         """Full-text search: the records matching `query` (and `filter`), most relevant
         first (``ts_rank`` on PostgreSQL, ``bm25`` on SQLite; ties by ``id``).
@@ -712,6 +798,15 @@ class ModelOps:
 
     async def count(self, filter: Mapping[str, Any] | None = None) -> int:
         """How many records match `filter`."""
+        cache = self._db._caching()
+        if cache is None:
+            return await self._count_now(filter)
+        result: int = await cache.fetch(
+            self.model, "count", (filter,), self._cache_tenant(), lambda: self._count_now(filter)
+        )
+        return result
+
+    async def _count_now(self, filter: Mapping[str, Any] | None) -> int:
         if self._tf is not None:  # the tenant is always a condition
             stmt = self._count_all.where(self._scoped(self._fc.compile(filter)))
         elif not filter:
@@ -752,6 +847,7 @@ class ModelOps:
                     )
         return rows
 
+    @_writes
     async def bulk_create(self, data: Sequence[Mapping[str, Any]]) -> int:
         """Insert every record of `data` in one transaction; return how many.
 
@@ -803,6 +899,7 @@ class ModelOps:
                 records = [tuple([r[n] if p is None else p(r[n]) for n, p in pairs]) for r in batch]
             await driver.copy_records_to_table(self.table.name, records=records, columns=names)
 
+    @_writes
     async def bulk_update(
         self,
         data: Sequence[Mapping[str, Any]] | None = None,
@@ -847,6 +944,7 @@ class ModelOps:
             res = await conn.execute(update(self.table).where(where).values(changes))
         return int(res.rowcount)
 
+    @_writes
     async def bulk_delete(
         self,
         filter: Mapping[str, Any] | None = None,
@@ -879,6 +977,7 @@ class ModelOps:
             res = await conn.execute(stmt)
         return int(res.rowcount)
 
+    @_writes
     async def bulk_upsert(
         self, data: Sequence[Mapping[str, Any]], conflict_on: Sequence[str] | None = None
     ) -> int:
