@@ -269,7 +269,7 @@ async def test_tenants_and_scopes_never_share_entries(make_db: MakeDB) -> None:
 async def test_two_dataflows_share_one_redis_cache_and_its_invalidation(
     make_db: MakeDB, redis_prefix: str
 ) -> None:
-    opts = {"cache_url": REDIS_URL, "cache_prefix": redis_prefix}
+    opts: dict[str, Any] = {"cache_url": REDIS_URL, "cache_prefix": redis_prefix}
     db1, Item1 = await _items(make_db, **opts)
     db2, Item2 = await _items(make_db, replica=True, **opts)
     one, two = db1.ops(Item1), db2.ops(Item2)
@@ -322,9 +322,7 @@ async def test_redis_entries_keep_every_type(
 
 
 async def test_redis_down_reads_the_database(make_db: MakeDB, redis_prefix: str) -> None:
-    db, Item = await _items(
-        make_db, cache_url="redis://127.0.0.1:1/0", cache_prefix=redis_prefix
-    )
+    db, Item = await _items(make_db, cache_url="redis://127.0.0.1:1/0", cache_prefix=redis_prefix)
     ops = db.ops(Item)
     await ops.create(id="a", name="x")  # the failed invalidation is logged
     assert (await ops.read("a"))["name"] == "x"
