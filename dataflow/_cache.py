@@ -44,6 +44,7 @@ __all__ = [
     "QueryCache",
     "RedisCache",
     "args_digest",
+    "args_text",
     "cache_scope",
     "current_cache_scope",
     "default_prefix",
@@ -113,14 +114,27 @@ def _key_default(value: Any) -> Any:
     return [type(value).__qualname__, repr(value)]
 
 
-def args_digest(op: str, args: tuple[Any, ...]) -> str | None:
-    """A digest of one operation's arguments (None: they cannot be keyed; do not cache).
+_KEY_ENCODER = json.JSONEncoder(sort_keys=True, default=_key_default)
 
-    Types are kept apart (``1``, ``"1"`` and ``True`` key differently), so two calls share
-    an entry only when the database would see the same values."""
+
+def args_text(op: str, args: tuple[Any, ...]) -> str | None:
+    """One operation's arguments as text (None: they cannot be keyed; do not cache).
+
+    Types are kept apart (``1``, ``"1"`` and ``True`` write differently), so two calls
+    share an entry only when the database would see the same values."""
+    if op == "read":  # the id, already of the primary key's type
+        key = args[0]
+        return f"r{key}" if type(key) is str else f"r#{key}"
     try:
-        text = json.dumps([op, args], sort_keys=True, default=_key_default, allow_nan=True)
+        return op + _KEY_ENCODER.encode(args)
     except (TypeError, ValueError):
+        return None
+
+
+def args_digest(op: str, args: tuple[Any, ...]) -> str | None:
+    """`args_text`, hashed (for Redis keys, which should stay short)."""
+    text = args_text(op, args)
+    if text is None:
         return None
     return hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
 
@@ -135,14 +149,42 @@ def _who(tenant: str | None, scope: str | None) -> str:
 
 
 def _copy(value: Any) -> Any:
-    """A copy a caller may change without changing the cached value: dicts and lists are
-    copied, everything else a record holds is immutable."""
+    """A deep copy of a JSON document (dicts and lists; the rest is immutable)."""
     kind = type(value)
     if kind is dict:
         return {k: _copy(v) if type(v) in (dict, list) else v for k, v in value.items()}
     if kind is list:
         return [_copy(v) if type(v) in (dict, list) else v for v in value]
     return value
+
+
+class _Copier:
+    """Copies of one model's results a caller may change without changing the cached
+    value: every value of a record is immutable except the documents of its dict and
+    list fields, which are copied deeply."""
+
+    def __init__(self, model: ModelInfo) -> None:
+        self._docs = tuple(f.name for f in model.fields if f.base_type in (dict, list))
+
+    def record(self, r: dict[str, Any]) -> dict[str, Any]:
+        out = dict(r)
+        for name in self._docs:
+            v = out.get(name)
+            if v is not None:
+                out[name] = _copy(v)
+        return out
+
+    def result(self, op: str, value: Any) -> Any:
+        if op == "read":
+            return self.record(value)
+        if op == "count":
+            return value
+        out = dict(value)
+        rec = self.record
+        out["records"] = [rec(r) for r in value["records"]]
+        if "scores" in out:
+            out["scores"] = list(out["scores"])
+        return out
 
 
 # -- encoding (Redis): by the model's field types, never pickle -------------------------
@@ -267,6 +309,7 @@ class MemoryCache(QueryCache):
         self.max_entries = max_entries
         self._versions: dict[str, int] = {}
         self._entries: OrderedDict[tuple[str, int, str, str], tuple[float, Any]] = OrderedDict()
+        self._copiers: dict[str, _Copier] = {}
 
     async def fetch(
         self,
@@ -276,11 +319,14 @@ class MemoryCache(QueryCache):
         tenant: str | None,
         load: Loader,
     ) -> Any:
-        digest = args_digest(op, args)
-        if digest is None:
+        text = args_text(op, args)
+        if text is None:
             return await load()
         name = model.table
-        key = (name, self._versions.get(name, 0), _who(tenant, _SCOPE.get()), digest)
+        copier = self._copiers.get(name)
+        if copier is None:
+            copier = self._copiers[name] = _Copier(model)
+        key = (name, self._versions.get(name, 0), _who(tenant, _SCOPE.get()), text)
         entries = self._entries
         found = entries.get(key)
         now = time.monotonic()
@@ -288,12 +334,12 @@ class MemoryCache(QueryCache):
             if found[0] > now:
                 entries.move_to_end(key)
                 self.hits += 1
-                return _copy(found[1])
+                return copier.result(op, found[1])
             del entries[key]
         self.misses += 1
         value = await load()
         if key[1] == self._versions.get(name, 0):  # no write completed meanwhile
-            entries[key] = (now + self.ttl, _copy(value))
+            entries[key] = (now + self.ttl, copier.result(op, value))
             entries.move_to_end(key)
             while len(entries) > self.max_entries:
                 entries.popitem(last=False)
