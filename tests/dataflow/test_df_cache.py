@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -47,18 +47,27 @@ def _declare(db: DataFlow, replica: bool = False) -> type[Any]:
 
 
 @pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
+def redis_prefix() -> Iterator[str]:
     """A key prefix of this test's own, every key under it deleted afterwards."""
-    aioredis = pytest.importorskip("redis.asyncio")
+    redis = pytest.importorskip("redis")
     prefix = f"test-df-cache:{uuid.uuid4().hex}"
     yield prefix
-    client = aioredis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(REDIS_URL)
     try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=500)]
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
         if keys:
-            await client.delete(*keys)
+            client.delete(*keys)
     finally:
-        await client.aclose()
+        client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cache_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The options of an in-memory cache, and of a Redis one (own prefix, cleaned)."""
+    if request.param == "memory":
+        return {"enable_caching": True}
+    prefix: str = request.getfixturevalue("redis_prefix")
+    return {"cache_url": REDIS_URL, "cache_prefix": prefix}
 
 
 async def _items(
@@ -96,11 +105,14 @@ def test_options_are_checked() -> None:
 # -- in memory --------------------------------------------------------------------------
 
 
-async def test_reads_are_cached_and_every_write_ends_them(make_db: MakeDB) -> None:
-    db, Item = await _items(make_db, enable_caching=True)
+async def test_reads_are_cached_and_every_write_ends_them(
+    make_db: MakeDB, cache_options: dict[str, Any]
+) -> None:
+    db, Item = await _items(make_db, **cache_options)
     ops = db.ops(Item)
     cache = db.cache
-    assert cache is not None and cache.stats()["backend"] == "memory"
+    assert cache is not None
+    assert cache.stats()["backend"] == ("redis" if "cache_url" in cache_options else "memory")
     a = await ops.create(id="a", name="apple pie", score=1)
     assert await ops.read("a") == a
     assert await ops.read("a") == a
@@ -167,8 +179,10 @@ async def test_the_memory_cache_is_bounded(make_db: MakeDB) -> None:
     assert db.cache is not None and db.cache.hits == 1
 
 
-async def test_reads_inside_a_transaction_bypass_the_cache(make_db: MakeDB) -> None:
-    db, Item = await _items(make_db, enable_caching=True)
+async def test_reads_inside_a_transaction_bypass_the_cache(
+    make_db: MakeDB, cache_options: dict[str, Any]
+) -> None:
+    db, Item = await _items(make_db, **cache_options)
     ops = db.ops(Item)
     cache = db.cache
     assert cache is not None
@@ -189,9 +203,9 @@ async def test_reads_inside_a_transaction_bypass_the_cache(make_db: MakeDB) -> N
 
 
 async def test_a_concurrent_reader_never_serves_the_value_from_before_a_write(
-    make_db: MakeDB,
+    make_db: MakeDB, cache_options: dict[str, Any]
 ) -> None:
-    db, Item = await _items(make_db, enable_caching=True)
+    db, Item = await _items(make_db, **cache_options)
     ops = db.ops(Item)
     await ops.create(id="a", name="x", score=0)
     deadline = asyncio.get_running_loop().time() + 20
@@ -213,8 +227,10 @@ async def test_a_concurrent_reader_never_serves_the_value_from_before_a_write(
         await asyncio.gather(*readers)
 
 
-async def test_an_atomic_workflow_ends_cached_reads_when_it_commits(make_db: MakeDB) -> None:
-    db, Item = await _items(make_db, enable_caching=True)
+async def test_an_atomic_workflow_ends_cached_reads_when_it_commits(
+    make_db: MakeDB, cache_options: dict[str, Any]
+) -> None:
+    db, Item = await _items(make_db, **cache_options)
     ops = db.ops(Item)
     await ops.create(id="a", name="x", score=1)
     assert (await ops.read("a"))["score"] == 1
@@ -230,8 +246,10 @@ async def test_an_atomic_workflow_ends_cached_reads_when_it_commits(make_db: Mak
     assert await ops.count() == 2
 
 
-async def test_tenants_and_scopes_never_share_entries(make_db: MakeDB) -> None:
-    db = make_db(enable_caching=True)
+async def test_tenants_and_scopes_never_share_entries(
+    make_db: MakeDB, cache_options: dict[str, Any]
+) -> None:
+    db = make_db(**cache_options)
 
     @db.model(tenant_scoped=True)
     class Note:

@@ -15,7 +15,9 @@ import httpx
 import pytest
 from google.protobuf import json_format, struct_pb2
 
-from dataflow import DataFlow
+from dataflow import DataFlow, field
+from nexus_api.nexus.model.v1 import model_service_pb2 as mpb
+from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from nexus_server import Nexus, Serving
@@ -211,3 +213,44 @@ async def test_rest_through_envoy_gets_the_cache_header(
             other = await client.post(url, json=body, headers={"x-nexus-caller": "bob"})
             assert other.headers["x-nexus-cache"] == "miss"
             assert other.json()["id"] != first.json()["id"]
+
+
+# -- DataFlow's query cache behind the server: keyed by the calling principal ------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_the_server_keys_dataflows_cache_by_principal(db_url: str) -> None:
+    db = DataFlow(db_url, enable_caching=True)
+
+    @db.model
+    class Gadget:
+        id: str
+        name: str = field(unique=True)
+
+    app = Nexus(grpc_port=0, grace_period=2.0)
+    app.integrate_dataflow(db)
+    try:
+        async with _served(app) as serving, grpc.aio.insecure_channel(serving.address) as ch:
+            stub = mgrpc.ModelServiceStub(ch)  # type: ignore[no-untyped-call]
+            made = await db.ops(Gadget).create(name="g")
+            cache = db.cache
+            assert cache is not None
+
+            async def get(caller: str) -> Any:
+                req = mpb.GetRecordRequest(model="Gadget", id=made["id"])
+                md = [("x-nexus-caller", caller)]
+                return await stub.GetRecord(req, metadata=md, timeout=WAIT)
+
+            hits, misses = cache.hits, cache.misses
+            assert (await get("alice"))["name"] == "g"
+            assert (await get("alice"))["name"] == "g"
+            assert (cache.hits - hits, cache.misses - misses) == (1, 1)
+            assert (await get("bob"))["name"] == "g"  # another principal: its own entry
+            assert (cache.hits - hits, cache.misses - misses) == (1, 2)
+            # a write through the server ends the entries: the next read is current
+            upd = mpb.UpdateRecordRequest(model="Gadget", id=made["id"])
+            upd.record.update({"name": "h"})
+            await stub.UpdateRecord(upd, metadata=[("x-nexus-caller", "bob")], timeout=WAIT)
+            assert (await get("alice"))["name"] == "h"
+    finally:
+        await db.close()
