@@ -447,12 +447,12 @@ async def cache_bench(url: str, n: int, max_s: float) -> None:
             await db.initialize()
             ops = db.ops(Contact)
             if not ids:
+                ids = [f"c{i}" for i in range(CACHE_ROWS)]
                 rows = [
-                    {"id": f"c{i}", "name": f"n{i}", "email": f"e{i}@x", "score": i % 10}
-                    for i in range(CACHE_ROWS)
+                    {"id": cid, "name": f"n{i}", "email": f"e{i}@x", "score": i % 10}
+                    for i, cid in enumerate(ids)
                 ]
                 await ops.bulk_create(rows)
-                ids = [r["id"] for r in rows]
 
             async def read(i: int, ops: Any = ops, ids: list[str] = ids) -> None:
                 await ops.read(ids[i % CACHE_ROWS])
