@@ -16,7 +16,7 @@ import math
 import operator
 import os
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Float,
@@ -86,27 +86,37 @@ SEARCH_MAX_LIMIT = 1000
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
+#: The write operations: with a query cache, each ends its table's cached reads.
+WRITE_OPS = (
+    "create",
+    "update",
+    "delete",
+    "upsert",
+    "bulk_create",
+    "bulk_update",
+    "bulk_delete",
+    "bulk_upsert",
+)
 
-def _writes(
-    fn: Callable[Concatenate[ModelOps, _P], Awaitable[_R]],
-) -> Callable[Concatenate[ModelOps, _P], Awaitable[_R]]:
-    """A write operation: once it completed, the model's cached reads end (at the commit
-    of the shared transaction when it joined one). A write that failed inside a shared
-    transaction counts too: the caller may catch the error and commit what it did."""
+
+def _invalidating(ops: ModelOps, fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+    """The write operation `fn` (bound to `ops`), ending the model's cached reads once it
+    completed (at the commit of the shared transaction when it joined one). A write that
+    failed inside a shared transaction counts too: the caller may catch the error and
+    commit what it did."""
+    db = ops._db
+    model = ops.model
 
     @functools.wraps(fn)
-    async def write(self: ModelOps, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        db = self._db
-        if db._cache is None:
-            return await fn(self, *args, **kwargs)
+    async def write(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
-            result = await fn(self, *args, **kwargs)
+            result = await fn(*args, **kwargs)
         except BaseException:
             tx = db._tx.get()
             if tx is not None:
-                tx.written.add(self.model.table)
+                tx.written.add(model.table)
             raise
-        await db._written(self.model)
+        await db._written(model)
         return result
 
     return write
@@ -217,6 +227,10 @@ class ModelOps:
         if db.dialect == "postgresql" and not self._str_id:
             seq = func.pg_get_serial_sequence(literal(f'"{table.name}"'), literal("id"))
             self._bump = select(func.setval(seq, select(func.max(c.id)).scalar_subquery()))
+        if db._cache is not None:
+            # each write ends the cached reads; without a cache the writes cost nothing more
+            for name in WRITE_OPS:
+                setattr(self, name, _invalidating(self, getattr(self, name)))
 
     # -- tenants -------------------------------------------------------------------
 
@@ -392,8 +406,7 @@ class ModelOps:
 
     # -- single-record operations --------------------------------------------------
 
-    @_writes
-    async def create(self, /, **fields: Any) -> dict[str, Any]:
+    async def create(self, **fields: Any) -> dict[str, Any]:
         """Insert one record; return it as stored (with its id and timestamps).
 
         Raises:
@@ -454,7 +467,6 @@ class ModelOps:
             raise NotFoundError(self.model.name, key)
         return self._record(row)
 
-    @_writes
     async def update(
         self,
         id: Any = None,
@@ -517,7 +529,6 @@ class ModelOps:
             raise NotFoundError(self.model.name, key)
         return self._record(row)
 
-    @_writes
     async def delete(self, id: Any) -> int:
         """Delete the record with this id; return 1.
 
@@ -539,9 +550,8 @@ class ModelOps:
             raise NotFoundError(self.model.name, key)
         return int(n)
 
-    @_writes
     async def upsert(
-        self, /, conflict_on: Sequence[str] | None = None, **fields: Any
+        self, conflict_on: Sequence[str] | None = None, **fields: Any
     ) -> dict[str, Any]:
         """Insert the record, or update the existing one with the same `conflict_on` key
         (default ``["id"]``), in one ``INSERT ... ON CONFLICT DO UPDATE`` statement.
@@ -847,7 +857,6 @@ class ModelOps:
                     )
         return rows
 
-    @_writes
     async def bulk_create(self, data: Sequence[Mapping[str, Any]]) -> int:
         """Insert every record of `data` in one transaction; return how many.
 
@@ -899,7 +908,6 @@ class ModelOps:
                 records = [tuple([r[n] if p is None else p(r[n]) for n, p in pairs]) for r in batch]
             await driver.copy_records_to_table(self.table.name, records=records, columns=names)
 
-    @_writes
     async def bulk_update(
         self,
         data: Sequence[Mapping[str, Any]] | None = None,
@@ -944,7 +952,6 @@ class ModelOps:
             res = await conn.execute(update(self.table).where(where).values(changes))
         return int(res.rowcount)
 
-    @_writes
     async def bulk_delete(
         self,
         filter: Mapping[str, Any] | None = None,
@@ -977,7 +984,6 @@ class ModelOps:
             res = await conn.execute(stmt)
         return int(res.rowcount)
 
-    @_writes
     async def bulk_upsert(
         self, data: Sequence[Mapping[str, Any]], conflict_on: Sequence[str] | None = None
     ) -> int:
