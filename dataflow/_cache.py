@@ -381,7 +381,7 @@ class RedisCache(QueryCache):
     def __init__(self, url: str, prefix: str, ttl: float) -> None:
         super().__init__(ttl)
         try:
-            import redis.asyncio as aioredis  # type: ignore[import-not-found, unused-ignore]
+            import redis.asyncio as aioredis
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise ValidationError(
                 "cache_url", "a Redis cache needs the redis package (pip install redis)"

@@ -9,7 +9,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,8 @@ from .gateway._auth_service import AuthServicer
 from .gateway._authn import Authenticator
 from .gateway._config import AuthConfig
 from .gateway._keys import KeyStore
+from .gateway._rate import RateLimit, RateLimiter, RateLimits, parse_backend, parse_rate
+from .gateway._shed import Shedder
 
 if TYPE_CHECKING:
     from ._envoy import EnvoySupervisor
@@ -170,9 +172,15 @@ class Nexus:
         audit_table: keep the audit trail in the app's database (`nexus_audit`, read
             with `nexus audit list`) as well as in the log.
         audit_reads: audit reads too, not only changes and refusals.
-        enable_monitoring, rate_limit: the original's options for capabilities later
-            issues add; False/None is accepted, anything else is refused
-            (`UnavailableOption`) naming the capability it needs.
+        rate_limit: calls per principal: an int N (N per minute, the original's
+            meaning), a string (`"10/s"`, `"100/minute burst 20"`), or a `RateLimits`
+            with per-workflow, per-model-operation and per-role limits; a token bucket
+            per principal (docs/operations.md, "Rate limits and load shedding"). None:
+            no limit. `register(..., rate_limit=...)` sets a workflow's own.
+        rate_limit_backend: where the buckets live: None (this process) or a
+            `redis://host:port/db` URL, so that replicas share one limit.
+        enable_monitoring: the original's option for a capability a later issue adds;
+            False/None is accepted, anything else is refused (`UnavailableOption`).
 
     The options are checked at construction and again at `start()`/`serving()`, so the
     attribute form (`app.enable_auth = True` before `start()`) is refused the same way.
@@ -202,6 +210,7 @@ class Nexus:
         audit_reads: bool = False,
         enable_monitoring: bool | None = None,
         rate_limit: object = None,
+        rate_limit_backend: str | None = None,
     ) -> None:
         self.grpc_port = grpc_port
         self.api_port = api_port
@@ -225,6 +234,8 @@ class Nexus:
         self.audit_reads = audit_reads
         self.enable_monitoring = enable_monitoring
         self.rate_limit = rate_limit
+        self.rate_limit_backend = rate_limit_backend
+        self._workflow_rates: dict[str, RateLimit] = {}
         self.db: DataFlow | None = None
         self._own_db = False
         self._chosen_db = False
@@ -235,7 +246,8 @@ class Nexus:
 
         Raises:
             UnavailableOption: an option of a capability a later issue adds is set.
-            ValueError: `enable_durability=False`.
+            ValueError: `enable_durability=False`, a `rate_limit` or
+                `rate_limit_backend` that is not one.
         """
         for option, capability in _LATER_OPTIONS.items():
             value = getattr(self, option)
@@ -247,6 +259,18 @@ class Nexus:
                 "called with a request_id is always recorded before its reply, so a "
                 "retry gets that reply instead of running it twice; leave it True"
             )
+        self.rate_limits()
+        parse_backend(self.rate_limit_backend)
+
+    def rate_limits(self) -> RateLimits:
+        """The app's rate limits: `rate_limit` with the workflows' own
+        (`register(..., rate_limit=...)`).
+
+        Raises:
+            ValueError: `rate_limit` is not a rate limit (the message names it).
+        """
+        limits = RateLimits.of(self.rate_limit)
+        return limits.with_workflows(self._workflow_rates) if self._workflow_rates else limits
 
     def resolve_dataflow(self) -> DataFlow | None:
         """The DataFlow the app serves: the one `integrate_dataflow` chose, or else the
@@ -290,6 +314,7 @@ class Nexus:
         *,
         roles: Sequence[str] = (),
         public: bool = False,
+        rate_limit: object = None,
         cache_ttl: float | None = None,
     ) -> None:
         """Expose `workflow` as `name` on every channel. The name is checked now.
@@ -298,6 +323,8 @@ class Nexus:
             roles: with authentication on, the roles that may run it (granted
                 `workflow:<name>:execute`; admins always may).
             public: anyone may run it, with or without a credential.
+            rate_limit: the workflow's own limit per principal (any `Nexus(rate_limit)`
+                form, e.g. `"10/s"`), instead of the app's, for running it.
             cache_ttl: cache its successful replies for this many seconds, per
                 principal, tenant and inputs (a cached reply carries the metadata
                 ``x-nexus-cache: hit``). Only for read-only workflows: a workflow with
@@ -305,15 +332,19 @@ class Nexus:
         """
         if isinstance(roles, str):
             raise TypeError(f"roles expects a list of role names, got the string {roles!r}")
+        rate = None if rate_limit is None else parse_rate(rate_limit, "register(rate_limit)")
         ttl = check_cache_ttl(cache_ttl)
         if ttl is not None and isinstance(workflow, Workflow):  # else add() says what it is
             check_read_only(name, workflow)
         self.registry.add(name, workflow, builtin=True, public=public, cache_ttl=ttl)
         for role in roles:
             self.policy.grant(role, f"workflow:{name}:execute")
+        if rate is not None:
+            self._workflow_rates[name] = rate
 
     def unregister(self, name: str) -> None:
         self.registry.remove(name)
+        self._workflow_rates.pop(name, None)
 
     @contextlib.asynccontextmanager
     async def serving(self, *, envoy: bool = False) -> AsyncIterator[Serving]:
@@ -348,6 +379,17 @@ class Nexus:
         executions.open()
         records = Records(db, store)
         typed = TypedModels(db.models, _static_files())
+        rate_limits = self.rate_limits()
+        limiter = (
+            None
+            if rate_limits.empty
+            else RateLimiter(rate_limits, parse_backend(self.rate_limit_backend))
+        )
+        shedder = (
+            Shedder(self.limits.max_in_flight, self.limits.max_executions)
+            if self.limits.max_in_flight or self.limits.max_executions
+            else None
+        )
         gateway = Gateway(
             authenticator=authenticator,
             policy=self.policy,
@@ -356,6 +398,8 @@ class Nexus:
             typed_models={typed.service_name(m): m for m in typed.models},
             public_discovery=self.public_discovery,
             audit_reads=self.audit_reads,
+            rate=limiter,
+            shed=shedder,
         )
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self.limits.grpc_options()])
@@ -390,7 +434,8 @@ class Nexus:
         health_servicer = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
         pgrpc.add_ProbeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ProbeServicer(health_servicer.serving, self.registry), handlers
+            ProbeServicer(health_servicer.serving, self.registry, _breaker_component(db)),
+            handlers,
         )
         services = (
             WORKFLOW_SERVICE,
@@ -414,6 +459,8 @@ class Nexus:
         if port == 0:
             await executions.close(0)
             await audit.close()
+            if limiter is not None:
+                await limiter.close()
             raise GrpcPortError(
                 f"cannot start gRPC on port {self.grpc_port}: {self.host}:{self.grpc_port} "
                 "is in use (or not an address of this host)"
@@ -471,6 +518,8 @@ class Nexus:
             await server.stop(self.grace_period)
             await executions.close(self.grace_period)
             await audit.close()
+            if limiter is not None:
+                await limiter.close()
             if self._own_db:
                 await db.close()
                 self.db, self._own_db = None, False
@@ -598,7 +647,6 @@ class UnavailableOption(ValueError):
 #: The original's options whose capabilities come in later issues.
 _LATER_OPTIONS = {
     "enable_monitoring": "metrics (monitoring)",
-    "rate_limit": "rate limits",
 }
 
 #: While `nexus serve` loads an app file, the apps whose `start()` was called (see
@@ -620,6 +668,17 @@ def deferred_start() -> Iterator[list[Nexus]]:
 
 #: How often the loop's lateness is sampled during a database ping.
 _TICK = 0.05
+
+
+def _breaker_component(
+    db: DataFlow,
+) -> Callable[[], dict[str, dict[str, Any]]] | None:
+    """The health document's `breaker` component: the database's circuit breaker
+    (None when the DataFlow has none)."""
+    breaker = db.breaker
+    if breaker is None:
+        return None
+    return lambda: {"breaker": breaker.snapshot()}
 
 
 async def _ping(db: DataFlow, timeout: float) -> tuple[bool, bool]:

@@ -1,9 +1,11 @@
 """`GET /health`: the server's health as one JSON document for HTTP probes.
 
 Load balancers, container orchestrators and uptime monitors probe over HTTP and read the
-status code; gRPC clients have `grpc.health.v1.Health`. Both report the same state: the
-database watcher of the app sets the gRPC health service's status, and this servicer
-reads it (`serving`), so the two can never disagree.
+status code; gRPC clients have `grpc.health.v1.Health`. Both report the database's
+state the same way: the database watcher of the app sets the gRPC health service's
+status, and this servicer reads it (`serving`). The JSON also shows the database's
+circuit breaker (`breaker`): while it is open the document is unhealthy at once,
+before the watcher's pings notice (a ping that answers closes the breaker).
 
 The document is the original Nexus's shape, `{"status": "healthy"|"unhealthy",
 "components": {...}}`, served as a `google.api.HttpBody` that Envoy's transcoder passes
@@ -15,7 +17,7 @@ small Lua filter on Envoy's `/health` route turns into the HTTP status (`_envoy.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -49,7 +51,9 @@ HEALTH_SCHEMA: dict[str, Any] = {
         "components": {
             "type": "object",
             "description": "each component's state: `database` (the database answers "
-            "pings), `workflows` (`registered`: how many)",
+            "pings), `workflows` (`registered`: how many), `breaker` (the database's "
+            "circuit breaker: `state` closed, open or half_open, its counters, and "
+            "`retry_after` seconds while not closed; unhealthy unless closed)",
             "additionalProperties": {
                 "type": "object",
                 "required": ["status"],
@@ -60,12 +64,20 @@ HEALTH_SCHEMA: dict[str, Any] = {
 }
 
 
-def health_document(*, database_ok: bool, workflows: int) -> dict[str, Any]:
-    """The health JSON: healthy when every component is."""
+def health_document(
+    *,
+    database_ok: bool,
+    workflows: int,
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The health JSON: healthy when every component is. `extra`: more components by
+    name (the circuit breaker's), each with its ``status``."""
     components: dict[str, dict[str, Any]] = {
         "database": {"status": "healthy" if database_ok else "unhealthy"},
         "workflows": {"status": "healthy", "registered": workflows},
     }
+    for name, component in (extra or {}).items():
+        components[name] = dict(component)
     healthy = all(c["status"] == "healthy" for c in components.values())
     return {"status": "healthy" if healthy else "unhealthy", "components": components}
 
@@ -76,18 +88,30 @@ class ProbeServicer(probe_service_pb2_grpc.ProbeServiceServicer):
     Args:
         serving: whether the gRPC health service says SERVING (the database answers).
         registry: the registered workflows (their count is shown).
+        components: more components, read at each request (the database's circuit
+            breaker: `dataflow.CircuitBreaker.snapshot`).
     """
 
-    def __init__(self, serving: Callable[[], bool], registry: WorkflowRegistry) -> None:
+    def __init__(
+        self,
+        serving: Callable[[], bool],
+        registry: WorkflowRegistry,
+        components: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+    ) -> None:
         self._serving = serving
         self._registry = registry
+        self._components = components
 
     async def GetHealth(
         self,
         request: probe_service_pb2.GetHealthRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> httpbody_pb2.HttpBody:
-        doc = health_document(database_ok=self._serving(), workflows=len(self._registry.names()))
+        doc = health_document(
+            database_ok=self._serving(),
+            workflows=len(self._registry.names()),
+            extra=self._components() if self._components is not None else None,
+        )
         if doc["status"] != "healthy":
             await context.send_initial_metadata(((HTTP_STATUS_HEADER, "503"),))
         data = json.dumps(doc, separators=(",", ":")).encode()

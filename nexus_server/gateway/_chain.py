@@ -13,6 +13,10 @@ For each call, in order:
    call needs, from its request (the workflow, the model and the operation class);
    without it the call is PERMISSION_DENIED naming the permission, whether or not the
    resource exists.
+2b. **Rate limit.** With rate limits configured (`_rate`), the call takes a token of
+   its principal's bucket or is RESOURCE_EXHAUSTED (`RATE_LIMITED`, with RetryInfo).
+   Before all of it, with `Limits.max_in_flight`/`max_executions` set, a call past
+   the cap is refused at once (`_shed`: `OVERLOADED`); health is never limited.
 3. **Scope.** The principal (`CURRENT_PRINCIPAL`) and its tenant (DataFlow's
    `tenant_scope`) are set for the servicer and everything it awaits, workflow nodes
    included; the principal's id is also DataFlow's `cache_scope`, so that its query
@@ -49,6 +53,8 @@ from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
 
 if TYPE_CHECKING:
     from .._registry import WorkflowRegistry
+    from ._rate import RateLimiter
+    from ._shed import Shedder
 
 __all__ = ["CHANNELS", "Gateway", "caller_id"]
 
@@ -218,6 +224,8 @@ class Gateway:
         typed_models: full service name -> model name, of the typed per-model services.
         public_discovery: reflection and the OpenAPI document need no credential.
         audit_reads: audit reads too, not only changes and refusals.
+        rate: the rate limiter (`_rate.RateLimiter`); None: no rate limits.
+        shed: the in-flight caps (`_shed.Shedder`); None: no caps.
     """
 
     def __init__(
@@ -230,6 +238,8 @@ class Gateway:
         typed_models: Mapping[str, str],
         public_discovery: bool = False,
         audit_reads: bool = False,
+        rate: RateLimiter | None = None,
+        shed: Shedder | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.policy = policy
@@ -238,6 +248,8 @@ class Gateway:
         self.typed_models = dict(typed_models)
         self.public_discovery = public_discovery
         self.audit_reads = audit_reads
+        self.rate = rate
+        self.shed = shed
         self._dev: dict[tuple[str, str | None], Principal] = {}
 
     @property
@@ -289,6 +301,8 @@ class Gateway:
         else:
             kind = "unary_unary"
             wrapped = self._unary_unary(path, rule, handler.unary_unary)
+        if self.shed is not None and rule.access != OPEN and not handler.request_streaming:
+            wrapped = self.shed.wrap(wrapped, execution=rule.access == WORKFLOW and rule.change)
         replaced: grpc.RpcMethodHandler = handler._replace(**{kind: wrapped})
         return replaced
 
@@ -392,11 +406,26 @@ class Gateway:
                         )
                     principal = _ANONYMOUS
                 self._authorize(rule, request, principal)
+            if self.rate is not None and rule.access not in (OPEN, DISCOVERY):
+                await self._limit(rule, request, principal)
         except Exception as exc:  # a refusal, or the key store's database is down
             reason = to_api_error(exc).reason
             self._refused(path, rule, request, principal, channel, reason)
             await abort(context, exc)
         return principal, channel
+
+    async def _limit(self, rule: Rule, request: Any, principal: Principal) -> None:
+        """Take a token of the call's bucket (`_rate`), or raise RATE_LIMITED."""
+        assert self.rate is not None
+        workflow: str | None = None
+        models: list[str] = []
+        if isinstance(request, message.Message):
+            if rule.access == WORKFLOW and rule.change:
+                workflow = request.name  # type: ignore[attr-defined]
+            elif rule.needs is not None and self.rate.limits.models:
+                with contextlib.suppress(Exception):  # the servicer refuses a bad one
+                    models = [p for p, _ in rule.needs(request) if p.startswith("model:")]
+        await self.rate.admit(principal, workflow, models)
 
     def _needs_credential(self, rule: Rule, request: Any) -> bool:
         if rule.access == OPEN:
@@ -477,6 +506,8 @@ _CODE_OF_REFUSAL = {
     "PERMISSION_DENIED": "PERMISSION_DENIED",
     "AUTH_PROVIDER_UNAVAILABLE": "UNAVAILABLE",
     "DATABASE_UNAVAILABLE": "UNAVAILABLE",
+    "DEPENDENCY_UNAVAILABLE": "UNAVAILABLE",
+    "RATE_LIMITED": "RESOURCE_EXHAUSTED",
 }
 
 
