@@ -1,9 +1,9 @@
 """The original's options (issue 15): every option its examples pass is accepted and
-works, or is refused with an error naming the capability a later issue adds. Options are
-checked again at start, so the attribute form (`app.metrics_port = -1` before start) is
-refused like the keyword. `enable_auth` (tests/server/test_gateway.py), `rate_limit`
-and `enable_monitoring` with DataFlow's `enable_metrics` (tests/server/test_metrics.py)
-work now."""
+works. Options are checked again at start, so the attribute form (`app.metrics_port = -1`
+before start) is refused like the keyword. `enable_auth` (tests/server/test_gateway.py),
+`rate_limit` (tests/server/test_rate_limits.py), `enable_monitoring` with DataFlow's
+`enable_metrics` (tests/server/test_metrics.py) and `enable_caching`
+(tests/dataflow/test_df_cache.py) work now."""
 
 from __future__ import annotations
 
@@ -62,14 +62,6 @@ def test_the_attribute_form_makes_start_exit_with_one_line(
     assert len(err) == 1, err
     assert "expose_metrics=True" in err[0] and "enable_monitoring" in err[0]
     assert not (tmp_path / "nexus.db").exists()
-
-
-@pytest.mark.parametrize(("option", "capability"), [("enable_caching", "caching")])
-def test_dataflow_refuses_caching(option: str, capability: str) -> None:
-    with pytest.raises(ValidationError) as caught:
-        DataFlow("sqlite:///:memory:", **{option: True})
-    assert caught.value.field == option
-    assert "not available yet" in str(caught.value) and capability in str(caught.value)
 
 
 @pytest.mark.parametrize("value", [None, False])
