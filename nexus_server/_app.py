@@ -42,7 +42,7 @@ from ._registry import WorkflowRegistry
 from ._store import Store
 from ._typed import TypedModels
 from ._workflow_service import WorkflowServicer
-from .gateway import Gateway, Policy, check_cache_ttl, check_read_only
+from .gateway import Gateway, Policy, ResponseCache, check_cache_ttl, check_read_only
 from .gateway._audit import AuditTrail
 from .gateway._audit_service import AuditServicer
 from .gateway._auth_service import AuthServicer
@@ -426,6 +426,12 @@ class Nexus:
             breaker = db.breaker
             if breaker is not None:
                 metrics.watch_breaker(breaker.name, lambda: breaker.state)
+            cache = db.cache
+            if cache is not None:
+                metrics.watch_cache("dataflow", lambda: (cache.hits, cache.misses))
+        responses = ResponseCache()
+        if metrics is not None:
+            metrics.watch_cache("response", lambda: (responses.hits, responses.misses))
         executions = Executions(store, timeout=self.execution_timeout, metrics=metrics)
         keys = KeyStore(db)
         await keys.initialize()
@@ -471,6 +477,7 @@ class Nexus:
                 allow_code_nodes=self.allow_code_nodes,
                 gateway=gateway,
                 limits=self.limits,
+                responses=responses,
             ),
             handlers,
         )

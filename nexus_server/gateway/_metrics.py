@@ -4,7 +4,7 @@ Every call is counted once, by the gateway chain, when it ends: by method, chann
 status code, with its duration and the calls in flight. The execution engine adds the
 executions by workflow and final state with their durations, and every node's duration;
 authentication refusals are counted by reason. The other gateway checks report through
-the hooks below (`rate_limited`, `shed`, `cache`, `watch_breaker`), so that every
+the hooks below (`rate_limited`, `shed`, `watch_cache`, `watch_breaker`), so that every
 metric of the server is declared, named and documented here (docs/operations.md).
 
 With monitoring off there is no `Metrics` object at all: each hook site costs one `if`.
@@ -33,7 +33,7 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -100,6 +100,32 @@ class _Breakers(Collector):
             except Exception:  # a breaker that cannot say: reported open
                 value = 2
             family.add_metric([dependency], value)
+        yield family
+
+
+class _Caches(Collector):
+    """`nexus_cache_requests_total`, read from the caches' own counters when scraped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, Callable[[], tuple[int, int]]] = {}
+
+    def watch(self, cache: str, counts: Callable[[], tuple[int, int]]) -> None:
+        with self._lock:
+            self._counts[cache] = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "nexus_cache_requests",
+            "Cache look-ups by cache (dataflow, response) and result (hit, miss)",
+            labels=["cache", "result"],
+        )
+        with self._lock:
+            caches = list(self._counts.items())
+        for cache, counts in caches:
+            hits, misses = counts()
+            family.add_metric([cache, "hit"], hits)
+            family.add_metric([cache, "miss"], misses)
         yield family
 
 
@@ -190,12 +216,6 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.cache_requests = Counter(
-            "nexus_cache_requests",
-            "Cache look-ups by cache (dataflow, response) and result (hit, miss)",
-            ["cache", "result"],
-            registry=r,
-        )
         # metric children by label values, bound on first use (a `labels()` look-up costs
         # more than the observation itself)
         self._running: dict[str, Any] = {}
@@ -203,7 +223,9 @@ class Metrics:
         self._nodes: dict[tuple[str, str, str], Any] = {}
         self._breakers = _Breakers()
         r.register(self._breakers)
-        self._process: list[Collector] = [self._breakers]
+        self._caches = _Caches()
+        r.register(self._caches)
+        self._process: list[Collector] = [self._breakers, self._caches]
 
     # -- hooks of the chain and the execution engine ---------------------------------------
 
@@ -255,9 +277,11 @@ class Metrics:
         """Count a call refused because `kind` (`calls`, `executions`) was at its cap."""
         self.shed_calls.labels(kind).inc()
 
-    def cache(self, *, hit: bool, cache: str = "dataflow") -> None:
-        """Count one look-up in `cache` (`dataflow` or `response`)."""
-        self.cache_requests.labels(cache, "hit" if hit else "miss").inc()
+    def watch_cache(self, cache: str, counts: Callable[[], tuple[int, int]]) -> None:
+        """Report the look-ups of `cache` (`dataflow`: DataFlow's query cache, `response`:
+        the workflows' response cache): `counts()` returns its (hits, misses) so far,
+        read at every scrape (the caches count in plain integers; nothing per look-up)."""
+        self._caches.watch(cache, counts)
 
     def watch_breaker(self, dependency: str, state: Callable[[], str]) -> None:
         """Report the breaker of `dependency` (e.g. `database`): `state()` returns

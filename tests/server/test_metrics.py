@@ -249,8 +249,8 @@ def test_hooks_of_the_other_checks_are_exposed() -> None:
     metrics = Metrics()
     metrics.rate_limited(EXECUTE, "rest", "principal")
     metrics.shed("calls")
-    metrics.cache(hit=True)
-    metrics.cache(hit=False, cache="response")
+    metrics.watch_cache("dataflow", lambda: (1, 0))
+    metrics.watch_cache("response", lambda: (0, 1))
     state = ["closed"]
     metrics.watch_breaker("database", lambda: state[0])
     found = samples(metrics.exposition().decode())
@@ -571,3 +571,36 @@ async def test_shed_calls_and_the_database_breaker_are_reported(
         found = samples(serving.metrics.exposition().decode())
     assert value(found, "nexus_load_shed_total", kind="executions") == 1
     assert value(found, "nexus_circuit_breaker_state", dependency="database") == 0
+
+
+async def test_cache_hits_and_misses_are_reported(db_url: str, connect: Any) -> None:
+    """DataFlow's query cache and the workflows' response cache, read from their own
+    counters at each scrape."""
+    from dataflow import DataFlow
+    from workflow import WorkflowBuilder
+
+    db = DataFlow(db_url, enable_metrics=True, enable_caching=True)
+
+    @db.model
+    class Gadget:
+        id: str
+        name: str = ""
+
+    app = Nexus(grpc_port=0, enable_monitoring=True, metrics_port=None, grace_period=2)
+    app.integrate_dataflow(db)
+    listing = WorkflowBuilder("List gadgets.")
+    listing.add_node("GadgetListNode", "list", {})
+    app.register("gadgets", listing.build(), cache_ttl=30)
+    try:
+        async with app.serving() as serving, connect(serving) as channel:
+            assert serving.metrics is not None
+            made = await db.ops(Gadget).create(name="a")
+            for _ in range(2):
+                await db.ops(Gadget).read(made["id"])
+                await execute(channel, "gadgets")
+            found = samples(serving.metrics.exposition().decode())
+    finally:
+        await db.close()
+    for cache in ("dataflow", "response"):
+        assert value(found, "nexus_cache_requests_total", cache=cache, result="hit") >= 1
+        assert value(found, "nexus_cache_requests_total", cache=cache, result="miss") >= 1
