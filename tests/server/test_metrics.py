@@ -604,3 +604,52 @@ async def test_cache_hits_and_misses_are_reported(db_url: str, connect: Any) -> 
     for cache in ("dataflow", "response"):
         assert value(found, "nexus_cache_requests_total", cache=cache, result="hit") >= 1
         assert value(found, "nexus_cache_requests_total", cache=cache, result="miss") >= 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_the_production_patterns_options_each_show_in_the_metrics(
+    db_url: str, connect: Any
+) -> None:
+    """The seed's "Production Pattern" options (`enable_auth=True,
+    enable_monitoring=True`; DataFlow `enable_metrics=True, enable_caching=True,
+    connection_pool_size=20`): each has an effect the metrics show."""
+    from dataflow import DataFlow
+    from nexus_api.nexus.model.v1 import model_service_pb2 as mpb
+    from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
+
+    db = DataFlow(db_url, enable_metrics=True, enable_caching=True, connection_pool_size=20)
+
+    @db.model
+    class Widget:
+        id: str
+        name: str = ""
+
+    app = Nexus(
+        grpc_port=0,
+        enable_auth=True,
+        auth=AuthConfig(api_keys={"ops": ApiKeySpec(KEY)}),
+        enable_monitoring=True,
+        metrics_port=0,
+        grace_period=2,
+    )
+    app.integrate_dataflow(db)
+    try:
+        async with app.serving() as serving, connect(serving) as channel:
+            assert serving.metrics_port is not None
+            stub = mgrpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+            made = await db.ops(Widget).create(name="w")
+            request = mpb.GetRecordRequest(model="Widget", id=made["id"])
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.GetRecord(request, timeout=5)  # no credential
+            for _ in range(2):
+                await stub.GetRecord(request, metadata=(("x-api-key", KEY),), timeout=5)
+            found = await scrape(serving.metrics_port)
+    finally:
+        await db.close()
+    get = "/nexus.model.v1.ModelService/GetRecord"
+    assert value(found, "nexus_calls_total", method=get, channel="grpc", code="OK") == 2
+    assert value(found, "nexus_auth_failures_total", reason="CREDENTIALS_MISSING", channel="grpc")
+    assert value(found, "dataflow_pool_connections", database="postgresql", state="max") == 20
+    assert value(found, "nexus_cache_requests_total", cache="dataflow", result="hit") >= 1
+    kinds = [k for k in found if k[0] == "dataflow_query_duration_seconds_count"]
+    assert kinds
