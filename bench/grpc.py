@@ -841,7 +841,13 @@ def run_metrics(args: argparse.Namespace, tmp: Path) -> list[str]:
         off_cmd = [*nexus_cmd(app, free_port()), "--no-mcp"]
         off, _ = start("metrics off", off_cmd, child_env(f"sqlite:///{off_db}"), tmp)
         servers.append(off)
-        on_env = {**child_env(f"sqlite:///{on_db}"), "BENCH_MONITORING": "1"}
+        # --metrics-control: the second server has metrics off too (an A/A run: the
+        # ratios it prints are the bench's own bias and noise on this machine)
+        on_env = {
+            **child_env(f"sqlite:///{on_db}"),
+            "BENCH_MONITORING": "0" if args.metrics_control else "1",
+        }
+        on_label = "metrics off (control)" if args.metrics_control else "metrics on"
         on, _ = start("metrics on", [*nexus_cmd(app, free_port()), "--no-mcp"], on_env, tmp)
         servers.append(on)
         person = {"name": "Load Test", "email": "load@example.org"}
@@ -850,13 +856,13 @@ def run_metrics(args: argparse.Namespace, tmp: Path) -> list[str]:
             (
                 Case("noop, metrics off", off.address, EXECUTE, noop,
                      count=executions(off_db, "noop")),
-                Case("noop, metrics on", on.address, EXECUTE, noop,
+                Case(f"noop, {on_label}", on.address, EXECUTE, noop,
                      count=executions(on_db, "noop")),
             ),
             (
                 Case("create_contact, metrics off", off.address, EXECUTE, create,
                      count=executions(off_db, "create_contact")),
-                Case("create_contact, metrics on", on.address, EXECUTE, create,
+                Case(f"create_contact, {on_label}", on.address, EXECUTE, create,
                      count=executions(on_db, "create_contact")),
             ),
         ]  # fmt: skip
@@ -1252,6 +1258,11 @@ def main() -> int:
     )
     p.add_argument("--skip-metrics", action="store_true", help="without the metrics table")
     p.add_argument("--only-metrics", action="store_true", help="only the metrics table (on/off)")
+    p.add_argument(
+        "--metrics-control",
+        action="store_true",
+        help="the metrics table with metrics off on both servers (the bench's own bias)",
+    )
     p.add_argument(
         "--against",
         metavar="CHECKOUT",
