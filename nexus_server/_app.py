@@ -49,6 +49,7 @@ from .gateway._auth_service import AuthServicer
 from .gateway._authn import Authenticator
 from .gateway._config import AuthConfig
 from .gateway._keys import KeyStore
+from .gateway._tracing import Tracing, tracing_from_env, tracing_wanted
 
 if TYPE_CHECKING:
     from ._envoy import EnvoySupervisor
@@ -170,6 +171,14 @@ class Nexus:
         audit_table: keep the audit trail in the app's database (`nexus_audit`, read
             with `nexus audit list`) as well as in the log.
         audit_reads: audit reads too, not only changes and refusals.
+        enable_tracing: OpenTelemetry traces of every call (a span per call, gateway
+            check, execution, node and SQL statement; `gateway._tracing`). None (the
+            default): on when the environment configures an exporter
+            (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_EXPORTER`), which the `OTEL_*`
+            variables then configure; True without them: OTLP to the default endpoint.
+        tracer_provider: an OpenTelemetry tracer provider of the app's own to send the
+            spans to (turns tracing on; the `OTEL_*` variables are then the provider's
+            business).
         enable_monitoring, rate_limit: the original's options for capabilities later
             issues add; False/None is accepted, anything else is refused
             (`UnavailableOption`) naming the capability it needs.
@@ -202,6 +211,8 @@ class Nexus:
         audit_reads: bool = False,
         enable_monitoring: bool | None = None,
         rate_limit: object = None,
+        enable_tracing: bool | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.grpc_port = grpc_port
         self.api_port = api_port
@@ -225,6 +236,8 @@ class Nexus:
         self.audit_reads = audit_reads
         self.enable_monitoring = enable_monitoring
         self.rate_limit = rate_limit
+        self.enable_tracing = enable_tracing
+        self.tracer_provider = tracer_provider
         self.db: DataFlow | None = None
         self._own_db = False
         self._chosen_db = False
@@ -332,6 +345,11 @@ class Nexus:
         if interrupted:
             _log.warning("marked %d execution(s) interrupted by the last stop", interrupted)
         executions = Executions(store, timeout=self.execution_timeout)
+        tracing = self._tracing()
+        if tracing is not None:
+            executions.span = tracing.execution
+            executions.runtime.node_hook = tracing.node
+            db.set_statement_hook(tracing.statement_hook(db.dialect))
         keys = KeyStore(db)
         await keys.initialize()
         authenticator = await self._authenticator(keys) if self.auth_enabled() else None
@@ -348,6 +366,7 @@ class Nexus:
             typed_models={typed.service_name(m): m for m in typed.models},
             public_discovery=self.public_discovery,
             audit_reads=self.audit_reads,
+            tracing=tracing,
         )
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self.limits.grpc_options()])
@@ -463,6 +482,9 @@ class Nexus:
             await server.stop(self.grace_period)
             await executions.close(self.grace_period)
             await audit.close()
+            if tracing is not None:
+                db.set_statement_hook(None)
+                tracing.shutdown()
             if self._own_db:
                 await db.close()
                 self.db, self._own_db = None, False
@@ -486,6 +508,14 @@ class Nexus:
                     self.host,
                 )
         return on
+
+    def _tracing(self) -> Tracing | None:
+        """The app's tracing, or None when it is off (see `enable_tracing`)."""
+        if self.tracer_provider is not None:
+            return Tracing(self.tracer_provider)
+        if not tracing_wanted(self.enable_tracing):
+            return None
+        return tracing_from_env()
 
     async def _authenticator(self, keys: KeyStore) -> Authenticator:
         """The authenticator of the configured sources (fails closed without one)."""

@@ -45,9 +45,11 @@ from ._audit import AuditEntry
 from ._jwt import JwksUnavailable
 from ._policy import Policy
 from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
+from ._tracing import SPAN_AUTHENTICATE, SPAN_AUTHORIZE
 
 if TYPE_CHECKING:
     from .._registry import WorkflowRegistry
+    from ._tracing import Tracing
 
 __all__ = ["CHANNELS", "Gateway", "caller_id"]
 
@@ -59,6 +61,8 @@ CHANNELS = frozenset({"grpc", "rest", "grpc-web", "cli", "mcp"})
 
 #: Longest `x-nexus-tenant` development label.
 MAX_TENANT = 128
+
+_NO_SPAN = contextlib.nullcontext()
 
 _ANONYMOUS = Principal("anonymous", frozenset(), None, "none")
 
@@ -217,6 +221,8 @@ class Gateway:
         typed_models: full service name -> model name, of the typed per-model services.
         public_discovery: reflection and the OpenAPI document need no credential.
         audit_reads: audit reads too, not only changes and refusals.
+        tracing: makes a span per call, and one per check under it (`_tracing`); None:
+            tracing is off and no wrapper is added.
     """
 
     def __init__(
@@ -229,6 +235,7 @@ class Gateway:
         typed_models: Mapping[str, str],
         public_discovery: bool = False,
         audit_reads: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.policy = policy
@@ -237,6 +244,7 @@ class Gateway:
         self.typed_models = dict(typed_models)
         self.public_discovery = public_discovery
         self.audit_reads = audit_reads
+        self.tracing = tracing
         self._dev: dict[tuple[str, str | None], Principal] = {}
 
     @property
@@ -288,6 +296,12 @@ class Gateway:
         else:
             kind = "unary_unary"
             wrapped = self._unary_unary(path, rule, handler.unary_unary)
+        if self.tracing is not None:
+            wrapped = (
+                self.tracing.streaming(path, wrapped)
+                if _is_async_gen(wrapped)
+                else self.tracing.unary(path, wrapped)
+            )
         replaced: grpc.RpcMethodHandler = handler._replace(**{kind: wrapped})
         return replaced
 
@@ -372,7 +386,8 @@ class Gateway:
                 principal = self._development(metadata)
             else:
                 try:
-                    principal = await self.authenticator.authenticate(metadata)
+                    with self._step(SPAN_AUTHENTICATE):
+                        principal = await self.authenticator.authenticate(metadata)
                 except AuthError as exc:
                     raise ApiError(exc.reason, exc.message) from None
                 except JwksUnavailable:
@@ -390,12 +405,17 @@ class Gateway:
                             "<jwt>)",
                         )
                     principal = _ANONYMOUS
-                self._authorize(rule, request, principal)
+                with self._step(SPAN_AUTHORIZE):
+                    self._authorize(rule, request, principal)
         except Exception as exc:  # a refusal, or the key store's database is down
             reason = to_api_error(exc).reason
             self._refused(path, rule, request, principal, channel, reason)
             await abort(context, exc)
         return principal, channel
+
+    def _step(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        """A check's span when tracing is on (a shared no-op otherwise)."""
+        return _NO_SPAN if self.tracing is None else self.tracing.step(name)
 
     def _needs_credential(self, rule: Rule, request: Any) -> bool:
         if rule.access == OPEN:
