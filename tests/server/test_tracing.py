@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -283,3 +287,112 @@ async def test_an_unknown_exporter_is_refused_at_start(
     with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER='zipkin-over-pigeons'"):
         async with _served(app):
             pass
+
+
+# --- the channels: the CLI and the MCP adapter carry the caller's trace ------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+NEXUS_MCP = str(Path(sys.executable).parent / "nexus-mcp")
+
+
+def _child_env(address: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXUS_", "OTEL_"))}
+    env.pop("TRACEPARENT", None)
+    pythonpath = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env.update(NEXUS_SERVER=address, PYTHONPATH=os.pathsep.join(pythonpath), **extra)
+    return env
+
+
+def _in_trace(spans: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
+    (call,) = [
+        s
+        for s in spans
+        if s.name == name and s.context is not None and f"{s.context.trace_id:032x}" == TRACE_ID
+    ]
+    return call
+
+
+async def test_the_cli_sends_traceparent_from_the_environment(
+    make_app: Callable[..., Nexus], provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = make_app(tracer_provider=provider)
+    async with _served(app) as info:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients.cli", "run", "create_contact",
+            "--name", "Eve", "--email", "eve@example.com",
+            env=_child_env(info.address, TRACEPARENT=TRACEPARENT), cwd=str(ROOT),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(WAIT * 3):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        spans = await _finished(exporter, EXECUTE)
+        call = _in_trace(spans, EXECUTE)
+        assert call.parent is not None and f"{call.parent.span_id:016x}" == PARENT_ID
+        assert call.attributes is not None and call.attributes["nexus.channel"] == "cli"
+
+
+async def test_the_mcp_adapter_passes_the_callers_traceparent(
+    make_app: Callable[..., Nexus], provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    app = make_app(tracer_provider=provider)
+    async with _served(app) as info:
+        proc = await asyncio.create_subprocess_exec(
+            NEXUS_MCP, "--transport", "http", "--port", "0",
+            env=_child_env(info.address), cwd=str(ROOT),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        try:
+            url = ""
+            async with asyncio.timeout(WAIT):
+                while not url:
+                    line = (await proc.stderr.readline()).decode()
+                    assert line, f"nexus-mcp exited ({proc.returncode})"
+                    match = re.search(r"streamable HTTP on (http://\S+/mcp)", line)
+                    url = match.group(1) if match else ""
+            http = create_mcp_http_client(headers={"traceparent": TRACEPARENT})
+            async with asyncio.timeout(WAIT * 2):
+                client = Client(streamable_http_client(url, http_client=http))
+                async with client:
+                    result = await client.call_tool(
+                        "run_create_contact", {"name": "Fay", "email": "fay@example.com"}
+                    )
+                    assert not result.is_error, result
+            stream = "nexus.workflow.v1.WorkflowService/StreamExecution"  # how tools run
+            spans = await _finished(exporter, stream)
+            call = _in_trace(spans, stream)
+            assert call.parent is not None and f"{call.parent.span_id:016x}" == PARENT_ID
+            assert call.attributes is not None and call.attributes["nexus.channel"] == "mcp"
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            async with asyncio.timeout(WAIT):
+                await proc.wait()
+
+
+def test_trace_metadata_prefers_the_context_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from clients._grpc import TRACE_CONTEXT, call_metadata, trace_context_of
+
+    monkeypatch.delenv("TRACEPARENT", raising=False)
+    assert not [k for k, _ in call_metadata() if k == "traceparent"]
+    monkeypatch.setenv("TRACEPARENT", TRACEPARENT)
+    monkeypatch.setenv("TRACESTATE", "vendor=1")
+    assert ("traceparent", TRACEPARENT) in call_metadata()
+    assert ("tracestate", "vendor=1") in call_metadata()
+    other = f"00-{'a' * 32}-{'b' * 16}-01"
+    token = TRACE_CONTEXT.set(trace_context_of(other))
+    try:
+        assert ("traceparent", other) in call_metadata()
+        assert ("traceparent", TRACEPARENT) not in call_metadata()
+    finally:
+        TRACE_CONTEXT.reset(token)
+    # a malformed one is dropped, never sent (nor does it fail the call)
+    for bad in ("", "00-xyz", f"00-{'0' * 32}-{'b' * 16}-01", TRACEPARENT.upper() + "x"):
+        assert trace_context_of(bad) == ()
