@@ -324,7 +324,7 @@ async def test_the_cli_sends_traceparent_from_the_environment(
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         async with asyncio.timeout(WAIT * 3):
-            out, err = await proc.communicate()
+            _, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()
         spans = await _finished(exporter, EXECUTE)
         call = _in_trace(spans, EXECUTE)
