@@ -36,7 +36,7 @@ from ._handlers import map_methods
 from ._limits import Limits
 from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
-from ._probes import PROBE_SERVICE, ProbeServicer
+from ._probes import COMPONENT_SERVICE_PREFIX, PROBE_SERVICE, HealthComponents, ProbeServicer
 from ._records import Records
 from ._registry import WorkflowRegistry
 from ._store import Store
@@ -227,6 +227,10 @@ class Nexus:
         self.cors_origins = tuple(cors_origins)
         self.limits = limits or Limits()
         self.registry = WorkflowRegistry()
+        #: the components `GET /health` and gRPC health report; add a check of your own
+        #: with `app.health.add(name, check)` (`_probes.HealthComponents`)
+        self.health = HealthComponents()
+        self._started = False
         self.enable_durability = enable_durability
         self.enable_auth = enable_auth
         self.auth = auth
@@ -398,10 +402,14 @@ class Nexus:
         augrpc.add_AuditServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AuditServicer(audit), handlers
         )
-        health_servicer = _Health()
+        health_servicer = _Health(self.health)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
+        self.health.add("database", health_servicer.database_state, critical=True)
+        self.health.add(
+            "workflows", lambda: {"status": "healthy", "registered": len(self.registry.names())}
+        )
         pgrpc.add_ProbeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ProbeServicer(health_servicer.serving, self.registry), handlers
+            ProbeServicer(self.health, health_servicer.serving, lambda: self._started), handlers
         )
         services = (
             WORKFLOW_SERVICE,
@@ -457,6 +465,8 @@ class Nexus:
                     ),
                 )
                 await supervisor.start()
+                self.health.add("envoy", supervisor.health)
+            self._started = True
             info = Serving(
                 self.host,
                 port,
@@ -473,6 +483,8 @@ class Nexus:
                 _log.info("Envoy (REST, gRPC-Web, gRPC) listening on %s", info.api_address)
             yield info
         finally:
+            self._started = False  # not ready: orchestrators stop sending traffic
+            self.health.remove("envoy")
             if supervisor is not None:
                 await supervisor.stop()
             watcher.cancel()
@@ -675,7 +687,23 @@ async def _ping(db: DataFlow, timeout: float) -> tuple[bool, bool]:
 
 class _Health(health.aio.HealthServicer):  # type: ignore[misc]
     """grpc's health service with `List` (declared by the health proto, which grpcio's
-    servicer leaves unimplemented): every service's status at once."""
+    servicer leaves unimplemented): every service's status at once; and each health
+    component as the service `nexus.component.<name>` (`Check` and `List`, read when
+    asked)."""
+
+    def __init__(self, components: HealthComponents) -> None:
+        super().__init__()
+        self._components = components
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> health_pb2.HealthCheckResponse:
+        name = request.service
+        if name.startswith(COMPONENT_SERVICE_PREFIX):
+            state = self._components.state(name[len(COMPONENT_SERVICE_PREFIX) :])
+            if state is not None:
+                return health_pb2.HealthCheckResponse(status=_component_status(state))
+        return await super().Check(request, context)
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: Any
@@ -684,11 +712,29 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc]
             name: health_pb2.HealthCheckResponse(status=status)
             for name, status in self._server_status.items()
         }
+        for component in self._components.names():
+            state = self._components.state(component)
+            if state is not None:
+                statuses[COMPONENT_SERVICE_PREFIX + component] = health_pb2.HealthCheckResponse(
+                    status=_component_status(state)
+                )
         return health_pb2.HealthListResponse(statuses=statuses)
+
+    def database_state(self) -> dict[str, Any]:
+        """The `database` component: healthy while the watcher finds it answering."""
+        return {"status": "healthy" if self.serving() else "unhealthy"}
 
     def serving(self) -> bool:
         """Whether the server as a whole is SERVING (what `GET /health` reports)."""
         return bool(self._server_status.get("") == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _component_status(state: Any) -> Any:
+    return (
+        health_pb2.HealthCheckResponse.SERVING
+        if state.get("status") == "healthy"
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
 
 
 async def _set_health(

@@ -167,6 +167,8 @@ _STATIC_RULES: Mapping[str, Rule] = {
     "/nexus.audit.v1.AuditService/ListAuditEvents": Rule(PERMISSION, _fixed(ADMIN)),
     "/nexus.openapi.v1.OpenApiService/GetOpenApi": Rule(DISCOVERY),
     "/nexus.health.v1.ProbeService/GetHealth": Rule(OPEN),
+    "/nexus.health.v1.ProbeService/GetReadiness": Rule(OPEN),
+    "/nexus.health.v1.ProbeService/GetLiveness": Rule(OPEN),
     "/grpc.health.v1.Health/Check": Rule(OPEN),
     "/grpc.health.v1.Health/Watch": Rule(OPEN),
     "/grpc.health.v1.Health/List": Rule(OPEN),
