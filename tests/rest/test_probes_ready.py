@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -22,6 +23,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nexus_api.nexus.health.v1 import probe_service_pb2 as ppb
+from nexus_api.nexus.health.v1 import probe_service_pb2_grpc as pgrpc
 from nexus_server._limits import Limits
 
 from .conftest import WAIT, Running, build_app
@@ -142,12 +145,8 @@ def test_not_ready_once_stopping(_nodes: None, envoy_path: Path, tmp_path: Path)
     try:
         assert app._started
         with grpc.insecure_channel(info.address) as ch:
-            from nexus_api.nexus.health.v1 import probe_service_pb2 as ppb
-            from nexus_api.nexus.health.v1 import probe_service_pb2_grpc as pgrpc
-
-            _, call = pgrpc.ProbeServiceStub(ch).GetReadiness.with_call(
-                ppb.GetReadinessRequest(), timeout=WAIT
-            )
+            stub = pgrpc.ProbeServiceStub(ch)  # type: ignore[no-untyped-call]
+            _, call = stub.GetReadiness.with_call(ppb.GetReadinessRequest(), timeout=WAIT)
             assert ("x-nexus-http-status", "503") not in call.initial_metadata()
     finally:
         run.stop()
@@ -181,8 +180,6 @@ def _adapters(parent: int) -> list[int]:
 
 @pytest.mark.timeout(120)  # three processes start on a shared machine
 def test_nexus_serve_reports_envoy_and_the_mcp_adapter(tmp_path: Path, envoy_path: Path) -> None:
-    import subprocess
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "clients.cli", "serve", str(APP), "--grpc-port", "0",
          "--api-port", "0", "--mcp", "--mcp-port", "0"],
