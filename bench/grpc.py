@@ -778,9 +778,10 @@ def run_tracing(args: argparse.Namespace, tmp: Path) -> list[str]:
             "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
             "OTEL_TRACES_SAMPLER_ARG": "0.01",
         }
-        off, _ = start("tracing off", nexus_cmd(app, free_port()), off_env, tmp)
+        # two servers at once: neither may take the default MCP port
+        off, _ = start("tracing off", [*nexus_cmd(app, free_port()), "--no-mcp"], off_env, tmp)
         servers.append(off)
-        on, _ = start("tracing 1 %", nexus_cmd(app, free_port()), on_env, tmp)
+        on, _ = start("tracing 1 %", [*nexus_cmd(app, free_port()), "--no-mcp"], on_env, tmp)
         servers.append(on)
         person = {"name": "Load Test", "email": "load@example.org"}
         pairs = [

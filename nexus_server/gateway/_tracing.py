@@ -150,13 +150,14 @@ class Tracing:
     """
 
     def __init__(self, provider: TracerProvider, *, owned: bool = False) -> None:
-        from opentelemetry import trace
+        from opentelemetry import context, trace
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer(SCOPE)
         self._owned = owned
         self._trace = trace
+        self._context = context
         self._propagator = TraceContextTextMapPropagator()
         self._server = trace.SpanKind.SERVER
         self._error = trace.Status(trace.StatusCode.ERROR)
@@ -170,30 +171,27 @@ class Tracing:
 
     # -- the call span ------------------------------------------------------------------
 
-    def _start_call(self, path: str, context: Any) -> Span:
+    def _start_call(self, path: str, context: Any, attributes: dict[str, Any]) -> Span:
         metadata = context.invocation_metadata() or ()
-        carrier: dict[str, str] = {}
+        carrier: dict[str, str] | None = None
         channel = "grpc"
         for key, value in metadata:
-            if key in ("traceparent", "tracestate") and isinstance(value, str):
+            if key in _TRACE_KEYS and isinstance(value, str):
+                if carrier is None:
+                    carrier = {}
                 carrier[key] = value
             elif key == "x-nexus-channel" and isinstance(value, str):
                 channel = value
-        parent = self._propagator.extract(carrier) if carrier else None
-        service, _, method = path.lstrip("/").partition("/")
-        return self.tracer.start_span(
-            path.lstrip("/"),
-            context=parent,
-            kind=self._server,
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": service,
-                "rpc.method": method,
-                "nexus.channel": channel,
-            },
-        )
+        parent = self._propagator.extract(carrier) if carrier is not None else None
+        span = self.tracer.start_span(path.lstrip("/"), context=parent, kind=self._server)
+        if span.is_recording():  # attributes only for spans that are kept
+            span.set_attributes(attributes)
+            span.set_attribute("nexus.channel", channel)
+        return span
 
     def _end_call(self, span: Span, context: Any, exc: BaseException | None) -> None:
+        if not span.is_recording():
+            return
         code = context.code()
         if isinstance(code, int) and not isinstance(code, grpc.StatusCode):
             code = next((c for c in grpc.StatusCode if c.value[0] == code), None)
@@ -209,18 +207,21 @@ class Tracing:
     def unary(self, path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         """`behaviour` (a unary or stream-request handler, already behind the gateway)
         inside the call's span."""
-        use = self._trace.use_span
+        attributes = _rpc_attributes(path)
+        in_context = self._trace.set_span_in_context
+        attach, detach = self._context.attach, self._context.detach
 
         async def call(request: Any, context: Any) -> Any:
-            span = self._start_call(path, context)
+            span = self._start_call(path, context, attributes)
+            token = attach(in_context(span))
             exc: BaseException | None = None
             try:
-                with use(span, end_on_exit=False, record_exception=False):
-                    return await behaviour(request, context)
+                return await behaviour(request, context)
             except BaseException as error:
                 exc = error
                 raise
             finally:
+                detach(token)
                 self._end_call(span, context, exc)
 
         return call
@@ -229,8 +230,10 @@ class Tracing:
         """`behaviour` (an async generator handler) inside the call's span."""
         trace = self._trace
 
+        attributes = _rpc_attributes(path)
+
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            span = self._start_call(path, context)
+            span = self._start_call(path, context, attributes)
             exc: BaseException | None = None
             ctx = trace.set_span_in_context(span)
             try:
@@ -345,6 +348,14 @@ _CLIENT_CODES = frozenset(
 )
 
 _CANCELLED = (asyncio.CancelledError,)
+
+
+_TRACE_KEYS = frozenset({"traceparent", "tracestate"})
+
+
+def _rpc_attributes(path: str) -> dict[str, Any]:
+    service, _, method = path.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
 def _attach(ctx: Any) -> object:
