@@ -44,6 +44,7 @@ __all__ = [
     "HTTP_STATUS_HEADER",
     "PROBE_PATHS",
     "PROBE_SERVICE",
+    "READINESS_SCHEMA",
     "ComponentCheck",
     "HealthComponents",
     "ProbeServicer",
@@ -80,6 +81,22 @@ HEALTH_SCHEMA: dict[str, Any] = {
                 "required": ["status"],
                 "properties": {"status": _STATUS_SCHEMA},
             },
+        },
+    },
+}
+
+
+#: The JSON schema of the readiness document (`GET /readyz`, its 200 and its 503).
+READINESS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not_ready"]},
+        "checks": {
+            "type": "object",
+            "description": "`started`: the server has started and is not stopping; "
+            "`database`: the database answers",
+            "additionalProperties": {"type": "boolean"},
         },
     },
 }

@@ -63,7 +63,11 @@ def test_ready_and_alive_while_serving(client: httpx.Client) -> None:
 
 def test_the_probes_are_open_and_documented(client: httpx.Client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    assert paths["/readyz"]["get"]["operationId"] == "ProbeService_GetReadiness"
+    ready = paths["/readyz"]["get"]
+    assert ready["operationId"] == "ProbeService_GetReadiness"
+    schema = ready["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema["properties"]["status"]["enum"] == ["ready", "not_ready"]
+    assert ready["responses"]["503"]["content"]["application/json"]["schema"] == schema
     assert paths["/livez"]["get"]["operationId"] == "ProbeService_GetLiveness"
 
 
