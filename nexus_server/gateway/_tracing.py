@@ -228,32 +228,37 @@ class Tracing:
 
     def streaming(self, path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         """`behaviour` (an async generator handler) inside the call's span."""
-        trace = self._trace
-
+        in_context = self._trace.set_span_in_context
+        attach, detach = self._context.attach, self._context.detach
         attributes = _rpc_attributes(path)
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             span = self._start_call(path, context, attributes)
             exc: BaseException | None = None
-            ctx = trace.set_span_in_context(span)
+            ctx = in_context(span)
+            items = behaviour(request, context)
             try:
-                # attached around each step, not across the yield: a generator may be
+                # attached around each step, not across the yield: the generator may be
                 # resumed from another context
-                items = behaviour(request, context)
                 while True:
-                    token = _attach(ctx)
+                    token = attach(ctx)
                     try:
                         item = await items.__anext__()
                     except StopAsyncIteration:
                         return
                     finally:
-                        _detach(token)
+                        detach(token)
                     yield item
             except BaseException as error:
                 exc = error
                 raise
             finally:
-                self._end_call(span, context, exc)
+                # closed here and now (a cancelled or abandoned stream): the wrapped
+                # generator's own cleanup (the gateway's audit) runs before the span ends
+                try:
+                    await items.aclose()
+                finally:
+                    self._end_call(span, context, exc)
 
         return stream
 
@@ -347,7 +352,9 @@ _CLIENT_CODES = frozenset(
     }
 )
 
-_CANCELLED = (asyncio.CancelledError,)
+#: How a call ends that its caller abandoned: its task is cancelled, or grpc closes its
+#: response stream (GeneratorExit at the yield).
+_CANCELLED = (asyncio.CancelledError, GeneratorExit)
 
 
 _TRACE_KEYS = frozenset({"traceparent", "tracestate"})
@@ -356,16 +363,3 @@ _TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 def _rpc_attributes(path: str) -> dict[str, Any]:
     service, _, method = path.lstrip("/").partition("/")
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-
-
-def _attach(ctx: Any) -> object:
-    from opentelemetry import context
-
-    return context.attach(ctx)
-
-
-def _detach(token: Any) -> None:
-    from opentelemetry import context
-
-    with contextlib.suppress(Exception):
-        context.detach(token)

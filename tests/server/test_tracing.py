@@ -228,6 +228,32 @@ async def test_streamed_execution_is_traced(
     assert _by_name(spans, "workflow.node ")
 
 
+async def test_a_cancelled_stream_ends_its_span_at_once(
+    make_app: Callable[..., Nexus],
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    gates: dict[str, asyncio.Event],
+) -> None:
+    app = make_app(tracer_provider=provider)
+    async with _served(app) as info, _stub(info) as wf:
+        exporter.clear()
+        stream = wf.StreamExecution(
+            wpb.ExecuteWorkflowRequest(name="gated", inputs=_inputs(gate="held")), timeout=WAIT
+        )
+        async with asyncio.timeout(WAIT):
+            await gates["held:started"].wait()
+        stream.cancel()
+        name = "nexus.workflow.v1.WorkflowService/StreamExecution"
+        # the span ends with the stream (not when the generator is collected), and the
+        # node was cancelled with it
+        spans = await _finished(exporter, name)
+        (call,) = [s for s in spans if s.name == name]
+        assert call.attributes is not None
+        assert call.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+        async with asyncio.timeout(WAIT):
+            await gates["held:cancelled"].wait()
+
+
 async def test_unsampled_calls_make_no_child_spans(
     make_app: Callable[..., Nexus], exporter: InMemorySpanExporter
 ) -> None:
