@@ -17,6 +17,9 @@ Measured:
     grpc.aio server whose handlers use aiosqlite directly (SELECT by id; INSERT +
     COMMIT), on a SQLite file with the same pragmas;
   each Nexus figure is printed with its ratio to its baseline (target >= 0.6);
+* ExecuteWorkflow (`noop`, `create_contact`) with OpenTelemetry tracing at 1 % sampling
+  against the same app with tracing off, both served in this run (target ratio >= 0.9;
+  `--only-tracing`, `--skip-tracing`; skipped when the SDK is not installed);
 * time from process start to answering grpc.health.v1 Check with 100 models and
   `enable_model_persistence=True` (target < 1 s), beside the same for the bare echo
   server, and the peak RSS (VmHWM) of that server after some calls (target < 150 MB).
