@@ -120,24 +120,32 @@ def tracing_from_env(environ: Mapping[str, str] = os.environ) -> Tracing:
 
 
 def _otlp_exporter(environ: Mapping[str, str]) -> Any:
-    """The OTLP exporter `OTEL_EXPORTER_OTLP_PROTOCOL` names (http/protobuf by default,
-    as the specification says); it reads its endpoint and headers from the environment."""
-    protocol = (
+    """The OTLP exporter `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` names (`http/protobuf` or
+    `grpc`); unnamed, whichever of the two is installed, HTTP first (the specification's
+    default). It reads its endpoint and headers from the environment."""
+    named = (
         environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
+        or ""
     ).strip()
-    package = "grpc" if protocol == "grpc" else "http"
-    try:
-        module = importlib.import_module(
-            f"opentelemetry.exporter.otlp.proto.{package}.trace_exporter"
-        )
-    except ImportError:
+    if named and named not in ("grpc", "http/protobuf"):
         raise TracingUnavailable(
-            f"OTEL_TRACES_EXPORTER=otlp ({protocol}) needs the OTLP exporter: pip install "
-            f"opentelemetry-exporter-otlp-proto-{package}"
-        ) from None
-    return module.OTLPSpanExporter()
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={named!r}: not a protocol Nexus exports with "
+            "(http/protobuf or grpc)"
+        )
+    packages = ["grpc"] if named == "grpc" else ["http"] if named else ["http", "grpc"]
+    for package in packages:
+        try:
+            module = importlib.import_module(
+                f"opentelemetry.exporter.otlp.proto.{package}.trace_exporter"
+            )
+        except ImportError:
+            continue
+        return module.OTLPSpanExporter()
+    wanted = " or ".join(f"opentelemetry-exporter-otlp-proto-{p}" for p in packages)
+    raise TracingUnavailable(
+        f"OTEL_TRACES_EXPORTER=otlp needs the OTLP exporter: pip install {wanted}"
+    )
 
 
 class Tracing:

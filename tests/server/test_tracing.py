@@ -422,3 +422,17 @@ def test_trace_metadata_prefers_the_context_then_the_environment(
     # a malformed one is dropped, never sent (nor does it fail the call)
     for bad in ("", "00-xyz", f"00-{'0' * 32}-{'b' * 16}-01", TRACEPARENT.upper() + "x"):
         assert trace_context_of(bad) == ()
+
+
+def test_the_environment_configures_an_otlp_exporter() -> None:
+    from nexus_server.gateway._tracing import TracingUnavailable, tracing_from_env
+
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+    tracing = tracing_from_env({**env, "OTEL_SERVICE_NAME": "contacts"})
+    try:
+        resource = tracing.provider.resource  # type: ignore[attr-defined]
+        assert resource.attributes["service.name"] == "contacts"
+    finally:
+        tracing.shutdown()
+    with pytest.raises(TracingUnavailable, match="OTEL_EXPORTER_OTLP_PROTOCOL='carrier-pigeon'"):
+        tracing_from_env({**env, "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
