@@ -17,6 +17,10 @@ Measured:
     grpc.aio server whose handlers use aiosqlite directly (SELECT by id; INSERT +
     COMMIT), on a SQLite file with the same pragmas;
   each Nexus figure is printed with its ratio to its baseline (target >= 0.6);
+* the cost of authentication: ExecuteWorkflow noop served with authentication off and
+  on in the same run, called with an env API key, an HS256 JWT and a managed key, beside
+  a second auth-off server as a control (target: >= 0.9 of auth off at concurrency 16),
+  then the gateway's admission of one call timed in process (`bench/_auth_cost.py`);
 * ExecuteWorkflow (`noop`, `create_contact`) with OpenTelemetry tracing at 1 % sampling
   against the same app with tracing off, both served in this run (target ratio >= 0.9;
   `--only-tracing`, `--skip-tracing`; skipped when the SDK is not installed);
@@ -29,7 +33,8 @@ the count to `--seconds`; the h2load process itself has a timeout). gRPC errors 
 invisible to h2load (HTTP 200 with a grpc-status trailer), so each run is checked: the
 response bytes must add up for reads, the rows written must match for writes.
 
-Run: `.venv/bin/python bench/grpc.py` (`--quick` for a short run). To measure a change,
+Run: `.venv/bin/python bench/grpc.py` (`--quick` for a short run; `--only-auth` or
+`--skip-auth` for the authentication table alone or without it). To measure a change,
 `--against CHECKOUT` also serves the noop and create_contact workflows from another
 checkout (a `git worktree` of main, say) and prints this checkout's ratio to it,
 alternating rounds.
@@ -51,6 +56,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -61,7 +67,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +125,7 @@ class BenchNoop(Node):
         return {{"x": x}}
 
 
-app = Nexus(grpc_port=0, auto_discovery=False)
+app = Nexus(grpc_port=0, auto_discovery=False{nexus_options})
 db = DataFlow(os.environ["NEXUS_DATABASE_URL"], enable_model_persistence=True)
 for i in range({extra}):
     db.model(type(f"Model{{i}}", (), {{"__annotations__": {{
@@ -141,7 +147,7 @@ app.integrate_dataflow(db)
 
 noop = WorkflowBuilder("One trivial node.")
 noop.add_node("BenchNoop", "noop", {{"x": 1}})
-app.register("noop", noop.build())
+app.register("noop", noop.build(){noop_options})
 
 create = WorkflowBuilder("Create a contact.")
 create.add_input("name", str)
@@ -155,9 +161,16 @@ app.register("create_contact", create.build())
 '''
 
 
-def write_app(directory: Path, models: int) -> Path:
-    path = directory / f"bench_app_{models}.py"
-    path.write_text(APP.format(extra=models - 1))
+def write_app(directory: Path, models: int, *, auth: bool = False) -> Path:
+    """The app file. `auth`: authentication follows `BENCH_AUTH=1` in the server's
+    environment, and `noop` may be run by the role `bench` (see `run_auth`)."""
+    path = directory / f"bench_app_{models}{'_auth' if auth else ''}.py"
+    options = (
+        {"nexus_options": ', enable_auth=os.environ.get("BENCH_AUTH") == "1"',
+         "noop_options": ', roles=["bench"]'}
+        if auth else {"nexus_options": "", "noop_options": ""}
+    )  # fmt: skip
+    path.write_text(APP.format(extra=models - 1, **options))
     return path
 
 
@@ -245,6 +258,15 @@ class Server:
     name: str
     proc: subprocess.Popen[str]
     address: str
+    #: the file its stderr goes to (a pipe nobody reads would block a server that logs)
+    log: Path | None = None
+
+    def state(self) -> str:
+        """ "running", or how it ended and the end of its log (for error messages)."""
+        if self.proc.poll() is None:
+            return "running"
+        tail = self.log.read_text(errors="replace")[-3000:] if self.log else ""
+        return f"exited with {self.proc.returncode}: {tail}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -279,13 +301,14 @@ def child_env(db_url: str | None = None) -> dict[str, str]:
 
 @functools.cache
 def serve_options() -> tuple[str, ...]:
-    """`--no-envoy` where `nexus serve` has it: the gRPC server is what is measured (Envoy
-    is a process of its own, started beside it)."""
+    """`--no-envoy` and `--no-mcp` where `nexus serve` has them: the gRPC server is what
+    is measured (Envoy and the MCP adapter are processes of their own, started beside
+    it, and every server's adapter would want the same default port)."""
     done = subprocess.run(
         [sys.executable, "-m", "nexus_server", "serve", "--help"],
         capture_output=True, text=True, timeout=60, env=child_env(), check=True,
     )  # fmt: skip
-    return ("--no-envoy",) if "--no-envoy" in done.stdout else ()
+    return tuple(o for o in ("--no-envoy", "--no-mcp") if o in done.stdout)
 
 
 def nexus_cmd(app: Path, port: int) -> list[str]:
@@ -302,17 +325,24 @@ def start(name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[Se
     """Start a server on the port in `cmd`; return it once health answers SERVING, and the
     seconds from just before the process was started."""
     port = int(cmd[cmd.index("--grpc-port" if "--grpc-port" in cmd else "--port") + 1])
+    log = cwd / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-{port}.log"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=cwd, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    server = Server(name, proc, f"127.0.0.1:{port}")
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd, text=True, stdout=subprocess.DEVNULL, stderr=err
+        )
+    server = Server(name, proc, f"127.0.0.1:{port}", log)
     try:
         seconds = wait_healthy(server, t0, deadline=30.0)
     except BaseException:
         server.stop()
         raise
+    SERVERS[server.address] = server
     return server, seconds
+
+
+#: Every server started, by address (h2load's errors say how the server is doing).
+SERVERS: dict[str, Server] = {}
 
 
 def wait_healthy(server: Server, t0: float, deadline: float) -> float:
@@ -323,8 +353,7 @@ def wait_healthy(server: Server, t0: float, deadline: float) -> float:
     # up to a second, which would then be measured), then the health service.
     while True:
         if server.proc.poll() is not None:
-            err = server.proc.stderr.read() if server.proc.stderr else ""
-            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}: {err}")
+            raise RuntimeError(f"{server.name} {server.state()}")
         try:
             socket.create_connection((host, int(port)), timeout=0.1).close()
             break
@@ -350,10 +379,18 @@ def wait_healthy(server: Server, t0: float, deadline: float) -> float:
             time.sleep(0.002)
 
 
-def call(address: str, method: str, body: bytes, timeout: float = 10.0) -> bytes:
+def call(
+    address: str,
+    method: str,
+    body: bytes,
+    timeout: float = 10.0,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> bytes:
     """One unary call with raw bytes in and out."""
     with grpc.insecure_channel(address) as channel:
-        response: bytes = channel.unary_unary(method)(body, timeout=timeout)
+        response: bytes = channel.unary_unary(method)(
+            body, timeout=timeout, metadata=metadata or None
+        )
         return response
 
 
@@ -378,25 +415,37 @@ class Load:
 
 
 def h2load(
-    address: str, method: str, body: bytes, concurrency: int, n: int, timeout: float
+    address: str,
+    method: str,
+    body: bytes,
+    concurrency: int,
+    n: int,
+    timeout: float,
+    headers: tuple[str, ...] = (),
 ) -> Load:
-    """`n` gRPC calls of `method` with `body` over one connection, `concurrency` streams."""
+    """`n` gRPC calls of `method` with `body` over one connection, `concurrency` streams,
+    each with the extra `headers` ("name: value")."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "body"
         data.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)  # gRPC framing
         log = Path(tmp) / "log"
         cmd = ["h2load", "-n", str(n), "-c", "1", "-t", "1", "-m", str(concurrency),
                "-H", "content-type: application/grpc", "-H", "te: trailers",
+               *itertools.chain.from_iterable(("-H", h) for h in headers),
                "-d", str(data), "--log-file", str(log), f"http://{address}{method}"]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        server = SERVERS.get(address)
+        where = f"; the server is {server.state()}" if server else ""
         if done.returncode != 0:
-            raise RuntimeError(f"h2load failed ({done.returncode}): {done.stdout}{done.stderr}")
+            raise RuntimeError(
+                f"h2load failed ({done.returncode}): {done.stdout}{done.stderr}{where}"
+            )
         out = done.stdout
         finished = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
         reqs = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out)
         traffic = re.search(r"\((\d+)\) data", out)
         if not (finished and reqs and traffic):
-            raise RuntimeError(f"cannot read h2load's output:\n{out}")
+            raise RuntimeError(f"cannot read h2load's output:\n{out}{where}")
         seconds = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
         lat = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line)
     succeeded = int(reqs.group(3))
@@ -424,12 +473,16 @@ class Case:
     count: Callable[[], int] | None = None
     #: the serving process, for `--cpu` (set once the servers are up)
     pid: int = 0
+    #: extra request headers ("name: value"), e.g. a credential
+    headers: tuple[str, ...] = ()
 
 
 def requests_for(case: Case, concurrency: int, args: argparse.Namespace) -> int:
     """Requests for one round: what a short calibration run says fits in `args.seconds`,
     at least 200, at most `args.max_requests`."""
-    calib = h2load(case.address, case.method, case.body, concurrency, 50 * concurrency, 60)
+    calib = h2load(
+        case.address, case.method, case.body, concurrency, 50 * concurrency, 60, case.headers
+    )
     return int(min(args.max_requests, max(200, calib.rps * args.seconds)))
 
 
@@ -438,7 +491,9 @@ def one_round(case: Case, concurrency: int, n: int, args: argparse.Namespace) ->
     included: rows not written, or response bytes missing)."""
     before = case.count() if case.count else 0
     cpu0 = cpu_times(case.pid) if args.cpu else None
-    load = h2load(case.address, case.method, case.body, concurrency, n, args.seconds * 5 + 30)
+    load = h2load(
+        case.address, case.method, case.body, concurrency, n, args.seconds * 5 + 30, case.headers
+    )
     if cpu0 is not None:
         (loop0, others0, busy0, all0), (loop1, others1, busy1, all1) = cpu0, cpu_times(case.pid)
         per_call = 1e6 / max(load.requests, 1)
@@ -448,22 +503,24 @@ def one_round(case: Case, concurrency: int, n: int, args: argparse.Namespace) ->
         )
     bad = load.http_failed
     if case.count is not None:
-        bad += load.requests - (settled(case.count) - before)
+        bad += load.requests - (settled(case.count, before + load.requests) - before)
     elif case.response_size is not None:
         frame = case.response_size + 5
         bad += round((load.requests * frame - load.data_bytes) / frame)
     return load, bad
 
 
-def settled(count: Callable[[], int], limit: float = 5.0) -> int:
-    """`count()` once it stops changing: execution records are written behind (a few
-    milliseconds after each call returns), so the last ones may still be on their way."""
+def settled(count: Callable[[], int], expected: int, limit: float = 5.0) -> int:
+    """`count()` once it reaches `expected` and stops changing, or after `limit` seconds:
+    execution records are written behind (a few milliseconds after each call returns, more
+    on a busy machine), so the last ones may still be on their way; a round that left
+    before they all arrived would see them counted in the next one."""
     deadline = time.monotonic() + limit
     last = count()
     while time.monotonic() < deadline:
         time.sleep(0.05)
         now = count()
-        if now == last:
+        if now == last and now >= expected:
             return now
         last = now
     return last
@@ -492,18 +549,25 @@ def cpu_times(pid: int) -> tuple[float, float, float, float]:
 def measure(
     base_case: Case, case: Case, concurrency: int, args: argparse.Namespace
 ) -> tuple[tuple[Load, str], tuple[Load, str]]:
-    """The best round (by req/s) of the baseline and of the case, over `args.rounds`
-    rounds that alternate between them, so that both see the same drift of a shared
-    machine. Each figure comes with a note when calls failed.
+    """`measure_all` of a baseline and a case."""
+    base, measured = measure_all((base_case, case), concurrency, args)
+    return base, measured
+
+
+def measure_all(
+    cases: Sequence[Case], concurrency: int, args: argparse.Namespace
+) -> list[tuple[Load, str]]:
+    """The best round (by req/s) of each case, over `args.rounds` rounds that alternate
+    between them, so that all see the same drift of a shared machine. Each figure comes
+    with a note when calls failed.
 
     Why the best and why five: on these shared machines other tenants only ever slow a
     round down, and by a lot (one server's rounds spread by 15-27 % in one minute), so
     the best round is the closest to what the server can do; with three rounds one of
     the two servers often had no undisturbed round at all (docs/benchmarks.md)."""
-    cases = (base_case, case)
     sizes = [requests_for(c, concurrency, args) for c in cases]
-    best: list[Load | None] = [None, None]
-    failed = [0, 0]
+    best: list[Load | None] = [None] * len(cases)
+    failed = [0] * len(cases)
     for _ in range(args.rounds):
         for i, c in enumerate(cases):
             load, bad = one_round(c, concurrency, sizes[i], args)
@@ -511,10 +575,11 @@ def measure(
             current = best[i]
             if current is None or load.rps > current.rps:
                 best[i] = load
-    base, measured = best
-    assert base is not None and measured is not None
-    notes = [f"{bad} failed call(s)" if bad else "" for bad in failed]
-    return (base, notes[0]), (measured, notes[1])
+    out = []
+    for found, bad in zip(best, failed, strict=True):
+        assert found is not None
+        out.append((found, f"{bad} failed call(s)" if bad else ""))
+    return out
 
 
 def executions(db: Path, workflow: str) -> Callable[[], int]:
@@ -750,6 +815,199 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
             s.stop()
 
 
+# ---- the cost of authentication (issue 16) ----------------------------------------------
+
+TABLE_HEADER = (
+    f"{'case':<32} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}  target"
+)
+
+#: Authentication may cost at most 10 % of the calls per second at concurrency 16.
+AUTH_TARGET = 0.9
+AUTH_TARGET_CONCURRENCY = 16
+CONTROL = "auth off, 2nd server (control)"
+PRINCIPAL = "/nexus.auth.v1.AuthService/GetPrincipal"
+CREATE_KEY = "/nexus.auth.v1.AuthService/CreateApiKey"
+#: Variables of the caller's environment that would add or change a credential source.
+_AUTH_ENV = ("NEXUS_API_KEY", "NEXUS_JWT_", "NEXUS_JWKS_", "NEXUS_ENV", "NEXUS_TOKEN")
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """One way of sending a credential in the auth section."""
+
+    label: str
+    #: the request header ("name: value"), or None for no credential
+    header: str | None
+    #: the principal the server must see (GetPrincipal's id)
+    principal: str
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.header is None:
+            return ()
+        name, _, value = self.header.partition(": ")
+        return ((name, value),)
+
+
+def auth_env(db_url: str, *, on: bool, api_key: str, jwt_secret: str) -> dict[str, str]:
+    """A server's environment: authentication on (an env API key `bench` and an HS256
+    secret) or off; none of the caller's own credential variables."""
+    env = {k: v for k, v in child_env(db_url).items() if not k.startswith(_AUTH_ENV)}
+    if on:
+        env |= {"BENCH_AUTH": "1", "NEXUS_API_KEY_BENCH": api_key, "NEXUS_JWT_SECRET": jwt_secret}
+    return env
+
+
+def principal_of(address: str, credential: Credential) -> str:
+    """GetPrincipal's id for `credential` (proof that the server authenticated it)."""
+    auth_pb2: Any = importlib.import_module("nexus_api.nexus.auth.v1.auth_service_pb2")
+    reply = call(address, PRINCIPAL, b"", metadata=credential.metadata())
+    return str(auth_pb2.Principal.FromString(reply).id)
+
+
+def managed_key(address: str, admin: Credential) -> str:
+    """A managed key (`nxk_...`, role `bench`) created through AuthService/CreateApiKey
+    with the `admin` credential."""
+    auth_pb2: Any = importlib.import_module("nexus_api.nexus.auth.v1.auth_service_pb2")
+    request = auth_pb2.CreateApiKeyRequest(name="bench_managed", roles=["bench"])
+    reply = call(address, CREATE_KEY, request.SerializeToString(), metadata=admin.metadata())
+    return str(auth_pb2.CreateApiKeyResponse.FromString(reply).key)
+
+
+def check_refused(address: str) -> None:
+    """With authentication on, noop without a credential must be UNAUTHENTICATED (else
+    the figures of the auth-on server would measure nothing)."""
+    try:
+        call(address, EXECUTE, execute_body("noop"))
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return
+        raise RuntimeError(
+            f"noop without a credential: {exc.code()}, not UNAUTHENTICATED"
+        ) from None
+    raise RuntimeError("noop without a credential succeeded on the auth-on server")
+
+
+def run_auth(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """ExecuteWorkflow noop served with authentication off and on, in the same run: with
+    it on, an env API key (`x-api-key`), an HS256 JWT (`authorization: Bearer`) and a
+    managed key (one database read per call); each figure's ratio to auth off. Then the
+    admission of one call timed in process (`bench/_auth_cost.py`). Returns the missed
+    targets."""
+    jwt: Any = importlib.import_module("jwt")
+    api_key = secrets.token_urlsafe(32)
+    jwt_secret = secrets.token_urlsafe(48)
+    now = int(time.time())
+    token = jwt.encode(
+        # valid for the whole run: the server remembers a verified token until its exp
+        {"sub": "bench", "roles": ["bench"], "iat": now, "exp": now + 6 * 3600},
+        jwt_secret,
+        algorithm="HS256",
+    )
+    app = write_app(tmp, 1, auth=True)
+    off_db, on_db, control_db = tmp / "auth_off.db", tmp / "auth_on.db", tmp / "control.db"
+    keys = {"api_key": api_key, "jwt_secret": jwt_secret}
+    servers: list[Server] = []
+    try:
+        off, _ = start("auth off", nexus_cmd(app, free_port()),
+                       auth_env(f"sqlite:///{off_db}", on=False, **keys), tmp)  # fmt: skip
+        servers.append(off)
+        # a second auth-off server, measured last in each round: its ratio to the first is
+        # the noise of this run between two processes that do the same thing
+        control, _ = start("control", nexus_cmd(app, free_port()),
+                           auth_env(f"sqlite:///{control_db}", on=False, **keys), tmp)  # fmt: skip
+        servers.append(control)
+        on, _ = start("auth on", nexus_cmd(app, free_port()),
+                      auth_env(f"sqlite:///{on_db}", on=True, **keys), tmp)  # fmt: skip
+        servers.append(on)
+        check_refused(on.address)
+        env_key = Credential("auth on, env API key", f"x-api-key: {api_key}", "key:bench")
+        credentials = [
+            (off, Credential("auth off", None, "anonymous")),
+            (on, env_key),
+            (on, Credential("auth on, JWT HS256", f"authorization: Bearer {token}", "jwt:bench")),
+        ]
+        try:
+            key = managed_key(on.address, env_key)
+        except grpc.RpcError as exc:
+            print(f"\n(no managed key: CreateApiKey answered {exc.code()}; that case is left out)")
+        else:
+            credentials.append(
+                (on, Credential("auth on, managed key (DB)", f"x-api-key: {key}",
+                                "key:bench_managed"))
+            )  # fmt: skip
+        credentials.append((control, Credential(CONTROL, None, "anonymous")))
+        body = execute_body("noop")
+        cases = []
+        for server, credential in credentials:
+            seen = principal_of(server.address, credential)
+            if seen != credential.principal:
+                raise RuntimeError(
+                    f"{credential.label}: the server sees {seen!r}, not {credential.principal!r}"
+                )
+            reply = wf_pb2.Execution.FromString(
+                call(server.address, EXECUTE, body, metadata=credential.metadata())
+            )
+            assert reply.state == wf_pb2.Execution.STATE_SUCCEEDED, reply
+            db = {off.address: off_db, control.address: control_db}.get(server.address, on_db)
+            cases.append(
+                Case(credential.label, server.address, EXECUTE, body,
+                     count=executions(db, "noop"), pid=server.proc.pid,
+                     headers=(credential.header,) if credential.header else ())
+            )  # fmt: skip
+        missed = print_auth_table(cases, args)
+    finally:
+        for s in servers:
+            s.stop()
+    # where the difference is: the chain's admission of one call, timed in process
+    auth_cost: Any = importlib.import_module("bench._auth_cost")
+    auth_cost.print_costs(asyncio.run(auth_cost.admission_costs()))
+    return missed
+
+
+def print_auth_table(cases: list[Case], args: argparse.Namespace) -> list[str]:
+    """The auth section's table (the first case is auth off, the last another auth-off
+    server, as a control); returns the missed targets."""
+    print(
+        "\nThe cost of authentication: ExecuteWorkflow noop (h2load, 1 HTTP/2 connection; "
+        f"best of {args.rounds} alternating round(s) of up to {args.seconds:g} s each; "
+        f"target: ratio >= {AUTH_TARGET:g} at concurrency {AUTH_TARGET_CONCURRENCY})"
+    )
+    print(TABLE_HEADER)
+    print("-" * len(TABLE_HEADER))
+    missed = []
+    for conc in CONCURRENCY:
+        results = measure_all(cases, conc, args)
+        base = results[0][0]
+        for case, (load, note) in zip(cases, results, strict=True):
+            if case is cases[0]:
+                ratio_text, verdict = "", "(baseline)"
+            else:
+                ratio = load.rps / base.rps
+                ratio_text = f"{ratio:.2f}"
+                verdict = ""
+                if case.label == CONTROL:
+                    verdict = "(the noise: same code)"
+                elif conc == AUTH_TARGET_CONCURRENCY:
+                    verdict = "ok" if ratio >= AUTH_TARGET else "MISSED"
+                    if ratio < AUTH_TARGET:
+                        missed.append(f"{case.label} at concurrency {conc}: {ratio:.2f}")
+            print(
+                f"{case.label:<32} {conc:>4} {load.rps:>9,.0f} {load.p50_ms:>8.2f}"
+                f" {load.p99_ms:>8.2f} {ratio_text:>6}  {verdict}"
+                f"{'  ' + note if note else ''}",
+                flush=True,
+            )
+            if args.cpu:
+                assert load.cpu is not None
+                loop, others, idle = load.cpu
+                print(
+                    f"{'':<32} {'':>4}  CPU per call: loop {loop:.0f} µs, other threads "
+                    f"{others:.0f} µs, machine {idle:.0%} idle"
+                )
+        print()
+    return missed
+
+
 #: The packages `nexus serve` imports from this checkout.
 PACKAGES = ("nexus_server", "dataflow", "workflow", "nexus_api", "clients")
 
@@ -923,7 +1181,14 @@ def main() -> int:
     p.add_argument("--models", type=int, default=100, help="models for start-up and RSS")
     p.add_argument("--startup-runs", type=int, help="start-up runs (default 5; quick 2)")
     p.add_argument("--skip-load", action="store_true", help="only start-up and RSS")
-    p.add_argument("--skip-startup", action="store_true", help="only the throughput table")
+    p.add_argument("--skip-startup", action="store_true", help="only the throughput tables")
+    p.add_argument("--skip-auth", action="store_true", help="without the authentication table")
+    p.add_argument(
+        "--only-auth",
+        "--auth-only",
+        action="store_true",
+        help="only the authentication table (auth off/on)",
+    )
     p.add_argument(
         "--skip-tracing", action="store_true", help="no tracing (1 %% sampled) vs off table"
     )
@@ -972,11 +1237,13 @@ def main() -> int:
     with workdir() as tmp:
         if args.only_tracing:
             args.skip_load = args.skip_startup = True
-        if not args.skip_load:
+        if not args.skip_load and not args.only_auth:
             missed += run_load(args, tmp)
-        if not (args.skip_tracing or shutil.which("h2load") is None):
+        if not args.skip_load and not args.skip_auth:
+            missed += run_auth(args, tmp)
+        if not (args.skip_tracing or args.only_auth or shutil.which("h2load") is None):
             missed += run_tracing(args, tmp)
-        if not args.skip_startup:
+        if not args.skip_startup and not args.only_auth:
             missed += run_startup(args, tmp)
     print()
     if missed:

@@ -279,6 +279,8 @@ class ApiFailure(Exception):
     reason: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     violations: Sequence[tuple[str, str]] = ()
+    #: Seconds after which a retry may succeed (`google.rpc.RetryInfo`), else None.
+    retry_after: float | None = None
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> ApiFailure:
@@ -291,6 +293,7 @@ class ApiFailure(Exception):
         reason = ""
         meta: dict[str, str] = {}
         violations: list[tuple[str, str]] = []
+        retry: float | None = None
         trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
         for key, value in trailing or ():
             if key != "grpc-status-details-bin":
@@ -307,7 +310,11 @@ class ApiFailure(Exception):
                     bad = error_details_pb2.BadRequest()
                     detail.Unpack(bad)
                     violations += [(v.field, v.description) for v in bad.field_violations]
-        return cls(code, text, reason, meta, tuple(violations))
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    info_retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(info_retry)
+                    retry = info_retry.retry_delay.ToNanoseconds() / 1e9
+        return cls(code, text, reason, meta, tuple(violations), retry)
 
     @property
     def exit_code(self) -> int:
@@ -323,6 +330,8 @@ class ApiFailure(Exception):
             lines.append("  " + ", ".join(f"{k}={v}" for k, v in sorted(self.metadata.items())))
         if self.code == "UNAVAILABLE" and not self.reason:
             lines.append("  is the server running? (--server HOST:PORT or NEXUS_SERVER)")
+        if self.retry_after is not None:
+            lines.append(f"  retry in {_delay(self.retry_after)}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -334,10 +343,17 @@ class ApiFailure(Exception):
             out["metadata"] = dict(self.metadata)
         if self.violations:
             out["field_violations"] = [{"field": f, "description": d} for f, d in self.violations]
+        if self.retry_after is not None:
+            out["retry_after_seconds"] = round(self.retry_after, 3)
         return out
 
     def __str__(self) -> str:
         return self.render()
+
+
+def _delay(seconds: float) -> str:
+    """A retry delay for people: `0.4 s`, `12 s`."""
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 # ---------------------------------------------------------------------------- types

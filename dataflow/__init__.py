@@ -32,10 +32,16 @@ Tenants: ``@db.model(tenant_scoped=True)`` (or a field declared ``field(tenant=T
 makes every operation of a model see and write only the current tenant's records, set
 with ``with tenant_scope("acme"): ...`` (`current_tenant()` reads it); without one, the
 operations raise `TenantRequired`. `ModelInfo.tenant_field` names the tenant field.
+
+Circuit breaker: after 5 failures in a row to reach the database (`BreakerOptions`),
+operations fail at once with `CircuitOpenError` (which says when to retry) until a trial
+call succeeds; `DataFlow.breaker` reads its state. A node guards any other dependency
+with a `CircuitBreaker` of its own (``async with breaker.attempt(): ...``).
 """
 
 from __future__ import annotations
 
+from ._breaker import BreakerOptions, CircuitBreaker, CircuitOpenError, is_unreachable
 from ._dataflow import DataFlow
 from ._errors import (
     AlreadyExistsError,
@@ -69,6 +75,9 @@ __all__ = [
     "SQL_TYPES",
     "TENANT_FIELD",
     "AlreadyExistsError",
+    "BreakerOptions",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "ConflictError",
     "DataFlow",
     "DataFlowError",
@@ -86,6 +95,7 @@ __all__ = [
     "current_tenant",
     "dialect_insert",
     "field",
+    "is_unreachable",
     "storable_reason",
     "tenant_scope",
 ]

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 from workflow import Node, RegistryError, current_execution, register_node, unregister_node
 
+from ._breaker import BreakerOptions, CircuitBreaker
 from ._errors import (
     AlreadyExistsError,
     ConflictError,
@@ -132,13 +133,14 @@ class _SharedTx:
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> _Tx:
+        # the circuit breaker admitted the statement that opens it (`_session`)
         try:
             await self._stack.enter_async_context(self.db._gate())
             conn = await self._stack.enter_async_context(self.db.engine.begin())
         except BaseException as exc:
             await self._stack.aclose()
             if isinstance(exc, Exception) and not isinstance(exc, DataFlowError):
-                raise _map_error(exc, None) from exc
+                raise self.db._fail(exc, None) from exc
             raise
         return _Tx(conn)
 
@@ -150,7 +152,10 @@ class _SharedTx:
         except DataFlowError:
             raise
         except Exception as exc:
-            raise _map_error(exc, None) from exc
+            raise self.db._fail(exc, None) from exc
+        br = self.db._breaker
+        if e is None and br is not None and not br.quiet:
+            br.success()  # committed
 
 
 def _async_url(url: str) -> tuple[str, str]:
@@ -217,6 +222,15 @@ _UNREACHABLE_CLASSES = (
 )
 
 
+def _unreachable(exc: BaseException, cause: Any, code: str) -> bool:
+    """Whether a driver error means "cannot reach the database" (refused, reset or lost
+    connections, timeouts, a server shutting down or out of connection slots) rather
+    than "the database refused this statement": what the circuit breaker counts."""
+    if code.startswith(_UNREACHABLE_STATES) or isinstance(cause, OSError | TimeoutError):
+        return True
+    return any(type(c).__name__ in _UNREACHABLE_CLASSES for c in (cause, exc))
+
+
 def _describe_failure(exc: BaseException, cause: Any, code: str, text: str, model: Any) -> str:
     """What failed, in words: never the driver's class, SQL, a path or an address."""
     what = f"{model.name}: " if model else ""
@@ -225,9 +239,7 @@ def _describe_failure(exc: BaseException, cause: Any, code: str, text: str, mode
         return f"{what}the database does not exist (create it first)"
     if code == "42703" or "no such column" in text:
         return f"{what}a column of {table} is missing; the schema differs from the model"
-    if code.startswith(_UNREACHABLE_STATES) or isinstance(cause, OSError | TimeoutError):
-        return f"{what}the database is unreachable"
-    if any(type(c).__name__ in _UNREACHABLE_CLASSES for c in (cause, exc)):
+    if _unreachable(exc, cause, code):
         return f"{what}the database is unreachable"
     if "unable to open database file" in text:
         return f"{what}the database file cannot be opened"
@@ -280,9 +292,12 @@ def _map_error(exc: BaseException, model: ModelInfo | None) -> DataFlowError:
         return ConflictError(f"{name}: the transaction conflicted with another one; retry it")
     if isinstance(exc, sa_exc.IntegrityError) or (code and str(code).startswith("23")):
         return ConflictError(f"{name}: the write violates a constraint")
-    message = _describe_failure(exc, cause, str(code or ""), text, model)
+    code = str(code or "")
+    message = _describe_failure(exc, cause, code, text, model)
     _log.warning("%s (%s: %s)", message, type(cause).__name__, _first_line(text))
-    return DatabaseError(message)
+    error = DatabaseError(message)
+    error.unreachable = code not in ("3D000", "42703") and _unreachable(exc, cause, code)
+    return error
 
 
 async def _keep_session(conn: Any) -> None:
@@ -331,6 +346,13 @@ class DataFlow:
         enable_metrics, enable_caching: the original's options for capabilities a
             later issue adds (metrics, a query cache): False/None is accepted, True is
             refused with a ValueError naming what it needs.
+        breaker: the circuit breaker around the database (`BreakerOptions`; True, the
+            default: 5 failures in a row to reach the database open it, a trial call
+            after 5 s; False: none). While it is open, operations fail at once with
+            `CircuitOpenError` instead of each waiting for a connection attempt of its
+            own. Only "cannot reach the database" counts (connection refused, reset or
+            lost; timeouts), never a statement the database refused. `DataFlow.breaker`
+            reads its state.
 
     Declaring models does no I/O. `initialize()` connects, migrates and persists, once.
     """
@@ -347,7 +369,14 @@ class DataFlow:
         max_bulk_rows: int = MAX_BULK_ROWS,
         enable_metrics: bool | None = None,
         enable_caching: bool | None = None,
+        breaker: BreakerOptions | bool = True,
     ) -> None:
+        if breaker is True:
+            breaker = BreakerOptions()
+        elif breaker is not False and not isinstance(breaker, BreakerOptions):
+            raise ValidationError(
+                "breaker", f"expects BreakerOptions(...), True or False, got {breaker!r}"
+            )
         if not isinstance(max_bulk_rows, int) or max_bulk_rows < 1:
             raise ValidationError("max_bulk_rows", "expects a positive integer")
         if (
@@ -368,6 +397,9 @@ class DataFlow:
                 )
         _LIVE.add(self)
         self.max_bulk_rows = max_bulk_rows
+        self._breaker = (
+            CircuitBreaker.from_options("database", breaker) if breaker is not False else None
+        )
         self._secret: bytes | None = None
         url = database_url or os.environ.get("DATABASE_URL") or DEFAULT_URL
         self._url, self.dialect = _async_url(url)
@@ -427,6 +459,13 @@ class DataFlow:
             if entry is not None and node_type in entry.nodes.values():
                 return db
         return None
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The circuit breaker around the database (None with ``breaker=False``):
+        ``db.breaker.state`` is ``"closed"``, ``"open"`` or ``"half_open"``; its counters
+        and `CircuitBreaker.snapshot` feed health and metrics."""
+        return self._breaker
 
     @property
     def url(self) -> str:
@@ -687,7 +726,7 @@ class DataFlow:
             except DataFlowError:
                 raise
             except Exception as exc:
-                raise _map_error(exc, None) from exc
+                raise self._fail(exc, None) from exc
             self._ready = True
 
     def _migrate(self, conn: Connection, tables: list[Table]) -> None:
@@ -843,13 +882,19 @@ class DataFlow:
     ) -> AsyncIterator[tuple[AsyncConnection, bool]]:
         """A connection for one operation: the shared transaction when there is one
         (`transaction()` or an atomic workflow), else a transaction of its own. Yields
-        (connection, shared). Maps every driver error to ours."""
+        (connection, shared). Maps every driver error to ours. Outside a `transaction()`
+        block, the circuit breaker admits the operation first (`CircuitOpenError` while
+        it is open)."""
+        br = self._breaker
+        trial = False
         try:
+            tx = self._tx.get()
+            if tx is None and br is not None and not br.quiet:
+                trial = br.admit()
             if not self._ready:
                 if self._closed:
                     raise DataFlowError("this DataFlow is closed")
                 await self.initialize()
-            tx = self._tx.get()
             if tx is None:
                 ctx = current_execution()
                 if ctx is not None and ctx.atomic:
@@ -861,29 +906,71 @@ class DataFlow:
                 async with self._gate(), self.engine.begin() as conn:
                     yield conn, False
         except DataFlowError:
+            if trial:
+                self._release_trial()
             raise
         except Exception as exc:
-            raise _map_error(exc, model) from exc
+            raise self._fail(exc, model, trial) from exc
+        except BaseException:
+            if trial:
+                self._release_trial()
+            raise
+        if br is not None and not br.quiet:
+            br.success()
+
+    def _fail(
+        self, exc: BaseException, model: ModelInfo | None, trial: bool = False
+    ) -> DataFlowError:
+        """`_map_error(exc, model)`, telling the circuit breaker what the failure says:
+        the database could not be reached (a failure), or it answered and refused the
+        statement (a success: it is reachable), or neither (the trial, if this was it,
+        passes to the next call). An error that is already ours was told when it was
+        mapped."""
+        br = self._breaker
+        if isinstance(exc, DataFlowError):
+            if trial and br is not None:
+                br.release(True)
+            return exc
+        error = _map_error(exc, model)
+        if br is not None:
+            if type(error) is DatabaseError:
+                if error.unreachable:
+                    br.failure()
+                else:
+                    br.release(trial)
+            else:  # a unique or constraint violation, a missing table...: it answered
+                br.success()
+        return error
+
+    def _release_trial(self) -> None:
+        if self._breaker is not None:
+            self._breaker.release(True)
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """Whether the database answers `SELECT 1` within `timeout` seconds (health
-        checks use it; it never raises)."""
+        checks use it; it never raises). Outside the circuit breaker: an answer closes
+        an open breaker at once."""
         # on the driver: a timeout then abandons a query, where inside SQLAlchemy it
         # would invalidate (close) the connection the other operations share
         try:
             if self._pg_pool is not None:
                 await self._pg_pool.fetchval("SELECT 1", timeout=timeout)
-                return True
-            async with asyncio.timeout(timeout):
-                if self.dialect == "sqlite":
-                    async with self._sqlite_lock:
-                        conn = self._raw_sqlite or await self._sqlite_connection()
-                        await conn.execute_fetchall("SELECT 1")
-                else:
-                    async with self.engine.connect() as sa_conn:
-                        await sa_conn.exec_driver_sql("SELECT 1")
+            else:
+                async with asyncio.timeout(timeout):
+                    if self.dialect == "sqlite":
+                        async with self._sqlite_lock:
+                            conn = self._raw_sqlite or await self._sqlite_connection()
+                            await conn.execute_fetchall("SELECT 1")
+                    else:
+                        async with self.engine.connect() as sa_conn:
+                            await sa_conn.exec_driver_sql("SELECT 1")
         except Exception:
             return False
+        # the database answered: an open circuit breaker closes at once (the server's
+        # health checks ping, so it never waits out its delay behind a healthy database).
+        # A failed ping is not counted: a busy event loop can make one time out
+        if self._breaker is not None:
+            self._breaker.reset()
         return True
 
     @contextlib.asynccontextmanager
@@ -903,16 +990,28 @@ class DataFlow:
         load SQLAlchemy's asyncio extension. Errors are mapped to DataFlow's."""
         if not self._ready:
             await self.initialize()
+        br = self._breaker
+        trial = br is not None and not br.quiet and br.admit()
         try:
             if self._sync_init and self._engine is None:
                 async with self._gate():
-                    return await asyncio.to_thread(self._sync_transaction, fn)
-            async with self._gate(), self.engine.begin() as conn:
-                return await conn.run_sync(fn)
+                    result = await asyncio.to_thread(self._sync_transaction, fn)
+            else:
+                async with self._gate(), self.engine.begin() as conn:
+                    result = await conn.run_sync(fn)
         except DataFlowError:
+            if trial:
+                self._release_trial()
             raise
         except Exception as exc:
-            raise _map_error(exc, None) from exc
+            raise self._fail(exc, None, trial) from exc
+        except BaseException:
+            if trial:
+                self._release_trial()
+            raise
+        if br is not None and not br.quiet:
+            br.success()
+        return result
 
     # -- driver statements (outside SQLAlchemy) ---------------------------------------
 
@@ -974,11 +1073,19 @@ class DataFlow:
             ):
                 await self._fast_executemany(None, sql, [rows])
             return
+        br = self._breaker
+        trial = br is not None and not br.quiet and br.admit()
         try:
             async with self._pg_pool.acquire() as conn, conn.transaction():
                 await conn.executemany(sql, rows)
         except Exception as exc:
-            raise _map_error(exc, None) from exc
+            raise self._fail(exc, None, trial) from exc
+        except BaseException:
+            if trial:
+                self._release_trial()
+            raise
+        if br is not None and not br.quiet:
+            br.success()
 
     async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> Sequence[Any] | None:
         """Run one read statement of driver SQL (placeholders from `placeholder`, values
@@ -1047,7 +1154,7 @@ class DataFlow:
                     conn.close()  # used again (the next call opens another)
                 raise
         except Exception as exc:
-            raise _map_error(exc, model) from exc
+            raise self._fail(exc, model) from exc
         self._here_rows += rows
         if self._here_rows >= CHECKPOINT_ROWS and self._checkpoint_task is None:
             self._here_rows = 0
@@ -1147,26 +1254,37 @@ class DataFlow:
         self, model: ModelInfo | None, sql: str, args: list[Any], write: bool
     ) -> Sequence[Any] | None:
         """Run one statement on the driver; return its first row (None if none)."""
+        br = self._breaker
+        trial = br is not None and not br.quiet and br.admit()
+        row: Sequence[Any] | None
         try:
             if self._pg_pool is not None:
-                row: Sequence[Any] | None = await self._pg_call("fetchrow", sql, args)
-                return row
-            here = self._here(model, write, lambda c: c.execute(sql, args).fetchall(), 1)
-            if not isinstance(here, _NotHere):
-                return here[0] if here else None
-            async with self._sqlite_lock:
-                conn = self._raw_sqlite or await self._sqlite_connection()
-                try:
-                    rows = await conn.execute_fetchall(sql, args)
-                    if write:
-                        await conn.commit()
-                except BaseException:
-                    if write:
-                        await conn.rollback()
-                    raise
-            return rows[0] if rows else None
+                row = await self._pg_call("fetchrow", sql, args)
+            else:
+                here = self._here(model, write, lambda c: c.execute(sql, args).fetchall(), 1)
+                if not isinstance(here, _NotHere):
+                    row = here[0] if here else None
+                else:
+                    async with self._sqlite_lock:
+                        conn = self._raw_sqlite or await self._sqlite_connection()
+                        try:
+                            rows = await conn.execute_fetchall(sql, args)
+                            if write:
+                                await conn.commit()
+                        except BaseException:
+                            if write:
+                                await conn.rollback()
+                            raise
+                    row = rows[0] if rows else None
         except Exception as exc:
-            raise _map_error(exc, model) from exc
+            raise self._fail(exc, model, trial) from exc
+        except BaseException:
+            if trial:
+                self._release_trial()
+            raise
+        if br is not None and not br.quiet:
+            br.success()
+        return row
 
     async def _fast_executemany(
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
@@ -1183,6 +1301,8 @@ class DataFlow:
     ) -> None:
         """Run one statement for many argument rows in one SQLite transaction, one
         `executemany` per batch (other tasks run while each batch is written)."""
+        br = self._breaker
+        trial = br is not None and not br.quiet and br.admit()
         try:
             async with self._sqlite_lock:
                 conn = self._raw_sqlite or await self._sqlite_connection()
@@ -1194,7 +1314,13 @@ class DataFlow:
                     await conn.rollback()
                     raise
         except Exception as exc:
-            raise _map_error(exc, model) from exc
+            raise self._fail(exc, model, trial) from exc
+        except BaseException:
+            if trial:
+                self._release_trial()
+            raise
+        if br is not None and not br.quiet:
+            br.success()
 
     async def _fast_execute(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
         """`_fast_execute_now`, inside the statement hook's scope when one is set."""
@@ -1206,26 +1332,36 @@ class DataFlow:
 
     async def _fast_execute_now(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
         """Run one write statement on the driver; return the rows affected."""
+        br = self._breaker
+        trial = br is not None and not br.quiet and br.admit()
         try:
             if self._pg_pool is not None:
                 status: str = await self._pg_call("execute", sql, args)
-                return int(status.rsplit(" ", 1)[-1])
-            here = self._here(model, True, lambda c: c.execute(sql, args).rowcount, 1)
-            if not isinstance(here, _NotHere):
-                return here
-            async with self._sqlite_lock:
-                conn = self._raw_sqlite or await self._sqlite_connection()
-                try:
-                    cur = await conn.execute(sql, args)
-                    n = int(cur.rowcount)
-                    await cur.close()
-                    await conn.commit()
-                except BaseException:
-                    await conn.rollback()
-                    raise
-            return n
+                n = int(status.rsplit(" ", 1)[-1])
+            else:
+                here = self._here(model, True, lambda c: c.execute(sql, args).rowcount, 1)
+                if not isinstance(here, _NotHere):
+                    n = here
+                else:
+                    async with self._sqlite_lock:
+                        conn = self._raw_sqlite or await self._sqlite_connection()
+                        try:
+                            cur = await conn.execute(sql, args)
+                            n = int(cur.rowcount)
+                            await cur.close()
+                            await conn.commit()
+                        except BaseException:
+                            await conn.rollback()
+                            raise
         except Exception as exc:
-            raise _map_error(exc, model) from exc
+            raise self._fail(exc, model, trial) from exc
+        except BaseException:
+            if trial:
+                self._release_trial()
+            raise
+        if br is not None and not br.quiet:
+            br.success()
+        return n
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
@@ -1241,9 +1377,11 @@ class DataFlow:
         if self._tx.get() is not None:
             yield
             return
-        await self.initialize()
+        br = self._breaker
+        trial = br is not None and not br.quiet and br.admit()
         raised: BaseException | None = None  # the block's own exception, passed on as is
         try:
+            await self.initialize()
             async with self._gate(), self.engine.begin() as conn:
                 token = self._tx.set(_Tx(conn))
                 try:
@@ -1254,13 +1392,23 @@ class DataFlow:
                 finally:
                     self._tx.reset(token)
         except DataFlowError:
+            if trial:
+                self._release_trial()
             raise
         except Exception as exc:
             if exc is raised:
+                if trial:
+                    self._release_trial()
                 raise
             # beginning, committing or rolling back failed: the driver's error (a plain
             # ConnectionRefusedError when the server is down) becomes ours
-            raise _map_error(exc, None) from exc
+            raise self._fail(exc, None, trial) from exc
+        except BaseException:
+            if trial:
+                self._release_trial()
+            raise
+        if br is not None and not br.quiet:
+            br.success()  # committed
 
     async def migration_plan(self) -> list[str]:
         """What `initialize()` would change, without changing it (one line per step or
@@ -1270,7 +1418,7 @@ class DataFlow:
             async with self._gate(), self.engine.connect() as conn:
                 plan = await conn.run_sync(plan_migration, tables)
         except Exception as exc:
-            raise _map_error(exc, None) from exc
+            raise self._fail(exc, None) from exc
         return plan.describe() + [f"refused: {r}" for r in plan.refused]
 
 

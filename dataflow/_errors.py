@@ -130,7 +130,15 @@ class MigrationError(DataFlowError):
 class DatabaseError(DataFlowError):
     """The database failed in a way that is not the caller's fault (connection lost,
     server error). The message names the operation; the driver's exception is not
-    exposed."""
+    exposed.
+
+    Attributes:
+        unreachable: the database could not be reached (connection refused, reset or
+            lost, a timeout), as opposed to failing a statement: what DataFlow's circuit
+            breaker counts (`dataflow.CircuitBreaker`).
+    """
+
+    unreachable = False
 
 
 class SchemaMissingError(MigrationError, DatabaseError):

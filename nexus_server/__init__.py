@@ -19,6 +19,7 @@ from ._limits import Limits
 from ._typed import TypedModels, collection_id
 from .gateway import Policy
 from .gateway._config import ApiKeySpec, AuthConfig
+from .gateway._rate import RateLimit, RateLimits
 
 __all__ = [
     "ApiError",
@@ -28,6 +29,8 @@ __all__ = [
     "Limits",
     "Nexus",
     "Policy",
+    "RateLimit",
+    "RateLimits",
     "Serving",
     "TypedModels",
     "UnavailableOption",

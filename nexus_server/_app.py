@@ -49,6 +49,8 @@ from .gateway._auth_service import AuthServicer
 from .gateway._authn import Authenticator
 from .gateway._config import AuthConfig
 from .gateway._keys import KeyStore
+from .gateway._rate import RateLimit, RateLimiter, RateLimits, parse_backend, parse_rate
+from .gateway._shed import Shedder
 from .gateway._tracing import Tracing, tracing_from_env, tracing_wanted
 
 if TYPE_CHECKING:
@@ -179,9 +181,15 @@ class Nexus:
         tracer_provider: an OpenTelemetry tracer provider of the app's own to send the
             spans to (turns tracing on; the `OTEL_*` variables are then the provider's
             business).
-        enable_monitoring, rate_limit: the original's options for capabilities later
-            issues add; False/None is accepted, anything else is refused
-            (`UnavailableOption`) naming the capability it needs.
+        rate_limit: calls per principal: an int N (N per minute, the original's
+            meaning), a string (`"10/s"`, `"100/minute burst 20"`), or a `RateLimits`
+            with per-workflow, per-model-operation and per-role limits; a token bucket
+            per principal (docs/operations.md, "Rate limits and load shedding"). None:
+            no limit. `register(..., rate_limit=...)` sets a workflow's own.
+        rate_limit_backend: where the buckets live: None (this process) or a
+            `redis://host:port/db` URL, so that replicas share one limit.
+        enable_monitoring: the original's option for a capability a later issue adds;
+            False/None is accepted, anything else is refused (`UnavailableOption`).
 
     The options are checked at construction and again at `start()`/`serving()`, so the
     attribute form (`app.enable_auth = True` before `start()`) is refused the same way.
@@ -213,6 +221,7 @@ class Nexus:
         rate_limit: object = None,
         enable_tracing: bool | None = None,
         tracer_provider: Any = None,
+        rate_limit_backend: str | None = None,
     ) -> None:
         self.grpc_port = grpc_port
         self.api_port = api_port
@@ -242,6 +251,8 @@ class Nexus:
         self.rate_limit = rate_limit
         self.enable_tracing = enable_tracing
         self.tracer_provider = tracer_provider
+        self.rate_limit_backend = rate_limit_backend
+        self._workflow_rates: dict[str, RateLimit] = {}
         self.db: DataFlow | None = None
         self._own_db = False
         self._chosen_db = False
@@ -252,7 +263,8 @@ class Nexus:
 
         Raises:
             UnavailableOption: an option of a capability a later issue adds is set.
-            ValueError: `enable_durability=False`.
+            ValueError: `enable_durability=False`, a `rate_limit` or
+                `rate_limit_backend` that is not one.
         """
         for option, capability in _LATER_OPTIONS.items():
             value = getattr(self, option)
@@ -264,6 +276,18 @@ class Nexus:
                 "called with a request_id is always recorded before its reply, so a "
                 "retry gets that reply instead of running it twice; leave it True"
             )
+        self.rate_limits()
+        parse_backend(self.rate_limit_backend)
+
+    def rate_limits(self) -> RateLimits:
+        """The app's rate limits: `rate_limit` with the workflows' own
+        (`register(..., rate_limit=...)`).
+
+        Raises:
+            ValueError: `rate_limit` is not a rate limit (the message names it).
+        """
+        limits = RateLimits.of(self.rate_limit)
+        return limits.with_workflows(self._workflow_rates) if self._workflow_rates else limits
 
     def resolve_dataflow(self) -> DataFlow | None:
         """The DataFlow the app serves: the one `integrate_dataflow` chose, or else the
@@ -307,6 +331,7 @@ class Nexus:
         *,
         roles: Sequence[str] = (),
         public: bool = False,
+        rate_limit: object = None,
     ) -> None:
         """Expose `workflow` as `name` on every channel. The name is checked now.
 
@@ -314,15 +339,21 @@ class Nexus:
             roles: with authentication on, the roles that may run it (granted
                 `workflow:<name>:execute`; admins always may).
             public: anyone may run it, with or without a credential.
+            rate_limit: the workflow's own limit per principal (any `Nexus(rate_limit)`
+                form, e.g. `"10/s"`), instead of the app's, for running it.
         """
         if isinstance(roles, str):
             raise TypeError(f"roles expects a list of role names, got the string {roles!r}")
+        rate = None if rate_limit is None else parse_rate(rate_limit, "register(rate_limit)")
         self.registry.add(name, workflow, builtin=True, public=public)
         for role in roles:
             self.policy.grant(role, f"workflow:{name}:execute")
+        if rate is not None:
+            self._workflow_rates[name] = rate
 
     def unregister(self, name: str) -> None:
         self.registry.remove(name)
+        self._workflow_rates.pop(name, None)
 
     @contextlib.asynccontextmanager
     async def serving(self, *, envoy: bool = False) -> AsyncIterator[Serving]:
@@ -362,6 +393,17 @@ class Nexus:
         executions.open()
         records = Records(db, store)
         typed = TypedModels(db.models, _static_files())
+        rate_limits = self.rate_limits()
+        limiter = (
+            None
+            if rate_limits.empty
+            else RateLimiter(rate_limits, parse_backend(self.rate_limit_backend))
+        )
+        shedder = (
+            Shedder(self.limits.max_in_flight, self.limits.max_executions)
+            if self.limits.max_in_flight or self.limits.max_executions
+            else None
+        )
         gateway = Gateway(
             authenticator=authenticator,
             policy=self.policy,
@@ -371,6 +413,8 @@ class Nexus:
             public_discovery=self.public_discovery,
             audit_reads=self.audit_reads,
             tracing=tracing,
+            rate=limiter,
+            shed=shedder,
         )
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self.limits.grpc_options()])
@@ -405,6 +449,11 @@ class Nexus:
         health_servicer = _Health(self.health)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
         self.health.add("database", health_servicer.database_state, critical=True)
+        if db.breaker is not None:
+            # open: unhealthy at once, before the watcher's pings notice
+            self.health.add("breaker", db.breaker.snapshot, critical=True)
+        else:
+            self.health.remove("breaker")
         self.health.add(
             "workflows", lambda: {"status": "healthy", "registered": len(self.registry.names())}
         )
@@ -433,6 +482,8 @@ class Nexus:
         if port == 0:
             await executions.close(0)
             await audit.close()
+            if limiter is not None:
+                await limiter.close()
             raise GrpcPortError(
                 f"cannot start gRPC on port {self.grpc_port}: {self.host}:{self.grpc_port} "
                 "is in use (or not an address of this host)"
@@ -497,6 +548,8 @@ class Nexus:
             if tracing is not None:
                 db.set_statement_hook(None)
                 tracing.shutdown()
+            if limiter is not None:
+                await limiter.close()
             if self._own_db:
                 await db.close()
                 self.db, self._own_db = None, False
@@ -632,7 +685,6 @@ class UnavailableOption(ValueError):
 #: The original's options whose capabilities come in later issues.
 _LATER_OPTIONS = {
     "enable_monitoring": "metrics (monitoring)",
-    "rate_limit": "rate limits",
 }
 
 #: While `nexus serve` loads an app file, the apps whose `start()` was called (see

@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NoReturn
@@ -114,6 +115,9 @@ class ApiError(Exception):
         message: the developer-facing message.
         violations: `(field, description)` pairs for `BadRequest.field_violations`.
         metadata: extra `ErrorInfo.metadata` (string values).
+        retry_after: seconds after which a retry may succeed: sent as a
+            `google.rpc.RetryInfo` detail and as the `retry-after` trailer (whole
+            seconds, rounded up), which Envoy passes to REST as `Retry-After`.
     """
 
     def __init__(
@@ -122,13 +126,23 @@ class ApiError(Exception):
         message: str,
         violations: Sequence[tuple[str, str]] = (),
         metadata: Mapping[str, str] | None = None,
+        *,
+        retry_after: float | None = None,
     ) -> None:
         self.reason = reason
         self.code = code_of(reason)
         self.message = message
         self.violations = list(violations)
         self.metadata = dict(metadata or {})
+        self.retry_after = retry_after
         super().__init__(message)
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata beside the status: `retry-after` when a retry delay is
+        known (HTTP's whole seconds, at least 1)."""
+        if self.retry_after is None:
+            return ()
+        return (("retry-after", str(max(1, math.ceil(self.retry_after)))),)
 
     def to_status(self) -> status_pb2.Status:
         """The `google.rpc.Status` with `ErrorInfo` (and `BadRequest` when fields are bad).
@@ -164,6 +178,12 @@ class ApiError(Exception):
         if bad.field_violations:
             packed = any_pb2.Any()
             packed.Pack(bad)
+            status.details.append(packed)
+        if self.retry_after is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(max(0, round(self.retry_after * 1e9)))
+            packed = any_pb2.Any()
+            packed.Pack(retry)
             status.details.append(packed)
         return status
 
@@ -270,6 +290,16 @@ def _from_tenant_required(exc: Any) -> ApiError:
     )
 
 
+def _from_circuit_open(exc: dataflow.CircuitOpenError) -> ApiError:
+    # refused at once by an open circuit breaker: the caller learns when to retry
+    return ApiError(
+        "DEPENDENCY_UNAVAILABLE",
+        str(exc),
+        metadata={"dependency": exc.dependency[:BRIEF]},
+        retry_after=exc.retry_after,
+    )
+
+
 def _mapped(exc: BaseException) -> ApiError | None:
     if isinstance(exc, ApiError):
         return exc
@@ -291,6 +321,7 @@ _TABLE: list[tuple[type[BaseException], Callable[[Any], ApiError]]] = [
     (dataflow.ValidationError, _from_validation),
     (dataflow.NotFoundError, _from_not_found),
     (dataflow.AlreadyExistsError, _from_already_exists),
+    (dataflow.CircuitOpenError, _from_circuit_open),
     (dataflow.ConflictError, lambda e: ApiError("TRANSACTION_CONFLICT", str(e))),
     (dataflow.MigrationError, lambda e: ApiError("CONSTRAINT_VIOLATION", str(e))),
     (dataflow.DatabaseError, lambda e: ApiError("DATABASE_UNAVAILABLE", str(e))),
@@ -326,6 +357,7 @@ FAILURE_REASON: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     """End the call with the status of `exc`, details in `grpc-status-details-bin`."""
+    extra: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, StatusError):
         status = exc.status
         FAILURE_REASON.set(_reason_of(status))
@@ -333,8 +365,11 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
         api = to_api_error(exc)
         FAILURE_REASON.set(api.reason)
         status = api.to_status()
+        extra = api.trailers()
     rich = rpc_status.to_status(status)
-    await context.abort(rich.code, rich.details, trailing_metadata=rich.trailing_metadata)
+    await context.abort(
+        rich.code, rich.details, trailing_metadata=(*rich.trailing_metadata, *extra)
+    )
     raise AssertionError("unreachable")  # context.abort raises
 
 

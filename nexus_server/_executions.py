@@ -53,6 +53,10 @@ SETTLE_SECONDS = 300.0
 #: Events kept per running execution; older node events are dropped past this.
 EVENT_BUFFER = 1000
 
+#: The reasons of a failure that means the database could not be reached (or its
+#: circuit breaker refused the call at once).
+_UNAVAILABLE = ("DATABASE_UNAVAILABLE", "DEPENDENCY_UNAVAILABLE")
+
 _STATE_OF = {
     EventKind.EXECUTION_COMPLETED: "SUCCEEDED",
     EventKind.EXECUTION_FAILED: "FAILED",
@@ -542,9 +546,10 @@ class Executions:
             recorded = True
         except Exception as exc:
             error = error_dict(exc)
-            # rolled back because the database was unavailable: nothing of it was kept,
-            # so it is not recorded and a retry with its request_id runs it
-            forgotten = run.transactional and error.get("reason") == "DATABASE_UNAVAILABLE"
+            # rolled back because the database was unavailable (or its circuit breaker
+            # open: every node of a transactional execution is the database's): nothing
+            # of it was kept, so it is not recorded and a retry with its request_id runs it
+            forgotten = run.transactional and error.get("reason") in _UNAVAILABLE
         finally:
             self.running.pop(rec.id, None)
             if run.put_later is not None:

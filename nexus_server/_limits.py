@@ -64,6 +64,15 @@ class Limits:
             pings that the gRPC server tolerates (more often: the connection is closed).
         per_connection_buffer_bytes: Envoy's read/write buffer per connection.
 
+    Load shedding (docs/operations.md, "Rate limits and load shedding"):
+
+    Args:
+        max_in_flight: calls the server runs at once; past it a call is refused at
+            once with RESOURCE_EXHAUSTED (`OVERLOADED`, RetryInfo) instead of waiting
+            in a queue. Health checks are never refused. None: no cap.
+        max_executions: workflow executions (ExecuteWorkflow, StreamExecution) the
+            server runs at once, refused the same way past it. None: no cap.
+
     Health:
 
     Args:
@@ -90,6 +99,9 @@ class Limits:
     keepalive_timeout: float = 20.0
     min_client_ping_interval: float = 10.0
     per_connection_buffer_bytes: int = 1024 * 1024
+
+    max_in_flight: int | None = None
+    max_executions: int | None = None
 
     health_check_timeout: float = 2.0
     health_check_failures: int = 3

@@ -7,11 +7,12 @@ reads it (`serving`), so the two can never disagree.
 
 `GET /health` is the original Nexus's shape, `{"status": "healthy"|"unhealthy",
 "components": {...}}`: one entry per `HealthComponents` check (the database, the
-registered workflows, Envoy, the MCP adapter, and whatever else registers one: a cache,
-a circuit breaker). The server is unhealthy when a *critical* component is (the
-database); a channel process that is down (its supervisor restarts it) is an unhealthy
-component of a healthy server. gRPC clients read each component as the health service
-`nexus.component.<name>` (`Check`, `List`).
+registered workflows, the database's circuit breaker, Envoy, the MCP adapter, and
+whatever else registers one: a cache). The server is unhealthy when a *critical*
+component is (the database; the breaker, which while open makes the document unhealthy
+at once, before the watcher's pings notice); a channel process that is down (its
+supervisor restarts it) is an unhealthy component of a healthy server. gRPC clients
+read each component as the health service `nexus.component.<name>` (`Check`, `List`).
 
 `GET /readyz` (readiness: send traffic?) is ready once the server has started and while
 its database answers, and not ready while it stops; `GET /livez` (liveness: restart
@@ -48,7 +49,6 @@ __all__ = [
     "ComponentCheck",
     "HealthComponents",
     "ProbeServicer",
-    "health_document",
 ]
 
 _log = logging.getLogger("nexus_server")
@@ -73,9 +73,11 @@ HEALTH_SCHEMA: dict[str, Any] = {
         "components": {
             "type": "object",
             "description": "each component's state: `database` (the database answers "
-            "pings), `workflows` (`registered`: how many), `envoy` and `mcp` (the "
-            "channel process runs; `restarts`: how often it was restarted), and any "
-            "other the app registers (a cache, a circuit breaker)",
+            "pings), `workflows` (`registered`: how many), `breaker` (the database's "
+            "circuit breaker: `state` closed, open or half_open, its counters, and "
+            "`retry_after` seconds while not closed; unhealthy unless closed), `envoy` "
+            "and `mcp` (the channel process runs; `restarts`: how often it was "
+            "restarted), and any other the app registers (a cache)",
             "additionalProperties": {
                 "type": "object",
                 "required": ["status"],
@@ -165,16 +167,6 @@ class HealthComponents:
             if component.critical and state["status"] != "healthy":
                 healthy = False
         return {"status": "healthy" if healthy else "unhealthy", "components": components}
-
-
-def health_document(*, database_ok: bool, workflows: int) -> dict[str, Any]:
-    """The health JSON: healthy when every component is."""
-    components: dict[str, dict[str, Any]] = {
-        "database": {"status": "healthy" if database_ok else "unhealthy"},
-        "workflows": {"status": "healthy", "registered": workflows},
-    }
-    healthy = all(c["status"] == "healthy" for c in components.values())
-    return {"status": "healthy" if healthy else "unhealthy", "components": components}
 
 
 class ProbeServicer(probe_service_pb2_grpc.ProbeServiceServicer):

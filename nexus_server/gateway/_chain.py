@@ -13,6 +13,10 @@ For each call, in order:
    call needs, from its request (the workflow, the model and the operation class);
    without it the call is PERMISSION_DENIED naming the permission, whether or not the
    resource exists.
+2b. **Rate limit.** With rate limits configured (`_rate`), the call takes a token of
+   its principal's bucket or is RESOURCE_EXHAUSTED (`RATE_LIMITED`, with RetryInfo).
+   Before all of it, with `Limits.max_in_flight`/`max_executions` set, a call past
+   the cap is refused at once (`_shed`: `OVERLOADED`); health is never limited.
 3. **Scope.** The principal (`CURRENT_PRINCIPAL`) and its tenant (DataFlow's
    `tenant_scope`) are set for the servicer and everything it awaits, workflow nodes
    included.
@@ -45,10 +49,12 @@ from ._audit import AuditEntry
 from ._jwt import JwksUnavailable
 from ._policy import Policy
 from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
-from ._tracing import SPAN_AUTHENTICATE, SPAN_AUTHORIZE
+from ._tracing import SPAN_AUTHENTICATE, SPAN_AUTHORIZE, SPAN_RATE_LIMIT
 
 if TYPE_CHECKING:
     from .._registry import WorkflowRegistry
+    from ._rate import RateLimiter
+    from ._shed import Shedder
     from ._tracing import Tracing
 
 __all__ = ["CHANNELS", "Gateway", "caller_id"]
@@ -225,6 +231,8 @@ class Gateway:
         audit_reads: audit reads too, not only changes and refusals.
         tracing: makes a span per call, and one per check under it (`_tracing`); None:
             tracing is off and no wrapper is added.
+        rate: the rate limiter (`_rate.RateLimiter`); None: no rate limits.
+        shed: the in-flight caps (`_shed.Shedder`); None: no caps.
     """
 
     def __init__(
@@ -238,6 +246,8 @@ class Gateway:
         public_discovery: bool = False,
         audit_reads: bool = False,
         tracing: Tracing | None = None,
+        rate: RateLimiter | None = None,
+        shed: Shedder | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.policy = policy
@@ -247,6 +257,8 @@ class Gateway:
         self.public_discovery = public_discovery
         self.audit_reads = audit_reads
         self.tracing = tracing
+        self.rate = rate
+        self.shed = shed
         self._dev: dict[tuple[str, str | None], Principal] = {}
 
     @property
@@ -298,6 +310,8 @@ class Gateway:
         else:
             kind = "unary_unary"
             wrapped = self._unary_unary(path, rule, handler.unary_unary)
+        if self.shed is not None and rule.access != OPEN and not handler.request_streaming:
+            wrapped = self.shed.wrap(wrapped, execution=rule.access == WORKFLOW and rule.change)
         if self.tracing is not None:
             wrapped = (
                 self.tracing.streaming(path, wrapped)
@@ -409,6 +423,9 @@ class Gateway:
                     principal = _ANONYMOUS
                 with self._step(SPAN_AUTHORIZE):
                     self._authorize(rule, request, principal)
+            if self.rate is not None and rule.access not in (OPEN, DISCOVERY):
+                with self._step(SPAN_RATE_LIMIT):
+                    await self._limit(rule, request, principal)
         except Exception as exc:  # a refusal, or the key store's database is down
             reason = to_api_error(exc).reason
             self._refused(path, rule, request, principal, channel, reason)
@@ -418,6 +435,19 @@ class Gateway:
     def _step(self, name: str) -> contextlib.AbstractContextManager[Any]:
         """A check's span when tracing is on (a shared no-op otherwise)."""
         return _NO_SPAN if self.tracing is None else self.tracing.step(name)
+
+    async def _limit(self, rule: Rule, request: Any, principal: Principal) -> None:
+        """Take a token of the call's bucket (`_rate`), or raise RATE_LIMITED."""
+        assert self.rate is not None
+        workflow: str | None = None
+        models: list[str] = []
+        if isinstance(request, message.Message):
+            if rule.access == WORKFLOW and rule.change:
+                workflow = request.name  # type: ignore[attr-defined]
+            elif rule.needs is not None and self.rate.limits.models:
+                with contextlib.suppress(Exception):  # the servicer refuses a bad one
+                    models = [p for p, _ in rule.needs(request) if p.startswith("model:")]
+        await self.rate.admit(principal, workflow, models)
 
     def _needs_credential(self, rule: Rule, request: Any) -> bool:
         if rule.access == OPEN:
@@ -498,6 +528,8 @@ _CODE_OF_REFUSAL = {
     "PERMISSION_DENIED": "PERMISSION_DENIED",
     "AUTH_PROVIDER_UNAVAILABLE": "UNAVAILABLE",
     "DATABASE_UNAVAILABLE": "UNAVAILABLE",
+    "DEPENDENCY_UNAVAILABLE": "UNAVAILABLE",
+    "RATE_LIMITED": "RESOURCE_EXHAUSTED",
 }
 
 

@@ -6,7 +6,8 @@ header on; the CLI and the MCP adapter send theirs), else in a new one:
 
 - the call (`/nexus.workflow.v1.WorkflowService/ExecuteWorkflow`, kind SERVER), with the
   channel, the principal and the gRPC status code;
-- the gateway checks under it (`gateway.authenticate`, `gateway.authorize`);
+- the gateway checks under it (`gateway.authenticate`, `gateway.authorize`,
+  `gateway.rate_limit`);
 - a workflow execution (`workflow.execute <name>`) and each node it runs
   (`workflow.node <id>`);
 - each SQL statement (`db <VERB>`), its text with placeholders, never values.
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SPAN_AUTHENTICATE",
     "SPAN_AUTHORIZE",
+    "SPAN_RATE_LIMIT",
     "Tracing",
     "TracingUnavailable",
     "tracing_from_env",
@@ -49,6 +51,7 @@ __all__ = [
 
 SPAN_AUTHENTICATE = "gateway.authenticate"
 SPAN_AUTHORIZE = "gateway.authorize"
+SPAN_RATE_LIMIT = "gateway.rate_limit"
 SPAN_EXECUTION = "workflow.execute"
 SPAN_NODE = "workflow.node"
 SPAN_STATEMENT = "db"

@@ -16,8 +16,6 @@ from nexus_server._app import UnavailableOption
 
 LATER_NEXUS = [
     ("enable_monitoring", True, "metrics"),
-    ("rate_limit", 100, "rate limits"),
-    ("rate_limit", {"requests": 10}, "rate limits"),
 ]
 
 

@@ -182,6 +182,18 @@ async def test_gateway_checks_are_child_spans(
         assert not call.status.is_ok or call.status.status_code.name == "UNSET"
 
 
+async def test_the_rate_limit_check_is_a_child_span(
+    make_app: Callable[..., Nexus], provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = make_app(tracer_provider=provider, rate_limit=1000)
+    async with _served(app) as info, _stub(info) as wf:
+        exporter.clear()
+        await wf.ListWorkflows(wpb.ListWorkflowsRequest(), timeout=WAIT)
+        spans = await _finished(exporter, "nexus.workflow.v1.WorkflowService/ListWorkflows")
+    (call,) = [s for s in spans if s.name.endswith("/ListWorkflows")]
+    assert "gateway.rate_limit" in {s.name for s in _children(spans, call)}
+
+
 async def test_a_failed_execution_marks_its_node_span(
     make_app: Callable[..., Nexus], provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

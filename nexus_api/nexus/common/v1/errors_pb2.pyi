@@ -34,6 +34,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONSTRAINT_VIOLATION: _ClassVar[ErrorReason]
     TRANSACTION_CONFLICT: _ClassVar[ErrorReason]
     DATABASE_UNAVAILABLE: _ClassVar[ErrorReason]
+    DEPENDENCY_UNAVAILABLE: _ClassVar[ErrorReason]
     INTERNAL_ERROR: _ClassVar[ErrorReason]
     ROUTE_NOT_FOUND: _ClassVar[ErrorReason]
     REQUEST_TOO_LARGE: _ClassVar[ErrorReason]
@@ -48,6 +49,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     API_KEYS_UNAVAILABLE: _ClassVar[ErrorReason]
     AUTH_PROVIDER_UNAVAILABLE: _ClassVar[ErrorReason]
     AUDIT_TABLE_DISABLED: _ClassVar[ErrorReason]
+    RATE_LIMITED: _ClassVar[ErrorReason]
+    OVERLOADED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 REQUEST_INVALID: ErrorReason
 PAGE_TOKEN_INVALID: ErrorReason
@@ -73,6 +76,7 @@ QUERY_INVALID: ErrorReason
 CONSTRAINT_VIOLATION: ErrorReason
 TRANSACTION_CONFLICT: ErrorReason
 DATABASE_UNAVAILABLE: ErrorReason
+DEPENDENCY_UNAVAILABLE: ErrorReason
 INTERNAL_ERROR: ErrorReason
 ROUTE_NOT_FOUND: ErrorReason
 REQUEST_TOO_LARGE: ErrorReason
@@ -87,5 +91,7 @@ API_KEY_ALREADY_EXISTS: ErrorReason
 API_KEYS_UNAVAILABLE: ErrorReason
 AUTH_PROVIDER_UNAVAILABLE: ErrorReason
 AUDIT_TABLE_DISABLED: ErrorReason
+RATE_LIMITED: ErrorReason
+OVERLOADED: ErrorReason
 CODE_FIELD_NUMBER: _ClassVar[int]
 code: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, int]
