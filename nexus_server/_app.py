@@ -367,6 +367,7 @@ class Nexus:
         """
         started = time.perf_counter()
         self.check_options()
+        tracing = self._tracing()  # a bad OTEL_* setting fails before anything starts
         if self.auto_discovery:
             self._discover()
         self.resolve_dataflow()  # after discovery: discovered workflows count too
@@ -380,7 +381,6 @@ class Nexus:
         if interrupted:
             _log.warning("marked %d execution(s) interrupted by the last stop", interrupted)
         executions = Executions(store, timeout=self.execution_timeout)
-        tracing = self._tracing()
         if tracing is not None:
             executions.span = tracing.execution
             executions.runtime.node_hook = tracing.node
@@ -484,6 +484,9 @@ class Nexus:
             await audit.close()
             if limiter is not None:
                 await limiter.close()
+            if tracing is not None:
+                db.set_statement_hook(None)
+                tracing.shutdown()
             raise GrpcPortError(
                 f"cannot start gRPC on port {self.grpc_port}: {self.host}:{self.grpc_port} "
                 "is in use (or not an address of this host)"
