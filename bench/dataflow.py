@@ -11,10 +11,13 @@ Prints, for SQLite (aiosqlite) and PostgreSQL (asyncpg), measured in the same ru
   100,000 records, p50 latency and queries per second, beside a ``$ilike`` listing of
   the same words on the same data (and how fast the rows went in with the index kept);
 * time from process start (before the interpreter starts) to a DataFlow with 100 models
-  initialised on SQLite.
+  initialised on SQLite;
+* the query cache (``enable_caching``): Read by id and a List page at concurrency 16,
+  uncached (the baseline) beside cached in memory and in Redis (``cache_url``).
 
 Every loop is bounded by a count and by time. Run: ``.venv/bin/python bench/dataflow.py``
-(``--quick`` for a short run; ``--help`` for sizes).
+(``--quick`` for a short run; ``--only cache`` for the cache part alone; ``--help`` for
+sizes).
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ from dataflow import DataFlow
 from workflow import AsyncLocalRuntime, WorkflowBuilder
 
 PG_URL = os.environ.get("NEXUS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("NEXUS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: Concurrent callers of the cache measurements.
+CACHE_CONCURRENCY = 16
+#: Records the cache measurements read from (all of them hot once warmed up).
+CACHE_ROWS = 1000
 COLS = "id, name, email, score, created_at, updated_at"
 
 
@@ -394,9 +402,89 @@ def startup(models: int, runs: int) -> None:
     show(f"{models} models initialised, tables exist", existing)
 
 
+async def concurrently(
+    n: int, max_s: float, workers: int, fn: Callable[[int], Awaitable[Any]]
+) -> float:
+    """Operations per second of `fn(i)` called by `workers` tasks at once, for at most
+    `n` calls in all and about `max_s` seconds (after a warm-up of 200 calls)."""
+    for i in range(200):
+        await fn(i)
+    done = 0
+    start = time.perf_counter()
+    deadline = start + max_s
+
+    async def worker() -> None:
+        nonlocal done
+        while done < n and time.perf_counter() < deadline:
+            done += 1
+            await fn(done)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return done / (time.perf_counter() - start)
+
+
+async def cache_bench(url: str, n: int, max_s: float) -> None:
+    """Read by id and List (a page of 20 of a filter, 10 distinct filters) at
+    concurrency 16: uncached, cached in memory, cached in Redis."""
+    print(f"  -- query cache, {CACHE_CONCURRENCY} concurrent callers, {CACHE_ROWS} records")
+    ids: list[str] = []
+    setups: list[tuple[str, dict[str, Any]]] = [
+        ("uncached", {}),
+        ("memory", {"enable_caching": True}),
+    ]
+    prefix = f"bench-df-cache:{secrets.token_hex(4)}"
+    try:
+        import redis.asyncio  # noqa: F401
+
+        setups.append(("redis", {"cache_url": REDIS_URL, "cache_prefix": prefix}))
+    except ImportError:
+        print("  (Redis: skipped, the redis package is not installed)")
+    base: dict[str, float] = {}
+    for label, options in setups:
+        db = DataFlow(url, **options)
+        try:
+            Contact = declare(db)
+            await db.initialize()
+            ops = db.ops(Contact)
+            if not ids:
+                ids = [f"c{i}" for i in range(CACHE_ROWS)]
+                rows = [
+                    {"id": cid, "name": f"n{i}", "email": f"e{i}@x", "score": i % 10}
+                    for i, cid in enumerate(ids)
+                ]
+                await ops.bulk_create(rows)
+
+            async def read(i: int, ops: Any = ops, ids: list[str] = ids) -> None:
+                await ops.read(ids[i % CACHE_ROWS])
+
+            async def page(i: int, ops: Any = ops) -> None:
+                await ops.list({"score": {"$gte": i % 10}}, order_by="name", limit=20)
+
+            for what, fn in (("Read", read), ("List (20 of a filter)", page)):
+                rate = await concurrently(n, max_s, CACHE_CONCURRENCY, fn)
+                if label == "uncached":
+                    base[what] = rate
+                line(f"{what}, {label}", rate, None if label == "uncached" else base[what])
+        finally:
+            await db.close()
+    if len(setups) == 3:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+
+
 async def run_sqlite(args: argparse.Namespace) -> None:
     print("SQLite (aiosqlite), file database, WAL", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only == "cache":
+            await cache_bench(f"sqlite:///{tmp}/cache.db", args.cache_ops, args.seconds)
+            return
         raw = await RawSqlite.open(f"{tmp}/raw.db")
         db = DataFlow(f"sqlite:///{tmp}/df.db")
         try:
@@ -419,16 +507,20 @@ async def run_sqlite(args: argparse.Namespace) -> None:
                 await search_bench(db, args.search_rows, args.search_queries, args.seconds)
             finally:
                 await db.close()
+        await cache_bench(f"sqlite:///{tmp}/cache.db", args.cache_ops, args.seconds)
 
 
 async def run_pg(args: argparse.Namespace) -> None:
     print(f"PostgreSQL (asyncpg) at {PG_URL.rpartition('@')[2]}", flush=True)
     admin = await asyncpg.connect(PG_URL, timeout=5)
-    names = [f"nexus_bench_{secrets.token_hex(4)}" for _ in range(3)]
+    names = [f"nexus_bench_{secrets.token_hex(4)}" for _ in range(4)]
     base = PG_URL.rpartition("/")[0]
     try:
         for name in names:
             await admin.execute(f'CREATE DATABASE "{name}"')
+        if args.only == "cache":
+            await cache_bench(f"{base}/{names[3]}", args.cache_ops, args.seconds)
+            return
         for name, fn in zip(names[:2], ("single", "bulk"), strict=True):
             url = f"{base}/{name}"
             raw = await RawPg.open(url)
@@ -448,6 +540,7 @@ async def run_pg(args: argparse.Namespace) -> None:
                 await search_bench(db, args.search_rows, args.search_queries, args.seconds)
             finally:
                 await db.close()
+        await cache_bench(f"{base}/{names[3]}", args.cache_ops, args.seconds)
     finally:
         for name in names:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -468,7 +561,10 @@ def main() -> None:
     p.add_argument(
         "--search-queries", type=int, help="queries per search measurement (default 500)"
     )
+    p.add_argument("--only", choices=["all", "cache"], default="all", help="run one part (cache)")
+    p.add_argument("--cache-ops", type=int, help="calls per cache measurement (default 20000)")
     args = p.parse_args()
+    args.cache_ops = args.cache_ops or (3000 if args.quick else 20_000)
     if args.search_rows is None:
         args.search_rows = 10_000 if args.quick else 100_000
     args.search_queries = args.search_queries or (50 if args.quick else 500)
@@ -482,6 +578,8 @@ def main() -> None:
     asyncio.run(run_sqlite(args))
     if not args.skip_pg:
         asyncio.run(run_pg(args))
+    if args.only == "cache":
+        return
     print(f"Startup (SQLite, process start to initialised, {args.models} models)", flush=True)
     startup(args.models, 3 if args.quick else 7)
 

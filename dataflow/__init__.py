@@ -42,6 +42,7 @@ with a `CircuitBreaker` of its own (``async with breaker.attempt(): ...``).
 from __future__ import annotations
 
 from ._breaker import BreakerOptions, CircuitBreaker, CircuitOpenError, is_unreachable
+from ._cache import cache_scope, current_cache_scope
 from ._dataflow import DataFlow
 from ._errors import (
     AlreadyExistsError,
@@ -92,6 +93,8 @@ __all__ = [
     "TenantRequired",
     "UniqueViolation",
     "ValidationError",
+    "cache_scope",
+    "current_cache_scope",
     "current_tenant",
     "dialect_insert",
     "field",

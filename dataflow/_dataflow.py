@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 from workflow import Node, RegistryError, current_execution, register_node, unregister_node
 
 from ._breaker import BreakerOptions, CircuitBreaker
+from ._cache import (
+    DEFAULT_CACHE_MAX_ENTRIES,
+    DEFAULT_CACHE_TTL,
+    MemoryCache,
+    QueryCache,
+    RedisCache,
+    default_prefix,
+)
 from ._errors import (
     AlreadyExistsError,
     ConflictError,
@@ -117,11 +125,13 @@ class _Tx:
     workflow execution). Operations of one execution may run concurrently: the lock keeps
     them from interleaving on the connection."""
 
-    __slots__ = ("conn", "lock")
+    __slots__ = ("conn", "lock", "written")
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         self.lock = asyncio.Lock()
+        # the tables written in it: their cached reads end when it commits
+        self.written: set[str] = set()
 
 
 class _SharedTx:
@@ -131,6 +141,7 @@ class _SharedTx:
     def __init__(self, db: DataFlow) -> None:
         self.db = db
         self._stack = contextlib.AsyncExitStack()
+        self._tx: _Tx | None = None
 
     async def __aenter__(self) -> _Tx:
         # the circuit breaker admitted the statement that opens it (`_session`)
@@ -142,7 +153,8 @@ class _SharedTx:
             if isinstance(exc, Exception) and not isinstance(exc, DataFlowError):
                 raise self.db._fail(exc, None) from exc
             raise
-        return _Tx(conn)
+        self._tx = _Tx(conn)
+        return self._tx
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -156,6 +168,8 @@ class _SharedTx:
         br = self.db._breaker
         if e is None and br is not None and not br.quiet:
             br.success()  # committed
+        if et is None and self._tx is not None:  # committed
+            await self.db._cache_written(self._tx.written)
 
 
 def _async_url(url: str) -> tuple[str, str]:
@@ -343,9 +357,20 @@ class DataFlow:
         echo: log SQL statements (SQLAlchemy's ``echo``).
         max_bulk_rows: the most rows (or ids) one bulk operation accepts; more is a
             ValidationError on ``records`` before any row is looked at.
-        enable_metrics, enable_caching: the original's options for capabilities a
-            later issue adds (metrics, a query cache): False/None is accepted, True is
-            refused with a ValueError naming what it needs.
+        enable_caching: cache reads by id, lists, counts and searches (see "Caching" in
+            docs/dataflow.md): in memory, or in Redis with `cache_url`. Every write to a
+            model through DataFlow ends its cached reads once it commits; reads inside
+            a transaction or an atomic workflow go to the database.
+        cache_url: ``redis://host:port/db``: the cache lives in Redis, shared by every
+            DataFlow (replica) using it with the same `cache_prefix`. Implies
+            `enable_caching` (``enable_caching=False`` with it is refused).
+        cache_ttl: seconds an entry is kept at most (default 60).
+        cache_max_entries: entries the in-memory cache keeps (least recently used
+            out first).
+        cache_prefix: the Redis key prefix (default: derived from the database URL, so
+            DataFlows on one database share entries and on two databases never do).
+        enable_metrics: the original's option for metrics, which a later issue adds:
+            False/None is accepted, True is refused with a ValueError naming it.
         breaker: the circuit breaker around the database (`BreakerOptions`; True, the
             default: 5 failures in a row to reach the database open it, a trial call
             after 5 s; False: none). While it is open, operations fail at once with
@@ -369,6 +394,10 @@ class DataFlow:
         max_bulk_rows: int = MAX_BULK_ROWS,
         enable_metrics: bool | None = None,
         enable_caching: bool | None = None,
+        cache_url: str | None = None,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES,
+        cache_prefix: str | None = None,
         breaker: BreakerOptions | bool = True,
     ) -> None:
         if breaker is True:
@@ -385,24 +414,29 @@ class DataFlow:
             or connection_pool_size < 1
         ):
             raise ValidationError("connection_pool_size", "expects a positive integer")
-        for option, value, capability in (
-            ("enable_metrics", enable_metrics, "metrics"),
-            ("enable_caching", enable_caching, "a query cache (caching)"),
-        ):
+        for option, value, capability in (("enable_metrics", enable_metrics, "metrics"),):
             if value is not None and value is not False:
                 raise ValidationError(
                     option,
                     f"DataFlow({option}={value!r}): not available yet: needs {capability}, "
                     f"which a later issue adds (after issue 15); leave it unset (None/False)",
                 )
+        url = database_url or os.environ.get("DATABASE_URL") or DEFAULT_URL
+        self._url, self.dialect = _async_url(url)
+        self._cache: QueryCache | None = _make_cache(
+            self._url,
+            enable_caching,
+            cache_url,
+            cache_ttl,
+            cache_max_entries,
+            cache_prefix,
+        )
         _LIVE.add(self)
         self.max_bulk_rows = max_bulk_rows
         self._breaker = (
             CircuitBreaker.from_options("database", breaker) if breaker is not False else None
         )
         self._secret: bytes | None = None
-        url = database_url or os.environ.get("DATABASE_URL") or DEFAULT_URL
-        self._url, self.dialect = _async_url(url)
         self.auto_migrate = auto_migrate
         self.skip_migration = skip_migration
         self.enable_model_persistence = enable_model_persistence
@@ -836,6 +870,8 @@ class DataFlow:
             return
         self._closed = True
         self._ready = False
+        if self._cache is not None:
+            await self._cache.close()
         for e in self._models.values():
             for type_name, cls in e.nodes.items():
                 try:
@@ -1105,7 +1141,7 @@ class DataFlow:
             raise DataFlowError(
                 "fetchrow() reads outside any transaction; it cannot join the current one"
             )
-        return await self._fast_fetch(None, sql, list(args), False)
+        return await self._fast_fetch(None, sql, list(args), False, turn=False)
 
     def _here(
         self,
@@ -1113,6 +1149,8 @@ class DataFlow:
         write: bool,
         work: Callable[[sqlite3.Connection], R],
         rows: int,
+        *,
+        turn: bool = True,
     ) -> R | _NotHere:
         """SQLite file databases: run `work` on the calling thread, on a connection of its
         own that never waits for a lock (a write in a transaction of its own). Returns
@@ -1128,8 +1166,12 @@ class DataFlow:
         several times the statement itself (docs/benchmarks.md, "Where the time goes").
         Only small, bounded work comes here: single records by key, and batches of at
         most `EXECUTEMANY_HERE_ROWS` rows.
+
+        `turn=False` (reads of `fetchrow` only): do not wait for DataFlow's connection; on
+        its own WAL connection the read sees the last committed state even while another
+        task's transaction or the execution-record writer holds that connection.
         """
-        if not self._sync_init or self._sqlite_lock.locked():
+        if not self._sync_init or (turn and self._sqlite_lock.locked()):
             return _NOT_HERE
         try:
             conn = self._here_conn
@@ -1241,19 +1283,32 @@ class DataFlow:
         return ctx is None or not ctx.atomic
 
     async def _fast_fetch(
-        self, model: ModelInfo | None, sql: str, args: list[Any], write: bool
+        self,
+        model: ModelInfo | None,
+        sql: str,
+        args: list[Any],
+        write: bool,
+        *,
+        turn: bool = True,
     ) -> Sequence[Any] | None:
         """`_fast_fetch_now`, inside the statement hook's scope when one is set."""
         hook = self._statement_hook
         if hook is None:
-            return await self._fast_fetch_now(model, sql, args, write)
+            return await self._fast_fetch_now(model, sql, args, write, turn=turn)
         with hook(sql):
-            return await self._fast_fetch_now(model, sql, args, write)
+            return await self._fast_fetch_now(model, sql, args, write, turn=turn)
 
     async def _fast_fetch_now(
-        self, model: ModelInfo | None, sql: str, args: list[Any], write: bool
+        self,
+        model: ModelInfo | None,
+        sql: str,
+        args: list[Any],
+        write: bool,
+        *,
+        turn: bool = True,
     ) -> Sequence[Any] | None:
-        """Run one statement on the driver; return its first row (None if none)."""
+        """Run one statement on the driver; return its first row (None if none).
+        `turn`: see `_here`."""
         br = self._breaker
         trial = br is not None and not br.quiet and br.admit()
         row: Sequence[Any] | None
@@ -1261,7 +1316,9 @@ class DataFlow:
             if self._pg_pool is not None:
                 row = await self._pg_call("fetchrow", sql, args)
             else:
-                here = self._here(model, write, lambda c: c.execute(sql, args).fetchall(), 1)
+                here = self._here(
+                    model, write, lambda c: c.execute(sql, args).fetchall(), 1, turn=turn
+                )
                 if not isinstance(here, _NotHere):
                     row = here[0] if here else None
                 else:
@@ -1380,10 +1437,12 @@ class DataFlow:
         br = self._breaker
         trial = br is not None and not br.quiet and br.admit()
         raised: BaseException | None = None  # the block's own exception, passed on as is
+        tx: _Tx | None = None
         try:
             await self.initialize()
             async with self._gate(), self.engine.begin() as conn:
-                token = self._tx.set(_Tx(conn))
+                tx = _Tx(conn)
+                token = self._tx.set(tx)
                 try:
                     yield
                 except BaseException as exc:
@@ -1409,6 +1468,48 @@ class DataFlow:
             raise
         if br is not None and not br.quiet:
             br.success()  # committed
+        if tx is not None:  # committed: the models written end their cached reads
+            await self._cache_written(tx.written)
+
+    # -- the query cache -------------------------------------------------------------
+
+    @property
+    def cache(self) -> QueryCache | None:
+        """The query cache (`enable_caching`), None when off. Its ``hits`` and
+        ``misses`` count lookups; ``stats()`` returns them with the backend's name."""
+        return self._cache
+
+    def _caching(self) -> QueryCache | None:
+        """The cache, when a read may use it now: not inside a shared transaction (a
+        read there must see the transaction's own writes, and its result must not
+        outlive a rollback)."""
+        cache = self._cache
+        if cache is None or self._tx.get() is not None:
+            return None
+        ctx = current_execution()
+        if ctx is not None and ctx.atomic:
+            return None
+        return cache
+
+    async def _written(self, model: ModelInfo) -> None:
+        """A write to `model` completed: outside a shared transaction, its cached reads
+        end now; inside one, when it commits."""
+        if self._cache is None:
+            return
+        tx = self._tx.get()
+        if tx is None:
+            ctx = current_execution()
+            if ctx is not None and ctx.atomic:
+                # the write joined the execution's transaction, so it exists already
+                tx = await ctx.resource(self._resource_key, lambda: _SharedTx(self))
+        if tx is not None:
+            tx.written.add(model.table)
+        else:
+            await self._cache.written({model.table})
+
+    async def _cache_written(self, models: set[str]) -> None:
+        if self._cache is not None and models:
+            await self._cache.written(models)
 
     async def migration_plan(self) -> list[str]:
         """What `initialize()` would change, without changing it (one line per step or
@@ -1433,3 +1534,36 @@ def _diff(a: ModelInfo, b: ModelInfo) -> str:
     if a.tenant_field != b.tenant_field:
         parts.append("tenant_scoped")
     return ", ".join(parts) or "options"
+
+
+def _make_cache(
+    url: str,
+    enable: bool | None,
+    cache_url: str | None,
+    ttl: float,
+    max_entries: int,
+    prefix: str | None,
+) -> QueryCache | None:
+    """The query cache the options ask for (None: off), or ValidationError naming the
+    option that is wrong."""
+    if enable is not None and not isinstance(enable, bool):
+        raise ValidationError("enable_caching", "expects True, False or None")
+    if cache_url is not None and not isinstance(cache_url, str):
+        raise ValidationError("cache_url", "expects a redis:// URL")
+    if cache_url is not None and enable is False:
+        raise ValidationError("cache_url", "given with enable_caching=False: drop one of them")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= 86400:
+        raise ValidationError("cache_ttl", "expects seconds, more than 0 and at most 86400")
+    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+        raise ValidationError("cache_max_entries", "expects a positive integer")
+    if prefix is not None and (not isinstance(prefix, str) or not prefix or len(prefix) > 200):
+        raise ValidationError("cache_prefix", "expects 1 to 200 characters")
+    if cache_url is not None:
+        if not cache_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValidationError("cache_url", "expects a redis://, rediss:// or unix:// URL")
+        return RedisCache(cache_url, prefix or default_prefix(url), float(ttl))
+    if prefix is not None:
+        raise ValidationError("cache_prefix", "applies to a Redis cache only (give cache_url)")
+    if not enable:
+        return None
+    return MemoryCache(float(ttl), max_entries)

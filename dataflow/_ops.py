@@ -10,12 +10,13 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import enum
+import functools
 import json
 import math
 import operator
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Float,
@@ -80,6 +81,45 @@ BULK_BATCH_ROWS = 1000
 #: A search's page size when no limit is given, and the largest limit accepted.
 SEARCH_DEFAULT_LIMIT = 20
 SEARCH_MAX_LIMIT = 1000
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+#: The write operations: with a query cache, each ends its table's cached reads.
+WRITE_OPS = (
+    "create",
+    "update",
+    "delete",
+    "upsert",
+    "bulk_create",
+    "bulk_update",
+    "bulk_delete",
+    "bulk_upsert",
+)
+
+
+def _invalidating(ops: ModelOps, fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+    """The write operation `fn` (bound to `ops`), ending the model's cached reads once it
+    completed (at the commit of the shared transaction when it joined one). A write that
+    failed inside a shared transaction counts too: the caller may catch the error and
+    commit what it did."""
+    db = ops._db
+    model = ops.model
+
+    @functools.wraps(fn)
+    async def write(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException:
+            tx = db._tx.get()
+            if tx is not None:
+                tx.written.add(model.table)
+            raise
+        await db._written(model)
+        return result
+
+    return write
 
 
 def _now() -> dt.datetime:
@@ -187,6 +227,10 @@ class ModelOps:
         if db.dialect == "postgresql" and not self._str_id:
             seq = func.pg_get_serial_sequence(literal(f'"{table.name}"'), literal("id"))
             self._bump = select(func.setval(seq, select(func.max(c.id)).scalar_subquery()))
+        if db._cache is not None:
+            # each write ends the cached reads; without a cache the writes cost nothing more
+            for name in WRITE_OPS:
+                setattr(self, name, _invalidating(self, getattr(self, name)))
 
     # -- tenants -------------------------------------------------------------------
 
@@ -392,6 +436,21 @@ class ModelOps:
         Raises:
             NotFoundError: there is none.
         """
+        cache = self._db._caching()
+        if cache is None:
+            return await self._read_now(id)
+        key = self._key(id)
+        result: dict[str, Any] = await cache.fetch(
+            self.model, "read", (key,), self._cache_tenant(), lambda: self._read_now(key)
+        )
+        return result
+
+    def _cache_tenant(self) -> str | None:
+        """The tenant a cached read is keyed by (a tenant-scoped model without one: the
+        operation's TenantRequired, before the cache is looked at)."""
+        return self._tenant() if self._tf is not None else current_tenant()
+
+    async def _read_now(self, id: Any) -> dict[str, Any]:
         key = self._key(id)
         db = self._db
         if db._fast_ok():
@@ -549,6 +608,25 @@ class ModelOps:
         Returns:
             ``{"records": [...], "next_page_token": str | None}``
         """
+        cache = self._db._caching()
+        if cache is None:
+            return await self._list_now(filter, order_by, limit, offset, page_token, fields)
+        args = (filter, order_by, limit, offset, page_token, fields)
+        result: dict[str, Any] = await cache.fetch(
+            self.model, "list", args, self._cache_tenant(), lambda: self._list_now(*args)
+        )
+        return result
+
+    async def _list_now(
+        self,
+        filter: Mapping[str, Any] | None,
+        order_by: str | Sequence[str] | None,
+        limit: int | None,
+        offset: int | None,
+        page_token: str | None,
+        fields: Sequence[str] | None,
+    ) -> dict[str, Any]:
+        """`list` on the database."""
         if self._tf is not None:
             self._tenant()  # before anything else: no tenant, no call
         fc = self._fc
@@ -597,6 +675,24 @@ class ModelOps:
         limit: int | None = None,
         page_token: str | None = None,
         fields: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Full-text search (see `_search_now`), through the query cache when on."""
+        cache = self._db._caching()
+        if cache is None:
+            return await self._search_now(query, filter, limit, page_token, fields)
+        args = (query, filter, limit, page_token, fields)
+        result: dict[str, Any] = await cache.fetch(
+            self.model, "search", args, self._cache_tenant(), lambda: self._search_now(*args)
+        )
+        return result
+
+    async def _search_now(
+        self,
+        query: str | None,
+        filter: Mapping[str, Any] | None,
+        limit: int | None,
+        page_token: str | None,
+        fields: Sequence[str] | None,
     ) -> dict[str, Any]:
         """Full-text search: the records matching `query` (and `filter`), most relevant
         first (``ts_rank`` on PostgreSQL, ``bm25`` on SQLite; ties by ``id``).
@@ -712,6 +808,15 @@ class ModelOps:
 
     async def count(self, filter: Mapping[str, Any] | None = None) -> int:
         """How many records match `filter`."""
+        cache = self._db._caching()
+        if cache is None:
+            return await self._count_now(filter)
+        result: int = await cache.fetch(
+            self.model, "count", (filter,), self._cache_tenant(), lambda: self._count_now(filter)
+        )
+        return result
+
+    async def _count_now(self, filter: Mapping[str, Any] | None) -> int:
         if self._tf is not None:  # the tenant is always a condition
             stmt = self._count_all.where(self._scoped(self._fc.compile(filter)))
         elif not filter:

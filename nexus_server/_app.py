@@ -42,7 +42,7 @@ from ._registry import WorkflowRegistry
 from ._store import Store
 from ._typed import TypedModels
 from ._workflow_service import WorkflowServicer
-from .gateway import Gateway, Policy
+from .gateway import Gateway, Policy, check_cache_ttl, check_read_only
 from .gateway._audit import AuditTrail
 from .gateway._audit_service import AuditServicer
 from .gateway._auth_service import AuthServicer
@@ -332,6 +332,7 @@ class Nexus:
         roles: Sequence[str] = (),
         public: bool = False,
         rate_limit: object = None,
+        cache_ttl: float | None = None,
     ) -> None:
         """Expose `workflow` as `name` on every channel. The name is checked now.
 
@@ -341,11 +342,18 @@ class Nexus:
             public: anyone may run it, with or without a credential.
             rate_limit: the workflow's own limit per principal (any `Nexus(rate_limit)`
                 form, e.g. `"10/s"`), instead of the app's, for running it.
+            cache_ttl: cache its successful replies for this many seconds, per
+                principal, tenant and inputs (a cached reply carries the metadata
+                ``x-nexus-cache: hit``). Only for read-only workflows: a workflow with
+                a writing node is refused with a ValueError naming the node.
         """
         if isinstance(roles, str):
             raise TypeError(f"roles expects a list of role names, got the string {roles!r}")
         rate = None if rate_limit is None else parse_rate(rate_limit, "register(rate_limit)")
-        self.registry.add(name, workflow, builtin=True, public=public)
+        ttl = check_cache_ttl(cache_ttl)
+        if ttl is not None and isinstance(workflow, Workflow):  # else add() says what it is
+            check_read_only(name, workflow)
+        self.registry.add(name, workflow, builtin=True, public=public, cache_ttl=ttl)
         for role in roles:
             self.policy.grant(role, f"workflow:{name}:execute")
         if rate is not None:
@@ -454,6 +462,11 @@ class Nexus:
             self.health.add("breaker", db.breaker.snapshot, critical=True)
         else:
             self.health.remove("breaker")
+        cache = db.cache
+        if cache is not None:  # shown, not critical: a read it cannot serve goes to the db
+            self.health.add("cache", lambda: {"status": "healthy", **cache.stats()})
+        else:
+            self.health.remove("cache")
         self.health.add(
             "workflows", lambda: {"status": "healthy", "registered": len(self.registry.names())}
         )

@@ -439,7 +439,7 @@ def _cors_policy(origins: Sequence[str]) -> dict[str, Any]:
             "content-type, authorization, x-api-key, x-nexus-caller, x-nexus-tenant, "
             "x-grpc-web, x-user-agent, grpc-timeout"
         ),
-        "expose_headers": "grpc-status, grpc-message, grpc-status-details-bin",
+        "expose_headers": "grpc-status, grpc-message, grpc-status-details-bin, x-nexus-cache",
         "max_age": "86400",
     }
 

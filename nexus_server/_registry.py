@@ -43,13 +43,15 @@ def check_name(name: str) -> None:
 class Registered:
     """A workflow and how it got here: `builtin` when registered in code by the app;
     `owner`, the principal that registered it over the API (empty for the app's own);
-    `public`, anyone may run it, with or without a credential."""
+    `public`, anyone may run it, with or without a credential; `cache_ttl`, seconds its
+    replies are cached (a read-only workflow; see gateway._response_cache)."""
 
     workflow: Workflow
     builtin: bool
     update_time: _dt.datetime
     owner: str = ""
     public: bool = False
+    cache_ttl: float | None = None
 
 
 class WorkflowRegistry:
@@ -70,6 +72,7 @@ class WorkflowRegistry:
         limit: int | None = None,
         owner: str = "",
         public: bool = False,
+        cache_ttl: float | None = None,
     ) -> Registered:
         """Register `wf` as `name`. `limit`: the most workflows registered over the
         network (`builtin=False`) there may be, checked when `name` is a new one."""
@@ -84,7 +87,7 @@ class WorkflowRegistry:
             )
         if limit is not None and not builtin:
             self.check_room(name, limit)
-        item = Registered(wf, builtin, _dt.datetime.now(_dt.UTC), owner, public)
+        item = Registered(wf, builtin, _dt.datetime.now(_dt.UTC), owner, public, cache_ttl)
         self._items[name] = item
         self._bump()
         return item

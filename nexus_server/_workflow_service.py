@@ -39,7 +39,14 @@ from ._errors import ApiError, StatusError, abort, brief, to_api_error
 from ._executions import Executions, RunningExecution
 from ._limits import Limits
 from ._registry import Registered, WorkflowRegistry, check_name, shown
-from .gateway import CURRENT_PRINCIPAL, Gateway, Principal, caller_id
+from .gateway import (
+    CACHE_HEADER,
+    CURRENT_PRINCIPAL,
+    Gateway,
+    Principal,
+    ResponseCache,
+    caller_id,
+)
 
 __all__ = ["WorkflowServicer"]
 
@@ -58,8 +65,11 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         allow_code_nodes: bool,
         gateway: Gateway,
         limits: Limits | None = None,
+        responses: ResponseCache | None = None,
     ) -> None:
         self.registry = registry
+        #: replies of workflows registered with cache_ttl (gateway._response_cache)
+        self.responses = responses if responses is not None else ResponseCache()
         self.executions = executions
         self.allow_code_nodes = allow_code_nodes
         self.gateway = gateway
@@ -196,6 +206,20 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
     ) -> wpb.Execution:
         try:
             item = self.registry.get(request.name)
+            key: tuple[Any, ...] | None = None
+            if item.cache_ttl is not None and not request.request_id:
+                me = principal()
+                key = self.responses.key(
+                    request.name,
+                    item.update_time,
+                    me.id,
+                    me.tenant,
+                    request.inputs.SerializeToString(deterministic=True),
+                )
+                cached = self.responses.get(key)
+                if cached is not None:
+                    await context.send_initial_metadata(((CACHE_HEADER, "hit"),))
+                    return wpb.Execution.FromString(cached)
             rec = await self.executions.execute(
                 request.name,
                 item.workflow,
@@ -206,7 +230,11 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             if rec.state != "SUCCEEDED" and rec.error:
                 # the call fails with the execution's error; the record keeps the details
                 raise StatusError(status_message(rec.error), execution_id=rec.id)
-            return execution_message(rec)
+            reply = execution_message(rec)
+            if key is not None and item.cache_ttl is not None and rec.state == "SUCCEEDED":
+                self.responses.put(key, reply.SerializeToString(), item.cache_ttl)
+                await context.send_initial_metadata(((CACHE_HEADER, "miss"),))
+            return reply
         except Exception as exc:
             await abort(context, _no_inputs_hint(exc, request.inputs))
 

@@ -12,15 +12,20 @@ from __future__ import annotations
 from ._chain import CHANNELS, Gateway, caller_id
 from ._policy import BUILTIN_ROLES, Policy
 from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
+from ._response_cache import CACHE_HEADER, ResponseCache, check_cache_ttl, check_read_only
 
 __all__ = [
     "ADMIN",
     "BUILTIN_ROLES",
+    "CACHE_HEADER",
     "CHANNELS",
     "CURRENT_PRINCIPAL",
     "AuthError",
     "Gateway",
     "Policy",
     "Principal",
+    "ResponseCache",
     "caller_id",
+    "check_cache_ttl",
+    "check_read_only",
 ]

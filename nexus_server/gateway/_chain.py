@@ -19,7 +19,8 @@ For each call, in order:
    the cap is refused at once (`_shed`: `OVERLOADED`); health is never limited.
 3. **Scope.** The principal (`CURRENT_PRINCIPAL`) and its tenant (DataFlow's
    `tenant_scope`) are set for the servicer and everything it awaits, workflow nodes
-   included.
+   included; the principal's id is also DataFlow's `cache_scope`, so that its query
+   cache never serves one principal an entry another one filled.
 4. **Audit.** Every refusal and every call that changes something (and every read when
    `audit_reads` is on) is recorded once it ends (`_audit`).
 
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 from google.protobuf import message
 
-from dataflow import tenant_scope
+from dataflow import cache_scope, tenant_scope
 
 from .._errors import FAILURE_REASON, ApiError, abort, to_api_error
 from .._store import MAX_CALLER
@@ -328,7 +329,7 @@ class Gateway:
             principal, channel = await self._admit(path, rule, request, context)
             token = CURRENT_PRINCIPAL.set(principal)
             try:
-                with tenant_scope(principal.tenant):
+                with tenant_scope(principal.tenant), cache_scope(principal.id):
                     return await behaviour(request, context)
             finally:
                 CURRENT_PRINCIPAL.reset(token)
@@ -344,7 +345,7 @@ class Gateway:
             principal, channel = await self._admit(path, rule, request, context)
             token = CURRENT_PRINCIPAL.set(principal)
             try:
-                with tenant_scope(principal.tenant):
+                with tenant_scope(principal.tenant), cache_scope(principal.id):
                     async for item in behaviour(request, context):
                         yield item
             finally:

@@ -491,3 +491,37 @@ def test_sqlite_datetime_text_is_what_sqlalchemy_stores_for_the_utc_time(
 ) -> None:
     utc = value if value.tzinfo is None else value.astimezone(dt.UTC).replace(tzinfo=None)
     assert _sqlite_dt_in(value) == _SA_SQLITE_DATETIME(utc)
+
+
+async def test_fetchrow_reads_the_committed_state_without_waiting(db_path: Path) -> None:
+    """`fetchrow` (the server's per-call key lookup) does not queue behind another task's
+    open transaction: it reads the last committed state at once."""
+    db = DataFlow(f"sqlite:///{db_path}")
+
+    @db.model
+    class Pet:
+        id: str
+        name: str
+
+    try:
+        ops = db.ops(Pet)
+        await ops.create(id="p0", name="first")
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def block() -> None:
+            async with db.transaction():
+                await ops.update("p0", fields={"name": "changed"})
+                inside.set()
+                await release.wait()
+
+        holder = asyncio.create_task(block())
+        await asyncio.wait_for(inside.wait(), 10)
+        sql = f"SELECT name FROM pet WHERE id = {db.placeholder(1)}"
+        row = await asyncio.wait_for(db.fetchrow(sql, ["p0"]), 10)
+        assert row is not None and row[0] == "first"  # not the open block's write
+        release.set()
+        await asyncio.wait_for(holder, 10)
+        row = await db.fetchrow(sql, ["p0"])
+        assert row is not None and row[0] == "changed"
+    finally:
+        await db.close()

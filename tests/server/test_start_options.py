@@ -82,9 +82,8 @@ def test_the_attribute_form_makes_start_exit_with_one_line(
     assert not (tmp_path / "nexus.db").exists()
 
 
-@pytest.mark.parametrize(
-    ("option", "capability"), [("enable_metrics", "metrics"), ("enable_caching", "caching")]
-)
+# enable_caching works since issue 17 (tests/dataflow/test_df_cache.py)
+@pytest.mark.parametrize(("option", "capability"), [("enable_metrics", "metrics")])
 def test_dataflow_refuses_metrics_and_caching(option: str, capability: str) -> None:
     with pytest.raises(ValidationError) as caught:
         DataFlow("sqlite:///:memory:", **{option: True})
