@@ -6,6 +6,7 @@ process answers; each component is a gRPC health service (`nexus.component.<name
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -228,3 +229,31 @@ def test_nexus_serve_reports_envoy_and_the_mcp_adapter(tmp_path: Path, envoy_pat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(WAIT)
+
+
+def test_the_query_cache_is_a_component(tmp_path: Path) -> None:
+    from dataflow import DataFlow
+    from nexus_server import Nexus
+
+    async def run() -> dict[str, Any]:
+        db = DataFlow(f"sqlite:///{tmp_path / 'cached.db'}", enable_caching=True)
+        app = Nexus(grpc_port=0, api_port=None, mcp_port=None)
+        app.integrate_dataflow(db)
+        try:
+            async with (
+                asyncio.timeout(WAIT),
+                app.serving() as info,
+                grpc.aio.insecure_channel(info.address) as ch,
+            ):
+                stub = pgrpc.ProbeServiceStub(ch)  # type: ignore[no-untyped-call]
+                body = await stub.GetHealth(ppb.GetHealthRequest(), timeout=WAIT)
+                doc: dict[str, Any] = json.loads(body.data)
+                return doc
+        finally:
+            await db.close()
+
+    doc = asyncio.run(run())
+    assert doc["status"] == "healthy"
+    cache = doc["components"]["cache"]
+    assert cache["status"] == "healthy" and cache["backend"] == "memory"
+    assert {"hits", "misses"} <= set(cache)
