@@ -4,8 +4,9 @@ A traced call makes these spans (names in `SPAN_*`), all in the trace the caller
 when it sent a W3C `traceparent` (gRPC metadata; REST through Envoy, which passes the
 header on; the CLI and the MCP adapter send theirs), else in a new one:
 
-- the call (`/nexus.workflow.v1.WorkflowService/ExecuteWorkflow`, kind SERVER), with the
-  channel, the principal and the gRPC status code;
+- the call (`nexus.workflow.v1.WorkflowService/ExecuteWorkflow`, kind SERVER), with the
+  channel and the gRPC status code (not the principal: traces leave the server, the
+  audit trail says who called);
 - the gateway checks under it (`gateway.authenticate`, `gateway.authorize`,
   `gateway.rate_limit`);
 - a workflow execution (`workflow.execute <name>`) and each node it runs
@@ -191,7 +192,7 @@ class Tracing:
                 if carrier is None:
                     carrier = {}
                 carrier[key] = value
-            elif key == "x-nexus-channel" and isinstance(value, str):
+            elif key == "x-nexus-channel" and value in _CHANNELS:
                 channel = value
         parent = self._propagator.extract(carrier) if carrier is not None else None
         span = self.tracer.start_span(path.lstrip("/"), context=parent, kind=self._server)
@@ -369,6 +370,9 @@ _CANCELLED = (asyncio.CancelledError, GeneratorExit)
 
 
 _TRACE_KEYS = frozenset({"traceparent", "tracestate"})
+#: The channels a call may name (`_chain.CHANNELS`; a test keeps the two equal): any
+#: other value is `grpc`, so a caller cannot write what it likes into a trace.
+_CHANNELS = frozenset({"grpc", "rest", "grpc-web", "cli", "mcp"})
 
 
 def _rpc_attributes(path: str) -> dict[str, Any]:

@@ -448,3 +448,10 @@ def test_the_environment_configures_an_otlp_exporter() -> None:
         tracing.shutdown()
     with pytest.raises(TracingUnavailable, match="OTEL_EXPORTER_OTLP_PROTOCOL='carrier-pigeon'"):
         tracing_from_env({**env, "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
+
+
+def test_the_span_channels_are_the_gateways() -> None:
+    from nexus_server.gateway._chain import CHANNELS
+    from nexus_server.gateway._tracing import _CHANNELS
+
+    assert _CHANNELS == CHANNELS
