@@ -344,12 +344,19 @@ class Gateway:
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             principal, channel = await self._admit(path, rule, request, context)
             token = CURRENT_PRINCIPAL.set(principal)
+            scopes = (tenant_scope(principal.tenant), cache_scope(principal.id))
+            for scope in scopes:
+                scope.__enter__()
             try:
-                with tenant_scope(principal.tenant), cache_scope(principal.id):
-                    async for item in behaviour(request, context):
-                        yield item
+                async for item in behaviour(request, context):
+                    yield item
             finally:
-                with contextlib.suppress(ValueError):  # closed from another context
+                # grpc may close the stream from another task (the client went away):
+                # its context holds none of these, and there is nothing to restore
+                for scope in reversed(scopes):
+                    with contextlib.suppress(ValueError):
+                        scope.__exit__(None, None, None)
+                with contextlib.suppress(ValueError):
                     CURRENT_PRINCIPAL.reset(token)
                 if audited:
                     self._record(path, rule, request, principal, channel, context)
