@@ -21,6 +21,9 @@ Measured:
   on in the same run, called with an env API key, an HS256 JWT and a managed key, beside
   a second auth-off server as a control (target: >= 0.9 of auth off at concurrency 16),
   then the gateway's admission of one call timed in process (`bench/_auth_cost.py`);
+* ExecuteWorkflow (`noop`, `create_contact`) with OpenTelemetry tracing at 1 % sampling
+  against the same app with tracing off, both served in this run (target ratio >= 0.9;
+  `--only-tracing`, `--skip-tracing`; skipped when the SDK is not installed);
 * the cost of Prometheus metrics: ExecuteWorkflow (noop and create_contact) on the same
   app served twice, `enable_monitoring=True` against off, alternating rounds (target:
   metrics cost under 5 %, i.e. ratio >= 0.95);
@@ -1161,6 +1164,88 @@ def print_auth_table(cases: list[Case], args: argparse.Namespace) -> list[str]:
 PACKAGES = ("nexus_server", "dataflow", "workflow", "nexus_api", "clients")
 
 
+#: Tracing with 1 % of calls sampled may cost at most this share of throughput.
+TRACING_TARGET = 0.90
+
+
+def run_tracing(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """ExecuteWorkflow with tracing on (1 % of calls sampled, spans batched to the
+    console exporter, whose output goes nowhere) against the same app with tracing off,
+    both served in this run; returns the missed targets."""
+    try:
+        importlib.import_module("opentelemetry.sdk.trace")
+    except ImportError:
+        print("\nTracing: skipped (the OpenTelemetry SDK is not installed)")
+        return []
+    app = write_app(tmp, 1)
+    servers: list[Server] = []
+    missed = []
+    try:
+        off_db, on_db = tmp / "tracing-off.db", tmp / "tracing-on.db"
+        off_env = child_env(f"sqlite:///{off_db}")
+        on_env = {
+            **child_env(f"sqlite:///{on_db}"),
+            # extra entries of this process's path too: where the SDK may be
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[1:]]),
+            "OTEL_TRACES_EXPORTER": "console",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.01",
+        }
+        # two servers at once: neither may take the default MCP port
+        off, _ = start("tracing off", [*nexus_cmd(app, free_port()), "--no-mcp"], off_env, tmp)
+        servers.append(off)
+        on, _ = start("tracing 1 %", [*nexus_cmd(app, free_port()), "--no-mcp"], on_env, tmp)
+        servers.append(on)
+        person = {"name": "Load Test", "email": "load@example.org"}
+        pairs = [
+            (
+                Case("noop, tracing off", off.address, EXECUTE, execute_body("noop"),
+                     count=executions(off_db, "noop")),
+                Case("noop, tracing 1 %", on.address, EXECUTE, execute_body("noop"),
+                     count=executions(on_db, "noop")),
+            ),
+            (
+                Case("create_contact, tracing off", off.address, EXECUTE,
+                     execute_body("create_contact", person),
+                     count=executions(off_db, "create_contact")),
+                Case("create_contact, tracing 1 %", on.address, EXECUTE,
+                     execute_body("create_contact", person),
+                     count=executions(on_db, "create_contact")),
+            ),
+        ]  # fmt: skip
+        for pair in pairs:
+            for c in pair:
+                c.pid = off.proc.pid if c.address == off.address else on.proc.pid
+        print(
+            f"\nTracing: ExecuteWorkflow with tracing at 1 % sampling vs off (best of "
+            f"{args.rounds} alternating round(s); target ratio >= {TRACING_TARGET:.2f})"
+        )
+        header = f"{'case':<32} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}"
+        print(header)
+        print("-" * len(header))
+        for base_case, case in pairs:
+            for conc in CONCURRENCY:
+                (base, base_note), (load, note) = measure(base_case, case, conc, args)
+                ratio = load.rps / base.rps
+                ok = ratio >= TRACING_TARGET
+                print(
+                    f"{base_case.label:<32} {conc:>4} {base.rps:>9,.0f} {base.p50_ms:>8.2f}"
+                    f" {base.p99_ms:>8.2f} {'':>6}{'  ' + base_note if base_note else ''}"
+                )
+                print(
+                    f"{case.label:<32} {conc:>4} {load.rps:>9,.0f} {load.p50_ms:>8.2f}"
+                    f" {load.p99_ms:>8.2f} {ratio:>6.2f}  {'ok' if ok else 'MISSED'}"
+                    f"{'  ' + note if note else ''}",
+                    flush=True,
+                )
+                if not ok:
+                    missed.append(f"{case.label} at concurrency {conc}: {ratio:.2f}")
+        return missed
+    finally:
+        for s in servers:
+            s.stop()
+
+
 def run_startup(args: argparse.Namespace, tmp: Path) -> list[str]:
     """Start-to-health with `args.models` models (persistence on) and the peak RSS.
 
@@ -1264,6 +1349,12 @@ def main() -> int:
         help="the metrics table with metrics off on both servers (the bench's own bias)",
     )
     p.add_argument(
+        "--skip-tracing", action="store_true", help="no tracing (1 %% sampled) vs off table"
+    )
+    p.add_argument(
+        "--only-tracing", action="store_true", help="only the tracing (1 %% sampled) vs off table"
+    )
+    p.add_argument(
         "--against",
         metavar="CHECKOUT",
         help="also serve the noop and create_contact workflows from another checkout of this "
@@ -1297,19 +1388,28 @@ def main() -> int:
         args.against = str(Path(args.against).resolve())
         if not (Path(args.against) / "nexus_server" / "__init__.py").is_file():
             p.error(f"--against {args.against}: not a checkout of this repository")
-    if not args.skip_load and shutil.which("h2load") is None:
+    if (not args.skip_load or args.only_tracing) and shutil.which("h2load") is None:
         print("h2load not found: apt-get install nghttp2-client (or --skip-load)")
         return 2
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, grpcio {grpc.__version__}")
     missed: list[str] = []
     with workdir() as tmp:
-        only = args.only_auth or args.only_metrics
+        if args.only_tracing:
+            args.skip_load = args.skip_startup = True
+        only = args.only_auth or args.only_metrics or args.only_tracing
         if not args.skip_load and not only:
             missed += run_load(args, tmp)
         if not args.skip_load and not args.skip_auth and not args.only_metrics:
             missed += run_auth(args, tmp)
-        if not args.skip_metrics and not args.only_auth:
+        if not args.skip_metrics and not args.only_auth and not args.only_tracing:
             missed += run_metrics(args, tmp)
+        if not (
+            args.skip_tracing
+            or args.only_auth
+            or args.only_metrics
+            or shutil.which("h2load") is None
+        ):
+            missed += run_tracing(args, tmp)
         if not args.skip_startup and not only:
             missed += run_startup(args, tmp)
     print()

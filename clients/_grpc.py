@@ -19,6 +19,7 @@ import contextvars
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "EXIT_PERMISSION",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
+    "TRACE_CONTEXT",
     "ApiFailure",
     "Credential",
     "DynamicMethods",
@@ -52,6 +54,8 @@ __all__ = [
     "set_channel",
     "struct_of",
     "to_json",
+    "trace_context_of",
+    "trace_metadata",
     "type_spec",
 ]
 
@@ -131,11 +135,59 @@ def credential_from_env() -> Credential | None:
     return None
 
 
+#: The W3C trace context (`traceparent`, and `tracestate` when given) of the calls made
+#: in this context: the MCP adapter sets it per request, from the caller's HTTP headers
+#: or the request's `_meta`, so the server's spans join the agent's trace.
+TRACE_CONTEXT: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "nexus_trace_context", default=()
+)
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+_MAX_TRACESTATE = 512
+
+
+def trace_context_of(traceparent: object, tracestate: object = None) -> tuple[tuple[str, str], ...]:
+    """The metadata carrying a W3C trace context, or `()` when `traceparent` is not a
+    valid one (it is then dropped: a bad header never fails a call)."""
+    if not isinstance(traceparent, str) or not _TRACEPARENT.match(traceparent.strip()):
+        return ()
+    meta = [("traceparent", traceparent.strip())]
+    if isinstance(tracestate, str) and tracestate and len(tracestate) <= _MAX_TRACESTATE:
+        meta.append(("tracestate", tracestate))
+    return tuple(meta)
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The trace context a call carries: the one this context was given
+    (`TRACE_CONTEXT`), else the active OpenTelemetry span's when the process traces
+    (the API is optional), else `$TRACEPARENT` (and `$TRACESTATE`), as a CI job or a
+    shell script that started a trace sets them."""
+    given = TRACE_CONTEXT.get()
+    if given:
+        return given
+    active = _active_trace()
+    if active:
+        return active
+    return trace_context_of(os.environ.get("TRACEPARENT"), os.environ.get("TRACESTATE"))
+
+
+def _active_trace() -> tuple[tuple[str, str], ...]:
+    try:
+        from opentelemetry import propagate, trace
+    except ImportError:
+        return ()
+    if not trace.get_current_span().get_span_context().is_valid:
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return trace_context_of(carrier.get("traceparent"), carrier.get("tracestate"))
+
+
 def call_metadata() -> tuple[tuple[str, str], ...]:
-    """The metadata of every call: the credential of this context, the channel, and the
-    development label `x-nexus-caller` from `$NEXUS_CALLER` (used only when the server's
-    authentication is off)."""
-    meta: list[tuple[str, str]] = []
+    """The metadata of every call: the credential of this context, the channel, the
+    trace context (`trace_metadata`), and the development label `x-nexus-caller` from
+    `$NEXUS_CALLER` (used only when the server's authentication is off)."""
+    meta: list[tuple[str, str]] = list(trace_metadata())
     cred = CREDENTIAL.get()
     if cred is not None:
         meta.append(cred.metadata())

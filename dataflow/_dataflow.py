@@ -68,7 +68,11 @@ from ._sqltypes import dialect_insert
 from ._tokens import sign, verify
 from ._values import clean_any
 
-__all__ = ["DataFlow"]
+__all__ = ["DataFlow", "StatementHook"]
+
+#: `DataFlow.set_statement_hook`: called with a statement's text (placeholders, never
+#: values) as it is sent; the context manager it returns spans the statement.
+StatementHook = Callable[[str], contextlib.AbstractContextManager[Any]]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -464,6 +468,8 @@ class DataFlow:
         self._here_rows = 0  # rows written through it since the last checkpoint
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._engine: AsyncEngine | None = None
+        self._statement_hook: StatementHook | None = None
+        self._statement_events = False
         db_path = make_url(self._url).database or ":memory:"
         self._sqlite_path = db_path
         # a file database is migrated through a plain (sync) engine in a worker thread,
@@ -524,6 +530,45 @@ class DataFlow:
         if self._engine is None:
             self._engine = self._make_engine()
         return self._engine
+
+    def set_statement_hook(self, hook: StatementHook | None) -> None:
+        """Have `hook(sql)` called as each SQL statement is sent, and the context
+        manager it returns entered until the statement's result is back (a tracer makes
+        a span of it). `sql` is the statement's text with placeholders, never values.
+        Every statement DataFlow sends is seen, through SQLAlchemy or the fast path.
+        None removes the hook. DataFlow knows nothing else of who listens."""
+        self._statement_hook = hook
+        if hook is not None and not self._statement_events:
+            engine = self.engine.sync_engine
+            event.listen(engine, "before_cursor_execute", self._statement_sent)
+            event.listen(engine, "after_cursor_execute", self._statement_done)
+            event.listen(engine, "handle_error", self._statement_failed)
+            self._statement_events = True
+
+    def _statement_sent(
+        self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> None:
+        hook = self._statement_hook
+        if hook is not None and context is not None:
+            scope = hook(statement)
+            scope.__enter__()
+            context._nexus_statement = scope
+
+    def _statement_done(
+        self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> None:
+        scope = getattr(context, "_nexus_statement", None)
+        if scope is not None:
+            context._nexus_statement = None
+            scope.__exit__(None, None, None)
+
+    def _statement_failed(self, info: Any) -> None:
+        context = info.execution_context
+        scope = getattr(context, "_nexus_statement", None)
+        if scope is not None:
+            context._nexus_statement = None
+            exc = info.original_exception
+            scope.__exit__(type(exc), exc, None)
 
     def _make_engine(self) -> AsyncEngine:
         from sqlalchemy.ext.asyncio import create_async_engine
@@ -1287,19 +1332,30 @@ class DataFlow:
         *,
         turn: bool = True,
     ) -> Sequence[Any] | None:
-        """Run one statement on the driver; return its first row (None if none).
-        `turn`: see `_here`."""
-        if self.metrics is not None:
-            started = time.perf_counter()
-            try:
-                return await self._fast_fetch_now(model, sql, args, write, turn)
-            finally:
-                self.metrics.observe(sql, time.perf_counter() - started)
-        return await self._fast_fetch_now(model, sql, args, write, turn)
+        """`_fast_fetch_now`, inside the statement hook's scope when one is set, timed
+        when metrics are on."""
+        hook, metrics = self._statement_hook, self.metrics
+        if hook is None and metrics is None:
+            return await self._fast_fetch_now(model, sql, args, write, turn=turn)
+        started = time.perf_counter()
+        try:
+            with hook(sql) if hook is not None else contextlib.nullcontext():
+                return await self._fast_fetch_now(model, sql, args, write, turn=turn)
+        finally:
+            if metrics is not None:
+                metrics.observe(sql, time.perf_counter() - started)
 
     async def _fast_fetch_now(
-        self, model: ModelInfo | None, sql: str, args: list[Any], write: bool, turn: bool
+        self,
+        model: ModelInfo | None,
+        sql: str,
+        args: list[Any],
+        write: bool,
+        *,
+        turn: bool = True,
     ) -> Sequence[Any] | None:
+        """Run one statement on the driver; return its first row (None if none).
+        `turn`: see `_here`."""
         br = self._breaker
         trial = br is not None and not br.quiet and br.admit()
         row: Sequence[Any] | None
@@ -1337,19 +1393,24 @@ class DataFlow:
     async def _fast_executemany(
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
     ) -> None:
-        """Run one statement for many argument rows in one SQLite transaction, one
-        `executemany` per batch (other tasks run while each batch is written)."""
-        if self.metrics is not None:
-            started = time.perf_counter()
-            try:
+        """`_fast_executemany_now`, inside the statement hook's scope when one is set,
+        timed when metrics are on."""
+        hook, metrics = self._statement_hook, self.metrics
+        if hook is None and metrics is None:
+            return await self._fast_executemany_now(model, sql, batches)
+        started = time.perf_counter()
+        try:
+            with hook(sql) if hook is not None else contextlib.nullcontext():
                 return await self._fast_executemany_now(model, sql, batches)
-            finally:
-                self.metrics.observe(sql, time.perf_counter() - started)
-        return await self._fast_executemany_now(model, sql, batches)
+        finally:
+            if metrics is not None:
+                metrics.observe(sql, time.perf_counter() - started)
 
     async def _fast_executemany_now(
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
     ) -> None:
+        """Run one statement for many argument rows in one SQLite transaction, one
+        `executemany` per batch (other tasks run while each batch is written)."""
         br = self._breaker
         trial = br is not None and not br.quiet and br.admit()
         try:
@@ -1372,16 +1433,21 @@ class DataFlow:
             br.success()
 
     async def _fast_execute(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
-        """Run one write statement on the driver; return the rows affected."""
-        if self.metrics is not None:
-            started = time.perf_counter()
-            try:
+        """`_fast_execute_now`, inside the statement hook's scope when one is set, timed
+        when metrics are on."""
+        hook, metrics = self._statement_hook, self.metrics
+        if hook is None and metrics is None:
+            return await self._fast_execute_now(model, sql, args)
+        started = time.perf_counter()
+        try:
+            with hook(sql) if hook is not None else contextlib.nullcontext():
                 return await self._fast_execute_now(model, sql, args)
-            finally:
-                self.metrics.observe(sql, time.perf_counter() - started)
-        return await self._fast_execute_now(model, sql, args)
+        finally:
+            if metrics is not None:
+                metrics.observe(sql, time.perf_counter() - started)
 
     async def _fast_execute_now(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
+        """Run one write statement on the driver; return the rows affected."""
         br = self._breaker
         trial = br is not None and not br.quiet and br.admit()
         try:

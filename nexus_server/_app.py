@@ -9,7 +9,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,7 @@ from ._handlers import map_methods
 from ._limits import Limits
 from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
-from ._probes import PROBE_SERVICE, ProbeServicer
+from ._probes import COMPONENT_SERVICE_PREFIX, PROBE_SERVICE, HealthComponents, ProbeServicer
 from ._records import Records
 from ._registry import WorkflowRegistry
 from ._store import Store
@@ -51,6 +51,7 @@ from .gateway._config import AuthConfig
 from .gateway._keys import KeyStore
 from .gateway._rate import RateLimit, RateLimiter, RateLimits, parse_backend, parse_rate
 from .gateway._shed import Shedder
+from .gateway._tracing import Tracing, tracing_from_env, tracing_wanted
 
 if TYPE_CHECKING:
     from ._envoy import EnvoySupervisor
@@ -178,6 +179,14 @@ class Nexus:
         audit_table: keep the audit trail in the app's database (`nexus_audit`, read
             with `nexus audit list`) as well as in the log.
         audit_reads: audit reads too, not only changes and refusals.
+        enable_tracing: OpenTelemetry traces of every call (a span per call, gateway
+            check, execution, node and SQL statement; `gateway._tracing`). None (the
+            default): on when the environment configures an exporter
+            (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_EXPORTER`), which the `OTEL_*`
+            variables then configure; True without them: OTLP to the default endpoint.
+        tracer_provider: an OpenTelemetry tracer provider of the app's own to send the
+            spans to (turns tracing on; the `OTEL_*` variables are then the provider's
+            business).
         rate_limit: calls per principal: an int N (N per minute, the original's
             meaning), a string (`"10/s"`, `"100/minute burst 20"`), or a `RateLimits`
             with per-workflow, per-model-operation and per-role limits; a token bucket
@@ -228,6 +237,8 @@ class Nexus:
         expose_metrics: bool = False,
         access_log: bool = True,
         rate_limit: object = None,
+        enable_tracing: bool | None = None,
+        tracer_provider: Any = None,
         rate_limit_backend: str | None = None,
     ) -> None:
         self.grpc_port = grpc_port
@@ -243,6 +254,10 @@ class Nexus:
         self.cors_origins = tuple(cors_origins)
         self.limits = limits or Limits()
         self.registry = WorkflowRegistry()
+        #: the components `GET /health` and gRPC health report; add a check of your own
+        #: with `app.health.add(name, check)` (`_probes.HealthComponents`)
+        self.health = HealthComponents()
+        self._started = False
         self.enable_durability = enable_durability
         self.enable_auth = enable_auth
         self.auth = auth
@@ -255,6 +270,8 @@ class Nexus:
         self.expose_metrics = expose_metrics
         self.access_log = access_log
         self.rate_limit = rate_limit
+        self.enable_tracing = enable_tracing
+        self.tracer_provider = tracer_provider
         self.rate_limit_backend = rate_limit_backend
         self._workflow_rates: dict[str, RateLimit] = {}
         self.db: DataFlow | None = None
@@ -402,6 +419,7 @@ class Nexus:
         """
         started = time.perf_counter()
         self.check_options()
+        tracing = self._tracing()  # a bad OTEL_* setting fails before anything starts
         if self.auto_discovery:
             self._discover()
         self.resolve_dataflow()  # after discovery: discovered workflows count too
@@ -426,13 +444,17 @@ class Nexus:
             breaker = db.breaker
             if breaker is not None:
                 metrics.watch_breaker(breaker.name, lambda: breaker.state)
-            cache = db.cache
-            if cache is not None:
-                metrics.watch_cache("dataflow", lambda: (cache.hits, cache.misses))
+            query_cache = db.cache
+            if query_cache is not None:
+                metrics.watch_cache("dataflow", lambda: (query_cache.hits, query_cache.misses))
         responses = ResponseCache()
         if metrics is not None:
             metrics.watch_cache("response", lambda: (responses.hits, responses.misses))
         executions = Executions(store, timeout=self.execution_timeout, metrics=metrics)
+        if tracing is not None:
+            executions.span = tracing.execution
+            executions.runtime.node_hook = tracing.node
+            db.set_statement_hook(tracing.statement_hook(db.dialect))
         keys = KeyStore(db)
         await keys.initialize()
         authenticator = await self._authenticator(keys) if self.auth_enabled() else None
@@ -462,6 +484,7 @@ class Nexus:
             typed_models={typed.service_name(m): m for m in typed.models},
             public_discovery=self.public_discovery,
             audit_reads=self.audit_reads,
+            tracing=tracing,
             rate=limiter,
             shed=shedder,
             metrics=metrics,
@@ -498,11 +521,24 @@ class Nexus:
         augrpc.add_AuditServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AuditServicer(audit), handlers
         )
-        health_servicer = _Health()
+        health_servicer = _Health(self.health)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
+        self.health.add("database", health_servicer.database_state, critical=True)
+        if db.breaker is not None:
+            # open: unhealthy at once, before the watcher's pings notice
+            self.health.add("breaker", db.breaker.snapshot, critical=True)
+        else:
+            self.health.remove("breaker")
+        cache = db.cache
+        if cache is not None:  # shown, not critical: a read it cannot serve goes to the db
+            self.health.add("cache", lambda: {"status": "healthy", **cache.stats()})
+        else:
+            self.health.remove("cache")
+        self.health.add(
+            "workflows", lambda: {"status": "healthy", "registered": len(self.registry.names())}
+        )
         pgrpc.add_ProbeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ProbeServicer(health_servicer.serving, self.registry, _breaker_component(db)),
-            handlers,
+            ProbeServicer(self.health, health_servicer.serving, lambda: self._started), handlers
         )
         services = (
             WORKFLOW_SERVICE,
@@ -528,6 +564,9 @@ class Nexus:
             await audit.close()
             if limiter is not None:
                 await limiter.close()
+            if tracing is not None:
+                db.set_statement_hook(None)
+                tracing.shutdown()
             raise GrpcPortError(
                 f"cannot start gRPC on port {self.grpc_port}: {self.host}:{self.grpc_port} "
                 "is in use (or not an address of this host)"
@@ -577,6 +616,8 @@ class Nexus:
                     ),
                 )
                 await supervisor.start()
+                self.health.add("envoy", supervisor.health)
+            self._started = True
             info = Serving(
                 self.host,
                 port,
@@ -597,6 +638,8 @@ class Nexus:
                 _log.info("metrics on http://%s:%d/metrics", self.host, info.metrics_port)
             yield info
         finally:
+            self._started = False  # not ready: orchestrators stop sending traffic
+            self.health.remove("envoy")
             if supervisor is not None:
                 await supervisor.stop()
             if metrics_server is not None:
@@ -608,6 +651,9 @@ class Nexus:
             await server.stop(self.grace_period)
             await executions.close(self.grace_period)
             await audit.close()
+            if tracing is not None:
+                db.set_statement_hook(None)
+                tracing.shutdown()
             if limiter is not None:
                 await limiter.close()
             if self._own_db:
@@ -633,6 +679,14 @@ class Nexus:
                     self.host,
                 )
         return on
+
+    def _tracing(self) -> Tracing | None:
+        """The app's tracing, or None when it is off (see `enable_tracing`)."""
+        if self.tracer_provider is not None:
+            return Tracing(self.tracer_provider)
+        if not tracing_wanted(self.enable_tracing):
+            return None
+        return tracing_from_env()
 
     async def _authenticator(self, keys: KeyStore) -> Authenticator:
         """The authenticator of the configured sources (fails closed without one)."""
@@ -765,17 +819,6 @@ def deferred_start() -> Iterator[list[Nexus]]:
 _TICK = 0.05
 
 
-def _breaker_component(
-    db: DataFlow,
-) -> Callable[[], dict[str, dict[str, Any]]] | None:
-    """The health document's `breaker` component: the database's circuit breaker
-    (None when the DataFlow has none)."""
-    breaker = db.breaker
-    if breaker is None:
-        return None
-    return lambda: {"breaker": breaker.snapshot()}
-
-
 async def _ping(db: DataFlow, timeout: float) -> tuple[bool, bool]:
     """Ping the database; returns (answered, the loop was late meanwhile).
 
@@ -807,7 +850,23 @@ async def _ping(db: DataFlow, timeout: float) -> tuple[bool, bool]:
 
 class _Health(health.aio.HealthServicer):  # type: ignore[misc]
     """grpc's health service with `List` (declared by the health proto, which grpcio's
-    servicer leaves unimplemented): every service's status at once."""
+    servicer leaves unimplemented): every service's status at once; and each health
+    component as the service `nexus.component.<name>` (`Check` and `List`, read when
+    asked)."""
+
+    def __init__(self, components: HealthComponents) -> None:
+        super().__init__()
+        self._components = components
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> health_pb2.HealthCheckResponse:
+        name = request.service
+        if name.startswith(COMPONENT_SERVICE_PREFIX):
+            state = self._components.state(name[len(COMPONENT_SERVICE_PREFIX) :])
+            if state is not None:
+                return health_pb2.HealthCheckResponse(status=_component_status(state))
+        return await super().Check(request, context)
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: Any
@@ -816,11 +875,29 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc]
             name: health_pb2.HealthCheckResponse(status=status)
             for name, status in self._server_status.items()
         }
+        for component in self._components.names():
+            state = self._components.state(component)
+            if state is not None:
+                statuses[COMPONENT_SERVICE_PREFIX + component] = health_pb2.HealthCheckResponse(
+                    status=_component_status(state)
+                )
         return health_pb2.HealthListResponse(statuses=statuses)
+
+    def database_state(self) -> dict[str, Any]:
+        """The `database` component: healthy while the watcher finds it answering."""
+        return {"status": "healthy" if self.serving() else "unhealthy"}
 
     def serving(self) -> bool:
         """Whether the server as a whole is SERVING (what `GET /health` reports)."""
         return bool(self._server_status.get("") == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _component_status(state: Any) -> Any:
+    return (
+        health_pb2.HealthCheckResponse.SERVING
+        if state.get("status") == "healthy"
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
 
 
 async def _set_health(

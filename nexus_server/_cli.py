@@ -111,6 +111,8 @@ async def _serve(app: Nexus, *, log_level: str) -> None:
                 ),
             )
             await stack.enter_async_context(adapter)
+            app.health.add("mcp", adapter.health)  # GET /health's `mcp` component
+            stack.callback(app.health.remove, "mcp")
         if app.db is not None and app.db.skip_migration:
             await _warn_missing_tables(app.db)
         names = ", ".join(app.registry.names()) or "none"

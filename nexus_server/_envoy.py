@@ -39,7 +39,7 @@ from nexus_api import descriptor_set_bytes
 
 from ._errors import DOMAIN, code_of
 from ._limits import Limits
-from ._probes import HTTP_STATUS_HEADER, PROBE_SERVICE
+from ._probes import HTTP_STATUS_HEADER, PROBE_PATHS, PROBE_SERVICE
 from ._supervisor import Supervisor, SupervisorError
 from ._typed import TypedModels
 
@@ -531,28 +531,32 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         "name": "nexus",
         "domains": ["*"],
         "routes": [
-            {
-                # the transcoded REST request (the transcoder rewrote the path and
-                # matches the route again; a plain gRPC call of the same RPC has no
-                # original path, keeps its 200 and gets the header as metadata)
-                "match": {
-                    "path": f"/{PROBE_SERVICE}/GetHealth",
-                    "headers": [
-                        {
-                            "name": "x-envoy-original-path",
-                            "string_match": {"prefix": HEALTH_PATH},
+            # the transcoded REST request of a probe whose status the server sets (the
+            # transcoder rewrote the path and matches the route again; a plain gRPC
+            # call of the same RPC has no original path, keeps its 200 and gets the
+            # header as metadata)
+            *(
+                {
+                    "match": {
+                        "path": f"/{PROBE_SERVICE}/{rpc}",
+                        "headers": [
+                            {
+                                "name": "x-envoy-original-path",
+                                "string_match": {"prefix": path},
+                            }
+                        ],
+                    },
+                    "route": {"cluster": "nexus_grpc", "timeout": "0s"},
+                    "typed_per_filter_config": {
+                        _LUA_FILTER: {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua."
+                            "v3.LuaPerRoute",
+                            "source_code": {"inline_string": _HEALTH_STATUS_LUA},
                         }
-                    ],
-                },
-                "route": {"cluster": "nexus_grpc", "timeout": "0s"},
-                "typed_per_filter_config": {
-                    _LUA_FILTER: {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3."
-                        "LuaPerRoute",
-                        "source_code": {"inline_string": _HEALTH_STATUS_LUA},
-                    }
-                },
-            },
+                    },
+                }
+                for rpc, path in PROBE_PATHS.items()
+            ),
             {
                 "match": {"prefix": "/"},
                 # no route timeout: the client's deadline bounds an execution, and

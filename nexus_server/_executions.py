@@ -33,6 +33,7 @@ import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.json_format import MessageToDict
@@ -272,6 +273,9 @@ class Executions:
         #: seconds a call waits for its record to be durable before it fails UNAVAILABLE
         self.commit_timeout = commit_timeout
         self.runtime = AsyncLocalRuntime(timeout=timeout)
+        #: entered around each execution (a tracer's span: `gateway._tracing`); the
+        #: runtime's `node_hook` does the same for each node
+        self.span: Callable[[str, str], AbstractContextManager[Any]] | None = None
         self.running: dict[str, RunningExecution] = {}
         self.writer: RecordWriter[ExecutionRecord] = RecordWriter(
             store.write_executions, lambda r: r.id, written=self._written
@@ -531,6 +535,16 @@ class Executions:
         return self.running.get(rec.id), rec
 
     async def _run(self, run: RunningExecution, wf: Workflow, inputs: dict[str, Any]) -> None:
+        """`_run_recorded` inside the execution's span when tracing is on."""
+        if self.span is None:
+            await self._run_recorded(run, wf, inputs)
+        else:
+            with self.span(run.record.workflow, run.record.id):
+                await self._run_recorded(run, wf, inputs)
+
+    async def _run_recorded(
+        self, run: RunningExecution, wf: Workflow, inputs: dict[str, Any]
+    ) -> None:
         """Run the workflow and record how it ended. A cancellation ends the execution
         CANCELLED and is not raised on (the caller reads the record)."""
         rec = run.record

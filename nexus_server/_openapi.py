@@ -25,7 +25,7 @@ from google.protobuf import descriptor_pb2
 
 from nexus_api.nexus.openapi.v1 import openapi_service_pb2, openapi_service_pb2_grpc
 
-from ._probes import HEALTH_SCHEMA, PROBE_SERVICE
+from ._probes import HEALTH_SCHEMA, PROBE_SERVICE, READINESS_SCHEMA
 
 __all__ = ["OpenApiServicer", "openapi_document", "openapi_json"]
 
@@ -85,6 +85,8 @@ _WELL_KNOWN: dict[str, dict[str, Any]] = {
 
 #: The RPC behind `GET /health`, whose 503 carries the health document.
 _HEALTH_RPC = f"{PROBE_SERVICE}.GetHealth"
+#: The RPC behind `GET /readyz`, whose 503 carries the readiness document.
+_READINESS_RPC = f"{PROBE_SERVICE}.GetReadiness"
 
 _ERROR_CODES = {
     "400": "The request is invalid (INVALID_ARGUMENT, FAILED_PRECONDITION).",
@@ -304,6 +306,10 @@ def _operation(
         content = {"application/json": {"schema": HEALTH_SCHEMA}}
         ok = {"description": "Healthy.", "content": content}
         unhealthy = {"description": "Unhealthy: the same document.", "content": content}
+    elif f"{service}.{method.name}" == _READINESS_RPC:
+        content = {"application/json": {"schema": READINESS_SCHEMA}}
+        ok = {"description": "Ready.", "content": content}
+        unhealthy = {"description": "Not ready: the same document.", "content": content}
     elif resp_name == "google.api.HttpBody":
         ok = {"description": "The document.", "content": {"application/json": {"schema": {}}}}
     else:
@@ -400,8 +406,9 @@ def openapi_document(
         "content": error_content,
     }
     if secured:
-        for op in paths.get("/health", {}).values():
-            op["security"] = []  # the probe stays open
+        for probe in ("/health", "/readyz", "/livez"):
+            for op in paths.get(probe, {}).values():
+                op["security"] = []  # the probes stay open
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {

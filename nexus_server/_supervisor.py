@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 __all__ = ["DIR_PREFIX", "Supervisor", "SupervisorError", "remove_stale_dirs"]
 
@@ -248,6 +248,14 @@ class Supervisor(abc.ABC):
                 break
             self.restarts += 1
             _log.info("%s restarted on %s (pid %s)", self.name, self.address, self.pid)
+
+    def health(self) -> dict[str, Any]:
+        """The child's state for the health document (`_probes.HealthComponents`):
+        healthy while it runs (a restart in progress is not), and how often it was
+        restarted."""
+        proc = self._proc
+        running = self._watch is not None and proc is not None and proc.returncode is None
+        return {"status": "healthy" if running else "unhealthy", "restarts": self.restarts}
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of the child's output (for error messages)."""

@@ -42,6 +42,7 @@ from ._runtime import (
     EventKind,
     ExecutionContext,
     LocalRuntime,
+    NodeHook,
     current_execution,
 )
 from ._suggest import closest, did_you_mean
@@ -62,6 +63,7 @@ __all__ = [
     "Node",
     "NodeConfigError",
     "NodeExecutionError",
+    "NodeHook",
     "Output",
     "Param",
     "Problem",

@@ -9,7 +9,7 @@ import enum
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "EventKind",
     "ExecutionContext",
     "LocalRuntime",
+    "NodeHook",
     "current_execution",
 ]
 
@@ -105,6 +106,11 @@ class Event:
 
 EventCallback = Callable[[Event], None]
 
+#: `AsyncLocalRuntime.node_hook`: called with a node's id and type name as the node
+#: starts; the context manager it returns is entered around the node's `run` (a tracer
+#: makes a span of it). The runtime knows nothing else of who listens.
+NodeHook = Callable[[str, str], AbstractContextManager[Any]]
+
 
 class ExecutionContext:
     """Per-execution facts and shared resources, available to nodes through
@@ -170,10 +176,12 @@ class AsyncLocalRuntime:
 
     Args:
         timeout: default per-execution timeout in seconds (None: no limit).
+        node_hook: entered around each node's run (`NodeHook`); None: nothing is.
     """
 
-    def __init__(self, *, timeout: float | None = None) -> None:
+    def __init__(self, *, timeout: float | None = None, node_hook: NodeHook | None = None) -> None:
         self.timeout = timeout
+        self.node_hook = node_hook
 
     async def execute_workflow_async(
         self,
@@ -269,6 +277,7 @@ class AsyncLocalRuntime:
         if timeout is None:
             timeout = self.timeout
         emit = on_event
+        hook = self.node_hook
         ctx = ExecutionContext(workflow, execution_id)
         token = _CURRENT.set(ctx)
         running: dict[asyncio.Future[Any], str] = {}
@@ -280,11 +289,13 @@ class AsyncLocalRuntime:
         try:
             try:
                 if timeout is None:
-                    results = await _drive(workflow, inputs, running, active, emit, execution_id)
+                    results = await _drive(
+                        workflow, inputs, running, active, emit, execution_id, hook
+                    )
                 else:
                     async with asyncio.timeout(timeout):
                         results = await _drive(
-                            workflow, inputs, running, active, emit, execution_id
+                            workflow, inputs, running, active, emit, execution_id, hook
                         )
             except TimeoutError:
                 raise ExecutionTimeoutError(timeout or 0.0, sorted(active)) from None
@@ -350,12 +361,15 @@ async def _drive(
     active: set[str],
     emit: EventCallback | None,
     execution_id: str,
+    hook: NodeHook | None,
 ) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     chain = workflow._chain
     if chain is not None:  # node after node: nothing can run beside another
         for plan in chain:
-            results[plan.id] = await _run_node(plan, inputs, results, active, emit, execution_id)
+            results[plan.id] = await _run_node(
+                plan, inputs, results, active, emit, execution_id, hook
+            )
         return results
     plans = workflow._plans
     remaining = dict(workflow._n_deps)
@@ -372,11 +386,13 @@ async def _drive(
         if len(ready) == 1 and not running:
             # a chain: run the next node inline, no task needed
             nid = ready.pop()
-            complete(nid, await _run_node(plans[nid], inputs, results, active, emit, execution_id))
+            complete(
+                nid, await _run_node(plans[nid], inputs, results, active, emit, execution_id, hook)
+            )
             continue
         for nid in ready:
             task = asyncio.ensure_future(
-                _run_node(plans[nid], inputs, results, active, emit, execution_id)
+                _run_node(plans[nid], inputs, results, active, emit, execution_id, hook)
             )
             running[task] = nid
         ready.clear()
@@ -394,6 +410,7 @@ async def _run_node(
     active: set[str],
     emit: EventCallback | None,
     execution_id: str,
+    hook: NodeHook | None,
 ) -> dict[str, Any]:
     nid = plan.id
     t0 = 0.0
@@ -422,9 +439,15 @@ async def _run_node(
                         f"parameter '{inc.input}' from {inc.source}.{inc.output}: {exc}"
                     ) from None
             kwargs[inc.input] = value
-        value = plan.run(**kwargs)
-        if plan.node._is_async:
-            value = await value
+        if hook is None:
+            value = plan.run(**kwargs)
+            if plan.node._is_async:
+                value = await value
+        else:
+            with hook(nid, plan.type_name):
+                value = plan.run(**kwargs)
+                if plan.node._is_async:
+                    value = await value
         if isinstance(value, dict):
             out: dict[str, Any] = value
         elif isinstance(value, Mapping):

@@ -48,12 +48,14 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from .._grpc import (
     CREDENTIAL,
+    TRACE_CONTEXT,
     ApiFailure,
     Credential,
     call_metadata,
     server_address,
     struct_of,
     to_json,
+    trace_context_of,
 )
 from ._auth import CredentialError, credential_of
 from ._tools import REQUEST_ID, ToolSpec, model_tools, workflow_tool
@@ -165,9 +167,11 @@ class Adapter:
             except CredentialError:  # refused by the resource server before
                 credential = None
         token = CREDENTIAL.set(credential)
+        traced = TRACE_CONTEXT.set(_trace_context(ctx, headers))
         try:
             return await call_next(ctx)
         finally:
+            TRACE_CONTEXT.reset(traced)
             CREDENTIAL.reset(token)
 
     def _catalog(self) -> _Catalog:
@@ -768,3 +772,17 @@ def validate(schema: dict[str, Any], args: dict[str, Any]) -> list[str]:
         path = ".".join(str(p) for p in error.path) or "(arguments)"
         out.append(f"{path}: {error.message}")
     return out
+
+
+def _trace_context(ctx: Any, headers: Any) -> tuple[tuple[str, str], ...]:
+    """The W3C trace context of one MCP request: the HTTP request's `traceparent` /
+    `tracestate` headers, else the same keys in the request's `_meta` (how a stdio
+    client passes it), else none (the server starts a trace of its own)."""
+    if headers is not None:
+        found = trace_context_of(headers.get("traceparent"), headers.get("tracestate"))
+        if found:
+            return found
+    meta = getattr(ctx, "meta", None)
+    if isinstance(meta, dict):
+        return trace_context_of(meta.get("traceparent"), meta.get("tracestate"))
+    return ()

@@ -56,12 +56,14 @@ from ._audit import AuditEntry
 from ._jwt import JwksUnavailable
 from ._policy import Policy
 from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
+from ._tracing import SPAN_AUTHENTICATE, SPAN_AUTHORIZE, SPAN_RATE_LIMIT
 
 if TYPE_CHECKING:
     from .._registry import WorkflowRegistry
     from ._metrics import MethodMetrics, Metrics
     from ._rate import RateLimiter
     from ._shed import Shedder
+    from ._tracing import Tracing
 
 __all__ = ["CHANNELS", "Gateway", "caller_id"]
 
@@ -73,6 +75,8 @@ CHANNELS = frozenset({"grpc", "rest", "grpc-web", "cli", "mcp"})
 
 #: Longest `x-nexus-tenant` development label.
 MAX_TENANT = 128
+
+_NO_SPAN = contextlib.nullcontext()
 
 _ANONYMOUS = Principal("anonymous", frozenset(), None, "none")
 
@@ -177,6 +181,8 @@ _STATIC_RULES: Mapping[str, Rule] = {
     "/nexus.audit.v1.AuditService/ListAuditEvents": Rule(PERMISSION, _fixed(ADMIN)),
     "/nexus.openapi.v1.OpenApiService/GetOpenApi": Rule(DISCOVERY),
     "/nexus.health.v1.ProbeService/GetHealth": Rule(OPEN),
+    "/nexus.health.v1.ProbeService/GetReadiness": Rule(OPEN),
+    "/nexus.health.v1.ProbeService/GetLiveness": Rule(OPEN),
     "/grpc.health.v1.Health/Check": Rule(OPEN),
     "/grpc.health.v1.Health/Watch": Rule(OPEN),
     "/grpc.health.v1.Health/List": Rule(OPEN),
@@ -307,6 +313,8 @@ class Gateway:
         typed_models: full service name -> model name, of the typed per-model services.
         public_discovery: reflection and the OpenAPI document need no credential.
         audit_reads: audit reads too, not only changes and refusals.
+        tracing: makes a span per call, and one per check under it (`_tracing`); None:
+            tracing is off and no wrapper is added.
         rate: the rate limiter (`_rate.RateLimiter`); None: no rate limits.
         shed: the in-flight caps (`_shed.Shedder`); None: no caps.
         metrics: where calls are counted (monitoring on), or None.
@@ -323,6 +331,7 @@ class Gateway:
         typed_models: Mapping[str, str],
         public_discovery: bool = False,
         audit_reads: bool = False,
+        tracing: Tracing | None = None,
         rate: RateLimiter | None = None,
         shed: Shedder | None = None,
         metrics: Metrics | None = None,
@@ -335,6 +344,7 @@ class Gateway:
         self.typed_models = dict(typed_models)
         self.public_discovery = public_discovery
         self.audit_reads = audit_reads
+        self.tracing = tracing
         self.rate = rate
         self.shed = shed
         self.metrics = metrics
@@ -397,6 +407,12 @@ class Gateway:
             wrapped = self._unary_unary(path, rule, handler.unary_unary, watch)
         if self.shed is not None and rule.access != OPEN and not handler.request_streaming:
             wrapped = self.shed.wrap(wrapped, execution=rule.access == WORKFLOW and rule.change)
+        if self.tracing is not None:
+            wrapped = (
+                self.tracing.streaming(path, wrapped)
+                if _is_async_gen(wrapped)
+                else self.tracing.unary(path, wrapped)
+            )
         replaced: grpc.RpcMethodHandler = handler._replace(**{kind: wrapped})
         return replaced
 
@@ -431,16 +447,23 @@ class Gateway:
             started = watch.start() if watch is not None else 0.0
             principal, channel = await self._admit(path, rule, request, context, watch, started)
             token = CURRENT_PRINCIPAL.set(principal)
+            scopes = (tenant_scope(principal.tenant), cache_scope(principal.id))
+            for scope in scopes:
+                scope.__enter__()
             failure: BaseException | None = None
             try:
-                with tenant_scope(principal.tenant), cache_scope(principal.id):
-                    async for item in behaviour(request, context):
-                        yield item
+                async for item in behaviour(request, context):
+                    yield item
             except BaseException as exc:
                 failure = exc
                 raise
             finally:
-                with contextlib.suppress(ValueError):  # closed from another context
+                # grpc may close the stream from another task (the client went away):
+                # its context holds none of these, and there is nothing to restore
+                for scope in reversed(scopes):
+                    with contextlib.suppress(ValueError):
+                        scope.__exit__(None, None, None)
+                with contextlib.suppress(ValueError):
                     CURRENT_PRINCIPAL.reset(token)
                 if audited:
                     self._record(path, rule, request, principal, channel, context)
@@ -521,7 +544,8 @@ class Gateway:
                 principal = self._development(metadata)
             else:
                 try:
-                    principal = await self.authenticator.authenticate(metadata)
+                    with self._step(SPAN_AUTHENTICATE):
+                        principal = await self.authenticator.authenticate(metadata)
                 except AuthError as exc:
                     raise ApiError(exc.reason, exc.message) from None
                 except JwksUnavailable:
@@ -539,9 +563,11 @@ class Gateway:
                             "<jwt>)",
                         )
                     principal = _ANONYMOUS
-                self._authorize(rule, request, principal)
+                with self._step(SPAN_AUTHORIZE):
+                    self._authorize(rule, request, principal)
             if self.rate is not None and rule.access not in (OPEN, DISCOVERY):
-                await self._limit(rule, request, principal)
+                with self._step(SPAN_RATE_LIMIT):
+                    await self._limit(rule, request, principal)
         except Exception as exc:  # a refusal, or the key store's database is down
             api = to_api_error(exc)
             reason = api.reason
@@ -558,6 +584,10 @@ class Gateway:
                 watch.end(started, channel, who, "CANCELLED", request, context)
             raise
         return principal, channel
+
+    def _step(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        """A check's span when tracing is on (a shared no-op otherwise)."""
+        return _NO_SPAN if self.tracing is None else self.tracing.step(name)
 
     async def _limit(self, rule: Rule, request: Any, principal: Principal) -> None:
         """Take a token of the call's bucket (`_rate`), or raise RATE_LIMITED."""

@@ -28,6 +28,8 @@ def test_every_route_answers(client: httpx.Client, unique: str) -> None:
 
     # ProbeService
     call("GET", "/health", "/health")
+    assert call("GET", "/readyz", "/readyz")["status"] == "ready"
+    assert call("GET", "/livez", "/livez") == {"status": "alive"}
 
     # WorkflowService
     call("GET", "/v1/workflows", "/v1/workflows")

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#nexus/health/v1/probe_service.proto\x12\x0fnexus.health.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"\x12\n\x10GetHealthRequest2e\n\x0cProbeService\x12U\n\tGetHealth\x12!.nexus.health.v1.GetHealthRequest\x1a\x14.google.api.HttpBody\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/healthb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#nexus/health/v1/probe_service.proto\x12\x0fnexus.health.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"\x12\n\x10GetHealthRequest\"\x15\n\x13GetReadinessRequest\"\x14\n\x12GetLivenessRequest2\x9c\x02\n\x0cProbeService\x12U\n\tGetHealth\x12!.nexus.health.v1.GetHealthRequest\x1a\x14.google.api.HttpBody\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/health\x12[\n\x0cGetReadiness\x12$.nexus.health.v1.GetReadinessRequest\x1a\x14.google.api.HttpBody\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/readyz\x12X\n\x0bGetLiveness\x12#.nexus.health.v1.GetLivenessRequest\x1a\x14.google.api.HttpBody\"\x0e\x82\xd3\xe4\x93\x02\x08\x12\x06/livezb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROBESERVICE'].methods_by_name['GetHealth']._loaded_options = None
   _globals['_PROBESERVICE'].methods_by_name['GetHealth']._serialized_options = b'\202\323\344\223\002\t\022\007/health'
+  _globals['_PROBESERVICE'].methods_by_name['GetReadiness']._loaded_options = None
+  _globals['_PROBESERVICE'].methods_by_name['GetReadiness']._serialized_options = b'\202\323\344\223\002\t\022\007/readyz'
+  _globals['_PROBESERVICE'].methods_by_name['GetLiveness']._loaded_options = None
+  _globals['_PROBESERVICE'].methods_by_name['GetLiveness']._serialized_options = b'\202\323\344\223\002\010\022\006/livez'
   _globals['_GETHEALTHREQUEST']._serialized_start=113
   _globals['_GETHEALTHREQUEST']._serialized_end=131
-  _globals['_PROBESERVICE']._serialized_start=133
-  _globals['_PROBESERVICE']._serialized_end=234
+  _globals['_GETREADINESSREQUEST']._serialized_start=133
+  _globals['_GETREADINESSREQUEST']._serialized_end=154
+  _globals['_GETLIVENESSREQUEST']._serialized_start=156
+  _globals['_GETLIVENESSREQUEST']._serialized_end=176
+  _globals['_PROBESERVICE']._serialized_start=179
+  _globals['_PROBESERVICE']._serialized_end=463
 # @@protoc_insertion_point(module_scope)

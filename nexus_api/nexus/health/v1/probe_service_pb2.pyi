@@ -9,3 +9,11 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class GetHealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetReadinessRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetLivenessRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -42,6 +42,16 @@ class ProbeServiceStub:
                 request_serializer=nexus_dot_health_dot_v1_dot_probe__service__pb2.GetHealthRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.GetReadiness = channel.unary_unary(
+                '/nexus.health.v1.ProbeService/GetReadiness',
+                request_serializer=nexus_dot_health_dot_v1_dot_probe__service__pb2.GetReadinessRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.GetLiveness = channel.unary_unary(
+                '/nexus.health.v1.ProbeService/GetLiveness',
+                request_serializer=nexus_dot_health_dot_v1_dot_probe__service__pb2.GetLivenessRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class ProbeServiceServicer:
@@ -51,10 +61,34 @@ class ProbeServiceServicer:
 
     def GetHealth(self, request, context):
         """Returns the server's health as JSON (content type `application/json`):
-        `{"status": "healthy"|"unhealthy", "components": {"database": {...}, ...}}`.
-        The call itself always succeeds; an unhealthy server also sends the
-        response header `x-nexus-http-status: 503`, which Envoy turns into the
-        HTTP status of the REST response (200 when healthy).
+        `{"status": "healthy"|"unhealthy", "components": {"database": {...},
+        "envoy": {...}, "mcp": {...}, ...}}`, each component with its own status.
+        The server is unhealthy when a component it cannot serve without (the
+        database) is; a channel process that is down (Envoy, the MCP adapter, which
+        the server restarts) shows as an unhealthy component only. The call itself
+        always succeeds; an unhealthy server also sends the response header
+        `x-nexus-http-status: 503`, which Envoy turns into the HTTP status of the
+        REST response (200 when healthy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReadiness(self, request, context):
+        """Readiness: whether the server should be sent traffic. Ready once it has
+        started and while its database answers; not ready while it starts, stops
+        or its database is unreachable. JSON `{"status": "ready"|"not_ready",
+        "checks": {...}}`; not ready also sends `x-nexus-http-status: 503` (HTTP
+        503 through Envoy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLiveness(self, request, context):
+        """Liveness: the process answers (`{"status": "alive"}`, always HTTP 200). It
+        checks nothing else, so an orchestrator restarts a server only when it is
+        stuck, never because its database is down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -66,6 +100,16 @@ def add_ProbeServiceServicer_to_server(servicer, server):
             'GetHealth': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHealth,
                     request_deserializer=nexus_dot_health_dot_v1_dot_probe__service__pb2.GetHealthRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetReadiness': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReadiness,
+                    request_deserializer=nexus_dot_health_dot_v1_dot_probe__service__pb2.GetReadinessRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetLiveness': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLiveness,
+                    request_deserializer=nexus_dot_health_dot_v1_dot_probe__service__pb2.GetLivenessRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
@@ -97,6 +141,60 @@ class ProbeService:
             target,
             '/nexus.health.v1.ProbeService/GetHealth',
             nexus_dot_health_dot_v1_dot_probe__service__pb2.GetHealthRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReadiness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.health.v1.ProbeService/GetReadiness',
+            nexus_dot_health_dot_v1_dot_probe__service__pb2.GetReadinessRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLiveness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.health.v1.ProbeService/GetLiveness',
+            nexus_dot_health_dot_v1_dot_probe__service__pb2.GetLivenessRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
