@@ -653,3 +653,31 @@ async def test_the_production_patterns_options_each_show_in_the_metrics(
     assert value(found, "nexus_cache_requests_total", cache="dataflow", result="hit") >= 1
     kinds = [k for k in found if k[0] == "dataflow_query_duration_seconds_count"]
     assert kinds
+
+
+async def test_access_log_trace_id_is_the_calls_span(
+    make_app: Callable[..., Nexus], connect: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With tracing on, a call without a `traceparent` gets the trace id of the span
+    the server opened for it."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    app = make_app(tracer_provider=provider)
+    caplog.set_level(logging.INFO, logger="nexus.access")
+    async with app.serving() as serving, connect(serving) as channel:
+        caplog.clear()
+        spans.clear()
+        await execute(channel, "create_contact", name="Ada", email="ada@example.com")
+        lines = [
+            json.loads(r.getMessage())
+            for r in caplog.records
+            if r.name == "nexus.access" and EXECUTE in r.getMessage()
+        ]
+    assert len(lines) == 1 and lines[0]["trace_id"]
+    traces = {f"{s.context.trace_id:032x}" for s in spans.get_finished_spans()}
+    assert lines[0]["trace_id"] in traces
