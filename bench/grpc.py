@@ -24,6 +24,9 @@ Measured:
 * ExecuteWorkflow (`noop`, `create_contact`) with OpenTelemetry tracing at 1 % sampling
   against the same app with tracing off, both served in this run (target ratio >= 0.9;
   `--only-tracing`, `--skip-tracing`; skipped when the SDK is not installed);
+* the cost of Prometheus metrics: ExecuteWorkflow (noop and create_contact) on the same
+  app served twice, `enable_monitoring=True` against off, alternating rounds (target:
+  metrics cost under 5 %, i.e. ratio >= 0.95);
 * time from process start to answering grpc.health.v1 Check with 100 models and
   `enable_model_persistence=True` (target < 1 s), beside the same for the bare echo
   server, and the peak RSS (VmHWM) of that server after some calls (target < 150 MB).
@@ -161,15 +164,24 @@ app.register("create_contact", create.build())
 '''
 
 
-def write_app(directory: Path, models: int, *, auth: bool = False) -> Path:
+def write_app(
+    directory: Path, models: int, *, auth: bool = False, monitoring: bool = False
+) -> Path:
     """The app file. `auth`: authentication follows `BENCH_AUTH=1` in the server's
-    environment, and `noop` may be run by the role `bench` (see `run_auth`)."""
-    path = directory / f"bench_app_{models}{'_auth' if auth else ''}.py"
+    environment, and `noop` may be run by the role `bench` (see `run_auth`).
+    `monitoring`: Prometheus metrics follow `BENCH_MONITORING=1` (see `run_metrics`)."""
+    path = (
+        directory / f"bench_app_{models}{'_auth' if auth else ''}{'_mon' if monitoring else ''}.py"
+    )
     options = (
         {"nexus_options": ', enable_auth=os.environ.get("BENCH_AUTH") == "1"',
          "noop_options": ', roles=["bench"]'}
         if auth else {"nexus_options": "", "noop_options": ""}
     )  # fmt: skip
+    if monitoring:
+        options["nexus_options"] += (
+            ', enable_monitoring=os.environ.get("BENCH_MONITORING") == "1", metrics_port=0'
+        )
     path.write_text(APP.format(extra=models - 1, **options))
     return path
 
@@ -293,7 +305,9 @@ def free_port() -> int:
 
 
 def child_env(db_url: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # this checkout first; the caller's own PYTHONPATH entries after it
+    extra = os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), extra) if p)}
     if db_url is not None:
         env["NEXUS_DATABASE_URL"] = db_url
     return env
@@ -815,6 +829,144 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
             s.stop()
 
 
+#: Metrics on may cost at most this fraction of the throughput with them off.
+METRICS_COST_TARGET = 0.05
+
+
+def run_metrics(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """ExecuteWorkflow with Prometheus metrics on against off (the same app file, two
+    servers, alternating rounds); returns the missed targets."""
+    app = write_app(tmp, 1, monitoring=True)
+    servers: list[Server] = []
+    try:
+        off_db, on_db = tmp / "metrics-off.db", tmp / "metrics-on.db"
+        # two servers at once: neither runs an MCP adapter (both would take its port)
+        off_cmd = [*nexus_cmd(app, free_port()), "--no-mcp"]
+        off, _ = start("metrics off", off_cmd, child_env(f"sqlite:///{off_db}"), tmp)
+        servers.append(off)
+        # --metrics-control: the second server has metrics off too (an A/A run: the
+        # ratios it prints are the bench's own bias and noise on this machine)
+        on_env = {
+            **child_env(f"sqlite:///{on_db}"),
+            "BENCH_MONITORING": "0" if args.metrics_control else "1",
+        }
+        on_label = "metrics off (control)" if args.metrics_control else "metrics on"
+        on, _ = start("metrics on", [*nexus_cmd(app, free_port()), "--no-mcp"], on_env, tmp)
+        servers.append(on)
+        person = {"name": "Load Test", "email": "load@example.org"}
+        noop, create = execute_body("noop"), execute_body("create_contact", person)
+        pairs = [
+            (
+                Case("noop, metrics off", off.address, EXECUTE, noop,
+                     count=executions(off_db, "noop")),
+                Case(f"noop, {on_label}", on.address, EXECUTE, noop,
+                     count=executions(on_db, "noop")),
+            ),
+            (
+                Case("create_contact, metrics off", off.address, EXECUTE, create,
+                     count=executions(off_db, "create_contact")),
+                Case(f"create_contact, {on_label}", on.address, EXECUTE, create,
+                     count=executions(on_db, "create_contact")),
+            ),
+        ]  # fmt: skip
+        for pair in pairs:
+            for c in pair:
+                c.pid = off.proc.pid if c.address == off.address else on.proc.pid
+        print(
+            f"\nMetrics (enable_monitoring=True) against off: ExecuteWorkflow, best of "
+            f"{args.rounds} alternating round(s) of up to {args.seconds:g} s each"
+        )
+        header = f"{'case':<32} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6}"
+        print(header)
+        print("-" * len(header))
+        missed = []
+        for base_case, case in pairs:
+            for conc in CONCURRENCY:
+                (base, base_note), (load, note) = measure(base_case, case, conc, args)
+                ratio = load.rps / base.rps
+                for c, m, r, n in ((base_case, base, "", base_note), (case, load, ratio, note)):
+                    shown = f"{r:>6.2f}" if r else f"{'':>6}"
+                    print(
+                        f"{c.label:<32} {conc:>4} {m.rps:>9,.0f} {m.p50_ms:>8.2f}"
+                        f" {m.p99_ms:>8.2f} {shown}{'  ' + n if n else ''}",
+                        flush=True,
+                    )
+                if args.cpu:
+                    # CPU time per call: what the shared machine's noise moves least
+                    assert base.cpu is not None and load.cpu is not None
+                    off_us, on_us = sum(base.cpu[:2]), sum(load.cpu[:2])
+                    cost = on_us / off_us - 1
+                    print(
+                        f"{'':<32} {'':>4}  server CPU per call: off {off_us:.0f} µs, "
+                        f"on {on_us:.0f} µs ({cost:+.1%})"
+                    )
+                    if cost > METRICS_COST_TARGET:
+                        missed.append(f"{case.label} at concurrency {conc}: {cost:+.1%} CPU")
+                elif ratio < 1 - METRICS_COST_TARGET:
+                    missed.append(f"{case.label} at concurrency {conc}: {ratio:.2f} of off")
+            print()
+        per_call = observation_cost()
+        print(
+            f"what monitoring adds to one ExecuteWorkflow call of a one-node workflow, "
+            f"measured in this process: {per_call:.1f} µs"
+        )
+        # the scrape itself: what the metrics port answers after the load
+        port = _metrics_port(on)
+        if port is not None:
+            t0 = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+                size = sum(len(chunk) for chunk in iter(lambda: sock.recv(65536), b""))
+            took = (time.perf_counter() - t0) * 1e3
+            print(f"one scrape of /metrics: {size:,} bytes in {took:.1f} ms")
+        return missed
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def observation_cost(calls: int = 100_000, repeats: int = 5) -> float:
+    """CPU microseconds that monitoring adds to one ExecuteWorkflow call of a one-node
+    workflow: the chain's observation (in-flight gauge, histogram, counter) and the
+    execution's (running gauge, counter, histogram, one node histogram), in a loop,
+    timed in thread CPU time (the best of `repeats`): a figure the shared machine's
+    noise barely moves, unlike the throughput ratio."""
+    metrics_mod = importlib.import_module("nexus_server.gateway._metrics")
+    metrics = metrics_mod.Metrics()
+    method = metrics.for_method(EXECUTE)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        for _ in range(calls):
+            started = time.perf_counter()
+            method.in_flight.inc()
+            metrics.execution_started("noop")
+            metrics.node_ended("noop", "BenchNoop", "completed", 0.0001)
+            metrics.execution_ended("noop", "SUCCEEDED", 0.0002)
+            method.in_flight.dec()
+            method.ended("grpc", "OK", time.perf_counter() - started)
+        best = min(best, (time.thread_time() - t0) / calls * 1e6)
+    return best
+
+
+def _metrics_port(server: Server) -> int | None:
+    """The metrics port the server listens on besides its gRPC port (from /proc)."""
+    grpc_port = int(server.address.rsplit(":", 1)[1])
+    ports = set()
+    for fd in Path(f"/proc/{server.proc.pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                ports.add(link[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in ports:  # LISTEN
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if port != grpc_port:
+                return port
+    return None
+
+
 # ---- the cost of authentication (issue 16) ----------------------------------------------
 
 TABLE_HEADER = (
@@ -1189,6 +1341,13 @@ def main() -> int:
         action="store_true",
         help="only the authentication table (auth off/on)",
     )
+    p.add_argument("--skip-metrics", action="store_true", help="without the metrics table")
+    p.add_argument("--only-metrics", action="store_true", help="only the metrics table (on/off)")
+    p.add_argument(
+        "--metrics-control",
+        action="store_true",
+        help="the metrics table with metrics off on both servers (the bench's own bias)",
+    )
     p.add_argument(
         "--skip-tracing", action="store_true", help="no tracing (1 %% sampled) vs off table"
     )
@@ -1237,13 +1396,21 @@ def main() -> int:
     with workdir() as tmp:
         if args.only_tracing:
             args.skip_load = args.skip_startup = True
-        if not args.skip_load and not args.only_auth:
+        only = args.only_auth or args.only_metrics or args.only_tracing
+        if not args.skip_load and not only:
             missed += run_load(args, tmp)
-        if not args.skip_load and not args.skip_auth:
+        if not args.skip_load and not args.skip_auth and not args.only_metrics:
             missed += run_auth(args, tmp)
-        if not (args.skip_tracing or args.only_auth or shutil.which("h2load") is None):
+        if not args.skip_metrics and not args.only_auth and not args.only_tracing:
+            missed += run_metrics(args, tmp)
+        if not (
+            args.skip_tracing
+            or args.only_auth
+            or args.only_metrics
+            or shutil.which("h2load") is None
+        ):
             missed += run_tracing(args, tmp)
-        if not args.skip_startup and not args.only_auth:
+        if not args.skip_startup and not only:
             missed += run_startup(args, tmp)
     print()
     if missed:

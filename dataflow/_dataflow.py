@@ -14,6 +14,7 @@ import re
 import secrets
 import sqlite3
 import sys
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -26,6 +27,8 @@ from sqlalchemy.schema import CreateTable
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    from ._metrics import DataFlowMetrics
 
 from workflow import Node, RegistryError, current_execution, register_node, unregister_node
 
@@ -369,8 +372,9 @@ class DataFlow:
             out first).
         cache_prefix: the Redis key prefix (default: derived from the database URL, so
             DataFlows on one database share entries and on two databases never do).
-        enable_metrics: the original's option for metrics, which a later issue adds:
-            False/None is accepted, True is refused with a ValueError naming it.
+        enable_metrics: keep Prometheus metrics of the connection pool and of every
+            statement's duration (`DataFlow.metrics`, a prometheus_client collector;
+            `Nexus(enable_monitoring=True)` exposes it).
         breaker: the circuit breaker around the database (`BreakerOptions`; True, the
             default: 5 failures in a row to reach the database open it, a trial call
             after 5 s; False: none). While it is open, operations fail at once with
@@ -414,13 +418,8 @@ class DataFlow:
             or connection_pool_size < 1
         ):
             raise ValidationError("connection_pool_size", "expects a positive integer")
-        for option, value, capability in (("enable_metrics", enable_metrics, "metrics"),):
-            if value is not None and value is not False:
-                raise ValidationError(
-                    option,
-                    f"DataFlow({option}={value!r}): not available yet: needs {capability}, "
-                    f"which a later issue adds (after issue 15); leave it unset (None/False)",
-                )
+        if enable_metrics not in (None, True, False):
+            raise ValidationError("enable_metrics", "expects True or False")
         url = database_url or os.environ.get("DATABASE_URL") or DEFAULT_URL
         self._url, self.dialect = _async_url(url)
         self._cache: QueryCache | None = _make_cache(
@@ -479,6 +478,24 @@ class DataFlow:
         self._sync_init = (
             self.dialect == "sqlite" and db_path != ":memory:" and "memory" not in self._url
         )
+        #: the pool and statement metrics (`enable_metrics=True`), else None
+        self.metrics: DataFlowMetrics | None = None
+        if enable_metrics:
+            from ._metrics import DataFlowMetrics
+
+            self.metrics = DataFlowMetrics(self.dialect, self._pool_use)
+
+    def _pool_use(self) -> tuple[int, int, int] | None:
+        """(in use, idle, max) connections: asyncpg's pool on PostgreSQL (the kept
+        single-statement connection not counted), the one connection on SQLite."""
+        pool = self._pg_pool
+        if pool is not None:
+            size, idle = pool.get_size(), pool.get_idle_size()
+            return size - idle, idle, pool.get_max_size()
+        if self.dialect == "sqlite":
+            busy = int(self._sqlite_lock.locked())
+            return busy, 1 - busy, 1
+        return None
 
     def __repr__(self) -> str:
         return f"<DataFlow {self.url} models={list(self._models)}>"
@@ -587,13 +604,33 @@ class DataFlow:
 
             event.listen(engine.sync_engine, "invalidate", dropped)
             event.listen(engine.sync_engine, "close", dropped)
+            self._time_statements(engine)
             return engine
-        return create_async_engine(
+        engine = create_async_engine(
             self._url,
             pool_size=self._pool_size,
             max_overflow=max(2, self._pool_size // 2),
             echo=self._echo,
         )
+        self._time_statements(engine)
+        return engine
+
+    def _time_statements(self, engine: AsyncEngine) -> None:
+        """With metrics on, time every statement SQLAlchemy runs on `engine`."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+
+        def before(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            conn.info["dataflow_started"] = time.perf_counter()
+
+        def after(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            started = conn.info.pop("dataflow_started", None)
+            if started is not None:
+                metrics.observe(statement, time.perf_counter() - started)
+
+        event.listen(engine.sync_engine, "before_cursor_execute", before)
+        event.listen(engine.sync_engine, "after_cursor_execute", after)
 
     async def _sqlite_connection(self) -> Any:
         """The aiosqlite connection (opened through the engine on first use)."""
@@ -1111,6 +1148,7 @@ class DataFlow:
             return
         br = self._breaker
         trial = br is not None and not br.quiet and br.admit()
+        started = time.perf_counter() if self.metrics is not None else 0.0
         try:
             async with self._pg_pool.acquire() as conn, conn.transaction():
                 await conn.executemany(sql, rows)
@@ -1120,6 +1158,9 @@ class DataFlow:
             if trial:
                 self._release_trial()
             raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(sql, time.perf_counter() - started)
         if br is not None and not br.quiet:
             br.success()
 
@@ -1291,12 +1332,18 @@ class DataFlow:
         *,
         turn: bool = True,
     ) -> Sequence[Any] | None:
-        """`_fast_fetch_now`, inside the statement hook's scope when one is set."""
-        hook = self._statement_hook
-        if hook is None:
+        """`_fast_fetch_now`, inside the statement hook's scope when one is set, timed
+        when metrics are on."""
+        hook, metrics = self._statement_hook, self.metrics
+        if hook is None and metrics is None:
             return await self._fast_fetch_now(model, sql, args, write, turn=turn)
-        with hook(sql):
-            return await self._fast_fetch_now(model, sql, args, write, turn=turn)
+        started = time.perf_counter()
+        try:
+            with hook(sql) if hook is not None else contextlib.nullcontext():
+                return await self._fast_fetch_now(model, sql, args, write, turn=turn)
+        finally:
+            if metrics is not None:
+                metrics.observe(sql, time.perf_counter() - started)
 
     async def _fast_fetch_now(
         self,
@@ -1346,12 +1393,18 @@ class DataFlow:
     async def _fast_executemany(
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
     ) -> None:
-        """`_fast_executemany_now`, inside the statement hook's scope when one is set."""
-        hook = self._statement_hook
-        if hook is None:
+        """`_fast_executemany_now`, inside the statement hook's scope when one is set,
+        timed when metrics are on."""
+        hook, metrics = self._statement_hook, self.metrics
+        if hook is None and metrics is None:
             return await self._fast_executemany_now(model, sql, batches)
-        with hook(sql):
-            return await self._fast_executemany_now(model, sql, batches)
+        started = time.perf_counter()
+        try:
+            with hook(sql) if hook is not None else contextlib.nullcontext():
+                return await self._fast_executemany_now(model, sql, batches)
+        finally:
+            if metrics is not None:
+                metrics.observe(sql, time.perf_counter() - started)
 
     async def _fast_executemany_now(
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
@@ -1380,12 +1433,18 @@ class DataFlow:
             br.success()
 
     async def _fast_execute(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
-        """`_fast_execute_now`, inside the statement hook's scope when one is set."""
-        hook = self._statement_hook
-        if hook is None:
+        """`_fast_execute_now`, inside the statement hook's scope when one is set, timed
+        when metrics are on."""
+        hook, metrics = self._statement_hook, self.metrics
+        if hook is None and metrics is None:
             return await self._fast_execute_now(model, sql, args)
-        with hook(sql):
-            return await self._fast_execute_now(model, sql, args)
+        started = time.perf_counter()
+        try:
+            with hook(sql) if hook is not None else contextlib.nullcontext():
+                return await self._fast_execute_now(model, sql, args)
+        finally:
+            if metrics is not None:
+                metrics.observe(sql, time.perf_counter() - started)
 
     async def _fast_execute_now(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
         """Run one write statement on the driver; return the rows affected."""

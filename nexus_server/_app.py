@@ -42,7 +42,7 @@ from ._registry import WorkflowRegistry
 from ._store import Store
 from ._typed import TypedModels
 from ._workflow_service import WorkflowServicer
-from .gateway import Gateway, Policy, check_cache_ttl, check_read_only
+from .gateway import Gateway, Policy, ResponseCache, check_cache_ttl, check_read_only
 from .gateway._audit import AuditTrail
 from .gateway._audit_service import AuditServicer
 from .gateway._auth_service import AuthServicer
@@ -55,10 +55,12 @@ from .gateway._tracing import Tracing, tracing_from_env, tracing_wanted
 
 if TYPE_CHECKING:
     from ._envoy import EnvoySupervisor
+    from .gateway._metrics import Metrics, MetricsServer
 
 __all__ = [
     "AuthNotConfigured",
     "GrpcPortError",
+    "MetricsPortError",
     "Nexus",
     "Serving",
     "UnavailableOption",
@@ -122,6 +124,10 @@ class Serving:
     api_port: int | None = None
     #: The Envoy supervisor when `serving(envoy=True)`, else None.
     envoy: EnvoySupervisor | None = None
+    #: The metrics when `enable_monitoring` is on, else None.
+    metrics: Metrics | None = None
+    #: The port serving `GET /metrics` when monitoring is on with a `metrics_port`.
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -188,8 +194,17 @@ class Nexus:
             no limit. `register(..., rate_limit=...)` sets a workflow's own.
         rate_limit_backend: where the buckets live: None (this process) or a
             `redis://host:port/db` URL, so that replicas share one limit.
-        enable_monitoring: the original's option for a capability a later issue adds;
-            False/None is accepted, anything else is refused (`UnavailableOption`).
+        enable_monitoring: Prometheus metrics (docs/operations.md): every call by
+            method, channel and code with its duration, calls in flight, executions and
+            nodes, refusals by reason, and DataFlow's pool and queries when it has
+            `enable_metrics=True`. Off (None/False): no metric is kept at all.
+        metrics_port: with monitoring on, the port serving `GET /metrics` (Prometheus'
+            text format) on `host`; 0 picks a free one (`Serving.metrics_port` tells
+            which); None: no metrics port (read them through Envoy or `Serving.metrics`).
+        expose_metrics: with monitoring on and Envoy served, `GET /metrics` on Envoy's
+            public port too (off by default: metrics are not for every client).
+        access_log: one JSON line per call on the `nexus.access` logger (written when
+            that logger is enabled for INFO, as `nexus serve` does).
 
     The options are checked at construction and again at `start()`/`serving()`, so the
     attribute form (`app.enable_auth = True` before `start()`) is refused the same way.
@@ -218,6 +233,9 @@ class Nexus:
         audit_table: bool = False,
         audit_reads: bool = False,
         enable_monitoring: bool | None = None,
+        metrics_port: int | None = 9464,
+        expose_metrics: bool = False,
+        access_log: bool = True,
         rate_limit: object = None,
         enable_tracing: bool | None = None,
         tracer_provider: Any = None,
@@ -248,6 +266,9 @@ class Nexus:
         self.audit_table = audit_table
         self.audit_reads = audit_reads
         self.enable_monitoring = enable_monitoring
+        self.metrics_port = metrics_port
+        self.expose_metrics = expose_metrics
+        self.access_log = access_log
         self.rate_limit = rate_limit
         self.enable_tracing = enable_tracing
         self.tracer_provider = tracer_provider
@@ -270,6 +291,29 @@ class Nexus:
             value = getattr(self, option)
             if value is not None and value is not False:
                 raise UnavailableOption(f"Nexus({option}={value!r})", capability)
+        if self.enable_monitoring not in (None, True, False):
+            raise TypeError(
+                f"Nexus(enable_monitoring={self.enable_monitoring!r}): expects True or False"
+            )
+        if self.metrics_port is not None and (
+            not isinstance(self.metrics_port, int)
+            or isinstance(self.metrics_port, bool)
+            or not 0 <= self.metrics_port <= 65535
+        ):
+            raise ValueError(
+                f"Nexus(metrics_port={self.metrics_port!r}): expects a port number "
+                "(0..65535; 0 picks a free one) or None"
+            )
+        if self.expose_metrics and not self.enable_monitoring:
+            raise ValueError(
+                "Nexus(expose_metrics=True) needs enable_monitoring=True: there are no "
+                "metrics to expose"
+            )
+        if self.expose_metrics and self.metrics_port is None:
+            raise ValueError(
+                "Nexus(expose_metrics=True) needs a metrics_port (Envoy forwards "
+                "GET /metrics to it; 0 picks a free one)"
+            )
         if self.enable_durability is False:
             raise ValueError(
                 "Nexus(enable_durability=False): cannot be turned off: an execution "
@@ -388,7 +432,25 @@ class Nexus:
         interrupted = await store.initialize()
         if interrupted:
             _log.warning("marked %d execution(s) interrupted by the last stop", interrupted)
-        executions = Executions(store, timeout=self.execution_timeout)
+        metrics: Metrics | None = None
+        if self.enable_monitoring:
+            # imported only when on: prometheus_client costs nothing otherwise
+            from .gateway._metrics import Metrics
+
+            metrics = Metrics()
+        if metrics is not None:
+            if db.metrics is not None:  # DataFlow(enable_metrics=True): pool, statements
+                metrics.add_collector(db.metrics)
+            breaker = db.breaker
+            if breaker is not None:
+                metrics.watch_breaker(breaker.name, lambda: breaker.state)
+            query_cache = db.cache
+            if query_cache is not None:
+                metrics.watch_cache("dataflow", lambda: (query_cache.hits, query_cache.misses))
+        responses = ResponseCache()
+        if metrics is not None:
+            metrics.watch_cache("response", lambda: (responses.hits, responses.misses))
+        executions = Executions(store, timeout=self.execution_timeout, metrics=metrics)
         if tracing is not None:
             executions.span = tracing.execution
             executions.runtime.node_hook = tracing.node
@@ -412,6 +474,8 @@ class Nexus:
             if self.limits.max_in_flight or self.limits.max_executions
             else None
         )
+        if shedder is not None and metrics is not None:
+            shedder.on_refused = metrics.shed
         gateway = Gateway(
             authenticator=authenticator,
             policy=self.policy,
@@ -423,6 +487,8 @@ class Nexus:
             tracing=tracing,
             rate=limiter,
             shed=shedder,
+            metrics=metrics,
+            access_log=self.access_log,
         )
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self.limits.grpc_options()])
@@ -434,6 +500,7 @@ class Nexus:
                 allow_code_nodes=self.allow_code_nodes,
                 gateway=gateway,
                 limits=self.limits,
+                responses=responses,
             ),
             handlers,
         )
@@ -508,7 +575,19 @@ class Nexus:
         await _set_health(health_servicer, services, serving=True)
         watcher = asyncio.create_task(self._watch_database(db, health_servicer, services))
         supervisor: EnvoySupervisor | None = None
+        metrics_server: MetricsServer | None = None
         try:
+            if metrics is not None and self.metrics_port is not None:
+                from .gateway._metrics import MetricsServer
+
+                try:
+                    metrics_server = MetricsServer(metrics, self.host, self.metrics_port)
+                except OSError:
+                    raise MetricsPortError(
+                        f"cannot serve metrics on port {self.metrics_port}: "
+                        f"{self.host}:{self.metrics_port} is in use (or not an address of "
+                        "this host); set metrics_port (0 picks a free one, None: none)"
+                    ) from None
             if envoy:
                 if self.api_port is None:
                     raise ValueError("serving(envoy=True) needs an api_port (it is None)")
@@ -529,6 +608,11 @@ class Nexus:
                         cors_origins=self.cors_origins,
                         services=transcoded_services(typed),
                         limits=self.limits,
+                        metrics_port=(
+                            metrics_server.port
+                            if metrics_server is not None and self.expose_metrics
+                            else None
+                        ),
                     ),
                 )
                 await supervisor.start()
@@ -542,18 +626,24 @@ class Nexus:
                 time.perf_counter() - started,
                 api_port=supervisor.api_port if supervisor else None,
                 envoy=supervisor,
+                metrics=metrics,
+                metrics_port=metrics_server.port if metrics_server is not None else None,
             )
             _log.info(
                 "gRPC server listening on %s (%.0f ms)", info.address, info.startup_seconds * 1e3
             )
             if info.api_address:
                 _log.info("Envoy (REST, gRPC-Web, gRPC) listening on %s", info.api_address)
+            if info.metrics_port is not None:
+                _log.info("metrics on http://%s:%d/metrics", self.host, info.metrics_port)
             yield info
         finally:
             self._started = False  # not ready: orchestrators stop sending traffic
             self.health.remove("envoy")
             if supervisor is not None:
                 await supervisor.stop()
+            if metrics_server is not None:
+                await asyncio.to_thread(metrics_server.close)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -672,9 +762,12 @@ class Nexus:
         from ._cli import run_app
 
         if not logging.getLogger().handlers:
+            from .gateway._access_log import configure_access_log
+
             logging.basicConfig(
                 level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
+            configure_access_log()
         code = run_app(self, log_level="info")
         if code:
             raise SystemExit(code)
@@ -688,6 +781,10 @@ class GrpcPortError(OSError):
     """The gRPC port could not be bound (in use, or not an address of this host)."""
 
 
+class MetricsPortError(GrpcPortError):
+    """The metrics port could not be bound (in use, or not an address of this host)."""
+
+
 class UnavailableOption(ValueError):
     """An option of a capability this build does not have yet."""
 
@@ -699,9 +796,7 @@ class UnavailableOption(ValueError):
 
 
 #: The original's options whose capabilities come in later issues.
-_LATER_OPTIONS = {
-    "enable_monitoring": "metrics (monitoring)",
-}
+_LATER_OPTIONS: dict[str, str] = {}
 
 #: While `nexus serve` loads an app file, the apps whose `start()` was called (see
 #: `deferred_start`); None otherwise.

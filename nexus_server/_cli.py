@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from ._app import (
     GrpcPortError,
+    MetricsPortError,
     Nexus,
     UnavailableOption,
     _local,
@@ -182,6 +183,8 @@ def run_app(app: Nexus, *, log_level: str = "info") -> int:
             "choose another port with --api-port (api_port=), or serve gRPC only with "
             "--no-envoy (api_port=None)",
         )
+    except MetricsPortError as exc:
+        return _fail(str(exc), "choose another port with metrics_port= (0: any; None: none)")
     except GrpcPortError as exc:
         return _fail(str(exc), "choose another port with --grpc-port (grpc_port=)")
     except DataFlowError as exc:
@@ -204,9 +207,12 @@ def _fail(message: str, hint: str | None) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from .gateway._access_log import configure_access_log
+
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    configure_access_log()
     app = _load(args.app)
     if args.host is not None:
         app.host = args.host

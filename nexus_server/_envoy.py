@@ -44,6 +44,8 @@ from ._supervisor import Supervisor, SupervisorError
 from ._typed import TypedModels
 
 __all__ = [
+    "ACCESS_LOG_FORMAT",
+    "METRICS_PATH",
     "STATIC_SERVICES",
     "EnvoyError",
     "EnvoyOptions",
@@ -126,6 +128,10 @@ class EnvoyOptions:
         grpc_address_is_dns: resolve `grpc_host` by DNS (for a container name) instead
             of reading it as an IP address.
         limits: the connection limits and timeouts (see `Limits`).
+        metrics_port: the server's metrics port: `GET /metrics` on the API port is
+            forwarded to it (`Nexus(expose_metrics=True)`); None: no such route.
+        access_log_path: where Envoy writes its JSON access log (one line per request,
+            `ACCESS_LOG_FORMAT`); None: none (the supervisor sets one in its directory).
     """
 
     grpc_host: str = "127.0.0.1"
@@ -139,6 +145,26 @@ class EnvoyOptions:
     grpc_address_is_dns: bool = False
     services: tuple[str, ...] = field(default=STATIC_SERVICES)
     limits: Limits = field(default_factory=Limits)
+    metrics_port: int | None = None
+    access_log_path: str | None = None
+
+
+#: Envoy's access log line: the fields of the server's (`gateway._access_log`), with the
+#: gRPC method path Envoy forwarded to (the transcoder's rewrite), the path the client
+#: asked for and the HTTP status besides. The principal is known to the server only.
+ACCESS_LOG_FORMAT: dict[str, str] = {
+    "time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%",
+    "principal": "",
+    "channel": "%REQ(X-NEXUS-CHANNEL)%",
+    "method": "%REQ(:PATH)%",
+    "code": "%GRPC_STATUS(SNAKE_STRING)%",
+    "duration_ms": "%DURATION%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "trace_id": "%TRACE_ID%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "http_status": "%RESPONSE_CODE%",
+    "source": "envoy",
+}
 
 
 def envoy_binary() -> Path | None:
@@ -539,6 +565,22 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         ],
     }
+    if options.metrics_port is not None:
+        virtual_host["routes"].insert(
+            0,
+            {
+                "match": {"path": METRICS_PATH, "headers": [_GET_ONLY]},
+                "route": {"cluster": "nexus_metrics", "timeout": "10s"},
+                # plain HTTP to the metrics port: the transcoder (which refuses a path
+                # that is no RPC) stays out of it
+                "typed_per_filter_config": {
+                    "envoy.filters.http.grpc_json_transcoder": {
+                        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                        "disabled": True,
+                    }
+                },
+            },
+        )
     if options.cors_origins:
         virtual_host["typed_per_filter_config"] = {
             "envoy.filters.http.cors": _cors_policy(options.cors_origins)
@@ -568,6 +610,18 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         "local_reply_config": _local_reply_config(),
         "http_filters": http_filters,
     }
+    if options.access_log_path is not None:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
+                    "FileAccessLog",
+                    "path": options.access_log_path,
+                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                },
+            }
+        ]
     config: dict[str, Any] = {
         "overload_manager": {
             "resource_monitors": [
@@ -620,6 +674,7 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             }
         ],
         "clusters": [
+            *_metrics_cluster(options),
             {
                 "name": "nexus_grpc",
                 "type": "STRICT_DNS" if options.grpc_address_is_dns else "STATIC",
@@ -650,10 +705,48 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                         }
                     ],
                 },
-            }
+            },
         ],
     }
     return config
+
+
+#: Where Envoy serves the server's metrics when `metrics_port` is set.
+METRICS_PATH = "/metrics"
+
+_GET_ONLY = {"name": ":method", "string_match": {"exact": "GET"}}
+
+
+def _metrics_cluster(options: EnvoyOptions) -> list[dict[str, Any]]:
+    """The server's metrics HTTP port as a cluster (when `metrics_port` is set)."""
+    if options.metrics_port is None:
+        return []
+    return [
+        {
+            "name": "nexus_metrics",
+            "type": "STRICT_DNS" if options.grpc_address_is_dns else "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": "nexus_metrics",
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": options.grpc_host,
+                                            "port_value": options.metrics_port,
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    ]
 
 
 def _seconds(value: float) -> str:
@@ -798,6 +891,7 @@ class EnvoySupervisor(Supervisor):
             # private directory: no other local user's process can reach it
             admin_socket=str(self.admin_socket),
             admin_port=None,
+            access_log_path=self.options.access_log_path or str(self.access_log_path),
         )
         config = workdir / "envoy.yaml"
         config.write_text(render_yaml(envoy_config(self.descriptor, opts)))
@@ -809,6 +903,8 @@ class EnvoySupervisor(Supervisor):
             "--use-dynamic-base-id",
             "--log-level", self.log_level,
             "--concurrency", str(self.concurrency),
+            # the access log reaches its file within a second (Envoy's default: 10 s)
+            "--file-flush-interval-msec", "1000",
         ]  # fmt: skip
 
     async def probe(self, log_offset: int) -> bool:
@@ -817,6 +913,12 @@ class EnvoySupervisor(Supervisor):
             return False
         self.api_port = port
         return True
+
+    @property
+    def access_log_path(self) -> Path:
+        """Envoy's JSON access log when `EnvoyOptions.access_log_path` is not set (in
+        the supervisor's private directory)."""
+        return self.workdir / "access.log"
 
     @property
     def admin_socket(self) -> Path:

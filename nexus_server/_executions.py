@@ -34,7 +34,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.json_format import MessageToDict
 
@@ -45,6 +45,9 @@ from ._errors import ApiError, brief, to_api_error
 from ._jsonable import to_jsonable
 from ._record_writer import LINGER, RecordRejected, RecordWriter
 from ._store import RUNNING_STATES, ExecutionRecord, Store, body_hash, check_request_id
+
+if TYPE_CHECKING:
+    from .gateway._metrics import Metrics
 
 __all__ = ["Executions", "RunningExecution", "error_dict"]
 
@@ -210,6 +213,23 @@ class RunningExecution:
             await changed.wait()
 
 
+_NODE_OUTCOMES = {EventKind.NODE_COMPLETED: "completed", EventKind.NODE_FAILED: "failed"}
+
+
+def _observing(
+    push: Callable[[Event], None], metrics: Metrics, workflow: str
+) -> Callable[[Event], None]:
+    """`push`, also recording each node's run time (monitoring on)."""
+
+    def on_event(event: Event) -> None:
+        push(event)
+        outcome = _NODE_OUTCOMES.get(event.kind)
+        if outcome is not None and event.duration is not None:
+            metrics.node_ended(workflow, event.node_type or "", outcome, event.duration)
+
+    return on_event
+
+
 class _KeyedLocks:
     """One lock per key, kept only while someone holds or waits for it."""
 
@@ -237,12 +257,19 @@ class Executions:
     Args:
         store: where execution rows live.
         timeout: default per-execution timeout in seconds (None: no limit).
+        metrics: where executions and node runs are counted (monitoring on), or None.
     """
 
     def __init__(
-        self, store: Store, timeout: float | None = None, *, commit_timeout: float = 5.0
+        self,
+        store: Store,
+        timeout: float | None = None,
+        *,
+        commit_timeout: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         #: seconds a call waits for its record to be durable before it fails UNAVAILABLE
         self.commit_timeout = commit_timeout
         self.runtime = AsyncLocalRuntime(timeout=timeout)
@@ -526,13 +553,20 @@ class Executions:
         state = "FAILED"
         recorded = False  # committed with the workflow's writes
         forgotten = False
+        metrics = self.metrics
+        if metrics is not None:
+            started = time.perf_counter()
+            metrics.execution_started(rec.workflow)
+            on_event = _observing(run.push, metrics, rec.workflow)
+        else:
+            on_event = run.push
         try:
             if run.transactional:
-                recorded = await self._run_in_transaction(run, wf, inputs)
+                recorded = await self._run_in_transaction(run, wf, inputs, on_event)
                 state, outputs, error = rec.state, rec.outputs, rec.error
             else:
                 results = await self.runtime.run_validated(
-                    wf, inputs, execution_id=rec.id, on_event=run.push
+                    wf, inputs, execution_id=rec.id, on_event=on_event
                 )
                 state, outputs, error = _succeeded(results)
         except asyncio.CancelledError:
@@ -551,6 +585,9 @@ class Executions:
             # of it was kept, so it is not recorded and a retry with its request_id runs it
             forgotten = run.transactional and error.get("reason") in _UNAVAILABLE
         finally:
+            if metrics is not None:
+                ended = run.record.state if recorded else state
+                metrics.execution_ended(rec.workflow, ended, time.perf_counter() - started)
             self.running.pop(rec.id, None)
             if run.put_later is not None:
                 run.put_later.cancel()
@@ -581,7 +618,11 @@ class Executions:
                 run.finish()
 
     async def _run_in_transaction(
-        self, run: RunningExecution, wf: Workflow, inputs: dict[str, Any]
+        self,
+        run: RunningExecution,
+        wf: Workflow,
+        inputs: dict[str, Any],
+        on_event: Callable[[Event], None],
     ) -> bool:
         """Run `wf` in one transaction that also inserts its final record. Returns True
         when it committed; False when the workflow's outputs could not be returned (the
@@ -591,7 +632,7 @@ class Executions:
         try:
             async with db.transaction():
                 results = await self.runtime.run_validated(
-                    wf, inputs, execution_id=rec.id, on_event=run.push
+                    wf, inputs, execution_id=rec.id, on_event=on_event
                 )
                 state, outputs, error = _succeeded(results)
                 if state != "SUCCEEDED":

@@ -23,6 +23,9 @@ For each call, in order:
    cache never serves one principal an entry another one filled.
 4. **Audit.** Every refusal and every call that changes something (and every read when
    `audit_reads` is on) is recorded once it ends (`_audit`).
+5. **Observe.** With monitoring on, every call is counted once when it ends (method,
+   channel, code, duration; calls in flight; refusals by reason: `_metrics`), and with
+   the access log on, it gets one JSON line (`_access_log`). Off, each costs one `if`.
 
 The chain wraps the method handlers themselves (`Gateway.method`, applied by the app to
 every service it registers), not a grpc interceptor: one function call per RPC, and the
@@ -31,10 +34,12 @@ decoded request is at hand for the permission check.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as _dt
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -46,6 +51,7 @@ from dataflow import cache_scope, tenant_scope
 
 from .._errors import FAILURE_REASON, ApiError, abort, to_api_error
 from .._store import MAX_CALLER
+from ._access_log import log_call
 from ._audit import AuditEntry
 from ._jwt import JwksUnavailable
 from ._policy import Policy
@@ -54,6 +60,7 @@ from ._tracing import SPAN_AUTHENTICATE, SPAN_AUTHORIZE, SPAN_RATE_LIMIT
 
 if TYPE_CHECKING:
     from .._registry import WorkflowRegistry
+    from ._metrics import MethodMetrics, Metrics
     from ._rate import RateLimiter
     from ._shed import Shedder
     from ._tracing import Tracing
@@ -208,6 +215,82 @@ def typed_rule(model: str, method: str) -> Rule:
     return _UNKNOWN
 
 
+# --- observing calls -------------------------------------------------------------------
+
+
+class _Watch:
+    """What is observed of one method's calls: its metric children (monitoring on) and
+    its access log lines (access log on)."""
+
+    __slots__ = ("log", "method", "method_metrics", "metrics")
+
+    def __init__(self, method: str, metrics: Metrics | None, log: bool) -> None:
+        self.method = method
+        self.metrics = metrics
+        self.method_metrics: MethodMetrics | None = (
+            metrics.for_method(method) if metrics is not None else None
+        )
+        self.log = log
+
+    def start(self) -> float:
+        if self.method_metrics is not None:
+            self.method_metrics.in_flight.inc()
+        return time.perf_counter()
+
+    def end(
+        self,
+        started: float,
+        channel: str,
+        principal: str,
+        code: str,
+        request: Any,
+        context: Any,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        if self.method_metrics is not None:
+            self.method_metrics.in_flight.dec()
+            self.method_metrics.ended(channel, code, seconds)
+        if self.log:
+            log_call(
+                method=self.method,
+                channel=channel,
+                principal=principal,
+                code=code,
+                seconds=seconds,
+                request=request,
+                context=context,
+            )
+
+    def refused(self, api: ApiError, channel: str) -> None:
+        """Count a refusal of the chain: a rate limit's, or an authentication or
+        authorization failure by its reason."""
+        if self.metrics is None:
+            return
+        if api.reason == "RATE_LIMITED":
+            scope = api.metadata.get("scope", "")
+            self.metrics.rate_limited(self.method, channel, scope.split(":", 1)[0] or "default")
+        else:
+            self.metrics.auth_failure(api.reason, channel)
+
+
+def _code_of(context: Any, failure: BaseException | None) -> str:
+    """The status name a call ended with (what the client sees)."""
+    code = context.code()
+    if code is None or code == 0 or code == grpc.StatusCode.OK:
+        if failure is None:
+            return "OK"
+        return "CANCELLED" if isinstance(failure, asyncio.CancelledError) else "UNKNOWN"
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    try:
+        return str(_CODE_NAMES[int(code)])
+    except (KeyError, TypeError, ValueError):
+        return "UNKNOWN"
+
+
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
 # --- the chain ---------------------------------------------------------------------------
 
 
@@ -234,6 +317,8 @@ class Gateway:
             tracing is off and no wrapper is added.
         rate: the rate limiter (`_rate.RateLimiter`); None: no rate limits.
         shed: the in-flight caps (`_shed.Shedder`); None: no caps.
+        metrics: where calls are counted (monitoring on), or None.
+        access_log: write one `nexus.access` line per call.
     """
 
     def __init__(
@@ -249,6 +334,8 @@ class Gateway:
         tracing: Tracing | None = None,
         rate: RateLimiter | None = None,
         shed: Shedder | None = None,
+        metrics: Metrics | None = None,
+        access_log: bool = False,
     ) -> None:
         self.authenticator = authenticator
         self.policy = policy
@@ -260,6 +347,8 @@ class Gateway:
         self.tracing = tracing
         self.rate = rate
         self.shed = shed
+        self.metrics = metrics
+        self.access_log = access_log
         self._dev: dict[tuple[str, str | None], Principal] = {}
 
     @property
@@ -299,18 +388,23 @@ class Gateway:
         if not hasattr(handler, "_replace"):
             return handler
         rule = self.rule(path)
+        watch = (
+            _Watch(path, self.metrics, self.access_log)
+            if self.metrics is not None or self.access_log
+            else None
+        )
         if handler.request_streaming:
             kind = "stream_stream" if handler.response_streaming else "stream_unary"
-            wrapped = self._streaming_requests(path, rule, getattr(handler, kind))
+            wrapped = self._streaming_requests(path, rule, getattr(handler, kind), watch)
         elif handler.response_streaming and _is_async_gen(handler.unary_stream):
             kind = "unary_stream"
-            wrapped = self._unary_stream(path, rule, handler.unary_stream)
+            wrapped = self._unary_stream(path, rule, handler.unary_stream, watch)
         elif handler.response_streaming:  # a coroutine writing with context.write
             kind = "unary_stream"
-            wrapped = self._unary_unary(path, rule, handler.unary_stream)
+            wrapped = self._unary_unary(path, rule, handler.unary_stream, watch)
         else:
             kind = "unary_unary"
-            wrapped = self._unary_unary(path, rule, handler.unary_unary)
+            wrapped = self._unary_unary(path, rule, handler.unary_unary, watch)
         if self.shed is not None and rule.access != OPEN and not handler.request_streaming:
             wrapped = self.shed.wrap(wrapped, execution=rule.access == WORKFLOW and rule.change)
         if self.tracing is not None:
@@ -322,34 +416,47 @@ class Gateway:
         replaced: grpc.RpcMethodHandler = handler._replace(**{kind: wrapped})
         return replaced
 
-    def _unary_unary(self, path: str, rule: Rule, behaviour: Any) -> Any:
+    def _unary_unary(self, path: str, rule: Rule, behaviour: Any, watch: _Watch | None) -> Any:
         audited = rule.change or self.audit_reads
 
         async def call(request: Any, context: Any) -> Any:
-            principal, channel = await self._admit(path, rule, request, context)
+            started = watch.start() if watch is not None else 0.0
+            principal, channel = await self._admit(path, rule, request, context, watch, started)
             token = CURRENT_PRINCIPAL.set(principal)
+            failure: BaseException | None = None
             try:
                 with tenant_scope(principal.tenant), cache_scope(principal.id):
                     return await behaviour(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
                 CURRENT_PRINCIPAL.reset(token)
                 if audited:
                     self._record(path, rule, request, principal, channel, context)
+                if watch is not None:
+                    code = _code_of(context, failure)
+                    watch.end(started, channel, principal.id, code, request, context)
 
         return call
 
-    def _unary_stream(self, path: str, rule: Rule, behaviour: Any) -> Any:
+    def _unary_stream(self, path: str, rule: Rule, behaviour: Any, watch: _Watch | None) -> Any:
         audited = rule.change or self.audit_reads
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            principal, channel = await self._admit(path, rule, request, context)
+            started = watch.start() if watch is not None else 0.0
+            principal, channel = await self._admit(path, rule, request, context, watch, started)
             token = CURRENT_PRINCIPAL.set(principal)
             scopes = (tenant_scope(principal.tenant), cache_scope(principal.id))
             for scope in scopes:
                 scope.__enter__()
+            failure: BaseException | None = None
             try:
                 async for item in behaviour(request, context):
                     yield item
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
                 # grpc may close the stream from another task (the client went away):
                 # its context holds none of these, and there is nothing to restore
@@ -360,44 +467,71 @@ class Gateway:
                     CURRENT_PRINCIPAL.reset(token)
                 if audited:
                     self._record(path, rule, request, principal, channel, context)
+                if watch is not None:
+                    code = _code_of(context, failure)
+                    watch.end(started, channel, principal.id, code, request, context)
 
         return stream
 
-    def _streaming_requests(self, path: str, rule: Rule, behaviour: Any) -> Any:
+    def _streaming_requests(
+        self, path: str, rule: Rule, behaviour: Any, watch: _Watch | None
+    ) -> Any:
         """Methods that take a stream of requests (reflection): admitted on the
         credential alone, before the first request is read."""
         if _is_async_gen(behaviour):
 
             async def stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-                principal, _ = await self._admit(path, rule, None, context)
+                started = watch.start() if watch is not None else 0.0
+                principal, channel = await self._admit(path, rule, None, context, watch, started)
                 token = CURRENT_PRINCIPAL.set(principal)
+                failure: BaseException | None = None
                 try:
                     async for item in behaviour(requests, context):
                         yield item
+                except BaseException as exc:
+                    failure = exc
+                    raise
                 finally:
                     with contextlib.suppress(ValueError):
                         CURRENT_PRINCIPAL.reset(token)
+                    if watch is not None:
+                        code = _code_of(context, failure)
+                        watch.end(started, channel, principal.id, code, None, context)
 
             return stream
 
         async def call(requests: Any, context: Any) -> Any:
-            principal, _ = await self._admit(path, rule, None, context)
+            started = watch.start() if watch is not None else 0.0
+            principal, channel = await self._admit(path, rule, None, context, watch, started)
             token = CURRENT_PRINCIPAL.set(principal)
+            failure: BaseException | None = None
             try:
                 return await behaviour(requests, context)
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
                 CURRENT_PRINCIPAL.reset(token)
+                if watch is not None:
+                    code = _code_of(context, failure)
+                    watch.end(started, channel, principal.id, code, None, context)
 
         return call
 
     # -- the checks ---------------------------------------------------------------------
 
     async def _admit(
-        self, path: str, rule: Rule, request: Any, context: Any
+        self,
+        path: str,
+        rule: Rule,
+        request: Any,
+        context: Any,
+        watch: _Watch | None = None,
+        started: float = 0.0,
     ) -> tuple[Principal, str]:
         """The call's principal and channel, once the call may go on; ends the call
         (UNAUTHENTICATED, PERMISSION_DENIED, or INVALID_ARGUMENT for a bad development
-        label) otherwise, audited."""
+        label) otherwise, audited (and observed, with `watch`)."""
         metadata = context.invocation_metadata() or ()
         channel = "grpc"
         for key, value in metadata:
@@ -435,9 +569,20 @@ class Gateway:
                 with self._step(SPAN_RATE_LIMIT):
                     await self._limit(rule, request, principal)
         except Exception as exc:  # a refusal, or the key store's database is down
-            reason = to_api_error(exc).reason
+            api = to_api_error(exc)
+            reason = api.reason
             self._refused(path, rule, request, principal, channel, reason)
+            if watch is not None:
+                watch.refused(api, channel)
+                code = api.code.name
+                who = principal.id if principal is not None else ""
+                watch.end(started, channel, who, code, request, context)
             await abort(context, exc)
+        except BaseException:  # cancelled while authenticating (the client went away)
+            if watch is not None:
+                who = principal.id if principal is not None else ""
+                watch.end(started, channel, who, "CANCELLED", request, context)
+            raise
         return principal, channel
 
     def _step(self, name: str) -> contextlib.AbstractContextManager[Any]:

@@ -40,6 +40,8 @@ class Shedder:
         self.in_flight = 0
         self.executions = 0
         self.refused = 0
+        #: called with `calls` or `executions` for each refusal (the metrics' hook)
+        self.on_refused: Callable[[str], None] | None = None
 
     def _refusal(self, execution: bool) -> ApiError:
         self.refused += 1
@@ -47,6 +49,8 @@ class Shedder:
             what, cap, key = "executions", self.max_executions, "max_executions"
         else:
             what, cap, key = "calls", self.max_in_flight, "max_in_flight"
+        if self.on_refused is not None:
+            self.on_refused(what)
         return ApiError(
             "OVERLOADED",
             f"the server is at its limit of {cap} {what} in progress; retry in {RETRY_AFTER:.0f} s",

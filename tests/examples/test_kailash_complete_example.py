@@ -3,9 +3,9 @@ ported by changing only its import lines (examples/kailash_complete_example.py),
 a user runs it: `python app.py` and `nexus serve app.py`, driven with the original's curl
 command (httpx) on port 8000 and an MCP client on port 3001.
 
-As written it passes `enable_metrics=True, enable_caching=True`: metrics and caching come
-in later issues, so DataFlow refuses them with an error naming that (tested as such).
-The serving tests run it with those two lines left out, nothing else changed. Its
+As written it passes `enable_metrics=True, enable_caching=True`: both work since issue
+17 (metrics of the pool and statements, the query cache), so it runs exactly as written.
+Its
 database URL is `postgresql://localhost:5432/mydb`: the test creates `mydb` if missing
 (its tables too: the example sets `skip_migration=True`) and drops it after if it made
 it; `PGUSER=postgres` is the only environment it is given for that URL.
@@ -34,7 +34,6 @@ EXAMPLE = ROOT / "examples" / "kailash_complete_example.py"
 REFERENCE = sorted((ROOT.parent / "shared" / "reference").glob("000_*.txt"))
 ADMIN_URL = os.environ.get("NEXUS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 WAIT = 60.0
-UNAVAILABLE_LINES = ("enable_metrics=True", "enable_caching=True")
 
 MAKE_TABLES = """
 import asyncio
@@ -102,25 +101,6 @@ def test_the_example_is_the_original_with_only_its_imports_changed() -> None:
             "from workflow import WorkflowBuilder",
         ),
     ]  # fmt: skip
-
-
-@pytest.mark.parametrize("how", ["python", "serve"])
-def test_as_written_its_metrics_and_caching_are_refused_naming_why(
-    tmp_path: Path, how: str
-) -> None:
-    app = tmp_path / "app.py"
-    app.write_text(EXAMPLE.read_text())
-    argv = [sys.executable, str(app)] if how == "python" else [
-        sys.executable, "-m", "nexus_server", "serve", str(app)
-    ]  # fmt: skip
-    done = subprocess.run(
-        argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=WAIT
-    )
-    assert done.returncode != 0
-    assert "DataFlow(enable_metrics=True): not available yet: needs metrics" in done.stderr
-    if how == "serve":
-        assert "Traceback" not in done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 async def _admin(sql: str) -> list[asyncpg.Record]:
@@ -233,14 +213,8 @@ async def test_the_example_serves_rest_and_mcp_on_its_ports(
     tmp_path: Path, mydb: str, how: str
 ) -> None:
     _require_free_ports()
-    text = EXAMPLE.read_text()
     app = tmp_path / "app.py"
-    app.write_text(
-        "\n".join(
-            line for line in text.splitlines() if not line.strip().startswith(UNAVAILABLE_LINES)
-        )
-        + "\n"
-    )
+    app.write_text(EXAMPLE.read_text())  # as written
     argv = [sys.executable, str(app)] if how == "python" else [
         sys.executable, "-m", "nexus_server", "serve", str(app)
     ]  # fmt: skip

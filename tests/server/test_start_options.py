@@ -1,7 +1,9 @@
 """The original's options (issue 15): every option its examples pass is accepted and
-works, or is refused with an error naming the capability a later issue adds. The
-attribute form (`app.enable_monitoring = True` before start) is refused the same way.
-`enable_auth` works now (tests/server/test_gateway.py)."""
+works. Options are checked again at start, so the attribute form (`app.metrics_port = -1`
+before start) is refused like the keyword. `enable_auth` (tests/server/test_gateway.py),
+`rate_limit` (tests/server/test_rate_limits.py), `enable_monitoring` with DataFlow's
+`enable_metrics` (tests/server/test_metrics.py) and `enable_caching`
+(tests/dataflow/test_df_cache.py) work now."""
 
 from __future__ import annotations
 
@@ -12,23 +14,6 @@ import pytest
 
 from dataflow import DataFlow, ValidationError
 from nexus_server import Nexus
-from nexus_server._app import UnavailableOption
-
-LATER_NEXUS = [
-    ("enable_monitoring", True, "metrics"),
-]
-
-
-@pytest.mark.parametrize(("option", "value", "capability"), LATER_NEXUS)
-def test_nexus_refuses_options_of_later_capabilities(
-    option: str, value: Any, capability: str
-) -> None:
-    with pytest.raises(UnavailableOption) as caught:
-        Nexus(**{option: value})
-    text = str(caught.value)
-    assert f"Nexus({option}=" in text
-    assert "not available yet" in text and capability in text
-    assert isinstance(caught.value, ValueError)
 
 
 @pytest.mark.parametrize("value", [None, False])
@@ -56,13 +41,10 @@ def test_durability_off_is_refused_saying_what_it_keeps() -> None:
         Nexus(enable_durability=False)
 
 
-@pytest.mark.parametrize(("option", "value", "capability"), LATER_NEXUS)
-async def test_the_attribute_form_is_refused_at_start(
-    option: str, value: Any, capability: str
-) -> None:
-    app = Nexus(grpc_port=0, api_port=None, mcp_port=None)
-    setattr(app, option, value)
-    with pytest.raises(UnavailableOption, match=capability):
+async def test_the_attribute_form_is_refused_at_start() -> None:
+    app = Nexus(grpc_port=0, api_port=None, mcp_port=None, enable_monitoring=True)
+    app.metrics_port = -1
+    with pytest.raises(ValueError, match="metrics_port"):
         async with app.serving():
             pytest.fail("served despite a refused option")
 
@@ -72,23 +54,14 @@ def test_the_attribute_form_makes_start_exit_with_one_line(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     app = Nexus(grpc_port=0, api_port=None, mcp_port=None)
-    app.enable_monitoring = True
+    app.expose_metrics = True  # without enable_monitoring
     with pytest.raises(SystemExit) as caught:
         app.start()
     assert caught.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert "enable_monitoring" in err[0] and "metrics" in err[0]
+    assert "expose_metrics=True" in err[0] and "enable_monitoring" in err[0]
     assert not (tmp_path / "nexus.db").exists()
-
-
-# enable_caching works since issue 17 (tests/dataflow/test_df_cache.py)
-@pytest.mark.parametrize(("option", "capability"), [("enable_metrics", "metrics")])
-def test_dataflow_refuses_metrics_and_caching(option: str, capability: str) -> None:
-    with pytest.raises(ValidationError) as caught:
-        DataFlow("sqlite:///:memory:", **{option: True})
-    assert caught.value.field == option
-    assert "not available yet" in str(caught.value) and capability in str(caught.value)
 
 
 @pytest.mark.parametrize("value", [None, False])
