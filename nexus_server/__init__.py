@@ -13,7 +13,7 @@ Identity and access (`enable_auth=True`, `AuthConfig`, `Policy`): docs/security.
 
 from __future__ import annotations
 
-from ._app import AuthNotConfigured, Nexus, Serving, UnavailableOption
+from ._app import AuthNotConfigured, Nexus, Serving
 from ._errors import ApiError
 from ._limits import Limits
 from ._typed import TypedModels, collection_id
@@ -33,6 +33,5 @@ __all__ = [
     "RateLimits",
     "Serving",
     "TypedModels",
-    "UnavailableOption",
     "collection_id",
 ]

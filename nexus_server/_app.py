@@ -63,7 +63,6 @@ __all__ = [
     "MetricsPortError",
     "Nexus",
     "Serving",
-    "UnavailableOption",
     "deferred_start",
 ]
 
@@ -283,14 +282,9 @@ class Nexus:
         """Refuse options this build cannot honour (see the class docstring).
 
         Raises:
-            UnavailableOption: an option of a capability a later issue adds is set.
             ValueError: `enable_durability=False`, a `rate_limit` or
                 `rate_limit_backend` that is not one.
         """
-        for option, capability in _LATER_OPTIONS.items():
-            value = getattr(self, option)
-            if value is not None and value is not False:
-                raise UnavailableOption(f"Nexus({option}={value!r})", capability)
         if self.enable_monitoring not in (None, True, False):
             raise TypeError(
                 f"Nexus(enable_monitoring={self.enable_monitoring!r}): expects True or False"
@@ -784,19 +778,6 @@ class GrpcPortError(OSError):
 class MetricsPortError(GrpcPortError):
     """The metrics port could not be bound (in use, or not an address of this host)."""
 
-
-class UnavailableOption(ValueError):
-    """An option of a capability this build does not have yet."""
-
-    def __init__(self, option: str, capability: str) -> None:
-        super().__init__(
-            f"{option}: not available yet: needs {capability}, which a later issue adds "
-            f"(after issue 15); leave it unset (None/False)"
-        )
-
-
-#: The original's options whose capabilities come in later issues.
-_LATER_OPTIONS: dict[str, str] = {}
 
 #: While `nexus serve` loads an app file, the apps whose `start()` was called (see
 #: `deferred_start`); None otherwise.

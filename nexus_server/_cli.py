@@ -29,7 +29,6 @@ from ._app import (
     GrpcPortError,
     MetricsPortError,
     Nexus,
-    UnavailableOption,
     _local,
     deferred_start,
     shown_url,
@@ -68,7 +67,7 @@ def _load(target: str) -> Nexus:
             app = load_app_target(target)
     except (FileNotFoundError, AttributeError, ImportError) as exc:
         raise SystemExit(f"nexus: cannot load {target!r}: {exc}") from None
-    except (UnavailableOption, ValidationError) as exc:  # an option the app passes
+    except (ValueError, ValidationError) as exc:  # an option the app passes
         raise SystemExit(f"nexus: {target}: {exc}") from None
     if not isinstance(app, Nexus):
         raise SystemExit(f"nexus: {target!r} is a {type(app).__name__}, not a Nexus app")

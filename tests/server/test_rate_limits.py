@@ -33,7 +33,6 @@ from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as w
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from nexus_server import Nexus, RateLimit, RateLimits, Serving
-from nexus_server._app import UnavailableOption
 from nexus_server.gateway import Principal
 
 WAIT = 20.0
@@ -113,7 +112,7 @@ def test_the_rate_limit_forms(value: Any, expected: RateLimit) -> None:
 def test_a_bad_rate_limit_is_refused_naming_the_option(value: Any) -> None:
     with pytest.raises(ValueError, match=r"Nexus\(rate_limit\)=.*not a rate limit") as caught:
         Nexus(rate_limit=value)
-    assert not isinstance(caught.value, UnavailableOption)
+    assert "rate_limit" in str(caught.value)
 
 
 def test_a_bad_override_or_backend_is_refused_naming_it() -> None:
