@@ -144,7 +144,11 @@ class ApiKeyRecord:
 
 
 def _digest(salt: str, secret: str) -> str:
-    return hmac.new(bytes.fromhex(salt), secret.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(bytes.fromhex(salt), secret.encode(), "sha256").hex()
+
+
+#: Keys `KeyStore.lookup` remembers as checked (the map is emptied when full).
+_CHECKED_MAX = 10_000
 
 
 class KeyStore:
@@ -155,6 +159,10 @@ class KeyStore:
 
     def __init__(self, db: DataFlow) -> None:
         self.db = db
+        # SHA-256 of a key -> (its row as last read, its record): a key checked against
+        # the same row before needs no hash or parsing again. The row is still read on
+        # every call, so a revocation (a changed row) is seen on the next one.
+        self._checked: dict[bytes, tuple[tuple[Any, ...], ApiKeyRecord]] = {}
 
     async def initialize(self) -> None:
         """Create `nexus_api_keys` and its indexes if missing."""
@@ -227,10 +235,18 @@ class KeyStore:
         raw = await self.db.fetchrow(self._by_id, (key_id,))
         if raw is None:
             return None
+        seen = hashlib.sha256(key.encode()).digest()
+        known = self._checked.get(seen)
+        if known is not None and known[0] == tuple(raw):
+            return known[1]
         row = dict(zip(_COLUMNS, raw, strict=True))
         if not hmac.compare_digest(_digest(row["salt"], secret), row["hash"]):
             return None
-        return ApiKeyRecord._from_row(row)
+        record = ApiKeyRecord._from_row(row)
+        if len(self._checked) >= _CHECKED_MAX:
+            self._checked.clear()
+        self._checked[seen] = (tuple(raw), record)
+        return record
 
     @functools.cached_property
     def _by_id(self) -> str:
