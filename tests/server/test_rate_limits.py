@@ -275,6 +275,26 @@ async def test_rest_is_429_with_retry_after(make_app: Callable[..., Nexus]) -> N
             other = await client.post(url, json={}, headers={"x-nexus-caller": "grace"})
             assert other.status_code == 200, other.text
 
+            # gRPC-Web through the same Envoy: the same limit, per principal
+            payload = w.ExecuteWorkflowRequest(name="acme_contacts").SerializeToString()
+            frame = b"\x00" + len(payload).to_bytes(4, "big") + payload
+            web = f"http://{info.api_address}/nexus.workflow.v1.WorkflowService/ExecuteWorkflow"
+            headers = {
+                "content-type": "application/grpc-web+proto",
+                "x-grpc-web": "1",
+                "x-nexus-caller": "heidi",
+            }
+            statuses = []
+            for _ in range(3):
+                resp = await client.post(web, content=frame, headers=headers)
+                assert resp.status_code == 200, resp.text
+                status = resp.headers.get("grpc-status")
+                if status is None:  # the status came in the body's trailers frame
+                    status = "0" if b"grpc-status:0" in resp.content else "?"
+                statuses.append(status)
+            assert statuses == ["0", "0", "8"], statuses  # RESOURCE_EXHAUSTED the third time
+            assert 1 <= int(resp.headers["retry-after"]) <= 30  # the trailer, as a header
+
 
 # --- the CLI and MCP ---------------------------------------------------------------------
 
