@@ -16,7 +16,7 @@ import sqlite3
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -1332,15 +1332,19 @@ class DataFlow:
         *,
         turn: bool = True,
     ) -> Sequence[Any] | None:
-        """`_fast_fetch_now`, inside the statement hook's scope when one is set, timed
-        when metrics are on."""
+        """`_fast_fetch_now`, observed (`_observed`)."""
+        return await self._observed(sql, self._fast_fetch_now(model, sql, args, write, turn=turn))
+
+    async def _observed(self, sql: str, statement: Awaitable[R]) -> R:
+        """Await `statement` (one fast-path statement of text `sql`) inside the statement
+        hook's scope when one is set, timed when metrics are on."""
         hook, metrics = self._statement_hook, self.metrics
         if hook is None and metrics is None:
-            return await self._fast_fetch_now(model, sql, args, write, turn=turn)
+            return await statement
         started = time.perf_counter()
         try:
             with hook(sql) if hook is not None else contextlib.nullcontext():
-                return await self._fast_fetch_now(model, sql, args, write, turn=turn)
+                return await statement
         finally:
             if metrics is not None:
                 metrics.observe(sql, time.perf_counter() - started)
@@ -1393,18 +1397,8 @@ class DataFlow:
     async def _fast_executemany(
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
     ) -> None:
-        """`_fast_executemany_now`, inside the statement hook's scope when one is set,
-        timed when metrics are on."""
-        hook, metrics = self._statement_hook, self.metrics
-        if hook is None and metrics is None:
-            return await self._fast_executemany_now(model, sql, batches)
-        started = time.perf_counter()
-        try:
-            with hook(sql) if hook is not None else contextlib.nullcontext():
-                return await self._fast_executemany_now(model, sql, batches)
-        finally:
-            if metrics is not None:
-                metrics.observe(sql, time.perf_counter() - started)
+        """`_fast_executemany_now`, observed (`_observed`)."""
+        await self._observed(sql, self._fast_executemany_now(model, sql, batches))
 
     async def _fast_executemany_now(
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
@@ -1433,18 +1427,8 @@ class DataFlow:
             br.success()
 
     async def _fast_execute(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
-        """`_fast_execute_now`, inside the statement hook's scope when one is set, timed
-        when metrics are on."""
-        hook, metrics = self._statement_hook, self.metrics
-        if hook is None and metrics is None:
-            return await self._fast_execute_now(model, sql, args)
-        started = time.perf_counter()
-        try:
-            with hook(sql) if hook is not None else contextlib.nullcontext():
-                return await self._fast_execute_now(model, sql, args)
-        finally:
-            if metrics is not None:
-                metrics.observe(sql, time.perf_counter() - started)
+        """`_fast_execute_now`, observed (`_observed`)."""
+        return await self._observed(sql, self._fast_execute_now(model, sql, args))
 
     async def _fast_execute_now(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
         """Run one write statement on the driver; return the rows affected."""
