@@ -23,7 +23,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._app import (
     GrpcPortError,
@@ -124,6 +124,8 @@ async def _serve(app: Nexus, *, log_level: str) -> None:
         if info.api_address:
             print(f"Envoy on http://{info.api_address} (REST, gRPC-Web and gRPC)")
             print(f"  OpenAPI:   http://{info.api_address}/openapi.json")
+        if info.metrics_port is not None:
+            print(f"  metrics:   http://{_local(info.host)}:{info.metrics_port}/metrics")
         if adapter is not None:
             print(f"MCP adapter on {adapter.url} (streamable HTTP; a gRPC client of this server)")
         print("  Ctrl-C stops it.", flush=True)
@@ -136,25 +138,44 @@ async def _serve(app: Nexus, *, log_level: str) -> None:
 
 
 async def _warn_missing_tables(db: DataFlow) -> None:
-    """With `skip_migration=True` nothing creates the models' tables: say at start which
-    are missing (each call on such a model fails with FAILED_PRECONDITION)."""
+    """With `skip_migration=True` nothing creates or alters the models' tables: say at
+    start which tables and columns are missing (each call on such a model fails until
+    the schema is brought up to date)."""
     from sqlalchemy import inspect
 
     from dataflow import DataFlowError
 
+    names = {model.table: model.name for model in db.models}
+
+    def read(conn: Any) -> dict[str, set[str]]:
+        seen = inspect(conn)
+        present = set(seen.get_table_names())
+        return {t: {c["name"] for c in seen.get_columns(t)} for t in names if t in present}
+
     try:
-        present = await db.run_sync(lambda conn: set(inspect(conn).get_table_names()))
+        found = await db.run_sync(read)
     except DataFlowError as exc:
         _log.warning("cannot list the database's tables: %s", exc)
         return
-    for model in db.models:
-        if model.table not in present:
+    for table, model in names.items():
+        if table not in found:
             _log.warning(
                 "model %s: the table %r does not exist and skip_migration=True: calls on "
                 "it fail (FAILED_PRECONDITION) until it is created; "
                 "DataFlow(auto_migrate=True, skip_migration=False) creates it at start",
-                model.name,
-                model.table,
+                model,
+                table,
+            )
+            continue
+        missing = [c.name for c in db.table(model).columns if c.name not in found[table]]
+        if missing:
+            _log.warning(
+                "model %s: the table %r lacks the column(s) %s and skip_migration=True: "
+                "calls on it fail until they are added; "
+                "DataFlow(auto_migrate=True, skip_migration=False) adds them at start",
+                model,
+                table,
+                ", ".join(missing),
             )
 
 
@@ -183,7 +204,7 @@ def run_app(app: Nexus, *, log_level: str = "info") -> int:
             "--no-envoy (api_port=None)",
         )
     except MetricsPortError as exc:
-        return _fail(str(exc), "choose another port with metrics_port= (0: any; None: none)")
+        return _fail(str(exc), "choose another port with --metrics-port (metrics_port=; 0: any)")
     except GrpcPortError as exc:
         return _fail(str(exc), "choose another port with --grpc-port (grpc_port=)")
     except DataFlowError as exc:
@@ -229,6 +250,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         app.mcp_port = None
     if args.cors_origin:
         app.cors_origins = tuple(args.cors_origin)
+    if args.metrics_port is not None:
+        if not app.enable_monitoring:
+            return _fail(
+                "--metrics-port needs monitoring on",
+                "set Nexus(enable_monitoring=True) in the app (docs/operations.md)",
+            )
+        app.metrics_port = args.metrics_port
     return run_app(app, log_level=args.log_level)
 
 
@@ -345,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--mcp-port",
         type=int,
         help="the MCP adapter's HTTP port (default: the app's mcp_port; 0: any)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="with monitoring on (enable_monitoring=True), the port serving GET /metrics "
+        "(default: the app's metrics_port; 0: any)",
     )
     serve.add_argument(
         "--log-level",

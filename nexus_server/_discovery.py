@@ -72,9 +72,20 @@ def _import_path(path: Path, root: Path) -> ModuleType:
     return module
 
 
+def _package_root(path: Path) -> Path:
+    """The folder `path` imports from: its own, or, when it sits in a package (a folder
+    with `__init__.py`), the folder above the outermost one, so that it is imported as
+    `pkg.mod` and its relative imports (`from .models import ...`) work."""
+    top = path.parent
+    while (top / "__init__.py").is_file() and top.parent != top:
+        top = top.parent
+    return top
+
+
 def load_app_target(target: str, root: Path | None = None) -> Any:
     """The object `nexus serve TARGET` names: `path/to/app.py` (its `app` attribute, or
-    the only `Nexus` in it) or `module:attr`."""
+    the only `Nexus` in it; a file in a package is imported as a module of it) or
+    `module:attr`."""
     root = (root or Path.cwd()).resolve()
     attr: str | None = None
     if target.endswith(".py") or "/" in target:
@@ -82,9 +93,10 @@ def load_app_target(target: str, root: Path | None = None) -> Any:
         path = (root / path_text).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"app file not found: {path}")
-        if str(path.parent) not in sys.path:
-            sys.path.insert(0, str(path.parent))
-        module = _import_path(path, path.parent)
+        top = _package_root(path)
+        if str(top) not in sys.path:
+            sys.path.insert(0, str(top))
+        module = _import_path(path, top)
         attr = attr_part or None
     else:
         mod_name, _, attr_part = target.partition(":")

@@ -85,6 +85,19 @@ def test_serve_reports_an_app_that_cannot_load(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_metrics_port_without_monitoring_is_refused(tmp_path: Path) -> None:
+    """`--metrics-port` on an app without `enable_monitoring=True` would serve nothing:
+    refused, with what to do, before anything starts."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nexus_server", "serve", str(APP), "--metrics-port", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "--metrics-port needs monitoring on" in done.stderr
+    assert "enable_monitoring=True" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_importing_our_packages_configures_no_logging() -> None:
     code = (
         "import logging, workflow, dataflow, nexus_server;"
