@@ -17,17 +17,20 @@ This file:
    - the same server without a cap: every call is queued, and latency grows with the
      backlog for as long as the overload lasts;
    - a server with `Limits(max_in_flight=--cap)`: calls past the cap fail at once with
-     RESOURCE_EXHAUSTED (`OVERLOADED`); the admitted ones keep their latency.
+     RESOURCE_EXHAUSTED (`OVERLOADED`); the admitted ones keep their latency;
+   - the same server with Envoy in front, the load sent to Envoy's port: Envoy holds
+     the requests in flight to `max_in_flight` and refuses the rest itself.
 
 Prints, for each, the calls admitted and refused, p50 and p99 latency of admitted calls
 and the p99's ratio to the baseline measured in the same run (target: bounded, a small
 multiple, with the cap; without it the ratio grows with `--seconds`). Every load is
 bounded by a call count and a time budget; every call has a deadline.
 
-With `--work cpu` the cap does not help, and this file shows it: grpc.aio accepts one
-new call per turn of the event loop, so when the loop itself is the bottleneck the
-backlog waits in gRPC's core, before any handler (and so any count of calls in flight)
-sees it (docs/operations.md, "Rate limits and load shedding").
+With `--work cpu` the server's own cap does not help, and this file shows it: grpc.aio
+accepts one new call per turn of the event loop, so when the loop itself is the
+bottleneck the backlog waits in gRPC's core, before any handler (and so any count of
+calls in flight) sees it; Envoy's cap, in front of the loop, does (docs/operations.md,
+"Load shedding").
 
 Run: `.venv/bin/python bench/overload.py` (`--seconds 3` for a short run).
 """
@@ -64,7 +67,9 @@ DEADLINE = 30.0
 # --- the server (child process) --------------------------------------------------------
 
 
-async def serve(port: int, work_ms: float, cap: int | None, db: str, work: str) -> None:
+async def serve(
+    port: int, work_ms: float, cap: int | None, db: str, work: str, api_port: int | None
+) -> None:
     from dataflow import DataFlow
     from nexus_server import Limits, Nexus
     from workflow import Node, Output, Param, WorkflowBuilder, register_node
@@ -91,7 +96,7 @@ async def serve(port: int, work_ms: float, cap: int | None, db: str, work: str) 
     register_node(BenchWorkNode)
     app = Nexus(
         grpc_port=port,
-        api_port=None,
+        api_port=api_port,
         mcp_port=None,
         limits=Limits(max_in_flight=cap) if cap else None,
     )
@@ -102,7 +107,7 @@ async def serve(port: int, work_ms: float, cap: int | None, db: str, work: str) 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with app.serving():
+    async with app.serving(envoy=api_port is not None):
         await stop.wait()
 
 
@@ -193,11 +198,14 @@ def _p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def start_server(port: int, args: argparse.Namespace, cap: int | None, tmp: str) -> Any:
+def start_server(
+    port: int, args: argparse.Namespace, cap: int | None, tmp: str, api_port: int | None = None
+) -> Any:
     db = f"sqlite:///{tmp}/bench-{port}.db"
     cmd = [sys.executable, __file__, "--serve", str(port), "--work-ms", str(args.work_ms)]
     cmd += ["--work", args.work]
     cmd += ["--db", db] + (["--server-cap", str(cap)] if cap else [])
+    cmd += ["--api-port", str(api_port)] if api_port else []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, env=env, cwd=tmp)
 
@@ -214,12 +222,16 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         baseline_p99 = None
-        for cap in (None, args.cap):
+        for cap, envoy in ((None, False), (args.cap, False), (args.cap, True)):
             port = free_port()
-            proc = start_server(port, args, cap, tmp)
+            api_port = free_port() if envoy else None
+            proc = start_server(port, args, cap, tmp, api_port)
             try:
                 address = f"127.0.0.1:{port}"
                 await _wait_healthy(address)
+                if api_port:  # the load goes through Envoy (gRPC on its port)
+                    address = f"127.0.0.1:{api_port}"
+                    await _wait_healthy(address)
                 await closed_loop(address, 4, 0.5)  # warm up
                 if baseline_p99 is None:
                     capacity, base = await closed_loop(address, args.cap, args.seconds)
@@ -231,7 +243,7 @@ async def run(args: argparse.Namespace) -> None:
                         f"offering {rate:.0f} calls/s (4x) for {args.seconds:.0f} s"
                     )
                 ok, refused, failed = await open_loop(address, rate, args.seconds)
-                rows.append((cap, ok, refused, failed))
+                rows.append((cap, envoy, ok, refused, failed))
             finally:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -244,14 +256,15 @@ async def run(args: argparse.Namespace) -> None:
             f"{'server':<26} {'admitted':>9} {'refused':>8} {'failed':>7} "
             f"{'p50 ms':>8} {'p99 ms':>8} {'p99/base':>9}"
         )
-        for cap, ok, refused, failed in rows:
+        for cap, envoy, ok, refused, failed in rows:
             name = f"max_in_flight={cap}" if cap else "no cap (queues)"
+            name += ", via Envoy" if envoy else ""
             p99 = _p(ok, 0.99)
             print(
                 f"{name:<26} {len(ok):>9} {refused:>8} {failed:>7} {_p(ok, 0.5) * 1e3:>8.1f} "
                 f"{p99 * 1e3:>8.1f} {p99 / baseline_p99:>9.2f}"
             )
-        mean_ok = statistics.fmean(len(r[1]) for r in rows)
+        mean_ok = statistics.fmean(len(r[2]) for r in rows)
         print(f"(mean admitted per run {mean_ok:.0f}; baseline p99 {baseline_p99 * 1e3:.1f} ms)")
 
 
@@ -266,9 +279,12 @@ def main() -> int:
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--server-cap", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
+    parser.add_argument("--api-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.work_ms, args.server_cap, args.db, args.work))
+        asyncio.run(
+            serve(args.serve, args.work_ms, args.server_cap, args.db, args.work, args.api_port)
+        )
         return 0
     asyncio.run(run(args))
     return 0

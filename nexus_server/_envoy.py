@@ -42,6 +42,7 @@ from ._limits import Limits
 from ._probes import HTTP_STATUS_HEADER, PROBE_PATHS, PROBE_SERVICE
 from ._supervisor import Supervisor, SupervisorError
 from ._typed import TypedModels
+from .gateway._shed import RETRY_AFTER as SHED_RETRY_AFTER
 
 __all__ = [
     "ACCESS_LOG_FORMAT",
@@ -307,7 +308,108 @@ _EXECUTE_REQUEST: dict[str, Any] = {
 }
 
 
-def _local_reply_config() -> dict[str, Any]:
+#: gRPC's health service (grpc.health.v1).
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+#: The cluster that carries health checks and probes: the same server as `nexus_grpc`,
+#: without its cap on requests in flight, so a busy server is never reported unhealthy
+#: because its probes were shed.
+PROBES_CLUSTER = "nexus_probes"
+
+#: Envoy's response flag of a request refused because the upstream cluster is at its
+#: `max_requests` (Envoy's circuit breaker thresholds).
+_UPSTREAM_OVERFLOW = {"response_flag_filter": {"flags": ["UO"]}}
+
+
+def _overflow_mappers(limits: Limits) -> list[dict[str, Any]]:
+    """With `Limits.max_in_flight`, Envoy sends at most that many requests to the server
+    at once and refuses the rest itself, at once, as the server would (429 `OVERLOADED`
+    with `Retry-After`; gRPC RESOURCE_EXHAUSTED): the backlog never reaches the server's
+    event loop, where even a refusal costs a call's worth of work (docs/operations.md,
+    "Load shedding"). Without a cap, Envoy's own overflow (its default thresholds) is a
+    503 as any unreachable server is."""
+    if limits.max_in_flight is None:
+        return []
+    body = _error_body("OVERLOADED")
+    body["message"] = (
+        f"the server is at its limit of {limits.max_in_flight} calls in progress; "
+        f"retry in {SHED_RETRY_AFTER:.0f} s"
+    )
+    body["details"][0]["metadata"]["max_in_flight"] = str(limits.max_in_flight)
+    body["details"].append(
+        {
+            "@type": "type.googleapis.com/google.rpc.RetryInfo",
+            "retry_delay": f"{SHED_RETRY_AFTER:.0f}s",
+        }
+    )
+    retry = {
+        "header": {"key": "retry-after", "value": f"{SHED_RETRY_AFTER:.0f}"},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+    grpc_status = str(code_of("OVERLOADED").value[0])
+    return [
+        {
+            "filter": {"and_filter": {"filters": [_GRPC_REQUEST, _UPSTREAM_OVERFLOW]}},
+            "headers_to_add": [
+                retry,
+                {
+                    "header": {"key": "grpc-status", "value": grpc_status},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                },
+                {
+                    "header": {
+                        "key": "grpc-status-details-bin",
+                        "value": _status_details(body, limits.max_in_flight),
+                    },
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                },
+            ],
+            # a gRPC local reply's body is its grpc-message
+            "body_format_override": {"text_format": body["message"]},
+        },
+        {
+            "filter": _UPSTREAM_OVERFLOW,
+            "status_code": 429,
+            "headers_to_add": [retry],
+            "body_format_override": {"json_format": body, "content_type": "application/json"},
+        },
+    ]
+
+
+def _status_details(body: Mapping[str, Any], cap: int) -> str:
+    """`grpc-status-details-bin` of Envoy's OVERLOADED refusal: the `google.rpc.Status`
+    the server would send (ErrorInfo and RetryInfo), base64 without padding."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    info = error_details_pb2.ErrorInfo(
+        reason="OVERLOADED",
+        domain=DOMAIN,
+        metadata={"max_in_flight": str(cap), "source": "gateway"},
+    )
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromSeconds(int(SHED_RETRY_AFTER))
+    status = status_pb2.Status(code=body["code"], message=body["message"])
+    status.details.add().Pack(info)
+    status.details.add().Pack(retry)
+    return base64.b64encode(status.SerializeToString()).decode().rstrip("=")
+
+
+def _upstream_thresholds(limits: Limits) -> dict[str, Any]:
+    """The `nexus_grpc` cluster's circuit breaker thresholds: `max_in_flight` requests
+    (and as many waiting for a connection) when it is set, else Envoy's defaults."""
+    if limits.max_in_flight is None:
+        return {}
+    cap = limits.max_in_flight
+    return {
+        "circuit_breakers": {
+            "thresholds": [
+                {"priority": "DEFAULT", "max_requests": cap, "max_pending_requests": cap}
+            ]
+        }
+    }
+
+
+def _local_reply_config(limits: Limits) -> dict[str, Any]:
     """Envoy's own error replies: JSON `google.rpc.Status` documents for REST clients.
 
     gRPC and gRPC-Web requests keep gRPC's form, a trailers-only response whose
@@ -315,7 +417,7 @@ def _local_reply_config() -> dict[str, Any]:
     gRPC clients show) and whose `grpc-status` is the code the REST body would carry
     (Envoy's own guess from the HTTP status would be UNKNOWN for a 413, for example).
     """
-    mappers: list[dict[str, Any]] = []
+    mappers: list[dict[str, Any]] = _overflow_mappers(limits)
     for status, reason in sorted(_LOCAL_REASONS.items()):
         grpc_status = str(code_of(reason).value[0])
         mappers += [
@@ -527,6 +629,7 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         },
     ]
+    probes = PROBES_CLUSTER if limits.max_in_flight is not None else "nexus_grpc"
     virtual_host: dict[str, Any] = {
         "name": "nexus",
         "domains": ["*"],
@@ -546,7 +649,7 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                             }
                         ],
                     },
-                    "route": {"cluster": "nexus_grpc", "timeout": "0s"},
+                    "route": {"cluster": probes, "timeout": "0s"},
                     "typed_per_filter_config": {
                         _LUA_FILTER: {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua."
@@ -556,6 +659,13 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                     },
                 }
                 for rpc, path in PROBE_PATHS.items()
+            ),
+            # gRPC health checks and the probe RPCs called over gRPC (the cluster is
+            # uncapped: see PROBES_CLUSTER)
+            *(
+                {"match": {"prefix": f"/{service}/"}, "route": {"cluster": probes}}
+                for service in (HEALTH_SERVICE, PROBE_SERVICE)
+                if probes != "nexus_grpc"
             ),
             {
                 "match": {"prefix": "/"},
@@ -607,7 +717,7 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             "max_connection_duration": _seconds(limits.max_connection_age),
         },
         "route_config": {"name": "nexus", "virtual_hosts": [virtual_host]},
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _local_reply_config(limits),
         "http_filters": http_filters,
     }
     if options.access_log_path is not None:
@@ -675,40 +785,51 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         ],
         "clusters": [
             *_metrics_cluster(options),
-            {
-                "name": "nexus_grpc",
-                "type": "STRICT_DNS" if options.grpc_address_is_dns else "STATIC",
-                "connect_timeout": "1s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                        "HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    }
-                },
-                "load_assignment": {
-                    "cluster_name": "nexus_grpc",
-                    "endpoints": [
-                        {
-                            "lb_endpoints": [
-                                {
-                                    "endpoint": {
-                                        "address": {
-                                            "socket_address": {
-                                                "address": options.grpc_host,
-                                                "port_value": options.grpc_port,
-                                            }
-                                        }
-                                    }
-                                }
-                            ]
-                        }
-                    ],
-                },
-            },
+            _grpc_cluster("nexus_grpc", options, _upstream_thresholds(limits)),
+            *(
+                [_grpc_cluster(PROBES_CLUSTER, options, {})]
+                if limits.max_in_flight is not None
+                else []
+            ),
         ],
     }
     return config
+
+
+def _grpc_cluster(name: str, options: EnvoyOptions, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """An upstream cluster of the gRPC server (HTTP/2), with `extra` settings."""
+    return {
+        "name": name,
+        "type": "STRICT_DNS" if options.grpc_address_is_dns else "STATIC",
+        "connect_timeout": "1s",
+        **extra,
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": options.grpc_host,
+                                        "port_value": options.grpc_port,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
 
 
 #: Where Envoy serves the server's metrics when `metrics_port` is set.

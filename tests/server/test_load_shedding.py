@@ -148,3 +148,44 @@ async def test_rest_gets_429_with_retry_after(
         gates["r1"].set()
         async with asyncio.timeout(WAIT):
             await asyncio.gather(*calls)
+
+
+async def test_envoy_refuses_past_the_cap_before_the_server(
+    make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event]
+) -> None:
+    """Through Envoy the cap is enforced by Envoy itself (its upstream circuit breaker at
+    `max_in_flight`): a call past it is refused there, the same way the server refuses
+    one (RESOURCE_EXHAUSTED with ErrorInfo `OVERLOADED` and RetryInfo over gRPC; 429 with
+    `Retry-After` over REST), marked `source: gateway`, and never reaches the server's
+    event loop; health checks and probes go around the cap."""
+    app = make_app(limits=Limits(max_in_flight=2), api_port=0)
+    async with _serve(app, envoy=True) as info:
+        assert info.api_address is not None
+        async with grpc.aio.insecure_channel(info.api_address) as channel:
+            stub = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+            calls = await _start(stub, gates, ["v1", "v2"])
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ListWorkflows(w.ListWorkflowsRequest(), timeout=WAIT)
+            meta, delay = _overloaded(caught.value)
+            assert meta == {"max_in_flight": "2", "source": "gateway"} and delay == 1
+            assert "limit of 2 calls" in (caught.value.details() or "")
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                refused = await client.get(f"http://{info.api_address}/v1/workflows")
+                assert refused.status_code == 429, refused.text
+                assert refused.headers["retry-after"] == "1"
+                body = refused.json()
+                assert body["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                reasons = [d.get("reason") for d in body["details"]]
+                assert "OVERLOADED" in reasons, body
+                for path in ("/health", "/readyz", "/livez"):
+                    probe = await client.get(f"http://{info.api_address}{path}")
+                    assert probe.status_code == 200, (path, probe.text)
+            health = health_pb2_grpc.HealthStub(channel)
+            resp = await health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            gates["v1"].set()
+            gates["v2"].set()
+            async with asyncio.timeout(WAIT):
+                done = await asyncio.gather(*calls)
+            assert all(r.state == w.Execution.STATE_SUCCEEDED for r in done)
+            await stub.ListWorkflows(w.ListWorkflowsRequest(), timeout=WAIT)
