@@ -1394,6 +1394,38 @@ class DataFlow:
             br.success()
         return row
 
+    async def _fast_fetchall(
+        self, model: ModelInfo, sql: str, args: list[Any]
+    ) -> Sequence[Sequence[Any]]:
+        """`_fast_fetchall_now`, observed (`_observed`)."""
+        return await self._observed(sql, self._fast_fetchall_now(model, sql, args))
+
+    async def _fast_fetchall_now(
+        self, model: ModelInfo, sql: str, args: list[Any]
+    ) -> Sequence[Sequence[Any]]:
+        """Run one read statement (a listing or a count) on the driver; return its rows.
+        On SQLite in the driver's thread, never on the caller's (`_here`): how much work
+        a query does is not bounded by its page size (a filter may scan the table)."""
+        br = self._breaker
+        trial = br is not None and not br.quiet and br.admit()
+        rows: Sequence[Sequence[Any]]
+        try:
+            if self._pg_pool is not None:
+                rows = await self._pg_call("fetch", sql, args)
+            else:
+                async with self._sqlite_lock:
+                    conn = self._raw_sqlite or await self._sqlite_connection()
+                    rows = list(await conn.execute_fetchall(sql, args))
+        except Exception as exc:
+            raise self._fail(exc, model, trial) from exc
+        except BaseException:
+            if trial:
+                self._release_trial()
+            raise
+        if br is not None and not br.quiet:
+            br.success()
+        return rows
+
     async def _fast_executemany(
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
     ) -> None:

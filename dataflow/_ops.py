@@ -47,7 +47,7 @@ from ._errors import (
     TenantRequired,
     ValidationError,
 )
-from ._fastpath import Codec
+from ._fastpath import Codec, Queries
 from ._filters import FilterCompiler
 from ._model import TENANT_REASON, FieldInfo, ModelInfo
 from ._pagination import (
@@ -221,6 +221,8 @@ class ModelOps:
         self._count_all = select(func.count()).select_from(table)
         self._dialect_insert = dialect_insert(db.dialect)
         self._codec = Codec(model, table, db.engine.dialect)
+        # List and Count on the fast path: SQL compiled once per query shape
+        self._queries = Queries(self._fc, self._codec, db.engine.dialect, self._tf)
         # PostgreSQL's sequence ignores explicit ids; SQLite continues after the largest.
         # Move the sequence past explicit ids so both generate the same next id.
         self._bump: Any = None
@@ -626,12 +628,12 @@ class ModelOps:
         page_token: str | None,
         fields: Sequence[str] | None,
     ) -> dict[str, Any]:
-        """`list` on the database."""
-        if self._tf is not None:
-            self._tenant()  # before anything else: no tenant, no call
+        """`list` on the database: on the fast path (`Queries`) outside a shared
+        transaction, else through SQLAlchemy in it."""
+        tenant = None if self._tf is None else self._tenant()  # no tenant, no call
         fc = self._fc
         keys = parse_order(fc, order_by)
-        where = self._scoped(fc.compile(filter))
+        shape, values, _ = fc.shape(filter)
         db = self._db
         proj: builtins.list[str] | None = None
         if fields is not None:
@@ -642,23 +644,43 @@ class ModelOps:
             raise ValidationError("limit", "expects a positive integer")
         if offset is not None and (not isinstance(offset, int) or offset < 0):
             raise ValidationError("offset", "expects a non-negative integer")
-        stmt = select(self.table).where(where)
         context = ""
         if page_token or limit is not None:
             context = token_context(self.model.name, keys, self._digest(filter))
+        last: builtins.list[Any] | None = None
         if page_token:
             if offset:
                 raise ValidationError("offset", "cannot be combined with page_token")
             payload = await db.verify_token(page_token, context)
-            stmt = stmt.where(keyset_after(fc, keys, decode_token(keys, payload)))
-        stmt = stmt.order_by(*order_clauses(fc, keys))
-        if limit is not None:
-            stmt = stmt.limit(limit + 1)
-        if offset:
-            stmt = stmt.offset(offset)
-        async with db._session(self.model) as (conn, _):
-            rows = (await conn.execute(stmt)).all()
-        records = [self._record(r) for r in rows]
+            last = decode_token(keys, payload)
+        page = None if limit is None else limit + 1
+        if db._fast_ok():
+            after = None if last is None else tuple(v is None for v in last)
+            key_values: builtins.list[Any] = []
+            if last is not None:
+                key_values = [
+                    None if v is None else fc.column(f)[1](v)
+                    for (f, _), v in zip(keys, last, strict=True)
+                ]
+            prep = self._queries.list_sql(shape, keys, after, page is not None, bool(offset))
+            args = prep.args(values, key_values, tenant, page, offset)
+            rows = await db._fast_fetchall(self.model, prep.sql, args)
+            record = self._codec.record
+            records = [record(r) for r in rows]
+        else:
+            it = iter(values)
+            where = self._scoped(fc.expr(shape, lambda _f: next(it)))
+            stmt = select(self.table).where(where)
+            if last is not None:
+                stmt = stmt.where(keyset_after(fc, keys, last))
+            stmt = stmt.order_by(*order_clauses(fc, keys))
+            if page is not None:
+                stmt = stmt.limit(page)
+            if offset:
+                stmt = stmt.offset(offset)
+            async with db._session(self.model) as (conn, _):
+                rows = (await conn.execute(stmt)).all()
+            records = [self._record(r) for r in rows]
         token = None
         if limit is not None and len(records) > limit:
             records = records[:limit]
@@ -817,13 +839,20 @@ class ModelOps:
         return result
 
     async def _count_now(self, filter: Mapping[str, Any] | None) -> int:
+        tenant = None if self._tf is None else self._tenant()  # no tenant, no call
+        db = self._db
+        if db._fast_ok():
+            shape, values, _ = self._fc.shape(filter)
+            prep = self._queries.count_sql(shape)
+            rows = await db._fast_fetchall(self.model, prep.sql, prep.args(values, (), tenant))
+            return int(rows[0][0])
         if self._tf is not None:  # the tenant is always a condition
             stmt = self._count_all.where(self._scoped(self._fc.compile(filter)))
         elif not filter:
             stmt = self._count_all
         else:
             stmt = self._count_all.where(self._fc.compile(filter))
-        async with self._db._session(self.model) as (conn, _):
+        async with db._session(self.model) as (conn, _):
             return int((await conn.execute(stmt)).scalar_one())
 
     # -- bulk operations -------------------------------------------------------------
