@@ -6,12 +6,13 @@ per model (identifiers quoted by the dialect, values always bound) and converts 
 to and from the driver's formats, exactly as the SQLAlchemy column types do, so records
 written either way read the same either way.
 
-List and Count (`Queries`) take the same path: their SQL is compiled by SQLAlchemy once
-per query shape (the filter's structure, fields and operators, the order, whether a page
-token, a limit and an offset are given; never the values) and kept in a bounded LRU
-cache (`SHAPE_CACHE_SIZE` shapes a model); each call checks its filter, looks its shape
-up and sends the values to the driver as bound parameters. Inside a transaction, and for
-every other operation, DataFlow goes through SQLAlchemy.
+List, Count, Search and the bulk update and delete by filter (`Queries`) take the same path:
+their SQL is compiled by SQLAlchemy once per query shape (the filter's structure, fields
+and operators, the order, whether a page token, a limit and an offset are given, the
+fields an update sets; never the values) and kept in a bounded LRU cache
+(`SHAPE_CACHE_SIZE` shapes a model); each call checks its filter, looks its shape up and
+sends the values to the driver as bound parameters. Inside a transaction, and for every
+other operation, DataFlow goes through SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Dialect, Table, and_, bindparam, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Dialect,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    select,
+    update,
+)
 
 from ._filters import FilterCompiler, Shape
 from ._model import FieldInfo, ModelInfo
@@ -50,7 +61,10 @@ def _sqlite_dt_in(v: dt.datetime) -> str:
 
 
 def _sqlite_dt_out(v: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(v).replace(tzinfo=dt.UTC)
+    try:  # several times quicker than replace(tzinfo=...)
+        return dt.datetime.fromisoformat(v + "+00:00")
+    except ValueError:  # text with an offset of its own (not written by DataFlow)
+        return dt.datetime.fromisoformat(v).replace(tzinfo=dt.UTC)
 
 
 def _pg_dt_in(v: dt.datetime) -> dt.datetime:
@@ -177,9 +191,11 @@ class Codec:
         self.binds: dict[str, Conv] = {
             n: _null_safe(_bind(fields[n], self.sqlite)) for n in self.names
         }
-        convs = [(n, _null_safe(_result(fields[n], self.sqlite))) for n in self.names]
-        self._plain = all(c is None for _, c in convs)
-        self._convs = convs
+        # the columns whose driver values need converting, with their (not null-safe)
+        # conversions
+        self._convs = [
+            (n, c) for n in self.names for c in (_result(fields[n], self.sqlite),) if c is not None
+        ]
         # a tenant-scoped model: every statement by id also matches the tenant, bound
         # after the other arguments
         tf = model.tenant_field
@@ -277,24 +293,31 @@ class Codec:
         return sql
 
     def record(self, row: Sequence[Any]) -> dict[str, Any]:
-        if self._plain:
-            return dict(zip(self.names, row, strict=True))
-        return {n: v if c is None else c(v) for (n, c), v in zip(self._convs, row, strict=True)}
+        """A driver row of all columns as a record."""
+        out = dict(zip(self.names, row, strict=True))
+        for n, c in self._convs:
+            v = out[n]
+            if v is not None:
+                out[n] = c(v)
+        return out
 
 
 # where a bound value comes from (`Prepared.plan`)
-_VALUE, _KEY, _TENANT, _LIMIT, _OFFSET = range(5)
+_VALUE, _KEY, _TENANT, _LIMIT, _OFFSET, _SET, _EXTRA = range(7)
 
 
 class Prepared:
     """The driver SQL of one query shape, and where each of its arguments comes from:
     ``(source, index, conversion)`` per placeholder, in order."""
 
-    __slots__ = ("plan", "sql")
+    __slots__ = ("plan", "skip_here", "sql")
 
     def __init__(self, sql: str, plan: list[tuple[int, int, Conv]]) -> None:
         self.sql = sql
         self.plan = plan
+        #: SQLite: calls left to send straight to the driver's thread (see
+        #: `DataFlow._fast_fetchall_now`)
+        self.skip_here = 0
 
     def args(
         self,
@@ -303,10 +326,14 @@ class Prepared:
         tenant: str | None = None,
         limit: int | None = None,
         offset: int | None = None,
+        sets: Sequence[Any] = (),
+        extra: Sequence[Any] = (),
     ) -> list[Any]:
         """The driver arguments: the filter's `values` (`FilterCompiler.shape`), the
-        page token's sort key values (by key index), the tenant, limit and offset."""
-        sources = (values, key_values, (tenant,), (limit,), (offset,))
+        page token's sort key values (by key index), the tenant, limit and offset, an
+        update's new values (in the order of its field names), and a search's query
+        text, last score and last id."""
+        sources = (values, key_values, (tenant,), (limit,), (offset,), sets, extra)
         out = []
         for source, i, conv in self.plan:
             v = sources[source][i]
@@ -363,6 +390,65 @@ class Queries:
             plan: dict[str, tuple[int, int, Conv]] = {}
             where = self._where(shape, plan)
             stmt = select(func.count()).select_from(self._fc.table).where(where)
+            prep = self._put(key, self._compile(stmt, plan))
+        return prep
+
+    def update_sql(self, shape: Shape, names: tuple[str, ...]) -> Prepared:
+        """UPDATE of the fields `names` of the records matching `shape` (a bulk update
+        by filter)."""
+        key = ("update", shape, names)
+        prep = self._get(key)
+        if prep is None:
+            plan: dict[str, tuple[int, int, Conv]] = {}
+            where = self._where(shape, plan)
+            sets: dict[str, Any] = {}
+            for j, n in enumerate(names):
+                plan[f"s{j}"] = (_SET, j, self._codec.binds[n])
+                sets[n] = bindparam(f"s{j}", None, required=False)
+            stmt = update(self._fc.table).where(where).values(sets)
+            prep = self._put(key, self._compile(stmt, plan))
+        return prep
+
+    def search_sql(
+        self,
+        shape: Shape,
+        query: bool,
+        after: bool,
+        build: Callable[[ColumnElement[bool], Any, tuple[Any, Any] | None], Any],
+    ) -> Prepared:
+        """A full-text search: `build(where, query, after)` makes its statement from the
+        filter's WHERE clause and the operands of the query text (when `query`) and of
+        the last record's score and id (when `after`), the page's limit appended."""
+        key = ("search", shape, query, after)
+        prep = self._get(key)
+        if prep is None:
+            plan: dict[str, tuple[int, int, Conv]] = {}
+            where = self._where(shape, plan)
+            q: Any = None
+            if query:
+                plan["x0"] = (_EXTRA, 0, None)
+                q = bindparam("x0", None, required=False)
+            last: tuple[Any, Any] | None = None
+            if after:
+                plan["x1"] = (_EXTRA, 1, None)
+                plan["x2"] = (_EXTRA, 2, self._codec.binds["id"])
+                last = (
+                    bindparam("x1", None, required=False),
+                    bindparam("x2", None, required=False),
+                )
+            prep = self._compile(build(where, q, last), plan)
+            prep.plan.append((_LIMIT, 0, None))
+            prep.sql += f" LIMIT {self._placeholder(prep)}"
+            self._put(key, prep)
+        return prep
+
+    def delete_sql(self, shape: Shape) -> Prepared:
+        """DELETE of the records matching `shape` (a bulk delete by filter)."""
+        key = ("delete", shape)
+        prep = self._get(key)
+        if prep is None:
+            plan: dict[str, tuple[int, int, Conv]] = {}
+            stmt = delete(self._fc.table).where(self._where(shape, plan))
             prep = self._put(key, self._compile(stmt, plan))
         return prep
 

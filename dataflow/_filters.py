@@ -15,7 +15,7 @@ from sqlalchemy import ColumnElement, Double, Table, and_, cast, false, not_, or
 
 from ._errors import ValidationError
 from ._model import FieldInfo, ModelInfo
-from ._values import clean, short
+from ._values import clean, clean_any, short
 
 __all__ = [
     "MAX_FILTER_BRANCHES",
@@ -72,6 +72,8 @@ _LOGICAL = ("$and", "$or", "$not")
 _FIELD_OPS = frozenset(OPERATORS) - {"$and", "$or"}
 _RANGE = frozenset({"$gt", "$gte", "$lt", "$lte"})
 _ORDERED_TYPES = (str, int, float, decimal.Decimal)
+#: Types whose values need no conversion when of exactly the type (`_value`).
+_EXACT = (str, int, float, bool)
 
 
 class _Budget:
@@ -263,7 +265,7 @@ class FilterCompiler:
     def _field(
         self, f: FieldInfo, value: Any, path: str, depth: int, budget: _Budget, out: list[Any]
     ) -> tuple[Shape, Truth]:
-        if isinstance(value, Mapping) and any(
+        if (type(value) is dict or isinstance(value, Mapping)) and any(
             isinstance(k, str) and k.startswith("$") for k in value
         ):
             if depth + 1 > MAX_FILTER_DEPTH:
@@ -277,6 +279,8 @@ class FilterCompiler:
 
     def _value(self, f: FieldInfo, value: Any, path: str) -> Any:
         try:
+            if type(value) is f.base_type and f.base_type in _EXACT:
+                return clean_any(value)  # already of the type: only the value rule
             return clean(f.base_type, value)
         except TypeError as exc:
             raise ValidationError(
@@ -298,7 +302,7 @@ class FilterCompiler:
                 path,
                 f"unknown operator {short(op)} (operators: {', '.join(sorted(_FIELD_OPS))})",
             )
-        _, conv = self.column(f)
+        conv = float if self.casts(f) else _same
         bt = f.base_type
         name = f.name
         # a NULL test on a field that cannot be null has a known answer

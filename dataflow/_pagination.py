@@ -178,4 +178,10 @@ def keyset_after(
             gt = col > cv if not desc else or_(col < cv, raw.is_(None))
             eq = col == cv
         clause = or_(gt, and_(eq, clause))
+    (f, desc), v = keys[0], last[0]
+    if v is not None and not desc:
+        # implied by the clause, but a plain range on the first key lets the database
+        # start the scan of its index there (an OR hides it)
+        col, conv = fc.column(f)
+        clause = and_(col >= (conv(v) if bind is None else bind(0, f)), clause)
     return clause

@@ -291,3 +291,103 @@ async def test_tenants_list_and_count_their_own(make_db: MakeDB) -> None:
         assert _ids(page) == ["globex0"]
         nxt = await ops.list(order_by="score", limit=1, page_token=page["next_page_token"])
         assert _ids(nxt) == ["globex1"]
+
+
+async def test_bulk_update_and_delete_by_filter_reuse_their_shapes(people: Contacts) -> None:
+    db, Contact = people
+    ops = db.ops(Contact)
+    queries = ops._queries
+    before = queries.compiled
+    assert await ops.bulk_update(filter={"company": "ACME"}, fields={"score": 1}) == 2
+    assert await ops.bulk_update(filter={"company": "Init"}, fields={"score": 2}) == 1
+    assert queries.compiled == before + 1  # same filter shape, same fields set
+    assert await ops.bulk_update(filter={"company": "Init"}, fields={"name": "C"}) == 1
+    assert queries.compiled == before + 2  # another field set
+    got = {r["id"]: (r["name"], r["score"]) for r in (await ops.list())["records"]}
+    assert got == {
+        "a": ("Ada", 1),
+        "b": ("bob", 20),
+        "c": ("C", 2),
+        "d": ("dee", 1),
+        "e": ("Eve", 50),
+    }
+    updated = await ops.read("a")
+    assert updated["updated_at"] > updated["created_at"]
+    with pytest.raises(ValidationError, match="matches every Contact"):
+        await ops.bulk_delete({"$and": []})
+    assert await ops.bulk_delete({"score": {"$lt": 2}}) == 2
+    assert await ops.bulk_delete({"score": {"$lt": 0}}) == 0
+    async with db.transaction():  # through SQLAlchemy, in the transaction
+        assert await ops.bulk_delete({"company": None}) == 2
+        assert await ops.count() == 1
+    assert _ids(await ops.list()) == ["c"]
+
+
+async def test_long_sqlite_queries_leave_the_callers_thread(
+    people: Contacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query that takes more steps than allowed on the caller's thread is interrupted
+    there and run again in the driver's thread: same answer."""
+    db, Contact = people
+    if db.dialect != "sqlite":
+        pytest.skip("SQLite only: PostgreSQL runs every query in its server")
+    import dataflow._dataflow as dfm
+
+    ops = db.ops(Contact)
+    await ops.bulk_create(
+        [{"id": f"z{i:04d}", "name": "z", "email": f"z{i}@z", "score": i} for i in range(2000)]
+    )
+    flt = {"name": "z", "score": {"$gte": 1000}}
+    assert await ops.count(flt) == 1000
+    prep = ops._queries.count_sql(ops._fc.shape(flt)[0])
+    assert prep.skip_here == 0  # it ran on the caller's thread
+    monkeypatch.setattr(dfm, "HERE_QUERY_STEPS", 2 * dfm._PROGRESS_EVERY)
+    assert await ops.count(flt) == 1000
+    assert prep.skip_here == dfm.HERE_SKIP  # interrupted: the next calls go to the thread
+    assert len((await ops.list(flt))["records"]) == 1000
+    assert await ops.count(flt) == 1000
+    assert prep.skip_here == dfm.HERE_SKIP - 1
+
+
+async def test_search_reuses_its_shapes(make_db: MakeDB) -> None:
+    db = make_db()
+
+    @db.model
+    class Doc:
+        id: str
+        title: str = field(searchable=True)
+        score: int = 0
+
+    await db.initialize()
+    ops = db.ops(Doc)
+    words = ["red apple", "green apple", "red pear", "apple pie", "blue sky"]
+    await ops.bulk_create([{"id": f"d{i}", "title": w, "score": i} for i, w in enumerate(words)])
+    queries = ops._queries
+    before = queries.compiled
+    found = await ops.search("apple", {"score": {"$gte": 0}})
+    assert sorted(r["id"] for r in found["records"]) == ["d0", "d1", "d3"]
+    assert len(found["scores"]) == 3
+    found = await ops.search("red", {"score": {"$gte": 1}})
+    assert [r["id"] for r in found["records"]] == ["d2"]
+    assert queries.compiled == before + 1  # another query text and value: same shape
+    # pages by token: another shape (the page starts after a score and an id)
+    seen: list[str] = []
+    token = None
+    for _ in range(5):
+        page = await ops.search("apple", limit=1, page_token=token)
+        seen += [r["id"] for r in page["records"]]
+        token = page["next_page_token"]
+        if token is None:
+            break
+    assert sorted(seen) == ["d0", "d1", "d3"]
+    # no query: every record of the filter, score 0, in id order
+    listed = await ops.search(None, {"score": {"$lt": 2}}, fields=["title"])
+    assert listed == {
+        "records": [{"title": "red apple"}, {"title": "green apple"}],
+        "scores": [0.0, 0.0],
+        "next_page_token": None,
+    }
+    async with db.transaction():  # through SQLAlchemy: the same answer
+        assert await ops.search(None, {"score": {"$lt": 2}}, fields=["title"]) == listed
+        slow = await ops.search("apple", {"score": {"$gte": 0}})
+    assert slow == await ops.search("apple", {"score": {"$gte": 0}})
