@@ -13,7 +13,12 @@ Prints, for SQLite (aiosqlite) and PostgreSQL (asyncpg), measured in the same ru
 * time from process start (before the interpreter starts) to a DataFlow with 100 models
   initialised on SQLite;
 * the query cache (``enable_caching``): Read by id and a List page at concurrency 16,
-  uncached (the baseline) beside cached in memory and in Redis (``cache_url``).
+  uncached (the baseline) beside cached in memory and in Redis (``cache_url``);
+* queries (``--only queries`` for this part alone): List pages and Count of several
+  shapes over 10,000 records (a 2-condition filter ordered by an indexed field, an
+  ``$in`` list, the next page by token, Count filtered and not) through ``db.ops``,
+  beside the raw driver sending the same SQL text (captured from DataFlow's statement
+  hook) with the same values on its own connection, in the same run.
 
 Every loop is bounded by a count and by time. Run: ``.venv/bin/python bench/dataflow.py``
 (``--quick`` for a short run; ``--only cache`` for the cache part alone; ``--help`` for
@@ -42,7 +47,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataflow import DataFlow
+from dataflow import DataFlow, field
 from workflow import AsyncLocalRuntime, WorkflowBuilder
 
 PG_URL = os.environ.get("NEXUS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -261,7 +266,7 @@ class RawPg(RawDriver):
 STARTUP = """
 import asyncio, sys, time
 t_import = time.perf_counter()
-from dataflow import DataFlow
+from dataflow import DataFlow, field
 db = DataFlow(sys.argv[1], enable_model_persistence=True)
 for i in range({models}):
     db.model(type(f"Model{{i}}", (), {{"__annotations__": {{
@@ -479,11 +484,185 @@ async def cache_bench(url: str, n: int, max_s: float) -> None:
             await client.aclose()
 
 
+#: Records of the query measurements, and how many companies they are spread over.
+QUERY_ROWS = 10_000
+QUERY_COMPANIES = 10
+
+
+def declare_item(db: DataFlow) -> type[Any]:
+    @db.model
+    class Item:
+        id: str
+        name: str
+        company: str | None = None
+        score: int = field(default=0, index=True)
+
+    return Item
+
+
+class RawQuery:
+    """One driver connection sending SQL text with positional values, returning rows."""
+
+    def __init__(self, fetch: Callable[[str, list[Any]], Awaitable[Any]]) -> None:
+        self.fetch = fetch
+
+
+async def paired(
+    n: int, max_s: float, a: Callable[[int], Awaitable[Any]], b: Callable[[int], Awaitable[Any]]
+) -> tuple[float, float]:
+    """Operations per second of `a(i)` and of `b(i)`, measured in alternating bursts of
+    50 calls (so a busy moment of a shared machine weighs on both alike), for at most `n`
+    calls each and about `max_s` seconds in all."""
+    for i in range(50):  # warm up (prepared statements, caches)
+        await a(-1 - i)
+        await b(-1 - i)
+    spent = [0.0, 0.0]
+    done = 0
+    deadline = time.perf_counter() + max_s
+    while done < n and time.perf_counter() < deadline:
+        for k, fn in enumerate((a, b)):
+            start = time.perf_counter()
+            for i in range(done, done + 50):
+                await fn(i)
+            spent[k] += time.perf_counter() - start
+        done += 50
+    return done / spent[0], done / spent[1]
+
+
+async def query_bench(
+    db: DataFlow, raw: RawQuery, n: int, max_s: float, verbose: bool = False
+) -> None:
+    """List and Count shapes through `db.ops`, beside `raw` sending the same SQL."""
+    print(f"  -- queries over {QUERY_ROWS:,} records, one caller", flush=True)
+    Item = declare_item(db)
+    await db.initialize()
+    ops = db.ops(Item)
+    pg = db.dialect == "postgresql"
+    await ops.bulk_create(
+        [
+            {
+                "id": f"i{i:05d}",
+                "name": f"n{i}",
+                "company": f"co{i % QUERY_COMPANIES}",
+                "score": i,
+            }
+            for i in range(QUERY_ROWS)
+        ]
+    )
+    await raw.fetch("ANALYZE", [])  # statistics for the planner, as in production
+    first = await ops.list(order_by="score", limit=10)
+    token = first["next_page_token"]
+    last = first["records"][-1]
+    top = QUERY_ROWS - 200
+
+    def lo(i: int) -> int:
+        return (i * 37) % top
+
+    def co(i: int) -> str:
+        return f"co{i % QUERY_COMPANIES}"
+
+    # (label, DataFlow call, the raw driver's values for DataFlow's SQL, target ratio)
+    shapes: list[
+        tuple[str, Callable[[int], Awaitable[Any]], Callable[[int], list[Any]], float | None]
+    ] = [
+        (
+            "List 10, 2-condition filter, order by indexed",
+            lambda i: ops.list(
+                {"score": {"$gte": lo(i)}, "company": co(i)}, order_by="score", limit=10
+            ),
+            lambda i: [lo(i), co(i), 11],
+            0.7,
+        ),
+        (
+            "List 10, $in of 10 ids",
+            lambda i: ops.list({"id": {"$in": [f"i{lo(i) + k:05d}" for k in range(10)]}}),
+            lambda i: [f"i{lo(i) + k:05d}" for k in range(10)],
+            None,
+        ),
+        (
+            "List 10, next page by page_token",
+            lambda i: ops.list(order_by="score", limit=10, page_token=token),
+            # SQLite repeats a value bound twice; PostgreSQL numbers it once
+            lambda i: (
+                [last["score"], last["id"], 11]
+                if pg
+                else [last["score"], last["score"], last["score"], last["id"], 11]
+            ),
+            None,
+        ),
+        (
+            "Count, 2-condition filter",
+            lambda i: ops.count({"score": {"$gte": lo(i)}, "company": co(i)}),
+            lambda i: [lo(i), co(i)],
+            0.8,
+        ),
+        ("Count, no filter", lambda i: ops.count(), lambda i: [], 0.8),
+    ]
+    seen: list[str] = []
+
+    class _Hook:
+        """Records the SQL text DataFlow sends (the statement hook's interface)."""
+
+        def __init__(self, sql: str) -> None:
+            seen.append(sql)
+
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    for label, call, values, target in shapes:
+        db.set_statement_hook(_Hook)
+        await call(0)
+        db.set_statement_hook(None)
+        sql = seen[-1]
+        if verbose:
+            print(f"     {sql!r}")
+        raw_rate, df_rate = await paired(
+            n, max_s, lambda i, sql=sql, values=values: raw.fetch(sql, values(i)), call
+        )
+        line(f"{label}, raw driver", raw_rate)
+        want = f" (target {target})" if target else ""
+        line(f"{label}, db.ops{want}", df_rate, raw_rate)
+
+
+async def run_queries_sqlite(tmp: str, args: argparse.Namespace) -> None:
+    db = DataFlow(f"sqlite:///{tmp}/queries.db")
+    conn = await aiosqlite.connect(f"{tmp}/queries.db")
+    try:
+
+        async def fetch(sql: str, values: list[Any]) -> Any:
+            return await conn.execute_fetchall(sql, values)
+
+        await query_bench(db, RawQuery(fetch), args.ops, args.seconds, args.show_sql)
+    finally:
+        await conn.close()
+        await db.close()
+
+
+async def run_queries_pg(url: str, args: argparse.Namespace) -> None:
+    db = DataFlow(url)
+    conn = await asyncpg.connect(url)
+    try:
+
+        async def fetch(sql: str, values: list[Any]) -> Any:
+            return await conn.fetch(sql, *values)
+
+        await query_bench(db, RawQuery(fetch), args.ops, args.seconds, args.show_sql)
+    finally:
+        await conn.close()
+        await db.close()
+
+
 async def run_sqlite(args: argparse.Namespace) -> None:
     print("SQLite (aiosqlite), file database, WAL", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.only == "cache":
             await cache_bench(f"sqlite:///{tmp}/cache.db", args.cache_ops, args.seconds)
+            return
+        if args.only == "queries":
+            await run_queries_sqlite(tmp, args)
             return
         raw = await RawSqlite.open(f"{tmp}/raw.db")
         db = DataFlow(f"sqlite:///{tmp}/df.db")
@@ -508,18 +687,22 @@ async def run_sqlite(args: argparse.Namespace) -> None:
             finally:
                 await db.close()
         await cache_bench(f"sqlite:///{tmp}/cache.db", args.cache_ops, args.seconds)
+        await run_queries_sqlite(tmp, args)
 
 
 async def run_pg(args: argparse.Namespace) -> None:
     print(f"PostgreSQL (asyncpg) at {PG_URL.rpartition('@')[2]}", flush=True)
     admin = await asyncpg.connect(PG_URL, timeout=5)
-    names = [f"nexus_bench_{secrets.token_hex(4)}" for _ in range(4)]
+    names = [f"nexus_bench_{secrets.token_hex(4)}" for _ in range(5)]
     base = PG_URL.rpartition("/")[0]
     try:
         for name in names:
             await admin.execute(f'CREATE DATABASE "{name}"')
         if args.only == "cache":
             await cache_bench(f"{base}/{names[3]}", args.cache_ops, args.seconds)
+            return
+        if args.only == "queries":
+            await run_queries_pg(f"{base}/{names[4]}", args)
             return
         for name, fn in zip(names[:2], ("single", "bulk"), strict=True):
             url = f"{base}/{name}"
@@ -541,6 +724,7 @@ async def run_pg(args: argparse.Namespace) -> None:
             finally:
                 await db.close()
         await cache_bench(f"{base}/{names[3]}", args.cache_ops, args.seconds)
+        await run_queries_pg(f"{base}/{names[4]}", args)
     finally:
         for name in names:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -561,7 +745,10 @@ def main() -> None:
     p.add_argument(
         "--search-queries", type=int, help="queries per search measurement (default 500)"
     )
-    p.add_argument("--only", choices=["all", "cache"], default="all", help="run one part (cache)")
+    p.add_argument(
+        "--only", choices=["all", "cache", "queries"], default="all", help="run one part"
+    )
+    p.add_argument("--show-sql", action="store_true", help="print the queries' SQL")
     p.add_argument("--cache-ops", type=int, help="calls per cache measurement (default 20000)")
     args = p.parse_args()
     args.cache_ops = args.cache_ops or (3000 if args.quick else 20_000)
@@ -578,7 +765,7 @@ def main() -> None:
     asyncio.run(run_sqlite(args))
     if not args.skip_pg:
         asyncio.run(run_pg(args))
-    if args.only == "cache":
+    if args.only != "all":
         return
     print(f"Startup (SQLite, process start to initialised, {args.models} models)", flush=True)
     startup(args.models, 3 if args.quick else 7)

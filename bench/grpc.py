@@ -10,12 +10,15 @@ under test gets a core of its own, and the client is never what limits the figur
 Measured:
 
 * requests/s, p50 and p99 latency of
-  - ExecuteWorkflow of `noop` (one registered node returning a constant) and of
-    `create_contact` (one ContactCreateNode), and the typed `ContactService/GetContact`
-    by id, on a Nexus server with a SQLite file (WAL), execution records persisted;
+  - ExecuteWorkflow of `noop` (one registered node returning a constant), of
+    `create_contact` (one ContactCreateNode) and of `list_contacts` (one ContactListNode:
+    a page of 10 of 100 contacts, filtered, ordered by name), and the typed
+    `ContactService/GetContact` by id, on a Nexus server with a SQLite file (WAL),
+    execution records persisted;
   - baselines: a bare grpc.aio echo server (a generic handler on raw bytes) and a bare
     grpc.aio server whose handlers use aiosqlite directly (SELECT by id; INSERT +
-    COMMIT), on a SQLite file with the same pragmas;
+    COMMIT; the list page's SQL, rows sent as JSON), on a SQLite file with the same
+    pragmas;
   each Nexus figure is printed with its ratio to its baseline (target >= 0.6);
 * the cost of authentication: ExecuteWorkflow noop served with authentication off and
   on in the same run, called with an env API key, an HS256 JWT and a managed key, beside
@@ -101,8 +104,14 @@ LIST_MODELS = "/nexus.model.v1.ModelService/ListModels"
 ECHO = "/bench.Echo/Echo"
 DRIVER_GET = "/bench.Driver/Get"
 DRIVER_CREATE = "/bench.Driver/Create"
+DRIVER_LIST = "/bench.Driver/List"
 
 COLS = "id, name, email, company, score, created_at, updated_at"
+#: The SQL of the `list_contacts` workflow's page (DataFlow's, on the bare table).
+LIST_SQL = (
+    f"SELECT {COLS} FROM raw_contact WHERE score >= ? "
+    "ORDER BY name ASC NULLS FIRST, id ASC NULLS FIRST LIMIT ?"
+)
 
 # ---- the app under test (written to a file and served by `nexus serve`) -----------------
 
@@ -161,6 +170,13 @@ create.add_node(
                                      "company": "{{{{company}}}}"}}
 )
 app.register("create_contact", create.build())
+
+listing = WorkflowBuilder("A page of 10 contacts, filtered and ordered.")
+listing.add_node(
+    "ContactListNode", "list", {{"filter": {{"score": {{"$gte": 0}}}}, "order_by": ["name"],
+                                 "limit": 10}}
+)
+app.register("list_contacts", listing.build())
 '''
 
 
@@ -231,9 +247,15 @@ async def serve_bare(kind: str, db_path: str | None, port: int) -> None:
             await db.commit()
             return json.dumps(list(rows[0])).encode()
 
+        async def list_(request: bytes, context: Any) -> bytes:
+            # a page of 10 (one more row read: is there a next page?), as DataFlow does
+            rows = list(await db.execute_fetchall(LIST_SQL, (0, 11)))
+            return json.dumps([list(r) for r in rows[:10]]).encode()
+
         handlers = {
             "Get": grpc.unary_unary_rpc_method_handler(get),
             "Create": grpc.unary_unary_rpc_method_handler(create),
+            "List": grpc.unary_unary_rpc_method_handler(list_),
         }
         service = "bench.Driver"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
@@ -728,6 +750,11 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
         get_body = get_contact_body(nexus_ids[50])
         contact = call(nexus.address, GET_CONTACT, get_body)
         driver_row = call(driver.address, DRIVER_GET, driver_ids[50].encode())
+        driver_list = call(driver.address, DRIVER_LIST, b"page")
+        listed = wf_pb2.Execution.FromString(
+            call(nexus.address, EXECUTE, execute_body("list_contacts"))
+        )
+        assert len(listed.outputs["list"]["records"]) == 10, listed
         noop = wf_pb2.Execution.FromString(call(nexus.address, EXECUTE, execute_body("noop")))
         assert noop.state == wf_pb2.Execution.STATE_SUCCEEDED, noop
         echo_body = execute_body("noop")
@@ -744,6 +771,13 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
                      driver_ids[50].encode(), len(driver_row)),
                 Case("ContactService/GetContact", nexus.address, GET_CONTACT, get_body,
                      len(contact)),
+            ),
+            (  # before the create load: both tables hold the same 100 contacts
+                Case("bare aiosqlite List 10", driver.address, DRIVER_LIST, b"page",
+                     len(driver_list)),
+                Case("ExecuteWorkflow list_contacts", nexus.address, EXECUTE,
+                     execute_body("list_contacts"),
+                     count=executions(nexus_db, "list_contacts")),
             ),
             (
                 Case("bare aiosqlite INSERT+COMMIT", driver.address, DRIVER_CREATE,

@@ -51,7 +51,7 @@ from ._errors import (
     SchemaMissingError,
     ValidationError,
 )
-from ._fastpath import driver_value
+from ._fastpath import Prepared, driver_value
 from ._model import ModelInfo, parse_model
 from ._nodes import make_nodes
 from ._ops import ModelOps
@@ -83,6 +83,13 @@ DEFAULT_URL = "sqlite:///nexus.db"
 EXECUTEMANY_HERE_ROWS = 1000
 #: Rows written on the caller's thread (SQLite) between two checkpoints of the log.
 CHECKPOINT_ROWS = 2000
+#: SQLite virtual-machine steps a List or Count may take on the caller's thread (well
+#: under a millisecond's work): a query that needs more is interrupted there and run
+#: again in the driver's thread (`DataFlow._fast_fetchall_now`).
+HERE_QUERY_STEPS = 50_000
+#: Calls of a query shape sent straight to the driver's thread after one was interrupted.
+HERE_SKIP = 32
+_PROGRESS_EVERY = 500
 #: Seconds between attempts to reopen PostgreSQL's single-statement connection.
 PG_RECONNECT_DELAY = 5.0
 #: The most rows one bulk request may carry (`DataFlow(max_bulk_rows=...)`).
@@ -213,6 +220,27 @@ _PG_KEY = re.compile(r"Key \(([^)]*)\)=")
 _NO_TABLE = re.compile(r"no such table: (?:\w+\.)?(\w+)|relation \"(?:\w+\.)?(\w+)\" does not")
 _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.*)$")
 _NOT_NULL = re.compile(r"NOT NULL constraint failed: \w+\.(\w+)|column \"(\w+)\"")
+
+
+def _fetch_bounded(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[Any] | None:
+    """The rows of a read statement, or None when it took more than `HERE_QUERY_STEPS`
+    steps (interrupted: it read nothing and changed nothing)."""
+    budget = HERE_QUERY_STEPS // _PROGRESS_EVERY
+
+    def progress() -> int:
+        nonlocal budget
+        budget -= 1
+        return 1 if budget < 0 else 0  # nonzero: interrupt
+
+    conn.set_progress_handler(progress, _PROGRESS_EVERY)
+    try:
+        return conn.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:
+        if budget < 0:
+            return None
+        raise
+    finally:
+        conn.set_progress_handler(None, 0)
 
 
 def _check_rows(rows: Sequence[Sequence[Any]]) -> None:
@@ -1394,6 +1422,54 @@ class DataFlow:
             br.success()
         return row
 
+    async def _fast_fetchall(
+        self, model: ModelInfo, prep: Prepared, args: list[Any]
+    ) -> Sequence[Sequence[Any]]:
+        """`_fast_fetchall_now`, observed (`_observed`)."""
+        return await self._observed(prep.sql, self._fast_fetchall_now(model, prep, args))
+
+    async def _fast_fetchall_now(
+        self, model: ModelInfo, prep: Prepared, args: list[Any]
+    ) -> Sequence[Sequence[Any]]:
+        """Run one read statement (a listing or a count) on the driver; return its rows.
+
+        SQLite: on the caller's thread (`_here`) while it takes at most
+        `HERE_QUERY_STEPS` steps; how much work a query does is not bounded by its page
+        size (a filter may scan the table), so one that takes more is interrupted and run
+        again in the driver's thread, and its shape's next `HERE_SKIP` calls go straight
+        there."""
+        sql = prep.sql
+        br = self._breaker
+        trial = br is not None and not br.quiet and br.admit()
+        rows: Sequence[Sequence[Any]] | None
+        try:
+            if self._pg_pool is not None:
+                rows = await self._pg_call("fetch", sql, args)
+            else:
+                rows = None
+                if prep.skip_here > 0:
+                    prep.skip_here -= 1
+                else:
+                    here = self._here(model, False, lambda c: _fetch_bounded(c, sql, args), 0)
+                    if here is None:
+                        prep.skip_here = HERE_SKIP
+                    elif not isinstance(here, _NotHere):
+                        rows = here
+                if rows is None:
+                    async with self._sqlite_lock:
+                        conn = self._raw_sqlite or await self._sqlite_connection()
+                        rows = list(await conn.execute_fetchall(sql, args))
+        except Exception as exc:
+            raise self._fail(exc, model, trial) from exc
+        except BaseException:
+            if trial:
+                self._release_trial()
+            raise
+        if br is not None and not br.quiet:
+            br.success()
+        assert rows is not None
+        return rows
+
     async def _fast_executemany(
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
     ) -> None:
@@ -1426,12 +1502,18 @@ class DataFlow:
         if br is not None and not br.quiet:
             br.success()
 
-    async def _fast_execute(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
+    async def _fast_execute(
+        self, model: ModelInfo, sql: str, args: list[Any], *, here: bool = True
+    ) -> int:
         """`_fast_execute_now`, observed (`_observed`)."""
-        return await self._observed(sql, self._fast_execute_now(model, sql, args))
+        return await self._observed(sql, self._fast_execute_now(model, sql, args, here=here))
 
-    async def _fast_execute_now(self, model: ModelInfo, sql: str, args: list[Any]) -> int:
-        """Run one write statement on the driver; return the rows affected."""
+    async def _fast_execute_now(
+        self, model: ModelInfo, sql: str, args: list[Any], *, here: bool = True
+    ) -> int:
+        """Run one write statement on the driver; return the rows affected. `here=False`
+        (SQLite): never on the caller's thread (`_here`), for a write whose work is not
+        bounded (by filter)."""
         br = self._breaker
         trial = br is not None and not br.quiet and br.admit()
         try:
@@ -1439,9 +1521,13 @@ class DataFlow:
                 status: str = await self._pg_call("execute", sql, args)
                 n = int(status.rsplit(" ", 1)[-1])
             else:
-                here = self._here(model, True, lambda c: c.execute(sql, args).rowcount, 1)
-                if not isinstance(here, _NotHere):
-                    n = here
+                done = (
+                    self._here(model, True, lambda c: c.execute(sql, args).rowcount, 1)
+                    if here
+                    else _NOT_HERE
+                )
+                if not isinstance(done, _NotHere):
+                    n = done
                 else:
                     async with self._sqlite_lock:
                         conn = self._raw_sqlite or await self._sqlite_connection()

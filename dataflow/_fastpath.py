@@ -4,8 +4,15 @@ A single Create, Read, Update or Delete outside a shared transaction is one stat
 that needs none of SQLAlchemy's machinery at run time. This module prepares its SQL once
 per model (identifiers quoted by the dialect, values always bound) and converts values
 to and from the driver's formats, exactly as the SQLAlchemy column types do, so records
-written either way read the same either way. Inside a transaction, and for every other
-operation, DataFlow goes through SQLAlchemy.
+written either way read the same either way.
+
+List, Count, Search and the bulk update and delete by filter (`Queries`) take the same path:
+their SQL is compiled by SQLAlchemy once per query shape (the filter's structure, fields
+and operators, the order, whether a page token, a limit and an offset are given, the
+fields an update sets; never the values) and kept in a bounded LRU cache
+(`SHAPE_CACHE_SIZE` shapes a model); each call checks its filter, looks its shape up and
+sends the values to the driver as bound parameters. Inside a transaction, and for every
+other operation, DataFlow goes through SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -15,14 +22,31 @@ import decimal
 import enum
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Dialect, Table
+from sqlalchemy import (
+    ColumnElement,
+    Dialect,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    select,
+    update,
+)
 
+from ._filters import FilterCompiler, Shape
 from ._model import FieldInfo, ModelInfo
+from ._pagination import OrderKey, keyset_after, order_clauses
 
-__all__ = ["Codec", "driver_value"]
+__all__ = ["SHAPE_CACHE_SIZE", "Codec", "Prepared", "Queries", "driver_value"]
+
+#: Compiled query shapes kept per model; the least recently used is dropped first. A
+#: shape costs one SQLAlchemy compile (about a millisecond) when it comes back.
+SHAPE_CACHE_SIZE = 256
 
 Conv = Callable[[Any], Any] | None
 
@@ -37,7 +61,10 @@ def _sqlite_dt_in(v: dt.datetime) -> str:
 
 
 def _sqlite_dt_out(v: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(v).replace(tzinfo=dt.UTC)
+    try:  # several times quicker than replace(tzinfo=...)
+        return dt.datetime.fromisoformat(v + "+00:00")
+    except ValueError:  # text with an offset of its own (not written by DataFlow)
+        return dt.datetime.fromisoformat(v).replace(tzinfo=dt.UTC)
 
 
 def _pg_dt_in(v: dt.datetime) -> dt.datetime:
@@ -164,9 +191,11 @@ class Codec:
         self.binds: dict[str, Conv] = {
             n: _null_safe(_bind(fields[n], self.sqlite)) for n in self.names
         }
-        convs = [(n, _null_safe(_result(fields[n], self.sqlite))) for n in self.names]
-        self._plain = all(c is None for _, c in convs)
-        self._convs = convs
+        # the columns whose driver values need converting, with their (not null-safe)
+        # conversions
+        self._convs = [
+            (n, c) for n in self.names for c in (_result(fields[n], self.sqlite),) if c is not None
+        ]
         # a tenant-scoped model: every statement by id also matches the tenant, bound
         # after the other arguments
         tf = model.tenant_field
@@ -264,6 +293,238 @@ class Codec:
         return sql
 
     def record(self, row: Sequence[Any]) -> dict[str, Any]:
-        if self._plain:
-            return dict(zip(self.names, row, strict=True))
-        return {n: v if c is None else c(v) for (n, c), v in zip(self._convs, row, strict=True)}
+        """A driver row of all columns as a record."""
+        out = dict(zip(self.names, row, strict=True))
+        for n, c in self._convs:
+            v = out[n]
+            if v is not None:
+                out[n] = c(v)
+        return out
+
+
+# where a bound value comes from (`Prepared.plan`)
+_VALUE, _KEY, _TENANT, _LIMIT, _OFFSET, _SET, _EXTRA = range(7)
+
+
+class Prepared:
+    """The driver SQL of one query shape, and where each of its arguments comes from:
+    ``(source, index, conversion)`` per placeholder, in order."""
+
+    __slots__ = ("plan", "skip_here", "sql")
+
+    def __init__(self, sql: str, plan: list[tuple[int, int, Conv]]) -> None:
+        self.sql = sql
+        self.plan = plan
+        #: SQLite: calls left to send straight to the driver's thread (see
+        #: `DataFlow._fast_fetchall_now`)
+        self.skip_here = 0
+
+    def args(
+        self,
+        values: Sequence[Any],
+        key_values: Sequence[Any] = (),
+        tenant: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        sets: Sequence[Any] = (),
+        extra: Sequence[Any] = (),
+    ) -> list[Any]:
+        """The driver arguments: the filter's `values` (`FilterCompiler.shape`), the
+        page token's sort key values (by key index), the tenant, limit and offset, an
+        update's new values (in the order of its field names), and a search's query
+        text, last score and last id."""
+        sources = (values, key_values, (tenant,), (limit,), (offset,), sets, extra)
+        out = []
+        for source, i, conv in self.plan:
+            v = sources[source][i]
+            out.append(v if conv is None else conv(v))
+        return out
+
+
+class Queries:
+    """List and Count statements of one model, compiled once per query shape."""
+
+    def __init__(
+        self,
+        fc: FilterCompiler,
+        codec: Codec,
+        dialect: Dialect,
+        tenant_field: str | None,
+        size: int = SHAPE_CACHE_SIZE,
+    ) -> None:
+        self._fc = fc
+        self._codec = codec
+        self._dialect = dialect
+        self._tcol = None if tenant_field is None else fc.table.c[tenant_field]
+        self._size = size
+        self._cache: OrderedDict[Hashable, Prepared] = OrderedDict()
+        #: Statements compiled (cache misses), for tests and curiosity.
+        self.compiled = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def list_sql(
+        self,
+        shape: Shape,
+        keys: list[OrderKey],
+        after: tuple[bool, ...] | None,
+        limit: bool,
+        offset: bool,
+    ) -> Prepared:
+        """A listing: the records matching `shape`, in the order of `keys`; `after`
+        (one flag per key: its value is None) when it resumes after a page token's
+        record; with placeholders for the limit and the offset when given."""
+        order = tuple((f.name, desc) for f, desc in keys)
+        key = ("list", shape, order, after, limit, offset)
+        prep = self._get(key)
+        if prep is None:
+            prep = self._put(key, self._compile_list(shape, keys, after, limit, offset))
+        return prep
+
+    def count_sql(self, shape: Shape) -> Prepared:
+        """How many records match `shape`."""
+        key = ("count", shape)
+        prep = self._get(key)
+        if prep is None:
+            plan: dict[str, tuple[int, int, Conv]] = {}
+            where = self._where(shape, plan)
+            stmt = select(func.count()).select_from(self._fc.table).where(where)
+            prep = self._put(key, self._compile(stmt, plan))
+        return prep
+
+    def update_sql(self, shape: Shape, names: tuple[str, ...]) -> Prepared:
+        """UPDATE of the fields `names` of the records matching `shape` (a bulk update
+        by filter)."""
+        key = ("update", shape, names)
+        prep = self._get(key)
+        if prep is None:
+            plan: dict[str, tuple[int, int, Conv]] = {}
+            where = self._where(shape, plan)
+            sets: dict[str, Any] = {}
+            for j, n in enumerate(names):
+                plan[f"s{j}"] = (_SET, j, self._codec.binds[n])
+                sets[n] = bindparam(f"s{j}", None, required=False)
+            stmt = update(self._fc.table).where(where).values(sets)
+            prep = self._put(key, self._compile(stmt, plan))
+        return prep
+
+    def search_sql(
+        self,
+        shape: Shape,
+        query: bool,
+        after: bool,
+        build: Callable[[ColumnElement[bool], Any, tuple[Any, Any] | None], Any],
+    ) -> Prepared:
+        """A full-text search: `build(where, query, after)` makes its statement from the
+        filter's WHERE clause and the operands of the query text (when `query`) and of
+        the last record's score and id (when `after`), the page's limit appended."""
+        key = ("search", shape, query, after)
+        prep = self._get(key)
+        if prep is None:
+            plan: dict[str, tuple[int, int, Conv]] = {}
+            where = self._where(shape, plan)
+            q: Any = None
+            if query:
+                plan["x0"] = (_EXTRA, 0, None)
+                q = bindparam("x0", None, required=False)
+            last: tuple[Any, Any] | None = None
+            if after:
+                plan["x1"] = (_EXTRA, 1, None)
+                plan["x2"] = (_EXTRA, 2, self._codec.binds["id"])
+                last = (
+                    bindparam("x1", None, required=False),
+                    bindparam("x2", None, required=False),
+                )
+            prep = self._compile(build(where, q, last), plan)
+            prep.plan.append((_LIMIT, 0, None))
+            prep.sql += f" LIMIT {self._placeholder(prep)}"
+            self._put(key, prep)
+        return prep
+
+    def delete_sql(self, shape: Shape) -> Prepared:
+        """DELETE of the records matching `shape` (a bulk delete by filter)."""
+        key = ("delete", shape)
+        prep = self._get(key)
+        if prep is None:
+            plan: dict[str, tuple[int, int, Conv]] = {}
+            stmt = delete(self._fc.table).where(self._where(shape, plan))
+            prep = self._put(key, self._compile(stmt, plan))
+        return prep
+
+    def _get(self, key: Hashable) -> Prepared | None:
+        prep = self._cache.get(key)
+        if prep is not None:
+            self._cache.move_to_end(key)
+        return prep
+
+    def _put(self, key: Hashable, prep: Prepared) -> Prepared:
+        self.compiled += 1
+        self._cache[key] = prep
+        if len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return prep
+
+    def _conv(self, f: FieldInfo) -> Conv:
+        # a value compared as REAL (FilterCompiler.casts) is already a float
+        return None if self._fc.casts(f) else self._codec.binds[f.name]
+
+    def _where(self, shape: Shape, plan: dict[str, tuple[int, int, Conv]]) -> ColumnElement[bool]:
+        n = 0
+
+        def bind(f: FieldInfo) -> Any:
+            nonlocal n
+            name = f"v{n}"
+            plan[name] = (_VALUE, n, self._conv(f))
+            n += 1
+            return bindparam(name, None, required=False)
+
+        where = self._fc.expr(shape, bind)
+        if self._tcol is not None:
+            plan["tenant"] = (_TENANT, 0, None)
+            where = and_(where, self._tcol == bindparam("tenant", None, required=False))
+        return where
+
+    def _compile_list(
+        self,
+        shape: Shape,
+        keys: list[OrderKey],
+        after: tuple[bool, ...] | None,
+        limit: bool,
+        offset: bool,
+    ) -> Prepared:
+        fc = self._fc
+        plan: dict[str, tuple[int, int, Conv]] = {}
+        where = self._where(shape, plan)
+        if after is not None:
+
+            def bind_key(j: int, f: FieldInfo) -> Any:
+                plan[f"k{j}"] = (_KEY, j, self._conv(f))
+                return bindparam(f"k{j}", None, required=False)
+
+            pattern = [None if is_null else True for is_null in after]
+            where = and_(where, keyset_after(fc, keys, pattern, bind_key))
+        stmt = select(fc.table).where(where).order_by(*order_clauses(fc, keys))
+        prep = self._compile(stmt, plan)
+        sqlite = self._codec.sqlite
+        # LIMIT and OFFSET after the compiled text: placeholders, so one shape serves
+        # every page size
+        if limit:
+            prep.plan.append((_LIMIT, 0, None))
+            prep.sql += f" LIMIT {self._placeholder(prep)}"
+        elif offset and sqlite:
+            prep.sql += " LIMIT -1"  # SQLite takes OFFSET only after a LIMIT
+        if offset:
+            prep.plan.append((_OFFSET, 0, None))
+            prep.sql += f" OFFSET {self._placeholder(prep)}"
+        return prep
+
+    def _placeholder(self, prep: Prepared) -> str:
+        # PostgreSQL numbers placeholders; a name bound twice is one number, so the
+        # plan (one entry a number) is as long as the numbers used
+        return "?" if self._codec.sqlite else f"${len(prep.plan)}"
+
+    def _compile(self, stmt: Any, plan: dict[str, tuple[int, int, Conv]]) -> Prepared:
+        compiled = stmt.compile(dialect=self._dialect, compile_kwargs={"render_postcompile": True})
+        names = compiled.positiontup or []
+        return Prepared(compiled.string, [plan[n] for n in names])

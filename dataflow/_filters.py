@@ -15,7 +15,7 @@ from sqlalchemy import ColumnElement, Double, Table, and_, cast, false, not_, or
 
 from ._errors import ValidationError
 from ._model import FieldInfo, ModelInfo
-from ._values import clean, short
+from ._values import clean, clean_any, short
 
 __all__ = [
     "MAX_FILTER_BRANCHES",
@@ -23,6 +23,7 @@ __all__ = [
     "MAX_FILTER_OPERANDS",
     "OPERATORS",
     "FilterCompiler",
+    "Shape",
     "Truth",
 ]
 
@@ -38,6 +39,13 @@ MAX_FILTER_OPERANDS = 1000
 MAX_FILTER_BRANCHES = 100
 
 _TOO_DEEP = f"a filter may be nested at most {MAX_FILTER_DEPTH} levels"
+
+#: A filter's shape: its structure, fields and operators without the values (nested
+#: tuples, hashable). Leaves: ``(op, field)`` for one value, ``("$in"|"$nin", field, n)``
+#: for n values, ``("$null", field, is_null)`` for none; nodes: ``("$and"|"$or",
+#: (shape, ...))`` and ``("$not", shape)``.
+Shape = tuple[Any, ...]
+_ALL: Shape = ("$and", ())
 
 #: What a filter matches by its shape alone: every record (True), none (False), or it
 #: depends on the data (None).
@@ -64,6 +72,8 @@ _LOGICAL = ("$and", "$or", "$not")
 _FIELD_OPS = frozenset(OPERATORS) - {"$and", "$or"}
 _RANGE = frozenset({"$gt", "$gte", "$lt", "$lte"})
 _ORDERED_TYPES = (str, int, float, decimal.Decimal)
+#: Types whose values need no conversion when of exactly the type (`_value`).
+_EXACT = (str, int, float, bool)
 
 
 class _Budget:
@@ -112,13 +122,18 @@ class FilterCompiler:
         self.fields = model.field_map
         self.dialect = dialect
 
+    def casts(self, f: FieldInfo) -> bool:
+        """Whether `f` is compared as REAL (an exact decimal on SQLite, stored as text):
+        its filter values are floats, passed to the driver as they are."""
+        return self.dialect == "sqlite" and f.base_type is decimal.Decimal
+
     def column(self, f: FieldInfo) -> tuple[ColumnElement[Any], Callable[[Any], Any]]:
         """The expression to compare/sort a field by, and how to convert a value for it.
 
         SQLite stores exact decimals as text, so they compare as REAL there.
         """
         col: ColumnElement[Any] = self.table.c[f.name]
-        if self.dialect == "sqlite" and f.base_type is decimal.Decimal:
+        if self.casts(f):
             return cast(col, Double()), float
         return col, _same
 
@@ -146,18 +161,72 @@ class FilterCompiler:
         checked here, before any SQL is built: an empty ``$or`` matches nothing, an empty
         ``$and`` everything.
         """
-        if flt is None:
-            return true(), True
-        return self._compile(flt, where, 1, _Budget())
+        shape, values, truth = self.shape(flt, where)
+        it = iter(values)
+        return self.expr(shape, lambda _f: next(it)), truth
 
-    def _compile(
-        self, flt: Any, where: str, depth: int, budget: _Budget
-    ) -> tuple[ColumnElement[bool], Truth]:
+    def shape(
+        self, flt: Mapping[str, Any] | None, where: str = "filter"
+    ) -> tuple[Shape, list[Any], Truth]:
+        """`flt` checked and split into its shape (structure, fields and operators: a
+        hashable key for compiled SQL) and its values (checked and converted for the
+        comparison, in the order `expr` binds them), and its `Truth`.
+
+        Raises:
+            ValidationError: naming the field path and the reason.
+        """
+        values: list[Any] = []
+        if flt is None:
+            return _ALL, values, True
+        shape, truth = self._walk(flt, where, 1, _Budget(), values)
+        return shape, values, truth
+
+    def expr(self, shape: Shape, bind: Callable[[FieldInfo], Any]) -> ColumnElement[bool]:
+        """The WHERE expression of `shape`; `bind(field)` gives each value's operand in
+        turn (the value itself, or a bound parameter to compile SQL once per shape)."""
+        kind = shape[0]
+        if kind == "$and":
+            return and_(true(), *[self.expr(s, bind) for s in shape[1]])
+        if kind == "$or":
+            return or_(false(), *[self.expr(s, bind) for s in shape[1]])
+        if kind == "$not":
+            return not_(self.expr(shape[1], bind))
+        f = self.fields[shape[1]]
+        raw = self.table.c[f.name]
+        if kind == "$null":
+            return raw.is_(None) if shape[2] else raw.is_not(None)
+        col, _ = self.column(f)
+        e: ColumnElement[bool]
+        if kind == "$eq":
+            e = col == bind(f)
+        elif kind == "$ne":
+            e = or_(col != bind(f), raw.is_(None))
+        elif kind == "$in":
+            e = col.in_([bind(f) for _ in range(shape[2])])
+        elif kind == "$nin":
+            e = or_(col.not_in([bind(f) for _ in range(shape[2])]), raw.is_(None))
+        elif kind == "$gt":
+            e = col > bind(f)
+        elif kind == "$gte":
+            e = col >= bind(f)
+        elif kind == "$lt":
+            e = col < bind(f)
+        elif kind == "$lte":
+            e = col <= bind(f)
+        elif kind == "$like":
+            e = raw.like(bind(f))
+        else:
+            e = raw.ilike(bind(f))
+        return e
+
+    def _walk(
+        self, flt: Any, where: str, depth: int, budget: _Budget, out: list[Any]
+    ) -> tuple[Shape, Truth]:
         if not isinstance(flt, Mapping):
             raise ValidationError(where, f"a filter must be an object, got {type(flt).__name__}")
         if depth > MAX_FILTER_DEPTH:
             raise ValidationError(where, _TOO_DEEP)
-        parts: list[ColumnElement[bool]] = []
+        parts: list[Shape] = []
         truths: list[Truth] = []
         for key, value in flt.items():
             path = f"{where}.{_key(key)}"
@@ -170,19 +239,15 @@ class FilterCompiler:
                             path, f"at most {MAX_FILTER_BRANCHES} filters, got {len(value)}"
                         )
                     subs = [
-                        self._compile(v, f"{path}[{i}]", depth + 1, budget)
+                        self._walk(v, f"{path}[{i}]", depth + 1, budget, out)
                         for i, v in enumerate(value)
                     ]
-                    exprs = [e for e, _ in subs]
-                    if key == "$and":
-                        parts.append(and_(true(), *exprs))
-                        truths.append(_and([t for _, t in subs]))
-                    else:
-                        parts.append(or_(false(), *exprs))
-                        truths.append(_or([t for _, t in subs]))
+                    parts.append((key, tuple(s for s, _ in subs)))
+                    sub_truths = [t for _, t in subs]
+                    truths.append(_and(sub_truths) if key == "$and" else _or(sub_truths))
                 elif key == "$not":
-                    expr, truth = self._compile(value, path, depth + 1, budget)
-                    parts.append(not_(expr))
+                    sub, truth = self._walk(value, path, depth + 1, budget, out)
+                    parts.append(("$not", sub))
                     truths.append(_not(truth))
                 else:
                     raise ValidationError(
@@ -192,28 +257,30 @@ class FilterCompiler:
                     )
                 continue
             f = self.field(key, path)
-            expr, truth = self._field_expr(f, value, path, depth, budget)
-            parts.append(expr)
+            sub, truth = self._field(f, value, path, depth, budget, out)
+            parts.append(sub)
             truths.append(truth)
-        return (and_(true(), *parts) if parts else true()), _and(truths)
+        return ("$and", tuple(parts)), _and(truths)
 
-    def _field_expr(
-        self, f: FieldInfo, value: Any, path: str, depth: int, budget: _Budget
-    ) -> tuple[ColumnElement[bool], Truth]:
-        if isinstance(value, Mapping) and any(
+    def _field(
+        self, f: FieldInfo, value: Any, path: str, depth: int, budget: _Budget, out: list[Any]
+    ) -> tuple[Shape, Truth]:
+        if (type(value) is dict or isinstance(value, Mapping)) and any(
             isinstance(k, str) and k.startswith("$") for k in value
         ):
             if depth + 1 > MAX_FILTER_DEPTH:
                 raise ValidationError(path, _TOO_DEEP)
             ops = [
-                self._op(f, op, v, f"{path}.{_key(op)}", depth + 1, budget)
+                self._op(f, op, v, f"{path}.{_key(op)}", depth + 1, budget, out)
                 for op, v in value.items()
             ]
-            return and_(true(), *(e for e, _ in ops)), _and([t for _, t in ops])
-        return self._op(f, "$eq", value, path, depth, budget)
+            return ("$and", tuple(s for s, _ in ops)), _and([t for _, t in ops])
+        return self._op(f, "$eq", value, path, depth, budget, out)
 
     def _value(self, f: FieldInfo, value: Any, path: str) -> Any:
         try:
+            if type(value) is f.base_type and f.base_type in _EXACT:
+                return clean_any(value)  # already of the type: only the value rule
             return clean(f.base_type, value)
         except TypeError as exc:
             raise ValidationError(
@@ -221,71 +288,66 @@ class FilterCompiler:
             ) from None
 
     def _op(
-        self, f: FieldInfo, op: Any, value: Any, path: str, depth: int, budget: _Budget
-    ) -> tuple[ColumnElement[bool], Truth]:
+        self,
+        f: FieldInfo,
+        op: Any,
+        value: Any,
+        path: str,
+        depth: int,
+        budget: _Budget,
+        out: list[Any],
+    ) -> tuple[Shape, Truth]:
         if op not in _FIELD_OPS:
             raise ValidationError(
                 path,
                 f"unknown operator {short(op)} (operators: {', '.join(sorted(_FIELD_OPS))})",
             )
-        col, conv = self.column(f)
+        conv = float if self.casts(f) else _same
         bt = f.base_type
-        raw = self.table.c[f.name]
+        name = f.name
         # a NULL test on a field that cannot be null has a known answer
         never_null = not f.nullable
         if op == "$null":
             if not isinstance(value, bool):
                 raise ValidationError(path, "$null expects true or false")
             budget.take(1, path)
-            return (raw.is_(None) if value else raw.is_not(None)), (
-                (not value) if never_null else None
-            )
+            return ("$null", name, value), ((not value) if never_null else None)
         if op == "$not":
-            expr, truth = self._field_expr(f, value, path, depth + 1, budget)
-            return not_(expr), _not(truth)
+            sub, truth = self._field(f, value, path, depth + 1, budget, out)
+            return ("$not", sub), _not(truth)
         if bt in (dict, list):
             raise ValidationError(path, f"{op} is not supported on {bt.__name__} (JSON) fields")
         if op in ("$eq", "$ne"):
             budget.take(1, path)
             if value is None:
                 is_eq = op == "$eq"
-                return (raw.is_(None) if is_eq else raw.is_not(None)), (
-                    (not is_eq) if never_null else None
-                )
-            v = conv(self._value(f, value, path))
-            if op == "$eq":
-                return col == v, None
-            return or_(col != v, raw.is_(None)), None
+                return ("$null", name, is_eq), ((not is_eq) if never_null else None)
+            out.append(conv(self._value(f, value, path)))
+            return (op, name), None
         if op in ("$in", "$nin"):
             if not isinstance(value, list | tuple):
                 raise ValidationError(path, f"{op} expects a list")
             budget.take(len(value), path)  # before looking at any value
-            vals = [conv(self._value(f, v, f"{path}[{i}]")) for i, v in enumerate(value)]
+            out.extend(conv(self._value(f, v, f"{path}[{i}]")) for i, v in enumerate(value))
             if op == "$in":
-                return col.in_(vals), (False if not vals else None)
-            return or_(col.not_in(vals), raw.is_(None)), (True if not vals else None)
+                return ("$in", name, len(value)), (False if not value else None)
+            return ("$nin", name, len(value)), (True if not value else None)
         if op in _RANGE:
             if not (bt in _ORDERED_TYPES or _is_temporal(bt)):
                 raise ValidationError(
                     path, f"{op} is not supported on {bt.__name__} fields (not ordered)"
                 )
             budget.take(1, path)
-            v = conv(self._value(f, value, path))
-            if op == "$gt":
-                return col > v, None
-            if op == "$gte":
-                return col >= v, None
-            if op == "$lt":
-                return col < v, None
-            return col <= v, None
+            out.append(conv(self._value(f, value, path)))
+            return (op, name), None
         # $like / $ilike
         if bt is not str:
             raise ValidationError(path, f"{op} is only supported on str fields")
         if not isinstance(value, str):
             raise ValidationError(path, f"{op} expects a str pattern")
         budget.take(1, path)
-        v = self._value(f, value, path)
-        return (raw.like(v) if op == "$like" else raw.ilike(v)), None
+        out.append(self._value(f, value, path))
+        return (op, name), None
 
 
 def _is_temporal(tp: Any) -> bool:

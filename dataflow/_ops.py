@@ -47,8 +47,8 @@ from ._errors import (
     TenantRequired,
     ValidationError,
 )
-from ._fastpath import Codec
-from ._filters import FilterCompiler
+from ._fastpath import Codec, Queries
+from ._filters import FilterCompiler, Shape
 from ._model import TENANT_REASON, FieldInfo, ModelInfo
 from ._pagination import (
     OrderKey,
@@ -221,6 +221,8 @@ class ModelOps:
         self._count_all = select(func.count()).select_from(table)
         self._dialect_insert = dialect_insert(db.dialect)
         self._codec = Codec(model, table, db.engine.dialect)
+        # List and Count on the fast path: SQL compiled once per query shape
+        self._queries = Queries(self._fc, self._codec, db.engine.dialect, self._tf)
         # PostgreSQL's sequence ignores explicit ids; SQLite continues after the largest.
         # Move the sequence past explicit ids so both generate the same next id.
         self._bump: Any = None
@@ -365,19 +367,25 @@ class ModelOps:
         return f"unknown field of {self.model.name} (fields: {', '.join(self._writable)})"
 
     def _where(self, flt: Any, all: bool, what: str) -> Any:
-        """The WHERE clause of a write by filter. A filter that matches every record by
-        its shape (`FilterCompiler.compile_folded`), not only an empty one, needs
+        """The WHERE clause of a write by filter (`_write_shape`)."""
+        shape, values = self._write_shape(flt, all, what)
+        it = iter(values)
+        return self._scoped(self._fc.expr(shape, lambda _f: next(it)))
+
+    def _write_shape(self, flt: Any, all: bool, what: str) -> tuple[Shape, builtins.list[Any]]:
+        """The shape and values of a write's filter. A filter that matches every record
+        by its shape (`FilterCompiler.compile_folded`), not only an empty one, needs
         ``all=True``."""
         if flt is not None and not isinstance(flt, Mapping):
             raise ValidationError("filter", "expects an object")
-        where, truth = self._fc.compile_folded(flt)
+        shape, values, truth = self._fc.shape(flt)
         if truth is True and not all:
             raise ValidationError(
                 "filter",
                 f"the filter matches every {self.model.name} by its shape (an empty filter, "
                 f"an empty $and...); it would {what} them all: pass all=True to mean that",
             )
-        return self._scoped(where)
+        return shape, values
 
     def _conflict_cols(self, conflict_on: Any) -> tuple[str, ...]:
         """The columns of the unique index `conflict_on` names (a tenant-scoped model's
@@ -626,12 +634,12 @@ class ModelOps:
         page_token: str | None,
         fields: Sequence[str] | None,
     ) -> dict[str, Any]:
-        """`list` on the database."""
-        if self._tf is not None:
-            self._tenant()  # before anything else: no tenant, no call
+        """`list` on the database: on the fast path (`Queries`) outside a shared
+        transaction, else through SQLAlchemy in it."""
+        tenant = None if self._tf is None else self._tenant()  # no tenant, no call
         fc = self._fc
         keys = parse_order(fc, order_by)
-        where = self._scoped(fc.compile(filter))
+        shape, values, _ = fc.shape(filter)
         db = self._db
         proj: builtins.list[str] | None = None
         if fields is not None:
@@ -642,26 +650,46 @@ class ModelOps:
             raise ValidationError("limit", "expects a positive integer")
         if offset is not None and (not isinstance(offset, int) or offset < 0):
             raise ValidationError("offset", "expects a non-negative integer")
-        stmt = select(self.table).where(where)
-        context = ""
-        if page_token or limit is not None:
-            context = token_context(self.model.name, keys, self._digest(filter))
+        last: builtins.list[Any] | None = None
         if page_token:
             if offset:
                 raise ValidationError("offset", "cannot be combined with page_token")
+            context = token_context(self.model.name, keys, self._digest(filter))
             payload = await db.verify_token(page_token, context)
-            stmt = stmt.where(keyset_after(fc, keys, decode_token(keys, payload)))
-        stmt = stmt.order_by(*order_clauses(fc, keys))
-        if limit is not None:
-            stmt = stmt.limit(limit + 1)
-        if offset:
-            stmt = stmt.offset(offset)
-        async with db._session(self.model) as (conn, _):
-            rows = (await conn.execute(stmt)).all()
-        records = [self._record(r) for r in rows]
+            last = decode_token(keys, payload)
+        page = None if limit is None else limit + 1
+        if db._fast_ok():
+            after = None if last is None else tuple(v is None for v in last)
+            key_values: builtins.list[Any] = []
+            if last is not None:
+                key_values = [
+                    None if v is None else fc.column(f)[1](v)
+                    for (f, _), v in zip(keys, last, strict=True)
+                ]
+            prep = self._queries.list_sql(shape, keys, after, page is not None, bool(offset))
+            args = prep.args(values, key_values, tenant, page, offset)
+            rows = await db._fast_fetchall(self.model, prep, args)
+            more = limit is not None and len(rows) > limit
+            record = self._codec.record
+            records = [record(r) for r in (rows[:limit] if more else rows)]
+        else:
+            it = iter(values)
+            where = self._scoped(fc.expr(shape, lambda _f: next(it)))
+            stmt = select(self.table).where(where)
+            if last is not None:
+                stmt = stmt.where(keyset_after(fc, keys, last))
+            stmt = stmt.order_by(*order_clauses(fc, keys))
+            if page is not None:
+                stmt = stmt.limit(page)
+            if offset:
+                stmt = stmt.offset(offset)
+            async with db._session(self.model) as (conn, _):
+                rows = (await conn.execute(stmt)).all()
+            more = limit is not None and len(rows) > limit
+            records = [self._record(r) for r in (rows[:limit] if more else rows)]
         token = None
-        if limit is not None and len(records) > limit:
-            records = records[:limit]
+        if more:  # a token binds the model, the order and the filter (token_context)
+            context = token_context(self.model.name, keys, self._digest(filter))
             token = await db.sign_token(encode_token(keys, records[-1]), context)
         if proj is not None:
             records = [{n: r[n] for n in proj} for r in records]
@@ -729,7 +757,8 @@ class ModelOps:
                 )
             terms = parse_query(query)
         fc = self._fc
-        where = self._scoped(fc.compile(filter))
+        shape, values, _ = fc.shape(filter)
+        tenant = None if self._tf is None else self._tenant()
         proj: builtins.list[str] | None = None
         if fields is not None:
             if not isinstance(fields, list | tuple):
@@ -740,29 +769,6 @@ class ModelOps:
         if type(limit) is not int or not 1 <= limit <= SEARCH_MAX_LIMIT:
             raise ValidationError("limit", f"expects an integer from 1 to {SEARCH_MAX_LIMIT}")
         db = self._db
-        t = self.table
-        q = db.engine.dialect.identifier_preparer.quote
-        match: Any = true()
-        score: Any = literal(0.0, Float)
-        source: Any = t
-        if terms is None or spec is None:
-            pass  # no query: every record matching the filter, equally relevant
-        elif db.dialect == "postgresql":
-            vector: Any = literal_column(f"{q(t.name)}.{q(spec.column)}")
-            tsq = func.to_tsquery(
-                literal_column(f"'{spec.config}'::regconfig"),
-                bindparam("search_q", tsquery_text(terms)),
-            )
-            match = vector.op("@@")(tsq)
-            score = func.ts_rank(vector, tsq, type_=Float)
-        else:
-            fts: Any = literal_column(q(spec.fts_table))
-            match = fts.op("MATCH")(bindparam("search_q", fts5_query(terms)))
-            score = -func.bm25(fts, type_=Float)
-            fts_table = table(spec.fts_table, column("rowid"))
-            source = t.join(fts_table, fts_table.c.rowid == literal_column(f"{q(t.name)}.rowid"))
-        inner = select(t, score.label("_score")).select_from(source).where(match, where).subquery()
-        stmt = select(inner)
         context = "search\n" + "\n".join(
             [
                 self.model.name,
@@ -771,15 +777,42 @@ class ModelOps:
             ]
         )
         keys: builtins.list[OrderKey] = [(self._pk, False)]
+        after: tuple[float, Any] | None = None
         if page_token:
             payload = await db.verify_token(page_token, context)
-            last_score, last_id = _search_position(payload, keys)
-            s_col, id_col = inner.c._score, inner.c.id
-            stmt = stmt.where(or_(s_col < last_score, and_(s_col == last_score, id_col > last_id)))
-        stmt = stmt.order_by(inner.c._score.desc(), inner.c.id.asc()).limit(limit + 1)
+            after = _search_position(payload, keys)
+        match_text: str | None = None
+        if terms is not None and spec is not None:
+            pg = db.dialect == "postgresql"
+            match_text = tsquery_text(terms) if pg else fts5_query(terms)
         try:
-            async with db._session(self.model) as (conn, _):
-                rows = (await conn.execute(stmt)).all()
+            if db._fast_ok():
+                prep = self._queries.search_sql(
+                    shape,
+                    match_text is not None,
+                    after is not None,
+                    lambda where, q, a: self._search_stmt(
+                        spec if q is not None else None, where, q, a
+                    ),
+                )
+                extra: builtins.list[Any] = [match_text]
+                if after is not None:
+                    extra += [after[0], after[1]]
+                args = prep.args(values, (), tenant, limit + 1, extra=extra)
+                raw_rows = await db._fast_fetchall(self.model, prep, args)
+                record = self._codec.record
+                rows = [(record(r[:-1]), r[-1]) for r in raw_rows]
+            else:
+                it = iter(values)
+                where = self._scoped(fc.expr(shape, lambda _f: next(it)))
+                q: Any = None if match_text is None else bindparam("search_q", match_text)
+                stmt = self._search_stmt(spec if q is not None else None, where, q, after)
+                async with db._session(self.model) as (conn, _):
+                    result = (await conn.execute(stmt.limit(limit + 1))).all()
+                rows = []
+                for r in result:
+                    m = dict(r._mapping)
+                    rows.append((m, m.pop("_score")))
         except DatabaseError as exc:
             # the index is missing (skip_migration=True): say so, not "table missing"
             if spec is None:
@@ -789,14 +822,10 @@ class ModelOps:
             if f"no such table: {spec.fts_table}" in text or (
                 spec.column in text and "does not exist" in text
             ):
-                raise SchemaMissingError(t.name, self.model.name, search=True) from exc
+                raise SchemaMissingError(self.table.name, self.model.name, search=True) from exc
             raise
-        records = []
-        scores: builtins.list[float] = []
-        for r in rows:
-            m = dict(r._mapping)
-            scores.append(float(m.pop("_score")))
-            records.append(m)
+        records = [m for m, _ in rows]
+        scores = [float(x) for _, x in rows]
         token = None
         if len(records) > limit:
             records, scores = records[:limit], scores[:limit]
@@ -805,6 +834,40 @@ class ModelOps:
         if proj is not None:
             records = [{n: r[n] for n in proj} for r in records]
         return {"records": records, "scores": scores, "next_page_token": token}
+
+    def _search_stmt(
+        self, spec: SearchSpec | None, where: Any, q: Any, after: tuple[Any, Any] | None
+    ) -> Any:
+        """The search statement, without its limit: the records matching `where` and,
+        with a `spec`, the query operand `q`, most relevant first (ties by id); `after`:
+        the (score, id) operands of the record the page starts after."""
+        db = self._db
+        t = self.table
+        quote = db.engine.dialect.identifier_preparer.quote
+        match: Any = true()
+        score: Any = literal_column("0.0", Float)  # no query: all equally relevant
+        source: Any = t
+        if spec is None:
+            pass
+        elif db.dialect == "postgresql":
+            vector: Any = literal_column(f"{quote(t.name)}.{quote(spec.column)}")
+            tsq = func.to_tsquery(literal_column(f"'{spec.config}'::regconfig"), q)
+            match = vector.op("@@")(tsq)
+            score = func.ts_rank(vector, tsq, type_=Float)
+        else:
+            fts: Any = literal_column(quote(spec.fts_table))
+            match = fts.op("MATCH")(q)
+            score = -func.bm25(fts, type_=Float)
+            fts_table = table(spec.fts_table, column("rowid"))
+            rowid: Any = literal_column(f"{quote(t.name)}.rowid")
+            source = t.join(fts_table, fts_table.c.rowid == rowid)
+        inner = select(t, score.label("_score")).select_from(source).where(match, where).subquery()
+        stmt = select(inner)
+        s_col, id_col = inner.c._score, inner.c.id
+        if after is not None:
+            last_score, last_id = after
+            stmt = stmt.where(or_(s_col < last_score, and_(s_col == last_score, id_col > last_id)))
+        return stmt.order_by(s_col.desc(), id_col.asc())
 
     async def count(self, filter: Mapping[str, Any] | None = None) -> int:
         """How many records match `filter`."""
@@ -817,13 +880,20 @@ class ModelOps:
         return result
 
     async def _count_now(self, filter: Mapping[str, Any] | None) -> int:
+        tenant = None if self._tf is None else self._tenant()  # no tenant, no call
+        db = self._db
+        if db._fast_ok():
+            shape, values, _ = self._fc.shape(filter)
+            prep = self._queries.count_sql(shape)
+            rows = await db._fast_fetchall(self.model, prep, prep.args(values, (), tenant))
+            return int(rows[0][0])
         if self._tf is not None:  # the tenant is always a condition
             stmt = self._count_all.where(self._scoped(self._fc.compile(filter)))
         elif not filter:
             stmt = self._count_all
         else:
             stmt = self._count_all.where(self._fc.compile(filter))
-        async with self._db._session(self.model) as (conn, _):
+        async with db._session(self.model) as (conn, _):
             return int((await conn.execute(stmt)).scalar_one())
 
     # -- bulk operations -------------------------------------------------------------
@@ -947,8 +1017,17 @@ class ModelOps:
         if fields is None:
             raise ValidationError("fields", "give the fields to set (or data)")
         changes = self._changes(fields)
-        where = self._where(filter, all, "update")
-        async with self._db._session(self.model, write=True) as (conn, _):
+        shape, values = self._write_shape(filter, all, "update")
+        db = self._db
+        if db._fast_ok():
+            names = tuple(changes)
+            prep = self._queries.update_sql(shape, names)
+            tenant = None if self._tf is None else self._tenant()
+            args = prep.args(values, (), tenant, sets=[changes[n] for n in names])
+            return await db._fast_execute(self.model, prep.sql, args, here=False)
+        it = iter(values)
+        where = self._scoped(self._fc.expr(shape, lambda _f: next(it)))
+        async with db._session(self.model, write=True) as (conn, _):
             res = await conn.execute(update(self.table).where(where).values(changes))
         return int(res.rowcount)
 
@@ -979,8 +1058,16 @@ class ModelOps:
                     res = await conn.execute(delete(self.table).where(in_batch))
                     n += int(res.rowcount)
             return n
-        stmt = delete(self.table).where(self._where(filter, all, "delete"))
-        async with self._db._session(self.model, write=True) as (conn, _):
+        shape, values = self._write_shape(filter, all, "delete")
+        db = self._db
+        if db._fast_ok():
+            prep = self._queries.delete_sql(shape)
+            tenant = None if self._tf is None else self._tenant()
+            args = prep.args(values, (), tenant)
+            return await db._fast_execute(self.model, prep.sql, args, here=False)
+        it = iter(values)
+        stmt = delete(self.table).where(self._scoped(self._fc.expr(shape, lambda _f: next(it))))
+        async with db._session(self.model, write=True) as (conn, _):
             res = await conn.execute(stmt)
         return int(res.rowcount)
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, false, or_
@@ -156,19 +156,32 @@ def decode_token(keys: list[OrderKey], payload: bytes) -> list[Any]:
     return out
 
 
-def keyset_after(fc: FilterCompiler, keys: list[OrderKey], last: list[Any]) -> ColumnElement[bool]:
-    """Records strictly after `last` in the order of `keys`."""
+def keyset_after(
+    fc: FilterCompiler,
+    keys: list[OrderKey],
+    last: list[Any],
+    bind: Callable[[int, FieldInfo], Any] | None = None,
+) -> ColumnElement[bool]:
+    """Records strictly after `last` in the order of `keys`. With `bind`, the operand
+    compared with sort key j is ``bind(j, field)`` (a bound parameter, to compile SQL
+    once per shape; `last` then only tells which values are None)."""
     clause: ColumnElement[bool] = false()
     # built from the last key outwards: after = gt(k0) or (eq(k0) and after(k1..))
-    for (f, desc), v in reversed(list(zip(keys, last, strict=True))):
+    for j, ((f, desc), v) in reversed(list(enumerate(zip(keys, last, strict=True)))):
         col, conv = fc.column(f)
         raw = fc.table.c[f.name]
         if v is None:
             gt = raw.is_not(None) if not desc else false()
             eq = raw.is_(None)
         else:
-            cv = conv(v)
+            cv = conv(v) if bind is None else bind(j, f)
             gt = col > cv if not desc else or_(col < cv, raw.is_(None))
             eq = col == cv
         clause = or_(gt, and_(eq, clause))
+    (f, desc), v = keys[0], last[0]
+    if v is not None and not desc:
+        # implied by the clause, but a plain range on the first key lets the database
+        # start the scan of its index there (an OR hides it)
+        col, conv = fc.column(f)
+        clause = and_(col >= (conv(v) if bind is None else bind(0, f)), clause)
     return clause
