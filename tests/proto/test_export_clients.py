@@ -111,8 +111,19 @@ def _our_protos(protos: Path) -> list[str]:
     return sorted(p.relative_to(protos).as_posix() for p in (protos / "nexus").rglob("*.proto"))
 
 
+def _snake(value: Any) -> Any:
+    """proto3 JSON printed with lowerCamelCase names (ts-proto's toJSON), as declared."""
+    if isinstance(value, dict):
+        return {re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", k).lower(): _snake(v)
+                for k, v in value.items()}  # fmt: skip
+    if isinstance(value, list):
+        return [_snake(v) for v in value]
+    return value
+
+
 def _check_result(result: dict[str, Any], name: str, email: str) -> None:
-    """What every client prints: the same steps, the same proto3 JSON."""
+    """What every client prints: the same steps, in proto3 JSON."""
+    result = _snake(result)
     execution = result["execution"]
     assert (execution["workflow"], execution["state"]) == ("create_contact", "STATE_SUCCEEDED")
     assert execution["outputs"]["create"]["name"] == name
@@ -175,5 +186,48 @@ def test_a_go_client_from_the_exported_files(protos: Path, server: str, tmp_path
     _run(["go", "build", "-o", str(tmp_path / "client"), "nexusclient"], tmp_path, env)
     name, email = "Ada Gopher", "ada.go@example.org"
     out = _run([str(tmp_path / "client"), "-server", server, "-name", name, "-email", email],
+               tmp_path)  # fmt: skip
+    _check_result(json.loads(out), name, email)
+
+
+def _ts_toolchain() -> str:
+    node = shutil.which("node")
+    bins = ROOT / "node_modules" / ".bin"
+    missing = [] if node else ["node"]
+    missing += [str(bins / b) for b in ("protoc-gen-ts_proto", "tsc") if not (bins / b).exists()]
+    if not (ROOT / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        missing.append("@grpc/grpc-js")
+    if missing:
+        _missing(f"the TypeScript toolchain is incomplete ({', '.join(missing)}): run `npm ci`")
+    assert node is not None
+    return node
+
+
+#: ts-proto's options: the runtime (@grpc/grpc-js), int64 as strings (exact), the field
+#: names as declared. Nothing about packages or paths.
+TS_PROTO_OPT = "outputServices=grpc-js,esModuleInterop=true,forceLong=string,snakeToCamel=false"
+
+#: `nexus proto export`'s output only: protoc sees no other include directory.
+PROTOC = "import sys; from grpc_tools import protoc; sys.exit(protoc.main(sys.argv))"
+
+
+def test_a_typescript_client_from_the_exported_files(
+    protos: Path, server: str, tmp_path: Path
+) -> None:
+    node = _ts_toolchain()
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    plugin = ROOT / "node_modules" / ".bin" / "protoc-gen-ts_proto"
+    _run([sys.executable, "-c", PROTOC, f"-I{protos}", f"--plugin=protoc-gen-ts_proto={plugin}",
+          f"--ts_proto_out={gen}", f"--ts_proto_opt={TS_PROTO_OPT}",
+          "google/rpc/error_details.proto", *_our_protos(protos)], tmp_path)  # fmt: skip
+    assert (gen / "nexus" / "models" / "v1" / "models.ts").is_file()
+    shutil.copyfile(ROOT / "clients" / "ts" / "client.ts", tmp_path / "client.ts")
+    shutil.copyfile(ROOT / "clients" / "ts" / "tsconfig.json", tmp_path / "tsconfig.json")
+    (tmp_path / "node_modules").symlink_to(ROOT / "node_modules")
+    # strict type-checking of the client against every generated file
+    _run([node, str(ROOT / "node_modules" / "typescript" / "bin" / "tsc"), "-p", "."], tmp_path)
+    name, email = "Ada Typescript", "ada.ts@example.org"
+    out = _run([node, "dist/client.js", "--server", server, "--name", name, "--email", email],
                tmp_path)  # fmt: skip
     _check_result(json.loads(out), name, email)
