@@ -286,7 +286,10 @@ def _cmd_openapi(args: argparse.Namespace) -> int:
     app = _load(args.app)
     typed = _typed(app)
     doc = openapi_json(
-        merged_descriptor_set(typed), transcoded_services(typed), secured=app.auth_enabled()
+        merged_descriptor_set(typed),
+        transcoded_services(typed),
+        secured=app.auth_enabled(),
+        public_discovery=app.public_discovery,
     )
     if args.out:
         Path(args.out).write_bytes(doc)
