@@ -38,6 +38,7 @@ from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
 from ._probes import COMPONENT_SERVICE_PREFIX, PROBE_SERVICE, HealthComponents, ProbeServicer
 from ._records import Records
+from ._reflection_docs import reflection_pool
 from ._registry import WorkflowRegistry
 from ._store import Store
 from ._typed import TypedModels
@@ -550,7 +551,8 @@ class Nexus:
         )
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(
-                (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), pool=typed.pool
+                (*services, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                pool=reflection_pool(typed),
             ),
             handlers,
         )

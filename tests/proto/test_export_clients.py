@@ -6,7 +6,8 @@ of `clients/go` against Debian's Go sources (`/usr/share/gocode`, GOPATH mode, n
 network); protoc with ts-proto (npm), then `tsc` and `node` for `clients/ts`. Neither
 generator gets a flag about packages: the exported files carry their `go_package` and
 the rest. Each client executes a workflow, streams one, creates and lists typed records
-with a filter, and reads an error's ErrorInfo.
+with a filter, and reads an error's ErrorInfo. Server reflection, too, serves the
+comments (model docstrings, field descriptions) the exported files carry.
 
 Skipped, saying what is missing, when a toolchain is not installed; with CI=true that is
 a failure (the Debian packages are in docs/api.md, "Clients in other languages").
@@ -28,7 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "contacts_app.py"
@@ -231,3 +235,39 @@ def test_a_typescript_client_from_the_exported_files(
     out = _run([node, "dist/client.js", "--server", server, "--name", name, "--email", email],
                tmp_path)  # fmt: skip
     _check_result(json.loads(out), name, email)
+
+
+def _reflected_file(server: str, symbol: str, name: str) -> descriptor_pb2.FileDescriptorProto:
+    """The file `name` among those reflection returns for `symbol` (and its imports)."""
+    with grpc.insecure_channel(server) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+        (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=30))
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in response.file_descriptor_response.file_descriptor_proto
+    ]
+    return next(f for f in files if f.name == name)
+
+
+def _comments(fdp: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...], str]:
+    return {tuple(loc.path): loc.leading_comments for loc in fdp.source_code_info.location}
+
+
+def test_reflection_serves_the_descriptions(server: str) -> None:
+    """Reflection clients see the model docstring and field descriptions, and the
+    comments of the static contracts, as the exported files have them."""
+    models = _reflected_file(
+        server, "nexus.models.v1.ContactService", "nexus/models/v1/models.proto"
+    )
+    comments = _comments(models)
+    i = next(i for i, m in enumerate(models.message_type) if m.name == "Contact")
+    j = next(j for j, f in enumerate(models.message_type[i].field) if f.name == "email")
+    assert comments[(4, i)].startswith(" A person to keep in touch with.\n")
+    assert comments[(4, i, 2, j)] == " Where to write to. Unique.\n"
+    s = next(s for s, svc in enumerate(models.service) if svc.name == "ContactService")
+    assert "Creates a Contact" in comments[(6, s, 2, 0)]
+    workflows = _reflected_file(
+        server, "nexus.workflow.v1.WorkflowService", "nexus/workflow/v1/workflow_service.proto"
+    )
+    assert "Registers, describes and runs workflows" in _comments(workflows)[(6, 0)]
