@@ -131,7 +131,7 @@ def describe_models_file(
     (`contacts`), as `_typed` names its messages and routes."""
     c = _Comments(fdp.source_code_info)
     del fdp.source_code_info.location[:]
-    by_message: dict[str, tuple[ModelInfo, str]] = {}
+    by_message: dict[str, tuple[ModelInfo | None, str]] = {}
     for model in models:
         m, p = model.name, plural[model.name]
         subject = f"`{m}`"
@@ -150,18 +150,19 @@ def describe_models_file(
                   "field is a null column (on create: the model's default).")  # fmt: skip
             fields = model.field_map
             for j, fld in enumerate(msg.field):
-                c.add((*path, _FIELD, j), _field_text(fields[fld.name]))
+                if fld.name in fields:
+                    c.add((*path, _FIELD, j), _field_text(fields[fld.name]))
             continue
-        if msg.name in _SHARED_MESSAGES:
-            c.add(path, _SHARED_MESSAGES[msg.name])
-            owner: ModelInfo | None = None
-        else:
-            owner, text = by_message[msg.name]
-            c.add(path, text)
+        # (a message this module does not know yet goes without a comment)
+        owner, text = by_message.get(msg.name, (None, _SHARED_MESSAGES.get(msg.name, "")))
+        c.add(path, text)
         for j, fld in enumerate(msg.field):
             c.add((*path, _FIELD, j), _request_field_text(fld.name, owner, collection))
     for i, svc in enumerate(fdp.service):
-        model = models_by_name[svc.name.removesuffix("Service")]
+        served = models_by_name.get(svc.name.removesuffix("Service"))
+        if served is None:
+            continue
+        model = served
         about = model.description.strip().rstrip(".")
         head = f"The {model.name} records" + (f" ({about})" if about else "")
         c.add((_SERVICE, i), f"{head}: typed create, read, update, delete, list, count "
@@ -173,7 +174,7 @@ def describe_models_file(
             for t, d in _METHODS
         }
         for j, method in enumerate(svc.method):
-            c.add((_SERVICE, i, _METHOD, j), texts[method.name])
+            c.add((_SERVICE, i, _METHOD, j), texts.get(method.name, ""))
 
 
 def _request_field_text(name: str, owner: ModelInfo | None, collection: dict[str, str]) -> str:

@@ -6,7 +6,7 @@ made from the app's models (see `_typed.py`) and printed here as proto3 source, 
 model docstrings and field descriptions as comments.
 
 Every exported file of ours carries the file options code generators want, as googleapis
-sets them (`LANGUAGE_OPTIONS`): `go_package`, `java_package`, `java_multiple_files`,
+sets them (`language_options`): `go_package`, `java_package`, `java_multiple_files`,
 `java_outer_classname`, `csharp_namespace`, `php_namespace`, `ruby_package` and
 `objc_class_prefix`. They are added here, not in `proto/`: buf breaking counts a changed
 file option as a breaking change, and these are options of the export (the Go module
@@ -174,11 +174,13 @@ def render_models_proto(fdp: descriptor_pb2.FileDescriptorProto) -> str:
 
 def _with_options(source: str, opts: descriptor_pb2.FileOptions) -> str:
     """A static `.proto` source with the file options after its imports (or its
-    `package` line), where googleapis puts them."""
-    lines = source.split("\n")
+    `package` line), where googleapis puts them; any of them the source sets is
+    replaced (the export's, `nexus.binpb`'s, are the ones that count)."""
+    ours = tuple(f"option {name} =" for name in _OPTION_ORDER)
+    lines = [line for line in source.split("\n") if not line.startswith(ours)]
     heads = [i for i, line in enumerate(lines) if line.startswith(("package ", "import "))]
-    if not heads or any(line.startswith("option ") for line in lines):
-        raise ValueError("a static .proto without a package line, or with file options")
+    if not heads:
+        raise ValueError("a static .proto without a package line")
     at = heads[-1] + 1
     return "\n".join([*lines[:at], "", *_option_lines(opts), *lines[at:]])
 
