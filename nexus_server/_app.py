@@ -38,6 +38,7 @@ from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
 from ._probes import COMPONENT_SERVICE_PREFIX, PROBE_SERVICE, HealthComponents, ProbeServicer
 from ._records import Records
+from ._reflection_docs import reflection_pool
 from ._registry import WorkflowRegistry
 from ._store import Store
 from ._typed import TypedModels
@@ -505,7 +506,12 @@ class Nexus:
         ogrpc.add_OpenApiServiceServicer_to_server(  # type: ignore[no-untyped-call]
             # built on the first GetOpenApi, never in the way of startup
             OpenApiServicer(
-                functools.partial(_openapi_document, typed, secured=authenticator is not None)
+                functools.partial(
+                    _openapi_document,
+                    typed,
+                    secured=authenticator is not None,
+                    public_discovery=self.public_discovery,
+                )
             ),
             handlers,
         )
@@ -545,7 +551,8 @@ class Nexus:
         )
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(
-                (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), pool=typed.pool
+                (*services, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                pool=reflection_pool(typed),
             ),
             handlers,
         )
@@ -894,12 +901,17 @@ async def _set_health(
         await servicer.set(name, status)
 
 
-def _openapi_document(typed: TypedModels, *, secured: bool) -> bytes:
+def _openapi_document(typed: TypedModels, *, secured: bool, public_discovery: bool) -> bytes:
     """The OpenAPI document of what REST reaches (Envoy's module imported only now)."""
     from ._envoy import merged_descriptor_set, transcoded_services
     from ._openapi import openapi_json
 
-    return openapi_json(merged_descriptor_set(typed), transcoded_services(typed), secured=secured)
+    return openapi_json(
+        merged_descriptor_set(typed),
+        transcoded_services(typed),
+        secured=secured,
+        public_discovery=public_discovery,
+    )
 
 
 def shown_url(db: DataFlow) -> str:

@@ -314,7 +314,10 @@ def _cmd_openapi(args: argparse.Namespace) -> int:
     app = _load(args.app)
     typed = _typed(app)
     doc = openapi_json(
-        merged_descriptor_set(typed), transcoded_services(typed), secured=app.auth_enabled()
+        merged_descriptor_set(typed),
+        transcoded_services(typed),
+        secured=app.auth_enabled(),
+        public_discovery=app.public_discovery,
     )
     if args.out:
         Path(args.out).write_bytes(doc)
@@ -324,12 +327,23 @@ def _cmd_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _go_module(value: str) -> str:
+    """`--go-module`: an import path (`github.com/acme/api`), without spaces or quotes."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", value):
+        raise argparse.ArgumentTypeError(
+            "must be a Go import path such as github.com/acme/api (letters, digits, . _ ~ - /)"
+        )
+    return value
+
+
 def _cmd_proto_export(args: argparse.Namespace) -> int:
-    from ._proto_export import export_protos
+    from ._proto_export import GO_MODULE, export_protos
 
     typed = _typed(_load(args.app))
     out = Path(args.out)
-    files = export_protos(typed, out)
+    files = export_protos(typed, out, go_module=args.go_module or GO_MODULE)
     for f in files:
         print(f.relative_to(out).as_posix())
     print(f"wrote {len(files)} file(s) to {out}", file=sys.stderr)
@@ -395,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("app", help="path/to/app.py or module:attr naming a Nexus app")
     export.add_argument("--out", default="nexus-protos", help="directory to write to")
+    export.add_argument(
+        "--go-module",
+        type=_go_module,
+        help="Go import path prefix of the files' go_package (default: nexus.local/api)",
+    )
     export.set_defaults(func=_cmd_proto_export)
 
     envoy = sub.add_parser(

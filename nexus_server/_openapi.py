@@ -260,9 +260,8 @@ def _operation(
     op_id = f"{short}_{method.name}" + (f"_{binding}" if binding else "")
     op: dict[str, Any] = {"operationId": op_id, "tags": [short]}
     text = b.index.comments.get(f"{service}.{method.name}")
-    if text:
-        op["summary"] = text.split(". ")[0].rstrip(".")
-        op["description"] = text
+    op["summary"] = _summary(text) if text else f"{short}.{method.name}"
+    op["description"] = text or f"The RPC `{service}.{method.name}`."
     parameters: list[dict[str, Any]] = []
     for name in params:
         top = name.split(".", 1)[0]
@@ -288,13 +287,16 @@ def _operation(
         op["parameters"] = parameters
     if body:
         if body == "*":
-            schema = b.ref(req_name)
             bound = set(params)
             if bound:
                 # path parameters are not part of the body
                 req = b.index.messages[req_name]
                 props = {f.name: b.field(req_name, f) for f in req.field if f.name not in bound}
                 schema = {"type": "object", "properties": props}
+                if req_name in b.index.comments:
+                    schema["description"] = b.index.comments[req_name]
+            else:
+                schema = b.ref(req_name)
         else:
             fld = next(f for f in b.index.messages[req_name].field if f.name == body)
             schema = b.field(req_name, fld)
@@ -336,6 +338,11 @@ def _operation(
     return path, {verb: op}
 
 
+def _summary(text: str) -> str:
+    """An operation's summary: the first sentence of its comment."""
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
+
+
 def _canonical(path: str, op: dict[str, Any], shapes: dict[str, str]) -> str:
     """One path per shape: OpenAPI forbids `/a/{id}` beside `/a/{contact_id}`, so an
     operation whose template only differs in parameter names joins the first path,
@@ -359,30 +366,28 @@ def openapi_document(
     title: str = "Nexus",
     version: str = "v1",
     secured: bool = False,
+    public_discovery: bool = False,
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document for `services` of a descriptor set (its bytes, or files).
 
-    Its security schemes (an API key in `X-API-Key`, a bearer API key or JWT) are always
-    declared; `secured` (the server authenticates calls) requires one of them on every
-    operation but the health probe."""
+    `secured` (the server authenticates calls) declares the security schemes (an API key
+    in `X-API-Key`, a bearer API key or JWT) and requires one of them on every operation
+    but the probes (and `GET /openapi.json` with `public_discovery`); without it the
+    document says that no operation needs a credential (`security: []`)."""
     if isinstance(files, bytes):
         files = list(descriptor_pb2.FileDescriptorSet.FromString(files).file)
     index = _Index(files)
     b = _Builder(index)
     status_ref = b.ref("google.rpc.Status")
-    for extra in ("google.rpc.ErrorInfo", "google.rpc.BadRequest"):
-        if extra in index.messages:
-            b.ref(extra)
+    _typed_details(b)
     paths: dict[str, dict[str, Any]] = {}
     shapes: dict[str, str] = {}
     tags = []
     for service in services:
         svc = index.services[service]
         short = service.rsplit(".", 1)[1]
-        tag: dict[str, Any] = {"name": short}
-        if service in index.comments:
-            tag["description"] = index.comments[service]
-        tags.append(tag)
+        about = index.comments.get(service, f"The gRPC service `{service}`.")
+        tags.append({"name": short, "description": about})
         for method in svc.method:
             rule = method.options.Extensions[annotations_pb2.http]
             rules = [rule, *rule.additional_bindings]
@@ -409,6 +414,15 @@ def openapi_document(
         for probe in ("/health", "/readyz", "/livez"):
             for op in paths.get(probe, {}).values():
                 op["security"] = []  # the probes stay open
+        if public_discovery:
+            for op in paths.get("/openapi.json", {}).values():
+                op["security"] = []
+    components: dict[str, Any] = {
+        "schemas": dict(sorted(b.schemas.items())),
+        "responses": responses,
+    }
+    if secured:
+        components["securitySchemes"] = _SECURITY_SCHEMES
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -416,18 +430,52 @@ def openapi_document(
             "version": version,
             "description": "REST through Envoy's gRPC-JSON transcoder: proto3 JSON, field "
             "names as declared (lowerCamelCase accepted on input), int64 as strings.",
+            # the license of the Nexus contracts the document is made from
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
+        # relative: the Envoy that served this document (GET /openapi.json)
+        "servers": [{"url": "/", "description": "The Envoy that serves this document."}],
+        # with authentication off, no operation needs a credential
+        "security": [{"apiKey": []}, {"bearer": []}] if secured else [],
         "tags": tags,
         "paths": dict(sorted(paths.items())),
-        "components": {
-            "schemas": dict(sorted(b.schemas.items())),
-            "responses": responses,
-            "securitySchemes": _SECURITY_SCHEMES,
-        },
+        "components": components,
     }
-    if secured:
-        doc["security"] = [{"apiKey": []}, {"bearer": []}]
     return doc
+
+
+#: The error details the server sends in `google.rpc.Status.details` (`_errors.py`).
+ERROR_DETAILS = ("google.rpc.ErrorInfo", "google.rpc.BadRequest", "google.rpc.RetryInfo")
+
+
+def _typed_details(b: _Builder) -> None:
+    """`Status.details` as what it holds: a `oneOf` the error details, told apart by
+    their `@type` (proto3 JSON prints a `google.protobuf.Any` as the message's fields
+    plus `@type`), instead of a generic `{"@type"}` object."""
+    mapping: dict[str, str] = {}
+    for name in ERROR_DETAILS:
+        if name not in b.index.messages:
+            continue
+        ref = b.ref(name)["$ref"]
+        url = f"type.googleapis.com/{name}"
+        schema = b.schemas[name]
+        schema["properties"] = {
+            "@type": {"type": "string", "const": url, "description": "the detail's type"},
+            **schema["properties"],
+        }
+        schema["required"] = ["@type"]
+        mapping[url] = ref
+    status = b.schemas["google.rpc.Status"]
+    details = status["properties"]["details"]
+    details["items"] = {
+        "oneOf": [{"$ref": ref} for ref in mapping.values()],
+        "discriminator": {"propertyName": "@type", "mapping": mapping},
+    }
+    details["description"] = (
+        "The error details: an ErrorInfo (`reason`, `domain` nexus, `metadata`) on every "
+        "error, a BadRequest (`field_violations`) for bad fields, a RetryInfo "
+        "(`retry_delay`) when a retry later may succeed."
+    )
 
 
 #: How a caller proves who it is (docs/security.md).
@@ -451,9 +499,10 @@ def openapi_json(
     services: Sequence[str],
     *,
     secured: bool = False,
+    public_discovery: bool = False,
 ) -> bytes:
     """The document as UTF-8 JSON."""
-    doc = openapi_document(files, services, secured=secured)
+    doc = openapi_document(files, services, secured=secured, public_discovery=public_discovery)
     return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
 
 

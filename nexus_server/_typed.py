@@ -40,6 +40,7 @@ from dataflow import FieldInfo, ModelInfo
 from ._convert import from_struct, from_value
 from ._errors import ApiError
 from ._jsonable import to_jsonable
+from ._model_docs import describe_models_file
 
 __all__ = [
     "PACKAGE",
@@ -281,6 +282,10 @@ def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescrip
                 f"{p}BulkWriteResult",
                 _rule("post", f"{base}:bulk{verb}", "*"),
             )
+    names = [m.name for m in models]
+    describe_models_file(
+        b.fdp, models, {n: _plural_camel(n) for n in names}, {n: collection_id(n) for n in names}
+    )
     return b.fdp
 
 
@@ -334,6 +339,8 @@ class TypedModels:
             out.file.append(fdp)
 
         add(self.file_descriptor)
+        # the pool keeps no source info: the models file's comments come from its source
+        out.file[-1].source_code_info.CopyFrom(self.file.source_code_info)
         return out
 
 

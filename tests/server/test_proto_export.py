@@ -31,7 +31,8 @@ def test_export_round_trips_through_protoc(tmp_path: Path) -> None:
     protoc = subprocess.run(
         [
             sys.executable, "-m", "grpc_tools.protoc", f"-I{out}",
-            f"--descriptor_set_out={compiled}", "nexus/models/v1/models.proto",
+            f"--descriptor_set_out={compiled}", "--include_source_info",
+            "nexus/models/v1/models.proto",
         ],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -41,8 +42,21 @@ def test_export_round_trips_through_protoc(tmp_path: Path) -> None:
 
     exported = descriptor_pb2.FileDescriptorSet.FromString((out / "nexus.binpb").read_bytes())
     served = next(f for f in exported.file if f.name == "nexus/models/v1/models.proto")
-    # protoc fills json_name only when asked; compare everything else exactly
+
+    # the comments (model docstrings, field descriptions) are the served ones
+    def comments(fdp: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...], str]:
+        return {
+            tuple(loc.path): loc.leading_comments
+            for loc in fdp.source_code_info.location
+            if loc.leading_comments and list(loc.path) != [12]  # (the `syntax` header)
+        }
+
+    assert comments(from_source) == comments(served)
+    assert comments(served)[(4, 2)].startswith(" A company contacts work for.\n")
+    # protoc fills json_name only when asked, and spans only from a source; compare
+    # everything else exactly
     for fdp in (from_source, served):
+        fdp.ClearField("source_code_info")
         for msg in fdp.message_type:
             for f in msg.field:
                 f.ClearField("json_name")
