@@ -49,6 +49,7 @@ __all__ = [
     "TypeSpec",
     "call_metadata",
     "credential_from_env",
+    "exact",
     "normalize",
     "server_address",
     "set_channel",
@@ -260,10 +261,31 @@ def _finite(msg: message.Message) -> None:
             _finite(value)
 
 
+#: The largest magnitude a JSON number (a double) holds exactly for every integer.
+EXACT_INT = 2**53
+
+
+def exact(value: Any) -> Any:
+    """`value` with every int beyond +-2^53 as its decimal text (bools and the rest as they
+    are): the 64-bit integer rule of docs/api.md, which the server applies to what it
+    sends. A `Struct` number is a double, so 2^63-1 sent as a number would arrive as
+    2^63; as text it arrives exact, and the server reads digits as an int where an int
+    is expected."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -EXACT_INT <= value <= EXACT_INT else str(value)
+    if isinstance(value, dict):
+        return {k: exact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [exact(v) for v in value]
+    return value
+
+
 def struct_of(data: Mapping[str, Any]) -> struct_pb2.Struct:
-    """A `google.protobuf.Struct` holding `data`."""
+    """A `google.protobuf.Struct` holding `data`, its large ints as text (`exact`)."""
     s = struct_pb2.Struct()
-    s.update(dict(data))
+    s.update(exact(dict(data)))
     return s
 
 
@@ -370,6 +392,8 @@ class TypeSpec:
     is_json: bool = False  # the flag value is JSON text
 
 
+_JSON_TYPES = ("string", "number", "boolean", "object", "array", "null")
+
 _BASE: dict[str, tuple[type, dict[str, Any], bool]] = {
     "str": (str, {"type": "string"}, False),
     "int": (int, {"type": "integer"}, False),
@@ -383,7 +407,8 @@ _BASE: dict[str, tuple[type, dict[str, Any], bool]] = {
     "enum": (str, {"type": "string"}, False),
     "dict": (str, {"type": "object"}, True),
     "list": (str, {"type": "array"}, True),
-    "any": (str, {}, True),
+    # any JSON value, spelled with types (an empty schema says nothing to a client)
+    "any": (str, {"anyOf": [{"type": t} for t in _JSON_TYPES]}, True),
 }
 
 
@@ -399,7 +424,10 @@ def type_spec(type_name: str, *, nullable: bool = False) -> TypeSpec:
     python, schema, is_json = _BASE.get(name, _BASE["any"])
     schema = dict(schema)
     if nullable and "type" in schema:
-        schema["type"] = [schema["type"], "null"]
+        # `anyOf` of single types, not `"type": [..., "null"]`: the form every client
+        # that maps schemas onto a one-type dialect accepts (the MCP Inspector's
+        # --strict flags the array form as unportable)
+        schema = {"anyOf": [schema, {"type": "null"}]}
     return TypeSpec(type_name, python, schema, nullable, is_json)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "page_size",
     "to_struct",
     "to_value",
+    "workflow_inputs",
     "workflow_message",
 ]
 
@@ -67,6 +69,29 @@ def from_struct(struct: struct_pb2.Struct, where: str = "") -> dict[str, Any]:
     # process): sorted keys make everything downstream deterministic, violations included
     fields = struct.fields
     return {k: _plain(fields[k], f"{where}.{k}" if where else k) for k in sorted(fields)}
+
+
+#: The text of an integer, as an int beyond +-2^53 travels in JSON (docs/api.md, "64-bit
+#: integers"); longer than any 64-bit integer is left as text, for the input's check to refuse.
+_INT_TEXT = re.compile(r"-?[0-9]{1,20}")
+
+
+def workflow_inputs(wf: Workflow, inputs: struct_pb2.Struct) -> dict[str, Any]:
+    """A request's `inputs` as the workflow takes them: `from_struct`, and the text of an
+    integer given to an `int` input as that int (a `Struct` number is a double, so an
+    int beyond +-2^53 is sent as its digits; the record fields of a model accept the
+    same)."""
+    doc = from_struct(inputs, "inputs")
+    for name, value in doc.items():
+        declared = wf.inputs.get(name)
+        if (
+            declared is not None
+            and isinstance(value, str)
+            and declared.type_name.removesuffix("| None").strip() == "int"
+            and _INT_TEXT.fullmatch(value)
+        ):
+            doc[name] = int(value)
+    return doc
 
 
 def from_value(value: struct_pb2.Value, where: str = "") -> Any:

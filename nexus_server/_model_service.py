@@ -251,7 +251,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.ListRecordsResponse:
         try:
             model = self.records.model(request.model)
-            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(model, from_struct(request.filter, "filter"))
             result = await self.records.ops(model).list(
                 flt or None,
                 order_by=_order_by(request.order_by),
@@ -271,7 +271,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.SearchRecordsResponse:
         try:
             model = self.records.model(request.model)
-            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(model, from_struct(request.filter, "filter"))
             result = await self.records.search(
                 model,
                 request.q,
@@ -293,7 +293,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.CountRecordsResponse:
         try:
             model = self.records.model(request.model)
-            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(model, from_struct(request.filter, "filter"))
             return mpb.CountRecordsResponse(count=await self.records.ops(model).count(flt or None))
         except Exception as exc:
             await abort(context, exc)
@@ -361,7 +361,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.BulkUpdateRecordsResponse:
         try:
             model = self.records.model(request.model)
-            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(model, from_struct(request.filter, "filter"))
             values = self.records.coerce(model, from_struct(request.values, "values"), "values")
 
             async def write() -> mpb.BulkUpdateRecordsResponse:
@@ -384,7 +384,7 @@ class ModelServicer(mgrpc.ModelServiceServicer):
     ) -> mpb.BulkDeleteRecordsResponse:
         try:
             model = self.records.model(request.model)
-            flt = self.records.coerce(model, from_struct(request.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(model, from_struct(request.filter, "filter"))
 
             async def write() -> mpb.BulkDeleteRecordsResponse:
                 n = await self.records.ops(model).bulk_delete(flt, all=request.allow_all)
@@ -574,7 +574,7 @@ class _TypedService:
             )  # fmt: skip
 
         async def list_(req: Any, context: Any) -> Any:
-            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(self.model, from_struct(req.filter, "filter"))
             result = await self.ops.list(
                 flt or None,
                 order_by=_order_by(req.order_by),
@@ -588,7 +588,7 @@ class _TypedService:
             return resp
 
         async def search(req: Any, context: Any) -> Any:
-            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(self.model, from_struct(req.filter, "filter"))
             result = await self.records.search(
                 self.model, req.q, flt, page_size(req.page_size), req.page_token, req.fields
             )
@@ -599,7 +599,7 @@ class _TypedService:
             return resp
 
         async def count(req: Any, context: Any) -> Any:
-            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(self.model, from_struct(req.filter, "filter"))
             return t.message_class("CountResult")(count=await self.ops.count(flt or None))
 
         async def upsert(req: Any, context: Context) -> Any:
@@ -628,7 +628,7 @@ class _TypedService:
             )  # fmt: skip
 
         async def bulk_update(req: Any, context: Context) -> Any:
-            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(self.model, from_struct(req.filter, "filter"))
             values = self._fields(req.values, "values")
             return await self.records.idempotent(
                 caller_id(), req.request_id, f"BulkUpdate{plural}",
@@ -641,7 +641,7 @@ class _TypedService:
             )  # fmt: skip
 
         async def bulk_delete(req: Any, context: Context) -> Any:
-            flt = self.records.coerce(self.model, from_struct(req.filter, "filter"), "filter")
+            flt = self.records.coerce_filter(self.model, from_struct(req.filter, "filter"))
             return await self.records.idempotent(
                 caller_id(), req.request_id, f"BulkDelete{plural}",
                 [flt, req.allow_all], result_cls,

@@ -83,6 +83,14 @@ class Records:
                 raise ApiError("RECORD_INVALID", f"{path}: {reason}", [(path, reason)])
         return out
 
+    def coerce_filter(self, model: ModelInfo, flt: Mapping[str, Any]) -> dict[str, Any]:
+        """A filter's values as the model's field types, as `coerce` does for a record,
+        also inside operators (`{"total": {"$gte": "9223372036854775807"}}`, `$in`
+        lists) and `$and` / `$or` / `$not`: an int beyond +-2^53 travels as text (the
+        64-bit integer rule of docs/api.md) wherever a filter holds it. A value that is
+        not of the field's type is left for DataFlow to refuse, naming its path."""
+        return _query(model.field_map, flt)
+
     async def search(
         self,
         model: ModelInfo,
@@ -245,3 +253,47 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is _dt.datetime and isinstance(value, str) and value.endswith("Z"):
         return value[:-1] + "+00:00"
     return value
+
+
+#: Operators whose value is one value of the field, and those whose value is a list.
+_SCALAR_OPS = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte"})
+_LIST_OPS = frozenset({"$in", "$nin"})
+
+
+def _query(fields: Mapping[str, Any], flt: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flt.items():
+        f = fields.get(key)
+        if f is not None:
+            out[key] = _query_value(f.base_type, value)
+        elif key in ("$and", "$or") and isinstance(value, list):
+            out[key] = [_query(fields, v) if isinstance(v, Mapping) else v for v in value]
+        elif key == "$not" and isinstance(value, Mapping):
+            out[key] = _query(fields, value)
+        else:
+            out[key] = value  # DataFlow names what is wrong with it
+    return out
+
+
+def _query_value(tp: Any, value: Any) -> Any:
+    if not (isinstance(value, Mapping) and any(str(k).startswith("$") for k in value)):
+        return _lenient(tp, value)  # {"field": value}: $eq
+    out: dict[str, Any] = {}
+    for op, v in value.items():
+        if op in _LIST_OPS and isinstance(v, list):
+            out[op] = [_lenient(tp, x) for x in v]
+        elif op in _SCALAR_OPS:
+            out[op] = _lenient(tp, v)
+        else:
+            out[op] = v
+    return out
+
+
+def _lenient(tp: Any, value: Any) -> Any:
+    """`_coerce` for a filter value, keeping a value it cannot convert as it is."""
+    if value is None:
+        return None
+    try:
+        return _coerce(tp, value, "")
+    except ApiError:
+        return value

@@ -29,10 +29,10 @@ from ._convert import (
     definition_dict,
     encode_page_token,
     execution_message,
-    from_struct,
     page_size,
     status_message,
     to_struct,
+    workflow_inputs,
     workflow_message,
 )
 from ._errors import ApiError, StatusError, abort, brief, to_api_error
@@ -223,7 +223,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             rec = await self.executions.execute(
                 request.name,
                 item.workflow,
-                from_struct(request.inputs, "inputs"),
+                workflow_inputs(item.workflow, request.inputs),
                 caller=caller_id(),
                 request_id=request.request_id,
             )
@@ -246,7 +246,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             run, rec, owner = await self.executions.start(
                 request.name,
                 item.workflow,
-                from_struct(request.inputs, "inputs"),
+                workflow_inputs(item.workflow, request.inputs),
                 caller=caller_id(),
                 request_id=request.request_id,
             )

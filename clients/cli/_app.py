@@ -33,6 +33,7 @@ from .._grpc import (
     ApiFailure,
     Credential,
     call_metadata,
+    exact,
     server_address,
     set_channel,
     struct_of,
@@ -764,7 +765,7 @@ def _model_group(model: Any) -> Any:
             fields=fields,
         )
         if p["nexus_filter"]:
-            req.filter.update(_json_object(p["nexus_filter"], "--filter"))
+            req.filter.update(exact(_json_object(p["nexus_filter"], "--filter")))
         doc = to_json(st.rpc(st.models.ListRecords, req))
         doc["records"] = [in_order(r, names) for r in doc.get("records", [])]
         emit_rows(doc, doc["records"], fields or None, st.output, keep=[pk])
@@ -773,7 +774,7 @@ def _model_group(model: Any) -> Any:
         st = state_of(p["nexus_ctx"])
         req = m.CountRecordsRequest(model=name)
         if p["nexus_filter"]:
-            req.filter.update(_json_object(p["nexus_filter"], "--filter"))
+            req.filter.update(exact(_json_object(p["nexus_filter"], "--filter")))
         doc = to_json(st.rpc(st.models.CountRecords, req))
         if st.output == "table":
             print(int(doc.get("count", 0)))
@@ -791,7 +792,7 @@ def _model_group(model: Any) -> Any:
             fields=fields,
         )
         if p["nexus_filter"]:
-            req.filter.update(_json_object(p["nexus_filter"], "--filter"))
+            req.filter.update(exact(_json_object(p["nexus_filter"], "--filter")))
         doc = to_json(st.rpc(st.models.SearchRecords, req))
         doc["records"] = [in_order(r, names) for r in doc.get("records", [])]
         # the relevance as a first column (its own name, unless a field has it)

@@ -27,6 +27,7 @@ from .._grpc import (
     EXIT_USAGE,
     ApiFailure,
     call_metadata,
+    exact,
     struct_of,
     to_json,
     type_spec,
@@ -242,7 +243,7 @@ def find_conflicts(
     else:
         flt = {"$or": [{f: r[f] for f in fields} for r in wanted]}
     req = m.ListRecordsRequest(model=model.name, page_size=len(wanted), fields=list(fields))
-    req.filter.update(flt)
+    req.filter.update(exact(flt))
     stored: set[tuple[str, ...] | None] = set()
     try:
         resp = st.models.ListRecords(req, timeout=st.timeout, metadata=call_metadata())

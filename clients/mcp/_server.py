@@ -52,6 +52,7 @@ from .._grpc import (
     ApiFailure,
     Credential,
     call_metadata,
+    exact,
     server_address,
     struct_of,
     to_json,
@@ -622,14 +623,14 @@ class Adapter:
                 fields=args.get("fields", []),
             )
             if args.get("filter"):
-                lreq.filter.update(args["filter"])
+                lreq.filter.update(exact(args["filter"]))
             return _text_result(to_json(await ms.ListRecords(lreq, metadata=meta)))
         if op == "count":
             creq = m.CountRecordsRequest(model=name)
             if args.get("filter"):
-                creq.filter.update(args["filter"])
-            resp = await ms.CountRecords(creq, metadata=meta)
-            return _text_result({"count": int(resp.count)})
+                creq.filter.update(exact(args["filter"]))
+            # the response's proto3 JSON, as REST prints it: `{"count": "4"}` (int64)
+            return _text_result(to_json(await ms.CountRecords(creq, metadata=meta)))
         if op == "search":
             qreq = m.SearchRecordsRequest(
                 model=name,
@@ -639,7 +640,7 @@ class Adapter:
                 fields=args.get("fields", []),
             )
             if args.get("filter"):
-                qreq.filter.update(args["filter"])
+                qreq.filter.update(exact(args["filter"]))
             return _text_result(to_json(await ms.SearchRecords(qreq, metadata=meta)))
         if op == "update":
             record = {k: v for k, v in args.items() if k != "id"}
@@ -656,8 +657,7 @@ class Adapter:
                 conflict_on=args.get("conflict_on", []),
                 request_id=key,
             )
-            resp2 = await ms.UpsertRecord(sreq, metadata=meta)
-            return _text_result({"record": to_json(resp2.record), "created": bool(resp2.created)})
+            return _text_result(to_json(await ms.UpsertRecord(sreq, metadata=meta)))
         if op == "delete":
             await ms.DeleteRecord(
                 m.DeleteRecordRequest(model=name, id=args["id"], request_id=key), metadata=meta

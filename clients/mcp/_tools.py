@@ -115,25 +115,36 @@ _PAGING: dict[str, Any] = {
 }
 
 
+#: What the server prints for an int: a number, or beyond +-2^53 (and in an int64
+#: message field such as `count`) its decimal text (docs/api.md, "64-bit integers").
+_INT_TEXT: dict[str, Any] = {"type": "string", "pattern": r"^-?[0-9]+$"}
+#: A float a record holds that JSON has no number for.
+_NON_FINITE: dict[str, Any] = {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}
+
+
 def _lenient(schema: dict[str, Any]) -> dict[str, Any]:
     """An output schema accepting every value the server returns for `schema`'s type.
 
-    Proto3 JSON (the server's `to_jsonable`) prints an int beyond +-2^53 as its text and
-    a decimal as `str(Decimal)` (`1E+2` as well as `100`); a record that holds a float
-    that is not finite is read back as `"NaN"`, `"Infinity"` or `"-Infinity"`.
+    An int beyond +-2^53 is printed as its text and a decimal as `str(Decimal)` (`1E+2`
+    as well as `100`); a record that holds a float that is not finite is read back as
+    `"NaN"`, `"Infinity"` or `"-Infinity"`. Alternatives are `anyOf` branches of one
+    `type` each (the portable form, see `type_spec`).
     """
-    types = schema.get("type")
-    names = types if isinstance(types, list) else [types] if types else []
-    out = dict(schema)
-    if "integer" in names:
-        out["type"] = [*names, "string"]
-        out["pattern"] = r"^-?[0-9]+$"
-    elif "number" in names:
-        out["type"] = [*names, "string"]
-        out["pattern"] = r"^(NaN|-?Infinity)$"
-    elif "pattern" in out:  # decimal: any text str(Decimal) gives
-        del out["pattern"]
-    return out
+    if "anyOf" in schema:
+        branches: list[dict[str, Any]] = []
+        for branch in map(_lenient, schema["anyOf"]):
+            branches += branch["anyOf"] if list(branch) == ["anyOf"] else [branch]
+        if {"type": "string"} in branches:  # any text already: no narrower text branch
+            branches = [b for b in branches if b not in (_INT_TEXT, _NON_FINITE)]
+        return {**schema, "anyOf": branches}
+    kind = schema.get("type")
+    if kind == "integer":
+        return {"anyOf": [schema, _INT_TEXT]}
+    if kind == "number":
+        return {"anyOf": [schema, _NON_FINITE]}
+    if "pattern" in schema:  # decimal: any text str(Decimal) gives
+        return {k: v for k, v in schema.items() if k != "pattern"}
+    return dict(schema)
 
 
 def _schema_of(
@@ -358,7 +369,7 @@ def model_tools(model: Any) -> list[ToolSpec]:
                 output_schema=_object(
                     {
                         "records": {"type": "array", "items": record_out},
-                        "scores": {"type": "array", "items": {"type": "number"}},
+                        "scores": {"type": "array", "items": _lenient({"type": "number"})},
                         "next_page_token": {"type": "string"},
                     },
                     closed=False,
@@ -409,7 +420,8 @@ def model_tools(model: Any) -> list[ToolSpec]:
             f"Count {coll} matching a filter.",
             _object({"filter": filter_schema}),
             _READ,
-            output_schema=_object({"count": {"type": "integer"}}, closed=False),
+            # CountRecordsResponse.count is an int64: proto3 JSON prints it as text
+            output_schema=_object({"count": _INT_TEXT}, closed=False),
         ),
         *search,
         spec(

@@ -228,11 +228,18 @@ def app_builder() -> Any:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, app_builder: Any) -> Iterator[Server]:
+def server_db_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The database `server` serves: a new SQLite file; a test module overrides this
+    fixture to run the same tests on PostgreSQL as well."""
+    return f"sqlite:///{tmp_path_factory.mktemp('clients') / 'nexus.db'}"
+
+
+@pytest.fixture(scope="module")
+def server(server_db_url: str, app_builder: Any) -> Iterator[Server]:
     """One real Nexus gRPC server for the session, in a thread with its own loop."""
     register_node(ClientsGateNode)
     register_node(ClientsBoomNode)
-    db_url = f"sqlite:///{tmp_path_factory.mktemp('clients') / 'nexus.db'}"
+    db_url = server_db_url
     ready: Future[tuple[Serving, asyncio.AbstractEventLoop, Nexus]] = Future()
     stop: list[asyncio.Event] = []
 

@@ -357,7 +357,7 @@ async def test_a_refused_permission_is_an_error_result(
     text = refused.content[0].text  # type: ignore[union-attr]
     assert text.startswith("PERMISSION_DENIED"), text
     assert "model:Note:delete" in text
-    assert count.structured_content == {"count": 1}  # nothing was deleted
+    assert count.structured_content == {"count": "1"}  # nothing was deleted
     # the calls came through the MCP channel, each as its own caller
     entries = {(e["principal"], e["code"], e["channel"]) for e in _audited(caplog)}
     assert ("key:ops", "OK", "mcp") in entries

@@ -307,7 +307,7 @@ def test_workflow_tool_schema(grpc_stub: Any) -> None:
             "times": {"type": "integer", "description": "how often", "default": 5},
             "loud_voice": {"type": "boolean", "default": False},
             "extra": {"type": "object", "description": "anything else"},
-            "nick": {"type": ["string", "null"], "default": None},
+            "nick": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
             "request_id": REQUEST_ID_SCHEMA,  # SayNode may write: a retry key
         },
         "required": ["who"],
@@ -321,7 +321,9 @@ def test_workflow_tool_schema(grpc_stub: Any) -> None:
                 "properties": {
                     "text": {"type": "string"},
                     # an int beyond +-2^53 comes back as its text
-                    "count": {"type": ["integer", "string"], "pattern": "^-?[0-9]+$"},
+                    "count": {
+                        "anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^-?[0-9]+$"}]
+                    },
                 },
             }
         },
@@ -342,7 +344,10 @@ def test_model_tool_schemas_and_hints() -> None:
     create = tools["tickets_create"].input_schema
     assert create["required"] == ["title", "priority"]
     assert create["properties"]["priority"] == {"enum": ["low", "high"]}
-    assert create["properties"]["points"] == {"type": ["number", "null"], "default": None}
+    assert create["properties"]["points"] == {
+        "anyOf": [{"type": "number"}, {"type": "null"}],
+        "default": None,
+    }
     assert "created_at" not in create["properties"]
     assert "id" not in tools["tickets_update"].input_schema["properties"]["id"].get("enum", [])
     assert tools["tickets_get"].read_only and not tools["tickets_get"].destructive
@@ -362,9 +367,18 @@ def test_tool_names_are_snake_case_stable_and_bounded() -> None:
 
 def test_type_table() -> None:
     assert type_spec("int").schema == {"type": "integer"}
-    assert type_spec("str | None").schema == {"type": ["string", "null"]}
+    assert type_spec("str | None").schema == {"anyOf": [{"type": "string"}, {"type": "null"}]}
     assert type_spec("datetime").schema == {"type": "string", "format": "date-time"}
-    assert type_spec("list").is_json and type_spec("any").schema == {}
+    assert type_spec("list").is_json and type_spec("any").is_json
+    # any JSON value, spelled out with one type per branch (portable, never `{}`)
+    assert [b["type"] for b in type_spec("any").schema["anyOf"]] == [
+        "string",
+        "number",
+        "boolean",
+        "object",
+        "array",
+        "null",
+    ]
     assert type_spec("some_future_type").is_json  # unknown names are JSON, never a crash
 
 
