@@ -413,6 +413,9 @@ function envoy_on_request(handle)
   local channel = "rest"
   if string.sub(ctype, 1, 20) == "application/grpc-web" then
     channel = "grpc-web"
+  elseif headers:get("connect-protocol-version") ~= nil
+      or string.sub(ctype, 1, 20) == "application/connect+" then
+    channel = "connect"
   elseif string.sub(ctype, 1, 16) == "application/grpc" then
     channel = "grpc"
   end
@@ -455,18 +458,134 @@ def _transcoder(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
     return cfg
 
 
+#: Request headers browsers may send: ours, gRPC-Web's and Connect's.
+_CORS_ALLOW_HEADERS = (
+    "content-type",
+    "authorization",
+    "x-api-key",
+    "x-nexus-caller",
+    "x-nexus-tenant",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    "connect-protocol-version",
+    "connect-timeout-ms",
+    "connect-content-encoding",
+    "connect-accept-encoding",
+)
+#: Response headers browser code may read: gRPC's status (gRPC-Web, and Connect's
+#: errors keep no other copy of the details), the cache header, Connect's encoding.
+_CORS_EXPOSE_HEADERS = (
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "x-nexus-cache",
+    "connect-content-encoding",
+    "connect-accept-encoding",
+)
+
+
 def _cors_policy(origins: Sequence[str]) -> dict[str, Any]:
     matches = [{"safe_regex": {"regex": ".*"}} if o == "*" else {"exact": o} for o in origins]
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
         "allow_origin_string_match": matches,
         "allow_methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
-        "allow_headers": (
-            "content-type, authorization, x-api-key, x-nexus-caller, x-nexus-tenant, "
-            "x-grpc-web, x-user-agent, grpc-timeout"
-        ),
-        "expose_headers": "grpc-status, grpc-message, grpc-status-details-bin, x-nexus-cache",
+        "allow_headers": ", ".join(_CORS_ALLOW_HEADERS),
+        "expose_headers": ", ".join(_CORS_EXPOSE_HEADERS),
         "max_age": "86400",
+    }
+
+
+_BUFFER_FILTER = "envoy.filters.http.buffer"
+#: The content types of calls that are not transcoded and may stream requests: gRPC,
+#: gRPC-Web and Connect's streaming form (`application/connect+proto`).
+_STREAMING_CONTENT_TYPE = r"application/(grpc|connect\+).*"
+
+
+#: Connect's error JSON names each detail by its message name (`google.rpc.ErrorInfo`);
+#: Envoy's bridge writes the type URL of the gRPC status's `Any` instead
+#: (`type.googleapis.com/google.rpc.ErrorInfo`), which Connect clients that look a
+#: detail up by name (Connect-ES) cannot resolve. The error of a unary Connect call (a
+#: small JSON body, any status but 200) gets the names; a stream's end message cannot be
+#: rewritten without holding the stream back, and keeps the URL (docs/rest.md).
+_CONNECT_ERROR_LUA = """\
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local ctype = headers:get("content-type") or ""
+  if headers:get("connect-protocol-version") ~= nil
+      and string.sub(ctype, 1, 20) ~= "application/connect+" then
+    handle:streamInfo():dynamicMetadata():set("nexus.connect", "unary", true)
+  elseif headers:get(":method") == "GET"
+      and string.find(headers:get(":path") or "", "[?&]connect=v1") ~= nil then
+    handle:streamInfo():dynamicMetadata():set("nexus.connect", "unary", true)
+  end
+end
+
+function envoy_on_response(handle)
+  local marked = handle:streamInfo():dynamicMetadata():get("nexus.connect")
+  if marked == nil or not marked["unary"] then return end
+  local headers = handle:headers()
+  if headers:get(":status") == "200" then return end
+  if string.sub(headers:get("content-type") or "", 1, 16) ~= "application/json" then return end
+  local body = handle:body()
+  if body == nil or body:length() == 0 then return end
+  local text = body:getBytes(0, body:length())
+  local named, count = string.gsub(text, '"type":"type%.googleapis%.com/', '"type":"')
+  if count > 0 then body:setBytes(named) end
+end
+"""
+
+
+def _connect_errors() -> dict[str, Any]:
+    """The Lua filter giving unary Connect errors' details their names (above)."""
+    return {
+        "name": "nexus.connect_errors",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": _CONNECT_ERROR_LUA},
+        },
+    }
+
+
+def _streaming_route() -> dict[str, Any]:
+    """gRPC, gRPC-Web and Connect streaming calls, without the buffer filter: a stream
+    the client keeps open (reflection, a client- or bidi-streaming RPC) reaches the
+    server message by message instead of waiting for a whole body that never ends. The
+    gRPC server's own 4 MiB message limit answers an oversized message instead
+    (RESOURCE_EXHAUSTED, as without Envoy)."""
+    return {
+        "match": {
+            "prefix": "/",
+            "headers": [
+                {
+                    "name": "content-type",
+                    "string_match": {"safe_regex": {"regex": _STREAMING_CONTENT_TYPE}},
+                }
+            ],
+        },
+        "route": {"cluster": "nexus_grpc", "timeout": "0s"},
+        "typed_per_filter_config": {
+            _BUFFER_FILTER: {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3."
+                "BufferPerRoute",
+                "disabled": True,
+            }
+        },
+    }
+
+
+def _connect_bridge() -> dict[str, Any]:
+    """The Connect protocol (unary, `GET` and streaming) made gRPC for the server, its
+    responses and errors made Connect again. First of the protocol filters, so that
+    Envoy's own replies to a Connect call (a body over the limit, the server down)
+    leave as gRPC replies that the bridge turns into Connect errors."""
+    return {
+        "name": "envoy.filters.http.connect_grpc_bridge",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.connect_grpc_bridge.v3."
+            "FilterConfig"
+        },
     }
 
 
@@ -491,10 +610,13 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                 "default_source_code": {"inline_string": _CHANNEL_LUA},
             },
         },
+        _connect_errors(),  # before the bridge: it sees the bridge's response
+        _connect_bridge(),
         {
             # 413 for a request body above the limit, before anything reaches the server
-            # (the transcoder alone streams a `body: "*"` request upstream)
-            "name": "envoy.filters.http.buffer",
+            # (the transcoder alone streams a `body: "*"` request upstream); off on the
+            # streaming route (`_streaming_route`)
+            "name": _BUFFER_FILTER,
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
                 "max_request_bytes": MAX_REQUEST_BYTES,
@@ -557,6 +679,7 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                 }
                 for rpc, path in PROBE_PATHS.items()
             ),
+            _streaming_route(),
             {
                 "match": {"prefix": "/"},
                 # no route timeout: the client's deadline bounds an execution, and
