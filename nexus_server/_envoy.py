@@ -37,6 +37,7 @@ from google.protobuf import descriptor_pb2
 
 from nexus_api import descriptor_set_bytes
 
+from ._envoy_connect import connect_filters, connect_local_replies
 from ._errors import DOMAIN, code_of
 from ._limits import Limits
 from ._probes import HTTP_STATUS_HEADER, PROBE_PATHS, PROBE_SERVICE
@@ -315,7 +316,8 @@ def _local_reply_config() -> dict[str, Any]:
     gRPC clients show) and whose `grpc-status` is the code the REST body would carry
     (Envoy's own guess from the HTTP status would be UNKNOWN for a 413, for example).
     """
-    mappers: list[dict[str, Any]] = []
+    # Connect calls first: their requests look like gRPC ones once bridged
+    mappers: list[dict[str, Any]] = connect_local_replies(_LOCAL_REASONS, _OTHER_REASON)
     for status, reason in sorted(_LOCAL_REASONS.items()):
         grpc_status = str(code_of(reason).value[0])
         mappers += [
@@ -414,7 +416,9 @@ function envoy_on_request(handle)
   if string.sub(ctype, 1, 20) == "application/grpc-web" then
     channel = "grpc-web"
   elseif headers:get("connect-protocol-version") ~= nil
-      or string.sub(ctype, 1, 20) == "application/connect+" then
+      or string.sub(ctype, 1, 20) == "application/connect+"
+      or (headers:get(":method") == "GET"
+          and string.find(headers:get(":path") or "", "[?&]connect=v1") ~= nil) then
     channel = "connect"
   elseif string.sub(ctype, 1, 16) == "application/grpc" then
     channel = "grpc"
@@ -503,51 +507,6 @@ _BUFFER_FILTER = "envoy.filters.http.buffer"
 _STREAMING_CONTENT_TYPE = r"application/(grpc|connect\+).*"
 
 
-#: Connect's error JSON names each detail by its message name (`google.rpc.ErrorInfo`);
-#: Envoy's bridge writes the type URL of the gRPC status's `Any` instead
-#: (`type.googleapis.com/google.rpc.ErrorInfo`), which Connect clients that look a
-#: detail up by name (Connect-ES) cannot resolve. The error of a unary Connect call (a
-#: small JSON body, any status but 200) gets the names; a stream's end message cannot be
-#: rewritten without holding the stream back, and keeps the URL (docs/rest.md).
-_CONNECT_ERROR_LUA = """\
-function envoy_on_request(handle)
-  local headers = handle:headers()
-  local ctype = headers:get("content-type") or ""
-  if headers:get("connect-protocol-version") ~= nil
-      and string.sub(ctype, 1, 20) ~= "application/connect+" then
-    handle:streamInfo():dynamicMetadata():set("nexus.connect", "unary", true)
-  elseif headers:get(":method") == "GET"
-      and string.find(headers:get(":path") or "", "[?&]connect=v1") ~= nil then
-    handle:streamInfo():dynamicMetadata():set("nexus.connect", "unary", true)
-  end
-end
-
-function envoy_on_response(handle)
-  local marked = handle:streamInfo():dynamicMetadata():get("nexus.connect")
-  if marked == nil or not marked["unary"] then return end
-  local headers = handle:headers()
-  if headers:get(":status") == "200" then return end
-  if string.sub(headers:get("content-type") or "", 1, 16) ~= "application/json" then return end
-  local body = handle:body()
-  if body == nil or body:length() == 0 then return end
-  local text = body:getBytes(0, body:length())
-  local named, count = string.gsub(text, '"type":"type%.googleapis%.com/', '"type":"')
-  if count > 0 then body:setBytes(named) end
-end
-"""
-
-
-def _connect_errors() -> dict[str, Any]:
-    """The Lua filter giving unary Connect errors' details their names (above)."""
-    return {
-        "name": "nexus.connect_errors",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": _CONNECT_ERROR_LUA},
-        },
-    }
-
-
 def _streaming_route() -> dict[str, Any]:
     """gRPC, gRPC-Web and Connect streaming calls, without the buffer filter: a stream
     the client keeps open (reflection, a client- or bidi-streaming RPC) reaches the
@@ -575,20 +534,6 @@ def _streaming_route() -> dict[str, Any]:
     }
 
 
-def _connect_bridge() -> dict[str, Any]:
-    """The Connect protocol (unary, `GET` and streaming) made gRPC for the server, its
-    responses and errors made Connect again. First of the protocol filters, so that
-    Envoy's own replies to a Connect call (a body over the limit, the server down)
-    leave as gRPC replies that the bridge turns into Connect errors."""
-    return {
-        "name": "envoy.filters.http.connect_grpc_bridge",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.connect_grpc_bridge.v3."
-            "FilterConfig"
-        },
-    }
-
-
 def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
     """The Envoy bootstrap configuration (as a dict) for one Nexus gRPC server."""
     limits = options.limits
@@ -610,8 +555,7 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                 "default_source_code": {"inline_string": _CHANNEL_LUA},
             },
         },
-        _connect_errors(),  # before the bridge: it sees the bridge's response
-        _connect_bridge(),
+        *connect_filters(),
         {
             # 413 for a request body above the limit, before anything reaches the server
             # (the transcoder alone streams a `body: "*"` request upstream); off on the
