@@ -6,10 +6,10 @@ gRPC response into Connect's: messages, headers, and the error JSON with the det
 the status (`grpc-status-details-bin`), so an ErrorInfo reaches a Connect client as it
 reaches a gRPC one. Three things are added around it here:
 
-- unary errors name each detail by its message name (`google.rpc.ErrorInfo`), as the
-  Connect protocol says; the bridge writes the `Any`'s type URL there
-  (`type.googleapis.com/google.rpc.ErrorInfo`), which clients that look details up by
-  name (Connect-ES) cannot resolve;
+- errors (a unary error's body, a stream's end message) name each detail by its
+  message name (`google.rpc.ErrorInfo`), as the Connect protocol says; the bridge
+  writes the `Any`'s type URL there (`type.googleapis.com/google.rpc.ErrorInfo`), which
+  clients that look details up by name (Connect-ES) cannot resolve;
 - the JSON codec (`application/json`, `application/connect+json`, `encoding=json`) is
   refused with a clear 415: the bridge passes the JSON bytes on as the gRPC message and
   the server reads protobuf only;
@@ -69,19 +69,44 @@ function envoy_on_request(handle)
   end
   if is_connect_unary(headers) then
     handle:streamInfo():dynamicMetadata():set("nexus.connect", "unary", true)
+  elseif string.sub(headers:get("content-type") or "", 1, 20) == "application/connect+" then
+    handle:streamInfo():dynamicMetadata():set("nexus.connect", "stream", true)
   end
+end
+
+local function named_details(json)
+  return string.gsub(json, '"type":"type%.googleapis%.com/', '"type":"')
+end
+
+-- A stream's end message (flags 0x02) arrives as a chunk of its own: rewritten there,
+-- its length prefix with it. Message chunks pass as they come.
+local function rewrite_end_message(chunk)
+  local n = chunk:length()
+  if n < 5 then return end
+  local head = chunk:getBytes(0, 5)
+  if string.byte(head, 1) ~= 2 then return end
+  local b2, b3, b4, b5 = string.byte(head, 2, 5)
+  if ((b2 * 256 + b3) * 256 + b4) * 256 + b5 ~= n - 5 then return end
+  local json, count = named_details(chunk:getBytes(5, n - 5))
+  if count == 0 then return end
+  local m = #json
+  chunk:setBytes(string.char(2, math.floor(m / 16777216) % 256, math.floor(m / 65536) % 256,
+    math.floor(m / 256) % 256, m % 256) .. json)
 end
 
 function envoy_on_response(handle)
   local marked = handle:streamInfo():dynamicMetadata():get("nexus.connect")
-  if marked == nil or not marked["unary"] then return end
+  if marked == nil then return end
+  if marked["stream"] then
+    for chunk in handle:bodyChunks() do rewrite_end_message(chunk) end
+    return
+  end
   local headers = handle:headers()
   if headers:get(":status") == "200" then return end
   if string.sub(headers:get("content-type") or "", 1, 16) ~= "application/json" then return end
   local body = handle:body()
   if body == nil or body:length() == 0 then return end
-  local text = body:getBytes(0, body:length())
-  local named, count = string.gsub(text, '"type":"type%.googleapis%.com/', '"type":"')
+  local named, count = named_details(body:getBytes(0, body:length()))
   if count > 0 then body:setBytes(named) end
 end
 """
@@ -89,7 +114,7 @@ end
 
 def connect_filters() -> list[dict[str, Any]]:
     """The HTTP filters for Connect, in order: ours (refuses the JSON codec, names the
-    details of unary errors: it must come before the bridge to see its responses), then
+    details of errors: it must come before the bridge to see its responses), then
     the bridge. They come before the buffer filter, so that the buffer's replies to a
     Connect call are seen as replies to a Connect call (`connect_local_replies`)."""
     return [
