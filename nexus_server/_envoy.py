@@ -6,7 +6,11 @@ One Envoy listener serves every kind of client on the REST port (`api_port`):
 - REST/JSON: the `grpc_json_transcoder` filter maps each `google.api.http` route to its
   RPC (the static services and the app's typed per-model services);
 - gRPC-Web: the `grpc_web` filter;
+- Connect: the `connect_grpc_bridge` filter (`_envoy_connect.py`);
 - plain gRPC (HTTP/2, `application/grpc`): passed through untouched.
+
+gRPC, gRPC-Web and Connect streams skip the buffer filter (`_streaming_route`), so a
+stream the client keeps open (reflection) is answered message by message.
 
 The transcoder settings are chosen on purpose; `docs/rest.md` says why for each one.
 Envoy's own local replies (unknown route, malformed JSON, oversized request, upstream
@@ -477,8 +481,8 @@ _CORS_ALLOW_HEADERS = (
     "connect-content-encoding",
     "connect-accept-encoding",
 )
-#: Response headers browser code may read: gRPC's status (gRPC-Web, and Connect's
-#: errors keep no other copy of the details), the cache header, Connect's encoding.
+#: Response headers browser code may read: gRPC's status (what gRPC-Web clients read),
+#: the response cache's header, Connect's compression headers.
 _CORS_EXPOSE_HEADERS = (
     "grpc-status",
     "grpc-message",
