@@ -4,8 +4,14 @@ the client keeps open is answered message by message (Envoy buffers none of it).
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import queue
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,11 +19,18 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha
 
+from nexus_server import Serving
+
 from .conftest import WAIT
+
+ROOT = Path(__file__).resolve().parents[2]
+GRPC_JS_CLIENT = Path(__file__).with_name("grpc_js_reflection.js")
+NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader")
 
 V1ALPHA_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 V1_FILE = "grpc/reflection/v1/reflection.proto"
+V1ALPHA_FILE = "grpc/reflection/v1alpha/reflection.proto"
 
 
 @pytest.fixture(params=["server", "envoy"])
@@ -118,7 +131,7 @@ def test_every_listed_service_resolves(reflection: Reflection) -> None:
     [
         ("grpc/health/v1/health.proto", "grpc.health.v1.Health"),
         (V1_FILE, "grpc.reflection.v1.ServerReflection"),
-        ("grpc/reflection/v1alpha/reflection.proto", "grpc.reflection.v1alpha.ServerReflection"),
+        (V1ALPHA_FILE, "grpc.reflection.v1alpha.ServerReflection"),
     ],
 )
 def test_the_standard_services_files_by_name(
@@ -154,3 +167,66 @@ def test_a_stream_kept_open_is_answered_message_by_message(reflection: Reflectio
     finally:
         questions.put(None)
     assert list(answers) == []
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """`node` with grpc-js and proto-loader, or skip (fail under CI=true) saying why."""
+    found = shutil.which("node")
+    missing = None
+    if found is None:
+        missing = "`node` is not on PATH (install Node.js 20)"
+    else:
+        absent = [p for p in NODE_PACKAGES if not (ROOT / "node_modules" / p).is_dir()]
+        if absent:
+            missing = f"{', '.join(absent)} not installed in {ROOT / 'node_modules'} (run `npm ci`)"
+    if missing is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    assert found is not None
+    return found
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+@pytest.mark.parametrize("port", ["server", "envoy"])
+def test_a_grpc_js_reflection_client(
+    node: str,
+    serving: Serving,
+    grpc_channel: grpc.Channel,
+    tmp_path: Path,
+    port: str,
+    version: str,
+) -> None:
+    """grpc-js, knowing only the reflection service's file (from the server itself),
+    asks for every listed service's file over one stream kept open."""
+    filename = V1_FILE if version == "v1" else V1ALPHA_FILE
+    schema = descriptor_pb2.FileDescriptorSet(
+        file=_files(_v1alpha(grpc_channel).ask(file_by_filename=filename))
+    )
+    (tmp_path / "reflection.binpb").write_bytes(schema.SerializeToString())
+    address = serving.address if port == "server" else serving.api_address
+    assert address is not None
+    done = subprocess.run(
+        [node, str(GRPC_JS_CLIENT), str(tmp_path / "reflection.binpb"), address, version],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,  # node_modules
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["errors"] == {}
+    expected = {
+        s.name for s in _v1alpha(grpc_channel).ask(list_services="").list_services_response.service
+    }
+    assert set(out["services"]) == expected
+    for service in out["services"]:
+        package, name = service.rsplit(".", 1)
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(b))
+            for b in out["files"][service]
+        ]
+        assert any(f.package == package and name in {s.name for s in f.service} for f in files), (
+            service
+        )
