@@ -511,12 +511,13 @@ _BUFFER_FILTER = "envoy.filters.http.buffer"
 _STREAMING_CONTENT_TYPE = r"application/(grpc|connect\+).*"
 
 
-def _streaming_route() -> dict[str, Any]:
+def _streaming_route(catch_all: Mapping[str, Any]) -> dict[str, Any]:
     """gRPC, gRPC-Web and Connect streaming calls, without the buffer filter: a stream
     the client keeps open (reflection, a client- or bidi-streaming RPC) reaches the
     server message by message instead of waiting for a whole body that never ends. The
     gRPC server's own 4 MiB message limit answers an oversized message instead
-    (RESOURCE_EXHAUSTED, as without Envoy)."""
+    (RESOURCE_EXHAUSTED, as without Envoy). Forwarded as `catch_all` (the last route)
+    forwards."""
     return {
         "match": {
             "prefix": "/",
@@ -527,7 +528,7 @@ def _streaming_route() -> dict[str, Any]:
                 }
             ],
         },
-        "route": {"cluster": "nexus_grpc", "timeout": "0s"},
+        "route": dict(catch_all["route"]),
         "typed_per_filter_config": {
             _BUFFER_FILTER: {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3."
@@ -627,7 +628,6 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                 }
                 for rpc, path in PROBE_PATHS.items()
             ),
-            _streaming_route(),
             {
                 "match": {"prefix": "/"},
                 # no route timeout: the client's deadline bounds an execution, and
@@ -636,6 +636,8 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         ],
     }
+    routes = virtual_host["routes"]
+    routes.insert(len(routes) - 1, _streaming_route(routes[-1]))
     if options.metrics_port is not None:
         virtual_host["routes"].insert(
             0,
