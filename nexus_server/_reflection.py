@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import grpc
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor, descriptor_pool
 from google.protobuf.descriptor_pb2 import FileDescriptorProto
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -49,9 +49,9 @@ class HandlerSink(Protocol):
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None: ...
 
 
-def _file_of(module_descriptor: object) -> FileDescriptorProto:
+def _file_of(file: descriptor.FileDescriptor) -> FileDescriptorProto:
     proto = FileDescriptorProto()
-    module_descriptor.CopyToProto(proto)  # type: ignore[attr-defined]
+    file.CopyToProto(proto)
     return proto
 
 
