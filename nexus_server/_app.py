@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from dataflow import DataFlow
 from nexus_api import descriptor_set_bytes
@@ -38,6 +37,7 @@ from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
 from ._probes import COMPONENT_SERVICE_PREFIX, PROBE_SERVICE, HealthComponents, ProbeServicer
 from ._records import Records
+from ._reflection import add_reflection, reflection_files
 from ._reflection_docs import reflection_pool
 from ._registry import WorkflowRegistry
 from ._store import Store
@@ -549,13 +549,7 @@ class Nexus:
             AUDIT_SERVICE,
             *typed.service_names,
         )
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(
-                (*services, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                pool=reflection_pool(typed),
-            ),
-            handlers,
-        )
+        add_reflection((*services, health.SERVICE_NAME), reflection_pool(typed), handlers)
         try:
             port = server.add_insecure_port(f"{self.host}:{self.grpc_port}")
         except RuntimeError:  # grpcio raises it for a port it cannot bind
@@ -931,15 +925,8 @@ def _local(host: str) -> str:
 def _static_files() -> list[descriptor_pb2.FileDescriptorProto]:
     """Our contracts, plus the health and reflection services' own files, so reflection
     can describe every service it lists."""
-    from grpc_reflection.v1alpha import reflection_pb2
-
     fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_bytes())
     files = list(fds.file)
     known = {f.name for f in files}
-    for module in (health_pb2, reflection_pb2):
-        proto = descriptor_pb2.FileDescriptorProto()
-        module.DESCRIPTOR.CopyToProto(proto)
-        if proto.name not in known:
-            files.append(proto)
-            known.add(proto.name)
+    files += [f for f in reflection_files() if f.name not in known]
     return files

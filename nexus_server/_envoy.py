@@ -6,7 +6,11 @@ One Envoy listener serves every kind of client on the REST port (`api_port`):
 - REST/JSON: the `grpc_json_transcoder` filter maps each `google.api.http` route to its
   RPC (the static services and the app's typed per-model services);
 - gRPC-Web: the `grpc_web` filter;
+- Connect: the `connect_grpc_bridge` filter (`_envoy_connect.py`);
 - plain gRPC (HTTP/2, `application/grpc`): passed through untouched.
+
+gRPC, gRPC-Web and Connect streams skip the buffer filter (`_streaming_route`), so a
+stream the client keeps open (reflection) is answered message by message.
 
 The transcoder settings are chosen on purpose; `docs/rest.md` says why for each one.
 Envoy's own local replies (unknown route, malformed JSON, oversized request, upstream
@@ -37,6 +41,7 @@ from google.protobuf import descriptor_pb2
 
 from nexus_api import descriptor_set_bytes
 
+from ._envoy_connect import connect_filters, connect_local_replies
 from ._errors import DOMAIN, code_of
 from ._limits import Limits
 from ._probes import HTTP_STATUS_HEADER, PROBE_PATHS, PROBE_SERVICE
@@ -417,7 +422,9 @@ def _local_reply_config(limits: Limits) -> dict[str, Any]:
     gRPC clients show) and whose `grpc-status` is the code the REST body would carry
     (Envoy's own guess from the HTTP status would be UNKNOWN for a 413, for example).
     """
-    mappers: list[dict[str, Any]] = _overflow_mappers(limits)
+    # Connect calls first: their requests look like gRPC ones once bridged
+    mappers: list[dict[str, Any]] = connect_local_replies(_LOCAL_REASONS, _OTHER_REASON)
+    mappers += _overflow_mappers(limits)
     for status, reason in sorted(_LOCAL_REASONS.items()):
         grpc_status = str(code_of(reason).value[0])
         mappers += [
@@ -515,6 +522,11 @@ function envoy_on_request(handle)
   local channel = "rest"
   if string.sub(ctype, 1, 20) == "application/grpc-web" then
     channel = "grpc-web"
+  elseif headers:get("connect-protocol-version") ~= nil
+      or string.sub(ctype, 1, 20) == "application/connect+"
+      or (headers:get(":method") == "GET"
+          and string.find(headers:get(":path") or "", "[?&]connect=v1") ~= nil) then
+    channel = "connect"
   elseif string.sub(ctype, 1, 16) == "application/grpc" then
     channel = "grpc"
   end
@@ -557,18 +569,76 @@ def _transcoder(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
     return cfg
 
 
+#: Request headers browsers may send: ours, gRPC-Web's and Connect's.
+_CORS_ALLOW_HEADERS = (
+    "content-type",
+    "authorization",
+    "x-api-key",
+    "x-nexus-caller",
+    "x-nexus-tenant",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    "connect-protocol-version",
+    "connect-timeout-ms",
+    "connect-content-encoding",
+    "connect-accept-encoding",
+)
+#: Response headers browser code may read: gRPC's status (what gRPC-Web clients read),
+#: the response cache's header, Connect's compression headers.
+_CORS_EXPOSE_HEADERS = (
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "x-nexus-cache",
+    "connect-content-encoding",
+    "connect-accept-encoding",
+)
+
+
 def _cors_policy(origins: Sequence[str]) -> dict[str, Any]:
     matches = [{"safe_regex": {"regex": ".*"}} if o == "*" else {"exact": o} for o in origins]
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
         "allow_origin_string_match": matches,
         "allow_methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
-        "allow_headers": (
-            "content-type, authorization, x-api-key, x-nexus-caller, x-nexus-tenant, "
-            "x-grpc-web, x-user-agent, grpc-timeout"
-        ),
-        "expose_headers": "grpc-status, grpc-message, grpc-status-details-bin, x-nexus-cache",
+        "allow_headers": ", ".join(_CORS_ALLOW_HEADERS),
+        "expose_headers": ", ".join(_CORS_EXPOSE_HEADERS),
         "max_age": "86400",
+    }
+
+
+_BUFFER_FILTER = "envoy.filters.http.buffer"
+#: The content types of calls that are not transcoded and may stream requests: gRPC,
+#: gRPC-Web and Connect's streaming form (`application/connect+proto`).
+_STREAMING_CONTENT_TYPE = r"application/(grpc|connect\+).*"
+
+
+def _streaming_route(catch_all: Mapping[str, Any]) -> dict[str, Any]:
+    """gRPC, gRPC-Web and Connect streaming calls, without the buffer filter: a stream
+    the client keeps open (reflection, a client- or bidi-streaming RPC) reaches the
+    server message by message instead of waiting for a whole body that never ends. The
+    gRPC server's own 4 MiB message limit answers an oversized message instead
+    (RESOURCE_EXHAUSTED, as without Envoy). Forwarded as `catch_all` (the last route)
+    forwards."""
+    return {
+        "match": {
+            "prefix": "/",
+            "headers": [
+                {
+                    "name": "content-type",
+                    "string_match": {"safe_regex": {"regex": _STREAMING_CONTENT_TYPE}},
+                }
+            ],
+        },
+        "route": dict(catch_all["route"]),
+        "typed_per_filter_config": {
+            _BUFFER_FILTER: {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3."
+                "BufferPerRoute",
+                "disabled": True,
+            }
+        },
     }
 
 
@@ -593,10 +663,12 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                 "default_source_code": {"inline_string": _CHANNEL_LUA},
             },
         },
+        *connect_filters(),
         {
             # 413 for a request body above the limit, before anything reaches the server
-            # (the transcoder alone streams a `body: "*"` request upstream)
-            "name": "envoy.filters.http.buffer",
+            # (the transcoder alone streams a `body: "*"` request upstream); off on the
+            # streaming route (`_streaming_route`)
+            "name": _BUFFER_FILTER,
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
                 "max_request_bytes": MAX_REQUEST_BYTES,
@@ -675,6 +747,8 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         ],
     }
+    routes = virtual_host["routes"]
+    routes.insert(len(routes) - 1, _streaming_route(routes[-1]))
     if options.metrics_port is not None:
         virtual_host["routes"].insert(
             0,

@@ -71,7 +71,7 @@ _log = logging.getLogger("nexus_server")
 
 #: The channels a call can name in `x-nexus-channel` (Envoy sets it for REST and
 #: gRPC-Web, the CLI and the MCP adapter for theirs); anything else counts as `grpc`.
-CHANNELS = frozenset({"grpc", "rest", "grpc-web", "cli", "mcp"})
+CHANNELS = frozenset({"grpc", "rest", "grpc-web", "connect", "cli", "mcp"})
 
 #: Longest `x-nexus-tenant` development label.
 MAX_TENANT = 128

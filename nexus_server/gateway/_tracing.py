@@ -372,7 +372,7 @@ _CANCELLED = (asyncio.CancelledError, GeneratorExit)
 _TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 #: The channels a call may name (`_chain.CHANNELS`; a test keeps the two equal): any
 #: other value is `grpc`, so a caller cannot write what it likes into a trace.
-_CHANNELS = frozenset({"grpc", "rest", "grpc-web", "cli", "mcp"})
+_CHANNELS = frozenset({"grpc", "rest", "grpc-web", "connect", "cli", "mcp"})
 
 
 def _rpc_attributes(path: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import jwt
 import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from nexus_api.nexus.auth.v1 import auth_service_pb2 as apb
 from nexus_api.nexus.auth.v1 import auth_service_pb2_grpc as agrpc
@@ -321,23 +321,35 @@ async def test_registered_workflows_belong_to_their_registrant(
 async def test_reflection_needs_a_credential_unless_public(
     auth_env: None, make_app: Callable[..., Nexus], connect: Connect
 ) -> None:
-    async def list_services(channel: grpc.aio.Channel, metadata: Any = ()) -> list[str]:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    async def list_services(
+        channel: grpc.aio.Channel, metadata: Any = (), *, version: str = "v1alpha"
+    ) -> list[str]:
+        # v1's messages are v1alpha's under another package: the same bytes
+        call = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
         request = reflection_pb2.ServerReflectionRequest(list_services="")
-        async for resp in stub.ServerReflectionInfo(iter([request]), metadata=metadata):
+        async for resp in call(iter([request]), metadata=metadata):
             return [s.name for s in resp.list_services_response.service]
         return []
 
     for public in (False, True):
         app = make_app(enable_auth=True, public_discovery=public)
         async with app.serving() as serving, connect(serving) as channel:
-            if public:
-                assert "nexus.auth.v1.AuthService" in await list_services(channel)
-            else:
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await list_services(channel)
-                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert "nexus.workflow.v1.WorkflowService" in await list_services(channel, ROOT)
+            for version in ("v1alpha", "v1"):
+                if public:
+                    assert "nexus.auth.v1.AuthService" in await list_services(
+                        channel, version=version
+                    )
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await list_services(channel, version=version)
+                    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert "nexus.workflow.v1.WorkflowService" in await list_services(
+                        channel, ROOT, version=version
+                    )
         await app.db.close()  # type: ignore[union-attr]
 
 
