@@ -37,8 +37,7 @@ from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
 from ._probes import COMPONENT_SERVICE_PREFIX, PROBE_SERVICE, HealthComponents, ProbeServicer
 from ._records import Records
-from ._reflection import add_reflection, reflection_files
-from ._reflection_docs import reflection_pool
+from ._reflection import add_reflection, reflection_files, reflection_pool
 from ._registry import WorkflowRegistry
 from ._store import Store
 from ._typed import TypedModels

@@ -8,26 +8,40 @@ v1alpha servicer registered under v1's method path too, answering from the same 
 Reflection can only describe what its pool holds, so the pool gets the files of every
 service the server lists: the health service's, the v1alpha reflection file and a v1 file
 made from it (the package renamed), besides our contracts (`reflection_files`).
+
+The files come back with their comments: the pool (upb) keeps no source info, so
+`reflection_pool` wraps it in a `SourceInfoPool`, whose files copy with the
+`source_code_info` of their source (the static contracts' descriptor set, and the typed
+models file with its model docstrings and field descriptions): a reflection client
+(grpcurl `describe`, buf curl, Postman) shows the same documentation as the exported
+`.proto` files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
-from google.protobuf import descriptor, descriptor_pool
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor_pb2 import FileDescriptorProto
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+from nexus_api import descriptor_set_bytes
+
+if TYPE_CHECKING:
+    from ._typed import TypedModels
 
 __all__ = [
     "REFLECTION_SERVICES",
     "REFLECTION_V1",
     "REFLECTION_V1ALPHA",
     "HandlerSink",
+    "SourceInfoPool",
     "add_reflection",
     "reflection_files",
+    "reflection_pool",
 ]
 
 REFLECTION_V1ALPHA = reflection.SERVICE_NAME
@@ -96,7 +110,9 @@ def reflection_files() -> list[FileDescriptorProto]:
 
 
 def add_reflection(
-    services: Sequence[str], pool: descriptor_pool.DescriptorPool, server: HandlerSink
+    services: Sequence[str],
+    pool: descriptor_pool.DescriptorPool | SourceInfoPool,
+    server: HandlerSink,
 ) -> None:
     """Serve reflection v1 and v1alpha on `server` (anything with
     `add_generic_rpc_handlers`), listing `services` and both reflection services,
@@ -115,3 +131,54 @@ def add_reflection(
         },
     )
     server.add_generic_rpc_handlers((v1,))
+
+
+class _File:
+    """A FileDescriptor whose `CopyToProto` adds the file's source info."""
+
+    def __init__(
+        self, fd: descriptor.FileDescriptor, info: dict[str, descriptor_pb2.SourceCodeInfo]
+    ) -> None:
+        self._fd = fd
+        self._info = info
+        self.name = fd.name
+
+    @property
+    def dependencies(self) -> list[_File]:
+        return [_File(dep, self._info) for dep in self._fd.dependencies]
+
+    def CopyToProto(self, proto: descriptor_pb2.FileDescriptorProto) -> None:
+        self._fd.CopyToProto(proto)
+        info = self._info.get(self.name)
+        if info is not None:
+            proto.source_code_info.CopyFrom(info)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fd, name)
+
+
+class SourceInfoPool:
+    """`pool`, for the reflection servicer, with the source info of `files` (by name)."""
+
+    def __init__(
+        self,
+        pool: descriptor_pool.DescriptorPool,
+        files: Iterable[descriptor_pb2.FileDescriptorProto],
+    ) -> None:
+        self._pool = pool
+        self._info = {f.name: f.source_code_info for f in files if f.source_code_info.location}
+
+    def FindFileByName(self, name: str) -> _File:
+        return _File(self._pool.FindFileByName(name), self._info)
+
+    def FindFileContainingSymbol(self, symbol: str) -> _File:
+        return _File(self._pool.FindFileContainingSymbol(symbol), self._info)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+def reflection_pool(typed: TypedModels) -> SourceInfoPool:
+    """The server's pool (`typed.pool`) with the comments of our contracts and models."""
+    static = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_bytes())
+    return SourceInfoPool(typed.pool, [*static.file, typed.file])
