@@ -188,6 +188,11 @@ def test_int64_survives_every_channel(server: Any, rest_url: str, cli: Any) -> N
     assert typed_list.status_code == 200, typed_list.text
     assert {d["id"] for d in typed_list.json()["tallies"]} == want
     assert all(d["total"] == str(BIG) for d in typed_list.json()["tallies"])
+    # `nexus call` with the value as a JSON number in the filter (a Struct): sent exact
+    request = json.dumps({"filter": {"total": BIG}, "order_by": "id"})
+    typed_cli = cli("-o", "json", "call", "TallyService/ListTallies", "--json", request)
+    assert typed_cli.code == 0, typed_cli.err
+    assert typed_cli.json() == typed_list.json()
     on_cli = cli(
         "-o", "json", "tallies", "list", "--filter", json.dumps({"total": BIG}), "--order-by", "id"
     )
