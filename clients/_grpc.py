@@ -528,11 +528,13 @@ class DynamicMethods:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> Iterator[Any]:
         """Call `target` with the JSON `body`; yields each response as proto3 JSON, default
-        values included (the REST body of the same call)."""
+        values included (the REST body of the same call). Ints beyond +-2^53 in `body` are
+        sent exact (`exact`), also inside a `Struct` such as a filter."""
         method = self.find(target)
         if method.client_streaming:
             raise KeyError(f"{target}: client-streaming RPCs are not supported")
-        request = ParseDict(dict(body), method.request())
+        # an int beyond +-2^53 as its text: exact in an int64 field and in a Struct alike
+        request = ParseDict(exact(dict(body)), method.request())
         kwargs: dict[str, Any] = {
             "request_serializer": method.request.SerializeToString,
             "response_deserializer": method.response.FromString,

@@ -27,7 +27,7 @@ import pytest
 from google.protobuf import struct_pb2
 from mcp import Client, StdioServerParameters
 
-from clients._grpc import DynamicMethods, to_json
+from clients._grpc import ApiFailure, DynamicMethods, to_json
 from dataflow import DataFlow
 from nexus_api.nexus.model.v1 import model_service_pb2 as m
 from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mg
@@ -188,6 +188,11 @@ def test_int64_survives_every_channel(server: Any, rest_url: str, cli: Any) -> N
     assert typed_list.status_code == 200, typed_list.text
     assert {d["id"] for d in typed_list.json()["tallies"]} == want
     assert all(d["total"] == str(BIG) for d in typed_list.json()["tallies"])
+    # `nexus call` with the value as a JSON number in the filter (a Struct): sent exact
+    request = json.dumps({"filter": {"total": BIG}, "order_by": "id"})
+    typed_cli = cli("-o", "json", "call", "TallyService/ListTallies", "--json", request)
+    assert typed_cli.code == 0, typed_cli.err
+    assert typed_cli.json() == typed_list.json()
     on_cli = cli(
         "-o", "json", "tallies", "list", "--filter", json.dumps({"total": BIG}), "--order-by", "id"
     )
@@ -226,3 +231,77 @@ def _struct(doc: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(doc)
     return s
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        ({"id": "12x"}, "inputs.id"),  # not an integer's text
+        ({"id": "99999999999999999999"}, "id"),  # beyond 64 bits: refused by the node
+        ({"id": "1" * 40}, "inputs.id"),  # longer than any 64-bit integer: left as text
+    ],
+)
+def test_bad_int_text_in_inputs_is_invalid_naming_the_input(
+    server: Any, inputs: dict[str, Any], field: str
+) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = wg.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        request = w.ExecuteWorkflowRequest(name="read_tally", inputs=_struct(inputs))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ExecuteWorkflow(request, timeout=WAIT)
+    failure = ApiFailure.from_rpc_error(caught.value)
+    assert failure.code == "INVALID_ARGUMENT", failure.render()
+    assert [f for f, _ in failure.violations] == [field], failure.render()
+
+
+@pytest.mark.parametrize(
+    ("flt", "field"),
+    [
+        ({"total": {"$gte": "abc"}}, "filter.total.$gte"),
+        ({"total": {"$in": ["1", "1x"]}}, "filter.total.$in[1]"),
+        ({"$or": [{"total": "99999999999999999999"}]}, "filter.$or[0].total"),
+    ],
+)
+def test_bad_int_text_in_filters_is_invalid_naming_the_field(
+    server: Any, flt: dict[str, Any], field: str
+) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = mg.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.CountRecords(
+                m.CountRecordsRequest(model="Tally", filter=_struct(flt)), timeout=WAIT
+            )
+    failure = ApiFailure.from_rpc_error(caught.value)
+    assert failure.code == "INVALID_ARGUMENT", failure.render()
+    assert [f for f, _ in failure.violations] == [field], failure.render()
+
+
+def test_int_text_in_filter_operators_finds_the_records(server: Any) -> None:
+    """Operators, `$in` and `$and`/`$or`/`$not` take an int's text like `$eq` does."""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = mg.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+        for n in (2**60, 2**60 + 1):
+            stub.CreateRecord(
+                m.CreateRecordRequest(
+                    model="Tally", record=_struct({"id": str(n - 2**40), "total": str(n)})
+                ),
+                timeout=WAIT,
+            )
+
+        def count(flt: dict[str, Any]) -> str:
+            resp = stub.CountRecords(
+                m.CountRecordsRequest(model="Tally", filter=_struct(flt)), timeout=WAIT
+            )
+            return str(to_json(resp)["count"])
+
+        below = {"$lt": str(2**61)}  # not the records of the other test
+        assert count({"total": {"$gt": str(2**60), **below}}) == "1"  # 2^60 + 1 is 2^60 as a double
+        assert count({"total": {"$in": [str(2**60), str(2**60 + 1)]}}) == "2"
+        assert (
+            count({"$and": [{"total": {"$gte": str(2**60)}}, {"total": {"$lte": str(2**60)}}]})
+            == "1"
+        )
+        assert (
+            count({"$not": {"total": str(2**60 + 1)}, "total": {"$gte": str(2**60), **below}})
+            == "1"
+        )
