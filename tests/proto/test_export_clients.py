@@ -151,7 +151,7 @@ def _check_result(result: dict[str, Any], name: str, email: str) -> None:
     assert error["code"] in ("NotFound", "NOT_FOUND", 5)
 
 
-def _go_toolchain() -> dict[str, str]:
+def _go_toolchain() -> None:
     missing = [t for t in ("protoc", "protoc-gen-go", "protoc-gen-go-grpc", "go")
                if shutil.which(t) is None]  # fmt: skip
     for pkg in ("google.golang.org/grpc", "google.golang.org/genproto/googleapis/rpc",
@@ -164,7 +164,6 @@ def _go_toolchain() -> dict[str, str]:
             "golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev "
             "golang-google-genproto-dev golang-github-golang-protobuf-1-5-dev"
         )
-    return {}
 
 
 def test_a_go_client_from_the_exported_files(protos: Path, server: str, tmp_path: Path) -> None:
