@@ -3,14 +3,17 @@
 A real `nexus serve` of the example app (port 0, a fresh SQLite file) and real
 toolchains: protoc with protoc-gen-go and protoc-gen-go-grpc (Debian's), then `go build`
 of `clients/go` against Debian's Go sources (`/usr/share/gocode`, GOPATH mode, no
-network); protoc with ts-proto (npm), then `tsc` and `node` for `clients/ts`. Neither
-generator gets a flag about packages: the exported files carry their `go_package` and
-the rest. Each client executes a workflow, streams one, creates and lists typed records
-with a filter, and reads an error's ErrorInfo. Server reflection, too, serves the
-comments (model docstrings, field descriptions) the exported files carry.
+network); protoc's Java generator with grpc-java's plugin, then `javac` and `java` for
+`clients/java` with Debian's jars; protoc with ts-proto (npm), then `tsc` and `node` for
+`clients/ts`. No generator gets a flag about packages: the exported files carry their
+`go_package`, `java_package` and the rest. Each client executes a workflow, streams
+one, creates and lists typed records with a filter, and reads an error's ErrorInfo.
+Server reflection, too, serves the comments (model docstrings, field descriptions) the
+exported files carry.
 
 Skipped, saying what is missing, when a toolchain is not installed; with CI=true that is
-a failure (the Debian packages are in docs/api.md, "Clients in other languages").
+a failure (the Debian packages are in docs/api.md, "Clients in other languages", and
+in the skip messages).
 """
 
 from __future__ import annotations
@@ -37,13 +40,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "contacts_app.py"
 #: Every wait on a process is bounded by this many seconds (a cold `go build` of
-#: grpc-go takes about a minute on a busy machine).
-WAIT = 240.0
+#: grpc-go, or `javac` of every generated class, takes a minute or two on a busy machine).
+WAIT = 360.0
 READY = re.compile(r"Nexus gRPC server on (127\.0\.0\.1:\d+) ")
 #: Debian's Go sources (golang-google-grpc-dev and its dependencies).
 GOCODE = Path("/usr/share/gocode")
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 
 def _missing(what: str) -> None:
@@ -148,7 +151,7 @@ def _check_result(result: dict[str, Any], name: str, email: str) -> None:
     assert error["code"] in ("NotFound", "NOT_FOUND", 5)
 
 
-def _go_toolchain() -> dict[str, str]:
+def _go_toolchain() -> None:
     missing = [t for t in ("protoc", "protoc-gen-go", "protoc-gen-go-grpc", "go")
                if shutil.which(t) is None]  # fmt: skip
     for pkg in ("google.golang.org/grpc", "google.golang.org/genproto/googleapis/rpc",
@@ -161,7 +164,6 @@ def _go_toolchain() -> dict[str, str]:
             "golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev "
             "golang-google-genproto-dev golang-github-golang-protobuf-1-5-dev"
         )
-    return {}
 
 
 def test_a_go_client_from_the_exported_files(protos: Path, server: str, tmp_path: Path) -> None:
@@ -191,6 +193,63 @@ def test_a_go_client_from_the_exported_files(protos: Path, server: str, tmp_path
     name, email = "Ada Gopher", "ada.go@example.org"
     out = _run([str(tmp_path / "client"), "-server", server, "-name", name, "-email", email],
                tmp_path)  # fmt: skip
+    _check_result(json.loads(out), name, email)
+
+
+#: Debian's jars (/usr/share/java) the Java client compiles and runs with, and the
+#: packages that install them.
+JAVA_JARS = (
+    "grpc-api", "grpc-context", "grpc-core", "grpc-netty", "grpc-protobuf",
+    "grpc-protobuf-lite", "grpc-stub", "protobuf", "protobuf-util", "guava", "gson",
+    "perfmark-api", "geronimo-annotation-1.3-spec", "netty-buffer", "netty-codec",
+    "netty-codec-http", "netty-codec-http2", "netty-common", "netty-handler",
+    "netty-resolver", "netty-transport",
+)  # fmt: skip
+JAVA_PACKAGES = (
+    "protobuf-compiler protobuf-compiler-grpc-java-plugin libgrpc-java libprotobuf-java "
+    "libguava-java libnetty-java libperfmark-java libgoogle-gson-java "
+    "libgeronimo-annotation-1.3-spec-java"
+)
+JAVA_LIB = Path("/usr/share/java")
+#: grpc-java's protoc plugin, as Debian installs it.
+GRPC_JAVA_PLUGIN = Path("/usr/bin/grpc_java_plugin")
+
+
+def _java_toolchain() -> str:
+    missing = [t for t in ("protoc", "javac", "java") if shutil.which(t) is None]
+    if not GRPC_JAVA_PLUGIN.exists():
+        missing.append(str(GRPC_JAVA_PLUGIN))
+    missing += [f"{JAVA_LIB}/{jar}.jar" for jar in JAVA_JARS
+                if not (JAVA_LIB / f"{jar}.jar").exists()]  # fmt: skip
+    if missing:
+        _missing(
+            f"the Java toolchain is incomplete ({', '.join(missing)}): apt-get install "
+            f"{JAVA_PACKAGES}"
+        )
+    return ":".join(str(JAVA_LIB / f"{jar}.jar") for jar in JAVA_JARS)
+
+
+def test_a_java_client_from_the_exported_files(protos: Path, server: str, tmp_path: Path) -> None:
+    classpath = _java_toolchain()
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    # our files and the google/api and google/rpc imports (google/protobuf is in
+    # protobuf-java); no option but the output directories
+    files = _our_protos(protos) + sorted(
+        p.relative_to(protos).as_posix()
+        for d in ("google/api", "google/rpc")
+        for p in (protos / d).glob("*.proto")
+    )
+    _run(["protoc", f"-I{protos}", f"--java_out={gen}", f"--grpc-java_out={gen}",
+          f"--plugin=protoc-gen-grpc-java={GRPC_JAVA_PLUGIN}", *files], tmp_path)  # fmt: skip
+    assert (gen / "io" / "nexus" / "models" / "v1" / "ContactServiceGrpc.java").is_file()
+    classes = tmp_path / "classes"
+    sources = [str(p) for p in gen.rglob("*.java")]
+    _run(["javac", "-nowarn", "-d", str(classes), "-cp", classpath, *sources,
+          str(ROOT / "clients" / "java" / "Main.java")], tmp_path)  # fmt: skip
+    name, email = "Ada Java", "ada.java@example.org"
+    out = _run(["java", "-cp", f"{classes}:{classpath}", "Main", "--server", server,
+                "--name", name, "--email", email], tmp_path)  # fmt: skip
     _check_result(json.loads(out), name, email)
 
 
