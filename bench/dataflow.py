@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
+import re
 import secrets
 import statistics
 import subprocess
@@ -529,6 +530,18 @@ async def paired(
     return done / spent[0], done / spent[1]
 
 
+def placeholders(sql: str) -> int:
+    """How many values `sql` takes (SQLite: ``?``; PostgreSQL: ``$n``)."""
+    numbered = [int(n) for n in re.findall(r"\$(\d+)", sql)]
+    return max(numbered) if numbered else sql.count("?")
+
+
+def pad_of(sql: str) -> list[int]:
+    """The values the raw driver adds for `sql`: SQLAlchemy's SQL (DataFlow before the
+    query fast path) binds an offset of 0."""
+    return [0] if " OFFSET " in sql else []
+
+
 async def query_bench(
     db: DataFlow, raw: RawQuery, n: int, max_s: float, verbose: bool = False
 ) -> None:
@@ -537,7 +550,6 @@ async def query_bench(
     Item = declare_item(db)
     await db.initialize()
     ops = db.ops(Item)
-    pg = db.dialect == "postgresql"
     await ops.bulk_create(
         [
             {
@@ -576,17 +588,23 @@ async def query_bench(
         (
             "List 10, $in of 10 ids",
             lambda i: ops.list({"id": {"$in": [f"i{lo(i) + k:05d}" for k in range(10)]}}),
-            lambda i: [f"i{lo(i) + k:05d}" for k in range(10)],
+            # DataFlow repeats the last value up to a power of two (one statement for
+            # lists of 9 to 16): the raw driver binds the same values
+            lambda i: (
+                [f"i{lo(i) + k:05d}" for k in range(10)]
+                + [f"i{lo(i) + 9:05d}"]
+                * (placeholders(keyset_sql[0]) - 10 - len(pad_of(keyset_sql[0])))
+            ),
             None,
         ),
         (
             "List 10, next page by page_token",
             lambda i: ops.list(order_by="score", limit=10, page_token=token),
-            # SQLite repeats a value bound twice; PostgreSQL numbers it once
+            # the score is compared more than once, and bound once a comparison except
+            # in PostgreSQL's SQL from this version (numbered once): as many as it takes
             lambda i: (
-                [last["score"], last["id"], 11]
-                if pg
-                else [last["score"], last["score"], last["score"], last["id"], 11]
+                [last["score"]] * (placeholders(keyset_sql[0]) - 2 - len(pad_of(keyset_sql[0])))
+                + [last["id"], 11]
             ),
             None,
         ),
@@ -599,6 +617,7 @@ async def query_bench(
         ("Count, no filter", lambda i: ops.count(), lambda i: [], 0.8),
     ]
     seen: list[str] = []
+    keyset_sql = [""]  # the SQL of the shape being measured (its values depend on it)
 
     class _Hook:
         """Records the SQL text DataFlow sends (the statement hook's interface)."""
@@ -617,10 +636,15 @@ async def query_bench(
         await call(0)
         db.set_statement_hook(None)
         sql = seen[-1]
+        keyset_sql[:] = [sql]
         if verbose:
             print(f"     {sql!r}")
+        pad = pad_of(sql)
         raw_rate, df_rate = await paired(
-            n, max_s, lambda i, sql=sql, values=values: raw.fetch(sql, values(i)), call
+            n,
+            max_s,
+            lambda i, sql=sql, values=values, pad=pad: raw.fetch(sql, values(i) + pad),
+            call,
         )
         line(f"{label}, raw driver", raw_rate)
         want = f" (target {target})" if target else ""

@@ -328,10 +328,15 @@ class FilterCompiler:
             if not isinstance(value, list | tuple):
                 raise ValidationError(path, f"{op} expects a list")
             budget.take(len(value), path)  # before looking at any value
-            out.extend(conv(self._value(f, v, f"{path}[{i}]")) for i, v in enumerate(value))
+            vals = [conv(self._value(f, v, f"{path}[{i}]")) for i, v in enumerate(value)]
+            if vals:
+                # the last value repeated up to a power of two: the same set, and lists
+                # of 5 to 8 values share one shape (one compiled statement), not four
+                vals += [vals[-1]] * (_bucket(len(vals)) - len(vals))
+            out.extend(vals)
             if op == "$in":
-                return ("$in", name, len(value)), (False if not value else None)
-            return ("$nin", name, len(value)), (True if not value else None)
+                return ("$in", name, len(vals)), (False if not vals else None)
+            return ("$nin", name, len(vals)), (True if not vals else None)
         if op in _RANGE:
             if not (bt in _ORDERED_TYPES or _is_temporal(bt)):
                 raise ValidationError(
@@ -348,6 +353,11 @@ class FilterCompiler:
         budget.take(1, path)
         out.append(self._value(f, value, path))
         return (op, name), None
+
+
+def _bucket(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 def _is_temporal(tp: Any) -> bool:

@@ -221,7 +221,8 @@ class ModelOps:
         self._count_all = select(func.count()).select_from(table)
         self._dialect_insert = dialect_insert(db.dialect)
         self._codec = Codec(model, table, db.engine.dialect)
-        # List and Count on the fast path: SQL compiled once per query shape
+        # List, Count, Search and writes by filter on the fast path: SQL compiled once
+        # per query shape
         self._queries = Queries(self._fc, self._codec, db.engine.dialect, self._tf)
         # PostgreSQL's sequence ignores explicit ids; SQLite continues after the largest.
         # Move the sequence past explicit ids so both generate the same next id.

@@ -81,17 +81,25 @@ async def test_in_lists_of_any_length(
     assert await ops.count({"id": {"$nin": values}}) == len(rest)
 
 
-async def test_in_lists_of_different_lengths_are_different_shapes(people: Contacts) -> None:
+async def test_in_lists_share_a_shape_per_power_of_two(people: Contacts) -> None:
     db, Contact = people
     ops = db.ops(Contact)
     queries = ops._queries
     before = queries.compiled
-    for n in range(4):
-        ids = ["a", "b", "c", "d"][:n]
-        assert _ids(await ops.list({"id": {"$in": ids}})) == ids
-    assert queries.compiled == before + 4
+    ids = ["a", "b", "c", "d", "e"]
+    for n in range(6):  # lengths 0, 1, 2, 3-4, 5-8: five shapes
+        assert _ids(await ops.list({"id": {"$in": ids[:n]}})) == ids[:n]
+        assert _ids(await ops.list({"id": {"$nin": ids[:n]}})) == ids[n:]
+    assert queries.compiled == before + 10
     assert _ids(await ops.list({"id": {"$in": ["e", "d"]}})) == ["d", "e"]
-    assert queries.compiled == before + 4  # length 2 again
+    assert _ids(await ops.list({"id": {"$in": ["e", "zz", "b", "b", "a", "c", "e"]}})) == [
+        "a",
+        "b",
+        "c",
+        "e",
+    ]
+    assert queries.compiled == before + 10  # lengths 2 and 7 again
+    assert await ops.count({"id": {"$nin": ["a", "b", "zz"]}}) == 3
 
 
 @pytest.mark.parametrize(
@@ -170,15 +178,19 @@ async def test_the_cache_is_bounded(people: Contacts) -> None:
     db, Contact = people
     ops = db.ops(Contact)
     queries = ops._queries
-    # a distinct shape per IN-list length: more shapes than the cache holds
+
+    def flt(n: int) -> dict[str, Any]:
+        # a distinct shape per n (an $and of n // 50 conditions and an $or of n % 50)
+        either = {"$or": [{"score": {"$gt": 100}}] * (n % 50) + [{"score": {"$lt": 25}}]}
+        return {"$and": [{"score": {"$gt": -1}}] * (n // 50) + [either]}
+
     for n in range(SHAPE_CACHE_SIZE + 10):
-        expected = sum(1 for p in PEOPLE if p["score"] < n)
-        assert await ops.count({"score": {"$in": list(range(n))}}) == expected
+        assert await ops.count(flt(n)) == 2
     assert len(queries) == SHAPE_CACHE_SIZE
     compiled = queries.compiled
-    assert await ops.count({"score": {"$in": list(range(SHAPE_CACHE_SIZE + 9))}}) == 5
+    assert await ops.count(flt(SHAPE_CACHE_SIZE + 9)) == 2
     assert queries.compiled == compiled  # recent: still there
-    assert await ops.count({"score": {"$in": []}}) == 0
+    assert await ops.count(flt(0)) == 2
     assert queries.compiled == compiled + 1  # the oldest was dropped: compiled again
     assert len(queries) == SHAPE_CACHE_SIZE
 
