@@ -33,7 +33,7 @@ WAIT = 30.0
 
 # The app each replica serves: `slow` runs a fast node, then waits (bounded) until the
 # file named by its `gate` input exists, so a test holds it running across processes.
-APP = '''
+APP = """
 import asyncio, os, pathlib, time
 from typing import Any
 from dataflow import DataFlow
@@ -70,7 +70,7 @@ slow = WorkflowBuilder("A step, then wait for the gate file.")
 slow.add_node("StepNode", "first", {"text": "{{text}}"})
 slow.add_node("FileGateNode", "wait", {"gate": "{{gate}}"})
 app.register("slow", slow.build())
-'''
+"""
 
 _LISTENING = re.compile(r"Nexus gRPC server on (127\.0\.0\.1:\d+)")
 
@@ -138,8 +138,12 @@ async def _until(what: str, check: Callable[[], Awaitable[bool]]) -> float:
     """Poll `check` until it holds (within `WAIT` seconds); returns the seconds it took."""
     started = time.monotonic()
     async with asyncio.timeout(WAIT):
-        while not await check():
+        for _ in range(int(WAIT / 0.02)):
+            if await check():
+                break
             await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"{what}: not within {WAIT:g} s")
     took = time.monotonic() - started
     print(f"{what}: {took * 1e3:.0f} ms")
     return took
