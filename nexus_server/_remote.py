@@ -5,9 +5,10 @@ database. A replica asked to watch (WatchExecution, or StreamExecution with the
 request_id of a running execution) or to cancel an execution that is RUNNING in its
 record but not in this process asks the others over the bus (`_bus`):
 
-- watch: it sends `{"op": "watch", "id": ...}` on `CONTROL`; the replica running the
-  execution forwards its events on `EVENTS`, from the first one it still buffers, each
-  as a serialized `ExecutionEvent` (base64). An event too large for one message
+- watch: it sends `{"op": "watch", "id": ..., "w": token}` on `CONTROL` (`token`
+  names this watcher); the replica running the execution forwards its events to that
+  watcher on `EVENTS`, from the first one it still buffers, each as a serialized
+  `ExecutionEvent` (base64). An event too large for one message
   (`_bus.MAX_PAYLOAD`) is sent trimmed: without a node's outputs, the started event's
   inputs and an error's details (the final event carries the execution's full record).
   Once the execution ended and its record is committed, it sends `{"final": seq}`, and
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -75,14 +78,17 @@ class RemoteExecutions:
         self.executions = executions
         self.bus = bus
         self.encode = encode
-        self._watchers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
-        self._forwarding: dict[str, asyncio.Task[None]] = {}
+        #: watcher token -> the queue of its messages
+        self._watchers: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        #: (execution id, watcher token) -> the task forwarding its events
+        self._forwarding: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._asking: set[asyncio.Task[None]] = set()
         if bus is not None:
             bus.subscribe(CONTROL, self._on_control)
             bus.subscribe(EVENTS, self._on_event)
 
     async def close(self) -> None:
-        tasks = list(self._forwarding.values())
+        tasks = [*self._forwarding.values(), *self._asking]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -96,10 +102,11 @@ class RemoteExecutions:
         each forwarded event, then `(None, seq, record)` once it ended (the record as
         committed; `seq` the final event's sequence number)."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(WATCH_QUEUE)
-        self._watchers.setdefault(rec.id, set()).add(queue)
+        token = uuid.uuid4().hex
+        self._watchers[token] = queue
         seen = 0
         try:
-            await self._ask("watch", rec.id)
+            await self._ask("watch", rec.id, token)
             while True:
                 try:
                     async with asyncio.timeout(POLL):
@@ -109,7 +116,7 @@ class RemoteExecutions:
                     if now is not None and now.state not in RUNNING_STATES:
                         yield None, seen + 1, now
                         return
-                    await self._ask("watch", rec.id)  # lost, or sent before it ran
+                    await self._ask("watch", rec.id, token)  # lost, or sent before it ran
                     continue
                 if "final" in msg:
                     final = await self._ended(rec.id)
@@ -120,11 +127,13 @@ class RemoteExecutions:
                     seen = seq
                     yield wpb.ExecutionEvent.FromString(base64.b64decode(msg["event"])), seq, None
         finally:
-            queues = self._watchers.get(rec.id)
-            if queues is not None:
-                queues.discard(queue)
-                if not queues:
-                    del self._watchers[rec.id]
+            del self._watchers[token]
+            # the running replica may stop forwarding (best effort: else it stops at
+            # the execution's end)
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                task = asyncio.get_running_loop().create_task(self._ask("unwatch", rec.id, token))
+                self._asking.add(task)
+                task.add_done_callback(self._asking.discard)
 
     async def _ended(self, execution_id: str) -> ExecutionRecord:
         """The record of an execution its replica says ended, once it says so (its
@@ -142,13 +151,14 @@ class RemoteExecutions:
 
     def _on_event(self, payload: str) -> None:
         msg = json.loads(payload)
-        queues = self._watchers.get(str(msg.get("id")))
-        for queue in queues or ():
-            if queue.full() and "final" not in msg:
-                continue  # a slow watcher skips node events, never the end
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(msg)
+        queue = self._watchers.get(str(msg.get("w")))
+        if queue is None:
+            return  # another replica's watcher
+        if queue.full():
+            if "final" not in msg:
+                return  # a slow watcher skips node events, never the end
+            queue.get_nowait()
+        queue.put_nowait(msg)
 
     # -- cancel ----------------------------------------------------------------------
 
@@ -179,30 +189,37 @@ class RemoteExecutions:
 
     # -- the running replica's side --------------------------------------------------
 
-    async def _ask(self, op: str, execution_id: str) -> None:
+    async def _ask(self, op: str, execution_id: str, token: str = "") -> None:
         if self.bus is None:
             return
         try:
-            await self.bus.publish(CONTROL, json.dumps({"op": op, "id": execution_id}))
+            msg = {"op": op, "id": execution_id, "w": token}
+            await self.bus.publish(CONTROL, json.dumps(msg))
         except Exception as exc:  # the poll goes on; the next ask may pass
             _log.warning("asking other replicas to %s an execution failed: %s", op, exc)
 
     def _on_control(self, payload: str) -> None:
         msg = json.loads(payload)
-        execution_id = str(msg.get("id"))
+        execution_id, op = str(msg.get("id")), msg.get("op")
+        key = (execution_id, str(msg.get("w")))
+        if op == "unwatch":
+            forwarding = self._forwarding.get(key)
+            if forwarding is not None:
+                forwarding.cancel()
+            return
         run = self.executions.running.get(execution_id)
         if run is None:
             return  # not ours (or over already)
-        if msg.get("op") == "cancel":
+        if op == "cancel":
             if run.task is not None and not run.task.done():
                 run.task.cancel()
-        elif msg.get("op") == "watch" and execution_id not in self._forwarding:
-            task = asyncio.create_task(self._forward(run), name=f"forward-{execution_id}")
-            self._forwarding[execution_id] = task
-            task.add_done_callback(lambda _t: self._forwarding.pop(execution_id, None))
+        elif op == "watch" and key not in self._forwarding:
+            task = asyncio.create_task(self._forward(run, key[1]), name=f"forward-{execution_id}")
+            self._forwarding[key] = task
+            task.add_done_callback(lambda _t: self._forwarding.pop(key, None))
 
-    async def _forward(self, run: RunningExecution) -> None:
-        """Send `run`'s events to the replicas watching it, then its end."""
+    async def _forward(self, run: RunningExecution, token: str) -> None:
+        """Send `run`'s events to the watcher `token`, then its end."""
         bus = self.bus
         assert bus is not None
         rec = run.record
@@ -211,7 +228,7 @@ class RemoteExecutions:
             async for seq, event in run.watch():
                 if event.kind.terminal:
                     break
-                payload = self._event_payload(self.encode(event, seq, rec), rec.id, seq)
+                payload = self._event_payload(self.encode(event, seq, rec), token, seq)
                 if payload is not None:
                     await bus.publish(EVENTS, payload)
             await run.wait()
@@ -220,16 +237,16 @@ class RemoteExecutions:
                     await self.executions.writer.committed(rec.id)
             except Exception as exc:  # the watchers read the record until it ends
                 _log.warning("execution %s: its record is not committed yet (%s)", rec.id, exc)
-            await bus.publish(EVENTS, json.dumps({"id": rec.id, "final": seq}))
+            await bus.publish(EVENTS, json.dumps({"w": token, "final": seq}))
         except Exception as exc:
             _log.warning("forwarding the events of execution %s failed: %s", rec.id, exc)
 
     @staticmethod
-    def _event_payload(event: wpb.ExecutionEvent, execution_id: str, seq: int) -> str | None:
+    def _event_payload(event: wpb.ExecutionEvent, token: str, seq: int) -> str | None:
         """The message of one event, trimmed to fit (None: it cannot)."""
         for attempt in range(2):
             data = base64.b64encode(event.SerializeToString()).decode()
-            payload = json.dumps({"id": execution_id, "seq": seq, "event": data})
+            payload = json.dumps({"w": token, "seq": seq, "event": data})
             if len(payload) <= MAX_PAYLOAD:
                 return payload
             if attempt == 0:

@@ -320,6 +320,15 @@ async def test_an_execution_is_watched_and_cancelled_from_other_replicas(
     assert completed.node_id == "first" and completed.outputs["text"] == "step"
     assert [e.sequence for e in seen] == sorted({e.sequence for e in seen})
 
+    # a second watcher, joining later on another replica, gets every event too
+    late: list[Any] = []
+    second = asyncio.create_task(_watch(one, execution_id, late))
+
+    async def late_caught_up() -> bool:
+        return [e.sequence for e in late] == [e.sequence for e in seen[:4]]
+
+    await _until("events forwarded to a second watcher", late_caught_up)
+
     cancelled = await one.stub.CancelExecution(
         wpb.CancelExecutionRequest(id=execution_id), timeout=WAIT
     )
@@ -327,6 +336,9 @@ async def test_an_execution_is_watched_and_cancelled_from_other_replicas(
     async with asyncio.timeout(WAIT):
         await watcher
     assert seen[-1].WhichOneof("event") == "execution_cancelled"
+    async with asyncio.timeout(WAIT):
+        await second
+    assert [e.WhichOneof("event") for e in late] == [e.WhichOneof("event") for e in seen]
     assert seen[-1].execution_cancelled.execution.state == wpb.Execution.STATE_CANCELLED
     record = await one.stub.GetExecution(wpb.GetExecutionRequest(id=execution_id), timeout=5)
     assert record.state == wpb.Execution.STATE_CANCELLED
