@@ -457,7 +457,7 @@ class Nexus:
         audit = AuditTrail(db, table=self.audit_table)
         await audit.initialize()
         # workflows registered over the network: stored, shared by the replicas
-        bus = bus_for(db)
+        bus = bus_for(db, parse_backend(self.rate_limit_backend))
         workflow_store = WorkflowStore(db, self.registry, bus)
         await workflow_store.initialize()
         executions.open()

@@ -13,6 +13,10 @@ request):
   `nexus_bus`, that every process polls every `SQLITE_POLL` seconds through a connection
   of its own (so DataFlow's single connection and its statement hooks never see it).
   Messages older than `SQLITE_KEEP` seconds are deleted.
+- Redis, when the app configures one (`Nexus(rate_limit_backend="redis://...")`): its
+  pub/sub, on channels named after the database (`nexus:bus:<hash of its URL>:<channel>`),
+  so that apps on other databases sharing the Redis never hear each other. The database
+  then carries no message at all.
 
 Delivery is at most once and best effort: what a message says must also be readable
 from the database (the receivers' periodic re-reads are the safety net).
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import sqlite3
 import time
@@ -33,7 +38,7 @@ import sqlalchemy as sa
 
 from dataflow import DataFlow
 
-__all__ = ["MAX_PAYLOAD", "Bus", "PgBus", "SqliteBus", "bus_for"]
+__all__ = ["MAX_PAYLOAD", "Bus", "PgBus", "RedisBus", "SqliteBus", "bus_for"]
 
 _log = logging.getLogger("nexus_server")
 
@@ -101,10 +106,15 @@ class Bus:
                 _log.exception("a bus reconnect callback failed")
 
 
-def bus_for(db: DataFlow) -> Bus | None:
-    """The bus of `db`'s database, or None for an in-memory SQLite database (no other
-    process can share it)."""
+def bus_for(db: DataFlow, redis_url: str | None = None) -> Bus | None:
+    """The bus of the replicas of `db`'s database: Redis pub/sub with `redis_url`, else
+    the database's own; None for an in-memory SQLite database (no other process can
+    share it)."""
     url = sa.engine.make_url(db.url)
+    if redis_url is not None:
+        shown = url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
+        space = hashlib.sha256(shown.encode()).hexdigest()[:16]
+        return RedisBus(redis_url, f"nexus:bus:{space}:")
     if db.dialect == "postgresql":
         dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         return PgBus(db, dsn)
@@ -270,3 +280,72 @@ class SqliteBus(Bus):
             for id_, channel, payload in rows:
                 self._last = id_
                 self._deliver(channel, payload)
+
+
+class RedisBus(Bus):
+    """Redis pub/sub (see the module's docstring)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        super().__init__()
+        import redis.asyncio as aioredis
+
+        self._client = aioredis.Redis.from_url(
+            url, socket_timeout=PG_CHECK, socket_connect_timeout=PG_CHECK
+        )
+        self._prefix = prefix
+        self._task: asyncio.Task[None] | None = None
+        #: set once the first SUBSCRIBE is in place
+        self.listening = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="nexus-bus-redis")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._client.aclose()
+
+    async def publish(self, channel: str, payload: str) -> None:
+        self.check_payload(payload)
+        await self._client.publish(self._prefix + channel, payload)
+
+    async def _listen(self) -> None:
+        """Subscribe to every channel; resubscribe with backoff (forever, until closed)
+        when the connection drops."""
+        delay = 0.25
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*(self._prefix + c for c in self._handlers))
+                delay = 0.25
+                self.listening.set()
+                self._listening()
+                while True:
+                    msg = await pubsub.get_message(timeout=PG_CHECK)
+                    if msg is None:
+                        await pubsub.ping()  # a half-open connection: find out
+                        continue
+                    if msg.get("type") != "message":
+                        continue
+                    channel = _text(msg["channel"]).removeprefix(self._prefix)
+                    self._deliver(channel, _text(msg["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warning(
+                    "listening for other replicas on Redis failed (%s); retrying in %.1f s",
+                    type(exc).__name__,
+                    delay,
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PG_BACKOFF_MAX)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -3,13 +3,14 @@
 Real processes on ephemeral ports: workflows registered on one replica are served by
 the others (and survive a restart); an execution running on one replica is watched from
 a second and cancelled from a third. The same scenario runs on a PostgreSQL database of
-its own (LISTEN/NOTIFY) and on one SQLite file shared by the processes (the polled bus
-table).
+its own (LISTEN/NOTIFY), on one with Redis configured (pub/sub), and on one SQLite file
+shared by the processes (the polled bus table).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -17,12 +18,14 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from google.protobuf import struct_pb2
 
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
@@ -30,6 +33,7 @@ from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 
 #: Every wait of this module is bounded by this many seconds.
 WAIT = 30.0
+REDIS = "redis://127.0.0.1:6379/0"
 
 # The app each replica serves: `slow` runs a fast node, then waits (bounded) until the
 # file named by its `gate` input exists, so a test holds it running across processes.
@@ -64,7 +68,13 @@ class FileGateNode(Node):
         return {"opened": pathlib.Path(gate).exists()}
 
 
-app = Nexus(grpc_port=0, api_port=None, mcp_port=None, grace_period=1.0)
+app = Nexus(
+    grpc_port=0,
+    api_port=None,
+    mcp_port=None,
+    grace_period=1.0,
+    rate_limit_backend=os.environ.get("REPLICA_REDIS_URL"),
+)
 app.integrate_dataflow(DataFlow(os.environ["REPLICA_DATABASE_URL"]))
 slow = WorkflowBuilder("A step, then wait for the gate file.")
 slow.add_node("StepNode", "first", {"text": "{{text}}"})
@@ -90,15 +100,17 @@ def _greeting(prefix: str = "Hello") -> wpb.WorkflowDefinition:
 class Replica:
     """One `nexus serve --no-envoy --no-mcp` process, and a channel to it."""
 
-    def __init__(self, app: Path, url: str, workdir: Path) -> None:
-        self.app, self.url, self.workdir = app, url, workdir
+    def __init__(self, app: Path, db: Database, workdir: Path) -> None:
+        self.app, self.db, self.workdir = app, db, workdir
         self.proc: asyncio.subprocess.Process | None = None
         self.channel: grpc.aio.Channel | None = None
         self.stub: Any = None
         self.address = ""
 
     async def start(self) -> None:
-        env = {**os.environ, "REPLICA_DATABASE_URL": self.url}
+        env = {**os.environ, "REPLICA_DATABASE_URL": self.db.url}
+        if self.db.redis:
+            env["REPLICA_REDIS_URL"] = self.db.redis
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "nexus_server", "serve", str(self.app),
             "--grpc-port", "0", "--no-envoy", "--no-mcp", "--log-level", "warning",
@@ -149,25 +161,72 @@ async def _until(what: str, check: Callable[[], Awaitable[bool]]) -> float:
     return took
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A database of the replicas' own: a new PostgreSQL database, or a SQLite file."""
+@dataclass
+class Database:
+    """Where the replicas meet: a database URL, and Redis's URL when they use Redis."""
+
+    url: str
+    redis: str | None = None
+    #: the Redis channels a message was published on (Redis only)
+    channels: list[str] = field(default_factory=list)
+
+
+async def _redis_channels(db: Database) -> AsyncIterator[None]:
+    """Record the channels of the replicas' Redis messages meanwhile; skip without Redis
+    (fail under CI=true)."""
+    client = aioredis.Redis.from_url(REDIS, socket_timeout=5)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.psubscribe("nexus:bus:*")
+    except Exception as exc:  # pragma: no cover - the machine runs Redis
+        await client.aclose()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no Redis at {REDIS}: {exc}")
+        pytest.skip(f"no Redis at {REDIS}: {exc}")
+
+    async def record() -> None:
+        while True:
+            msg = await pubsub.get_message(timeout=1.0)
+            if msg is not None and msg.get("type") == "pmessage":
+                db.channels.append(msg["channel"].decode())
+
+    task = asyncio.create_task(record())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await pubsub.aclose()
+        await client.aclose()
+
+
+@pytest.fixture(params=["postgres", "postgres+redis", "sqlite"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """A database of the replicas' own: a new PostgreSQL database (with Redis for their
+    messages, or not), or a SQLite file."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        yield Database(f"sqlite:///{tmp_path / 'shared.db'}")
         return
     pg_url: str = request.getfixturevalue("pg_url")
     name = f"nexus_replicas_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(pg_url, timeout=5)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        yield f"{pg_url.rsplit('/', 1)[0]}/{name}"
+        db = Database(f"{pg_url.rsplit('/', 1)[0]}/{name}")
+        if request.param == "postgres+redis":
+            db.redis = REDIS
+            async for _ in _redis_channels(db):
+                yield db
+        else:
+            yield db
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
 
 
 @pytest.fixture
-async def replicas(database: str, tmp_path: Path) -> AsyncIterator[list[Replica]]:
+async def replicas(database: Database, tmp_path: Path) -> AsyncIterator[list[Replica]]:
     """Three replicas on `database` (the first started alone: it creates the tables)."""
     app = tmp_path / "replica_app.py"
     app.write_text(APP)
@@ -186,7 +245,7 @@ async def replicas(database: str, tmp_path: Path) -> AsyncIterator[list[Replica]
 
 
 async def test_a_registration_reaches_every_replica_and_survives_a_restart(
-    replicas: list[Replica],
+    replicas: list[Replica], database: Database
 ) -> None:
     one, two, three = replicas
     greet = wpb.RegisterWorkflowRequest(name="greet", definition=_greeting())
@@ -256,6 +315,8 @@ async def test_a_registration_reaches_every_replica_and_survives_a_restart(
     assert got.outputs["greet"]["text"] == "Hello Di"
     for replica in replicas:
         await replica.stop()
+    if database.redis:  # the messages went through Redis
+        assert any(c.endswith(":nexus_workflows") for c in database.channels)
 
 
 async def _running_on(replica: Replica, tmp_path: Path, gate: str) -> tuple[Any, str]:
@@ -298,7 +359,7 @@ async def _recorded_running(replica: Replica, execution_id: str) -> bool:
 
 
 async def test_an_execution_is_watched_and_cancelled_from_other_replicas(
-    replicas: list[Replica], tmp_path: Path
+    replicas: list[Replica], database: Database, tmp_path: Path
 ) -> None:
     one, two, three = replicas
     stream, execution_id = await _running_on(three, tmp_path, "never")
@@ -370,3 +431,6 @@ async def test_an_execution_is_watched_and_cancelled_from_other_replicas(
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     for replica in replicas:
         await replica.stop()
+    if database.redis:  # the messages went through Redis
+        ends = {c.rsplit(":", 1)[1] for c in database.channels}
+        assert {"nexus_execution_control", "nexus_execution_events"} <= ends
