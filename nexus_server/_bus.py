@@ -54,6 +54,9 @@ PG_CHECK = 5.0
 #: The longest wait between two attempts to reconnect the listening connection.
 PG_BACKOFF_MAX = 5.0
 
+#: The listening connection's `application_name` (in `pg_stat_activity`).
+APPLICATION_NAME = "nexus-bus"
+
 Handler = Callable[[str], None]
 
 
@@ -163,7 +166,12 @@ class PgBus(Bus):
         while True:
             conn: Any = None
             try:
-                conn = await asyncpg.connect(self._dsn, timeout=PG_BACKOFF_MAX)
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=PG_BACKOFF_MAX,
+                    # what operators see in pg_stat_activity
+                    server_settings={"application_name": APPLICATION_NAME},
+                )
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 for channel in self._handlers:
