@@ -458,7 +458,9 @@ class Nexus:
         await audit.initialize()
         # workflows registered over the network: stored, shared by the replicas
         bus = bus_for(db, parse_backend(self.rate_limit_backend))
-        workflow_store = WorkflowStore(db, self.registry, bus)
+        workflow_store = WorkflowStore(
+            db, self.registry, bus, allow_code_nodes=self.allow_code_nodes
+        )
         await workflow_store.initialize()
         executions.open()
         records = Records(db, store)

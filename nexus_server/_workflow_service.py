@@ -366,7 +366,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             owner = _owner_filter()
             if self.remote.bus is not None and request.id not in self.executions.running:
                 rec = await self.executions.get(request.id, owner)
-                if rec.state in RUNNING_STATES:  # run by another replica
+                if rec.state == "RUNNING":  # run by another replica
                     return execution_message(await self.remote.cancel(rec))
             return execution_message(await self.executions.cancel(request.id, owner))
         except Exception as exc:

@@ -82,6 +82,8 @@ class WorkflowStore:
         bus: how replicas tell each other of a change (None: this process alone, e.g.
             an in-memory SQLite database).
         reread: seconds between two reads of the change counter.
+        allow_code_nodes: serve stored workflows with code-bearing nodes (a replica
+            that refuses them at registration does not serve those another one took).
     """
 
     def __init__(
@@ -91,8 +93,10 @@ class WorkflowStore:
         bus: Bus | None,
         *,
         reread: float = REREAD,
+        allow_code_nodes: bool = False,
     ) -> None:
         self.db = db
+        self.allow_code_nodes = allow_code_nodes
         self.registry = registry
         self.bus = bus
         self.reread = reread
@@ -256,9 +260,13 @@ class WorkflowStore:
                     continue
                 try:
                     wf = await asyncio.to_thread(_build, definition)
+                    if not wf.exposable and not self.allow_code_nodes:
+                        raise ValueError("it has code-bearing nodes and allow_code_nodes is off")
                 except Exception as exc:
                     _log.error("stored workflow %r cannot be served: %s", name, exc)
                     self._seen[name] = version
+                    if name in self._stored:  # an earlier version of it is no more
+                        self._forget(name, version)
                     continue
                 if version > self._seen.get(name, 0):  # no newer change meanwhile
                     self._apply(name, wf, owner, version, _utc(update_time))

@@ -239,3 +239,26 @@ async def test_two_apps_share_the_registry_limit_and_owners(
         await b.DeleteWorkflow(delete, metadata=_as("ada"))
         code, _ = await _error(a.DeleteWorkflow(delete, metadata=_as("ada")))
         assert code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_an_app_refusing_code_nodes_does_not_serve_stored_ones(
+    make_app: Callable[..., Nexus], connect: Any
+) -> None:
+    code = wpb.WorkflowDefinition(description="Doubles n.")
+    params = struct_pb2.Struct()
+    params.update({"code": "result = {'n': n * 2}", "n": "{{n}}"})
+    code.nodes.add(id="run", type="PythonCodeNode", params=params)
+    taking = make_app(models=False, allow_code_nodes=True)
+    async with taking.serving() as one, connect(one) as channel:
+        stub = wgrpc.WorkflowServiceStub(channel)
+        await stub.RegisterWorkflow(wpb.RegisterWorkflowRequest(name="double", definition=code))
+        await stub.RegisterWorkflow(
+            wpb.RegisterWorkflowRequest(name="boom", definition=_definition("plain"))
+        )
+    # started after the registrations: it loads them from the database at start
+    refusing = make_app(models=False)
+    async with refusing.serving() as two, connect(two) as channel:
+        stub = wgrpc.WorkflowServiceStub(channel)
+        listed = await stub.ListWorkflows(wpb.ListWorkflowsRequest())
+        assert [w.name for w in listed.workflows] == ["boom"]
