@@ -61,6 +61,9 @@ SETTLE_WAIT = 5.0
 #: Messages queued per remote watcher; a watcher that falls behind loses node events
 #: (never the final one: it is read from the record).
 WATCH_QUEUE = 1000
+#: Remote watchers one process forwards events to at once (more are not served: they
+#: get the final event from the record).
+MAX_FORWARDING = 1000
 
 Encode = Callable[[Event, int, ExecutionRecord], wpb.ExecutionEvent]
 
@@ -213,7 +216,9 @@ class RemoteExecutions:
         if op == "cancel":
             if run.task is not None and not run.task.done():
                 run.task.cancel()
-        elif op == "watch" and key not in self._forwarding:
+        elif (
+            op == "watch" and key not in self._forwarding and len(self._forwarding) < MAX_FORWARDING
+        ):
             task = asyncio.create_task(self._forward(run, key[1]), name=f"forward-{execution_id}")
             self._forwarding[key] = task
             task.add_done_callback(lambda _t: self._forwarding.pop(key, None))
