@@ -281,7 +281,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         except Exception as exc:
             await abort(context, _no_inputs_hint(exc, request.inputs))
         try:
-            async for ev in self._events(run, rec):
+            async for ev in self._events(run, rec, context):
                 yield ev
         except BaseException:
             if owner and run is not None and run.task is not None and not run.task.done():
@@ -295,18 +295,21 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             rec = await self.executions.get(request.id, _owner_filter())
         except Exception as exc:
             await abort(context, exc)
-        async for ev in self._events(self.executions.running.get(rec.id), rec):
+        async for ev in self._events(self.executions.running.get(rec.id), rec, context):
             yield ev
 
     async def _events(
-        self, run: RunningExecution | None, rec: Any
+        self, run: RunningExecution | None, rec: Any, context: Context
     ) -> AsyncIterator[wpb.ExecutionEvent]:
         if run is None and rec.state in RUNNING_STATES:  # run by another replica
-            async for message, seq, final in self.remote.watch(rec):
-                if final is not None:
-                    yield _final_event(final, seq)
-                elif message is not None:
-                    yield message
+            try:
+                async for message, seq, final in self.remote.watch(rec):
+                    if final is not None:
+                        yield _final_event(final, seq)
+                    elif message is not None:
+                        yield message
+            except Exception as exc:  # its record could not be read (the database)
+                await abort(context, exc)
             return
         if run is None:  # finished already: only the final event
             yield _final_event(rec, 1)
