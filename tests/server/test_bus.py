@@ -262,3 +262,46 @@ async def test_an_app_refusing_code_nodes_does_not_serve_stored_ones(
         stub = wgrpc.WorkflowServiceStub(channel)
         listed = await stub.ListWorkflows(wpb.ListWorkflowsRequest())
         assert [w.name for w in listed.workflows] == ["boom"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_lost_message_is_caught_by_the_periodic_reread(db_url: str) -> None:
+    """Two stores on one database with no bus at all (every message lost): the one that
+    did not make a change still sees it, from its re-read of the change counter."""
+    from nexus_server._registry import WorkflowRegistry
+    from nexus_server._workflow_store import WorkflowStore
+    from workflow import WorkflowBuilder
+
+    db = DataFlow(db_url)
+    await db.initialize()
+    writer = WorkflowStore(db, WorkflowRegistry(), None)
+    reader_registry = WorkflowRegistry()
+    reader = WorkflowStore(db, reader_registry, None, reread=0.05)
+    try:
+        await writer.initialize()
+        await reader.initialize()
+        reader.start()
+        wf = WorkflowBuilder("Fails.")
+        wf.add_node("TestBoomNode", "explode", {"message": "{{message}}"})
+
+        def anyone(owner: str) -> None:
+            pass
+
+        await writer.put("boom", wf.build(), "ada", replace=False, limit=10, check_owner=anyone)
+
+        async def until(present: bool) -> None:
+            async with asyncio.timeout(WAIT):
+                seen = reader_registry.version
+                while ("boom" in reader_registry) != present:
+                    seen = await reader_registry.wait_changed(seen)
+
+        await until(True)
+        item = reader_registry.get("boom")
+        assert item.owner == "ada" and not item.builtin
+        assert item.workflow.to_definition() == wf.build().to_definition()
+        await writer.delete("boom", anyone)
+        await until(False)
+    finally:
+        await reader.close()
+        await writer.close()
+        await db.close()
