@@ -576,14 +576,14 @@ class Nexus:
                 "is in use (or not an address of this host)"
             )
         await server.start()
-        if bus is not None:
-            await bus.start()
-        workflow_store.start()
         await _set_health(health_servicer, services, serving=True)
         watcher = asyncio.create_task(self._watch_database(db, health_servicer, services))
         supervisor: EnvoySupervisor | None = None
         metrics_server: MetricsServer | None = None
         try:
+            if bus is not None:
+                await bus.start()
+            workflow_store.start()
             if metrics is not None and self.metrics_port is not None:
                 from .gateway._metrics import MetricsServer
 
