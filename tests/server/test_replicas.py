@@ -319,14 +319,22 @@ async def test_a_registration_reaches_every_replica_and_survives_a_restart(
         assert any(c.endswith(":nexus_workflows") for c in database.channels)
 
 
-async def _running_on(replica: Replica, tmp_path: Path, gate: str) -> tuple[Any, str]:
-    """Start `slow` on `replica` (a stream kept open); returns the stream and the id."""
-    stream = replica.stub.StreamExecution(
+def _stream(replica: Replica, tmp_path: Path, gate: str, request_id: str = "") -> Any:
+    return replica.stub.StreamExecution(
         wpb.StreamExecutionRequest(
-            name="slow", inputs=_struct(text="step", gate=str(tmp_path / gate))
+            name="slow",
+            inputs=_struct(text="step", gate=str(tmp_path / gate)),
+            request_id=request_id,
         ),
         timeout=WAIT,
     )
+
+
+async def _running_on(
+    replica: Replica, tmp_path: Path, gate: str, request_id: str = ""
+) -> tuple[Any, str]:
+    """Start `slow` on `replica` (a stream kept open); returns the stream and the id."""
+    stream = _stream(replica, tmp_path, gate, request_id)
     first = await stream.read()
     assert first.WhichOneof("event") == "execution_started"
     return stream, first.execution_id
@@ -406,12 +414,17 @@ async def test_an_execution_is_watched_and_cancelled_from_other_replicas(
     # the stream on the replica that ran it ends cancelled too
     assert (await _rest(stream))[-1].WhichOneof("event") == "execution_cancelled"
 
-    # one that completes: the watcher's last event carries its outputs
-    stream, execution_id = await _running_on(three, tmp_path, "open")
+    # one that completes: the watcher's last event carries its outputs; the same
+    # request (its request_id) streamed on another replica streams that execution
+    stream, execution_id = await _running_on(three, tmp_path, "open", request_id="once")
     await _until("running row visible", lambda: _recorded_running(one, execution_id))
     seen = []
     watcher = asyncio.create_task(_watch(one, execution_id, seen))
     await _until("events forwarded to the watcher", waiting_seen)
+    retried = _stream(two, tmp_path, "open", request_id="once")
+    first = await retried.read()
+    assert first.execution_id == execution_id  # not run a second time
+    assert first.WhichOneof("event") == "execution_started"
     (tmp_path / "open").touch()
     async with asyncio.timeout(WAIT):
         await watcher
@@ -419,6 +432,9 @@ async def test_an_execution_is_watched_and_cancelled_from_other_replicas(
     assert final.WhichOneof("event") == "execution_completed"
     assert final.execution_completed.execution.outputs["wait"]["opened"] is True
     assert (await _rest(stream))[-1].WhichOneof("event") == "execution_completed"
+    again_streamed = [first, *await _rest(retried)]
+    assert [e.WhichOneof("event") for e in again_streamed] == [e.WhichOneof("event") for e in seen]
+    assert {e.execution_id for e in again_streamed} == {execution_id}
 
     # watching a finished one from anywhere: its final state, from the record
     again: list[Any] = []
