@@ -116,16 +116,18 @@ class WorkflowStore:
     async def initialize(self) -> None:
         """Create the tables if missing, then load every stored workflow."""
 
-        def setup(conn: sa.Connection) -> None:
+        def setup(conn: sa.Connection) -> _Snapshot:
             _META.create_all(conn)
             conn.execute(sa.text(_COUNTER_ROW))
+            return _read(conn, {})
 
         try:
-            await self.db.run_sync(setup)
+            snapshot = await self.db.run_sync(setup)  # one transaction: a quick start
         except Exception:
             # another replica starting at the same moment created them first
-            await self.db.run_sync(setup)
-        await self.refresh()
+            snapshot = await self.db.run_sync(setup)
+        async with self._lock:
+            await self._load(*snapshot)
 
     def start(self) -> None:
         """Keep the registry in step with the database (until `close`)."""
@@ -157,14 +159,12 @@ class WorkflowStore:
         """
         definition = wf.to_definition()
         now = _dt.datetime.now(_dt.UTC)
-        refused: ApiError | None = None
-        # a refusal is raised after the block: raised inside it, DataFlow would take it
-        # for a database error (the counter's bump commits either way, harmlessly)
-        async with self.db.connection() as conn:
-            version = await _bump(conn)
-            row = (
-                await conn.execute(sa.select(WORKFLOWS.c.owner).where(WORKFLOWS.c.name == name))
-            ).first()
+
+        def write(conn: sa.Connection) -> tuple[int, ApiError | None]:
+            # a refusal is returned, not raised: DataFlow would take it for a database
+            # error (the counter's bump commits either way, harmlessly)
+            version = _bump(conn)
+            row = conn.execute(sa.select(WORKFLOWS.c.owner).where(WORKFLOWS.c.name == name)).first()
             values = {"definition": definition, "owner": owner, "version": version}
             if row is not None:
                 refused = _refusal(check_owner, row[0])
@@ -175,21 +175,19 @@ class WorkflowStore:
                         [("name", "already registered")],
                     )
                 if refused is None:
-                    await conn.execute(
+                    conn.execute(
                         WORKFLOWS.update()
                         .where(WORKFLOWS.c.name == name)
                         .values(update_time=now, **values)
                     )
-            else:
-                count = (
-                    await conn.execute(sa.select(sa.func.count()).select_from(WORKFLOWS))
-                ).scalar_one()
-                if count >= limit:
-                    refused = no_room(limit)
-                else:
-                    await conn.execute(
-                        WORKFLOWS.insert().values(name=name, update_time=now, **values)
-                    )
+                return version, refused
+            count = conn.execute(sa.select(sa.func.count()).select_from(WORKFLOWS)).scalar_one()
+            if count >= limit:
+                return version, no_room(limit)
+            conn.execute(WORKFLOWS.insert().values(name=name, update_time=now, **values))
+            return version, None
+
+        version, refused = await self.db.run_sync(write)
         if refused is not None:
             raise refused
         item = self._apply(name, wf, owner, version, now)
@@ -203,20 +201,22 @@ class WorkflowStore:
             ApiError: WORKFLOW_NOT_FOUND (with the closest name), or what `check_owner`
                 raises.
         """
-        refused: ApiError | None = None
-        async with self.db.connection() as conn:
-            version = await _bump(conn)
-            row = (
-                await conn.execute(sa.select(WORKFLOWS.c.owner).where(WORKFLOWS.c.name == name))
-            ).first()
-            if row is not None:
-                refused = _refusal(check_owner, row[0])
-                if refused is None:
-                    await conn.execute(WORKFLOWS.delete().where(WORKFLOWS.c.name == name))
+
+        def remove(conn: sa.Connection) -> tuple[int, bool, ApiError | None]:
+            version = _bump(conn)
+            row = conn.execute(sa.select(WORKFLOWS.c.owner).where(WORKFLOWS.c.name == name)).first()
+            if row is None:
+                return version, False, None
+            refused = _refusal(check_owner, row[0])
+            if refused is None:
+                conn.execute(WORKFLOWS.delete().where(WORKFLOWS.c.name == name))
+            return version, True, refused
+
+        version, found, refused = await self.db.run_sync(remove)
         if refused is not None:
             raise refused
         self._forget(name, version)
-        if row is None:
+        if not found:
             # deleted by another replica already (this one may not have heard yet)
             self.registry.get(name)  # WORKFLOW_NOT_FOUND, naming the closest name
             raise ApiError("WORKFLOW_NOT_FOUND", f"workflow {brief(name)} not found")
@@ -225,57 +225,45 @@ class WorkflowStore:
     async def refresh(self) -> None:
         """Make the registry hold what the database holds now."""
         async with self._lock:
-            async with self.db.connection() as conn:
-                counter = await _counter(conn)
-                rows = (
-                    await conn.execute(
-                        sa.select(
-                            WORKFLOWS.c.name,
-                            WORKFLOWS.c.owner,
-                            WORKFLOWS.c.version,
-                            WORKFLOWS.c.update_time,
-                        )
-                    )
-                ).all()
-                changed = [r for r in rows if r[2] > self._seen.get(r[0], 0)]
-                definitions: dict[str, Any] = {}
-                if changed:
-                    found = await conn.execute(
-                        sa.select(WORKFLOWS.c.name, WORKFLOWS.c.definition).where(
-                            WORKFLOWS.c.name.in_([r[0] for r in changed])
-                        )
-                    )
-                    definitions = {n: _document(d) for n, d in found.all()}
-            for name, owner, version, update_time in changed:
-                definition = definitions.get(name)
-                if definition is None:
-                    continue  # deleted between the two reads: the next re-read tells
-                if name in self.registry and self.registry.get(name).builtin:
-                    _log.warning(
-                        "stored workflow %r not served: the app's code registers a "
-                        "workflow of that name",
-                        name,
-                    )
-                    self._seen[name] = version
-                    continue
-                try:
-                    wf = await asyncio.to_thread(_build, definition)
-                    if not wf.exposable and not self.allow_code_nodes:
-                        raise ValueError("it has code-bearing nodes and allow_code_nodes is off")
-                except Exception as exc:
-                    _log.error("stored workflow %r cannot be served: %s", name, exc)
-                    self._seen[name] = version
-                    if name in self._stored:  # an earlier version of it is no more
-                        self._forget(name, version)
-                    continue
-                if version > self._seen.get(name, 0):  # no newer change meanwhile
-                    self._apply(name, wf, owner, version, _utc(update_time))
-            present = {r[0] for r in rows}
-            for name in list(self._stored):
-                # gone from the table, and not registered here after the table was read
-                if name not in present and self._seen.get(name, 0) <= counter:
-                    self._forget(name, self._seen.get(name, 0))
-            self.version = max(self.version, counter)
+            seen = dict(self._seen)
+            # a plain connection in a worker thread on a SQLite file at start (as
+            # DataFlow's migration): start-up does not load SQLAlchemy's asyncio extension
+            counter, rows, definitions = await self.db.run_sync(lambda c: _read(c, seen))
+            await self._load(counter, rows, definitions)
+
+    async def _load(self, counter: int, rows: list[Any], definitions: dict[str, Any]) -> None:
+        """Apply a snapshot of the table (`_read`) to the registry (hold `_lock`)."""
+        changed = [r for r in rows if r[2] > self._seen.get(r[0], 0)]
+        for name, owner, version, update_time in changed:
+            definition = definitions.get(name)
+            if definition is None:
+                continue  # deleted between the two reads: the next re-read tells
+            if name in self.registry and self.registry.get(name).builtin:
+                _log.warning(
+                    "stored workflow %r not served: the app's code registers a "
+                    "workflow of that name",
+                    name,
+                )
+                self._seen[name] = version
+                continue
+            try:
+                wf = await asyncio.to_thread(_build, definition)
+                if not wf.exposable and not self.allow_code_nodes:
+                    raise ValueError("it has code-bearing nodes and allow_code_nodes is off")
+            except Exception as exc:
+                _log.error("stored workflow %r cannot be served: %s", name, exc)
+                self._seen[name] = version
+                if name in self._stored:  # an earlier version of it is no more
+                    self._forget(name, version)
+                continue
+            if version > self._seen.get(name, 0):  # no newer change meanwhile
+                self._apply(name, wf, owner, version, _utc(update_time))
+        present = {r[0] for r in rows}
+        for name in list(self._stored):
+            # gone from the table, and not registered here after the table was read
+            if name not in present and self._seen.get(name, 0) <= counter:
+                self._forget(name, self._seen.get(name, 0))
+        self.version = max(self.version, counter)
 
     def _apply(
         self, name: str, wf: Workflow, owner: str, version: int, when: _dt.datetime
@@ -311,24 +299,45 @@ class WorkflowStore:
             self._wake.clear()
             try:
                 if not woken:
-                    async with self.db.connection() as conn:
-                        woken = await _counter(conn) != self.version
+                    woken = await self.db.run_sync(_counter) != self.version
                 if woken:
                     await self.refresh()
             except Exception as exc:
                 _log.warning("re-reading the stored workflows failed: %s", exc)
 
 
-async def _bump(conn: Any) -> int:
-    """Increment the change counter (its row lock orders concurrent changes)."""
-    await conn.execute(
-        CHANGES.update().where(CHANGES.c.id == 1).values(version=CHANGES.c.version + 1)
+_Snapshot = tuple[int, list[Any], dict[str, Any]]
+
+
+def _read(conn: sa.Connection, seen: dict[str, int]) -> _Snapshot:
+    """(the change counter, every row but its definition, the definitions of the rows
+    that changed since `seen`)."""
+    counter = _counter(conn)
+    rows = list(
+        conn.execute(
+            sa.select(
+                WORKFLOWS.c.name, WORKFLOWS.c.owner, WORKFLOWS.c.version, WORKFLOWS.c.update_time
+            )
+        ).all()
     )
-    return await _counter(conn)
+    changed = [r[0] for r in rows if r[2] > seen.get(r[0], 0)]
+    definitions: dict[str, Any] = {}
+    if changed:
+        found = conn.execute(
+            sa.select(WORKFLOWS.c.name, WORKFLOWS.c.definition).where(WORKFLOWS.c.name.in_(changed))
+        )
+        definitions = {n: _document(d) for n, d in found.all()}
+    return counter, rows, definitions
 
 
-async def _counter(conn: Any) -> int:
-    value = (await conn.execute(sa.select(CHANGES.c.version).where(CHANGES.c.id == 1))).scalar()
+def _bump(conn: sa.Connection) -> int:
+    """Increment the change counter (its row lock orders concurrent changes)."""
+    conn.execute(CHANGES.update().where(CHANGES.c.id == 1).values(version=CHANGES.c.version + 1))
+    return _counter(conn)
+
+
+def _counter(conn: sa.Connection) -> int:
+    value = conn.execute(sa.select(CHANGES.c.version).where(CHANGES.c.id == 1)).scalar()
     return int(value or 0)
 
 
