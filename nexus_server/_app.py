@@ -28,6 +28,7 @@ from nexus_api.nexus.openapi.v1 import openapi_service_pb2_grpc as ogrpc
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from workflow import Workflow
 
+from ._bus import bus_for
 from ._discovery import discover_workflows
 from ._errors import guard_method
 from ._executions import Executions
@@ -42,6 +43,7 @@ from ._registry import WorkflowRegistry
 from ._store import Store
 from ._typed import TypedModels
 from ._workflow_service import WorkflowServicer
+from ._workflow_store import WorkflowStore
 from .gateway import Gateway, Policy, ResponseCache, check_cache_ttl, check_read_only
 from .gateway._audit import AuditTrail
 from .gateway._audit_service import AuditServicer
@@ -454,6 +456,12 @@ class Nexus:
         authenticator = await self._authenticator(keys) if self.auth_enabled() else None
         audit = AuditTrail(db, table=self.audit_table)
         await audit.initialize()
+        # workflows registered over the network: stored, shared by the replicas
+        bus = bus_for(db, parse_backend(self.rate_limit_backend))
+        workflow_store = WorkflowStore(
+            db, self.registry, bus, allow_code_nodes=self.allow_code_nodes
+        )
+        await workflow_store.initialize()
         executions.open()
         records = Records(db, store)
         typed = TypedModels(db.models, _static_files())
@@ -487,16 +495,18 @@ class Nexus:
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self.limits.grpc_options()])
         handlers = GenericHandlersOnly(server, gateway)
+        workflow_servicer = WorkflowServicer(
+            self.registry,
+            executions,
+            allow_code_nodes=self.allow_code_nodes,
+            gateway=gateway,
+            limits=self.limits,
+            responses=responses,
+            workflows=workflow_store,
+            bus=bus,
+        )
         wgrpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            WorkflowServicer(
-                self.registry,
-                executions,
-                allow_code_nodes=self.allow_code_nodes,
-                gateway=gateway,
-                limits=self.limits,
-                responses=responses,
-            ),
-            handlers,
+            workflow_servicer, handlers
         )
         mgrpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ModelServicer(records, typed, gateway), handlers
@@ -571,6 +581,9 @@ class Nexus:
         supervisor: EnvoySupervisor | None = None
         metrics_server: MetricsServer | None = None
         try:
+            if bus is not None:
+                await bus.start()
+            workflow_store.start()
             if metrics is not None and self.metrics_port is not None:
                 from .gateway._metrics import MetricsServer
 
@@ -643,6 +656,10 @@ class Nexus:
                 await watcher
             await _set_health(health_servicer, services, serving=False)
             await server.stop(self.grace_period)
+            await workflow_store.close()
+            await workflow_servicer.remote.close()
+            if bus is not None:
+                await bus.close()
             await executions.close(self.grace_period)
             await audit.close()
             if tracing is not None:

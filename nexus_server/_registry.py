@@ -11,7 +11,7 @@ from workflow import Workflow, closest
 
 from ._errors import ApiError, brief
 
-__all__ = ["NAME_RULE", "Registered", "WorkflowRegistry", "check_name", "shown"]
+__all__ = ["NAME_RULE", "Registered", "WorkflowRegistry", "check_name", "no_room", "shown"]
 
 #: A workflow name must be usable as a URL path segment, a CLI command and (behind
 #: `run_`) an MCP tool name of at most 64 characters.
@@ -26,6 +26,18 @@ def shown(value: str) -> str:
     """`value` as messages quote it: its repr, cut to about `SHOWN_CHARS` characters."""
     text = repr(value)
     return text if len(text) <= SHOWN_CHARS + 2 else text[: SHOWN_CHARS + 1] + "..."
+
+
+def no_room(limit: int) -> ApiError:
+    """The error of a registration past `Limits.max_workflows` (see `check_room`)."""
+    return ApiError(
+        # CONSTRAINT_VIOLATION until errors.proto has a reason of its own for it
+        "CONSTRAINT_VIOLATION",
+        f"this server holds {limit} workflows registered over the network, its "
+        "limit (Limits.max_workflows); delete one first",
+        [("name", f"no room for another workflow (limit {limit})")],
+        {"limit": "max_workflows", "max": str(limit)},
+    )
 
 
 def check_name(name: str) -> None:
@@ -73,9 +85,12 @@ class WorkflowRegistry:
         owner: str = "",
         public: bool = False,
         cache_ttl: float | None = None,
+        update_time: _dt.datetime | None = None,
     ) -> Registered:
         """Register `wf` as `name`. `limit`: the most workflows registered over the
-        network (`builtin=False`) there may be, checked when `name` is a new one."""
+        network (`builtin=False`) there may be, checked when `name` is a new one.
+        `update_time`: when it was registered (default: now; a registration read from
+        the database keeps its own)."""
         check_name(name)
         if not isinstance(wf, Workflow):
             raise TypeError(f"expected a built Workflow (call .build()), got {type(wf).__name__}")
@@ -87,7 +102,8 @@ class WorkflowRegistry:
             )
         if limit is not None and not builtin:
             self.check_room(name, limit)
-        item = Registered(wf, builtin, _dt.datetime.now(_dt.UTC), owner, public, cache_ttl)
+        when = update_time or _dt.datetime.now(_dt.UTC)
+        item = Registered(wf, builtin, when, owner, public, cache_ttl)
         self._items[name] = item
         self._bump()
         return item
@@ -102,14 +118,7 @@ class WorkflowRegistry:
         if name in self._items:
             return  # a replacement takes no more room
         if self._registered >= limit:
-            raise ApiError(
-                # CONSTRAINT_VIOLATION until errors.proto has a reason of its own for it
-                "CONSTRAINT_VIOLATION",
-                f"this server holds {limit} workflows registered over the network, its "
-                "limit (Limits.max_workflows); delete one first",
-                [("name", f"no room for another workflow (limit {limit})")],
-                {"limit": "max_workflows", "max": str(limit)},
-            )
+            raise no_room(limit)
 
     @property
     def _registered(self) -> int:

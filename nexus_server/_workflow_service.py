@@ -24,6 +24,7 @@ from workflow import (
     node_types,
 )
 
+from ._bus import Bus
 from ._convert import (
     decode_page_token,
     definition_dict,
@@ -39,6 +40,9 @@ from ._errors import ApiError, StatusError, abort, brief, to_api_error
 from ._executions import Executions, RunningExecution
 from ._limits import Limits
 from ._registry import Registered, WorkflowRegistry, check_name, shown
+from ._remote import RemoteExecutions
+from ._store import RUNNING_STATES
+from ._workflow_store import WorkflowStore
 from .gateway import (
     CACHE_HEADER,
     CURRENT_PRINCIPAL,
@@ -66,8 +70,14 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         gateway: Gateway,
         limits: Limits | None = None,
         responses: ResponseCache | None = None,
+        workflows: WorkflowStore | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.registry = registry
+        #: where workflows registered over the network are stored (None: memory only)
+        self.workflows = workflows
+        #: watch and cancel of executions other replicas run (`_remote`)
+        self.remote = RemoteExecutions(executions, bus, _event_message)
         #: replies of workflows registered with cache_ttl (gateway._response_cache)
         self.responses = responses if responses is not None else ResponseCache()
         self.executions = executions
@@ -152,6 +162,16 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                 return workflow_message(
                     request.name, wf, builtin=False, update_time=now, owner=caller_id()
                 )
+            if self.workflows is not None:
+                item = await self.workflows.put(
+                    request.name,
+                    wf,
+                    caller_id(),
+                    replace=request.replace,
+                    limit=self.limits.max_workflows,
+                    check_owner=lambda owner: _check_owner_id(owner, request.name, "replace"),
+                )
+                return _message(request.name, item)
             item = self.registry.add(
                 request.name,
                 wf,
@@ -188,15 +208,23 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self, request: wpb.DeleteWorkflowRequest, context: Context
     ) -> empty_pb2.Empty:
         try:
-            item = self.registry.get(request.name)
-            if item.builtin:
-                raise ApiError(
-                    "WORKFLOW_NOT_DELETABLE",
-                    f"workflow {brief(request.name)} is defined by the app's code and cannot be "
-                    "deleted over the network",
+            if self.workflows is not None and request.name not in self.registry:
+                check_name(request.name)  # may be stored by a replica this one has not heard
+            else:
+                item = self.registry.get(request.name)
+                if item.builtin:
+                    raise ApiError(
+                        "WORKFLOW_NOT_DELETABLE",
+                        f"workflow {brief(request.name)} is defined by the app's code and "
+                        "cannot be deleted over the network",
+                    )
+                _check_owner(item, request.name, "delete")
+            if self.workflows is not None:
+                await self.workflows.delete(
+                    request.name, lambda owner: _check_owner_id(owner, request.name, "delete")
                 )
-            _check_owner(item, request.name, "delete")
-            self.registry.remove(request.name)
+            else:
+                self.registry.remove(request.name)
             return empty_pb2.Empty()
         except Exception as exc:
             await abort(context, exc)
@@ -253,7 +281,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         except Exception as exc:
             await abort(context, _no_inputs_hint(exc, request.inputs))
         try:
-            async for ev in self._events(run, rec):
+            async for ev in self._events(run, rec, context):
                 yield ev
         except BaseException:
             if owner and run is not None and run.task is not None and not run.task.done():
@@ -267,12 +295,22 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             rec = await self.executions.get(request.id, _owner_filter())
         except Exception as exc:
             await abort(context, exc)
-        async for ev in self._events(self.executions.running.get(rec.id), rec):
+        async for ev in self._events(self.executions.running.get(rec.id), rec, context):
             yield ev
 
     async def _events(
-        self, run: RunningExecution | None, rec: Any
+        self, run: RunningExecution | None, rec: Any, context: Context
     ) -> AsyncIterator[wpb.ExecutionEvent]:
+        if run is None and rec.state in RUNNING_STATES:  # run by another replica
+            try:
+                async for message, seq, final in self.remote.watch(rec):
+                    if final is not None:
+                        yield _final_event(final, seq)
+                    elif message is not None:
+                        yield message
+            except Exception as exc:  # its record could not be read (the database)
+                await abort(context, exc)
+            return
         if run is None:  # finished already: only the final event
             yield _final_event(rec, 1)
             return
@@ -328,7 +366,12 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self, request: wpb.CancelExecutionRequest, context: Context
     ) -> wpb.Execution:
         try:
-            return execution_message(await self.executions.cancel(request.id, _owner_filter()))
+            owner = _owner_filter()
+            if self.remote.bus is not None and request.id not in self.executions.running:
+                rec = await self.executions.get(request.id, owner)
+                if rec.state == "RUNNING":  # run by another replica
+                    return execution_message(await self.remote.cancel(rec))
+            return execution_message(await self.executions.cancel(request.id, owner))
         except Exception as exc:
             await abort(context, exc)
 
@@ -349,8 +392,13 @@ def _owner_filter() -> str | None:
 
 def _check_owner(item: Registered, name: str, verb: str) -> None:
     """Only a workflow's registrant, or an admin, may replace or delete it."""
+    _check_owner_id(item.owner, name, verb)
+
+
+def _check_owner_id(owner: str, name: str, verb: str) -> None:
+    """`_check_owner` for a workflow registered by `owner`."""
     me = principal()
-    if not me.is_admin and item.owner != me.id:
+    if not me.is_admin and owner != me.id:
         raise ApiError(
             "PERMISSION_DENIED",
             f"permission denied: only the principal that registered workflow {brief(name)} "
