@@ -38,6 +38,7 @@ from ._convert import (
 from ._errors import ApiError, StatusError, abort, brief, to_api_error
 from ._executions import Executions, RunningExecution
 from ._limits import Limits
+from ._queue import ExecutionQueue, check_mode
 from ._registry import Registered, WorkflowRegistry, check_name, shown
 from .gateway import (
     CACHE_HEADER,
@@ -74,6 +75,8 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self.allow_code_nodes = allow_code_nodes
         self.gateway = gateway
         self.limits = limits or Limits()
+        #: asynchronous executions (`_queue.py`); set by the app when it serves
+        self.queue: ExecutionQueue | None = None
 
     async def ListWorkflows(
         self, request: wpb.ListWorkflowsRequest, context: Context
@@ -201,10 +204,34 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         except Exception as exc:
             await abort(context, exc)
 
+    async def StartExecution(
+        self, request: wpb.StartExecutionRequest, context: Context
+    ) -> wpb.Execution:
+        try:
+            return await self._enqueue(request.name, request.inputs, request.request_id)
+        except Exception as exc:
+            await abort(context, _no_inputs_hint(exc, request.inputs))
+
+    async def _enqueue(self, name: str, inputs: Any, request_id: str) -> wpb.Execution:
+        """Queue an asynchronous execution and return it (state QUEUED)."""
+        item = self.registry.get(name)
+        if self.queue is None:
+            raise ApiError("SERVER_UNAVAILABLE", "asynchronous executions are not served yet")
+        rec = await self.queue.enqueue(
+            name,
+            item.workflow,
+            from_struct(inputs, "inputs"),
+            caller=caller_id(),
+            request_id=request_id,
+        )
+        return execution_message(rec)
+
     async def ExecuteWorkflow(
         self, request: wpb.ExecuteWorkflowRequest, context: Context
     ) -> wpb.Execution:
         try:
+            if request.mode and check_mode(request.mode):
+                return await self._enqueue(request.name, request.inputs, request.request_id)
             item = self.registry.get(request.name)
             key: tuple[Any, ...] | None = None
             if item.cache_ttl is not None and not request.request_id:
@@ -287,7 +314,16 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self, request: wpb.GetExecutionRequest, context: Context
     ) -> wpb.Execution:
         try:
-            return execution_message(await self.executions.get(request.id, _owner_filter()))
+            rec = await self.executions.get(request.id, _owner_filter())
+            if request.workflow and rec.workflow != request.workflow:
+                # the status route names the workflow: another's execution is not there
+                raise ApiError(
+                    "EXECUTION_NOT_FOUND",
+                    f"execution {brief(request.id)} of workflow {brief(request.workflow)} "
+                    "not found",
+                    [("id", "no execution of this workflow has this id")],
+                )
+            return execution_message(rec)
         except Exception as exc:
             await abort(context, exc)
 
@@ -328,7 +364,14 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self, request: wpb.CancelExecutionRequest, context: Context
     ) -> wpb.Execution:
         try:
-            return execution_message(await self.executions.cancel(request.id, _owner_filter()))
+            owner = _owner_filter()
+            if self.queue is not None and request.id not in self.executions.running:
+                rec = await self.executions.get(request.id, owner)
+                if rec.state == "QUEUED":  # not claimed yet: cancelled in the queue
+                    cancelled = await self.queue.cancel_queued(rec.id)
+                    if cancelled is not None:
+                        return execution_message(cancelled)
+            return execution_message(await self.executions.cancel(request.id, owner))
         except Exception as exc:
             await abort(context, exc)
 
