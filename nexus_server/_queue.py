@@ -60,6 +60,9 @@ LISTEN_RETRY = 5.0
 
 _E = EXECUTIONS
 
+#: The runner ids of the queues open in this process (several apps may serve in one).
+_OPEN_HERE: set[str] = set()
+
 
 @dataclass(frozen=True)
 class QueueOptions:
@@ -142,7 +145,7 @@ def _gone_here(runner: str) -> bool:
         return False
     pid = int(pid_text)
     if pid == os.getpid():
-        return True  # an earlier life of this process id: this one is not running it
+        return runner not in _OPEN_HERE  # else an earlier process had this id
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -240,7 +243,8 @@ class ExecutionQueue:
         try:
             async with self.db.transaction():
                 await self.executions.store.insert_execution(rec)
-                await self._notify()
+                async with self.db.connection() as conn:
+                    await self._notify(conn)
         except AlreadyExistsError:
             # another call recorded this request_id first: its execution answers
             found = await self.executions._find(caller, request_id, hash_) if request_id else None
@@ -250,11 +254,11 @@ class ExecutionQueue:
         self._wake.set()
         return rec
 
-    async def _notify(self) -> None:
-        """Announce queued work to every replica (PostgreSQL: delivered at commit)."""
+    async def _notify(self, conn: Any) -> None:
+        """Announce queued work to every replica, on `conn` (the queuing transaction's:
+        PostgreSQL delivers it at commit)."""
         if self.db.dialect == "postgresql":
-            async with self.db.connection() as conn:
-                await conn.execute(sa.text(f"SELECT pg_notify('{CHANNEL}', '')"))
+            await conn.execute(sa.text(f"SELECT pg_notify('{CHANNEL}', '')"))
 
     async def cancel_queued(self, execution_id: str) -> ExecutionRecord | None:
         """Cancel an execution still waiting in the queue; None when it is not (any
@@ -274,6 +278,7 @@ class ExecutionQueue:
 
     async def open(self) -> None:
         """Settle what dead processes left, then start claiming and keeping leases."""
+        _OPEN_HERE.add(self.runner)
         settled = await self.sweep(startup=True)
         if settled:
             _log.warning("settled %d execution(s) of stopped server processes", settled)
@@ -299,6 +304,7 @@ class ExecutionQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
             self._keeper = None
+        _OPEN_HERE.discard(self.runner)
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -337,6 +343,7 @@ class ExecutionQueue:
         until = now + _dt.timedelta(seconds=self.options.lease)
         claimed: list[ExecutionRecord] = []
         async with self.db.transaction(), self.db.connection() as conn:
+            await self._lock_sqlite(conn)
             rows = (await conn.execute(query)).mappings().all()
             room = {n: self._room(n) for n in names}
             for row in rows:
@@ -345,7 +352,7 @@ class ExecutionQueue:
                     claimed.append(ExecutionRecord.from_row(row))
             if not claimed:
                 return []
-            await conn.execute(
+            done = await conn.execute(
                 _E.update()
                 .where(_E.c.id.in_([r.id for r in claimed]), _E.c.state == "QUEUED")
                 .values(
@@ -356,11 +363,21 @@ class ExecutionQueue:
                     attempts=sa.func.coalesce(_E.c.attempts, 0) + 1,
                 )
             )
+            if done.rowcount != len(claimed):  # never, with the locks above: claim none
+                raise RuntimeError("queued executions changed while being claimed")
         for rec in claimed:
             rec.state, rec.runner, rec.lease_until = "RUNNING", self.runner, until
             rec.start_time = now
             rec.attempts = (rec.attempts or 0) + 1
         return claimed
+
+    async def _lock_sqlite(self, conn: Any) -> None:
+        """On SQLite, take the database's write lock before the transaction's first
+        read (`BEGIN IMMEDIATE`): the driver would begin it only at the first write, so
+        two processes could read the same queued rows. PostgreSQL locks the rows read
+        instead (`FOR UPDATE SKIP LOCKED`)."""
+        if self.db.dialect == "sqlite":
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     def _start(self, rec: ExecutionRecord) -> None:
         self._by_workflow[rec.workflow] += 1
@@ -466,6 +483,7 @@ class ExecutionQueue:
             return 0
         settled = requeued = 0
         async with self.db.transaction(), self.db.connection() as conn:
+            await self._lock_sqlite(conn)
             locked = (
                 (
                     await conn.execute(
@@ -487,7 +505,7 @@ class ExecutionQueue:
                 )
                 settled += 1
             if requeued:
-                await self._notify()
+                await self._notify(conn)
         if requeued:
             self._wake.set()
         return settled
