@@ -22,6 +22,8 @@ else marked FAILED with reason EXECUTION_LOST. So a dead replica's executions ar
 settled within `lease + heartbeat` seconds. At startup, a replica also settles at once
 the rows of server processes of its own host that no longer exist (one server
 restarted after a crash) and rows without a lease (written by an earlier version).
+A settled row names no runner, and a record's upsert applies only on its runner's row
+(`Store`), so a process taken for dead that finishes after all changes nothing.
 """
 
 from __future__ import annotations
@@ -517,7 +519,7 @@ class ExecutionQueue:
             error = _stored_error(
                 "EXECUTION_INTERRUPTED", "the server stopped while this execution was running"
             )
-            return {"state": "INTERRUPTED", "error": error, "end_time": _now()}
+            return {"state": "INTERRUPTED", "error": error, "end_time": _now(), "runner": None}
         if row["retryable"] and attempts < self.options.max_attempts:
             _log.warning("execution %s lost its server process: queued again", row["id"])
             return {"state": "QUEUED", "runner": None, "lease_until": None, "start_time": None}
@@ -526,4 +528,4 @@ class ExecutionQueue:
             "the server process running this execution stopped before it finished"
             + (f" ({attempts} attempts)" if row["retryable"] else ""),
         )
-        return {"state": "FAILED", "error": error, "end_time": _now()}
+        return {"state": "FAILED", "error": error, "end_time": _now(), "runner": None}

@@ -285,9 +285,12 @@ class Store:
         names = [c.name for c in EXECUTIONS.columns]
         values = ", ".join(self.db.placeholder(i + 1) for i in range(len(names)))
         changing = ", ".join(f"{c} = excluded.{c}" for c in _CHANGING)
+        # only the row's runner changes it: a process taken for dead (its lease expired,
+        # the row settled by another: `_queue.py`) that finishes after all changes nothing
         return (
             f"INSERT INTO {EXECUTIONS.name} ({', '.join(names)}) VALUES ({values}) "
-            f"ON CONFLICT (id) DO UPDATE SET {changing}"
+            f"ON CONFLICT (id) DO UPDATE SET {changing} "
+            f"WHERE {EXECUTIONS.name}.runner IS NOT DISTINCT FROM excluded.runner"
         )
 
     async def get_execution(self, execution_id: str) -> ExecutionRecord | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime as dt
 import os
 import re
 import signal
@@ -552,6 +553,46 @@ async def test_a_live_process_executions_are_not_touched_by_another_start(
             assert done.state == S.STATE_SUCCEEDED
             await until_state(wb, queued.id, S.STATE_SUCCEEDED)
     assert dict(TALLY) == {"s": 1, "q": 1}
+
+
+@both
+async def test_a_process_taken_for_dead_changes_nothing_when_it_finishes(
+    make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event]
+) -> None:
+    slow = make_app(queue=QueueOptions(lease=60.0, heartbeat=30.0))
+    slow.register("tally", tally_workflow())
+    async with served(slow) as (_, ws):
+        ex = await ws.StartExecution(
+            wpb.StartExecutionRequest(name="tally", inputs=struct(key="late", gate="late")),
+            timeout=WAIT,
+        )
+        await started(gates, "late")
+        await until_state(ws, ex.id, S.STATE_RUNNING)
+        assert slow.db is not None
+        async with slow.db.connection() as conn:  # its lease lapses (a long pause)
+            await conn.execute(
+                EXECUTIONS.update()
+                .where(EXECUTIONS.c.id == ex.id)
+                .values(lease_until=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+            )
+        sweeper = make_app(models=False, queue=FAST)
+        sweeper.register("tally", tally_workflow())
+        async with served(sweeper) as (_, wf):
+            lost = await until_state(wf, ex.id, S.STATE_FAILED)
+            gates["late"].set()  # the slow process finishes after all
+            async with asyncio.timeout(WAIT):
+                # its own reply shows its finished record until written, then the row:
+                # still the sweep's, if the late record changed nothing (else SUCCEEDED
+                # for good, and this loop runs out of time)
+                while True:
+                    seen = await ws.GetExecution(wpb.GetExecutionRequest(id=ex.id))
+                    if seen.state == S.STATE_FAILED:
+                        break
+                    await asyncio.sleep(0.02)
+            assert dict(TALLY) == {"late": 1}
+            assert seen == lost
+            assert await wf.GetExecution(wpb.GetExecutionRequest(id=ex.id)) == lost
+            assert "stopped before it finished" in lost.error.message
 
 
 async def test_queue_options_are_checked() -> None:
