@@ -411,7 +411,8 @@ def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
         created if started is rec.create_time else None if started is None else driver(started),
         None if rec.end_time is None else driver(rec.end_time),
         rec.runner,
-        None if rec.lease_until is None else driver(rec.lease_until),
+        # a finished row's lease means nothing (and most rows are written once, finished)
+        None if rec.lease_until is None or rec.end_time is not None else driver(rec.lease_until),
         rec.attempts,
         rec.retryable,
     )
