@@ -198,6 +198,8 @@ class ExecutionQueue:
         self._claimer: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        #: the server is stopping: a retryable execution its stop cancels is queued again
+        self._stopping = False
 
     # -- queuing -----------------------------------------------------------------------
 
@@ -290,7 +292,9 @@ class ExecutionQueue:
             self._listener = asyncio.create_task(self._listen(), name="queue-listener")
 
     async def stop_claiming(self) -> None:
-        """Claim nothing more (the server is stopping); leases are still kept."""
+        """Claim nothing more (the server is stopping); leases are still kept, and a
+        retryable execution the stop cancels goes back to the queue."""
+        self._stopping = True
         for task in (self._claimer, self._listener):
             if task is not None:
                 task.cancel()
@@ -394,7 +398,9 @@ class ExecutionQueue:
                 self.executions.writer.put(rec)
                 await self.executions.writer.committed(rec.id)
                 return
-            await self.executions.run_claimed(rec, wf)
+            ended = await self.executions.run_claimed(rec, wf)
+            if self._stopping and ended.state == "CANCELLED" and rec.retryable:
+                await self._give_back(rec)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # its record could not be written: its lease lapses
@@ -405,6 +411,27 @@ class ExecutionQueue:
             if not self._by_workflow[rec.workflow]:
                 del self._by_workflow[rec.workflow]
             self._wake.set()
+
+    async def _give_back(self, rec: ExecutionRecord) -> None:
+        """Queue again a retryable execution this process's stop cancelled (its record,
+        CANCELLED, is committed): another process, or this one's next start, runs it."""
+        async with self.db.transaction(), self.db.connection() as conn:
+            done = await conn.execute(
+                _E.update()
+                .where(_E.c.id == rec.id, _E.c.state == "CANCELLED", _E.c.runner == self.runner)
+                .values(
+                    state="QUEUED",
+                    runner=None,
+                    lease_until=None,
+                    start_time=None,
+                    end_time=None,
+                    error=None,
+                    outputs=None,
+                )
+            )
+            if done.rowcount:
+                await self._notify(conn)
+                _log.info("execution %s queued again: the server stopped", rec.id)
 
     async def _listen(self) -> None:
         """LISTEN for queued executions on a connection of its own, reopened when lost."""

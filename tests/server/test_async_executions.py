@@ -341,6 +341,35 @@ async def test_queued_executions_survive_a_restart_and_run_once(
     assert dict(TALLY) == {"blocker": 1, **{f"k{i}": 1 for i in range(5)}}
 
 
+async def test_a_stop_gives_a_retryable_execution_back_to_the_queue(
+    make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event]
+) -> None:
+    first = make_app(grace_period=0.1)
+    first.register("tally", tally_workflow(), retryable=True)
+    async with served(first) as (_, wf):
+        ex = await wf.StartExecution(
+            wpb.StartExecutionRequest(name="tally", inputs=struct(key="r", gate="r")),
+            timeout=WAIT,
+        )
+        await started(gates, "r")
+    assert first.db is not None
+    await first.db.close()
+
+    gates["r"].set()
+    second = make_app()
+    second.register("tally", tally_workflow(), retryable=True)
+    async with served(second) as (_, wf):
+        done = await until_state(wf, ex.id, S.STATE_SUCCEEDED)
+        assert done.outputs["tally"]["key"] == "r"
+        assert second.db is not None
+        async with second.db.connection() as conn:
+            attempts = (
+                await conn.execute(sa.select(EXECUTIONS.c.attempts).where(EXECUTIONS.c.id == ex.id))
+            ).scalar_one()
+    assert attempts == 2
+    assert dict(TALLY) == {"r": 2}  # retryable: the cut run and the whole one
+
+
 @both
 async def test_two_servers_on_one_database_claim_different_executions(
     make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event]
