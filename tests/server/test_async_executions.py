@@ -35,6 +35,8 @@ from nexus_server._store import EXECUTIONS
 from workflow import Node, Output, Param, WorkflowBuilder, register_node, unregister_node
 
 WAIT = 10.0
+#: Seconds a server subprocess gets to start (importing everything on a busy machine).
+STARTUP = 30.0
 ROOT = Path(__file__).resolve().parents[2]
 S = wpb.Execution.State
 FINAL = (S.STATE_SUCCEEDED, S.STATE_FAILED, S.STATE_CANCELLED, S.STATE_INTERRUPTED)
@@ -477,7 +479,7 @@ class QueueTestHangNode(Node):
 
 app = Nexus(
     grpc_port=0, api_port=None, mcp_port=None,
-    queue=QueueOptions(lease=1.0, heartbeat=0.25, poll_interval=0.2),
+    queue=QueueOptions(max_running=2, lease=1.0, heartbeat=0.25, poll_interval=0.2),
 )
 app.integrate_dataflow(DataFlow(sys.argv[1]))
 for name, retryable in (("hang", False), ("hang_retry", True)):
@@ -507,7 +509,7 @@ async def test_a_killed_process_executions_are_lost_or_run_again(
     )
     try:
         assert proc.stdout is not None
-        async with asyncio.timeout(WAIT):
+        async with asyncio.timeout(STARTUP):
             line = (await proc.stdout.readline()).decode()
         found = re.search(r"\bon (127\.0\.0\.1:\d+)", line)
         assert found, line
@@ -522,6 +524,17 @@ async def test_a_killed_process_executions_are_lost_or_run_again(
             )
             await until_state(killed, lost.id, S.STATE_RUNNING)
             await until_state(killed, retried.id, S.STATE_RUNNING)
+            # its two slots are taken: these wait in the queue
+            waiting = [
+                await killed.StartExecution(
+                    wpb.StartExecutionRequest(name="hang", inputs=struct(x=10 + i)),
+                    timeout=WAIT,
+                )
+                for i in range(3)
+            ]
+            for ex in waiting:
+                got = await killed.GetExecution(wpb.GetExecutionRequest(id=ex.id))
+                assert got.state == S.STATE_QUEUED
 
             # another server process on the same database, before the kill
             other = make_app(models=False, queue=FAST)
@@ -536,6 +549,10 @@ async def test_a_killed_process_executions_are_lost_or_run_again(
                 assert "stopped before it finished" in failed.error.message
                 again = await until_state(wf, retried.id, S.STATE_SUCCEEDED)
                 assert again.outputs["hang"]["x"] == 2 and again.request_id == "rr"
+                # what the killed process had queued runs on the other one
+                for i, ex in enumerate(waiting):
+                    done = await until_state(wf, ex.id, S.STATE_SUCCEEDED)
+                    assert done.outputs["hang"]["x"] == 10 + i
                 assert other.db is not None
                 async with other.db.connection() as conn:
                     attempts = (
