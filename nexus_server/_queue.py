@@ -338,9 +338,15 @@ class ExecutionQueue:
         names = [n for n in self.registry.names() if self._room(n) > 0]
         if not names:
             return []
+        queued = (sa.text(ACTIVE_SQL), _E.c.state == "QUEUED", _E.c.workflow.in_(names))
+        # a look without any lock first: an empty queue costs no write lock (SQLite's is
+        # the whole database's) and no transaction
+        async with self.db.connection() as conn:
+            if (await conn.execute(sa.select(_E.c.id).where(*queued).limit(1))).first() is None:
+                return []
         query = (
             _E.select()
-            .where(sa.text(ACTIVE_SQL), _E.c.state == "QUEUED", _E.c.workflow.in_(names))
+            .where(*queued)
             .order_by(_E.c.id)
             .limit(free)
             .with_for_update(skip_locked=True)
@@ -502,11 +508,18 @@ class ExecutionQueue:
         docstring). Returns how many were settled."""
         now = _now()
         running = sa.and_(sa.text(ACTIVE_SQL), _E.c.state.in_(("PENDING", "RUNNING")))
-        candidates = (_E.select().with_only_columns(_E.c.id, _E.c.runner, _E.c.lease_until)).where(
-            running
+        expired: sa.ColumnElement[bool] = _E.c.lease_until < now
+        if startup:  # also rows without a lease, and those of this host's processes
+            # ("%" or "_" in a host name match more: `_lost` checks each row exactly)
+            here = socket.gethostname()[:40]
+            expired = sa.or_(expired, _E.c.lease_until.is_(None), _E.c.runner.like(f"{here}:%"))
+        candidates = (
+            sa.select(_E.c.id, _E.c.runner, _E.c.lease_until)
+            .where(running, expired)
+            .limit(SWEEP_BATCH)
         )
         async with self.db.connection() as conn:
-            rows = (await conn.execute(candidates.limit(SWEEP_BATCH))).mappings().all()
+            rows = (await conn.execute(candidates)).mappings().all()
         lost = [r["id"] for r in rows if self._lost(r, now, startup)]
         if not lost:
             return 0
