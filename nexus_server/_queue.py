@@ -41,7 +41,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dataflow import AlreadyExistsError
+from dataflow import AlreadyExistsError, cache_scope, current_tenant, tenant_scope
 from workflow import Workflow
 
 from ._errors import ApiError
@@ -243,6 +243,7 @@ class ExecutionQueue:
             end_time=None,
             attempts=0,
             retryable=self.workflows.get(name, QueuedWorkflow()).retryable,
+            tenant=current_tenant(),  # the caller's (the gateway's scope of the call)
         )
         try:
             async with self.db.transaction():
@@ -404,7 +405,9 @@ class ExecutionQueue:
                 self.executions.writer.put(rec)
                 await self.executions.writer.committed(rec.id)
                 return
-            ended = await self.executions.run_claimed(rec, wf)
+            # as the caller that queued it: its tenant's rows, its cache entries
+            with tenant_scope(rec.tenant), cache_scope(rec.caller):
+                ended = await self.executions.run_claimed(rec, wf)
             if self._stopping and ended.state == "CANCELLED" and rec.retryable:
                 await self._give_back(rec)
         except asyncio.CancelledError:

@@ -59,6 +59,8 @@ EXECUTIONS = sa.Table(
     sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
     sa.Column("attempts", sa.Integer, nullable=True),
     sa.Column("retryable", sa.Boolean, nullable=True),
+    # the tenant a queued execution runs as (its caller's, when it was queued)
+    sa.Column("tenant", sa.String(256), nullable=True),
 )
 #: Columns added after the table's first version, added to an older table at startup.
 _ADDED_COLUMNS = (
@@ -66,6 +68,7 @@ _ADDED_COLUMNS = (
     ("lease_until", "TIMESTAMP WITH TIME ZONE"),
     ("attempts", "INTEGER"),
     ("retryable", "BOOLEAN"),
+    ("tenant", "VARCHAR(256)"),
 )
 # Two indexes besides the primary key, because every execution writes a row and each
 # index is one more B-tree that every row goes into (docs/benchmarks.md, "The
@@ -177,6 +180,8 @@ class ExecutionRecord:
     attempts: int | None = None
     #: a queued execution whose workflow may run again when its runner is lost
     retryable: bool | None = None
+    #: the tenant a queued execution runs as
+    tenant: str | None = None
 
     @classmethod
     def from_row(cls, row: sa.RowMapping) -> ExecutionRecord:
@@ -197,6 +202,7 @@ class ExecutionRecord:
             lease_until=_utc(row.get("lease_until")),
             attempts=row.get("attempts"),
             retryable=row.get("retryable"),
+            tenant=row.get("tenant"),
         )
 
 
@@ -415,6 +421,7 @@ def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
         None if rec.lease_until is None or rec.end_time is not None else driver(rec.lease_until),
         rec.attempts,
         rec.retryable,
+        rec.tenant,
     )
 
 

@@ -16,22 +16,26 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
+import jwt
 import pytest
 import sqlalchemy as sa
 from google.protobuf import struct_pb2
 
+from dataflow import DataFlow
 from nexus_api.nexus.model.v1 import model_service_pb2 as mpb
 from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
 from nexus_server import Nexus, QueueOptions, Serving
 from nexus_server._store import EXECUTIONS
+from nexus_server.gateway import Policy
 from workflow import Node, Output, Param, WorkflowBuilder, register_node, unregister_node
 
 WAIT = 10.0
@@ -639,6 +643,62 @@ async def test_a_process_taken_for_dead_changes_nothing_when_it_finishes(
             assert seen == lost
             assert await wf.GetExecution(wpb.GetExecutionRequest(id=ex.id)) == lost
             assert "stopped before it finished" in lost.error.message
+
+
+@both
+async def test_a_queued_execution_runs_as_its_callers_tenant(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "q" * 40
+    monkeypatch.setenv("NEXUS_JWT_SECRET", secret)
+
+    def creds(sub: str, tenant: str) -> Any:
+        claims = {"sub": sub, "roles": ["staff"], "tenant": tenant, "exp": int(time.time()) + 600}
+        return (("authorization", "Bearer " + jwt.encode(claims, secret, algorithm="HS256")),)
+
+    db = DataFlow(db_url)
+
+    @db.model(tenant_scoped=True)
+    class Note:
+        id: str
+        title: str
+
+    add = WorkflowBuilder()
+    add.add_node("NoteCreateNode", "add", {"title": "{{title}}"})
+    count = WorkflowBuilder()
+    count.add_node("NoteCountNode", "count", {})
+    app = Nexus(
+        grpc_port=0,
+        enable_auth=True,
+        grace_period=2.0,
+        policy=Policy({"staff": ["model:Note:*", "workflow:*:execute"]}),
+    )
+    app.integrate_dataflow(db)
+    app.register("add_note", add.build())
+    app.register("count_notes", count.build())
+    acme, globex = creds("ann", "acme"), creds("bob", "globex")
+    try:
+        async with served(app) as (_, wf):
+            ex = await wf.StartExecution(
+                wpb.StartExecutionRequest(name="add_note", inputs=struct(title="hi")),
+                metadata=acme,
+                timeout=WAIT,
+            )
+            async with asyncio.timeout(WAIT):
+                while True:
+                    got = await wf.GetExecution(wpb.GetExecutionRequest(id=ex.id), metadata=acme)
+                    if got.state not in (S.STATE_QUEUED, S.STATE_RUNNING):
+                        break
+                    await asyncio.sleep(0.02)
+            assert got.state == S.STATE_SUCCEEDED, got.error
+            assert got.outputs["add"]["tenant_id"] == "acme"
+            for who, expected in ((acme, 1), (globex, 0)):
+                counted = await wf.ExecuteWorkflow(
+                    wpb.ExecuteWorkflowRequest(name="count_notes"), metadata=who, timeout=WAIT
+                )
+                assert counted.outputs["count"]["count"] == expected
+    finally:
+        await db.close()
 
 
 async def test_queue_options_are_checked() -> None:

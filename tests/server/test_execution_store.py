@@ -23,7 +23,7 @@ NEW_INDEXES = {
     "ix_nexus_executions_active",
 }
 #: Columns later versions added (leases and the queue of asynchronous executions).
-NEW_COLUMNS = {"runner", "lease_until", "attempts", "retryable"}
+NEW_COLUMNS = {"runner", "lease_until", "attempts", "retryable", "tenant"}
 OLD_INDEXES = {"ix_nexus_executions_order", "ix_nexus_executions_workflow"}
 
 # The table as versions before this one made it: a unique constraint on (caller,
