@@ -415,6 +415,32 @@ async def test_two_servers_on_one_database_claim_different_executions(
     assert dict(TALLY) == {**{f"g{i}": 1 for i in range(4)}, **{f"m{i}": 1 for i in range(30)}}
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_postgres_notifies_the_other_servers_at_once(
+    make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event]
+) -> None:
+    # b polls once a minute: only NOTIFY can wake it within the test's bound
+    a = make_app(queue=QueueOptions(max_running=1))
+    b = make_app(models=False, queue=QueueOptions(poll_interval=60.0, lease=120.0, heartbeat=60.0))
+    for app in (a, b):
+        app.register("tally", tally_workflow())
+    async with served(a) as (_, wa), served(b) as (_, wb):
+        busy = await wa.StartExecution(
+            wpb.StartExecutionRequest(name="tally", inputs=struct(key="busy", gate="busy")),
+            timeout=WAIT,
+        )
+        await started(gates, "busy")
+        for i in range(3):  # a has no room: b runs them, woken by each notification
+            ex = await wa.StartExecution(
+                wpb.StartExecutionRequest(name="tally", inputs=struct(key=f"n{i}")),
+                timeout=WAIT,
+            )
+            await until_state(wb, ex.id, S.STATE_SUCCEEDED)
+        gates["busy"].set()
+        await until_state(wa, busy.id, S.STATE_SUCCEEDED)
+    assert dict(TALLY) == {"busy": 1, "n0": 1, "n1": 1, "n2": 1}
+
+
 # -- caps --------------------------------------------------------------------------------------
 
 
