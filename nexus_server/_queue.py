@@ -279,6 +279,17 @@ class ExecutionQueue:
             return None
         return await self.executions.store.get_execution(execution_id)
 
+    async def left_queue(self, rec: ExecutionRecord) -> ExecutionRecord:
+        """`rec` once it is no longer QUEUED (claimed, here or by another process, or
+        cancelled): what a watcher of a queued execution follows. Waits as long as the
+        caller does (its deadline, or until it goes away)."""
+        delay = 0.02
+        while rec.state == "QUEUED" and rec.id not in self.executions.running:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            rec = await self.executions.get(rec.id)  # what this process holds, else the row
+        return rec
+
     # -- life cycle --------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -292,6 +292,8 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
     ) -> AsyncIterator[wpb.ExecutionEvent]:
         try:
             rec = await self.executions.get(request.id, _owner_filter())
+            if rec.state == "QUEUED" and self.queue is not None:
+                rec = await self.queue.left_queue(rec)  # then followed where it runs
         except Exception as exc:
             await abort(context, exc)
         async for ev in self._events(self.executions.running.get(rec.id), rec):

@@ -263,6 +263,31 @@ async def test_a_queued_execution_can_be_cancelled(
     assert dict(TALLY) == {"a": 1}
 
 
+async def test_watching_a_queued_execution_follows_it_once_it_runs(
+    make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event]
+) -> None:
+    app = make_app(queue=QueueOptions(max_running=1))
+    app.register("tally", tally_workflow())
+    async with served(app) as (_, wf):
+        busy = await wf.StartExecution(
+            wpb.StartExecutionRequest(name="tally", inputs=struct(key="a", gate="w")),
+            timeout=WAIT,
+        )
+        await started(gates, "w")
+        queued = await wf.StartExecution(
+            wpb.StartExecutionRequest(name="tally", inputs=struct(key="b")), timeout=WAIT
+        )
+        stream = wf.WatchExecution(wpb.WatchExecutionRequest(id=queued.id), timeout=WAIT)
+        gates["w"].set()
+        events = [ev async for ev in stream]
+        kinds = [ev.WhichOneof("event") for ev in events]
+        # (its node events too when the watcher was there before it ended)
+        assert kinds[-1] == "execution_completed", kinds
+        final = events[-1].execution_completed.execution
+        assert final.state == S.STATE_SUCCEEDED and final.outputs["tally"]["key"] == "b"
+        await until_state(wf, busy.id, S.STATE_SUCCEEDED)
+
+
 async def test_rest_through_envoy_queues_and_reads_the_status(
     make_app: Callable[..., Nexus], envoy_path: Path, gates: dict[str, asyncio.Event]
 ) -> None:
