@@ -16,6 +16,7 @@ from __future__ import annotations
 from ._app import AuthNotConfigured, Nexus, Serving
 from ._errors import ApiError
 from ._limits import Limits
+from ._queue import QueueOptions
 from ._typed import TypedModels, collection_id
 from .gateway import Policy
 from .gateway._config import ApiKeySpec, AuthConfig
@@ -29,6 +30,7 @@ __all__ = [
     "Limits",
     "Nexus",
     "Policy",
+    "QueueOptions",
     "RateLimit",
     "RateLimits",
     "Serving",

@@ -37,6 +37,7 @@ from ._limits import Limits
 from ._model_service import ModelServicer, typed_handlers
 from ._openapi import OpenApiServicer
 from ._probes import COMPONENT_SERVICE_PREFIX, PROBE_SERVICE, HealthComponents, ProbeServicer
+from ._queue import ExecutionQueue, QueuedWorkflow, QueueOptions
 from ._records import Records
 from ._reflection import add_reflection, reflection_files, reflection_pool
 from ._registry import WorkflowRegistry
@@ -206,6 +207,9 @@ class Nexus:
             public port too (off by default: metrics are not for every client).
         access_log: one JSON line per call on the `nexus.access` logger (written when
             that logger is enabled for INFO, as `nexus serve` does).
+        queue: how this server process runs asynchronous executions (`QueueOptions`:
+            how many at once, lease and heartbeat seconds, polling; docs/server.md,
+            "Asynchronous executions"). None: the defaults.
 
     The options are checked at construction and again at `start()`/`serving()`, so the
     attribute form (`app.enable_auth = True` before `start()`) is refused the same way.
@@ -241,6 +245,7 @@ class Nexus:
         enable_tracing: bool | None = None,
         tracer_provider: Any = None,
         rate_limit_backend: str | None = None,
+        queue: QueueOptions | None = None,
     ) -> None:
         self.grpc_port = grpc_port
         self.api_port = api_port
@@ -275,6 +280,8 @@ class Nexus:
         self.tracer_provider = tracer_provider
         self.rate_limit_backend = rate_limit_backend
         self._workflow_rates: dict[str, RateLimit] = {}
+        self.queue = QueueOptions() if queue is None else queue
+        self._queued: dict[str, QueuedWorkflow] = {}
         self.db: DataFlow | None = None
         self._own_db = False
         self._chosen_db = False
@@ -318,6 +325,9 @@ class Nexus:
             )
         self.rate_limits()
         parse_backend(self.rate_limit_backend)
+        if not isinstance(self.queue, QueueOptions):
+            raise TypeError(f"Nexus(queue={self.queue!r}): expects a QueueOptions or None")
+        self.queue.check()
 
     def rate_limits(self) -> RateLimits:
         """The app's rate limits: `rate_limit` with the workflows' own
@@ -373,6 +383,8 @@ class Nexus:
         public: bool = False,
         rate_limit: object = None,
         cache_ttl: float | None = None,
+        retryable: bool = False,
+        max_running: int | None = None,
     ) -> None:
         """Expose `workflow` as `name` on every channel. The name is checked now.
 
@@ -386,6 +398,12 @@ class Nexus:
                 principal, tenant and inputs (a cached reply carries the metadata
                 ``x-nexus-cache: hit``). Only for read-only workflows: a workflow with
                 a writing node is refused with a ValueError naming the node.
+            retryable: an asynchronous execution whose server process is lost is
+                run again (with its request_id; `QueueOptions.max_attempts` runs at
+                most) instead of failing EXECUTION_LOST: only for a workflow that is
+                safe to run twice.
+            max_running: its asynchronous executions one server process runs at once
+                (None: only `QueueOptions.max_running` bounds them).
         """
         if isinstance(roles, str):
             raise TypeError(f"roles expects a list of role names, got the string {roles!r}")
@@ -393,7 +411,15 @@ class Nexus:
         ttl = check_cache_ttl(cache_ttl)
         if ttl is not None and isinstance(workflow, Workflow):  # else add() says what it is
             check_read_only(name, workflow)
+        if max_running is not None and (
+            not isinstance(max_running, int) or isinstance(max_running, bool) or max_running < 1
+        ):
+            raise ValueError(f"register(max_running={max_running!r}): expects an int >= 1 or None")
         self.registry.add(name, workflow, builtin=True, public=public, cache_ttl=ttl)
+        if retryable or max_running is not None:
+            self._queued[name] = QueuedWorkflow(bool(retryable), max_running)
+        else:
+            self._queued.pop(name, None)
         for role in roles:
             self.policy.grant(role, f"workflow:{name}:execute")
         if rate is not None:
@@ -402,6 +428,7 @@ class Nexus:
     def unregister(self, name: str) -> None:
         self.registry.remove(name)
         self._workflow_rates.pop(name, None)
+        self._queued.pop(name, None)
 
     @contextlib.asynccontextmanager
     async def serving(self, *, envoy: bool = False) -> AsyncIterator[Serving]:
@@ -425,9 +452,7 @@ class Nexus:
         db = self.db
         await db.initialize()
         store = Store(db)
-        interrupted = await store.initialize()
-        if interrupted:
-            _log.warning("marked %d execution(s) interrupted by the last stop", interrupted)
+        await store.initialize()
         metrics: Metrics | None = None
         if self.enable_monitoring:
             # imported only when on: prometheus_client costs nothing otherwise
@@ -463,6 +488,8 @@ class Nexus:
         )
         await workflow_store.initialize()
         executions.open()
+        queue = ExecutionQueue(executions, self.registry, self.queue, self._queued)
+        await queue.open()  # settles what stopped processes left, then claims
         records = Records(db, store)
         typed = TypedModels(db.models, _static_files())
         rate_limits = self.rate_limits()
@@ -505,6 +532,7 @@ class Nexus:
             workflows=workflow_store,
             bus=bus,
         )
+        workflow_servicer.queue = queue
         wgrpc.add_WorkflowServiceServicer_to_server(  # type: ignore[no-untyped-call]
             workflow_servicer, handlers
         )
@@ -564,7 +592,9 @@ class Nexus:
         except RuntimeError:  # grpcio raises it for a port it cannot bind
             port = 0
         if port == 0:
+            await queue.stop_claiming()
             await executions.close(0)
+            await queue.close()
             await audit.close()
             if limiter is not None:
                 await limiter.close()
@@ -656,11 +686,13 @@ class Nexus:
                 await watcher
             await _set_health(health_servicer, services, serving=False)
             await server.stop(self.grace_period)
+            await queue.stop_claiming()
             await workflow_store.close()
             await workflow_servicer.remote.close()
+            await executions.close(self.grace_period)  # leases kept meanwhile
+            await queue.close()
             if bus is not None:
                 await bus.close()
-            await executions.close(self.grace_period)
             await audit.close()
             if tracing is not None:
                 db.set_statement_hook(None)

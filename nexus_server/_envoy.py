@@ -273,6 +273,7 @@ _GRPC_BODY = {"text_format": "%LOCAL_REPLY_BODY%"}
 _EXECUTE_RPCS = (
     "/nexus.workflow.v1.WorkflowService/ExecuteWorkflow",
     "/nexus.workflow.v1.WorkflowService/StreamExecution",
+    "/nexus.workflow.v1.WorkflowService/StartExecution",
 )
 _EXECUTE_BODY_HINT = (
     'invalid request body: send the workflow\'s inputs inside "inputs", as in '

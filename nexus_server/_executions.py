@@ -44,7 +44,7 @@ from workflow import AsyncLocalRuntime, Event, EventKind, Workflow
 from ._errors import ApiError, brief, to_api_error
 from ._jsonable import to_jsonable
 from ._record_writer import LINGER, RecordRejected, RecordWriter
-from ._store import RUNNING_STATES, ExecutionRecord, Store, body_hash, check_request_id
+from ._store import ACTIVE_STATES, ExecutionRecord, Store, body_hash, check_request_id
 
 if TYPE_CHECKING:
     from .gateway._metrics import Metrics
@@ -284,6 +284,10 @@ class Executions:
         self._requests: dict[tuple[str, str], str] = {}
         self._request_locks = _KeyedLocks()
         self._local: weakref.WeakKeyDictionary[Workflow, bool] = weakref.WeakKeyDictionary()
+        #: this server process's id in the rows it runs, and the seconds of a lease it
+        #: renews on them (`_queue.Leases`); None: no leases (an Executions of its own)
+        self.runner: str | None = None
+        self.lease = 10.0
 
     def open(self) -> None:
         """Start writing execution records (call once the store is initialised)."""
@@ -358,6 +362,28 @@ class Executions:
         assert run is not None
         run.task = asyncio.create_task(self._run(run, wf, inputs), name=f"execution-{rec.id}")
         return run, rec, True
+
+    async def run_claimed(self, rec: ExecutionRecord, wf: Workflow) -> ExecutionRecord:
+        """Run a queued execution this process claimed (`_queue.ExecutionQueue`; its row
+        is RUNNING already) to its end in the calling task, and return its record once
+        committed. Cancelling the task cancels the execution (CANCELLED)."""
+        run = RunningExecution(rec)
+        self.running[rec.id] = run
+        run.task = asyncio.current_task()
+        try:
+            inputs = wf.validate_inputs(rec.inputs)
+        except Exception as exc:  # the workflow changed since it was queued
+            self.running.pop(rec.id, None)
+            rec.state, rec.error = "FAILED", error_dict(exc)
+            rec.end_time = _dt.datetime.now(_dt.UTC)
+            self.writer.put(rec)
+            run.finish()
+        else:
+            await self._run(run, wf, inputs)
+            if run.commit_error is not None:
+                raise run.commit_error
+        await self._commit(rec.id)
+        return run.record
 
     async def _begin(
         self,
@@ -443,6 +469,9 @@ class Executions:
             start_time=now,
             end_time=None,
         )
+        if self.runner is not None:
+            rec.runner = self.runner
+            rec.lease_until = now + _dt.timedelta(seconds=self.lease)
         run = RunningExecution(rec)
         self.running[rec.id] = run
         if running_row == "now":
@@ -485,7 +514,7 @@ class Executions:
         marks it INTERRUPTED)."""
         delay = 0.02
         give_up = time.monotonic() + SETTLE_SECONDS
-        while rec.state in RUNNING_STATES and time.monotonic() < give_up:
+        while rec.state in ACTIVE_STATES and time.monotonic() < give_up:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
             rec = await self.store.get_execution(rec.id) or rec

@@ -1,7 +1,8 @@
 """Durable records of executions and of idempotent requests, in the DataFlow database.
 
-Execution rows survive restarts (GetExecution works afterwards); rows a restart
-interrupted are marked INTERRUPTED at startup, never left RUNNING. Idempotency rows are
+Execution rows survive restarts (GetExecution works afterwards); rows whose server
+process is gone are marked INTERRUPTED (or, queued ones, re-queued or FAILED
+EXECUTION_LOST) by the lease sweep of `_queue.py`, never left RUNNING. Idempotency rows are
 keyed by (caller, request_id), never by the body, and remember a hash of the body so that
 a reused key with another body is refused.
 """
@@ -51,6 +52,23 @@ EXECUTIONS = sa.Table(
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("start_time", sa.DateTime(timezone=True), nullable=True),
     sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
+    # leases (`_queue.py`): the server process running the execution, renewing
+    # `lease_until` while it runs; `attempts` counts the claims of a queued
+    # (asynchronous) execution and is NULL for the others
+    sa.Column("runner", sa.String(64), nullable=True),
+    sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=True),
+    sa.Column("retryable", sa.Boolean, nullable=True),
+    # the tenant a queued execution runs as (its caller's, when it was queued)
+    sa.Column("tenant", sa.String(256), nullable=True),
+)
+#: Columns added after the table's first version, added to an older table at startup.
+_ADDED_COLUMNS = (
+    ("runner", "VARCHAR(64)"),
+    ("lease_until", "TIMESTAMP WITH TIME ZONE"),
+    ("attempts", "INTEGER"),
+    ("retryable", "BOOLEAN"),
+    ("tenant", "VARCHAR(256)"),
 )
 # Two indexes besides the primary key, because every execution writes a row and each
 # index is one more B-tree that every row goes into (docs/benchmarks.md, "The
@@ -67,6 +85,15 @@ _REQUEST_KEY = "uq_nexus_executions_caller_request"
 _REQUEST_KEY_DDL = (
     f"CREATE UNIQUE INDEX IF NOT EXISTS {_REQUEST_KEY} ON nexus_executions "
     "(caller, request_id) WHERE request_id IS NOT NULL"
+)
+# - The executions not finished yet (the queue, the leases to renew or check): few rows
+#   whatever the table's size, and a finished row never enters it. Queries on it repeat
+#   its predicate word for word (`ACTIVE_SQL`), so that SQLite uses it too.
+ACTIVE_STATES = ("QUEUED", "PENDING", "RUNNING")
+ACTIVE_SQL = "state IN ('QUEUED', 'PENDING', 'RUNNING')"
+_ACTIVE_DDL = (
+    "CREATE INDEX IF NOT EXISTS ix_nexus_executions_active ON nexus_executions "
+    f"(state, id) WHERE {ACTIVE_SQL}"
 )
 #: Indexes of earlier versions, dropped at startup: (create_time, id) for the listing
 #: order, (workflow) alone. Earlier versions also made (caller, request_id) a unique
@@ -146,6 +173,15 @@ class ExecutionRecord:
     create_time: _dt.datetime
     start_time: _dt.datetime | None
     end_time: _dt.datetime | None
+    #: the server process running it (`_queue.Leases`), renewing `lease_until`
+    runner: str | None = None
+    lease_until: _dt.datetime | None = None
+    #: claims of a queued execution so far; None for one not queued
+    attempts: int | None = None
+    #: a queued execution whose workflow may run again when its runner is lost
+    retryable: bool | None = None
+    #: the tenant a queued execution runs as
+    tenant: str | None = None
 
     @classmethod
     def from_row(cls, row: sa.RowMapping) -> ExecutionRecord:
@@ -162,6 +198,11 @@ class ExecutionRecord:
             create_time=_utc(row["create_time"]) or _dt.datetime.now(_dt.UTC),
             start_time=_utc(row["start_time"]),
             end_time=_utc(row["end_time"]),
+            runner=row.get("runner"),
+            lease_until=_utc(row.get("lease_until")),
+            attempts=row.get("attempts"),
+            retryable=row.get("retryable"),
+            tenant=row.get("tenant"),
         )
 
 
@@ -171,35 +212,23 @@ class Store:
     def __init__(self, db: DataFlow) -> None:
         self.db = db
 
-    async def initialize(self) -> int:
-        """Create the tables if missing; mark executions a restart interrupted. Returns how
-        many were marked."""
-        from google.protobuf.json_format import MessageToDict
+    async def initialize(self) -> None:
+        """Create the tables if missing, or bring an older version's up to date.
 
-        from ._errors import ApiError
+        Executions a stop interrupted are no longer marked here: with several server
+        processes on one database, a RUNNING row may be another live process's. The
+        lease sweep of `_queue.Leases` marks those whose runner is gone.
+        """
 
-        # the full google.rpc.Status (with its ErrorInfo), like every other stored error:
-        # a retry of the interrupted request fails with it
-        api = ApiError(
-            "EXECUTION_INTERRUPTED", "the server stopped while this execution was running"
-        )
-        error: dict[str, Any] = MessageToDict(api.to_status())
-        error["reason"] = api.reason
-        mark = (
-            EXECUTIONS.update()
-            .where(EXECUTIONS.c.state.in_(RUNNING_STATES))
-            .values(state="INTERRUPTED", end_time=_dt.datetime.now(_dt.UTC), error=error)
-        )
-
-        def setup(conn: sa.Connection) -> int:
+        def setup(conn: sa.Connection) -> None:
             existed = conn.dialect.has_table(conn, EXECUTIONS.name)
             _META.create_all(conn)
             if existed:
                 _upgrade_indexes(conn)
             conn.execute(sa.text(_REQUEST_KEY_DDL))
-            return int(conn.execute(mark).rowcount or 0)
+            conn.execute(sa.text(_ACTIVE_DDL))
 
-        return await self.db.run_sync(setup)
+        await self.db.run_sync(setup)
 
     async def write_executions(self, records: Sequence[ExecutionRecord]) -> list[str]:
         """Insert or update these executions (by id) in one transaction.
@@ -262,9 +291,12 @@ class Store:
         names = [c.name for c in EXECUTIONS.columns]
         values = ", ".join(self.db.placeholder(i + 1) for i in range(len(names)))
         changing = ", ".join(f"{c} = excluded.{c}" for c in _CHANGING)
+        # only the row's runner changes it: a process taken for dead (its lease expired,
+        # the row settled by another: `_queue.py`) that finishes after all changes nothing
         return (
             f"INSERT INTO {EXECUTIONS.name} ({', '.join(names)}) VALUES ({values}) "
-            f"ON CONFLICT (id) DO UPDATE SET {changing}"
+            f"ON CONFLICT (id) DO UPDATE SET {changing} "
+            f"WHERE {EXECUTIONS.name}.runner IS NOT DISTINCT FROM excluded.runner"
         )
 
     async def get_execution(self, execution_id: str) -> ExecutionRecord | None:
@@ -384,6 +416,12 @@ def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
         # a unary execution starts when it is created: one conversion for both
         created if started is rec.create_time else None if started is None else driver(started),
         None if rec.end_time is None else driver(rec.end_time),
+        rec.runner,
+        # a finished row's lease means nothing (and most rows are written once, finished)
+        None if rec.lease_until is None or rec.end_time is not None else driver(rec.lease_until),
+        rec.attempts,
+        rec.retryable,
+        rec.tenant,
     )
 
 
@@ -398,7 +436,12 @@ def _is_unique_violation(exc: BaseException) -> bool:
 
 def _upgrade_indexes(conn: sa.Connection) -> None:
     """Give a table made by an earlier version today's indexes (see `_OLD_INDEXES`)."""
-    have = {ix["name"] for ix in sa.inspect(conn).get_indexes(EXECUTIONS.name)}
+    inspector = sa.inspect(conn)
+    columns = {c["name"] for c in inspector.get_columns(EXECUTIONS.name)}
+    for name, sql_type in _ADDED_COLUMNS:
+        if name not in columns:
+            conn.execute(sa.text(f"ALTER TABLE {EXECUTIONS.name} ADD COLUMN {name} {sql_type}"))
+    have = {ix["name"] for ix in inspector.get_indexes(EXECUTIONS.name)}
     for name in _OLD_INDEXES:
         if name in have:
             conn.execute(sa.text(f"DROP INDEX {name}"))

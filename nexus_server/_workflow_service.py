@@ -39,6 +39,7 @@ from ._convert import (
 from ._errors import ApiError, StatusError, abort, brief, to_api_error
 from ._executions import Executions, RunningExecution
 from ._limits import Limits
+from ._queue import ExecutionQueue, check_mode
 from ._registry import Registered, WorkflowRegistry, check_name, shown
 from ._remote import RemoteExecutions
 from ._store import RUNNING_STATES
@@ -84,6 +85,8 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self.allow_code_nodes = allow_code_nodes
         self.gateway = gateway
         self.limits = limits or Limits()
+        #: asynchronous executions (`_queue.py`); set by the app when it serves
+        self.queue: ExecutionQueue | None = None
 
     async def ListWorkflows(
         self, request: wpb.ListWorkflowsRequest, context: Context
@@ -229,10 +232,34 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         except Exception as exc:
             await abort(context, exc)
 
+    async def StartExecution(
+        self, request: wpb.StartExecutionRequest, context: Context
+    ) -> wpb.Execution:
+        try:
+            return await self._enqueue(request.name, request.inputs, request.request_id)
+        except Exception as exc:
+            await abort(context, _no_inputs_hint(exc, request.inputs))
+
+    async def _enqueue(self, name: str, inputs: Any, request_id: str) -> wpb.Execution:
+        """Queue an asynchronous execution and return it (state QUEUED)."""
+        item = self.registry.get(name)
+        if self.queue is None:
+            raise ApiError("SERVER_UNAVAILABLE", "asynchronous executions are not served yet")
+        rec = await self.queue.enqueue(
+            name,
+            item.workflow,
+            workflow_inputs(item.workflow, inputs),
+            caller=caller_id(),
+            request_id=request_id,
+        )
+        return execution_message(rec)
+
     async def ExecuteWorkflow(
         self, request: wpb.ExecuteWorkflowRequest, context: Context
     ) -> wpb.Execution:
         try:
+            if request.mode and check_mode(request.mode):
+                return await self._enqueue(request.name, request.inputs, request.request_id)
             item = self.registry.get(request.name)
             key: tuple[Any, ...] | None = None
             if item.cache_ttl is not None and not request.request_id:
@@ -293,6 +320,8 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
     ) -> AsyncIterator[wpb.ExecutionEvent]:
         try:
             rec = await self.executions.get(request.id, _owner_filter())
+            if rec.state == "QUEUED" and self.queue is not None:
+                rec = await self.queue.left_queue(rec)  # then followed where it runs
         except Exception as exc:
             await abort(context, exc)
         async for ev in self._events(self.executions.running.get(rec.id), rec, context):
@@ -325,7 +354,16 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
         self, request: wpb.GetExecutionRequest, context: Context
     ) -> wpb.Execution:
         try:
-            return execution_message(await self.executions.get(request.id, _owner_filter()))
+            rec = await self.executions.get(request.id, _owner_filter())
+            if request.workflow and rec.workflow != request.workflow:
+                # the status route names the workflow: another's execution is not there
+                raise ApiError(
+                    "EXECUTION_NOT_FOUND",
+                    f"execution {brief(request.id)} of workflow {brief(request.workflow)} "
+                    "not found",
+                    [("id", "no execution of this workflow has this id")],
+                )
+            return execution_message(rec)
         except Exception as exc:
             await abort(context, exc)
 
@@ -367,9 +405,16 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
     ) -> wpb.Execution:
         try:
             owner = _owner_filter()
-            if self.remote.bus is not None and request.id not in self.executions.running:
+            elsewhere = self.remote.bus is not None or self.queue is not None
+            if elsewhere and request.id not in self.executions.running:
                 rec = await self.executions.get(request.id, owner)
-                if rec.state == "RUNNING":  # run by another replica
+                if rec.state == "QUEUED" and self.queue is not None:
+                    # not claimed yet: cancelled in the queue
+                    cancelled = await self.queue.cancel_queued(rec.id)
+                    if cancelled is not None:
+                        return execution_message(cancelled)
+                elif rec.state == "RUNNING" and self.remote.bus is not None:
+                    # run by another replica
                     return execution_message(await self.remote.cancel(rec))
             return execution_message(await self.executions.cancel(request.id, owner))
         except Exception as exc:

@@ -65,6 +65,7 @@ _EXECUTION_REASONS = {
     "EXECUTION_TIMEOUT",
     "EXECUTION_CANCELLED",
     "EXECUTION_INTERRUPTED",
+    "EXECUTION_LOST",
     "INTERNAL_ERROR",
 }
 
@@ -623,7 +624,7 @@ def order_values(value: Any, orders: Sequence[Sequence[str]]) -> Any:
 
 #: Flags of the generated commands themselves; an input or field of the same name is
 #: given through `--inputs` / `--json` instead.
-_RUN_FLAGS = {"--inputs", "--watch", "--request-id", "--output", "--help"}
+_RUN_FLAGS = {"--inputs", "--watch", "--async", "--request-id", "--output", "--help"}
 _RECORD_FLAGS = {"--json", "--request-id", "--conflict-on", "--output", "--help"}
 
 
@@ -641,6 +642,17 @@ def _workflow_command(wf: Any) -> Any:
         inputs = _json_object(params.get("nexus_inputs"), "--inputs")
         inputs.update(_collect(params, specs))
         request_id = params.get("nexus_request_id") or ""
+        if params.get("nexus_async"):
+            if params.get("nexus_watch"):
+                usage(
+                    "--async and --watch cannot be combined: follow it with "
+                    "`nexus executions watch ID`"
+                )
+            start = w.StartExecutionRequest(
+                name=wf.name, inputs=struct_of(inputs), request_id=request_id
+            )
+            _emit_execution(to_json(st.rpc(st.workflows.StartExecution, start)), st)
+            return
         if params.get("nexus_watch"):
             req = w.StreamExecutionRequest(
                 name=wf.name, inputs=struct_of(inputs), request_id=request_id
@@ -667,6 +679,19 @@ def _workflow_command(wf: Any) -> Any:
             default=False,
             annotation=Annotated[
                 bool, typer.Option("--watch", help="show node-by-node progress while it runs")
+            ],
+        ),
+        inspect.Parameter(
+            "nexus_async",
+            _KW,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--async",
+                    help="queue it and print the execution at once (state QUEUED); a "
+                    "server process runs it: see `nexus executions get ID`",
+                ),
             ],
         ),
         _option(
@@ -1131,7 +1156,10 @@ def executions_list(
     workflow: Annotated[str | None, typer.Option(help="only executions of this workflow")] = None,
     state: Annotated[
         str | None,
-        typer.Option(help="only in this state: pending, running, succeeded, failed, cancelled"),
+        typer.Option(
+            help="only in this state: queued, pending, running, succeeded, failed, cancelled, "
+            "interrupted"
+        ),
     ] = None,
     limit: Annotated[int, typer.Option(min=0, max=1000, help="page size")] = 50,
     page_token: Annotated[

@@ -155,6 +155,7 @@ _STATIC_RULES: Mapping[str, Rule] = {
     _W + "DeleteWorkflow": Rule(PERMISSION, _fixed("workflow:register", _workflow), True),
     _W + "ExecuteWorkflow": Rule(WORKFLOW, change=True),
     _W + "StreamExecution": Rule(WORKFLOW, change=True),
+    _W + "StartExecution": Rule(WORKFLOW, change=True),
     _W + "WatchExecution": Rule(AUTHENTICATED),
     _W + "GetExecution": Rule(AUTHENTICATED),
     _W + "ListExecutions": Rule(AUTHENTICATED),

@@ -224,6 +224,23 @@ def test_executions_get_and_list(cli: Any, unique: Any) -> None:
     assert cli("executions", "list", "--state", "sleepy").code == USAGE
 
 
+def test_run_async_queues_and_prints_the_execution_at_once(cli: Any, unique: Any) -> None:
+    email = unique("async") + "@x.org"
+    r = cli("-o", "json", "run", "create_contact", "--name", "Q", "--email", email, "--async")
+    assert r.code == OK, r.err
+    queued = r.json()
+    assert queued["state"] == "STATE_QUEUED" and queued["inputs"]["email"] == email
+    for _ in range(20):  # each look is a process of its own: a few at most
+        r = cli("-o", "json", "executions", "get", queued["id"])
+        assert r.code == OK, r.err
+        if r.json()["state"] != "STATE_QUEUED" and r.json()["state"] != "STATE_RUNNING":
+            break
+    assert r.json()["state"] == "STATE_SUCCEEDED"
+    assert r.json()["outputs"]["create"]["email"] == email
+    both = cli("run", "create_contact", "--name", "Q", "--email", email, "--async", "--watch")
+    assert both.code == USAGE and "--async" in both.err
+
+
 def _running_id(cli: Any, server: Any, gate: str) -> str:
     assert server.gates.started(gate).wait(WAIT), "the gated node never started"
     r = cli("-o", "json", "executions", "list", "--workflow", "gated", "--state", "running")

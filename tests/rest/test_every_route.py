@@ -56,6 +56,15 @@ def test_every_route_answers(client: httpx.Client, unique: str) -> None:
         json={"inputs": {"name": "G", "email": f"g.{u}@x.org"}},
     )  # fmt: skip
     assert "execution_completed" in streamed["events"][-1]
+    queued = call(
+        "POST", "/v1/workflows/{name}:start", "/v1/workflows/create_contact:start",
+        json={"inputs": {"name": "Q", "email": f"q.{u}@x.org"}},
+    )  # fmt: skip
+    assert queued["state"] == "STATE_QUEUED"
+    call(
+        "GET", "/workflows/{workflow}/status/{id}",
+        f"/workflows/create_contact/status/{queued['id']}",
+    )  # fmt: skip
     call("GET", "/v1/executions", "/v1/executions", params={"workflow": "create_contact"})
     call("GET", "/v1/executions/{id}", f"/v1/executions/{ex['id']}")
     watched = call("GET", "/v1/executions/{id}:watch", f"/v1/executions/{ex['id']}:watch")

@@ -17,7 +17,13 @@ from nexus_server._store import EXECUTIONS, ExecutionRecord, Store
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
 
-NEW_INDEXES = {"ix_nexus_executions_workflow_id", "uq_nexus_executions_caller_request"}
+NEW_INDEXES = {
+    "ix_nexus_executions_workflow_id",
+    "uq_nexus_executions_caller_request",
+    "ix_nexus_executions_active",
+}
+#: Columns later versions added (leases and the queue of asynchronous executions).
+NEW_COLUMNS = {"runner", "lease_until", "attempts", "retryable", "tenant"}
 OLD_INDEXES = {"ix_nexus_executions_order", "ix_nexus_executions_workflow"}
 
 # The table as versions before this one made it: a unique constraint on (caller,
@@ -76,7 +82,7 @@ async def unique_constraints(db: DataFlow) -> set[str]:
     return await db.run_sync(names)
 
 
-async def test_a_new_table_has_two_indexes_besides_the_key(db_url: str) -> None:
+async def test_a_new_table_has_three_indexes_besides_the_key(db_url: str) -> None:
     db = DataFlow(db_url)
     try:
         await db.initialize()
@@ -175,18 +181,28 @@ async def test_a_table_of_an_earlier_version_gets_the_new_indexes(db_url: str) -
         await db.run_sync(make_old)
         store = Store(db)
         early = record("old", request_id="k")
-        await store.write_executions([early])
+        # written as that version did: without the columns added since
+        columns = [c.name for c in EXECUTIONS.columns if c.name not in NEW_COLUMNS]
+        values = {c: getattr(early, c) for c in columns}
+        async with db.connection() as conn:
+            await conn.execute(EXECUTIONS.insert().values(**values))
 
         await store.initialize()
         have = await indexes(db)
         assert have >= NEW_INDEXES
+
+        def column_names(conn: sa.Connection) -> set[str]:
+            return {c["name"] for c in sa.inspect(conn).get_columns(EXECUTIONS.name)}
+
+        assert await db.run_sync(column_names) >= NEW_COLUMNS
         assert not have & OLD_INDEXES
         # PostgreSQL drops the old constraint; SQLite keeps it (it cannot drop it without
         # copying the table), which only makes its writes slower
         assert ("uq_nexus_executions_request" in await unique_constraints(db)) == (not pg)
 
         # what was recorded before the upgrade is still there and listed
-        assert (await store.get_execution(early.id)) is not None
+        found = await store.get_execution(early.id)
+        assert found is not None and found.runner is None and found.attempts is None
         later = record("old")
         await store.write_executions([later])
         listed, _ = await store.list_executions("old", None, 10, "")

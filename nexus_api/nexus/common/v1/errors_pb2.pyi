@@ -26,6 +26,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXECUTION_CANCELLED: _ClassVar[ErrorReason]
     EXECUTION_INTERRUPTED: _ClassVar[ErrorReason]
     EXECUTION_ALREADY_FINISHED: _ClassVar[ErrorReason]
+    EXECUTION_LOST: _ClassVar[ErrorReason]
     MODEL_NOT_FOUND: _ClassVar[ErrorReason]
     RECORD_NOT_FOUND: _ClassVar[ErrorReason]
     RECORD_ALREADY_EXISTS: _ClassVar[ErrorReason]
@@ -68,6 +69,7 @@ EXECUTION_TIMEOUT: ErrorReason
 EXECUTION_CANCELLED: ErrorReason
 EXECUTION_INTERRUPTED: ErrorReason
 EXECUTION_ALREADY_FINISHED: ErrorReason
+EXECUTION_LOST: ErrorReason
 MODEL_NOT_FOUND: ErrorReason
 RECORD_NOT_FOUND: ErrorReason
 RECORD_ALREADY_EXISTS: ErrorReason

@@ -132,6 +132,7 @@ class Execution(_message.Message):
         STATE_FAILED: _ClassVar[Execution.State]
         STATE_CANCELLED: _ClassVar[Execution.State]
         STATE_INTERRUPTED: _ClassVar[Execution.State]
+        STATE_QUEUED: _ClassVar[Execution.State]
     STATE_UNSPECIFIED: Execution.State
     STATE_PENDING: Execution.State
     STATE_RUNNING: Execution.State
@@ -139,6 +140,7 @@ class Execution(_message.Message):
     STATE_FAILED: Execution.State
     STATE_CANCELLED: Execution.State
     STATE_INTERRUPTED: Execution.State
+    STATE_QUEUED: Execution.State
     ID_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +278,18 @@ class DeleteWorkflowRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ExecuteWorkflowRequest(_message.Message):
+    __slots__ = ("name", "inputs", "request_id", "mode")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    inputs: _struct_pb2.Struct
+    request_id: str
+    mode: str
+    def __init__(self, name: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class StartExecutionRequest(_message.Message):
     __slots__ = ("name", "inputs", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -302,10 +316,12 @@ class WatchExecutionRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class GetExecutionRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "workflow")
     ID_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    workflow: str
+    def __init__(self, id: _Optional[str] = ..., workflow: _Optional[str] = ...) -> None: ...
 
 class ListExecutionsRequest(_message.Message):
     __slots__ = ("workflow", "state", "page_size", "page_token")

@@ -61,6 +61,11 @@ class WorkflowServiceStub:
                 request_serializer=nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.ExecuteWorkflowRequest.SerializeToString,
                 response_deserializer=nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.Execution.FromString,
                 _registered_method=True)
+        self.StartExecution = channel.unary_unary(
+                '/nexus.workflow.v1.WorkflowService/StartExecution',
+                request_serializer=nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.StartExecutionRequest.SerializeToString,
+                response_deserializer=nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.Execution.FromString,
+                _registered_method=True)
         self.StreamExecution = channel.unary_stream(
                 '/nexus.workflow.v1.WorkflowService/StreamExecution',
                 request_serializer=nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.StreamExecutionRequest.SerializeToString,
@@ -152,6 +157,22 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartExecution(self, request, context):
+        """Queues an execution of a workflow and returns it at once, in state QUEUED
+        (an asynchronous execution). The queue is durable, in the app's database:
+        the execution survives restarts and runs exactly once, on a server replica
+        with free capacity; read its progress and result with GetExecution (or
+        `GET /workflows/{name}/status/{id}`). ExecuteWorkflow with `mode: "async"`
+        (the original REST route's form) does the same.
+
+        `request_id` makes the call idempotent: a retry with the same id and the
+        same inputs returns the execution the first call queued.
+        Errors: WORKFLOW_NOT_FOUND, INPUTS_INVALID, REQUEST_ID_CONFLICT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamExecution(self, request, context):
         """Runs a workflow and streams its events as they happen: execution_started,
         then node_started / node_completed / node_failed per node, and exactly one
@@ -190,6 +211,10 @@ class WorkflowServiceServicer:
         """Returns one execution: state, inputs, outputs, error and timings. Works
         after a server restart (executions are recorded in the database).
         Errors: EXECUTION_NOT_FOUND.
+
+        The second binding is the original's status route
+        (`GET /workflows/{name}/status/{execution_id}`): it answers only for an
+        execution of that workflow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -240,6 +265,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
             'ExecuteWorkflow': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteWorkflow,
                     request_deserializer=nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.ExecuteWorkflowRequest.FromString,
+                    response_serializer=nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.Execution.SerializeToString,
+            ),
+            'StartExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExecution,
+                    request_deserializer=nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.StartExecutionRequest.FromString,
                     response_serializer=nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.Execution.SerializeToString,
             ),
             'StreamExecution': grpc.unary_stream_rpc_method_handler(
@@ -403,6 +433,33 @@ class WorkflowService:
             target,
             '/nexus.workflow.v1.WorkflowService/ExecuteWorkflow',
             nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.ExecuteWorkflowRequest.SerializeToString,
+            nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.Execution.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.workflow.v1.WorkflowService/StartExecution',
+            nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.StartExecutionRequest.SerializeToString,
             nexus_dot_workflow_dot_v1_dot_workflow__service__pb2.Execution.FromString,
             options,
             channel_credentials,
