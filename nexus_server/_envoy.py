@@ -116,6 +116,9 @@ class EnvoyOptions:
     Args:
         grpc_host: the gRPC server's address, as Envoy reaches it.
         grpc_port: the gRPC server's port.
+        grpc_ports: several gRPC servers on `grpc_host` (the processes of `nexus serve
+            --workers N`), one port each, instead of `grpc_port`: Envoy balances calls
+            between them, to the one with the fewest calls in flight (least request).
         api_host: the interface Envoy listens on.
         api_port: the REST/gRPC-Web/gRPC port (0: Envoy picks one).
         admin_socket: a unix socket path for Envoy's admin interface, created with mode
@@ -136,6 +139,7 @@ class EnvoyOptions:
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
+    grpc_ports: tuple[int, ...] = ()
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     admin_socket: str | None = None
@@ -679,6 +683,7 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                 "name": "nexus_grpc",
                 "type": "STRICT_DNS" if options.grpc_address_is_dns else "STATIC",
                 "connect_timeout": "1s",
+                **({"lb_policy": "LEAST_REQUEST"} if len(options.grpc_ports) > 1 else {}),
                 "typed_extension_protocol_options": {
                     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
@@ -696,11 +701,12 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                                         "address": {
                                             "socket_address": {
                                                 "address": options.grpc_host,
-                                                "port_value": options.grpc_port,
+                                                "port_value": port,
                                             }
                                         }
                                     }
                                 }
+                                for port in options.grpc_ports or (options.grpc_port,)
                             ]
                         }
                     ],
