@@ -585,6 +585,8 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                 },
             },
         )
+    if len(options.grpc_ports) > 1:
+        virtual_host["retry_policy"] = _worker_retry_policy(len(options.grpc_ports))
     if options.cors_origins:
         virtual_host["typed_per_filter_config"] = {
             "envoy.filters.http.cors": _cors_policy(options.cors_origins)
@@ -715,6 +717,26 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         ],
     }
     return config
+
+
+def _worker_retry_policy(endpoints: int) -> dict[str, Any]:
+    """Several worker processes (`grpc_ports`): a call Envoy could not hand to one (it
+    is restarting: nothing listens on its port) goes to another. Only failures before
+    the request reached a server are retried, so a write never runs twice."""
+    return {
+        "retry_on": "connect-failure,refused-stream,reset-before-request",
+        "num_retries": endpoints,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts."
+                    "v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+    }
 
 
 #: Where Envoy serves the server's metrics when `metrics_port` is set.
