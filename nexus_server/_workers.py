@@ -55,6 +55,7 @@ __all__ = [
     "ENV_INDEX",
     "ENV_SHARED_PORT",
     "WorkerError",
+    "check_shareable",
     "configure_worker",
     "parse_workers",
     "serve_workers",
@@ -90,6 +91,43 @@ def parse_workers(value: str) -> int:
             f"expects a whole number of 1 or more, or auto (the number of CPUs); got {value[:40]!r}"
         )
     return n
+
+
+def check_shareable(app: Nexus, workers: int) -> None:
+    """Refuse what N processes cannot share: state an app keeps in process memory
+    that would then differ from worker to worker.
+
+    Raises:
+        ValueError: an in-memory SQLite database (each worker would have its own), an
+            in-memory DataFlow query cache (a write through one worker would not end
+            another's cached reads), or rate limits kept in memory (each worker would
+            allow the whole limit).
+    """
+    db = app.resolve_dataflow()
+    if db is not None and db.dialect == "sqlite":
+        from sqlalchemy.engine import make_url
+
+        url = make_url(db.url)
+        if url.database in (None, "", ":memory:") or "memory" in str(url.query):
+            raise ValueError(
+                f"--workers {workers}: the app's database is a SQLite database in memory, "
+                "which each worker would have to itself; use a file (sqlite:///app.db) or "
+                "PostgreSQL"
+            )
+    cache = db.cache if db is not None else None
+    if cache is not None and cache.backend == "memory":
+        raise ValueError(
+            f"--workers {workers}: DataFlow(enable_caching=True) keeps its cache in each "
+            "process, and a write through one worker would not end another's cached "
+            "reads; share it with DataFlow(cache_url='redis://host:port/db'), or serve "
+            "with one worker"
+        )
+    if not app.rate_limits().empty and app.rate_limit_backend in (None, "memory"):
+        raise ValueError(
+            f"--workers {workers}: rate limits kept in memory would be kept by each "
+            f"worker ({workers} times the limit in all); share them with "
+            "Nexus(rate_limit_backend='redis://host:port/db'), or serve with one worker"
+        )
 
 
 def configure_worker(app: Nexus, environ: Mapping[str, str] | None = None) -> bool:
@@ -302,6 +340,7 @@ async def serve_workers(app: Nexus, target: str, *, workers: int, log_level: str
     """
     started = time.perf_counter()
     app.check_options()
+    check_shareable(app, workers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

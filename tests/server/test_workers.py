@@ -31,14 +31,16 @@ import pytest
 from google.protobuf import struct_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from dataflow import DataFlow
 from nexus_api.nexus.health.v1 import probe_service_pb2 as ppb
 from nexus_api.nexus.health.v1 import probe_service_pb2_grpc as pgrpc
 from nexus_api.nexus.model.v1 import model_service_pb2 as mpb
 from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mgrpc
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2_grpc as wgrpc
+from nexus_server import Nexus
 from nexus_server._envoy import EnvoyOptions, envoy_config
-from nexus_server._workers import parse_workers
+from nexus_server._workers import check_shareable, parse_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = Path(__file__).with_name("workers_app.py")
@@ -240,6 +242,25 @@ def test_a_bad_workers_value_is_a_usage_error_naming_it(value: str) -> None:
     assert done.returncode == 2
     assert "--workers" in done.stderr and "whole number of 1 or more" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_what_each_worker_would_keep_to_itself_is_refused(tmp_path: Path) -> None:
+    def app(url: str, **options: Any) -> Nexus:
+        caching = options.pop("caching", False)
+        nexus = Nexus(grpc_port=0, **options)
+        nexus.integrate_dataflow(DataFlow(url, enable_caching=caching or None))
+        return nexus
+
+    file = f"sqlite:///{tmp_path / 'app.db'}"
+    with pytest.raises(ValueError, match=r"--workers 2: .*SQLite database in memory"):
+        check_shareable(app("sqlite:///:memory:"), 2)
+    with pytest.raises(ValueError, match=r"--workers 2: .*cache_url='redis://"):
+        check_shareable(app(file, caching=True), 2)
+    with pytest.raises(ValueError, match=r"--workers 3: .*3 times the limit.*rate_limit_backend"):
+        check_shareable(app(file, rate_limit=100), 3)
+    # shared state, or none at all, is fine
+    check_shareable(app(file), 2)
+    check_shareable(app(file, rate_limit=100, rate_limit_backend="redis://127.0.0.1:6379/0"), 2)
 
 
 def test_envoy_balances_between_the_workers_by_least_request() -> None:
