@@ -332,9 +332,20 @@ async def test_two_workers_share_calls_writes_and_metrics_and_drain_on_sigterm(
                 break
         assert direct == pids
 
-        # the metrics port sums both workers' counts
+        # the metrics port sums both workers' counts, and their scrape-time values
+        # (copied to the shared files every second): each worker's pool of 5 (SQLite: 1)
         samples = await _metrics(server.metrics)
         assert _calls(samples, "/nexus.health.v1.ProbeService/GetHealth") == health_calls
+        database = "sqlite" if db_url.startswith("sqlite") else "postgresql"
+        pool_max = ("dataflow_pool_connections", (("database", database), ("state", "max")))
+        breaker = ("nexus_circuit_breaker_state", (("dependency", "database"),))
+        both = 2 * (1 if database == "sqlite" else 5)
+        async with asyncio.timeout(WAIT):  # until both workers' first copies are in
+            while samples.get(pool_max) != both:
+                assert samples.get(pool_max, 0) < both, samples.get(pool_max)
+                await asyncio.sleep(0.2)
+                samples = await _metrics(server.metrics)
+        assert samples[breaker] == 0  # closed (the worst of both)
 
         # concurrent writes from both workers to the one database: none fails
         per_worker, concurrency = 60, 8

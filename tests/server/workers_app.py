@@ -1,7 +1,8 @@
 """The app `tests/server/test_workers.py` serves with `nexus serve --workers 2`.
 
 Its database is `NEXUS_DATABASE_URL` (a SQLite file or a PostgreSQL database of the
-test's own); Envoy and the metrics port on free ports, no MCP adapter. Workflows:
+test's own; pools of 5 connections), with DataFlow's metrics; Envoy and the metrics port
+on free ports, no MCP adapter. Workflows:
 
 - `note(text)`: creates a `Note` (a write, for concurrent writes from both workers);
 - `hold(gate)`: one `GateFileNode`, which writes `<gate>.started` (its pid) in the
@@ -31,7 +32,7 @@ app = Nexus(
     metrics_port=0,
     grace_period=30.0,
 )
-db = DataFlow(os.environ["NEXUS_DATABASE_URL"])
+db = DataFlow(os.environ["NEXUS_DATABASE_URL"], enable_metrics=True, connection_pool_size=5)
 
 
 @db.model
