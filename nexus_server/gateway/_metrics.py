@@ -28,7 +28,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -137,7 +137,9 @@ class _Caches(Collector):
 #: Seconds between two copies of the scrape-time values into the multi-process files.
 MIRROR_INTERVAL = 1.0
 #: How the processes' values of a mirrored gauge combine (default: their sum).
-_GAUGE_MODES = {"nexus_circuit_breaker_state": "livemax"}  # the worst breaker state
+_GAUGE_MODES: dict[str, Literal["livemax", "livesum"]] = {
+    "nexus_circuit_breaker_state": "livemax"  # the worst state of any process's breaker
+}
 
 
 class _Mirror:
