@@ -413,7 +413,8 @@ async def _start(procs: list[WorkerProcess]) -> None:
     results = await asyncio.gather(*(p.start() for p in procs), return_exceptions=True)
     for proc, result in zip(procs, results, strict=True):
         if isinstance(result, SupervisorError):
-            raise WorkerError(f"{proc.name} did not start: {result}") from None
+            # its own output (its error) was shown already, on ours
+            raise WorkerError(f"{proc.name} did not start ({str(result).rstrip(': ')})") from None
         if isinstance(result, BaseException):
             raise result
 

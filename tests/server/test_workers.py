@@ -293,6 +293,28 @@ def test_envoy_balances_between_the_workers_by_least_request() -> None:
 # -- a real server of two workers -----------------------------------------------------------
 
 
+async def test_a_worker_that_cannot_start_fails_the_start_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    env = {
+        **os.environ,
+        "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/missing/dir/app.db",
+        "WORKERS_TEST_GATES": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nexus_server", "serve", str(APP), "--workers", "2",
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(START):
+        out, err = await proc.communicate()
+    text = err.decode()
+    assert proc.returncode == 3, text
+    assert "nexus: cannot open the database" in text  # the worker's own line
+    assert "nexus: worker 0 did not start (worker 0 exited with 3)" in text
+    assert "Traceback" not in text and "Nexus gRPC server on" not in out.decode()
+
+
 async def test_two_workers_share_calls_writes_and_metrics_and_drain_on_sigterm(
     tmp_path: Path, db_url: str
 ) -> None:
