@@ -368,6 +368,10 @@ async def test_two_workers_share_calls_writes_and_metrics_and_drain_on_sigterm(
                 await asyncio.sleep(0.2)
                 samples = await _metrics(server.metrics)
         assert samples[breaker] == 0  # closed (the worst of both)
+        # through Envoy (expose_metrics=True) as well
+        via_envoy = await _metrics(f"http://{server.api}/metrics")
+        assert via_envoy[pool_max] == both
+        assert _calls(via_envoy, "/nexus.health.v1.ProbeService/GetHealth") == health_calls
 
         # concurrent writes from both workers to the one database: none fails
         per_worker, concurrency = 60, 8

@@ -2,7 +2,7 @@
 
 Its database is `NEXUS_DATABASE_URL` (a SQLite file or a PostgreSQL database of the
 test's own; pools of 5 connections), with DataFlow's metrics; Envoy and the metrics port
-on free ports, no MCP adapter. Workflows:
+on free ports (`GET /metrics` through Envoy too), no MCP adapter. Workflows:
 
 - `note(text)`: creates a `Note` (a write, for concurrent writes from both workers);
 - `hold(gate)`: one `GateFileNode`, which writes `<gate>.started` (its pid) in the
@@ -30,6 +30,7 @@ app = Nexus(
     mcp_port=None,
     enable_monitoring=True,
     metrics_port=0,
+    expose_metrics=True,
     grace_period=30.0,
 )
 db = DataFlow(os.environ["NEXUS_DATABASE_URL"], enable_metrics=True, connection_pool_size=5)
