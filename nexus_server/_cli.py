@@ -118,28 +118,27 @@ async def _serve(app: Nexus, *, log_level: str, banner: bool = True) -> None:
             await _warn_missing_tables(app.db)
         names = ", ".join(app.registry.names()) or "none"
         models = ", ".join(m.name for m in (app.db.models if app.db else ())) or "none"
-        if banner:
-            print(
-                f"Nexus gRPC server on {info.address} "
-                f"(started in {info.startup_seconds * 1e3:.0f} ms)"
-            )
-            print(f"  workflows: {names}")
-            print(f"  models:    {models}")
-            if info.api_address:
-                print(f"Envoy on http://{info.api_address} (REST, gRPC-Web and gRPC)")
-                print(f"  OpenAPI:   http://{info.api_address}/openapi.json")
-            if adapter is not None:
-                print(
-                    f"MCP adapter on {adapter.url} (streamable HTTP; a gRPC client of this server)"
-                )
-            print("  Ctrl-C stops it.", flush=True)
+        if not banner:  # a worker of `--workers N`: its parent says where they serve
+            gc.freeze()
+            await stop.wait()
+            return
+        print(
+            f"Nexus gRPC server on {info.address} (started in {info.startup_seconds * 1e3:.0f} ms)"
+        )
+        print(f"  workflows: {names}")
+        print(f"  models:    {models}")
+        if info.api_address:
+            print(f"Envoy on http://{info.api_address} (REST, gRPC-Web and gRPC)")
+            print(f"  OpenAPI:   http://{info.api_address}/openapi.json")
+        if adapter is not None:
+            print(f"MCP adapter on {adapter.url} (streamable HTTP; a gRPC client of this server)")
+        print("  Ctrl-C stops it.", flush=True)
         # what startup made (modules, models, descriptors) lives as long as the process:
         # out of the collector's generations, collections during calls scan only what
         # the calls allocate
         gc.freeze()
         await stop.wait()
-        if banner:
-            print("stopping: letting in-flight calls finish...", flush=True)
+        print("stopping: letting in-flight calls finish...", flush=True)
 
 
 async def _warn_missing_tables(db: DataFlow) -> None:
