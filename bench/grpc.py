@@ -552,21 +552,44 @@ def settled(count: Callable[[], int], expected: int, limit: float = 5.0) -> int:
     return last
 
 
+def _descendants(pid: int) -> list[int]:
+    """`pid` and the processes it started, theirs, and so on (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
 def cpu_times(pid: int) -> tuple[float, float, float, float]:
     """Seconds of CPU used so far by process `pid`'s main thread (the event loop) and by
-    its other threads (grpc's), then the machine's busy and total seconds (/proc/stat)."""
+    its other threads (grpc's), then the machine's busy and total seconds (/proc/stat).
+    The processes it started count too (`nexus serve --workers N`'s workers, and its
+    Envoy): their main threads as loops, their other threads as others."""
     tick = os.sysconf("SC_CLK_TCK")
     loop = others = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # a thread that just ended
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        if task.name == str(pid):
-            loop += seconds
-        else:
-            others += seconds
+    for proc in _descendants(pid):
+        with contextlib.suppress(FileNotFoundError):
+            tasks = list(Path(f"/proc/{proc}/task").iterdir())
+            for task in tasks:
+                try:
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                except FileNotFoundError:  # a thread that just ended
+                    continue
+                seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                if task.name == str(proc):
+                    loop += seconds
+                else:
+                    others += seconds
     jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     total = sum(jiffies) / tick
     return loop, others, total - (jiffies[3] + jiffies[4]) / tick, total
@@ -1102,6 +1125,12 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> list[str]:
                         f" {vs_one} {vs_echo}{'  ' + note if note else ''}",
                         flush=True,
                     )
+                    if load.cpu is not None:  # --cpu: the server's processes, Envoy's too
+                        loop_us, other_us, idle = load.cpu
+                        print(
+                            f"{'':<40}   CPU per call {loop_us + other_us:,.0f} µs (main "
+                            f"threads {loop_us:,.0f}), machine {idle:.0%} idle"
+                        )
                 two = results[-1][0].rps
                 if two / one < WORKERS_TARGET:
                     missed.append(f"{workflow} {path}: --workers 2 at {two / one:.2f}x of 1")
