@@ -30,6 +30,11 @@ Measured:
 * the cost of Prometheus metrics: ExecuteWorkflow (noop and create_contact) on the same
   app served twice, `enable_monitoring=True` against off, alternating rounds (target:
   metrics cost under 5 %, i.e. ratio >= 0.95);
+* every core (`--only-workers`, `--skip-workers`): ExecuteWorkflow noop and
+  create_contact on PostgreSQL at concurrency 64 over 16 connections, `nexus serve
+  --workers 2` beside `--workers 1` beside a bare grpc.aio echo server, straight to the
+  gRPC port and through Envoy (targets: 2 workers >= 1.5x one, and >= 1.0x the echo
+  server, straight to the port);
 * time from process start to answering grpc.health.v1 Check with 100 models and
   `enable_model_persistence=True` (target < 1 s), beside the same for the bare echo
   server, and the peak RSS (VmHWM) of that server after some calls (target < 150 MB).
@@ -458,14 +463,17 @@ def h2load(
     n: int,
     timeout: float,
     headers: tuple[str, ...] = (),
+    connections: int = 1,
 ) -> Load:
-    """`n` gRPC calls of `method` with `body` over one connection, `concurrency` streams,
-    each with the extra `headers` ("name: value")."""
+    """`n` gRPC calls of `method` with `body` over `connections` connections (one by
+    default), `concurrency` streams in all, each with the extra `headers`
+    ("name: value")."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "body"
         data.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)  # gRPC framing
         log = Path(tmp) / "log"
-        cmd = ["h2load", "-n", str(n), "-c", "1", "-t", "1", "-m", str(concurrency),
+        streams = max(1, concurrency // connections)
+        cmd = ["h2load", "-n", str(n), "-c", str(connections), "-t", "1", "-m", str(streams),
                "-H", "content-type: application/grpc", "-H", "te: trailers",
                *itertools.chain.from_iterable(("-H", h) for h in headers),
                "-d", str(data), "--log-file", str(log), f"http://{address}{method}"]  # fmt: skip
@@ -511,14 +519,17 @@ class Case:
     pid: int = 0
     #: extra request headers ("name: value"), e.g. a credential
     headers: tuple[str, ...] = ()
+    #: HTTP/2 connections the load is spread over (the concurrency is shared by them)
+    connections: int = 1
 
 
 def requests_for(case: Case, concurrency: int, args: argparse.Namespace) -> int:
     """Requests for one round: what a short calibration run says fits in `args.seconds`,
     at least 200, at most `args.max_requests`."""
     calib = h2load(
-        case.address, case.method, case.body, concurrency, 50 * concurrency, 60, case.headers
-    )
+        case.address, case.method, case.body, concurrency, 50 * concurrency, 60, case.headers,
+        case.connections,
+    )  # fmt: skip
     return int(min(args.max_requests, max(200, calib.rps * args.seconds)))
 
 
@@ -528,8 +539,9 @@ def one_round(case: Case, concurrency: int, n: int, args: argparse.Namespace) ->
     before = case.count() if case.count else 0
     cpu0 = cpu_times(case.pid) if args.cpu else None
     load = h2load(
-        case.address, case.method, case.body, concurrency, n, args.seconds * 5 + 30, case.headers
-    )
+        case.address, case.method, case.body, concurrency, n, args.seconds * 5 + 30,
+        case.headers, case.connections,
+    )  # fmt: skip
     if cpu0 is not None:
         (loop0, others0, busy0, all0), (loop1, others1, busy1, all1) = cpu0, cpu_times(case.pid)
         per_call = 1e6 / max(load.requests, 1)
@@ -562,21 +574,44 @@ def settled(count: Callable[[], int], expected: int, limit: float = 5.0) -> int:
     return last
 
 
+def _descendants(pid: int) -> list[int]:
+    """`pid` and the processes it started, theirs, and so on (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
 def cpu_times(pid: int) -> tuple[float, float, float, float]:
     """Seconds of CPU used so far by process `pid`'s main thread (the event loop) and by
-    its other threads (grpc's), then the machine's busy and total seconds (/proc/stat)."""
+    its other threads (grpc's), then the machine's busy and total seconds (/proc/stat).
+    The processes it started count too (`nexus serve --workers N`'s workers, and its
+    Envoy): their main threads as loops, their other threads as others."""
     tick = os.sysconf("SC_CLK_TCK")
     loop = others = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # a thread that just ended
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        if task.name == str(pid):
-            loop += seconds
-        else:
-            others += seconds
+    for proc in _descendants(pid):
+        with contextlib.suppress(FileNotFoundError):
+            tasks = list(Path(f"/proc/{proc}/task").iterdir())
+            for task in tasks:
+                try:
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                except FileNotFoundError:  # a thread that just ended
+                    continue
+                seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                if task.name == str(proc):
+                    loop += seconds
+                else:
+                    others += seconds
     jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     total = sum(jiffies) / tick
     return loop, others, total - (jiffies[3] + jiffies[4]) / tick, total
@@ -1001,6 +1036,150 @@ def _metrics_port(server: Server) -> int | None:
     return None
 
 
+# ---- every core: nexus serve --workers N (issue 18) --------------------------------------
+
+#: `--workers 2` against `--workers 1`, and against the bare echo server (straight to the
+#: gRPC port), on this machine.
+WORKERS_TARGET = 1.5
+WORKERS_ECHO_TARGET = 1.0
+WORKERS_CONCURRENCY = 64
+WORKERS_CONNECTIONS = 16
+PG_URL = os.environ.get("NEXUS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pg_admin(sql: str) -> None:
+    asyncpg: Any = importlib.import_module("asyncpg")
+
+    async def run() -> None:
+        conn = await asyncpg.connect(PG_URL, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def pg_executions(url: str, workflow: str) -> Callable[[], int]:
+    """Counts the SUCCEEDED executions of `workflow` in the PostgreSQL database `url`."""
+    asyncpg: Any = importlib.import_module("asyncpg")
+
+    async def run() -> int:
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM nexus_executions WHERE workflow = $1 "
+                    "AND state = 'SUCCEEDED'",
+                    workflow,
+                )
+            )
+        finally:
+            await conn.close()
+
+    return lambda: asyncio.run(run())
+
+
+def workers_cmd(app: Path, workers: int, grpc_port: int, api_port: int) -> list[str]:
+    return [sys.executable, "-m", "nexus_server", "serve", str(app), "--workers", str(workers),
+            "--grpc-port", str(grpc_port), "--api-port", str(api_port), "--no-mcp",
+            "--log-level", "warning"]  # fmt: skip
+
+
+def run_workers(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """ExecuteWorkflow on PostgreSQL served by `--workers 2` and `--workers 1` (each with
+    its Envoy), beside the bare echo server, at concurrency 64 over 16 connections;
+    returns the missed targets."""
+    try:
+        pg_admin("SELECT 1")
+    except Exception as exc:
+        print(f"\nworkers table skipped: PostgreSQL at {PG_URL} unreachable ({exc})")
+        return []
+    app = write_app(tmp, 1)
+    base = PG_URL.rpartition("/")[0]
+    names = {n: f"nexus_bench_w{n}_{secrets.token_hex(4)}" for n in (1, 2)}
+    servers: list[Server] = []
+    try:
+        echo, _ = start("echo", bare_cmd("echo", free_port()), child_env(), tmp)
+        servers.append(echo)
+        nexus: dict[int, tuple[Server, str, str]] = {}
+        for n, name in names.items():
+            pg_admin(f'CREATE DATABASE "{name}"')
+            url = f"{base}/{name}"
+            api = f"127.0.0.1:{free_port()}"
+            cmd = workers_cmd(app, n, free_port(), int(api.rsplit(":", 1)[1]))
+            server, _ = start(f"workers {n}", cmd, child_env(url), tmp)
+            servers.append(server)
+            # the gRPC port answers first; Envoy is started once the workers are up
+            wait_healthy(Server(f"workers {n} Envoy", server.proc, api), 0.0, 60.0)
+            nexus[n] = (server, api, url)
+        person = {"name": "Load Test", "email": "load@example.org"}
+        bodies = {"noop": execute_body("noop"), "create_contact": execute_body(
+            "create_contact", person)}  # fmt: skip
+        for server, api, _ in nexus.values():
+            for body in bodies.values():  # every path answers before it is measured
+                for address in (server.address, api):
+                    reply = wf_pb2.Execution.FromString(call(address, EXECUTE, body))
+                    assert reply.state == wf_pb2.Execution.STATE_SUCCEEDED, reply
+        echo_case = Case("bare grpc.aio echo, 1 process", echo.address, ECHO, bodies["noop"],
+                         len(bodies["noop"]), connections=WORKERS_CONNECTIONS)  # fmt: skip
+        echo_case.pid = echo.proc.pid
+        print(
+            f"\nEvery core: --workers 2 against --workers 1 (PostgreSQL; concurrency "
+            f"{WORKERS_CONCURRENCY} over {WORKERS_CONNECTIONS} connections; best of "
+            f"{args.rounds} alternating round(s) of up to {args.seconds:g} s each; "
+            f"{os.cpu_count()} CPUs shared with h2load, Envoy and PostgreSQL)"
+        )
+        header = f"{'case':<40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs 1':>6} {'vs echo':>8}"
+        print(header)
+        print("-" * len(header))
+        missed = []
+        for workflow, body in bodies.items():
+            for path in ("direct", "Envoy"):
+                cases = [echo_case] if path == "direct" else []
+                for n, (server, api, url) in nexus.items():
+                    case = Case(f"{workflow}, --workers {n}, {path}",
+                                server.address if path == "direct" else api, EXECUTE, body,
+                                count=pg_executions(url, workflow),
+                                connections=WORKERS_CONNECTIONS)  # fmt: skip
+                    case.pid = server.proc.pid
+                    cases.append(case)
+                results = measure_all(cases, WORKERS_CONCURRENCY, args)
+                echo_rps = results[0][0].rps if path == "direct" else None
+                one = results[-2][0].rps
+                for c, (load, note) in zip(cases, results, strict=True):
+                    vs_one = f"{load.rps / one:>6.2f}" if "--workers 2" in c.label else f"{'':>6}"
+                    vs_echo = (
+                        f"{load.rps / echo_rps:>8.2f}"
+                        if echo_rps and c is not echo_case
+                        else f"{'':>8}"
+                    )
+                    print(
+                        f"{c.label:<40} {load.rps:>9,.0f} {load.p50_ms:>8.2f} {load.p99_ms:>8.2f}"
+                        f" {vs_one} {vs_echo}{'  ' + note if note else ''}",
+                        flush=True,
+                    )
+                    if load.cpu is not None:  # --cpu: the server's processes, Envoy's too
+                        loop_us, other_us, idle = load.cpu
+                        print(
+                            f"{'':<40}   CPU per call {loop_us + other_us:,.0f} µs (main "
+                            f"threads {loop_us:,.0f}), machine {idle:.0%} idle"
+                        )
+                two = results[-1][0].rps
+                if two / one < WORKERS_TARGET:
+                    missed.append(f"{workflow} {path}: --workers 2 at {two / one:.2f}x of 1")
+                if echo_rps and two / echo_rps < WORKERS_ECHO_TARGET:
+                    missed.append(f"{workflow} {path}: --workers 2 at {two / echo_rps:.2f}x echo")
+            print()
+        return missed
+    finally:
+        for s in servers:
+            s.stop()
+        for name in names.values():
+            with contextlib.suppress(Exception):
+                pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 # ---- the cost of authentication (issue 16) ----------------------------------------------
 
 TABLE_HEADER = (
@@ -1375,6 +1554,12 @@ def main() -> int:
         action="store_true",
         help="only the authentication table (auth off/on)",
     )
+    p.add_argument("--skip-workers", action="store_true", help="without the workers table")
+    p.add_argument(
+        "--only-workers",
+        action="store_true",
+        help="only the workers table (--workers 2 vs 1 vs echo, PostgreSQL, direct and Envoy)",
+    )
     p.add_argument("--skip-metrics", action="store_true", help="without the metrics table")
     p.add_argument("--only-metrics", action="store_true", help="only the metrics table (on/off)")
     p.add_argument(
@@ -1430,17 +1615,22 @@ def main() -> int:
     with workdir() as tmp:
         if args.only_tracing:
             args.skip_load = args.skip_startup = True
-        only = args.only_auth or args.only_metrics or args.only_tracing
+        if args.only_workers:
+            args.skip_startup = True
+        only = args.only_auth or args.only_metrics or args.only_tracing or args.only_workers
         if not args.skip_load and not only:
             missed += run_load(args, tmp)
-        if not args.skip_load and not args.skip_auth and not args.only_metrics:
+        if not args.skip_load and not args.skip_workers and (args.only_workers or not only):
+            missed += run_workers(args, tmp)
+        if not (args.skip_load or args.skip_auth or args.only_metrics or args.only_workers):
             missed += run_auth(args, tmp)
-        if not args.skip_metrics and not args.only_auth and not args.only_tracing:
+        if not (args.skip_metrics or args.only_auth or args.only_tracing or args.only_workers):
             missed += run_metrics(args, tmp)
         if not (
             args.skip_tracing
             or args.only_auth
             or args.only_metrics
+            or args.only_workers
             or shutil.which("h2load") is None
         ):
             missed += run_tracing(args, tmp)

@@ -158,6 +158,7 @@ class _SharedTx:
         try:
             await self._stack.enter_async_context(self.db._gate())
             conn = await self._stack.enter_async_context(self.db.engine.begin())
+            await self.db._take_writer(conn)
         except BaseException as exc:
             await self._stack.aclose()
             if isinstance(exc, Exception) and not isinstance(exc, DataFlowError):
@@ -977,6 +978,21 @@ class DataFlow:
         # SQLite has one writer and DataFlow one connection to it: take turns
         return self._sqlite_lock if self.dialect == "sqlite" else contextlib.nullcontext()
 
+    async def _take_writer(self, conn: AsyncConnection) -> None:
+        """SQLite: make the transaction just begun on `conn` (a `transaction()` block, an
+        atomic execution) the database's one writer now, for all its length.
+
+        Why: the gate serialises such transactions within this process only. Another
+        process on the same file (`nexus serve --workers N`) would otherwise interleave
+        with it: the driver begins a transaction at its first write, so the block's
+        reads before it see a state another process may change before that write (a
+        read-modify-write would lose the other's update). `BEGIN IMMEDIATE` takes
+        SQLite's write lock at once, waiting up to the busy timeout (in the driver's
+        thread) while another process holds it; single statements need no such care:
+        each is atomic, and begins with its write."""
+        if self.dialect == "sqlite":
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+
     @contextlib.asynccontextmanager
     async def _session(
         self, model: ModelInfo | None, write: bool = False
@@ -1570,6 +1586,7 @@ class DataFlow:
         try:
             await self.initialize()
             async with self._gate(), self.engine.begin() as conn:
+                await self._take_writer(conn)
                 tx = _Tx(conn)
                 token = self._tx.set(tx)
                 try:

@@ -285,6 +285,9 @@ class Nexus:
         self.db: DataFlow | None = None
         self._own_db = False
         self._chosen_db = False
+        #: a port the server also listens on, shared with the other processes of
+        #: `nexus serve --workers N` through SO_REUSEPORT (`_workers.py`); None: none
+        self._shared_port: int | None = None
         self.check_options()
 
     def check_options(self) -> None:
@@ -520,7 +523,11 @@ class Nexus:
             access_log=self.access_log,
         )
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self.limits.grpc_options()])
+        shared = self._shared_port
+        reuse = 0 if shared is None else 1  # else a busy port fails the start, as it should
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", reuse), *self.limits.grpc_options()]
+        )
         handlers = GenericHandlersOnly(server, gateway)
         workflow_servicer = WorkflowServicer(
             self.registry,
@@ -591,6 +598,11 @@ class Nexus:
             port = server.add_insecure_port(f"{self.host}:{self.grpc_port}")
         except RuntimeError:  # grpcio raises it for a port it cannot bind
             port = 0
+        if port and shared is not None:
+            try:
+                port = port if server.add_insecure_port(f"{self.host}:{shared}") else 0
+            except RuntimeError:
+                port = 0
         if port == 0:
             await queue.stop_claiming()
             await executions.close(0)

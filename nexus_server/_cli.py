@@ -35,6 +35,7 @@ from ._app import (
 )
 from ._discovery import load_app_target
 from ._help import Parser, describe_commands
+from ._workers import parse_workers
 
 if TYPE_CHECKING:
     from dataflow import DataFlow
@@ -85,9 +86,10 @@ def _typed(app: Nexus) -> TypedModels:
     return TypedModels(db.models if db else (), _static_files())
 
 
-async def _serve(app: Nexus, *, log_level: str) -> None:
+async def _serve(app: Nexus, *, log_level: str, banner: bool = True) -> None:
     """Serve every channel `app` is configured for until SIGINT/SIGTERM: gRPC, Envoy
-    (unless `api_port` is None) and the MCP adapter (unless `mcp_port` is None)."""
+    (unless `api_port` is None) and the MCP adapter (unless `mcp_port` is None).
+    `banner`: print where it serves (a worker of `--workers N` does not)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,6 +118,10 @@ async def _serve(app: Nexus, *, log_level: str) -> None:
             await _warn_missing_tables(app.db)
         names = ", ".join(app.registry.names()) or "none"
         models = ", ".join(m.name for m in (app.db.models if app.db else ())) or "none"
+        if not banner:  # a worker of `--workers N`: its parent says where they serve
+            gc.freeze()
+            await stop.wait()
+            return
         print(
             f"Nexus gRPC server on {info.address} (started in {info.startup_seconds * 1e3:.0f} ms)"
         )
@@ -179,18 +185,31 @@ async def _warn_missing_tables(db: DataFlow) -> None:
             )
 
 
-def run_app(app: Nexus, *, log_level: str = "info") -> int:
+def run_app(
+    app: Nexus,
+    *,
+    log_level: str = "info",
+    workers: int = 1,
+    target: str | None = None,
+    worker: bool = False,
+) -> int:
     """Serve `app` until Ctrl-C/SIGTERM: the one code path of `nexus serve` and
     `Nexus.start()`. A start that cannot happen (a busy port, a database that is not
     there, an option this build refuses) prints one line (and a hint) on stderr and
-    returns EXIT_APP; a clean stop returns 0."""
+    returns EXIT_APP; a clean stop returns 0. `workers` > 1: as that many processes,
+    each loading `target` (`_workers.py`); `worker`: this process is one of them."""
     from dataflow import DataFlowError
 
     from ._envoy import EnvoyError
     from ._mcp_process import McpProcessError
+    from ._workers import WorkerError, serve_workers
 
     try:
-        asyncio.run(_serve(app, log_level=log_level))
+        if workers > 1 and target is not None:
+            return asyncio.run(serve_workers(app, target, workers=workers, log_level=log_level))
+        asyncio.run(_serve(app, log_level=log_level, banner=not worker))
+    except WorkerError as exc:
+        return _fail(str(exc), None)
     except McpProcessError as exc:
         return _fail(
             f"cannot start the MCP adapter on port {app.mcp_port}: {exc}",
@@ -257,7 +276,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 "set Nexus(enable_monitoring=True) in the app (docs/operations.md)",
             )
         app.metrics_port = args.metrics_port
-    return run_app(app, log_level=args.log_level)
+    from ._workers import configure_worker
+
+    worker = configure_worker(app)  # a process of `--workers N` (started by one)
+    return run_app(
+        app, log_level=args.log_level, workers=args.workers, target=args.app, worker=worker
+    )
 
 
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
@@ -393,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="with monitoring on (enable_monitoring=True), the port serving GET /metrics "
         "(default: the app's metrics_port; 0: any)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=parse_workers,
+        default=1,
+        metavar="N",
+        help="serve with N server processes (auto: one per CPU), each on a port of its "
+        "own behind Envoy and all sharing --grpc-port (SO_REUSEPORT); default: 1",
     )
     serve.add_argument(
         "--log-level",

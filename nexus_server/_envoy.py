@@ -122,6 +122,9 @@ class EnvoyOptions:
     Args:
         grpc_host: the gRPC server's address, as Envoy reaches it.
         grpc_port: the gRPC server's port.
+        grpc_ports: several gRPC servers on `grpc_host` (the processes of `nexus serve
+            --workers N`), one port each, instead of `grpc_port`: Envoy balances calls
+            between them, to the one with the fewest calls in flight (least request).
         api_host: the interface Envoy listens on.
         api_port: the REST/gRPC-Web/gRPC port (0: Envoy picks one).
         admin_socket: a unix socket path for Envoy's admin interface, created with mode
@@ -142,6 +145,7 @@ class EnvoyOptions:
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
+    grpc_ports: tuple[int, ...] = ()
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     admin_socket: str | None = None
@@ -400,12 +404,13 @@ def _status_details(body: Mapping[str, Any], cap: int) -> str:
     return base64.b64encode(status.SerializeToString()).decode().rstrip("=")
 
 
-def _upstream_thresholds(limits: Limits) -> dict[str, Any]:
+def _upstream_thresholds(options: EnvoyOptions) -> dict[str, Any]:
     """The `nexus_grpc` cluster's circuit breaker thresholds: `max_in_flight` requests
-    (and as many waiting for a connection) when it is set, else Envoy's defaults."""
-    if limits.max_in_flight is None:
+    per server process (and as many waiting for a connection) when it is set, else
+    Envoy's defaults."""
+    if options.limits.max_in_flight is None:
         return {}
-    cap = limits.max_in_flight
+    cap = options.limits.max_in_flight * len(_upstream_ports(options))
     return {
         "circuit_breakers": {
             "thresholds": [
@@ -766,6 +771,8 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
                 },
             },
         )
+    if len(options.grpc_ports) > 1:
+        virtual_host["retry_policy"] = _worker_retry_policy(len(options.grpc_ports))
     if options.cors_origins:
         virtual_host["typed_per_filter_config"] = {
             "envoy.filters.http.cors": _cors_policy(options.cors_origins)
@@ -860,7 +867,7 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         ],
         "clusters": [
             *_metrics_cluster(options),
-            _grpc_cluster("nexus_grpc", options, _upstream_thresholds(limits)),
+            _grpc_cluster("nexus_grpc", options, _upstream_thresholds(options)),
             *(
                 [_grpc_cluster(PROBES_CLUSTER, options, {})]
                 if limits.max_in_flight is not None
@@ -877,6 +884,7 @@ def _grpc_cluster(name: str, options: EnvoyOptions, extra: Mapping[str, Any]) ->
         "name": name,
         "type": "STRICT_DNS" if options.grpc_address_is_dns else "STATIC",
         "connect_timeout": "1s",
+        **({"lb_policy": "LEAST_REQUEST"} if len(options.grpc_ports) > 1 else {}),
         **extra,
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -895,15 +903,41 @@ def _grpc_cluster(name: str, options: EnvoyOptions, extra: Mapping[str, Any]) ->
                                 "address": {
                                     "socket_address": {
                                         "address": options.grpc_host,
-                                        "port_value": options.grpc_port,
+                                        "port_value": port,
                                     }
                                 }
                             }
                         }
+                        for port in _upstream_ports(options)
                     ]
                 }
             ],
         },
+    }
+
+
+def _upstream_ports(options: EnvoyOptions) -> tuple[int, ...]:
+    """The server's ports: each worker's own (`grpc_ports`), or the one `grpc_port`."""
+    return options.grpc_ports or (options.grpc_port,)
+
+
+def _worker_retry_policy(endpoints: int) -> dict[str, Any]:
+    """Several worker processes (`grpc_ports`): a call Envoy could not hand to one (it
+    is restarting: nothing listens on its port) goes to another. Only failures before
+    the request reached a server are retried, so a write never runs twice."""
+    return {
+        "retry_on": "connect-failure,refused-stream,reset-before-request",
+        "num_retries": endpoints,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts."
+                    "v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
     }
 
 

@@ -125,11 +125,16 @@ class Supervisor(abc.ABC):
 
     #: The error `start` raises (a subclass of SupervisorError).
     error: type[SupervisorError] = SupervisorError
+    #: The child writes to this process's standard output and error instead of a log
+    #: file of its own (`log_tail` is then empty: its output was shown already).
+    inherit_output = False
 
     def __init__(self, name: str, *, ready_timeout: float) -> None:
         self.name = name
         self.ready_timeout = ready_timeout
         self.restarts = 0
+        #: seconds the child gets to exit after SIGTERM before it is killed
+        self.stop_grace = STOP_GRACE
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._launched_at = 0.0
@@ -151,6 +156,15 @@ class Supervisor(abc.ABC):
     @abc.abstractmethod
     def address(self) -> str:
         """Where the child serves (for messages)."""
+
+    def environment(self) -> dict[str, str] | None:
+        """The environment of the next launch (None: this process's)."""
+        return None
+
+    def exited(self, pid: int, code: int) -> None:
+        """Called when a launch (process `pid`) has exited with `code`, whether it died
+        or was stopped (a subclass cleans up after it)."""
+        _log.debug("%s (pid %d) exited with %s", self.name, pid, code)
 
     # -- running it ------------------------------------------------------------------
 
@@ -201,9 +215,10 @@ class Supervisor(abc.ABC):
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
+                stdout=None if self.inherit_output else log,
+                stderr=None if self.inherit_output else log,
                 start_new_session=True,  # Ctrl-C reaches us; we stop the child ourselves
+                env=self.environment(),
             )
         self._launched_at = time.monotonic()
         try:
@@ -234,6 +249,7 @@ class Supervisor(abc.ABC):
         while True:
             assert self._proc is not None
             code = await self._proc.wait()
+            self.exited(self._proc.pid, code)
             if time.monotonic() - self._launched_at >= STABLE_AFTER:
                 delay = FIRST_DELAY  # it ran for a while: not a crash loop
             _log.error("%s exited with %s; restarting it: %s", self.name, code, self.log_tail())
@@ -270,12 +286,13 @@ class Supervisor(abc.ABC):
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            async with asyncio.timeout(STOP_GRACE):
+            async with asyncio.timeout(self.stop_grace):
                 await proc.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+        self.exited(proc.pid, await proc.wait())
 
     async def stop(self) -> None:
         """Stop the child (and stop restarting it)."""

@@ -14,16 +14,21 @@ one), so two apps in one process (tests, an embedding program) never collide. Wh
 `PROMETHEUS_MULTIPROC_DIR` is set before prometheus_client is first imported, the values
 live in that directory's memory-mapped files, shared by every server process, and
 `exposition` reads them all through a `MultiProcessCollector` (the gauges of calls in
-flight and running executions are summed over live processes). Which of the two modes
+flight and running executions are summed over live processes). The values read when
+scraped (breaker states, cache look-ups, DataFlow's pool) are copied into such files
+too, every second and before each scrape (`_Mirror`), so that any process's scrape,
+or `nexus serve --workers N`'s parent's, sums every process's. Which of the two modes
 is in force is `Metrics.multiprocess`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -129,15 +134,72 @@ class _Caches(Collector):
         yield family
 
 
-class _Extra(Collector):
-    """Collectors of this process exposed next to the multi-process values."""
+#: Seconds between two copies of the scrape-time values into the multi-process files.
+MIRROR_INTERVAL = 1.0
+#: How the processes' values of a mirrored gauge combine (default: their sum).
+_GAUGE_MODES: dict[str, Literal["livemax", "livesum"]] = {
+    "nexus_circuit_breaker_state": "livemax"  # the worst state of any process's breaker
+}
+
+
+class _Mirror:
+    """Multi-process mode: the values this process's collectors produce when scraped
+    (gauges and counters), copied into prometheus_client metrics whose values live in the
+    shared files, so that every process's scrape reads them. Gauges of live processes
+    combine by `_GAUGE_MODES` (sum by default); a counter grows by what its source grew.
+    Histograms are not copied: theirs are in the files already."""
 
     def __init__(self, collectors: Iterable[Collector]) -> None:
-        self._collectors = list(collectors)
+        self._collectors = collectors
+        self._lock = threading.Lock()
+        self._metrics: dict[str, Any] = {}
+        self._last: dict[tuple[str, tuple[str, ...]], float] = {}
 
-    def collect(self) -> Iterator[Any]:
-        for collector in self._collectors:
-            yield from collector.collect()
+    def copy(self) -> None:
+        with self._lock:
+            for collector in list(self._collectors):
+                for family in collector.collect():
+                    if family.type == "gauge":
+                        for sample in family.samples:
+                            self._child(Gauge, family, sample).set(sample.value)
+                    elif family.type == "counter":
+                        for sample in family.samples:
+                            if not sample.name.endswith("_total"):
+                                continue  # a `_created` sample
+                            key = (family.name, tuple(sample.labels.values()))
+                            grown = sample.value - self._last.get(key, 0.0)
+                            self._last[key] = sample.value
+                            if grown > 0:
+                                self._child(Counter, family, sample).inc(grown)
+
+    def _child(self, kind: type[Counter] | type[Gauge], family: Any, sample: Any) -> Any:
+        """The metric copying `family` (made on first use), at `sample`'s labels."""
+        metric = self._metrics.get(family.name)
+        if metric is None:
+            labels = list(sample.labels)
+            if kind is Gauge:
+                mode = _GAUGE_MODES.get(family.name, "livesum")
+                metric = Gauge(
+                    family.name, family.documentation, labels, registry=None,
+                    multiprocess_mode=mode,
+                )  # fmt: skip
+            else:
+                metric = Counter(family.name, family.documentation, labels, registry=None)
+            self._metrics[family.name] = metric
+        return metric.labels(*sample.labels.values()) if sample.labels else metric
+
+
+def _mirror_every(ref: weakref.ref[_Mirror], interval: float) -> None:
+    """Copy while the mirror exists (the thread ends with the `Metrics` it serves)."""
+    stop = threading.Event()
+    while not stop.wait(interval):
+        mirror = ref()
+        if mirror is None:
+            return
+        # a source that cannot say now: the next round catches up
+        with contextlib.suppress(Exception):
+            mirror.copy()
+        del mirror
 
 
 class Metrics:
@@ -226,6 +288,15 @@ class Metrics:
         self._caches = _Caches()
         r.register(self._caches)
         self._process: list[Collector] = [self._breakers, self._caches]
+        self._mirror: _Mirror | None = None
+        if self.multiprocess:
+            self._mirror = _Mirror(self._process)
+            threading.Thread(
+                target=_mirror_every,
+                args=(weakref.ref(self._mirror), MIRROR_INTERVAL),
+                name="nexus-metrics-mirror",
+                daemon=True,
+            ).start()
 
     # -- hooks of the chain and the execution engine ---------------------------------------
 
@@ -298,20 +369,33 @@ class Metrics:
 
     def exposition_registry(self) -> CollectorRegistry:
         """What a scrape reads: this registry, or in multi-process mode the values of
-        every process (from `PROMETHEUS_MULTIPROC_DIR`) plus this process's collectors."""
+        every process (from `PROMETHEUS_MULTIPROC_DIR`), this process's scrape-time
+        values copied there first."""
         path = multiprocess_dir()
-        if path is None:
+        if path is None or self._mirror is None:
             return self.registry
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
+        registry.register(_Fresh(self._mirror))
         multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-        registry.register(_Extra(self._process))
         return registry
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format (what `GET /metrics` returns)."""
         return generate_latest(self.exposition_registry())
+
+
+class _Fresh(Collector):
+    """Copies this process's scrape-time values into the files just before they are
+    read (registered ahead of the `MultiProcessCollector`); yields nothing itself."""
+
+    def __init__(self, mirror: _Mirror) -> None:
+        self._mirror = mirror
+
+    def collect(self) -> Iterator[Any]:
+        self._mirror.copy()
+        return iter(())
 
 
 class MetricsServer:

@@ -310,6 +310,7 @@ m.for_method("/a/B").ended("grpc", "OK", 0.01)
 m.execution_started("wf")
 m.execution_ended("wf", "SUCCEEDED", 0.5)
 m.watch_breaker("database", lambda: "half_open")
+m.watch_cache("response", lambda: (3, 1))
 sys.stdout.write(m.exposition().decode())
 """
 
@@ -320,7 +321,7 @@ def test_multiprocess_mode_reads_the_shared_directory(tmp_path: Path) -> None:
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
         "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]),
     }
-    outputs = []
+    outputs, texts = [], []
     for _ in range(2):  # two processes write their values; each scrape sees both
         done = subprocess.run(
             [sys.executable, "-c", MULTIPROCESS],
@@ -331,6 +332,7 @@ def test_multiprocess_mode_reads_the_shared_directory(tmp_path: Path) -> None:
             check=True,
         )
         outputs.append(samples(done.stdout))
+        texts.append(done.stdout)
     assert any(p.suffix == ".db" for p in tmp_path.iterdir())
     first, second = outputs
     ok = {"method": "/a/B", "channel": "grpc", "code": "OK"}
@@ -338,6 +340,12 @@ def test_multiprocess_mode_reads_the_shared_directory(tmp_path: Path) -> None:
     assert value(second, "nexus_calls_total", **ok) == 2
     assert value(second, "nexus_executions_total", workflow="wf", state="SUCCEEDED") == 2
     assert value(second, "nexus_circuit_breaker_state", dependency="database") == 1
+    # the values read at scrape time are copied to the shared files: summed too
+    assert value(second, "nexus_cache_requests_total", cache="response", result="hit") == 6
+    assert value(second, "nexus_cache_requests_total", cache="response", result="miss") == 2
+    # each family once (a process's own copy beside the files' would be a second one)
+    names = [line.split()[2] for line in texts[1].splitlines() if line.startswith("# TYPE")]
+    assert len(names) == len(set(names)), names
 
 
 # --- the access log ------------------------------------------------------------------------
