@@ -366,8 +366,10 @@ class ExecutionQueue:
         now = _now()
         until = now + _dt.timedelta(seconds=self.options.lease)
         claimed: list[ExecutionRecord] = []
+        # on SQLite, `transaction()` takes the database's write lock before the first
+        # read (BEGIN IMMEDIATE), so two processes never read the same queued rows;
+        # PostgreSQL locks the rows read instead (FOR UPDATE SKIP LOCKED)
         async with self.db.transaction(), self.db.connection() as conn:
-            await self._lock_sqlite(conn)
             rows = (await conn.execute(query)).mappings().all()
             room = {n: self._room(n) for n in names}
             for row in rows:
@@ -394,14 +396,6 @@ class ExecutionQueue:
             rec.start_time = now
             rec.attempts = (rec.attempts or 0) + 1
         return claimed
-
-    async def _lock_sqlite(self, conn: Any) -> None:
-        """On SQLite, take the database's write lock before the transaction's first
-        read (`BEGIN IMMEDIATE`): the driver would begin it only at the first write, so
-        two processes could read the same queued rows. PostgreSQL locks the rows read
-        instead (`FOR UPDATE SKIP LOCKED`)."""
-        if self.db.dialect == "sqlite":
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     def _start(self, rec: ExecutionRecord) -> None:
         self._by_workflow[rec.workflow] += 1
@@ -538,8 +532,7 @@ class ExecutionQueue:
         if not lost:
             return 0
         settled = requeued = 0
-        async with self.db.transaction(), self.db.connection() as conn:
-            await self._lock_sqlite(conn)
+        async with self.db.transaction(), self.db.connection() as conn:  # locks, as in _claim
             locked = (
                 (
                     await conn.execute(
