@@ -42,6 +42,16 @@ from ._limits import Limits
 from ._probes import HTTP_STATUS_HEADER, PROBE_PATHS, PROBE_SERVICE
 from ._supervisor import Supervisor, SupervisorError
 from ._typed import TypedModels
+from ._upstreams import (
+    DRAIN_TIMEOUT,
+    READ_RETRY_ON,
+    Upstream,
+    keepalive_protocol_options,
+    read_methods,
+    replica_cluster,
+    retry_policy,
+    retry_routes,
+)
 
 __all__ = [
     "ACCESS_LOG_FORMAT",
@@ -132,6 +142,8 @@ class EnvoyOptions:
             forwarded to it (`Nexus(expose_metrics=True)`); None: no such route.
         access_log_path: where Envoy writes its JSON access log (one line per request,
             `ACCESS_LOG_FORMAT`); None: none (the supervisor sets one in its directory).
+        upstreams: several replicas (host, port) instead of `grpc_host`/`grpc_port`:
+            health-checked, with retries and outlier ejection (`_upstreams.py`).
     """
 
     grpc_host: str = "127.0.0.1"
@@ -147,6 +159,7 @@ class EnvoyOptions:
     limits: Limits = field(default_factory=Limits)
     metrics_port: int | None = None
     access_log_path: str | None = None
+    upstreams: tuple[Upstream, ...] = ()
 
 
 #: Envoy's access log line: the fields of the server's (`gateway._access_log`), with the
@@ -463,7 +476,7 @@ def _cors_policy(origins: Sequence[str]) -> dict[str, Any]:
         "allow_methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
         "allow_headers": (
             "content-type, authorization, x-api-key, x-nexus-caller, x-nexus-tenant, "
-            "x-grpc-web, x-user-agent, grpc-timeout"
+            "x-nexus-request-id, x-grpc-web, x-user-agent, grpc-timeout"
         ),
         "expose_headers": "grpc-status, grpc-message, grpc-status-details-bin, x-nexus-cache",
         "max_age": "86400",
@@ -565,6 +578,8 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         ],
     }
+    if options.upstreams:
+        virtual_host["routes"] = _replica_routes(virtual_host["routes"], descriptor)
     if options.metrics_port is not None:
         virtual_host["routes"].insert(
             0,
@@ -610,6 +625,9 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         "local_reply_config": _local_reply_config(),
         "http_filters": http_filters,
     }
+    if options.upstreams:
+        # when Envoy stops or reloads, its connections get GOAWAY and this long to finish
+        hcm["drain_timeout"] = DRAIN_TIMEOUT
     if options.access_log_path is not None:
         hcm["access_log"] = [
             {
@@ -708,7 +726,24 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         ],
     }
+    if options.upstreams:
+        # several replicas instead of the one server: the same cluster name, so every
+        # route reaches them
+        config["static_resources"]["clusters"][-1] = replica_cluster(
+            "nexus_grpc", options.upstreams, keepalive_protocol_options()
+        )
     return config
+
+
+def _replica_routes(routes: list[Any], descriptor: bytes) -> list[Any]:
+    """The routes in front of replicas (`_upstreams.py`): the probe routes first, as
+    they are, with retries (they are reads); then each read method, writes with a
+    request_id header, and the catch-all, each with its retry policy."""
+    *probes, catch_all = routes
+    retried_probes = [
+        {**r, "route": {**r["route"], "retry_policy": retry_policy(READ_RETRY_ON)}} for r in probes
+    ]
+    return [*retried_probes, *retry_routes("nexus_grpc", read_methods(descriptor), catch_all)]
 
 
 #: Where Envoy serves the server's metrics when `metrics_port` is set.
