@@ -61,6 +61,10 @@ READ_RETRY_ON = "unavailable,connect-failure,reset,refused-stream"
 SAFE_RETRY_ON = "connect-failure,refused-stream"
 #: Retries after the first attempt (3 attempts: with 3 replicas, one on each).
 NUM_RETRIES = 2
+#: Retries in flight at once: this percentage of the requests in flight, and at least
+#: `MIN_RETRY_CONCURRENCY`.
+RETRY_BUDGET_PERCENT = 25.0
+MIN_RETRY_CONCURRENCY = 64
 #: Health checks: every `HEALTH_INTERVAL`, `UNHEALTHY_AFTER` failures take a replica
 #: out, `HEALTHY_AFTER` successes put it back.
 HEALTH_INTERVAL = "2s"
@@ -179,6 +183,20 @@ def replica_cluster(
         "type": "STRICT_DNS" if upstreams_are_dns(upstreams) else "STATIC",
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
+        # retries in flight at once: a share of the requests in flight (Envoy's default
+        # is 3 at once, far too few when a replica dies under load: every call in
+        # flight on it fails over together)
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "retry_budget": {
+                        "budget_percent": {"value": RETRY_BUDGET_PERCENT},
+                        "min_retry_concurrency": MIN_RETRY_CONCURRENCY,
+                    },
+                }
+            ]
+        },
         "typed_extension_protocol_options": protocol_options,
         "health_checks": [
             {
