@@ -5,7 +5,9 @@ database of their own, and one real Envoy from `nexus envoy-config --upstream` x
   counts), REST through the same Envoy works, and every write lands once in the one
   database;
 - a replica that stops is taken out by the active health checks, and the calls that
-  follow all succeed on the other two.
+  follow all succeed on the other two;
+- replicas started at the same moment on an empty database all start (their schema
+  changes take turns, under a PostgreSQL advisory lock).
 """
 
 from __future__ import annotations
@@ -122,3 +124,18 @@ async def test_envoy_balances_three_replicas_and_ejects_a_stopped_one(
     assert sum(after.values()) >= CALLS
     emails = await _emails(backend_url, f"{tag}-b")
     assert sorted(emails) == sorted(f"{tag}-b-{i}@cluster.test" for i in range(CALLS))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend_url", ["postgres"], indirect=True)
+async def test_replicas_started_at_once_on_an_empty_database_all_start(
+    backend_url: str, serve: Serve, front: Front
+) -> None:
+    # a Deployment's pods, or compose's services, start together: each creates the
+    # schema it finds missing
+    replicas = await asyncio.gather(*(serve(backend_url) for _ in range(3)))
+    envoy = await front(backend_url, replicas)
+    tag = uuid.uuid4().hex[:8]
+    ids = await _execute(envoy.address, tag, 12)
+    assert len(set(ids)) == 12
+    assert len(await _emails(backend_url, tag)) == 12
