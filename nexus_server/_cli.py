@@ -290,9 +290,9 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
 def _upstreams_text(api_port: int, upstreams: tuple[tuple[str, int], ...]) -> list[str]:
     """The header lines naming the replicas (one per line)."""
     return [
-        f"gRPC on port {api_port}, in front of {len(upstreams)} gRPC server replica(s),",
-        "health-checked; reads, and writes with an x-nexus-request-id header, are retried",
-        "on another replica (docs/deploy.md):",
+        f"gRPC on port {api_port}, in front of the gRPC server replicas below (a DNS name",
+        "stands for every address it resolves to), health-checked; reads, and writes with",
+        "an x-nexus-request-id header, are retried on another replica (docs/deploy.md):",
         *(f"  [{h}]:{p}" if ":" in h else f"  {h}:{p}" for h, p in upstreams),
     ]
 
