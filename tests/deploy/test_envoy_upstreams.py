@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -295,6 +296,9 @@ def _both_healthy(admin: Path) -> bool:
 #: Calls of each kind: each lands on the failing replica first with probability 1/2,
 #: so with 24 of them at least one does, but with probability 2^-24.
 CALLS = 24
+#: CLI processes in the CLI test (each lands on the failing replica first with
+#: probability 1/2: none does with probability 2^-16).
+RUNS = 16
 
 
 @pytest.mark.timeout(90)
@@ -336,3 +340,28 @@ async def test_envoy_retries_reads_and_keyed_writes_on_another_replica(
         assert set(plain) == {"UNAVAILABLE", "from-the-good-replica"}
     # every answer came from the good replica once: nothing ran twice there
     assert good.calls == CALLS * 2 + plain.count("from-the-good-replica")
+
+
+@pytest.mark.timeout(120)
+async def test_the_cli_sends_the_header_envoy_retries_on(
+    two_replicas: tuple[str, _Replica, _Replica], tmp_path: Path
+) -> None:
+    """`nexus call` (a real CLI process) with a request_id: Envoy retries the write away
+    from the failing replica, so every call succeeds, though some reached it first."""
+    address, bad, good = two_replicas
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["HOME"] = str(tmp_path)  # no stored login
+    outputs = []
+    for i in range(RUNS):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients.cli", "--server", address, "-o", "json", "call",
+            "WorkflowService/ExecuteWorkflow", "--json", f'{{"name": "w", "request_id": "c-{i}"}}',
+            cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        outputs.append(json.loads(out)["id"])
+    assert set(outputs) == {"from-the-good-replica"}
+    assert bad.calls > 0, "no call reached the failing replica first"
+    assert good.calls == RUNS
