@@ -206,6 +206,45 @@ def test_the_cli_channel_sends_a_requests_id_as_the_header() -> None:
     assert REQUEST_ID_HEADER not in dict(read.metadata)
 
 
+class _CapturingModels:
+    """A ModelService stub that keeps the metadata of each call (a unit test of the
+    adapter's metadata, without a server)."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+
+    async def CreateRecord(self, request: Any, metadata: Any = ()) -> Any:
+        from google.protobuf import struct_pb2
+
+        self.metadata.append(dict(metadata))
+        return struct_pb2.Struct()
+
+    async def GetRecord(self, request: Any, metadata: Any = ()) -> Any:
+        return await self.CreateRecord(request, metadata)
+
+
+async def test_the_mcp_adapter_sends_a_writes_request_id_as_the_header() -> None:
+    from clients.mcp._server import Adapter
+    from clients.mcp._tools import ToolSpec
+
+    adapter = Adapter("127.0.0.1:1")
+    models = _CapturingModels()
+    adapter._ms = lambda: models  # type: ignore[method-assign]
+
+    def spec(kind: str, request_id: bool) -> ToolSpec:
+        return ToolSpec(
+            name=f"contacts_{kind}", description="", input_schema={}, kind=kind,
+            target="Contact", request_id=request_id,
+        )  # fmt: skip
+
+    await adapter._model_op(spec("create", True), {"name": "Ada", "request_id": "m-1"})
+    await adapter._model_op(spec("create", True), {"name": "Ada"})
+    await adapter._model_op(spec("get", False), {"id": "x"})
+    assert models.metadata[0].get(REQUEST_ID_HEADER) == "m-1"
+    assert REQUEST_ID_HEADER not in models.metadata[1]
+    assert REQUEST_ID_HEADER not in models.metadata[2]
+
+
 # --- the rules, in a real Envoy -----------------------------------------------------------
 
 
