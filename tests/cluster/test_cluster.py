@@ -100,6 +100,20 @@ async def test_envoy_balances_three_replicas_and_ejects_a_stopped_one(
         assert "create_entry" in {w["name"] for w in listed.json()["workflows"]}
         ready = await http.get("/readyz")
         assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+        # a REST write with its key in the header too (retryable through Envoy)
+        key = f"{tag}-rest"
+        body = {"inputs": {"name": "Rest", "email": f"{key}-0@cluster.test"}, "request_id": key}
+        headers = {"x-nexus-request-id": key}
+        written = await http.post("/v1/workflows/create_entry:execute", json=body, headers=headers)
+        assert written.status_code == 200, written.text
+        again = await http.post("/v1/workflows/create_entry:execute", json=body, headers=headers)
+        assert again.json()["id"] == written.json()["id"]
+        # a header that is not the body's key is the client's mistake: 400, nothing runs
+        body["request_id"] = f"{key}-other"
+        refused = await http.post("/v1/workflows/create_entry:execute", json=body, headers=headers)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["details"][0]["reason"] == "REQUEST_INVALID"
+    assert await _emails(backend_url, key) == [f"{key}-0@cluster.test"]
 
     # a replica stops (gracefully): the health checks take it out
     gone = replicas[0]
