@@ -229,6 +229,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         app.mcp_port = None
     if args.cors_origin:
         app.cors_origins = tuple(args.cors_origin)
+    if args.drain_delay is not None:
+        app.drain_delay = args.drain_delay
     return run_app(app, log_level=args.log_level)
 
 
@@ -326,6 +328,16 @@ def _cmd_proto_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain_delay_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected seconds, e.g. 5") from None
+    if not 0 <= value <= 3600:  # also refuses nan
+        raise argparse.ArgumentTypeError("expected seconds from 0 to 3600")
+    return value
+
+
 def _upstream_arg(text: str) -> tuple[str, int]:
     from ._upstreams import parse_upstream
 
@@ -369,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--mcp-port",
         type=int,
         help="the MCP adapter's HTTP port (default: the app's mcp_port; 0: any)",
+    )
+    serve.add_argument(
+        "--drain-delay",
+        type=_drain_delay_arg,
+        metavar="SECONDS",
+        help="at shutdown, go on answering this long after health says NOT_SERVING, so "
+        "a load balancer moves new calls to other replicas first (default: the app's "
+        "drain_delay, 0; 5 suits replicas behind `nexus envoy-config --upstream`)",
     )
     serve.add_argument(
         "--log-level",

@@ -46,6 +46,13 @@ CLIENT_ATTEMPTS = 3
 CALL_TIMEOUT = 10.0
 #: The whole load must be over within this many seconds.
 LOAD_SECONDS = 90.0
+#: `nexus serve --drain-delay` of the graceful-stop test: Envoy's health checks
+#: (every 2 s, out after 2 failures) notice NOT_SERVING within it.
+DRAIN_DELAY = "5"
+#: The graceful-stop test's load: at most this many calls, going on until the replica
+#: has stopped and this many more were answered.
+STOP_CALLS = 20_000
+AFTER_STOP = 100
 #: Codes a client retries (the call may not have run, or ran and will be found).
 RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
 
@@ -184,3 +191,86 @@ async def test_kill_9_of_a_replica_under_write_load_through_envoy(
     # and it hit calls in flight, which were retried (by Envoy, or by their client)
     assert retries.get("upstream_rq_retry", 0) + len(client_retried) > 0, covered
     assert set(counts) <= {c.email for c in calls}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("backend_url", ["postgres"], indirect=True)
+async def test_a_replica_stopping_gracefully_under_load_fails_no_call(
+    backend_url: str, serve: Serve, front: Front
+) -> None:
+    """A rolling restart's stop (SIGINT: the server's graceful stop) of one replica under
+    write load WITHOUT request_ids, which Envoy never retries once a replica has them:
+    its in-flight calls finish, and the calls it refuses from then on (refused streams,
+    refused connections) are retried on the others by Envoy. No call fails, every
+    acknowledged write is in the database once.
+
+    `--drain-delay` covers what Envoy cannot retry: calls a replica has received but not
+    yet started when it stops taking calls (grpc cancels them) would fail; with the
+    delay, Envoy's health checks have moved new calls away before that moment."""
+    replicas = [await serve(backend_url, "--drain-delay", DRAIN_DELAY) for _ in range(3)]
+    envoy = await front(backend_url, replicas)
+    leaving = replicas[0]
+    run = uuid.uuid4().hex[:8]
+    # the load goes on until the replica has stopped and AFTER_STOP more calls were
+    # answered (at most STOP_CALLS in all)
+    emails = collections.deque(f"stop-{run}-{i}@cluster.test" for i in range(STOP_CALLS))
+    acked: list[str] = []
+    failed: list[str] = []
+    stopping: list[asyncio.Task[None]] = []
+    after_stop = 0
+
+    def more() -> bool:
+        return bool(emails) and not (stopping and stopping[0].done() and after_stop >= AFTER_STOP)
+
+    async def worker() -> None:
+        nonlocal after_stop
+        async with grpc.aio.insecure_channel(envoy.address) as channel:
+            stub = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+            while more():
+                email = emails.popleft()
+                inputs = struct_pb2.Struct()
+                inputs.update({"name": "Stop", "email": email})
+                try:
+                    await stub.ExecuteWorkflow(
+                        wpb.ExecuteWorkflowRequest(name="create_entry", inputs=inputs),
+                        timeout=CALL_TIMEOUT,
+                    )
+                    acked.append(email)
+                    after_stop += bool(stopping and stopping[0].done())
+                except grpc.aio.AioRpcError as err:
+                    failed.append(f"{email}: {err.code().name} {err.details()}")
+                if len(acked) >= KILL_AFTER and not stopping:
+                    stopping.append(asyncio.create_task(leaving.stop()))
+
+    async with asyncio.timeout(LOAD_SECONDS):
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    assert stopping and stopping[0].done(), "the load ended before the replica stopped"
+    assert after_stop >= AFTER_STOP, f"only {after_stop} calls after the stop"
+    assert leaving.proc.returncode == 0, leaving.log_tail()
+
+    hosts = await asyncio.to_thread(envoy.hosts)
+    retries = await asyncio.to_thread(_retry_stats, envoy.admin)
+    conn = await asyncpg.connect(backend_url, timeout=5)
+    try:
+        rows = await conn.fetch(
+            "SELECT email, count(*) AS n FROM entry WHERE email LIKE $1 GROUP BY email",
+            f"stop-{run}-%",
+        )
+    finally:
+        await conn.close()
+    counts = {r["email"]: int(r["n"]) for r in rows}
+    covered = {
+        "calls": len(acked) + len(failed),
+        "acknowledged": len(acked),
+        "after the stop": after_stop,
+        "failed": len(failed),
+        "Envoy retries": retries,
+        "requests per replica": {a: h.rq_total for a, h in hosts.items()},
+        "stopped": leaving.address,
+        "entries": sum(counts.values()),
+    }
+    print(f"covered: {covered}")
+    assert not failed, (covered, failed[:5])
+    assert all(counts.get(e) == 1 for e in acked), covered
+    assert sum(counts.values()) == len(acked), covered
+    assert hosts[leaving.address].rq_total > 0, covered

@@ -34,6 +34,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nexus_server import _upstreams as upstreams
 from nexus_server._cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +121,21 @@ def _upstreams(envoy: dict[str, Any]) -> list[str]:
 def _listener_port(envoy: dict[str, Any]) -> int:
     (listener,) = envoy["static_resources"]["listeners"]
     return int(listener["address"]["socket_address"]["port_value"])
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
+def _envoy_notices() -> float:
+    """Seconds Envoy's health checks may take to find a replica NOT_SERVING."""
+    u = upstreams
+    return u.UNHEALTHY_AFTER * _seconds(u.HEALTH_INTERVAL) + _seconds(u.HEALTH_TIMEOUT)
+
+
+#: The server's default grace period (Nexus(grace_period=10)).
+GRACE_PERIOD = 10.0
 
 
 def _configmap_envoy() -> str:
@@ -239,8 +255,11 @@ def test_manifests_agree_with_each_other_and_with_the_server() -> None:
     assert port["containerPort"] == args.grpc_port == generate.GRPC_PORT
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == args.grpc_port, probe
-    # the server's grace period (Nexus default, 10 s) fits in the pod's
-    assert replicas["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 10
+    # it goes on answering until Envoy has moved new calls away, then finishes its
+    # in-flight calls: both fit in the pod's grace period
+    assert args.drain_delay >= _envoy_notices()
+    pod_grace = replicas["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert pod_grace > args.drain_delay + GRACE_PERIOD
 
     headless = _one("Service", "nexus-replicas")
     assert headless["spec"]["clusterIP"] == "None"
@@ -373,6 +392,8 @@ def test_compose_file_names_what_exists() -> None:
         redis = re.match(r"redis://(\w+):6379/\d+$", env["NEXUS_REDIS_URL"])
         assert redis and redis.group(1) in services
         assert set(replica["depends_on"]) == {"postgres", "redis"}
+        assert args.drain_delay >= _envoy_notices()
+        assert _seconds(replica["stop_grace_period"]) > args.drain_delay + GRACE_PERIOD
     # one service builds the image the others run, with the Dockerfile of deploy/
     build = services["nexus-1"]["build"]
     assert (COMPOSE.parent / build["context"]).resolve() == ROOT
@@ -435,6 +456,7 @@ def test_dockerfile_copies_what_exists_and_runs_nexus() -> None:
     cmd = yaml.safe_load(next(rest for word, rest in steps if word == "CMD"))
     args = _parses(cmd)
     assert (args.command, args.no_envoy, args.grpc_port) == ("serve", True, generate.GRPC_PORT)
+    assert args.drain_delay >= _envoy_notices()
     expose = next(rest for word, rest in steps if word == "EXPOSE")
     assert int(expose) == args.grpc_port
     # the app the image serves: deploy/app.py imports contacts_app, copied beside it
