@@ -1,4 +1,5 @@
-"""`kill -9` of one of three replicas under write load through Envoy (issue 18).
+"""`kill -9` of one of three replicas under write load through Envoy (issue 18), and a
+graceful stop of one.
 
 16 concurrent clients send `create_entry` executions, each with a request_id of its own
 (in the body, and as the `x-nexus-request-id` header that lets Envoy retry it on
@@ -11,7 +12,11 @@ retries a failed call itself (same request_id) at most `CLIENT_ATTEMPTS` times. 
 - no acknowledged write is lost: its execution is SUCCEEDED, its entry is in the
   database, and a retry of the call with its request_id answers the same execution;
 - none is duplicated: `Entry.email` is not unique, so a request run twice would leave
-  two rows with its email (counted in the database).
+  two rows with its email (counted in the database);
+- Envoy takes the dead replica out (outlier ejection, health checks).
+
+A second test stops a replica gracefully (a rolling restart) under a load WITHOUT
+request_ids: no call fails (see `--drain-delay`).
 """
 
 from __future__ import annotations
@@ -141,7 +146,11 @@ async def test_kill_9_of_a_replica_under_write_load_through_envoy(
 
     failed = [c for c in calls if not c.execution_id]
     client_retried = [c for c in calls if c.attempts > 1]
-    hosts = await asyncio.to_thread(envoy.hosts)
+    # the dead replica is out: its connections failed (outlier ejection) or its health
+    # checks did
+    hosts = await envoy.wait_hosts(
+        lambda hs: not hs[victim.address].healthy, "the killed replica taken out", timeout=20
+    )
     retries = await asyncio.to_thread(_retry_stats, envoy.admin)
 
     conn = await asyncpg.connect(backend_url, timeout=5)
@@ -175,6 +184,7 @@ async def test_kill_9_of_a_replica_under_write_load_through_envoy(
         "Envoy retries": retries,
         "requests per replica": {a: h.rq_total for a, h in hosts.items()},
         "killed": victim.address,
+        "killed replica in Envoy": hosts[victim.address].flags,
         "load seconds": round(seconds, 1),
         "entries": sum(counts.values()),
     }
