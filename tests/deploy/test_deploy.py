@@ -318,6 +318,9 @@ def running_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     env["NEXUS_DATABASE_URL"] = f"sqlite:///{tmp / 'nexus.db'}"
     env["NEXUS_GRPC_PORT"] = "0"
+    # what the compose file sets (its Redis URL aside: the limiter then keeps its buckets
+    # in the process)
+    env["NEXUS_RATE_LIMIT"] = _compose()["services"]["nexus-1"]["environment"]["NEXUS_RATE_LIMIT"]
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "examples"), str(ROOT)])
     proc = subprocess.Popen(
         [sys.executable, "-m", "nexus_server", "serve", str(DEPLOY / "app.py"), "--grpc-port",
