@@ -42,6 +42,7 @@ __all__ = [
     "EXIT_PERMISSION",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
+    "REQUEST_ID_HEADER",
     "TRACE_CONTEXT",
     "ApiFailure",
     "Credential",
@@ -61,6 +62,8 @@ __all__ = [
 ]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+#: The header carrying a write's `request_id` too (see `call_metadata`).
+REQUEST_ID_HEADER = "x-nexus-request-id"
 
 #: Exit codes of the CLI, one per class of failure (documented in docs/cli.md).
 EXIT_OK = 0
@@ -184,11 +187,18 @@ def _active_trace() -> tuple[tuple[str, str], ...]:
     return trace_context_of(carrier.get("traceparent"), carrier.get("tracestate"))
 
 
-def call_metadata() -> tuple[tuple[str, str], ...]:
+def call_metadata(request_id: str = "") -> tuple[tuple[str, str], ...]:
     """The metadata of every call: the credential of this context, the channel, the
     trace context (`trace_metadata`), and the development label `x-nexus-caller` from
-    `$NEXUS_CALLER` (used only when the server's authentication is off)."""
+    `$NEXUS_CALLER` (used only when the server's authentication is off).
+
+    A write with an idempotency key (`request_id`) sends it also as the header
+    `REQUEST_ID_HEADER`: an Envoy in front of several replicas cannot read the body,
+    and retries a write on another replica only when this header says it is safe to
+    (docs/deploy.md)."""
     meta: list[tuple[str, str]] = list(trace_metadata())
+    if request_id:
+        meta.append((REQUEST_ID_HEADER, request_id))
     cred = CREDENTIAL.get()
     if cred is not None:
         meta.append(cred.metadata())

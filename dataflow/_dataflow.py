@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from sqlalchemy import Connection, MetaData, Table, event, select
+from sqlalchemy import Connection, MetaData, Table, event, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateTable
@@ -197,6 +197,26 @@ def _async_url(url: str) -> tuple[str, str]:
     raise ValidationError(
         "database_url", f"unsupported database {backend!r} (use sqlite:/// or postgresql://)"
     )
+
+
+#: The PostgreSQL advisory lock that schema work takes for its transaction (`_migrate`,
+#: `run_sync`): server processes starting together on one empty database (replicas
+#: of a Deployment) change the schema one after the other, each seeing what the one
+#: before made, instead of failing on each other's CREATE TABLE.
+SCHEMA_LOCK_KEY = 0x6E657875
+
+
+def _lock_schema(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+
+
+def _schema_locked(fn: Callable[[Connection], R]) -> Callable[[Connection], R]:
+    def locked(conn: Connection) -> R:
+        _lock_schema(conn)
+        return fn(conn)
+
+    return locked
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -831,6 +851,7 @@ class DataFlow:
 
     def _migrate(self, conn: Connection, tables: list[Table]) -> None:
         """Compare, migrate and persist, on a synchronous connection in a transaction."""
+        _lock_schema(conn)
         if not self.skip_migration and tables:
             plan = plan_migration(conn, tables)
             if plan.refused:
@@ -1115,7 +1136,7 @@ class DataFlow:
                     result = await asyncio.to_thread(self._sync_transaction, fn)
             else:
                 async with self._gate(), self.engine.begin() as conn:
-                    result = await conn.run_sync(fn)
+                    result = await conn.run_sync(_schema_locked(fn))
         except DataFlowError:
             if trial:
                 self._release_trial()

@@ -160,6 +160,10 @@ class Nexus:
             from RegisterWorkflow. Off by default: such nodes run arbitrary code.
         execution_timeout: default per-execution timeout in seconds (None: none).
         grace_period: seconds in-flight calls get to finish at shutdown.
+        drain_delay: seconds the server goes on answering at shutdown after its health
+            says NOT_SERVING, before it stops taking calls: a load balancer's health
+            checks (Envoy's in front of replicas) move new calls to other replicas
+            meanwhile (docs/deploy.md). 0: stop at once.
         health_check_interval: seconds between database checks for the health service.
         discovery_root: where auto-discovery looks (default: the working directory).
         cors_origins: browser origins Envoy allows by CORS (exact origins, or `"*"`);
@@ -226,6 +230,7 @@ class Nexus:
         allow_code_nodes: bool = False,
         execution_timeout: float | None = None,
         grace_period: float = 10.0,
+        drain_delay: float = 0.0,
         health_check_interval: float = 5.0,
         discovery_root: str | Path | None = None,
         cors_origins: Sequence[str] = (),
@@ -255,6 +260,7 @@ class Nexus:
         self.allow_code_nodes = allow_code_nodes
         self.execution_timeout = execution_timeout
         self.grace_period = grace_period
+        self.drain_delay = drain_delay
         self.health_check_interval = health_check_interval
         self.discovery_root = Path(discovery_root) if discovery_root else None
         self.cors_origins = tuple(cors_origins)
@@ -319,6 +325,14 @@ class Nexus:
             raise ValueError(
                 "Nexus(expose_metrics=True) needs a metrics_port (Envoy forwards "
                 "GET /metrics to it; 0 picks a free one)"
+            )
+        if (
+            not isinstance(self.drain_delay, int | float)
+            or isinstance(self.drain_delay, bool)
+            or not 0 <= self.drain_delay <= 3600
+        ):
+            raise ValueError(
+                f"Nexus(drain_delay={self.drain_delay!r}): expects seconds from 0 to 3600"
             )
         if self.enable_durability is False:
             raise ValueError(
@@ -697,6 +711,10 @@ class Nexus:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await _set_health(health_servicer, services, serving=False)
+            if self.drain_delay > 0:
+                # load balancers' health checks see NOT_SERVING and move new calls to
+                # other replicas while this one still answers (docs/deploy.md)
+                await asyncio.sleep(self.drain_delay)
             await server.stop(self.grace_period)
             await queue.stop_claiming()
             await workflow_store.close()

@@ -47,6 +47,16 @@ from ._limits import Limits
 from ._probes import HTTP_STATUS_HEADER, PROBE_PATHS, PROBE_SERVICE
 from ._supervisor import Supervisor, SupervisorError
 from ._typed import TypedModels
+from ._upstreams import (
+    DRAIN_TIMEOUT,
+    READ_RETRY_ON,
+    Upstream,
+    keepalive_protocol_options,
+    read_methods,
+    replica_cluster,
+    retry_policy,
+    retry_routes,
+)
 from .gateway._shed import RETRY_AFTER as SHED_RETRY_AFTER
 
 __all__ = [
@@ -141,6 +151,8 @@ class EnvoyOptions:
             forwarded to it (`Nexus(expose_metrics=True)`); None: no such route.
         access_log_path: where Envoy writes its JSON access log (one line per request,
             `ACCESS_LOG_FORMAT`); None: none (the supervisor sets one in its directory).
+        upstreams: several replicas (host, port) instead of `grpc_host`/`grpc_port`:
+            health-checked, with retries and outlier ejection (`_upstreams.py`).
     """
 
     grpc_host: str = "127.0.0.1"
@@ -157,6 +169,7 @@ class EnvoyOptions:
     limits: Limits = field(default_factory=Limits)
     metrics_port: int | None = None
     access_log_path: str | None = None
+    upstreams: tuple[Upstream, ...] = ()
 
 
 #: Envoy's access log line: the fields of the server's (`gateway._access_log`), with the
@@ -410,7 +423,7 @@ def _upstream_thresholds(options: EnvoyOptions) -> dict[str, Any]:
     Envoy's defaults."""
     if options.limits.max_in_flight is None:
         return {}
-    cap = options.limits.max_in_flight * len(_upstream_ports(options))
+    cap = options.limits.max_in_flight * _server_processes(options)
     return {
         "circuit_breakers": {
             "thresholds": [
@@ -582,6 +595,7 @@ _CORS_ALLOW_HEADERS = (
     "x-api-key",
     "x-nexus-caller",
     "x-nexus-tenant",
+    "x-nexus-request-id",
     "x-grpc-web",
     "x-user-agent",
     "grpc-timeout",
@@ -753,6 +767,10 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         ],
     }
+    if options.upstreams:
+        virtual_host["routes"] = _replica_routes(virtual_host["routes"], descriptor)
+    # after the replicas' method routes (so their retry policies hold for gRPC calls),
+    # before the catch-all
     routes = virtual_host["routes"]
     routes.insert(len(routes) - 1, _streaming_route(routes[-1]))
     if options.metrics_port is not None:
@@ -802,6 +820,9 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
         "local_reply_config": _local_reply_config(limits),
         "http_filters": http_filters,
     }
+    if options.upstreams:
+        # when Envoy stops or reloads, its connections get GOAWAY and this long to finish
+        hcm["drain_timeout"] = DRAIN_TIMEOUT
     if options.access_log_path is not None:
         hcm["access_log"] = [
             {
@@ -875,7 +896,27 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             ),
         ],
     }
+    if options.upstreams:
+        # several replicas instead of the one server: the same cluster names, so every
+        # route reaches them
+        config["static_resources"]["clusters"] = [
+            _replica_cluster(c["name"], options) if c["name"] != "nexus_metrics" else c
+            for c in config["static_resources"]["clusters"]
+        ]
     return config
+
+
+def _replica_cluster(name: str, options: EnvoyOptions) -> dict[str, Any]:
+    """`name` (`nexus_grpc`, or the uncapped `PROBES_CLUSTER`) as the replicas' cluster,
+    `nexus_grpc` with the cap on requests in flight when `max_in_flight` is set."""
+    cluster = replica_cluster(name, options.upstreams, keepalive_protocol_options())
+    if name == "nexus_grpc":
+        capped = _upstream_thresholds(options).get("circuit_breakers", {}).get("thresholds")
+        if capped:
+            cluster["circuit_breakers"]["thresholds"][0].update(
+                {k: v for k, v in capped[0].items() if k != "priority"}
+            )
+    return cluster
 
 
 def _grpc_cluster(name: str, options: EnvoyOptions, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -921,6 +962,11 @@ def _upstream_ports(options: EnvoyOptions) -> tuple[int, ...]:
     return options.grpc_ports or (options.grpc_port,)
 
 
+def _server_processes(options: EnvoyOptions) -> int:
+    """How many server processes Envoy sends to: replicas, workers, or the one."""
+    return len(options.upstreams) or len(_upstream_ports(options))
+
+
 def _worker_retry_policy(endpoints: int) -> dict[str, Any]:
     """Several worker processes (`grpc_ports`): a call Envoy could not hand to one (it
     is restarting: nothing listens on its port) goes to another. Only failures before
@@ -939,6 +985,17 @@ def _worker_retry_policy(endpoints: int) -> dict[str, Any]:
         ],
         "host_selection_retry_max_attempts": 3,
     }
+
+
+def _replica_routes(routes: list[Any], descriptor: bytes) -> list[Any]:
+    """The routes in front of replicas (`_upstreams.py`): the probe routes first, as
+    they are, with retries (they are reads); then each read method, writes with a
+    request_id header, and the catch-all, each with its retry policy."""
+    *probes, catch_all = routes
+    retried_probes = [
+        {**r, "route": {**r["route"], "retry_policy": retry_policy(READ_RETRY_ON)}} for r in probes
+    ]
+    return [*retried_probes, *retry_routes("nexus_grpc", read_methods(descriptor), catch_all)]
 
 
 #: Where Envoy serves the server's metrics when `metrics_port` is set.

@@ -288,12 +288,14 @@ class _CallMetadata(
 ):
     """Adds `call_metadata()` (the credential, the channel) to every call that does not
     already send those keys: the calls made by libraries that take no metadata, server
-    reflection above all, carry the credential too."""
+    reflection above all, carry the credential too. A request with a `request_id`
+    sends it as a header too (`call_metadata`)."""
 
-    def _details(self, details: Any) -> _Details:
+    def _details(self, details: Any, request: Any = None) -> _Details:
         given = list(details.metadata or ())
         keys = {k for k, _ in given}
-        extra = [(k, v) for k, v in call_metadata() if k not in keys]
+        key = str(getattr(request, "request_id", "") or "")
+        extra = [(k, v) for k, v in call_metadata(key) if k not in keys]
         return _Details(
             details.method,
             details.timeout,
@@ -304,10 +306,10 @@ class _CallMetadata(
         )
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        return continuation(self._details(details, request), request)
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        return continuation(self._details(details, request), request)
 
     def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return continuation(self._details(details), requests)

@@ -564,7 +564,7 @@ class Adapter:
         request = w.StreamExecutionRequest(
             name=spec.target, inputs=struct_of(inputs), request_id=request_id
         )
-        call = self._wf().StreamExecution(request, metadata=call_metadata())
+        call = self._wf().StreamExecution(request, metadata=call_metadata(request_id))
         execution_id = ""
         progress = _Progress(ctx, spec.steps)
         try:
@@ -600,11 +600,11 @@ class Adapter:
         from nexus_api.nexus.model.v1 import model_service_pb2 as m
 
         ms = self._ms()
-        meta = call_metadata()
         name = spec.target
         op = spec.kind
         args = dict(args)
         key = args.pop(REQUEST_ID, "") if spec.request_id else ""
+        meta = call_metadata(key)
         if op == "create":
             rec = await ms.CreateRecord(
                 m.CreateRecordRequest(model=name, record=struct_of(args), request_id=key),

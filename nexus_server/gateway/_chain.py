@@ -56,6 +56,7 @@ from ._audit import AuditEntry
 from ._jwt import JwksUnavailable
 from ._policy import Policy
 from ._principal import ADMIN, CURRENT_PRINCIPAL, AuthError, Principal
+from ._request_id import check_request_id_header
 from ._tracing import SPAN_AUTHENTICATE, SPAN_AUTHORIZE, SPAN_RATE_LIMIT
 
 if TYPE_CHECKING:
@@ -541,6 +542,7 @@ class Gateway:
                 break
         principal: Principal | None = None
         try:
+            check_request_id_header(metadata, request)
             if self.authenticator is None:
                 principal = self._development(metadata)
             else:

@@ -1,7 +1,7 @@
 """Fault fixtures: `nexus serve` as a real subprocess, databases to serve it on, and a
 throwaway PostgreSQL cluster to take down.
 
-- `serve(db_url, **env)`: starts `python -m nexus_server serve tests/faults/faults_app.py
+- `serve(db_url, *flags, **env)`: starts `python -m nexus_server serve tests/faults/faults_app.py
   --grpc-port 0 --no-envoy` (see `faults_app.py` for its models and workflow), reads the
   address it prints, and returns a `NexusProcess` (address, pid, `kill9()`, `rss_mb()`).
   Every process started is killed at the end of the test. Its log goes to a file whose
@@ -113,11 +113,12 @@ class NexusProcess:
 
 @pytest.fixture
 async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[NexusProcess]]]:
-    """`await serve(db_url, **env)`: the fault app served on `db_url` by a real `nexus
-    serve` on a free port of 127.0.0.1; extra environment variables as keywords."""
+    """`await serve(db_url, *flags, **env)`: the fault app served on `db_url` by a real
+    `nexus serve` on a free port of 127.0.0.1; extra `nexus serve` flags as arguments,
+    extra environment variables as keywords."""
     started: list[NexusProcess] = []
 
-    async def start(db_url: str, **env: str) -> NexusProcess:
+    async def start(db_url: str, *flags: str, **env: str) -> NexusProcess:
         log = tmp_path / f"server-{len(started)}.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
         environ.update(env)
@@ -129,7 +130,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[NexusPr
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "nexus_server", "serve", str(APP),
                 "--grpc-port", "0", "--no-envoy", "--no-mcp", "--log-level", "warning",
-                cwd=tmp_path, env=environ, stdout=asyncio.subprocess.PIPE, stderr=err,
+                *flags, cwd=tmp_path, env=environ, stdout=asyncio.subprocess.PIPE, stderr=err,
             )  # fmt: skip
         server = NexusProcess(proc, "", log)
         started.append(server)
