@@ -153,7 +153,11 @@ def test_routes_retry_reads_and_keyed_writes_only() -> None:
         assert f"/{SERVICE}/{write}" not in by_path
     assert "/nexus.model.v1.ModelService/CreateRecord" not in by_path
     assert "/nexus.model.v1.ModelService/ListRecords" in by_path
-    keyed, catch_all = routes[-2:]
+    # then the unbuffered streaming route (gRPC, gRPC-Web and Connect content types),
+    # retried as the catch-all it copies
+    keyed, streaming, catch_all = routes[-3:]
+    assert streaming["match"]["headers"][0]["name"] == "content-type"
+    assert streaming["route"]["retry_policy"]["retry_on"] == _upstreams.SAFE_RETRY_ON
     assert keyed["match"] == {
         "prefix": "/",
         "headers": [{"name": REQUEST_ID_HEADER, "present_match": True}],
@@ -414,3 +418,25 @@ async def test_the_cli_sends_the_header_envoy_retries_on(
     assert set(outputs) == {"from-the-good-replica"}
     assert bad.calls > 0, "no call reached the failing replica first"
     assert good.calls == RUNS, (good.calls, bad.calls)
+
+
+def test_the_cap_on_calls_in_flight_covers_every_replica() -> None:
+    """`Limits(max_in_flight=N)` in front of 3 replicas: Envoy lets 3N requests in flight
+    (N per replica) and refuses the rest itself; the probes' uncapped cluster reaches the
+    same replicas, health-checked like the capped one."""
+    from nexus_server import Limits
+
+    ups = (("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3))
+    config = _config(upstreams=ups, limits=Limits(max_in_flight=4))
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    capped = clusters["nexus_grpc"]["circuit_breakers"]["thresholds"][0]
+    assert (capped["max_requests"], capped["max_pending_requests"]) == (12, 12)
+    assert "retry_budget" in capped  # the replicas' retry budget is kept
+    probes = clusters["nexus_probes"]
+    assert "max_requests" not in probes["circuit_breakers"]["thresholds"][0]
+    ports = [
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for e in probes["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert ports == [1, 2, 3]
+    assert probes["health_checks"] == clusters["nexus_grpc"]["health_checks"]
