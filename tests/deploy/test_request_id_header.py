@@ -39,8 +39,11 @@ async def address(tmp_path: Path) -> AsyncIterator[str]:
     wf.add_input("text", str)
     wf.add_node("NoteCreateNode", "create", {"text": "{{text}}"})
     app.register("write_note", wf.build())
-    async with app.serving() as info:
-        yield info.address
+    try:
+        async with app.serving() as info:
+            yield info.address
+    finally:
+        await db.close()  # its models' node types are released with it
 
 
 def _violations(err: grpc.aio.AioRpcError) -> list[str]:
