@@ -146,6 +146,11 @@ class ExecutionRecord:
     create_time: _dt.datetime
     start_time: _dt.datetime | None
     end_time: _dt.datetime | None
+    #: `outputs` with their JSON text, when made together (`_jsonable.stored_json`):
+    #: the row takes the text while `outputs` is still that document (no second encoding)
+    outputs_json: tuple[dict[str, Any], str] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     @classmethod
     def from_row(cls, row: sa.RowMapping) -> ExecutionRecord:
@@ -370,6 +375,10 @@ def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
     inputs, outputs and error are JSON documents already)."""
     created = driver(rec.create_time)
     started = rec.start_time
+    outputs = rec.outputs
+    encoded = rec.outputs_json
+    if outputs is not None:
+        outputs = encoded[1] if encoded is not None and encoded[0] is outputs else driver(outputs)
     return (
         rec.id,
         rec.workflow,
@@ -378,7 +387,7 @@ def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
         rec.request_id,
         rec.request_hash,
         driver(rec.inputs),
-        None if rec.outputs is None else driver(rec.outputs),
+        outputs,
         None if rec.error is None else driver(rec.error),
         created,
         # a unary execution starts when it is created: one conversion for both
