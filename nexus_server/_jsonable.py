@@ -68,9 +68,10 @@ def to_jsonable(value: Any) -> Any:
 
 
 def _datetime(value: _dt.datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=_dt.UTC)
-    return value.astimezone(_dt.UTC).isoformat().replace("+00:00", "Z")
+    tz = value.tzinfo
+    if tz is not _dt.UTC:  # a database's datetimes are in UTC already: no conversion
+        value = value.replace(tzinfo=_dt.UTC) if tz is None else value.astimezone(_dt.UTC)
+    return value.isoformat().replace("+00:00", "Z")
 
 
 class _TooDeep(Exception):
