@@ -90,7 +90,19 @@ def _walk(value: Any, depth: int) -> Any:
         if depth > JSON_MAX_DEPTH:
             raise _TooDeep
         depth += 1
-        return {k if type(k) is str else str(k): _walk(v, depth) for k, v in value.items()}
+        doc = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                k = str(k)
+            # a record's fields (text, numbers, null, UTC datetimes) without a call each
+            kind = type(v)
+            if kind is str or v is None or kind is bool or (kind is int and -_EXACT <= v <= _EXACT):
+                doc[k] = v
+            elif kind is _dt.datetime and v.tzinfo is _dt.UTC:
+                doc[k] = v.isoformat().replace("+00:00", "Z")
+            else:
+                doc[k] = _walk(v, depth)
+        return doc
     if kind is list:
         if depth > JSON_MAX_DEPTH:
             raise _TooDeep

@@ -375,7 +375,7 @@ def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
     inputs, outputs and error are JSON documents already)."""
     created = driver(rec.create_time)
     started = rec.start_time
-    outputs = rec.outputs
+    outputs: Any = rec.outputs
     encoded = rec.outputs_json
     if outputs is not None:
         outputs = encoded[1] if encoded is not None and encoded[0] is outputs else driver(outputs)
