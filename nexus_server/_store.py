@@ -255,7 +255,8 @@ class Store:
         recorded first by another server process."""
         values = {c.name: getattr(rec, c.name) for c in EXECUTIONS.columns}
         async with self.db.connection() as conn:
-            await conn.execute(EXECUTIONS.insert().values(**values))
+            # the values as parameters of one statement: compiled once, then cached
+            await conn.execute(_INSERT_EXECUTION, values)
 
     @functools.cached_property
     def _checked_value(self) -> Callable[[Any], Any]:
@@ -355,6 +356,10 @@ class Store:
                     create_time=_dt.datetime.now(_dt.UTC),
                 )
             )
+
+
+#: The INSERT of one execution (its values bound as parameters).
+_INSERT_EXECUTION = EXECUTIONS.insert()
 
 
 def _storable_row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
