@@ -86,6 +86,8 @@ def _walk(value: Any, depth: int) -> Any:
         return value
     if kind is int and -_EXACT <= value <= _EXACT:
         return value
+    if kind is float and value - value == 0.0:  # finite
+        return value
     if kind is dict:
         if depth > JSON_MAX_DEPTH:
             raise _TooDeep
