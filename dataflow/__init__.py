@@ -64,9 +64,10 @@ from ._ops import ModelOps
 from ._schema import REGISTRY_TABLE
 from ._sqltypes import SQL_TYPES, dialect_insert
 from ._tenant import current_tenant, tenant_scope
-from ._values import storable_reason
+from ._values import JSON_MAX_DEPTH, storable_reason
 
 __all__ = [
+    "JSON_MAX_DEPTH",
     "MANAGED_FIELDS",
     "MAX_FILTER_DEPTH",
     "NODE_KINDS",

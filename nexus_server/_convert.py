@@ -110,7 +110,19 @@ def fill_struct(target: struct_pb2.Struct, doc: Mapping[str, Any]) -> None:
     without its type checks: every Execution carries two Structs."""
     fields = target.fields
     for key, value in doc.items():
-        _set_value(fields[key], value)
+        # the scalars of a record's fields set here, without a call each
+        kind = type(value)
+        if kind is str:
+            fields[key].string_value = value
+        elif kind is int or kind is float:
+            fields[key].number_value = value
+        elif value is None:
+            fields[key].null_value = _NULL
+        else:
+            _set_value(fields[key], value)
+
+
+_NULL = struct_pb2.NULL_VALUE
 
 
 def _set_value(target: struct_pb2.Value, value: Any) -> None:

@@ -42,7 +42,7 @@ from dataflow import AlreadyExistsError, DatabaseError, storable_reason
 from workflow import AsyncLocalRuntime, Event, EventKind, Workflow
 
 from ._errors import ApiError, brief, to_api_error
-from ._jsonable import to_jsonable
+from ._jsonable import stored_json, to_jsonable
 from ._record_writer import LINGER, RecordRejected, RecordWriter
 from ._store import ACTIVE_STATES, ExecutionRecord, Store, body_hash, check_request_id
 
@@ -102,8 +102,15 @@ def _storable_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
     raise ApiError("INPUTS_INVALID", f"invalid inputs: {bad[0][0]}: {bad[0][1]}", bad)
 
 
-def _succeeded(results: Any) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
-    """(state, outputs, error) of a workflow that returned `results`."""
+def _succeeded(
+    results: Any,
+) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None, tuple[dict[str, Any], str] | None]:
+    """(state, outputs, error, the outputs with their JSON text) of a workflow that
+    returned `results`: converted, checked and encoded in one walk when they may be
+    stored as they are (the record writer takes the text), else the exact path says why."""
+    fast = stored_json(results)
+    if fast is not None:
+        return "SUCCEEDED", fast[0], None, fast
     try:
         outputs = to_jsonable(results)
     except TypeError as exc:
@@ -111,9 +118,10 @@ def _succeeded(results: Any) -> tuple[str, dict[str, Any] | None, dict[str, Any]
     else:
         unstorable = storable_reason(outputs)
         if unstorable is None:
-            return "SUCCEEDED", outputs, None
+            return "SUCCEEDED", outputs, None, None
         why = f"cannot be stored: {unstorable}"
-    return "FAILED", None, error_dict(ApiError("NODE_FAILED", f"the execution's outputs {why}"))
+    error = error_dict(ApiError("NODE_FAILED", f"the execution's outputs {why}"))
+    return "FAILED", None, error, None
 
 
 def error_dict(exc: BaseException) -> dict[str, Any]:
@@ -579,6 +587,7 @@ class Executions:
         rec = run.record
         outputs: dict[str, Any] | None = None
         error: dict[str, Any] | None = None
+        encoded: tuple[dict[str, Any], str] | None = None
         state = "FAILED"
         recorded = False  # committed with the workflow's writes
         forgotten = False
@@ -597,7 +606,7 @@ class Executions:
                 results = await self.runtime.run_validated(
                     wf, inputs, execution_id=rec.id, on_event=on_event
                 )
-                state, outputs, error = _succeeded(results)
+                state, outputs, error, encoded = _succeeded(results)
         except asyncio.CancelledError:
             state = "CANCELLED"
             error = error_dict(ApiError("EXECUTION_CANCELLED", "the execution was cancelled"))
@@ -629,6 +638,7 @@ class Executions:
                         rec.end_time = _dt.datetime.now(_dt.UTC)
                 else:
                     rec.state, rec.outputs, rec.error = state, outputs, error
+                    rec.outputs_json = encoded
                     rec.end_time = _dt.datetime.now(_dt.UTC)
                     self.writer.put(rec)  # again: its final state (once more, if need be)
                     if rec.request_id:
@@ -663,7 +673,7 @@ class Executions:
                 results = await self.runtime.run_validated(
                     wf, inputs, execution_id=rec.id, on_event=on_event
                 )
-                state, outputs, error = _succeeded(results)
+                state, outputs, error, _ = _succeeded(results)
                 if state != "SUCCEEDED":
                     raise _Unreturnable(error)
                 rec.state, rec.outputs, rec.error = state, outputs, error

@@ -182,6 +182,11 @@ class ExecutionRecord:
     retryable: bool | None = None
     #: the tenant a queued execution runs as
     tenant: str | None = None
+    #: `outputs` with their JSON text, when made together (`_jsonable.stored_json`):
+    #: the row takes the text while `outputs` is still that document (no second encoding)
+    outputs_json: tuple[dict[str, Any], str] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     @classmethod
     def from_row(cls, row: sa.RowMapping) -> ExecutionRecord:
@@ -279,7 +284,8 @@ class Store:
         recorded first by another server process."""
         values = {c.name: getattr(rec, c.name) for c in EXECUTIONS.columns}
         async with self.db.connection() as conn:
-            await conn.execute(EXECUTIONS.insert().values(**values))
+            # the values as parameters of one statement: compiled once, then cached
+            await conn.execute(_INSERT_EXECUTION, values)
 
     @functools.cached_property
     def _checked_value(self) -> Callable[[Any], Any]:
@@ -384,6 +390,10 @@ class Store:
             )
 
 
+#: The INSERT of one execution (its values bound as parameters).
+_INSERT_EXECUTION = EXECUTIONS.insert()
+
+
 def _storable_row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
     """`_row`, or, for a record the database could not store (the executions refuse such
     inputs and outputs first, so this is a last resort), the row of a failure saying so:
@@ -402,6 +412,10 @@ def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
     inputs, outputs and error are JSON documents already)."""
     created = driver(rec.create_time)
     started = rec.start_time
+    outputs: Any = rec.outputs
+    encoded = rec.outputs_json
+    if outputs is not None:
+        outputs = encoded[1] if encoded is not None and encoded[0] is outputs else driver(outputs)
     return (
         rec.id,
         rec.workflow,
@@ -410,7 +424,7 @@ def _row(rec: ExecutionRecord, driver: Callable[[Any], Any]) -> tuple[Any, ...]:
         rec.request_id,
         rec.request_hash,
         driver(rec.inputs),
-        None if rec.outputs is None else driver(rec.outputs),
+        outputs,
         None if rec.error is None else driver(rec.error),
         created,
         # a unary execution starts when it is created: one conversion for both
