@@ -1070,6 +1070,8 @@ class DataFlow:
                 br.release(True)
             return exc
         error = _map_error(exc, model)
+        if type(error) is DatabaseError and error.unreachable:
+            self._forget_pooled_connections()
         if br is not None:
             if type(error) is DatabaseError:
                 if error.unreachable:
@@ -1079,6 +1081,18 @@ class DataFlow:
             else:  # a unique or constraint violation, a missing table...: it answered
                 br.success()
         return error
+
+    def _forget_pooled_connections(self) -> None:
+        """The database was unreachable: the connections SQLAlchemy's pool keeps are
+        most likely dead too (a restarted server closed them). Start a new pool, so that
+        once the database is back the next transaction connects afresh instead of
+        failing on a dead connection; a failure on a single-statement fast path (its own
+        connection, reconnected) would otherwise leave the pool's for the first caller
+        after the outage to find. The old pool's connections are dropped, not closed
+        (there is no server to say goodbye to)."""
+        engine = self._engine
+        if engine is not None and self.dialect == "postgresql":
+            engine.sync_engine.dispose(close=False)
 
     def _release_trial(self) -> None:
         if self._breaker is not None:
