@@ -122,7 +122,7 @@ class Serving:
     services: tuple[str, ...]
     typed: TypedModels
     startup_seconds: float
-    #: Envoy's port (REST, gRPC-Web and gRPC) when `serving(envoy=True)`, else None.
+    #: Envoy's port (REST, gRPC-Web, Connect and gRPC) when `serving(envoy=True)`, else None.
     api_port: int | None = None
     #: The Envoy supervisor when `serving(envoy=True)`, else None.
     envoy: EnvoySupervisor | None = None
@@ -147,7 +147,7 @@ class Nexus:
 
     Args:
         grpc_port: the gRPC port (0 picks a free one; `Serving.port` tells which).
-        api_port: the port Envoy listens on (REST, gRPC-Web and gRPC) when the app is
+        api_port: the port Envoy listens on (REST, gRPC-Web, Connect and gRPC) when the app is
             served (`start()`, `nexus serve`, `serving(envoy=True)`); 0 picks a free one;
             None: no Envoy (gRPC only).
         mcp_port: the MCP adapter's streamable HTTP port when the app is served
@@ -454,7 +454,7 @@ class Nexus:
         Startup waits on nothing but the database: it initialises the DataFlow (one
         connect, migrate and persist), builds the typed services from descriptors in
         memory and binds the port. With `envoy=True` it also starts Envoy on `api_port`
-        in front of the server (REST, gRPC-Web and gRPC; see `_envoy.py`), waits until
+        in front of the server (REST, gRPC-Web, Connect and gRPC; see `_envoy.py`), waits until
         it is ready, restarts it if it dies and stops it first on exit.
         """
         started = time.perf_counter()
@@ -595,6 +595,7 @@ class Nexus:
         self.health.add(
             "workflows", lambda: {"status": "healthy", "registered": len(self.registry.names())}
         )
+        self.health.add("queue", queue.snapshot)  # asynchronous executions, this process
         pgrpc.add_ProbeServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ProbeServicer(self.health, health_servicer.serving, lambda: self._started), handlers
         )

@@ -128,7 +128,9 @@ async def _serve(app: Nexus, *, log_level: str, banner: bool = True) -> None:
         print(f"  workflows: {names}")
         print(f"  models:    {models}")
         if info.api_address:
-            print(f"Envoy on http://{info.api_address} (REST, gRPC-Web and gRPC)")
+            from ._envoy import envoy_banner  # imported already: Envoy runs
+
+            print(envoy_banner(info.api_address))
             print(f"  OpenAPI:   http://{info.api_address}/openapi.json")
         if info.metrics_port is not None:
             print(f"  metrics:   http://{_local(info.host)}:{info.metrics_port}/metrics")

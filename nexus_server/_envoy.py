@@ -331,6 +331,15 @@ _EXECUTE_REQUEST: dict[str, Any] = {
 }
 
 
+#: What Envoy's port serves, as `nexus serve` says at start.
+SERVED_ON_API_PORT = "REST, gRPC-Web, Connect and gRPC"
+
+
+def envoy_banner(address: str) -> str:
+    """The start-up line naming Envoy's address and what it serves there."""
+    return f"Envoy on http://{address} ({SERVED_ON_API_PORT})"
+
+
 #: gRPC's health service (grpc.health.v1).
 HEALTH_SERVICE = "grpc.health.v1.Health"
 

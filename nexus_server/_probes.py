@@ -73,7 +73,8 @@ HEALTH_SCHEMA: dict[str, Any] = {
         "components": {
             "type": "object",
             "description": "each component's state: `database` (the database answers "
-            "pings), `workflows` (`registered`: how many), `breaker` (the database's "
+            "pings), `workflows` (`registered`: how many), `queue` (asynchronous "
+            "executions this process runs, claimed and settled), `breaker` (the database's "
             "circuit breaker: `state` closed, open or half_open, its counters, and "
             "`retry_after` seconds while not closed; unhealthy unless closed), `envoy` "
             "and `mcp` (the channel process runs; `restarts`: how often it was "

@@ -200,6 +200,22 @@ class ExecutionQueue:
         self._listener: asyncio.Task[None] | None = None
         #: the server is stopping: a retryable execution its stop cancels is queued again
         self._stopping = False
+        #: what this process did since it started (`snapshot`, GET /health's `queue`)
+        self.claimed_total = 0
+        self.settled_total: collections.Counter[str] = collections.Counter()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The queue as this process sees it, for GET /health's `queue` component:
+        executions it runs now and its cap, what it claimed, and what it settled for
+        lost processes, by the state it gave them (QUEUED again, FAILED with
+        EXECUTION_LOST, INTERRUPTED)."""
+        return {
+            "status": "healthy",
+            "running": len(self.tasks),
+            "max_running": self.options.max_running,
+            "claimed_total": self.claimed_total,
+            "settled_total": dict(self.settled_total),
+        }
 
     # -- queuing -----------------------------------------------------------------------
 
@@ -391,6 +407,7 @@ class ExecutionQueue:
             )
             if done.rowcount != len(claimed):  # never, with the locks above: claim none
                 raise RuntimeError("queued executions changed while being claimed")
+        self.claimed_total += len(claimed)
         for rec in claimed:
             rec.state, rec.runner, rec.lease_until = "RUNNING", self.runner, until
             rec.start_time = now
@@ -548,6 +565,7 @@ class ExecutionQueue:
                 if not self._lost(row, now, startup):
                     continue  # renewed meanwhile
                 values = self._settlement(row)
+                self.settled_total[values["state"]] += 1
                 requeued += values["state"] == "QUEUED"
                 await conn.execute(
                     _E.update().where(_E.c.id == row["id"], running).values(**values)

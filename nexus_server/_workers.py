@@ -13,7 +13,7 @@ answer N at a time. The process `nexus serve` starts (the parent) serves no call
   with the shared port and its index in the environment (`configure_worker`): the first
   alone (it creates the tables), then the others together; and supervises them
   (`_supervisor.Supervisor`: restarted with backoff when they exit);
-- it runs the one Envoy (REST, gRPC-Web and gRPC on `api_port`, every worker as an
+- it runs the one Envoy (REST, gRPC-Web, Connect and gRPC on `api_port`, every worker as an
   endpoint), the one MCP adapter (a client of the shared port) and the one metrics port:
   the workers keep their metrics in prometheus_client's multi-process files, in a
   private directory the parent creates and removes, and the parent's `GET /metrics`
@@ -391,7 +391,9 @@ async def serve_workers(app: Nexus, target: str, *, workers: int, log_level: str
             )
             print(f"  workers' own ports (Envoy's endpoints): {', '.join(map(str, ports))}")
             if api_address:
-                print(f"Envoy on http://{api_address} (REST, gRPC-Web and gRPC)")
+                from ._envoy import envoy_banner
+
+                print(envoy_banner(api_address))
             if metrics is not None:
                 print(f"  metrics of all workers: http://{app.host}:{metrics.port}/metrics")
             if mcp_url:

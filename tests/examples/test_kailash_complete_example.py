@@ -220,7 +220,7 @@ async def test_the_example_serves_rest_and_mcp_on_its_ports(
     ]  # fmt: skip
     proc, banner, err = await asyncio.to_thread(_serve, argv, tmp_path)
     try:
-        assert "Envoy on http://127.0.0.1:8000 (REST, gRPC-Web and gRPC)" in banner
+        assert "Envoy on http://127.0.0.1:8000 (REST, gRPC-Web, Connect and gRPC)" in banner
         assert any(line.startswith("MCP adapter on http://127.0.0.1:3001/mcp") for line in banner)
         assert "  models:    Contact, Company" in banner
         await _drive(f"{how}@example.com")

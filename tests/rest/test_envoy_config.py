@@ -195,7 +195,7 @@ def _serve_with_envoy(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[s
             lines.append(line)
         assert lines[0].startswith("Nexus gRPC server on 127.0.0.1:")
         match = re.match(
-            r"Envoy on (http://127\.0\.0\.1:\d+) \(REST, gRPC-Web and gRPC\)", lines[-1]
+            r"Envoy on (http://127\.0\.0\.1:\d+) \(REST, gRPC-Web, Connect and gRPC\)", lines[-1]
         )
         assert match, lines
     except BaseException:

@@ -616,6 +616,12 @@ async def test_a_killed_process_executions_are_lost_or_run_again(
                         )
                     ).scalar_one()
                 assert attempts == 2
+                # GET /health's `queue` component says what this process did
+                queue = other.health.state("queue")
+                assert queue is not None and queue["status"] == "healthy"
+                assert queue["settled_total"] == {"FAILED": 1, "QUEUED": 1}
+                assert queue["claimed_total"] == 1 + len(waiting)  # the retried one, the waiting
+                assert queue["max_running"] == FAST.max_running
     finally:
         if proc.returncode is None:
             proc.kill()
