@@ -16,7 +16,14 @@ import sqlite3
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -1412,21 +1419,40 @@ class DataFlow:
         turn: bool = True,
     ) -> Sequence[Any] | None:
         """`_fast_fetch_now`, observed (`_observed`)."""
-        return await self._observed(sql, self._fast_fetch_now(model, sql, args, write, turn=turn))
+        return await self._observed(
+            model, sql, self._fast_fetch_now(model, sql, args, write, turn=turn)
+        )
 
-    async def _observed(self, sql: str, statement: Awaitable[R]) -> R:
-        """Await `statement` (one fast-path statement of text `sql`) inside the statement
+    async def _observed(
+        self, model: ModelInfo | None, sql: str, statement: Coroutine[Any, Any, R]
+    ) -> R:
+        """Await `statement` (one fast-path statement of text `sql`): admitted by the
+        circuit breaker, its failure mapped to ours (`_fail`), inside the statement
         hook's scope when one is set, timed when metrics are on."""
+        br = self._breaker
+        try:
+            trial = br is not None and not br.quiet and br.admit()
+        except BaseException:
+            statement.close()  # refused by the open breaker: never started
+            raise
         hook, metrics = self._statement_hook, self.metrics
-        if hook is None and metrics is None:
-            return await statement
-        started = time.perf_counter()
+        started = time.perf_counter() if metrics is not None else 0.0
         try:
             with hook(sql) if hook is not None else contextlib.nullcontext():
-                return await statement
+                try:
+                    result = await statement
+                except Exception as exc:
+                    raise self._fail(exc, model, trial) from exc
+                except BaseException:
+                    if trial:
+                        self._release_trial()
+                    raise
         finally:
             if metrics is not None:
                 metrics.observe(sql, time.perf_counter() - started)
+        if br is not None and not br.quiet:
+            br.success()
+        return result
 
     async def _fast_fetch_now(
         self,
@@ -1439,45 +1465,32 @@ class DataFlow:
     ) -> Sequence[Any] | None:
         """Run one statement on the driver; return its first row (None if none).
         `turn`: see `_here`."""
-        br = self._breaker
-        trial = br is not None and not br.quiet and br.admit()
         row: Sequence[Any] | None
-        try:
-            if self._pg_pool is not None:
-                row = await self._pg_call("fetchrow", sql, args)
+        if self._pg_pool is not None:
+            row = await self._pg_call("fetchrow", sql, args)
+        else:
+            here = self._here(model, write, lambda c: c.execute(sql, args).fetchall(), 1, turn=turn)
+            if not isinstance(here, _NotHere):
+                row = here[0] if here else None
             else:
-                here = self._here(
-                    model, write, lambda c: c.execute(sql, args).fetchall(), 1, turn=turn
-                )
-                if not isinstance(here, _NotHere):
-                    row = here[0] if here else None
-                else:
-                    async with self._sqlite_lock:
-                        conn = self._raw_sqlite or await self._sqlite_connection()
-                        try:
-                            rows = await conn.execute_fetchall(sql, args)
-                            if write:
-                                await conn.commit()
-                        except BaseException:
-                            if write:
-                                await conn.rollback()
-                            raise
-                    row = rows[0] if rows else None
-        except Exception as exc:
-            raise self._fail(exc, model, trial) from exc
-        except BaseException:
-            if trial:
-                self._release_trial()
-            raise
-        if br is not None and not br.quiet:
-            br.success()
+                async with self._sqlite_lock:
+                    conn = self._raw_sqlite or await self._sqlite_connection()
+                    try:
+                        rows = await conn.execute_fetchall(sql, args)
+                        if write:
+                            await conn.commit()
+                    except BaseException:
+                        if write:
+                            await conn.rollback()
+                        raise
+                row = rows[0] if rows else None
         return row
 
     async def _fast_fetchall(
         self, model: ModelInfo, prep: Prepared, args: list[Any]
     ) -> Sequence[Sequence[Any]]:
         """`_fast_fetchall_now`, observed (`_observed`)."""
-        return await self._observed(prep.sql, self._fast_fetchall_now(model, prep, args))
+        return await self._observed(model, prep.sql, self._fast_fetchall_now(model, prep, args))
 
     async def _fast_fetchall_now(
         self, model: ModelInfo, prep: Prepared, args: list[Any]
@@ -1490,34 +1503,23 @@ class DataFlow:
         again in the driver's thread, and its shape's next `HERE_SKIP` calls go straight
         there."""
         sql = prep.sql
-        br = self._breaker
-        trial = br is not None and not br.quiet and br.admit()
         rows: Sequence[Sequence[Any]] | None
-        try:
-            if self._pg_pool is not None:
-                rows = await self._pg_call("fetch", sql, args)
+        if self._pg_pool is not None:
+            rows = await self._pg_call("fetch", sql, args)
+        else:
+            rows = None
+            if prep.skip_here > 0:
+                prep.skip_here -= 1
             else:
-                rows = None
-                if prep.skip_here > 0:
-                    prep.skip_here -= 1
-                else:
-                    here = self._here(model, False, lambda c: _fetch_bounded(c, sql, args), 0)
-                    if here is None:
-                        prep.skip_here = HERE_SKIP
-                    elif not isinstance(here, _NotHere):
-                        rows = here
-                if rows is None:
-                    async with self._sqlite_lock:
-                        conn = self._raw_sqlite or await self._sqlite_connection()
-                        rows = list(await conn.execute_fetchall(sql, args))
-        except Exception as exc:
-            raise self._fail(exc, model, trial) from exc
-        except BaseException:
-            if trial:
-                self._release_trial()
-            raise
-        if br is not None and not br.quiet:
-            br.success()
+                here = self._here(model, False, lambda c: _fetch_bounded(c, sql, args), 0)
+                if here is None:
+                    prep.skip_here = HERE_SKIP
+                elif not isinstance(here, _NotHere):
+                    rows = here
+            if rows is None:
+                async with self._sqlite_lock:
+                    conn = self._raw_sqlite or await self._sqlite_connection()
+                    rows = list(await conn.execute_fetchall(sql, args))
         assert rows is not None
         return rows
 
@@ -1525,39 +1527,26 @@ class DataFlow:
         self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
     ) -> None:
         """`_fast_executemany_now`, observed (`_observed`)."""
-        await self._observed(sql, self._fast_executemany_now(model, sql, batches))
+        await self._observed(model, sql, self._fast_executemany_now(sql, batches))
 
-    async def _fast_executemany_now(
-        self, model: ModelInfo | None, sql: str, batches: Iterable[Sequence[Any]]
-    ) -> None:
+    async def _fast_executemany_now(self, sql: str, batches: Iterable[Sequence[Any]]) -> None:
         """Run one statement for many argument rows in one SQLite transaction, one
         `executemany` per batch (other tasks run while each batch is written)."""
-        br = self._breaker
-        trial = br is not None and not br.quiet and br.admit()
-        try:
-            async with self._sqlite_lock:
-                conn = self._raw_sqlite or await self._sqlite_connection()
-                try:
-                    for args in batches:
-                        await conn.executemany(sql, args)
-                    await conn.commit()
-                except BaseException:
-                    await conn.rollback()
-                    raise
-        except Exception as exc:
-            raise self._fail(exc, model, trial) from exc
-        except BaseException:
-            if trial:
-                self._release_trial()
-            raise
-        if br is not None and not br.quiet:
-            br.success()
+        async with self._sqlite_lock:
+            conn = self._raw_sqlite or await self._sqlite_connection()
+            try:
+                for args in batches:
+                    await conn.executemany(sql, args)
+                await conn.commit()
+            except BaseException:
+                await conn.rollback()
+                raise
 
     async def _fast_execute(
         self, model: ModelInfo, sql: str, args: list[Any], *, here: bool = True
     ) -> int:
         """`_fast_execute_now`, observed (`_observed`)."""
-        return await self._observed(sql, self._fast_execute_now(model, sql, args, here=here))
+        return await self._observed(model, sql, self._fast_execute_now(model, sql, args, here=here))
 
     async def _fast_execute_now(
         self, model: ModelInfo, sql: str, args: list[Any], *, here: bool = True
@@ -1565,39 +1554,28 @@ class DataFlow:
         """Run one write statement on the driver; return the rows affected. `here=False`
         (SQLite): never on the caller's thread (`_here`), for a write whose work is not
         bounded (by filter)."""
-        br = self._breaker
-        trial = br is not None and not br.quiet and br.admit()
-        try:
-            if self._pg_pool is not None:
-                status: str = await self._pg_call("execute", sql, args)
-                n = int(status.rsplit(" ", 1)[-1])
+        if self._pg_pool is not None:
+            status: str = await self._pg_call("execute", sql, args)
+            n = int(status.rsplit(" ", 1)[-1])
+        else:
+            done = (
+                self._here(model, True, lambda c: c.execute(sql, args).rowcount, 1)
+                if here
+                else _NOT_HERE
+            )
+            if not isinstance(done, _NotHere):
+                n = done
             else:
-                done = (
-                    self._here(model, True, lambda c: c.execute(sql, args).rowcount, 1)
-                    if here
-                    else _NOT_HERE
-                )
-                if not isinstance(done, _NotHere):
-                    n = done
-                else:
-                    async with self._sqlite_lock:
-                        conn = self._raw_sqlite or await self._sqlite_connection()
-                        try:
-                            cur = await conn.execute(sql, args)
-                            n = int(cur.rowcount)
-                            await cur.close()
-                            await conn.commit()
-                        except BaseException:
-                            await conn.rollback()
-                            raise
-        except Exception as exc:
-            raise self._fail(exc, model, trial) from exc
-        except BaseException:
-            if trial:
-                self._release_trial()
-            raise
-        if br is not None and not br.quiet:
-            br.success()
+                async with self._sqlite_lock:
+                    conn = self._raw_sqlite or await self._sqlite_connection()
+                    try:
+                        cur = await conn.execute(sql, args)
+                        n = int(cur.rowcount)
+                        await cur.close()
+                        await conn.commit()
+                    except BaseException:
+                        await conn.rollback()
+                        raise
         return n
 
     @contextlib.asynccontextmanager
