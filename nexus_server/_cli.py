@@ -99,17 +99,15 @@ async def _serve(app: Nexus, *, log_level: str, banner: bool = True) -> None:
         info = await stack.enter_async_context(app.serving(envoy=app.api_port is not None))
         adapter: McpProcess | None = None
         if app.mcp_port is not None:
-            from ._mcp_process import McpProcess, authorization_servers_from_env
+            from ._mcp_process import adapter_for
 
             # a client of this server, so stopped before it (the stack unwinds in reverse)
-            adapter = McpProcess(
+            adapter = adapter_for(
                 f"{_local(info.host)}:{info.port}",
                 host=info.host,
                 port=app.mcp_port,
-                log_level="debug" if log_level == "debug" else "warning",
-                authorization_servers=authorization_servers_from_env(
-                    app.auth.jwt_issuer if app.auth is not None else None
-                ),
+                log_level=log_level,
+                jwt_issuer=app.auth.jwt_issuer if app.auth is not None else None,
             )
             await stack.enter_async_context(adapter)
             app.health.add("mcp", adapter.health)  # GET /health's `mcp` component

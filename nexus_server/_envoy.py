@@ -943,26 +943,26 @@ def _grpc_cluster(name: str, options: EnvoyOptions, extra: Mapping[str, Any]) ->
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {
-                                        "address": options.grpc_host,
-                                        "port_value": port,
-                                    }
-                                }
-                            }
+        "load_assignment": _load_assignment(name, options.grpc_host, _upstream_ports(options)),
+    }
+
+
+def _load_assignment(cluster: str, host: str, ports: Sequence[int]) -> dict[str, Any]:
+    """A static cluster's endpoints: `host` on each of `ports`."""
+    return {
+        "cluster_name": cluster,
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {
+                        "endpoint": {
+                            "address": {"socket_address": {"address": host, "port_value": p}}
                         }
-                        for port in _upstream_ports(options)
-                    ]
-                }
-            ],
-        },
+                    }
+                    for p in ports
+                ]
+            }
+        ],
     }
 
 
@@ -1022,25 +1022,9 @@ def _metrics_cluster(options: EnvoyOptions) -> list[dict[str, Any]]:
             "name": "nexus_metrics",
             "type": "STRICT_DNS" if options.grpc_address_is_dns else "STATIC",
             "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": "nexus_metrics",
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {
-                                "endpoint": {
-                                    "address": {
-                                        "socket_address": {
-                                            "address": options.grpc_host,
-                                            "port_value": options.metrics_port,
-                                        }
-                                    }
-                                }
-                            }
-                        ]
-                    }
-                ],
-            },
+            "load_assignment": _load_assignment(
+                "nexus_metrics", options.grpc_host, (options.metrics_port,)
+            ),
         }
     ]
 

@@ -133,3 +133,18 @@ class McpProcess(Supervisor):
             return True
         except OSError:
             return False
+
+
+def adapter_for(
+    server: str, *, host: str, port: int, log_level: str, jwt_issuer: str | None
+) -> McpProcess:
+    """The MCP adapter `nexus serve` runs beside a server at `server` (host:port), on
+    `host`:`port`, logging at the server's level (debug, or warnings only), naming the
+    app's OAuth authorization servers (`authorization_servers_from_env(jwt_issuer)`)."""
+    return McpProcess(
+        server,
+        host=host,
+        port=port,
+        log_level="debug" if log_level == "debug" else "warning",
+        authorization_servers=authorization_servers_from_env(jwt_issuer),
+    )

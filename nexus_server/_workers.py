@@ -462,16 +462,14 @@ async def _start_mcp(
     """The one MCP adapter, a client of the shared port (when `mcp_port` is set)."""
     if app.mcp_port is None:
         return None
-    from ._mcp_process import McpProcess, authorization_servers_from_env
+    from ._mcp_process import adapter_for
 
-    adapter = McpProcess(
+    adapter = adapter_for(
         f"{_local(app.host)}:{shared_port}",
         host=app.host,
         port=app.mcp_port,
-        log_level="debug" if log_level == "debug" else "warning",
-        authorization_servers=authorization_servers_from_env(
-            app.auth.jwt_issuer if app.auth is not None else None
-        ),
+        log_level=log_level,
+        jwt_issuer=app.auth.jwt_issuer if app.auth is not None else None,
     )
     await stack.enter_async_context(adapter)
     return adapter.url
