@@ -70,6 +70,8 @@ class Bus:
     def __init__(self) -> None:
         self._handlers: dict[str, list[Handler]] = {}
         self._reconnected: list[Callable[[], None]] = []
+        #: the task that listens (or polls) from `start()` until `close()`
+        self._task: asyncio.Task[None] | None = None
 
     def subscribe(self, channel: str, handler: Handler) -> None:
         self._handlers.setdefault(channel, []).append(handler)
@@ -83,7 +85,12 @@ class Bus:
         raise NotImplementedError
 
     async def close(self) -> None:
-        raise NotImplementedError
+        """Stop listening (the subclass then releases what it holds)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     async def publish(self, channel: str, payload: str) -> None:
         raise NotImplementedError
@@ -134,20 +141,12 @@ class PgBus(Bus):
         super().__init__()
         self._db = db
         self._dsn = dsn
-        self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
         #: set once the first LISTEN is in place (tests and startup may wait for it)
         self.listening = asyncio.Event()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="nexus-bus-listen")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def publish(self, channel: str, payload: str) -> None:
         self.check_payload(payload)
@@ -217,7 +216,6 @@ class SqliteBus(Bus):
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nexus-bus")
         self._conn: sqlite3.Connection | None = None
         self._last = 0
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._last = await self._call(self._open)
@@ -225,11 +223,7 @@ class SqliteBus(Bus):
         self._task = asyncio.create_task(self._poll(), name="nexus-bus-poll")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().close()
         with contextlib.suppress(Exception):
             await self._call(self._close)
         self._thread.shutdown(wait=False)
@@ -301,7 +295,6 @@ class RedisBus(Bus):
             url, socket_timeout=PG_CHECK, socket_connect_timeout=PG_CHECK
         )
         self._prefix = prefix
-        self._task: asyncio.Task[None] | None = None
         #: set once the first SUBSCRIBE is in place
         self.listening = asyncio.Event()
 
@@ -309,11 +302,7 @@ class RedisBus(Bus):
         self._task = asyncio.create_task(self._listen(), name="nexus-bus-redis")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().close()
         await self._client.aclose()
 
     async def publish(self, channel: str, payload: str) -> None:
