@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dataflow import DataFlow
+from dataflow import CircuitBreaker, DataFlow
 from nexus_api import descriptor_set_bytes
 from nexus_api.nexus.audit.v1 import audit_service_pb2_grpc as augrpc
 from nexus_api.nexus.auth.v1 import auth_service_pb2_grpc as agrpc
@@ -286,6 +286,8 @@ class Nexus:
         self.tracer_provider = tracer_provider
         self.rate_limit_backend = rate_limit_backend
         self._workflow_rates: dict[str, RateLimit] = {}
+        #: the breakers of other dependencies (`add_breaker`), by name
+        self._breakers: dict[str, CircuitBreaker] = {}
         self.queue = QueueOptions() if queue is None else queue
         self._queued: dict[str, QueuedWorkflow] = {}
         self.db: DataFlow | None = None
@@ -391,6 +393,23 @@ class Nexus:
             raise ValueError("this app already integrates a DataFlow; use one per app")
         self.db, self._chosen_db = db, True
 
+    def add_breaker(self, breaker: CircuitBreaker) -> None:
+        """Show `breaker` (one a node uses around another service, `dataflow.
+        CircuitBreaker`) as the database's is shown: a `GET /health` component named
+        after it (not critical: the server still serves what does not need it) and
+        `nexus_circuit_breaker_state{dependency=<name>}` with monitoring on.
+
+        Raises:
+            ValueError: its name is taken by another breaker or a built-in component.
+        """
+        name = breaker.name
+        if name in _BUILT_IN_COMPONENTS or name in self._breakers:
+            raise ValueError(
+                f"add_breaker: the name {name!r} is taken; name the breaker after its "
+                "dependency (CircuitBreaker('payments', ...))"
+            )
+        self._breakers[name] = breaker
+
     def register(
         self,
         name: str,
@@ -482,6 +501,8 @@ class Nexus:
             breaker = db.breaker
             if breaker is not None:
                 metrics.watch_breaker(breaker.name, lambda: breaker.state)
+            for other in self._breakers.values():
+                metrics.watch_breaker(other.name, lambda b=other: b.state)  # type: ignore[misc]
             query_cache = db.cache
             if query_cache is not None:
                 metrics.watch_cache("dataflow", lambda: (query_cache.hits, query_cache.misses))
@@ -596,6 +617,8 @@ class Nexus:
             "workflows", lambda: {"status": "healthy", "registered": len(self.registry.names())}
         )
         self.health.add("queue", queue.snapshot)  # asynchronous executions, this process
+        for other in self._breakers.values():
+            self.health.add(other.name, other.snapshot)
         pgrpc.add_ProbeServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ProbeServicer(self.health, health_servicer.serving, lambda: self._started), handlers
         )
@@ -845,6 +868,12 @@ class Nexus:
         code = run_app(self, log_level="info")
         if code:
             raise SystemExit(code)
+
+
+#: `GET /health` components of the server's own, whose names a breaker may not take.
+_BUILT_IN_COMPONENTS = frozenset(
+    {"database", "breaker", "cache", "workflows", "queue", "envoy", "mcp", "worker"}
+)
 
 
 class AuthNotConfigured(ValueError):

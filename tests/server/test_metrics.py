@@ -581,6 +581,36 @@ async def test_shed_calls_and_the_database_breaker_are_reported(
     assert value(found, "nexus_circuit_breaker_state", dependency="database") == 0
 
 
+async def test_a_nodes_own_breaker_shows_in_health_and_metrics(
+    make_app: Callable[..., Nexus],
+) -> None:
+    """`app.add_breaker(breaker)`: a breaker a node uses around another service is a
+    GET /health component (unhealthy while open, the server still healthy) and a
+    `nexus_circuit_breaker_state` series, as the database's breaker is."""
+    from dataflow import CircuitBreaker
+
+    payments = CircuitBreaker("payments", failures=1, reset_after=60.0)
+    app = make_app(enable_monitoring=True, metrics_port=None)
+    app.add_breaker(payments)
+    with pytest.raises(ValueError, match="'payments' is taken"):
+        app.add_breaker(CircuitBreaker("payments"))
+    with pytest.raises(ValueError, match="'database' is taken"):
+        app.add_breaker(CircuitBreaker("database"))
+    async with app.serving() as serving:
+        assert serving.metrics is not None
+        closed = app.health.state("payments")
+        assert closed is not None and closed["state"] == "closed"
+        found = samples(serving.metrics.exposition().decode())
+        assert value(found, "nexus_circuit_breaker_state", dependency="payments") == 0
+        payments.failure()  # one failure opens it (failures=1)
+        opened = app.health.state("payments")
+        assert opened is not None and opened["state"] == "open"
+        assert opened["status"] == "unhealthy"
+        assert app.health.document()["status"] == "healthy"  # not critical
+        found = samples(serving.metrics.exposition().decode())
+        assert value(found, "nexus_circuit_breaker_state", dependency="payments") == 2
+
+
 async def test_cache_hits_and_misses_are_reported(db_url: str, connect: Any) -> None:
     """DataFlow's query cache and the workflows' response cache, read from their own
     counters at each scrape."""
