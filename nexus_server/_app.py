@@ -526,8 +526,10 @@ class Nexus:
         )
         await workflow_store.initialize()
         executions.open()
-        queue = ExecutionQueue(executions, self.registry, self.queue, self._queued)
+        queue = ExecutionQueue(executions, self.registry, self.queue, self._queued, bus)
         await queue.open()  # settles what stopped processes left, then claims
+        if metrics is not None:
+            metrics.watch_queue(queue.snapshot)
         records = Records(db, store)
         typed = TypedModels(db.models, _static_files())
         rate_limits = self.rate_limits()

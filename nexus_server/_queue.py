@@ -7,10 +7,13 @@ transaction: `SELECT ... FOR UPDATE SKIP LOCKED` on PostgreSQL (two replicas nev
 claim the same row, and neither waits for the other), `BEGIN IMMEDIATE` on SQLite (one
 writer at a time, across processes). No broker: the database is the queue.
 
-Wake-up: a replica that queues an execution wakes its own claimer, and on PostgreSQL
-sends `NOTIFY nexus_queue` in the queuing transaction, which every replica LISTENs to;
-each claimer also polls every `QueueOptions.poll_interval` seconds (the safety net for
-a lost notification or a dropped LISTEN connection).
+Wake-up: a replica that queues an execution wakes its own claimer and tells the others
+on the replicas' bus (`_bus.py`, the one the workflow registry and remote watches use:
+no connection of the queue's own): on PostgreSQL, `NOTIFY nexus_queue` in the queuing
+transaction, so it leaves when the row is committed; through Redis or SQLite's bus
+table, a message once the transaction committed. Each claimer also polls every
+`QueueOptions.poll_interval` seconds (the safety net for a lost message or a bus that
+was reconnecting).
 
 Leases: each row a replica runs (claimed, or a synchronous execution's RUNNING row)
 names that replica (`runner`) and holds `lease_until`, renewed every
@@ -44,6 +47,7 @@ import sqlalchemy as sa
 from dataflow import AlreadyExistsError, cache_scope, current_tenant, tenant_scope
 from workflow import Workflow
 
+from ._bus import Bus, PgBus
 from ._errors import ApiError
 from ._executions import Executions, _storable_inputs, error_dict, new_execution_id
 from ._registry import WorkflowRegistry
@@ -57,8 +61,6 @@ _log = logging.getLogger("nexus_server")
 CHANNEL = "nexus_queue"
 #: Candidate rows one sweep looks at (the rest wait for the next sweep).
 SWEEP_BATCH = 500
-#: Seconds between attempts to open the LISTEN connection again.
-LISTEN_RETRY = 5.0
 
 _E = EXECUTIONS
 
@@ -174,6 +176,8 @@ class ExecutionQueue:
         registry: the workflows this process can run (it claims only those).
         options: capacity, lease and polling.
         workflows: per-workflow options by name.
+        bus: the replicas' bus, when other processes share the database: it carries
+            the wake-ups (subscribe happens here, before the bus starts).
     """
 
     def __init__(
@@ -182,6 +186,7 @@ class ExecutionQueue:
         registry: WorkflowRegistry,
         options: QueueOptions,
         workflows: Mapping[str, QueuedWorkflow],
+        bus: Bus | None = None,
     ) -> None:
         self.executions = executions
         self.db = executions.store.db
@@ -197,20 +202,28 @@ class ExecutionQueue:
         self._wake = asyncio.Event()
         self._claimer: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._listener: asyncio.Task[None] | None = None
+        self.bus = bus
+        if bus is not None:
+            bus.subscribe(CHANNEL, lambda _payload: self._wake.set())
+            bus.on_reconnect(self._wake.set)  # anything queued while it was not listening
         #: the server is stopping: a retryable execution its stop cancels is queued again
         self._stopping = False
         #: what this process did since it started (`snapshot`, GET /health's `queue`)
         self.claimed_total = 0
         self.settled_total: collections.Counter[str] = collections.Counter()
+        #: QUEUED executions in the database (every replica's), as counted at the last
+        #: heartbeat; None until first counted
+        self.waiting: int | None = None
 
     def snapshot(self) -> dict[str, Any]:
-        """The queue as this process sees it, for GET /health's `queue` component:
-        executions it runs now and its cap, what it claimed, and what it settled for
+        """The queue as this process sees it, for GET /health's `queue` component and
+        the `nexus_queue_*` metrics: executions waiting in the database (counted at each
+        heartbeat), those it runs now and its cap, what it claimed, and what it settled for
         lost processes, by the state it gave them (QUEUED again, FAILED with
         EXECUTION_LOST, INTERRUPTED)."""
         return {
             "status": "healthy",
+            "waiting": self.waiting,
             "running": len(self.tasks),
             "max_running": self.options.max_running,
             "claimed_total": self.claimed_total,
@@ -272,14 +285,26 @@ class ExecutionQueue:
             if found is None:
                 raise
             return found[1]
-        self._wake.set()
+        await self._announce()
         return rec
 
     async def _notify(self, conn: Any) -> None:
-        """Announce queued work to every replica, on `conn` (the queuing transaction's:
-        PostgreSQL delivers it at commit)."""
-        if self.db.dialect == "postgresql":
+        """Announce queued work on PostgreSQL's bus, on `conn`: the queuing transaction's,
+        so that it is delivered when the rows are committed. Other buses are told by
+        `_announce`, after the commit."""
+        if isinstance(self.bus, PgBus):
             await conn.execute(sa.text(f"SELECT pg_notify('{CHANNEL}', '')"))
+
+    async def _announce(self) -> None:
+        """Once queued work is committed: wake this process's claimer, and the other
+        replicas' through a bus outside the database's transactions (Redis, SQLite's
+        table). Best effort: their polls are the safety net."""
+        self._wake.set()
+        if self.bus is not None and not isinstance(self.bus, PgBus):
+            try:
+                await self.bus.publish(CHANNEL, "")
+            except Exception as exc:
+                _log.debug("announcing queued executions failed: %s", exc)
 
     async def cancel_queued(self, execution_id: str) -> ExecutionRecord | None:
         """Cancel an execution still waiting in the queue; None when it is not (any
@@ -314,21 +339,19 @@ class ExecutionQueue:
         settled = await self.sweep(startup=True)
         if settled:
             _log.warning("settled %d execution(s) of stopped server processes", settled)
+        self.waiting = await self.count_waiting()
         self._claimer = asyncio.create_task(self._claim_loop(), name="queue-claimer")
         self._keeper = asyncio.create_task(self._keep_loop(), name="queue-leases")
-        if self.db.dialect == "postgresql":
-            self._listener = asyncio.create_task(self._listen(), name="queue-listener")
 
     async def stop_claiming(self) -> None:
         """Claim nothing more (the server is stopping); leases are still kept, and a
         retryable execution the stop cancels goes back to the queue."""
         self._stopping = True
-        for task in (self._claimer, self._listener):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._claimer = self._listener = None
+        if self._claimer is not None:
+            self._claimer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._claimer
+            self._claimer = None
 
     async def close(self) -> None:
         """Stop everything (after the executions were finished or cancelled)."""
@@ -463,30 +486,8 @@ class ExecutionQueue:
             if done.rowcount:
                 await self._notify(conn)
                 _log.info("execution %s queued again: the server stopped", rec.id)
-
-    async def _listen(self) -> None:
-        """LISTEN for queued executions on a connection of its own, reopened when lost."""
-        import asyncpg
-
-        dsn = self.db.engine.url.set(drivername="postgresql").render_as_string(False)
-        while True:
-            conn: Any = None
-            try:
-                conn = await asyncpg.connect(dsn, timeout=LISTEN_RETRY)
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, lambda *_a: self._wake.set())
-                self._wake.set()  # anything queued while not listening
-                await lost.wait()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _log.debug("LISTEN %s failed: %s", CHANNEL, exc)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(conn.close(timeout=1))
-            await asyncio.sleep(LISTEN_RETRY)
+        if done.rowcount:
+            await self._announce()
 
     # -- leases ------------------------------------------------------------------------
 
@@ -498,8 +499,19 @@ class ExecutionQueue:
                 settled = await self.sweep()
                 if settled:
                     _log.warning("settled %d execution(s) of lost server processes", settled)
+                self.waiting = await self.count_waiting()
             except Exception as exc:  # the database is down: the next beat tries again
                 _log.warning("renewing execution leases failed: %s", exc)
+
+    async def count_waiting(self) -> int:
+        """How many executions wait in the queue (QUEUED), every replica's."""
+        query = (
+            sa.select(sa.func.count())
+            .select_from(_E)
+            .where(sa.text(ACTIVE_SQL), _E.c.state == "QUEUED")
+        )
+        async with self.db.connection() as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     async def renew(self) -> int:
         """Extend the lease of every row this process runs; returns how many."""
@@ -574,7 +586,7 @@ class ExecutionQueue:
             if requeued:
                 await self._notify(conn)
         if requeued:
-            self._wake.set()
+            await self._announce()
         return settled
 
     def _settlement(self, row: sa.RowMapping) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Every call is counted once, by the gateway chain, when it ends: by method, chann
 status code, with its duration and the calls in flight. The execution engine adds the
 executions by workflow and final state with their durations, and every node's duration;
 authentication refusals are counted by reason. The other gateway checks report through
-the hooks below (`rate_limited`, `shed`, `watch_cache`, `watch_breaker`), so that every
-metric of the server is declared, named and documented here (docs/operations.md).
+the hooks below (`rate_limited`, `shed`, `watch_cache`, `watch_breaker`,
+`watch_queue`), so that every metric of the server is declared, named and documented
+here (docs/operations.md).
 
 With monitoring off there is no `Metrics` object at all: each hook site costs one `if`.
 
@@ -134,11 +135,65 @@ class _Caches(Collector):
         yield family
 
 
+class _Queues(Collector):
+    """`nexus_queue_*`: the asynchronous executions' queue (`_queue.ExecutionQueue`),
+    read from its `snapshot()` when scraped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshots: list[Callable[[], dict[str, Any]]] = []
+
+    def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        with self._lock:
+            self._snapshots.append(snapshot)
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        with self._lock:
+            snapshots = [snapshot() for snapshot in self._snapshots]
+        if not snapshots:
+            return
+        waiting = GaugeMetricFamily(
+            "nexus_queue_waiting",
+            "Asynchronous executions waiting in the queue (QUEUED, every replica's), "
+            "as counted at the last lease heartbeat",
+        )
+        running = GaugeMetricFamily(
+            "nexus_queue_running", "Queued executions running in this server process"
+        )
+        capacity = GaugeMetricFamily(
+            "nexus_queue_capacity",
+            "Queued executions this server process runs at once at most (max_running)",
+        )
+        claimed = CounterMetricFamily(
+            "nexus_queue_claimed", "Queued executions this server process claimed"
+        )
+        settled = CounterMetricFamily(
+            "nexus_queue_settled",
+            "Executions of lost server processes this one settled, by the state given "
+            "them (QUEUED again, FAILED with EXECUTION_LOST, INTERRUPTED)",
+            labels=["state"],
+        )
+        counted = [s["waiting"] for s in snapshots if s.get("waiting") is not None]
+        if counted:
+            waiting.add_metric([], max(counted))
+        running.add_metric([], sum(s["running"] for s in snapshots))
+        capacity.add_metric([], sum(s["max_running"] for s in snapshots))
+        claimed.add_metric([], sum(s["claimed_total"] for s in snapshots))
+        states: dict[str, int] = {}
+        for s in snapshots:
+            for state, n in s["settled_total"].items():
+                states[state] = states.get(state, 0) + n
+        for state, n in sorted(states.items()):
+            settled.add_metric([state], n)
+        yield from (waiting, running, capacity, claimed, settled)
+
+
 #: Seconds between two copies of the scrape-time values into the multi-process files.
 MIRROR_INTERVAL = 1.0
 #: How the processes' values of a mirrored gauge combine (default: their sum).
 _GAUGE_MODES: dict[str, Literal["livemax", "livesum"]] = {
-    "nexus_circuit_breaker_state": "livemax"  # the worst state of any process's breaker
+    "nexus_circuit_breaker_state": "livemax",  # the worst state of any process's breaker
+    "nexus_queue_waiting": "livemax",  # every process counts the same rows
 }
 
 
@@ -287,7 +342,9 @@ class Metrics:
         r.register(self._breakers)
         self._caches = _Caches()
         r.register(self._caches)
-        self._process: list[Collector] = [self._breakers, self._caches]
+        self._queues = _Queues()
+        r.register(self._queues)
+        self._process: list[Collector] = [self._breakers, self._caches, self._queues]
         self._mirror: _Mirror | None = None
         if self.multiprocess:
             self._mirror = _Mirror(self._process)
@@ -358,6 +415,11 @@ class Metrics:
         """Report the breaker of `dependency` (e.g. `database`): `state()` returns
         `closed`, `half_open` or `open`, read at every scrape."""
         self._breakers.watch(dependency, state)
+
+    def watch_queue(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Report the asynchronous executions' queue: `snapshot()` is
+        `ExecutionQueue.snapshot`, read at every scrape."""
+        self._queues.watch(snapshot)
 
     def add_collector(self, collector: Collector) -> None:
         """Expose `collector` too (read at every scrape, in this process): DataFlow's

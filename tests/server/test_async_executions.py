@@ -21,12 +21,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import httpx
 import jwt
 import pytest
+import redis.asyncio as aioredis
 import sqlalchemy as sa
 from google.protobuf import struct_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from dataflow import DataFlow
 from nexus_api.nexus.model.v1 import model_service_pb2 as mpb
@@ -440,30 +443,148 @@ async def test_two_servers_on_one_database_claim_different_executions(
     assert dict(TALLY) == {**{f"g{i}": 1 for i in range(4)}, **{f"m{i}": 1 for i in range(30)}}
 
 
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-async def test_postgres_notifies_the_other_servers_at_once(
-    make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event]
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+async def _need_redis() -> None:
+    client = aioredis.Redis.from_url(REDIS, socket_timeout=2)
+    try:
+        await client.ping()
+    except Exception as exc:  # pragma: no cover - the machine runs Redis
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no Redis at {REDIS}: {exc}")
+        pytest.skip(f"no Redis at {REDIS}: {exc}")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("backend", "bus"),
+    [("postgres", "postgres"), ("postgres", "redis"), ("sqlite", "sqlite")],
+    indirect=["backend"],
+)
+async def test_the_bus_wakes_the_other_servers_at_once(
+    make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event], bus: str, pg_admin: Any
 ) -> None:
-    # b polls once a minute: only NOTIFY can wake it within the test's bound
-    a = make_app(queue=QueueOptions(max_running=1))
-    b = make_app(models=False, queue=QueueOptions(poll_interval=60.0, lease=120.0, heartbeat=60.0))
+    """A queued execution wakes the other replicas' claimers through the replicas' bus
+    (PostgreSQL's NOTIFY, Redis, SQLite's bus table), the queue holding no connection
+    of its own."""
+    options: dict[str, Any] = {}
+    if bus == "redis":
+        await _need_redis()
+        options["rate_limit_backend"] = REDIS
+    # b polls once a minute: only the bus can wake it within the test's bound
+    a = make_app(queue=QueueOptions(max_running=1), **options)
+    b = make_app(
+        models=False,
+        queue=QueueOptions(poll_interval=60.0, lease=120.0, heartbeat=60.0),
+        **options,
+    )
     for app in (a, b):
         app.register("tally", tally_workflow())
     async with served(a) as (_, wa), served(b) as (_, wb):
+        if bus == "postgres":
+            # one listening connection per server process: the bus's (the queue's
+            # wake-ups share it)
+            listening = await pg_admin(
+                "SELECT application_name FROM pg_stat_activity "
+                "WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
+            )
+            assert {row[0] for row in listening} <= {"nexus-bus"}, listening
         busy = await wa.StartExecution(
             wpb.StartExecutionRequest(name="tally", inputs=struct(key="busy", gate="busy")),
             timeout=WAIT,
         )
         await started(gates, "busy")
-        for i in range(3):  # a has no room: b runs them, woken by each notification
+        for i in range(3):  # a has no room: b runs them, woken by each message
             ex = await wa.StartExecution(
                 wpb.StartExecutionRequest(name="tally", inputs=struct(key=f"n{i}")),
                 timeout=WAIT,
             )
-            await until_state(wb, ex.id, S.STATE_SUCCEEDED)
+            done = await until_state(wb, ex.id, S.STATE_SUCCEEDED)
+            assert done.owner == ex.owner
         gates["busy"].set()
         await until_state(wa, busy.id, S.STATE_SUCCEEDED)
     assert dict(TALLY) == {"busy": 1, "n0": 1, "n1": 1, "n2": 1}
+
+
+@pytest.fixture
+def pg_admin(backend: str, db_url: str) -> Callable[[str], Any]:
+    """`await pg_admin(sql)`: the rows of `sql` on the test's PostgreSQL database."""
+
+    async def run(sql: str) -> list[Any]:
+        conn = await asyncpg.connect(db_url, timeout=5)
+        try:
+            return list(await conn.fetch(sql))
+        finally:
+            await conn.close()
+
+    return run
+
+
+# -- what the queue reports ------------------------------------------------------------------
+
+
+async def test_the_queue_is_in_the_metrics_and_the_health_component(
+    make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event]
+) -> None:
+    app = make_app(
+        queue=QueueOptions(max_running=1, lease=1.0, heartbeat=0.2, poll_interval=0.2),
+        enable_monitoring=True,
+        metrics_port=None,
+    )
+    app.register("tally", tally_workflow())
+
+    def read(serving: Serving) -> dict[str, float]:
+        assert serving.metrics is not None
+        text = serving.metrics.exposition().decode()
+        return {
+            s.name + (f"{{{s.labels['state']}}}" if "state" in s.labels else ""): s.value
+            for family in text_string_to_metric_families(text)
+            if family.name.startswith("nexus_queue")
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    async def settles(serving: Serving, **expected: float) -> dict[str, float]:
+        async with asyncio.timeout(WAIT):
+            while True:
+                found = read(serving)
+                if all(found.get(k) == v for k, v in expected.items()):
+                    return found
+                await asyncio.sleep(0.05)
+
+    async with served(app) as (serving, wf):
+        busy = await wf.StartExecution(
+            wpb.StartExecutionRequest(name="tally", inputs=struct(key="busy", gate="busy")),
+            timeout=WAIT,
+        )
+        await started(gates, "busy")
+        queued = [
+            await wf.StartExecution(
+                wpb.StartExecutionRequest(name="tally", inputs=struct(key=f"q{i}")),
+                timeout=WAIT,
+            )
+            for i in range(2)
+        ]
+        # the one slot is taken: two wait, counted at the next heartbeat
+        found = await settles(
+            serving,
+            nexus_queue_waiting=2,
+            nexus_queue_running=1,
+            nexus_queue_capacity=1,
+            nexus_queue_claimed_total=1,
+        )
+        assert not any(k.startswith("nexus_queue_settled_total") for k in found), found
+        component = app.health.state("queue")  # GET /health's component
+        assert component is not None and component["waiting"] == 2, component
+        assert component["running"] == 1 and component["max_running"] == 1
+        gates["busy"].set()
+        for ex in [busy, *queued]:
+            await until_state(wf, ex.id, S.STATE_SUCCEEDED)
+        await settles(
+            serving, nexus_queue_waiting=0, nexus_queue_running=0, nexus_queue_claimed_total=3
+        )
 
 
 # -- caps --------------------------------------------------------------------------------------
