@@ -73,7 +73,7 @@ from ._schema import (
 )
 from ._sqltypes import dialect_insert
 from ._tokens import sign, verify
-from ._values import clean_any
+from ._values import INT_MAX, INT_MIN, clean_any
 
 __all__ = ["DataFlow", "StatementHook"]
 
@@ -275,8 +275,14 @@ def _check_rows(rows: Sequence[Sequence[Any]]) -> None:
     """`executemany` rows meet the value rule (`_values.clean_any`), as records do."""
     for i, row in enumerate(rows):
         for j, v in enumerate(row):
-            if type(v) is str and "\x00" not in v:
-                continue  # the common case, inline
+            kind = type(v)
+            if v is None or kind is bool:
+                continue  # the common cases, inline
+            if kind is str:
+                if "\x00" not in v:
+                    continue
+            elif kind is int and INT_MIN <= v <= INT_MAX:
+                continue
             try:
                 clean_any(v)
             except TypeError as exc:

@@ -776,7 +776,9 @@ def envoy_config(descriptor: bytes, options: EnvoyOptions) -> dict[str, Any]:
             },
         ],
     }
-    if options.upstreams:
+    if options.upstreams or len(options.grpc_ports) > 1:
+        # replicas, or workers: a read (or a write with a request_id) that a server
+        # process died under is retried on another, as a probe is
         virtual_host["routes"] = _replica_routes(virtual_host["routes"], descriptor)
     # after the replicas' method routes (so their retry policies hold for gRPC calls),
     # before the catch-all

@@ -151,7 +151,7 @@ class RunningExecution:
         "commit_error",
         "events",
         "finished",
-        "put_later",
+        "linger_until",
         "record",
         "sequence",
         "task",
@@ -169,8 +169,9 @@ class RunningExecution:
         self.commit_error: Exception | None = None
         #: runs in one transaction with its record (see the module's docstring)
         self.transactional = False
-        #: queues the RUNNING row if the execution is still running by then
-        self.put_later: asyncio.TimerHandle | None = None
+        #: the loop time at which its RUNNING row is queued if it still runs then (see
+        #: `Executions._lingering`); None once queued, or when it never is
+        self.linger_until: float | None = None
         # created only when someone waits for the end (most executions end unwatched)
         self._done: asyncio.Event | None = None
         #: set (and replaced) on the next event; created only when someone watches
@@ -296,6 +297,11 @@ class Executions:
         #: renews on them (`_queue.Leases`); None: no leases (an Executions of its own)
         self.runner: str | None = None
         self.lease = 10.0
+        #: executions whose RUNNING row waits `LINGER` seconds before it is queued (in
+        #: the order they started, so their deadlines grow): one timer for all of them
+        #: instead of one per execution
+        self._lingering: dict[str, RunningExecution] = {}
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def open(self) -> None:
         """Start writing execution records (call once the store is initialised)."""
@@ -304,6 +310,9 @@ class Executions:
     async def close(self, grace: float) -> None:
         """Finish or cancel running executions, then write every pending record."""
         await self.shutdown(grace)
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         await self.writer.stop()
 
     def _written(self, batch: Sequence[ExecutionRecord]) -> None:
@@ -485,21 +494,40 @@ class Executions:
         if running_row == "now":
             self.writer.put(rec)
         elif running_row == "later":
-            run.put_later = asyncio.get_running_loop().call_later(LINGER, self._put_running, run)
+            loop = asyncio.get_running_loop()
+            run.linger_until = loop.time() + LINGER
+            self._lingering[rec.id] = run
+            if self._linger_timer is None:
+                self._linger_timer = loop.call_at(run.linger_until, self._put_lingering)
         return run
 
     async def drain(self) -> None:
         """Write every execution's current state now (what ListExecutions reads)."""
-        for run in list(self.running.values()):
-            if run.put_later is not None:
-                run.put_later.cancel()
-                self._put_running(run)
+        lingering = list(self._lingering.values())
+        self._lingering.clear()
+        for run in lingering:
+            run.linger_until = None
+            if not run.finished:
+                self.writer.put(run.record)
         await self.writer.drain()
 
-    def _put_running(self, run: RunningExecution) -> None:
-        run.put_later = None
-        if not run.finished:
-            self.writer.put(run.record)
+    def _put_lingering(self) -> None:
+        """Queue the RUNNING rows of the executions still running `LINGER` seconds
+        after they started; call again at the next one's time."""
+        self._linger_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        lingering = self._lingering
+        while lingering:
+            execution_id, run = next(iter(lingering.items()))
+            assert run.linger_until is not None
+            if run.linger_until > now:
+                self._linger_timer = loop.call_at(run.linger_until, self._put_lingering)
+                return
+            del lingering[execution_id]
+            run.linger_until = None
+            if not run.finished:
+                self.writer.put(run.record)
 
     def _writes_only_here(self, wf: Workflow) -> bool:
         """Whether every node of `wf` is a DataFlow node of the records' database."""
@@ -627,9 +655,9 @@ class Executions:
                 ended = run.record.state if recorded else state
                 metrics.execution_ended(rec.workflow, ended, time.perf_counter() - started)
             self.running.pop(rec.id, None)
-            if run.put_later is not None:
-                run.put_later.cancel()
-                run.put_later = None
+            if run.linger_until is not None:
+                run.linger_until = None
+                self._lingering.pop(rec.id, None)
             try:
                 if recorded or forgotten:
                     self._requests.pop((rec.caller, rec.request_id or ""), None)

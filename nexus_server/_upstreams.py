@@ -58,7 +58,7 @@ HEALTH_CHECK_SERVICE = ""
 #: When a read (or a write with a request_id) is retried on another replica.
 READ_RETRY_ON = "unavailable,connect-failure,reset,refused-stream"
 #: When any other write is retried: it never reached a replica's handler.
-SAFE_RETRY_ON = "connect-failure,refused-stream"
+SAFE_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 #: Retries after the first attempt (3 attempts: with 3 replicas, one on each).
 NUM_RETRIES = 2
 #: Retries in flight at once: this percentage of the requests in flight, and at least

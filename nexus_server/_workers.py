@@ -243,6 +243,7 @@ class WorkerProcess(Supervisor):
         metrics_dir: str,
         log_level: str,
         grace_period: float,
+        loop: str = "auto",
     ) -> None:
         super().__init__(f"worker {index}", ready_timeout=READY_TIMEOUT)
         self.target = target
@@ -252,6 +253,7 @@ class WorkerProcess(Supervisor):
         self.shared_port = shared_port
         self.metrics_dir = metrics_dir
         self.log_level = log_level
+        self.loop = loop
         self.stop_grace = grace_period + STOP_MARGIN
         #: the exit code of the last launch once it exited, else None
         self.exit_code: int | None = None
@@ -264,7 +266,7 @@ class WorkerProcess(Supervisor):
         return [
             sys.executable, "-m", "nexus_server", "serve", self.target,
             "--host", self.host, "--grpc-port", str(self.port),
-            "--no-envoy", "--no-mcp", "--log-level", self.log_level,
+            "--no-envoy", "--no-mcp", "--log-level", self.log_level, "--loop", self.loop,
         ]  # fmt: skip
 
     def environment(self) -> dict[str, str]:
@@ -328,7 +330,9 @@ class _MetricsPort:
         self.thread.join(timeout=5)
 
 
-async def serve_workers(app: Nexus, target: str, *, workers: int, log_level: str) -> int:
+async def serve_workers(
+    app: Nexus, target: str, *, workers: int, log_level: str, event_loop: str = "auto"
+) -> int:
     """Serve `app` (loaded from `target`, which each worker loads again) as `workers`
     processes until SIGINT/SIGTERM (see the module docstring). Returns the exit code:
     0 when every worker stopped cleanly.
@@ -370,6 +374,7 @@ async def serve_workers(app: Nexus, target: str, *, workers: int, log_level: str
                     metrics_dir=metrics_dir,
                     log_level=log_level,
                     grace_period=app.grace_period,
+                    loop=event_loop,
                 )
                 for i, port in enumerate(ports)
             ]
@@ -390,6 +395,9 @@ async def serve_workers(app: Nexus, target: str, *, workers: int, log_level: str
                 f"started in {(time.perf_counter() - started) * 1e3:.0f} ms)"
             )
             print(f"  workers' own ports (Envoy's endpoints): {', '.join(map(str, ports))}")
+            from ._cli import loop_factory
+
+            print(f"  workers' loop: {'asyncio' if loop_factory(event_loop) is None else 'uvloop'}")
             if api_address:
                 from ._envoy import envoy_banner
 

@@ -250,6 +250,12 @@ class AuditTrail:
                 self._run(), name="nexus-audit-writer", context=contextvars.Context()
             )
 
+    @property
+    def active(self) -> bool:
+        """Whether an entry recorded now goes anywhere (the table, or the log at INFO):
+        the chain builds none otherwise."""
+        return (self.table and not self._closed) or _log.isEnabledFor(logging.INFO)
+
     def record(self, entry: AuditEntry) -> None:
         """Log `entry` and queue it for the table. Never blocks, never raises for the
         database: a call is never slowed down or failed by its audit row."""

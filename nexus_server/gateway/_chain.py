@@ -93,6 +93,11 @@ class Authenticates(Protocol):
 class Records(Protocol):
     """What the chain needs of the audit trail (`_audit.AuditTrail`)."""
 
+    @property
+    def active(self) -> bool:
+        """Whether a recorded entry goes anywhere (else the chain builds none)."""
+        ...
+
     def record(self, entry: AuditEntry) -> None: ...
 
 
@@ -656,6 +661,8 @@ class Gateway:
         channel: str,
         reason: str,
     ) -> None:
+        if not self.audit.active:
+            return
         code = _CODE_OF_REFUSAL.get(reason, "INVALID_ARGUMENT")
         self.audit.record(_entry(path, rule, request, principal, channel, code, reason))
 
@@ -668,6 +675,8 @@ class Gateway:
         channel: str,
         context: Any,
     ) -> None:
+        if not self.audit.active:
+            return
         code = context.code()
         if code is None or code == grpc.StatusCode.OK or code == 0:
             name, reason = "OK", ""

@@ -293,9 +293,9 @@ def test_nexus_serve_without_envoy(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(4)]
+        lines = [proc.stdout.readline() for _ in range(5)]
         assert lines[0].startswith("Nexus gRPC server on"), lines
-        assert "Ctrl-C" in lines[3], lines
+        assert "Ctrl-C" in lines[4], lines
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0

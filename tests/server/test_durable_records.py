@@ -99,6 +99,57 @@ async def test_a_record_without_request_id_is_written_behind(
         assert rec.state == "SUCCEEDED" and rec.request_id is None
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_only_an_execution_that_outlives_the_linger_has_a_running_row(
+    make_app: Callable[..., Nexus],
+    connect: Connect,
+    db_url: str,
+    gates: dict[str, asyncio.Event],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a request_id, an execution's RUNNING row is written only if it still runs
+    `LINGER` seconds after it started (one timer serves them all): short executions are
+    written once, in their final state; a long one is RUNNING in the database while it
+    runs, without anyone draining the writer."""
+    written: list[tuple[str, str]] = []
+    write = Store.write_executions
+
+    async def recording(self: Store, records: Sequence[ExecutionRecord]) -> list[str]:
+        written.extend((r.id, r.state) for r in records)
+        return await write(self, records)
+
+    monkeypatch.setattr(Store, "write_executions", recording)
+    gates["open"].set()
+    app = make_app()
+    async with app.serving() as s, connect(s) as channel, reader(db_url) as store:
+        wf = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
+        quick = [
+            await wf.ExecuteWorkflow(
+                wpb.ExecuteWorkflowRequest(name="gated", inputs=struct(gate="open", value=i)),
+                timeout=WAIT,
+            )
+            for i in range(20)
+        ]
+        held = wf.ExecuteWorkflow(
+            wpb.ExecuteWorkflowRequest(name="gated", inputs=struct(gate="held", value=1)),
+            timeout=WAIT,
+        )
+        running = None
+        async with asyncio.timeout(WAIT):
+            while running is None:
+                await asyncio.sleep(0.005)
+                found, _ = await store.list_executions("gated", "RUNNING", 10, "")
+                running = found[0] if found else None
+        assert running.state == "RUNNING"
+        gates["held"].set()
+        done = await held
+    # the stop wrote what was still queued
+    assert running.id == done.id
+    states = {ex.id: [st for i, st in written if i == ex.id] for ex in quick}
+    assert all(st == ["SUCCEEDED"] for st in states.values()), states
+    assert [st for i, st in written if i == done.id] == ["RUNNING", "SUCCEEDED"]
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
 async def test_a_request_id_is_committed_before_the_workflow_runs(
     make_app: Callable[..., Nexus],

@@ -497,6 +497,8 @@ async def test_a_call_cancelled_while_authenticating_leaves_no_call_in_flight() 
             await asyncio.Event().wait()  # never answers: the call is cancelled
 
     class Audit:
+        active = True
+
         def record(self, entry: Any) -> None:
             pass
 

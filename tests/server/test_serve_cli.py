@@ -42,11 +42,14 @@ async def _wait_for(address: str, status: int, deadline: float = 15.0) -> None:
                 return
 
 
-async def test_serve_prints_address_answers_health_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("option", "loop"), [((), "uvloop"), (("--loop", "asyncio"), "asyncio")])
+async def test_serve_prints_address_answers_health_and_stops_on_ctrl_c(
+    tmp_path: Path, option: tuple[str, ...], loop: str
+) -> None:
     env = {**os.environ, "NEXUS_DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "nexus_server", "serve", str(APP),
-        "--grpc-port", "0", "--no-envoy", "--no-mcp",
+        "--grpc-port", "0", "--no-envoy", "--no-mcp", *option,
         cwd=tmp_path, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -61,6 +64,9 @@ async def test_serve_prints_address_answers_health_and_stops_on_ctrl_c(tmp_path:
         assert await _health(address, "nexus.models.v1.ContactService") == SERVING
         rest = (await proc.stdout.readline()).decode()
         assert rest.split() == ["workflows:", "create_contact,", "search_contacts"]
+        await proc.stdout.readline()  # models
+        # the event loop it serves on: uvloop by default (installed with nexus)
+        assert (await proc.stdout.readline()).decode().split() == ["loop:", loop]
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):
             code = await proc.wait()
@@ -73,6 +79,19 @@ async def test_serve_prints_address_answers_health_and_stops_on_ctrl_c(tmp_path:
             await proc.wait()
     assert (tmp_path / "app.db").exists()
     assert not (tmp_path / "nexus.db").exists()
+
+
+def test_loop_choices_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nexus_server._cli import loop_factory
+
+    assert loop_factory("asyncio") is None
+    assert loop_factory("auto") is not None  # uvloop, installed with nexus
+    with pytest.raises(ValueError, match="--loop 'trio'"):
+        loop_factory("trio")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as where it is not installed
+    assert loop_factory("auto") is None
+    with pytest.raises(ValueError, match="uvloop is not installed"):
+        loop_factory("uvloop")
 
 
 def test_serve_reports_an_app_that_cannot_load(tmp_path: Path) -> None:
