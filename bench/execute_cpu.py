@@ -11,7 +11,10 @@ a few microseconds shows. Workflows, as in `bench/grpc.py`:
 - `list_contacts`: one `ContactListNode` reading a page of 10 of 100 seeded contacts
   (`{"score": {"$gte": 0}}`, ordered by name), on a SQLite file;
 - `list_contacts` with a request_id per call (recorded with its writes, in one
-  transaction, before the reply).
+  transaction, before the reply);
+- `noop_gateway`: `noop` through the gateway chain as the server wraps every method
+  (`gateway.Gateway` with authentication off, then the decoding guard), the request
+  decoded and the reply encoded by the method handler's own (de)serializers.
 
 Usage: `.venv/bin/python -m bench.execute_cpu [--calls N] [--rounds R]`. Under
 callgrind (`valgrind --tool=callgrind --callgrind-out-file=/dev/null`) it gives
@@ -27,12 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from dataflow import DataFlow
 from nexus_api.nexus.workflow.v1 import workflow_service_pb2 as wpb
+from nexus_server._errors import guard_method
 from nexus_server._executions import Executions
 from nexus_server._registry import WorkflowRegistry
 from nexus_server._store import Store
 from nexus_server._workflow_service import WorkflowServicer
+from nexus_server.gateway import Gateway, Policy
+from nexus_server.gateway._audit import AuditTrail
 from workflow import AsyncLocalRuntime, Node, Output, Param, WorkflowBuilder, register_node
 
 
@@ -48,7 +56,13 @@ class BenchCpuNoop(Node):
 
 
 class _Context:
-    """The parts of a servicer context ExecuteWorkflow uses."""
+    """The parts of a servicer context ExecuteWorkflow and the gateway chain use."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("user-agent", "grpc-python-bench"),)
+
+    def code(self) -> None:
+        return None
 
     async def send_initial_metadata(self, metadata: Any) -> None:
         return None
@@ -57,7 +71,29 @@ class _Context:
         raise RuntimeError(f"the call failed: {code} {details}")
 
 
-async def _setup(path: Path) -> tuple[WorkflowServicer, Executions, DataFlow]:
+#: The method the gateway case calls.
+EXECUTE = "/nexus.workflow.v1.WorkflowService/ExecuteWorkflow"
+
+
+def _through_gateway(servicer: WorkflowServicer, registry: WorkflowRegistry) -> Any:
+    """ExecuteWorkflow's method handler as the server registers it: behind the gateway
+    chain (authentication off, the audit trail's table off) and the decoding guard."""
+    gateway = Gateway(
+        authenticator=None,
+        policy=Policy(),
+        registry=registry,
+        audit=AuditTrail(None, table=False),
+        typed_models={},
+    )
+    handler = grpc.unary_unary_rpc_method_handler(
+        servicer.ExecuteWorkflow,
+        request_deserializer=wpb.ExecuteWorkflowRequest.FromString,
+        response_serializer=wpb.Execution.SerializeToString,
+    )
+    return gateway.method(EXECUTE, guard_method(EXECUTE, handler))
+
+
+async def _setup(path: Path) -> tuple[WorkflowServicer, Executions, DataFlow, Any]:
     db = DataFlow(f"sqlite:///{path}")
 
     @db.model
@@ -100,18 +136,32 @@ async def _setup(path: Path) -> tuple[WorkflowServicer, Executions, DataFlow]:
         allow_code_nodes=False,
         gateway=None,  # type: ignore[arg-type]  # ExecuteWorkflow does not use it
     )
-    return servicer, executions, db
+    return servicer, executions, db, _through_gateway(servicer, registry)
 
 
 async def _round(
-    servicer: WorkflowServicer, executions: Executions, name: str, calls: int, ids: bool
+    servicer: WorkflowServicer,
+    executions: Executions,
+    name: str,
+    calls: int,
+    ids: bool,
+    method: Any = None,
 ) -> float:
-    """µs of this thread's CPU per call over `calls` calls, then a drain of the records."""
+    """µs of this thread's CPU per call over `calls` calls, then a drain of the records.
+    `method`: call the method handler (the gateway case) instead of the servicer."""
     ctx = _Context()
     body = wpb.ExecuteWorkflowRequest(name=name).SerializeToString()
     prefix = f"{time.time_ns()}-"
     t0 = time.thread_time()
-    for i in range(calls):
+    if method is not None:
+        decode, call, encode = (
+            method.request_deserializer,
+            method.unary_unary,
+            method.response_serializer,
+        )
+        for _ in range(calls):
+            encode(await call(decode(body), ctx))
+    for i in range(calls if method is None else 0):
         request = wpb.ExecuteWorkflowRequest.FromString(body)
         if ids:
             request.request_id = f"{prefix}{i}"
@@ -125,21 +175,24 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--calls", type=int, default=2000, help="calls per round")
     p.add_argument("--rounds", type=int, default=5, help="rounds per case (best kept)")
-    p.add_argument("--only", choices=["noop", "list_contacts", "list_contacts_id"])
+    p.add_argument("--only", choices=["noop", "list_contacts", "list_contacts_id", "noop_gateway"])
     args = p.parse_args()
     cases = [("noop", "noop", False), ("list_contacts", "list_contacts", False)]
     cases.append(("list_contacts_id", "list_contacts", True))
+    cases.append(("noop_gateway", "noop", False))
     with tempfile.TemporaryDirectory(prefix="nexus-execute-cpu-") as tmp:
-        servicer, executions, db = await _setup(Path(tmp) / "bench.db")
+        servicer, executions, db, method = await _setup(Path(tmp) / "bench.db")
         try:
             print(f"ExecuteWorkflow in process, µs of CPU per call (best of {args.rounds})")
             for label, name, ids in cases:
                 if args.only and label != args.only:
                     continue
-                await _round(servicer, executions, name, min(args.calls, 200), ids)  # warm
+                via = method if label.endswith("_gateway") else None
+                warm = min(args.calls, 200)
+                await _round(servicer, executions, name, warm, ids, via)
                 best = min(
                     [
-                        await _round(servicer, executions, name, args.calls, ids)
+                        await _round(servicer, executions, name, args.calls, ids, via)
                         for _ in range(args.rounds)
                     ]
                 )

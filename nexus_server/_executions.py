@@ -297,10 +297,11 @@ class Executions:
         #: renews on them (`_queue.Leases`); None: no leases (an Executions of its own)
         self.runner: str | None = None
         self.lease = 10.0
-        #: executions whose RUNNING row waits `LINGER` seconds before it is queued (in
-        #: the order they started, so their deadlines grow): one timer for all of them
-        #: instead of one per execution
-        self._lingering: dict[str, RunningExecution] = {}
+        #: executions whose RUNNING row waits `LINGER` seconds before it is queued, in
+        #: the order they started (so their deadlines grow): one timer for all of them
+        #: instead of one per execution. One that ends first only clears its
+        #: `linger_until` (it leaves the queue when its time comes)
+        self._lingering: collections.deque[RunningExecution] = collections.deque()
         self._linger_timer: asyncio.TimerHandle | None = None
 
     def open(self) -> None:
@@ -496,19 +497,20 @@ class Executions:
         elif running_row == "later":
             loop = asyncio.get_running_loop()
             run.linger_until = loop.time() + LINGER
-            self._lingering[rec.id] = run
+            self._lingering.append(run)
             if self._linger_timer is None:
                 self._linger_timer = loop.call_at(run.linger_until, self._put_lingering)
         return run
 
     async def drain(self) -> None:
         """Write every execution's current state now (what ListExecutions reads)."""
-        lingering = list(self._lingering.values())
+        lingering = list(self._lingering)
         self._lingering.clear()
         for run in lingering:
-            run.linger_until = None
-            if not run.finished:
-                self.writer.put(run.record)
+            if run.linger_until is not None:
+                run.linger_until = None
+                if not run.finished:
+                    self.writer.put(run.record)
         await self.writer.drain()
 
     def _put_lingering(self) -> None:
@@ -519,15 +521,16 @@ class Executions:
         now = loop.time()
         lingering = self._lingering
         while lingering:
-            execution_id, run = next(iter(lingering.items()))
-            assert run.linger_until is not None
-            if run.linger_until > now:
-                self._linger_timer = loop.call_at(run.linger_until, self._put_lingering)
+            run = lingering[0]
+            due = run.linger_until
+            if due is not None and due > now:
+                self._linger_timer = loop.call_at(due, self._put_lingering)
                 return
-            del lingering[execution_id]
-            run.linger_until = None
-            if not run.finished:
-                self.writer.put(run.record)
+            lingering.popleft()
+            if due is not None:  # still running
+                run.linger_until = None
+                if not run.finished:
+                    self.writer.put(run.record)
 
     def _writes_only_here(self, wf: Workflow) -> bool:
         """Whether every node of `wf` is a DataFlow node of the records' database."""
@@ -655,9 +658,7 @@ class Executions:
                 ended = run.record.state if recorded else state
                 metrics.execution_ended(rec.workflow, ended, time.perf_counter() - started)
             self.running.pop(rec.id, None)
-            if run.linger_until is not None:
-                run.linger_until = None
-                self._lingering.pop(rec.id, None)
+            run.linger_until = None  # its RUNNING row is not wanted any more
             try:
                 if recorded or forgotten:
                     self._requests.pop((rec.caller, rec.request_id or ""), None)
