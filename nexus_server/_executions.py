@@ -297,11 +297,12 @@ class Executions:
         #: renews on them (`_queue.Leases`); None: no leases (an Executions of its own)
         self.runner: str | None = None
         self.lease = 10.0
-        #: executions whose RUNNING row waits `LINGER` seconds before it is queued, in
-        #: the order they started (so their deadlines grow): one timer for all of them
-        #: instead of one per execution. One that ends first only clears its
-        #: `linger_until` (it leaves the queue when its time comes)
-        self._lingering: collections.deque[RunningExecution] = collections.deque()
+        #: (when, execution id) of the executions whose RUNNING row waits `LINGER`
+        #: seconds before it is queued, in the order they started (so `when` grows): one
+        #: timer for all of them instead of one per execution. One that ends first only
+        #: clears its `linger_until`; its entry, holding no reference to it, leaves when
+        #: its time comes
+        self._lingering: collections.deque[tuple[float, str]] = collections.deque()
         self._linger_timer: asyncio.TimerHandle | None = None
 
     def open(self) -> None:
@@ -497,7 +498,7 @@ class Executions:
         elif running_row == "later":
             loop = asyncio.get_running_loop()
             run.linger_until = loop.time() + LINGER
-            self._lingering.append(run)
+            self._lingering.append((run.linger_until, rec.id))
             if self._linger_timer is None:
                 self._linger_timer = loop.call_at(run.linger_until, self._put_lingering)
         return run
@@ -506,11 +507,8 @@ class Executions:
         """Write every execution's current state now (what ListExecutions reads)."""
         lingering = list(self._lingering)
         self._lingering.clear()
-        for run in lingering:
-            if run.linger_until is not None:
-                run.linger_until = None
-                if not run.finished:
-                    self.writer.put(run.record)
+        for _, execution_id in lingering:
+            self._put_running(execution_id)
         await self.writer.drain()
 
     def _put_lingering(self) -> None:
@@ -521,16 +519,19 @@ class Executions:
         now = loop.time()
         lingering = self._lingering
         while lingering:
-            run = lingering[0]
-            due = run.linger_until
-            if due is not None and due > now:
+            due, execution_id = lingering[0]
+            if due > now:
                 self._linger_timer = loop.call_at(due, self._put_lingering)
                 return
             lingering.popleft()
-            if due is not None:  # still running
-                run.linger_until = None
-                if not run.finished:
-                    self.writer.put(run.record)
+            self._put_running(execution_id)
+
+    def _put_running(self, execution_id: str) -> None:
+        """Queue the RUNNING row of a lingering execution that still runs."""
+        run = self.running.get(execution_id)
+        if run is not None and run.linger_until is not None and not run.finished:
+            run.linger_until = None
+            self.writer.put(run.record)
 
     def _writes_only_here(self, wf: Workflow) -> bool:
         """Whether every node of `wf` is a DataFlow node of the records' database."""
