@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+import redis
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -81,6 +83,26 @@ class TestBoomNode(Node):
 
     def run(self, message: str) -> dict[str, Any]:
         raise RuntimeError(message)
+
+
+#: The machine's Redis. Tests name their channels and keys after a database of their own.
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's Redis URL, once it answers; the test is skipped without it (and
+    fails under CI=true)."""
+    client = redis.Redis.from_url(REDIS, socket_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # pragma: no cover - the machine runs Redis
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no Redis at {REDIS}: {exc}")
+        pytest.skip(f"no Redis at {REDIS}: {exc}")
+    finally:
+        client.close()
+    return REDIS
 
 
 @pytest.fixture

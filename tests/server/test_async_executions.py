@@ -26,7 +26,6 @@ import grpc
 import httpx
 import jwt
 import pytest
-import redis.asyncio as aioredis
 import sqlalchemy as sa
 from google.protobuf import struct_pb2
 from prometheus_client.parser import text_string_to_metric_families
@@ -143,6 +142,23 @@ async def until_state(wf: Any, execution_id: str, *states: int) -> wpb.Execution
                 return ex
             assert ex.state not in FINAL, ex
             await asyncio.sleep(0.02)
+
+
+async def occupied(
+    wf: Any, gates: dict[str, asyncio.Event], key: str, gate: str, keys: list[str]
+) -> tuple[wpb.Execution, list[wpb.Execution]]:
+    """Start a `tally` execution held by `gate` (once it runs), then queue one per `keys`."""
+    held = await wf.StartExecution(
+        wpb.StartExecutionRequest(name="tally", inputs=struct(key=key, gate=gate)), timeout=WAIT
+    )
+    await started(gates, gate)
+    queued = [
+        await wf.StartExecution(
+            wpb.StartExecutionRequest(name="tally", inputs=struct(key=k)), timeout=WAIT
+        )
+        for k in keys
+    ]
+    return held, queued
 
 
 @pytest.fixture
@@ -343,18 +359,7 @@ async def test_queued_executions_survive_a_restart_and_run_once(
     first = make_app(queue=QueueOptions(max_running=1), grace_period=0.1)
     first.register("tally", tally_workflow())
     async with served(first) as (_, wf):
-        blocker = await wf.StartExecution(
-            wpb.StartExecutionRequest(name="tally", inputs=struct(key="blocker", gate="never")),
-            timeout=WAIT,
-        )
-        await started(gates, "never")
-        queued = [
-            await wf.StartExecution(
-                wpb.StartExecutionRequest(name="tally", inputs=struct(key=f"k{i}")),
-                timeout=WAIT,
-            )
-            for i in range(5)
-        ]
+        blocker, queued = await occupied(wf, gates, "blocker", "never", [f"k{i}" for i in range(5)])
         for ex in queued:  # the only slot is taken: they wait
             got = await wf.GetExecution(wpb.GetExecutionRequest(id=ex.id))
             assert got.state == S.STATE_QUEUED
@@ -443,36 +448,24 @@ async def test_two_servers_on_one_database_claim_different_executions(
     assert dict(TALLY) == {**{f"g{i}": 1 for i in range(4)}, **{f"m{i}": 1 for i in range(30)}}
 
 
-REDIS = "redis://127.0.0.1:6379/0"
-
-
-async def _need_redis() -> None:
-    client = aioredis.Redis.from_url(REDIS, socket_timeout=2)
-    try:
-        await client.ping()
-    except Exception as exc:  # pragma: no cover - the machine runs Redis
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"no Redis at {REDIS}: {exc}")
-        pytest.skip(f"no Redis at {REDIS}: {exc}")
-    finally:
-        await client.aclose()
-
-
 @pytest.mark.parametrize(
     ("backend", "bus"),
     [("postgres", "postgres"), ("postgres", "redis"), ("sqlite", "sqlite")],
     indirect=["backend"],
 )
 async def test_the_bus_wakes_the_other_servers_at_once(
-    make_app: Callable[..., Nexus], gates: dict[str, asyncio.Event], bus: str, pg_admin: Any
+    make_app: Callable[..., Nexus],
+    gates: dict[str, asyncio.Event],
+    bus: str,
+    pg_admin: Any,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A queued execution wakes the other replicas' claimers through the replicas' bus
     (PostgreSQL's NOTIFY, Redis, SQLite's bus table), the queue holding no connection
     of its own."""
     options: dict[str, Any] = {}
     if bus == "redis":
-        await _need_redis()
-        options["rate_limit_backend"] = REDIS
+        options["rate_limit_backend"] = request.getfixturevalue("redis_url")
     # b polls once a minute: only the bus can wake it within the test's bound
     a = make_app(queue=QueueOptions(max_running=1), **options)
     b = make_app(
@@ -555,18 +548,7 @@ async def test_the_queue_is_in_the_metrics_and_the_health_component(
                 await asyncio.sleep(0.05)
 
     async with served(app) as (serving, wf):
-        busy = await wf.StartExecution(
-            wpb.StartExecutionRequest(name="tally", inputs=struct(key="busy", gate="busy")),
-            timeout=WAIT,
-        )
-        await started(gates, "busy")
-        queued = [
-            await wf.StartExecution(
-                wpb.StartExecutionRequest(name="tally", inputs=struct(key=f"q{i}")),
-                timeout=WAIT,
-            )
-            for i in range(2)
-        ]
+        busy, queued = await occupied(wf, gates, "busy", "busy", ["q0", "q1"])
         # the one slot is taken: two wait, counted at the next heartbeat
         found = await settles(
             serving,
