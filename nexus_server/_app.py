@@ -722,7 +722,9 @@ class Nexus:
                 "gRPC server listening on %s (%.0f ms)", info.address, info.startup_seconds * 1e3
             )
             if info.api_address:
-                _log.info("Envoy (REST, gRPC-Web, gRPC) listening on %s", info.api_address)
+                _log.info(
+                    "Envoy (REST, gRPC-Web, Connect and gRPC) listening on %s", info.api_address
+                )
             if info.metrics_port is not None:
                 _log.info("metrics on http://%s:%d/metrics", self.host, info.metrics_port)
             yield info

@@ -2,7 +2,7 @@
 `nexus envoy-config APP` and `nexus openapi APP`.
 
 `nexus serve` serves every channel the app is configured for, exactly as `app.start()`
-does (both call `run_app`): gRPC, Envoy in front (REST, gRPC-Web, gRPC) unless
+does (both call `run_app`): gRPC, Envoy in front (REST, gRPC-Web, Connect and gRPC) unless
 `--no-envoy`/`api_port=None`, and the MCP adapter unless `--no-mcp`/`mcp_port=None`, a
 supervised child process that talks to the server over gRPC like any other client (see
 `_mcp_process.py`).
@@ -464,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="serve APP until Ctrl-C: gRPC, Envoy in front (REST, gRPC-Web, gRPC) and the "
-        "MCP adapter, each unless turned off (as app.start() does)",
+        help="serve APP until Ctrl-C: gRPC, Envoy in front (REST, gRPC-Web, Connect and "
+        "gRPC) and the MCP adapter, each unless turned off (as app.start() does)",
     )
     serve.add_argument("app", help="path/to/app.py or module:attr naming a Nexus app")
     serve.add_argument("--host", help="interface to listen on (default: the app's)")
