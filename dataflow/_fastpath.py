@@ -384,13 +384,19 @@ class Queries:
 
     def count_sql(self, shape: Shape) -> Prepared:
         """How many records match `shape`."""
-        key = ("count", shape)
+        table = self._fc.table
+        return self._by_filter(
+            "count", shape, lambda where: select(func.count()).select_from(table).where(where)
+        )
+
+    def _by_filter(self, kind: str, shape: Shape, build: Callable[[Any], Any]) -> Prepared:
+        """`build(where)` for the records matching `shape`, built and compiled once per
+        shape (`build` runs only then)."""
+        key = (kind, shape)
         prep = self._get(key)
         if prep is None:
             plan: dict[str, tuple[int, int, Conv]] = {}
-            where = self._where(shape, plan)
-            stmt = select(func.count()).select_from(self._fc.table).where(where)
-            prep = self._put(key, self._compile(stmt, plan))
+            prep = self._put(key, self._compile(build(self._where(shape, plan)), plan))
         return prep
 
     def update_sql(self, shape: Shape, names: tuple[str, ...]) -> Prepared:
@@ -444,13 +450,8 @@ class Queries:
 
     def delete_sql(self, shape: Shape) -> Prepared:
         """DELETE of the records matching `shape` (a bulk delete by filter)."""
-        key = ("delete", shape)
-        prep = self._get(key)
-        if prep is None:
-            plan: dict[str, tuple[int, int, Conv]] = {}
-            stmt = delete(self._fc.table).where(self._where(shape, plan))
-            prep = self._put(key, self._compile(stmt, plan))
-        return prep
+        table = self._fc.table
+        return self._by_filter("delete", shape, lambda where: delete(table).where(where))
 
     def _get(self, key: Hashable) -> Prepared | None:
         prep = self._cache.get(key)

@@ -103,13 +103,7 @@ async def _serve(app: Nexus, *, log_level: str, banner: bool = True) -> None:
             from ._mcp_process import adapter_for
 
             # a client of this server, so stopped before it (the stack unwinds in reverse)
-            adapter = adapter_for(
-                f"{_local(info.host)}:{info.port}",
-                host=info.host,
-                port=app.mcp_port,
-                log_level=log_level,
-                jwt_issuer=app.auth.jwt_issuer if app.auth is not None else None,
-            )
+            adapter = adapter_for(app, info.port, log_level)
             await stack.enter_async_context(adapter)
             app.health.add("mcp", adapter.health)  # GET /health's `mcp` component
             stack.callback(app.health.remove, "mcp")

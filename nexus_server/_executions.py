@@ -151,7 +151,6 @@ class RunningExecution:
         "commit_error",
         "events",
         "finished",
-        "linger_until",
         "record",
         "sequence",
         "task",
@@ -169,9 +168,6 @@ class RunningExecution:
         self.commit_error: Exception | None = None
         #: runs in one transaction with its record (see the module's docstring)
         self.transactional = False
-        #: the loop time at which its RUNNING row is queued if it still runs then (see
-        #: `Executions._lingering`); None once queued, or when it never is
-        self.linger_until: float | None = None
         # created only when someone waits for the end (most executions end unwatched)
         self._done: asyncio.Event | None = None
         #: set (and replaced) on the next event; created only when someone watches
@@ -299,9 +295,9 @@ class Executions:
         self.lease = 10.0
         #: (when, execution id) of the executions whose RUNNING row waits `LINGER`
         #: seconds before it is queued, in the order they started (so `when` grows): one
-        #: timer for all of them instead of one per execution. One that ends first only
-        #: clears its `linger_until`; its entry, holding no reference to it, leaves when
-        #: its time comes
+        #: timer for all of them instead of one per execution. One that ends first has
+        #: left `running`; its entry, holding no reference to it, leaves when its time
+        #: comes
         self._lingering: collections.deque[tuple[float, str]] = collections.deque()
         self._linger_timer: asyncio.TimerHandle | None = None
 
@@ -497,10 +493,10 @@ class Executions:
             self.writer.put(rec)
         elif running_row == "later":
             loop = asyncio.get_running_loop()
-            run.linger_until = loop.time() + LINGER
-            self._lingering.append((run.linger_until, rec.id))
+            due = loop.time() + LINGER
+            self._lingering.append((due, rec.id))
             if self._linger_timer is None:
-                self._linger_timer = loop.call_at(run.linger_until, self._put_lingering)
+                self._linger_timer = loop.call_at(due, self._put_lingering)
         return run
 
     async def drain(self) -> None:
@@ -529,8 +525,7 @@ class Executions:
     def _put_running(self, execution_id: str) -> None:
         """Queue the RUNNING row of a lingering execution that still runs."""
         run = self.running.get(execution_id)
-        if run is not None and run.linger_until is not None and not run.finished:
-            run.linger_until = None
+        if run is not None and not run.finished:  # an ended one left `running` first
             self.writer.put(run.record)
 
     def _writes_only_here(self, wf: Workflow) -> bool:
@@ -659,7 +654,6 @@ class Executions:
                 ended = run.record.state if recorded else state
                 metrics.execution_ended(rec.workflow, ended, time.perf_counter() - started)
             self.running.pop(rec.id, None)
-            run.linger_until = None  # its RUNNING row is not wanted any more
             try:
                 if recorded or forgotten:
                     self._requests.pop((rec.caller, rec.request_id or ""), None)

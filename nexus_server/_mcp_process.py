@@ -22,8 +22,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._supervisor import Supervisor, SupervisorError
+
+if TYPE_CHECKING:
+    from ._app import Nexus
 
 __all__ = ["McpProcess", "McpProcessError", "authorization_servers_from_env"]
 
@@ -135,16 +139,20 @@ class McpProcess(Supervisor):
             return False
 
 
-def adapter_for(
-    server: str, *, host: str, port: int, log_level: str, jwt_issuer: str | None
-) -> McpProcess:
-    """The MCP adapter `nexus serve` runs beside a server at `server` (host:port), on
-    `host`:`port`, logging at the server's level (debug, or warnings only), naming the
-    app's OAuth authorization servers (`authorization_servers_from_env(jwt_issuer)`)."""
+def adapter_for(app: Nexus, grpc_port: int, log_level: str) -> McpProcess:
+    """The MCP adapter `nexus serve` runs beside `app`'s server (listening on
+    `grpc_port`), on the app's host and `mcp_port`, logging at the server's level (debug,
+    or warnings only), naming the app's OAuth authorization servers
+    (`authorization_servers_from_env` of its JWT issuer)."""
+    from ._app import _local
+
+    assert app.mcp_port is not None
     return McpProcess(
-        server,
-        host=host,
-        port=port,
+        f"{_local(app.host)}:{grpc_port}",
+        host=app.host,
+        port=app.mcp_port,
         log_level="debug" if log_level == "debug" else "warning",
-        authorization_servers=authorization_servers_from_env(jwt_issuer),
+        authorization_servers=authorization_servers_from_env(
+            app.auth.jwt_issuer if app.auth is not None else None
+        ),
     )

@@ -472,12 +472,6 @@ async def _start_mcp(
         return None
     from ._mcp_process import adapter_for
 
-    adapter = adapter_for(
-        f"{_local(app.host)}:{shared_port}",
-        host=app.host,
-        port=app.mcp_port,
-        log_level=log_level,
-        jwt_issuer=app.auth.jwt_issuer if app.auth is not None else None,
-    )
+    adapter = adapter_for(app, shared_port, log_level)
     await stack.enter_async_context(adapter)
     return adapter.url

@@ -148,12 +148,6 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
                 )
             if request.name in self.registry:
                 existing = self.registry.get(request.name)
-                if existing.builtin:
-                    raise ApiError(
-                        "WORKFLOW_NOT_DELETABLE",
-                        f"workflow {brief(request.name)} is defined by the app's code and cannot "
-                        "be replaced over the network",
-                    )
                 _check_owner(existing, request.name, "replace")
                 if not request.replace and _same_definition(existing.workflow, wf):
                     # the same definition again: a retry, answered with what is registered
@@ -214,14 +208,7 @@ class WorkflowServicer(wgrpc.WorkflowServiceServicer):
             if self.workflows is not None and request.name not in self.registry:
                 check_name(request.name)  # may be stored by a replica this one has not heard
             else:
-                item = self.registry.get(request.name)
-                if item.builtin:
-                    raise ApiError(
-                        "WORKFLOW_NOT_DELETABLE",
-                        f"workflow {brief(request.name)} is defined by the app's code and "
-                        "cannot be deleted over the network",
-                    )
-                _check_owner(item, request.name, "delete")
+                _check_owner(self.registry.get(request.name), request.name, "delete")
             if self.workflows is not None:
                 await self.workflows.delete(
                     request.name, lambda owner: _check_owner_id(owner, request.name, "delete")
@@ -436,7 +423,14 @@ def _owner_filter() -> str | None:
 
 
 def _check_owner(item: Registered, name: str, verb: str) -> None:
-    """Only a workflow's registrant, or an admin, may replace or delete it."""
+    """Only a workflow's registrant, or an admin, may replace or delete it (`verb`), and
+    nobody one the app's code defines."""
+    if item.builtin:
+        raise ApiError(
+            "WORKFLOW_NOT_DELETABLE",
+            f"workflow {brief(name)} is defined by the app's code and cannot be {verb}d over "
+            "the network",
+        )
     _check_owner_id(item.owner, name, verb)
 
 
