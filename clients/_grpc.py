@@ -66,6 +66,11 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 REQUEST_ID_HEADER = "x-nexus-request-id"
 
 #: Exit codes of the CLI, one per class of failure (documented in docs/cli.md).
+#: The package of the typed per-model messages and services (records print every field).
+MODELS_PACKAGE = "nexus.models.v1"
+#: A typed List or Search method: its request's `fields` is a projection.
+_TYPED_PROJECTION = re.compile(r"^/nexus\.models\.v1\.\w+/(List|Search)\w*$")
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # the call failed for another reason (a node failed, an internal error)
 EXIT_USAGE = 2  # bad command line (click's own code for usage errors)
@@ -225,12 +230,15 @@ def normalize(value: Any) -> Any:
     return value
 
 
-def to_json(msg: message.Message) -> Any:
+def to_json(msg: message.Message, only: Sequence[str] = ()) -> Any:
     """The proto3 JSON document of `msg`: what REST returns for the same call.
 
     Fields without presence that hold their default value (`false`, `0`, `""`, `[]`)
     are printed too, as Envoy's transcoder prints them (`always_print_primitive_fields`):
-    the CLI's `-o json` and the MCP adapter's results are exactly the REST body.
+    the CLI's `-o json` and the MCP adapter's results are exactly the REST body. Every
+    field of a typed record (a message of `nexus.models.v1`) is printed, a null one as
+    `null`, as the server prints it for REST; `only`: the fields a `fields` projection
+    asked for, the others left out.
 
     A `google.protobuf.Value` number that is not finite (a record stored before such
     values were refused) has no proto3 JSON form; it is printed as a double field is,
@@ -247,7 +255,29 @@ def to_json(msg: message.Message) -> Any:
         doc = MessageToDict(
             copy, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
-    return normalize(doc)
+    return _with_nulls(msg, normalize(doc), frozenset(only))
+
+
+def _with_nulls(msg: message.Message, doc: Any, only: frozenset[str]) -> Any:
+    """`doc` with each unset field that has presence of a typed record as None (in field
+    order), in `msg` and in the repeated typed messages it holds; anything else as it
+    is."""
+    desc = msg.DESCRIPTOR
+    if desc.file.package != MODELS_PACKAGE:
+        return doc
+    out: dict[str, Any] = {}
+    for f in desc.fields:
+        if f.name in doc:
+            value = doc[f.name]
+            if f.is_repeated and f.message_type is not None:
+                value = [
+                    _with_nulls(sub, d, only)
+                    for sub, d in zip(getattr(msg, f.name), value, strict=True)
+                ]
+            out[f.name] = value
+        elif f.has_presence and (not only or f.name in only):
+            out[f.name] = None
+    return out
 
 
 def _finite(msg: message.Message) -> None:
@@ -549,13 +579,16 @@ class DynamicMethods:
             "request_serializer": method.request.SerializeToString,
             "response_deserializer": method.response.FromString,
         }
+        # a typed List/Search with a `fields` projection prints only those fields
+        projected = _TYPED_PROJECTION.match(method.path)
+        only = list(request.fields) if projected else []  # type: ignore[attr-defined]
         if method.server_streaming:
             stream = self._channel.unary_stream(method.path, **kwargs)
             for item in stream(request, timeout=timeout, metadata=tuple(metadata)):
-                yield to_json(item)
+                yield to_json(item, only)
         else:
             unary = self._channel.unary_unary(method.path, **kwargs)
-            yield to_json(unary(request, timeout=timeout, metadata=tuple(metadata)))
+            yield to_json(unary(request, timeout=timeout, metadata=tuple(metadata)), only)
 
 
 def dumps(value: Any) -> str:

@@ -42,7 +42,7 @@ from ._records import Records
 from ._reflection import add_reflection, reflection_files, reflection_pool
 from ._registry import WorkflowRegistry
 from ._store import Store
-from ._typed import TypedModels
+from ._typed import TypedModels, public_path
 from ._workflow_service import WorkflowServicer
 from ._workflow_store import WorkflowStore
 from .gateway import Gateway, Policy, ResponseCache, check_cache_ttl, check_read_only
@@ -104,8 +104,9 @@ class GenericHandlersOnly:
 
     def _method(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         # the chain outside the decoding guard: a stranger is refused before anything
-        # about its request is said
-        return self._gateway.method(path, guard_method(path, handler))
+        # about its request is said. A REST twin's method passes it as the typed method
+        # it stands for: the same rule, metrics, audit entry and trace.
+        return self._gateway.method(public_path(path), guard_method(path, handler))
 
     def add_registered_method_handlers(
         self, service: str, method_handlers: dict[str, grpc.RpcMethodHandler]
@@ -1009,12 +1010,12 @@ async def _set_health(
 
 def _openapi_document(typed: TypedModels, *, secured: bool, public_discovery: bool) -> bytes:
     """The OpenAPI document of what REST reaches (Envoy's module imported only now)."""
-    from ._envoy import merged_descriptor_set, transcoded_services
+    from ._envoy import api_services, merged_descriptor_set
     from ._openapi import openapi_json
 
     return openapi_json(
         merged_descriptor_set(typed),
-        transcoded_services(typed),
+        api_services(typed),
         secured=secured,
         public_discovery=public_discovery,
     )

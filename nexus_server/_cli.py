@@ -394,14 +394,14 @@ def _upstreams_text(api_port: int, upstreams: tuple[tuple[str, int], ...]) -> li
 
 
 def _cmd_openapi(args: argparse.Namespace) -> int:
-    from ._envoy import merged_descriptor_set, transcoded_services
+    from ._envoy import api_services, merged_descriptor_set
     from ._openapi import openapi_json
 
     app = _load(args.app)
     typed = _typed(app)
     doc = openapi_json(
         merged_descriptor_set(typed),
-        transcoded_services(typed),
+        api_services(typed),
         secured=app.auth_enabled(),
         public_discovery=app.public_discovery,
     )

@@ -67,6 +67,7 @@ __all__ = [
     "EnvoyOptions",
     "EnvoySupervisor",
     "admin_get",
+    "api_services",
     "envoy_binary",
     "envoy_config",
     "merged_descriptor_set",
@@ -208,21 +209,29 @@ def envoy_binary() -> Path | None:
 
 
 def merged_descriptor_set(typed: TypedModels) -> bytes:
-    """The static contracts (with comments and google/rpc error details) and the app's
-    typed models file in one FileDescriptorSet, dependencies first."""
+    """The static contracts (with comments and google/rpc error details), the app's
+    typed models file and its REST twins in one FileDescriptorSet, dependencies first."""
     static = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_bytes())
     merged = descriptor_pb2.FileDescriptorSet()
     seen: set[str] = set()
-    for f in [*static.file, *typed.file_set().file]:
+    for f in [*static.file, *typed.file_set().file, typed.rest_file]:
         if f.name not in seen:
             seen.add(f.name)
             merged.file.append(f)
     return merged.SerializeToString()
 
 
-def transcoded_services(typed: TypedModels) -> tuple[str, ...]:
-    """Every service REST reaches: the static ones and one per model."""
+def api_services(typed: TypedModels) -> tuple[str, ...]:
+    """The services whose HTTP bindings are the REST API (what the OpenAPI document
+    describes): the static ones and each model's typed service."""
     return (*STATIC_SERVICES, *typed.service_names)
+
+
+def transcoded_services(typed: TypedModels) -> tuple[str, ...]:
+    """The services Envoy's transcoder serves REST with: the static ones and each
+    model's REST twin (the typed service's bindings, answering records as the server's
+    own JSON: `_typed.build_rest_file`)."""
+    return (*STATIC_SERVICES, *typed.rest_service_names)
 
 
 def _error_body(reason: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from ._typed import (
     collection_id,
     message_to_fields,
     record_to_message,
+    rest_body,
 )
 from .gateway import CURRENT_PRINCIPAL, Gateway, caller_id
 
@@ -494,10 +495,10 @@ class ModelServicer(mgrpc.ModelServiceServicer):
 
 
 def typed_handlers(records: Records, typed: TypedModels) -> list[grpc.GenericRpcHandler]:
-    """Generic RPC handlers serving each model's typed service."""
+    """Generic RPC handlers serving each model's typed service and its REST twin."""
     handlers: list[grpc.GenericRpcHandler] = []
     for model in records.models:
-        handlers.append(_TypedService(records, typed, model).handler())
+        handlers.extend(_TypedService(records, typed, model).handlers())
     return handlers
 
 
@@ -528,7 +529,9 @@ class _TypedService:
         fields = message_to_fields(self.info, msg, where)
         return self.records.coerce(self.model, fields, where, new=new)
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        """The typed service, and its REST twin (`_typed.build_rest_file`): the same
+        methods, those answering records answering their JSON."""
         name, plural = self.model.name, _plural(self.typed, self.model.name)
         coll = collection_id(name)
         t = self.typed
@@ -678,15 +681,44 @@ class _TypedService:
         }
         if self.model.searchable_fields:
             table[f"Search{plural}"] = (search, f"Search{plural}Request")
-        methods = {
-            method: grpc.unary_unary_rpc_method_handler(
-                _guarded(fn),
-                request_deserializer=_parser(t, req_name),
-                response_serializer=lambda m: m.SerializeToString(),
-            )
+        twin = next(s for s in t.rest_file.service if s.name == f"{name}Service")
+        as_json = {m.name for m in twin.method if m.output_type == ".google.api.HttpBody"}
+        rest_table = {
+            method: (_as_json(fn, projected=method.startswith(("List", "Search"))), req_name)
+            if method in as_json
+            else (fn, req_name)
             for method, (fn, req_name) in table.items()
         }
-        return grpc.method_handlers_generic_handler(t.service_name(name), methods)
+        return [
+            grpc.method_handlers_generic_handler(
+                service,
+                {
+                    method: grpc.unary_unary_rpc_method_handler(
+                        _guarded(fn),
+                        request_deserializer=_parser(t, req_name),
+                        response_serializer=lambda m: m.SerializeToString(),
+                    )
+                    for method, (fn, req_name) in methods.items()
+                },
+            )
+            for service, methods in (
+                (t.service_name(name), table),
+                (t.rest_service_name(name), rest_table),
+            )
+        ]
+
+
+def _as_json(
+    fn: Callable[[Any, Context], Awaitable[Any]], *, projected: bool
+) -> Callable[[Any, Context], Awaitable[Any]]:
+    """`fn` answering its reply's REST body (`_typed.rest_body`); `projected`: the
+    request's `fields` name the fields to print."""
+
+    async def call(request: Any, context: Context) -> Any:
+        reply = await fn(request, context)
+        return rest_body(reply, request.fields if projected else ())
+
+    return call
 
 
 def _parser(typed: TypedModels, name: str) -> Callable[[bytes], Any]:

@@ -26,6 +26,7 @@ from google.protobuf import descriptor_pb2
 from nexus_api.nexus.openapi.v1 import openapi_service_pb2, openapi_service_pb2_grpc
 
 from ._probes import HEALTH_SCHEMA, PROBE_SERVICE, READINESS_SCHEMA
+from ._typed import PACKAGE as MODELS_PACKAGE
 
 __all__ = ["OpenApiServicer", "openapi_document", "openapi_json"]
 
@@ -183,11 +184,24 @@ class _Builder:
             schema = {"type": "array", "items": self._single(fld)}
         else:
             schema = self._single(fld)
+            # a record prints every field, a null one as `null`
+            if self._is_record(owner) and isinstance(schema.get("type"), str):
+                schema["type"] = [schema["type"], "null"]
         text = self.index.comments.get(f"{owner}.{fld.name}")
         if text:
             # OpenAPI 3.1 (JSON Schema 2020-12) allows keywords beside `$ref`
             schema["description"] = text
         return schema
+
+    def _is_record(self, owner: str) -> bool:
+        """Whether message `owner` is a typed record: a message of the models package
+        whose every field has presence."""
+        if not owner.startswith(f"{MODELS_PACKAGE}."):
+            return False
+        return all(
+            f.proto3_optional or (f.type == _F.TYPE_MESSAGE and f.label != _F.LABEL_REPEATED)
+            for f in self.index.messages[owner].field
+        )
 
     def _single(self, fld: descriptor_pb2.FieldDescriptorProto) -> dict[str, Any]:
         if fld.type in (_F.TYPE_MESSAGE, _F.TYPE_ENUM):

@@ -223,7 +223,8 @@ def export_protos(typed: TypedModels, out: Path, *, go_module: str = GO_MODULE) 
     merged = descriptor_pb2.FileDescriptorSet()
     seen: set[str] = set()
     options: dict[str, descriptor_pb2.FileOptions] = {}
-    for f in [*static.file, *typed.file_set().file]:
+    # the REST twins too (`_typed.build_rest_file`): an operator's Envoy reads this set
+    for f in [*static.file, *typed.file_set().file, typed.rest_file]:
         if f.name not in seen:
             seen.add(f.name)
             merged.file.append(f)

@@ -10,6 +10,13 @@ and exported by `nexus proto export`.
 
 Every scalar model field is a proto3 `optional` field, so a request says which fields it
 sets (Create leaves the rest to the model defaults) and a null column is an unset field.
+
+REST reaches each typed service through its twin, `nexus.models.v1.rest.<Model>Service`
+(`build_rest_file`): the same methods, requests and HTTP bindings, but a method that
+answers records answers their JSON as a `google.api.HttpBody` (`rest_body`), with every
+field of each record printed and a null one as `null`, which Envoy's transcoder cannot
+print for a field with presence. gRPC, gRPC-Web and Connect call the typed service
+itself; the twin is in the descriptor set Envoy reads, not in reflection.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import enum
+import json
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from google.api import annotations_pb2, http_pb2
+from google.api import annotations_pb2, http_pb2, httpbody_pb2
 from google.protobuf import (
     descriptor_pb2,
     descriptor_pool,
@@ -33,7 +41,7 @@ from google.protobuf import (
     struct_pb2,
     timestamp_pb2,
 )
-from google.protobuf.json_format import ParseDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 
 from dataflow import FieldInfo, ModelInfo
 
@@ -44,13 +52,25 @@ from ._model_docs import describe_models_file
 
 __all__ = [
     "PACKAGE",
+    "REST_PACKAGE",
     "TypedModels",
     "build_models_file",
+    "build_rest_file",
     "collection_id",
+    "public_path",
+    "rest_body",
 ]
 
 PACKAGE = "nexus.models.v1"
 FILE_NAME = "nexus/models/v1/models.proto"
+#: The package of the typed services' REST twins (`build_rest_file`).
+REST_PACKAGE = f"{PACKAGE}.rest"
+REST_FILE_NAME = "nexus/models/v1/rest/rest.proto"
+_HTTP_BODY = ".google.api.HttpBody"
+#: Replies without records: the twin answers them as the typed method does.
+_NO_RECORDS = frozenset(
+    {".google.protobuf.Empty", f".{PACKAGE}.CountResult", f".{PACKAGE}.BulkWriteResult"}
+)
 
 _FDP = descriptor_pb2.FieldDescriptorProto
 _T = _FDP.Type
@@ -289,6 +309,43 @@ def build_models_file(models: Sequence[ModelInfo]) -> descriptor_pb2.FileDescrip
     return b.fdp
 
 
+def build_rest_file(
+    models_file: descriptor_pb2.FileDescriptorProto,
+) -> descriptor_pb2.FileDescriptorProto:
+    """The REST twins of the typed services of `models_file`: `<REST_PACKAGE>.<Model>Service`
+    with every method of `<PACKAGE>.<Model>Service`, the same request and HTTP binding,
+    and `google.api.HttpBody` as the reply of each method that answers records (Envoy's
+    transcoder passes its JSON through as the response body)."""
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name=REST_FILE_NAME, package=REST_PACKAGE, syntax="proto3"
+    )
+    fdp.dependency.extend(
+        [
+            FILE_NAME,
+            annotations_pb2.DESCRIPTOR.name,
+            httpbody_pb2.DESCRIPTOR.name,
+            empty_pb2.DESCRIPTOR.name,
+        ]
+    )
+    fdp.options.go_package = "nexus/models/v1/rest;restv1"
+    for svc in models_file.service:
+        twin = fdp.service.add()
+        twin.CopyFrom(svc)
+        for m in twin.method:
+            if m.output_type not in _NO_RECORDS:
+                m.output_type = _HTTP_BODY
+    return fdp
+
+
+def public_path(path: str) -> str:
+    """The typed method a REST twin's method path stands for
+    (`/nexus.models.v1.rest.ContactService/GetContact` ->
+    `/nexus.models.v1.ContactService/GetContact`); any other path as it is."""
+    if path.startswith(f"/{REST_PACKAGE}."):
+        return f"/{PACKAGE}." + path.removeprefix(f"/{REST_PACKAGE}.")
+    return path
+
+
 class TypedModels:
     """The typed messages and services of a set of models, in a descriptor pool that also
     holds every file they depend on (and any `extra_files`, e.g. the static services, so
@@ -309,13 +366,22 @@ class TypedModels:
                 added.add(fdp.name)
         self.pool.Add(self.file)
         self.file_descriptor = self.pool.FindFileByName(FILE_NAME)
+        #: REST's twins of the typed services (in Envoy's descriptor set, not the pool)
+        self.rest_file = build_rest_file(self.file)
 
     def service_name(self, model: str) -> str:
         return f"{PACKAGE}.{model}Service"
 
+    def rest_service_name(self, model: str) -> str:
+        return f"{REST_PACKAGE}.{model}Service"
+
     @property
     def service_names(self) -> list[str]:
         return [self.service_name(m) for m in self.models]
+
+    @property
+    def rest_service_names(self) -> list[str]:
+        return [self.rest_service_name(m) for m in self.models]
 
     def message_class(self, name: str) -> type[message.Message]:
         """The generated class of a message of this file, by short name."""
@@ -379,6 +445,56 @@ def record_to_message(
             continue
         _set_field(msg, f, value)
     return msg
+
+
+def rest_body(msg: message.Message, only: Sequence[str] = ()) -> httpbody_pb2.HttpBody:
+    """The REST body of a typed reply: its proto3 JSON as Envoy's transcoder prints the
+    other replies (field names as declared, fields without presence also when default,
+    int64 as text, an integral `Struct` number without `.0`), and every field of each
+    record in it, a null one as `null` (docs/api.md, "One JSON document"). `only`: the
+    fields a `fields` projection asked for; the others are left out."""
+    doc = MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    data = json.dumps(
+        _with_nulls(msg, _ints(doc), frozenset(only)), ensure_ascii=False, separators=(",", ":")
+    )
+    return httpbody_pb2.HttpBody(content_type="application/json", data=data.encode())
+
+
+def _with_nulls(msg: message.Message, doc: dict[str, Any], only: frozenset[str]) -> Any:
+    """`doc` (the JSON of `msg`) in field order, with each unset field that has presence
+    of a message of this package (a record's field) as None; the records of a repeated
+    field are done alike."""
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        if f.name in doc:
+            value = doc[f.name]
+            if (
+                f.is_repeated
+                and f.message_type is not None
+                and f.message_type.full_name.startswith(f"{PACKAGE}.")
+            ):
+                value = [
+                    _with_nulls(sub, d, only)
+                    for sub, d in zip(getattr(msg, f.name), value, strict=True)
+                ]
+            out[f.name] = value
+        elif f.has_presence and (not only or f.name in only):
+            out[f.name] = None
+    return out
+
+
+def _ints(value: Any) -> Any:
+    """`value` with integral floats (a `Struct` number is a double) as ints, as Envoy
+    prints them."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
 
 
 def _set_field(msg: Any, f: FieldInfo, value: Any) -> None:

@@ -5,9 +5,10 @@ of the same server), the CLI (`--output json`, a subprocess) and MCP (the tool's
 structured content, over stdio): workflows (both routes of ExecuteWorkflow), the generic
 record routes (get, list with a filter, count, search, bulk create) and the typed ones
 (`ContactService`: get, list, count, search, bulk create; the CLI reaches them with
-`nexus call`). A null is `null` in a record `Struct` and an absent key in a typed
-message (proto3 field presence); a 64-bit integer field of a message is text, an int in
-a `Struct` a number up to +-2^53: the same on every channel.
+`nexus call`). Every field of a record is printed, a null one as `null`, in a record
+`Struct` and in a typed record alike (REST's typed routes answer the server's own JSON
+for that); a 64-bit integer field of a message is text, an int in a `Struct` a number up
+to +-2^53: the same on every channel.
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ def test_typed_routes_are_one_document_on_every_channel(
     server: Any, rest_url: str, cli: Any, unique: Any
 ) -> None:
     """The typed routes (`ContactService`): proto3 JSON of the typed messages, int64
-    fields as text and a null field absent, alike over gRPC, REST and `nexus call`."""
+    fields as text, every field of a record printed and a null one `null` (only the
+    projected ones with `fields`), alike over gRPC, REST and `nexus call`."""
     company = unique("Typed Co")
     key, create_key = unique("typed-bulk"), unique("typed-create")
     people = [
@@ -254,6 +256,12 @@ def test_typed_routes_are_one_document_on_every_channel(
         ("ListContacts", "POST", "/v1/contacts:search", {"filter": flt, "order_by": "name"}),
         ("CountContacts", "POST", "/v1/contacts:count", {"filter": flt}),
         ("SearchContacts", "POST", "/v1/contacts:fullTextSearch", {"q": "cy", "filter": flt}),
+        (
+            "ListContacts",
+            "POST",
+            "/v1/contacts:search",
+            {"filter": flt, "order_by": "name", "fields": ["name", "company"]},
+        ),
     ]
     with grpc.insecure_channel(server.address) as channel:
         methods = DynamicMethods(channel)
@@ -267,8 +275,14 @@ def test_typed_routes_are_one_document_on_every_channel(
     assert via_grpc[0] == {"affected": "2"}  # int64: text
     assert via_grpc[3] == {"count": "3"}
     assert [c["name"] for c in listed["contacts"]] == [p["name"] for p in people] + [lone["name"]]
-    assert "company" not in got and got["score"] == "0"  # null: absent; int64: text
+    assert got["company"] is None and got["score"] == "0"  # null: null; int64: text
+    assert list(got) == [
+        "id", "name", "email", "company", "score", "created_at", "updated_at"
+    ]  # fmt: skip
     assert got == ed == via_grpc[1]
+    assert via_grpc[5]["contacts"] == [
+        {"name": p["name"], "company": p.get("company")} for p in [*people, lone]
+    ]  # a projection: those fields only, Ed's null company as null
 
     for (rpc, verb, path, req), want in zip(calls, via_grpc, strict=True):
         body = dict(req)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nexus_server import Serving
 from nexus_server._envoy import ACCESS_LOG_FORMAT
 
 from .conftest import WAIT
@@ -116,3 +117,49 @@ def test_envoy_and_server_access_logs_share_format_and_request_id(
     # consumed grpc-status): the server's line has the exact one
     assert server[0]["code"] == "ABORTED" and line["code"]
     assert server[0]["trace_id"] == trace
+
+
+def test_a_typed_rest_call_is_logged_as_the_typed_method(
+    serving: Serving, client: httpx.Client, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typed route answering records goes through the model's REST twin (docs/api.md,
+    "One JSON document"): Envoy's line names the twin it called, the server's line the
+    typed method the twin stands for, and the body prints the null field."""
+    caplog.set_level(logging.INFO, logger="nexus.access")
+    envoy = serving.envoy
+    assert envoy is not None
+    request_id = f"typed-call-{unique}"
+    created = client.post(
+        "/v1/contacts",
+        json={"name": "Twin", "email": f"twin.{unique}@example.com"},
+        headers={"x-request-id": request_id},
+    )
+    assert created.status_code == 200, created.text
+    assert created.headers["content-type"] == "application/json"
+    assert created.json()["company"] is None and created.json()["score"] == "0"
+    server = [
+        json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "nexus.access" and request_id in r.getMessage()
+    ]
+    assert [(s["method"], s["channel"], s["code"]) for s in server] == [
+        ("/nexus.models.v1.ContactService/CreateContact", "rest", "OK")
+    ]
+    path: Path = envoy.access_log_path
+    line: dict[str, Any] | None = None
+    deadline = time.monotonic() + WAIT
+    while line is None and time.monotonic() < deadline:
+        if path.exists():
+            line = next(
+                (
+                    doc
+                    for doc in map(json.loads, path.read_text().splitlines())
+                    if doc.get("request_id") == request_id
+                ),
+                None,
+            )
+        if line is None:
+            time.sleep(0.1)
+    assert line is not None, "Envoy wrote no access line for the call"
+    assert line["method"] == "/nexus.models.v1.rest.ContactService/CreateContact"
+    assert line["path"] == "/v1/contacts"
