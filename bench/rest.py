@@ -2,7 +2,8 @@
 
 Serves the example app (`examples/contacts_app.py`, a fresh SQLite file) with
 `nexus serve` (Envoy in front), then, for ExecuteWorkflow (`search_contacts`, a read-only
-workflow) and GetContact (the typed service), at concurrency 1, 16 and 64:
+workflow), GetContact and ListContacts (a page of 10; the typed service), at concurrency
+1, 16 and 64:
 
 * REST through Envoy with wrk (HTTP/1.1 keep-alive, one request in flight per connection);
 * direct gRPC to the server with h2load (one connection per client, one stream each);
@@ -163,6 +164,7 @@ def main() -> None:
 
             typed = TypedModels(app.db.models if app.db else (), _static_files())
             get_req = typed.message_class("GetContactRequest")(id=created["id"])
+            list_req = typed.message_class("ListContactsRequest")(page_size=10, order_by="email")
             cases = [
                 (
                     "ExecuteWorkflow",
@@ -177,6 +179,13 @@ def main() -> None:
                     None,
                     "/nexus.models.v1.ContactService/GetContact",
                     get_req.SerializeToString(),
+                ),
+                (
+                    "ListContacts (10)",
+                    f"http://{api}/v1/contacts?page_size=10&order_by=email",
+                    None,
+                    "/nexus.models.v1.ContactService/ListContacts",
+                    list_req.SerializeToString(),
                 ),
             ]
             missed: list[str] = []

@@ -10,9 +10,10 @@ reaches a gRPC one. Three things are added around it here:
   message name (`google.rpc.ErrorInfo`), as the Connect protocol says; the bridge
   writes the `Any`'s type URL there (`type.googleapis.com/google.rpc.ErrorInfo`), which
   clients that look details up by name (Connect-ES) cannot resolve;
-- the JSON codec (`application/json`, `application/connect+json`, `encoding=json`) is
-  refused with a clear 415: the bridge passes the JSON bytes on as the gRPC message and
-  the server reads protobuf only;
+- the JSON codec (`application/json`, `application/connect+json`, `encoding=json`): the
+  bridge passes the JSON bytes on as the gRPC message, which the server reads as JSON
+  and answers in JSON (`_errors.guard_method`); the answer's content type, which the
+  bridge gives as protobuf, is set to JSON here;
 - Envoy's own replies to a Connect call (a body over the limit, the server down) are
   Connect error JSON with the code and ErrorInfo the REST body would carry.
 """
@@ -33,13 +34,7 @@ __all__ = ["CONNECT_CHANNEL", "connect_code", "connect_filters", "connect_local_
 #: The `x-nexus-channel` Envoy sets on a Connect call (the channel Lua filter).
 CONNECT_CHANNEL = "connect"
 
-_JSON_CODEC_REFUSED = (
-    "this server reads Connect calls in the binary protobuf codec only (content-type "
-    "application/proto or application/connect+proto; Connect-ES: useBinaryFormat: true); "
-    "for JSON use the REST routes"
-)
-
-_CONNECT_LUA = f"""\
+_CONNECT_LUA = """\
 local function is_connect_unary(headers)
   local ctype = headers:get("content-type") or ""
   if headers:get("connect-protocol-version") ~= nil then
@@ -63,14 +58,14 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  if is_json_codec(headers) then
-    handle:respond({{[":status"] = "415"}}, "{_JSON_CODEC_REFUSED}")
-    return
-  end
+  local meta = handle:streamInfo():dynamicMetadata()
   if is_connect_unary(headers) then
-    handle:streamInfo():dynamicMetadata():set("nexus.connect", "unary", true)
+    meta:set("nexus.connect", "unary", true)
   elseif string.sub(headers:get("content-type") or "", 1, 20) == "application/connect+" then
-    handle:streamInfo():dynamicMetadata():set("nexus.connect", "stream", true)
+    meta:set("nexus.connect", "stream", true)
+  end
+  if is_json_codec(headers) then
+    meta:set("nexus.connect", "json", true)
   end
 end
 
@@ -94,9 +89,20 @@ local function rewrite_end_message(chunk)
     math.floor(m / 256) % 256, m % 256) .. json)
 end
 
+-- The server answers a JSON request in JSON; the bridge labels it as it labels every
+-- answer of a gRPC server, protobuf.
+local JSON_TYPES = {
+  ["application/proto"] = "application/json",
+  ["application/connect+proto"] = "application/connect+json",
+}
+
 function envoy_on_response(handle)
   local marked = handle:streamInfo():dynamicMetadata():get("nexus.connect")
   if marked == nil then return end
+  if marked["json"] then
+    local json_type = JSON_TYPES[handle:headers():get("content-type") or ""]
+    if json_type ~= nil then handle:headers():replace("content-type", json_type) end
+  end
   if marked["stream"] then
     for chunk in handle:bodyChunks() do rewrite_end_message(chunk) end
     return
@@ -113,8 +119,8 @@ end
 
 
 def connect_filters() -> list[dict[str, Any]]:
-    """The HTTP filters for Connect, in order: ours (refuses the JSON codec, names the
-    details of errors: it must come before the bridge to see its responses), then
+    """The HTTP filters for Connect, in order: ours (labels JSON answers as JSON, names
+    the details of errors: it must come before the bridge to see its responses), then
     the bridge. They come before the buffer filter, so that the buffer's replies to a
     Connect call are seen as replies to a Connect call (`connect_local_replies`)."""
     return [

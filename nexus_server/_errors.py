@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -379,13 +379,48 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
 class _Malformed:
     """What a guarded deserializer returns for bytes that are not a valid request: the
     guarded behaviour then ends the call with INVALID_ARGUMENT (a deserializer cannot:
-    grpc turns its exceptions into UNKNOWN with the exception's class in the message)."""
+    grpc turns its exceptions into UNKNOWN with the exception's class in the message).
+    `json`: why the request is not valid JSON of the message, when it came as JSON."""
 
-    __slots__ = ("deep", "message")
+    __slots__ = ("deep", "json", "message")
 
-    def __init__(self, message: str, deep: bool) -> None:
+    def __init__(self, message: str, deep: bool, json: str | None = None) -> None:
         self.message = message
         self.deep = deep
+        self.json = json
+
+
+#: Whether the call being served came in JSON (the Connect protocol's JSON codec, which
+#: Envoy's bridge passes on as the gRPC message): its replies go out as JSON too. Set
+#: by the guarded deserializer, read by the serializer, in the call's own task.
+_JSON_CODEC: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "nexus_json_codec", default=False
+)
+
+
+def _from_json(deserializer: Callable[[bytes], Any], data: bytes, name: str) -> Any:
+    """The request in `data` as proto3 JSON (both field name forms accepted), or a
+    `_Malformed` saying why it is not."""
+    try:
+        request = json_format.Parse(data, deserializer(b""))
+    except RecursionError:
+        return _Malformed(name, deep=True, json="nested too deeply")
+    except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
+        # protobuf's first line names the field and the reason; it may quote the input
+        return _Malformed(name, deep=False, json=_clip(str(exc).split("\n", 1)[0], 200))
+    _JSON_CODEC.set(True)
+    return request
+
+
+def _codec_serializer(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """`serializer`, or proto3 JSON for a call that came in JSON (`_JSON_CODEC`)."""
+
+    def serialize(reply: Any) -> bytes:
+        if _JSON_CODEC.get() and isinstance(reply, Message):
+            return json_format.MessageToJson(reply, indent=None).encode()
+        return serializer(reply)
+
+    return serialize
 
 
 def _message_name(deserializer: Callable[[bytes], Any]) -> str:
@@ -407,6 +442,10 @@ def _guard_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes
         except RecursionError:
             return _Malformed(name, deep=True)
         except (DecodeError, UnicodeDecodeError) as exc:
+            # JSON (`{`: a group's start tag, which no message of ours has) is the
+            # Connect JSON codec's request
+            if data[:1] == b"{":
+                return _from_json(deserializer, data, name)
             return _Malformed(name, deep="depth" in str(exc).lower())
 
     return deserialize
@@ -420,6 +459,16 @@ _MALFORMED = "not valid protobuf bytes (bad UTF-8 in a string, truncated, or mis
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Malformed) -> NoReturn:
+    if bad.json is not None:
+        await abort(
+            context,
+            ApiError(
+                "REQUEST_INVALID",
+                f"the request is not a valid {bad.message} (malformed JSON)",
+                [("request", _DEEP if bad.deep else f"not valid proto3 JSON: {bad.json}")],
+                metadata={"message": bad.message},
+            ),
+        )
     await abort(
         context,
         ApiError(
@@ -483,6 +532,8 @@ def guard_method(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHan
         "request_deserializer": _guard_deserializer(handler.request_deserializer),
         kind: _guard_behaviour(getattr(handler, kind), handler.request_streaming),
     }
+    if handler.response_serializer is not None:
+        changes["response_serializer"] = _codec_serializer(handler.response_serializer)
     guarded: grpc.RpcMethodHandler = handler._replace(**changes)
     return guarded
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -26,7 +26,10 @@ from ._typed import (
     PACKAGE,
     TypedModels,
     collection_id,
+    double_json,
+    json_body,
     message_to_fields,
+    record_json,
     record_to_message,
     rest_body,
 )
@@ -518,6 +521,11 @@ class _TypedService:
         return self.typed.message_class(self.model.name)
 
     @functools.cached_property
+    def json(self) -> Callable[[Mapping[str, Any], Sequence[str]], dict[str, Any]]:
+        """The printer of the model's records as REST JSON (`_typed.record_json`)."""
+        return record_json(self.info)
+
+    @functools.cached_property
     def ops(self) -> ModelOps:
         """The model's operations, built on the first call (startup does not wait)."""
         return self.records.ops(self.model)
@@ -546,6 +554,9 @@ class _TypedService:
 
         async def get(req: Any, context: Any) -> Any:
             return self._msg(await self.ops.read(req.id))
+
+        async def get_json(req: Any, context: Any) -> Any:
+            return json_body(self.json(await self.ops.read(req.id), ()))
 
         async def update(req: Any, context: Context) -> Any:
             rec = getattr(req, self.snake)
@@ -576,30 +587,58 @@ class _TypedService:
                 write,
             )  # fmt: skip
 
-        async def list_(req: Any, context: Any) -> Any:
+        async def listed(req: Any) -> dict[str, Any]:
             flt = self.records.coerce_filter(self.model, from_struct(req.filter, "filter"))
-            result = await self.ops.list(
+            result: dict[str, Any] = await self.ops.list(
                 flt or None,
                 order_by=_order_by(req.order_by),
                 limit=page_size(req.page_size),
                 page_token=req.page_token or None,
                 fields=list(req.fields) or None,
             )
+            return result
+
+        async def list_(req: Any, context: Any) -> Any:
+            result = await listed(req)
             resp = t.message_class(f"List{plural}Response")()
             getattr(resp, coll).extend(self._msg(r) for r in result["records"])
             resp.next_page_token = result.get("next_page_token") or ""  # type: ignore[attr-defined]
             return resp
 
-        async def search(req: Any, context: Any) -> Any:
+        async def list_json(req: Any, context: Any) -> Any:
+            result = await listed(req)
+            only = req.fields
+            return json_body(
+                {
+                    coll: [self.json(r, only) for r in result["records"]],
+                    "next_page_token": result.get("next_page_token") or "",
+                }
+            )
+
+        async def found(req: Any) -> dict[str, Any]:
             flt = self.records.coerce_filter(self.model, from_struct(req.filter, "filter"))
-            result = await self.records.search(
+            return await self.records.search(
                 self.model, req.q, flt, page_size(req.page_size), req.page_token, req.fields
             )
+
+        async def search(req: Any, context: Any) -> Any:
+            result = await found(req)
             resp = t.message_class(f"Search{plural}Response")()
             getattr(resp, coll).extend(self._msg(r) for r in result["records"])
             resp.scores.extend(result["scores"])  # type: ignore[attr-defined]
             resp.next_page_token = result["next_page_token"] or ""  # type: ignore[attr-defined]
             return resp
+
+        async def search_json(req: Any, context: Any) -> Any:
+            result = await found(req)
+            only = req.fields
+            return json_body(
+                {
+                    coll: [self.json(r, only) for r in result["records"]],
+                    "scores": [double_json(x) for x in result["scores"]],
+                    "next_page_token": result["next_page_token"] or "",
+                }
+            )
 
         async def count(req: Any, context: Any) -> Any:
             flt = self.records.coerce_filter(self.model, from_struct(req.filter, "filter"))
@@ -681,10 +720,17 @@ class _TypedService:
         }
         if self.model.searchable_fields:
             table[f"Search{plural}"] = (search, f"Search{plural}Request")
+        # the REST twin: reads print the records straight to JSON, writes (whose reply
+        # may be an idempotent replay's message) print their reply message
         twin = next(s for s in t.rest_file.service if s.name == f"{name}Service")
         as_json = {m.name for m in twin.method if m.output_type == ".google.api.HttpBody"}
+        printed: dict[str, Callable[..., Awaitable[Any]]] = {
+            f"Get{name}": get_json,
+            f"List{plural}": list_json,
+            f"Search{plural}": search_json,
+        }
         rest_table = {
-            method: (_as_json(fn, projected=method.startswith(("List", "Search"))), req_name)
+            method: (printed.get(method) or _as_json(fn), req_name)
             if method in as_json
             else (fn, req_name)
             for method, (fn, req_name) in table.items()
@@ -709,14 +755,12 @@ class _TypedService:
 
 
 def _as_json(
-    fn: Callable[[Any, Context], Awaitable[Any]], *, projected: bool
+    fn: Callable[[Any, Context], Awaitable[Any]],
 ) -> Callable[[Any, Context], Awaitable[Any]]:
-    """`fn` answering its reply's REST body (`_typed.rest_body`); `projected`: the
-    request's `fields` name the fields to print."""
+    """`fn` answering its reply's REST body (`_typed.rest_body`)."""
 
     async def call(request: Any, context: Context) -> Any:
-        reply = await fn(request, context)
-        return rest_body(reply, request.fields if projected else ())
+        return rest_body(await fn(request, context))
 
     return call
 

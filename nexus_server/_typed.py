@@ -21,13 +21,15 @@ itself; the twin is in the descriptor set Envoy reads, not in reflection.
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import decimal
 import enum
 import json
+import math
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from google.api import annotations_pb2, http_pb2, httpbody_pb2
@@ -57,7 +59,10 @@ __all__ = [
     "build_models_file",
     "build_rest_file",
     "collection_id",
+    "double_json",
+    "json_body",
     "public_path",
+    "record_json",
     "rest_body",
 ]
 
@@ -447,6 +452,83 @@ def record_to_message(
     return msg
 
 
+def json_body(doc: Any) -> httpbody_pb2.HttpBody:
+    """`doc` as a REST body (JSON, compact, as Envoy prints)."""
+    data = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    return httpbody_pb2.HttpBody(content_type="application/json", data=data.encode())
+
+
+def record_json(model: ModelInfo) -> Callable[[Mapping[str, Any], Sequence[str]], dict[str, Any]]:
+    """A printer of `model`'s records (as DataFlow returns them) straight to the JSON
+    `rest_body` prints for the same record as a typed message (`record_to_message`),
+    without making the message: the read routes' fast path. The printer's second
+    argument is a `fields` projection (empty: every field)."""
+    fields = [(f.name, _JSON_OF.get(f.base_type) or _json_of(f.base_type)) for f in model.fields]
+
+    def print_record(record: Mapping[str, Any], only: Sequence[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, conv in fields:
+            if name in record:
+                value = record[name]
+                out[name] = None if value is None else conv(value)
+            elif not only or name in only:
+                out[name] = None
+        return out
+
+    return print_record
+
+
+def double_json(value: Any) -> Any:
+    """A double as proto3 JSON prints it (NaN and the infinities as text), integral ones
+    without `.0`, as Envoy prints them."""
+    x = float(value)
+    if not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    return int(x) if x.is_integer() and abs(x) < 2**53 else x
+
+
+def _timestamp_json(value: _dt.datetime) -> str:
+    """A datetime as proto3 JSON prints a Timestamp: UTC, 0, 3 or 6 fraction digits."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=_dt.UTC)
+    elif value.tzinfo is not _dt.UTC:
+        value = value.astimezone(_dt.UTC)
+    text = value.replace(tzinfo=None, microsecond=0).isoformat()
+    us = value.microsecond
+    if us == 0:
+        return text + "Z"
+    if us % 1000 == 0:
+        return f"{text}.{us // 1000:03d}Z"
+    return f"{text}.{us:06d}Z"
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _any_json(value: Any) -> Any:
+    return _ints(to_jsonable(value))
+
+
+_JSON_OF: dict[Any, Callable[[Any], Any]] = {
+    str: _same,
+    bool: _same,
+    int: str,  # int64: text
+    float: double_json,
+    bytes: lambda v: base64.b64encode(v).decode(),
+    decimal.Decimal: str,
+    uuid.UUID: str,
+    _dt.date: lambda v: v.isoformat(),
+    _dt.datetime: _timestamp_json,
+}
+
+
+def _json_of(tp: Any) -> Callable[[Any], Any]:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return lambda v: str(v.value) if isinstance(v, enum.Enum) else str(v)
+    return _any_json  # dict, list: a Struct or a ListValue
+
+
 def rest_body(msg: message.Message, only: Sequence[str] = ()) -> httpbody_pb2.HttpBody:
     """The REST body of a typed reply: its proto3 JSON as Envoy's transcoder prints the
     other replies (field names as declared, fields without presence also when default,
@@ -456,10 +538,7 @@ def rest_body(msg: message.Message, only: Sequence[str] = ()) -> httpbody_pb2.Ht
     doc = MessageToDict(
         msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    data = json.dumps(
-        _with_nulls(msg, _ints(doc), frozenset(only)), ensure_ascii=False, separators=(",", ":")
-    )
-    return httpbody_pb2.HttpBody(content_type="application/json", data=data.encode())
+    return json_body(_with_nulls(msg, _ints(doc), frozenset(only)))
 
 
 def _with_nulls(msg: message.Message, doc: dict[str, Any], only: frozenset[str]) -> Any:
@@ -507,9 +586,12 @@ def _set_field(msg: Any, f: FieldInfo, value: Any) -> None:
     # JSON values go through to_jsonable, as in every Struct the server returns: a NaN or
     # infinite number stored before such values were refused is the string "NaN",
     # "Infinity" or "-Infinity" (proto3 JSON, hence REST, cannot print them as numbers)
+    # (set in its parent first: an empty dict or list is `{}` or `[]`, not a null)
     elif tp is dict:
+        getattr(msg, f.name).SetInParent()
         getattr(msg, f.name).update(to_jsonable(value))
     elif tp is list:
+        getattr(msg, f.name).SetInParent()
         getattr(msg, f.name).extend(to_jsonable(value))
     elif _proto_type(tp) == _ANY_VALUE:
         getattr(msg, f.name).CopyFrom(ParseDict(to_jsonable(value), struct_pb2.Value()))

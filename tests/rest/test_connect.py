@@ -1,7 +1,7 @@
 """The Connect protocol through Envoy, spoken by hand (httpx): what buf curl does not
-show (test_buf_curl.py drives the calls themselves). Unary GET, the JSON codec refused
-with a clear error, Envoy's own replies as Connect errors, CORS for Connect's headers,
-and the channel the server records."""
+show (test_buf_curl.py drives the calls themselves). Unary GET, the JSON codec (unary,
+GET, stream, its errors), Envoy's own replies as Connect errors, CORS for Connect's
+headers, and the channel the server records."""
 
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ def _detail_info(details: list[dict[str, Any]]) -> error_details_pb2.ErrorInfo:
     infos = [d for d in details if d["type"] == "google.rpc.ErrorInfo"]
     assert len(infos) == 1, details
     return error_details_pb2.ErrorInfo.FromString(base64.b64decode(infos[0]["value"] + "=="))
+
+
+def _bad_request(details: list[dict[str, Any]]) -> error_details_pb2.BadRequest:
+    (found,) = [d for d in details if d["type"] == "google.rpc.BadRequest"]
+    return error_details_pb2.BadRequest.FromString(base64.b64decode(found["value"] + "=="))
 
 
 def _envelopes(data: bytes) -> list[tuple[int, bytes]]:
@@ -196,23 +201,74 @@ def test_an_error_after_messages_is_the_end_message(serving: Serving) -> None:
     assert _detail_info(error["details"]).reason == "SERVER_UNAVAILABLE"
 
 
-@pytest.mark.parametrize(
-    ("method", "headers", "params"),
-    [
-        ("POST", {**CONNECT, "content-type": "application/json"}, {}),
-        ("POST", {"content-type": "application/connect+json"}, {}),
-        ("GET", {}, {"connect": "v1", "encoding": "json", "message": '{"name":"x"}'}),
-    ],
-    ids=["unary", "stream", "get"],
-)
-def test_the_json_codec_is_refused_clearly(
-    client: httpx.Client, method: str, headers: dict[str, str], params: dict[str, str]
-) -> None:
-    body = b'{"name": "create_contact"}' if method == "POST" else None
-    resp = client.request(method, GET_WORKFLOW, headers=headers, params=params, content=body)
-    assert resp.status_code == 415
-    message = _connect_error(resp, "invalid_argument", "REQUEST_INVALID", gateway=True)
-    assert "application/proto" in message and "REST" in message
+def test_the_json_codec_unary_and_get(client: httpx.Client) -> None:
+    """Connect's JSON codec: the server reads the request as proto3 JSON and answers in
+    JSON, labelled as such (docs/rest.md, "Connect")."""
+    post = client.post(
+        GET_WORKFLOW,
+        content=b'{"name": "create_contact"}',
+        headers={**CONNECT, "content-type": "application/json"},
+    )
+    assert post.status_code == 200, post.text
+    assert post.headers["content-type"] == "application/json"
+    assert post.json()["name"] == "create_contact"
+    assert post.json()["inputs"][0]["name"] == "name"
+    get = client.get(
+        GET_WORKFLOW,
+        params={"connect": "v1", "encoding": "json", "message": '{"name":"create_contact"}'},
+    )
+    assert get.status_code == 200, get.text
+    assert get.headers["content-type"] == "application/json"
+    assert get.json() == post.json()
+    # a typed service too: lowerCamelCase names accepted, a projection kept
+    listed = client.post(
+        "/nexus.models.v1.ContactService/ListContacts",
+        content=b'{"pageSize": 1, "fields": ["name"]}',
+        headers={**CONNECT, "content-type": "application/json"},
+    )
+    assert listed.status_code == 200, listed.text
+    assert [set(c) for c in listed.json().get("contacts", [])] in ([], [{"name"}])
+
+
+def test_the_json_codec_errors(client: httpx.Client) -> None:
+    missing = client.post(
+        GET_WORKFLOW,
+        content=b'{"name": "nope"}',
+        headers={**CONNECT, "content-type": "application/json"},
+    )
+    assert missing.status_code == 404
+    _connect_error(missing, "not_found", "WORKFLOW_NOT_FOUND", gateway=False)
+    for body, why in [
+        (b'{"nme": "x"}', 'no field named "nme"'),
+        (b'{"name": 3}', "name"),
+        (b'{"name": "x"' + b" " * 10_000, "JSON"),
+    ]:
+        bad = client.post(
+            GET_WORKFLOW, content=body, headers={**CONNECT, "content-type": "application/json"}
+        )
+        assert bad.status_code == 400, bad.text
+        message = _connect_error(bad, "invalid_argument", "REQUEST_INVALID", gateway=False)
+        assert "malformed JSON" in message and "GetWorkflowRequest" in message
+        (violation,) = _bad_request(bad.json()["details"]).field_violations
+        assert violation.field == "request" and why in violation.description
+        assert len(violation.description) < 300  # never the whole input
+
+
+def test_the_json_codec_stream(client: httpx.Client, unique: str) -> None:
+    body = json.dumps(
+        {"name": "create_contact", "inputs": {"name": "Jo", "email": f"{unique}@example.com"}}
+    ).encode()
+    ok = client.post(
+        STREAM_EXECUTION,
+        headers={"content-type": "application/connect+json"},
+        content=struct.pack(">BI", 0, len(body)) + body,
+    )
+    assert ok.status_code == 200
+    assert ok.headers["content-type"] == "application/connect+json"
+    *messages, (end_flags, end) = _envelopes(ok.content)
+    events = [json.loads(payload) for _, payload in messages]
+    assert "executionStarted" in events[0] and "executionCompleted" in events[-1]
+    assert end_flags == 2 and "error" not in json.loads(end)
 
 
 def test_envoys_own_reply_is_a_connect_error(client: httpx.Client) -> None:
