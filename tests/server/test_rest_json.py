@@ -71,6 +71,7 @@ def _both(model: ModelInfo, record: dict[str, Any], only: tuple[str, ...] = ()) 
         assert list(got) == [f.name for f in model.fields]  # every field, in order
 
 
+PLUS_5 = dt.timezone(dt.timedelta(hours=5))
 EDGES: list[dict[str, Any]] = [
     {"id": "a"},  # every other field null
     {"id": "b", "score": 2**63 - 1, "ratio": 5.0, "meta": {"n": 2**63 - 1, "x": 1.0}},
@@ -81,13 +82,13 @@ EDGES: list[dict[str, Any]] = [
     {"id": "g", "seen": dt.datetime(1, 1, 1, 0, 0, 0, 123456), "tier": "free"},
     {
         "id": "h",
-        "seen": dt.datetime(2026, 6, 1, 12, 0, 0, 123000, tzinfo=dt.timezone(dt.timedelta(hours=5))),
+        "seen": dt.datetime(2026, 6, 1, 12, 0, 0, 123000, tzinfo=PLUS_5),
         "balance": decimal.Decimal("-12.3400"),
         "born": dt.date(1815, 12, 10),
         "ref": uuid.UUID(int=7),
         "active": False,
         "score": 0,
-        "name": "Ädä \u2028 \"quoted\"",
+        "name": 'Ädä \u2028 "quoted"',
     },
 ]
 
