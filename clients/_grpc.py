@@ -65,12 +65,10 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 #: The header carrying a write's `request_id` too (see `call_metadata`).
 REQUEST_ID_HEADER = "x-nexus-request-id"
 
-#: Exit codes of the CLI, one per class of failure (documented in docs/cli.md).
 #: The package of the typed per-model messages and services (records print every field).
 MODELS_PACKAGE = "nexus.models.v1"
-#: A typed List or Search method: its request's `fields` is a projection.
-_TYPED_PROJECTION = re.compile(r"^/nexus\.models\.v1\.\w+/(List|Search)\w*$")
 
+#: Exit codes of the CLI, one per class of failure (documented in docs/cli.md).
 EXIT_OK = 0
 EXIT_FAILED = 1  # the call failed for another reason (a node failed, an internal error)
 EXIT_USAGE = 2  # bad command line (click's own code for usage errors)
@@ -579,9 +577,10 @@ class DynamicMethods:
             "request_serializer": method.request.SerializeToString,
             "response_deserializer": method.response.FromString,
         }
-        # a typed List/Search with a `fields` projection prints only those fields
-        projected = _TYPED_PROJECTION.match(method.path)
-        only = list(request.fields) if projected else []  # type: ignore[attr-defined]
+        # a typed request's `fields` (List, Search) is a projection: only those print
+        desc = request.DESCRIPTOR
+        typed = desc.file.package == MODELS_PACKAGE and "fields" in desc.fields_by_name
+        only = list(request.fields) if typed else []  # type: ignore[attr-defined]
         if method.server_streaming:
             stream = self._channel.unary_stream(method.path, **kwargs)
             for item in stream(request, timeout=timeout, metadata=tuple(metadata)):

@@ -459,22 +459,16 @@ _MALFORMED = "not valid protobuf bytes (bad UTF-8 in a string, truncated, or mis
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], bad: _Malformed) -> NoReturn:
-    if bad.json is not None:
-        await abort(
-            context,
-            ApiError(
-                "REQUEST_INVALID",
-                f"the request is not a valid {bad.message} (malformed JSON)",
-                [("request", _DEEP if bad.deep else f"not valid proto3 JSON: {bad.json}")],
-                metadata={"message": bad.message},
-            ),
-        )
+    if bad.json is None:
+        form, why = "protobuf", _MALFORMED
+    else:
+        form, why = "JSON", f"not valid proto3 JSON: {bad.json}"
     await abort(
         context,
         ApiError(
             "REQUEST_INVALID",
-            f"the request is not a valid {bad.message} (malformed protobuf)",
-            [("request", _DEEP if bad.deep else _MALFORMED)],
+            f"the request is not a valid {bad.message} (malformed {form})",
+            [("request", _DEEP if bad.deep else why)],
             metadata={"message": bad.message},
         ),
     )

@@ -730,7 +730,7 @@ class _TypedService:
             f"Search{plural}": search_json,
         }
         rest_table = {
-            method: (printed.get(method) or _as_json(fn), req_name)
+            method: (printed.get(method) or _as_json(self.info, fn), req_name)
             if method in as_json
             else (fn, req_name)
             for method, (fn, req_name) in table.items()
@@ -755,12 +755,12 @@ class _TypedService:
 
 
 def _as_json(
-    fn: Callable[[Any, Context], Awaitable[Any]],
+    model: ModelInfo, fn: Callable[[Any, Context], Awaitable[Any]]
 ) -> Callable[[Any, Context], Awaitable[Any]]:
     """`fn` answering its reply's REST body (`_typed.rest_body`)."""
 
     async def call(request: Any, context: Context) -> Any:
-        return rest_body(await fn(request, context))
+        return rest_body(model, await fn(request, context))
 
     return call
 

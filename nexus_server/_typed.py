@@ -13,7 +13,7 @@ sets (Create leaves the rest to the model defaults) and a null column is an unse
 
 REST reaches each typed service through its twin, `nexus.models.v1.rest.<Model>Service`
 (`build_rest_file`): the same methods, requests and HTTP bindings, but a method that
-answers records answers their JSON as a `google.api.HttpBody` (`rest_body`), with every
+answers records answers their JSON as a `google.api.HttpBody` (`record_json`), with every
 field of each record printed and a null one as `null`, which Envoy's transcoder cannot
 print for a field with presence. gRPC, gRPC-Web and Connect call the typed service
 itself; the twin is in the descriptor set Envoy reads, not in reflection.
@@ -43,7 +43,7 @@ from google.protobuf import (
     struct_pb2,
     timestamp_pb2,
 )
-from google.protobuf.json_format import MessageToDict, ParseDict
+from google.protobuf.json_format import ParseDict
 
 from dataflow import FieldInfo, ModelInfo
 
@@ -459,10 +459,12 @@ def json_body(doc: Any) -> httpbody_pb2.HttpBody:
 
 
 def record_json(model: ModelInfo) -> Callable[[Mapping[str, Any], Sequence[str]], dict[str, Any]]:
-    """A printer of `model`'s records (as DataFlow returns them) straight to the JSON
-    `rest_body` prints for the same record as a typed message (`record_to_message`),
-    without making the message: the read routes' fast path. The printer's second
-    argument is a `fields` projection (empty: every field)."""
+    """A printer of `model`'s records (as DataFlow returns them) straight to the proto3
+    JSON of the record as a typed message (`record_to_message`), as Envoy's transcoder
+    would print it (field names as declared, int64 as text, an integral `Struct` number
+    without `.0`), but with every field, a null one as `null` (docs/api.md, "One JSON
+    document"), and without making the message. The printer's second argument is a
+    `fields` projection (empty: every field)."""
     fields = [(f.name, _JSON_OF.get(f.base_type) or _json_of(f.base_type)) for f in model.fields]
 
     def print_record(record: Mapping[str, Any], only: Sequence[str]) -> dict[str, Any]:
@@ -518,7 +520,7 @@ _JSON_OF: dict[Any, Callable[[Any], Any]] = {
     bytes: lambda v: base64.b64encode(v).decode(),
     decimal.Decimal: str,
     uuid.UUID: str,
-    _dt.date: lambda v: v.isoformat(),
+    _dt.date: str,  # ISO 8601 (also the text a typed message holds)
     _dt.datetime: _timestamp_json,
 }
 
@@ -529,39 +531,11 @@ def _json_of(tp: Any) -> Callable[[Any], Any]:
     return _any_json  # dict, list: a Struct or a ListValue
 
 
-def rest_body(msg: message.Message, only: Sequence[str] = ()) -> httpbody_pb2.HttpBody:
-    """The REST body of a typed reply: its proto3 JSON as Envoy's transcoder prints the
-    other replies (field names as declared, fields without presence also when default,
-    int64 as text, an integral `Struct` number without `.0`), and every field of each
-    record in it, a null one as `null` (docs/api.md, "One JSON document"). `only`: the
-    fields a `fields` projection asked for; the others are left out."""
-    doc = MessageToDict(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return json_body(_with_nulls(msg, _ints(doc), frozenset(only)))
-
-
-def _with_nulls(msg: message.Message, doc: dict[str, Any], only: frozenset[str]) -> Any:
-    """`doc` (the JSON of `msg`) in field order, with each unset field that has presence
-    of a message of this package (a record's field) as None; the records of a repeated
-    field are done alike."""
-    out: dict[str, Any] = {}
-    for f in msg.DESCRIPTOR.fields:
-        if f.name in doc:
-            value = doc[f.name]
-            if (
-                f.is_repeated
-                and f.message_type is not None
-                and f.message_type.full_name.startswith(f"{PACKAGE}.")
-            ):
-                value = [
-                    _with_nulls(sub, d, only)
-                    for sub, d in zip(getattr(msg, f.name), value, strict=True)
-                ]
-            out[f.name] = value
-        elif f.has_presence and (not only or f.name in only):
-            out[f.name] = None
-    return out
+def rest_body(model: ModelInfo, reply: message.Message) -> httpbody_pb2.HttpBody:
+    """The REST body of a write's reply (one record of `model`, as a typed message: the
+    write's own, or the one an idempotent replay stored): the record's fields read back
+    (`message_to_fields`) and printed as the reads print records (`record_json`)."""
+    return json_body(record_json(model)(message_to_fields(model, reply), ()))
 
 
 def _ints(value: Any) -> Any:
