@@ -108,7 +108,8 @@ def _only(
         raise ApiError(
             "REQUEST_INVALID",
             f"update_mask names no field of {model.name}: "
-            + brief(", ".join(repr(m) for _, m in unknown), 200),
+            + ", ".join(brief(m, 40) for _, m in unknown[:3])
+            + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""),
             [
                 (f"{mask_field}.paths[{i}]", f"{brief(m)} is not a field of {model.name}")
                 for i, m in unknown

@@ -44,6 +44,22 @@ def calls(text: str) -> dict[tuple[str, str, str], float]:
     return found
 
 
+def _server_lines(caplog: pytest.LogCaptureFixture, request_id: str) -> list[dict[str, Any]]:
+    """The server's access lines of the call with `request_id`. A line is written when the
+    call's handler has ended, which may be just after the client has the answer: wait
+    for one (bounded)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        lines = [
+            json.loads(r.getMessage())
+            for r in caplog.records
+            if r.name == "nexus.access" and request_id in r.getMessage()
+        ]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
 def test_metrics_are_off_the_public_route_by_default(client: httpx.Client) -> None:
     resp = client.get("/metrics")
     assert resp.status_code == 404
@@ -57,12 +73,19 @@ def test_metrics_through_envoy_when_exposed(run_app: Any) -> None:
     with httpx.Client(base_url=base, timeout=WAIT) as client:
         failed = client.post("/v1/workflows/boom:execute", json={"inputs": {"message": "x"}})
         assert failed.status_code >= 400
-        resp = client.get("/metrics")
-        assert resp.status_code == 200, resp.text
+        # the server counts a call when its handler has ended, which may be just after
+        # the client has the answer: scrape until it is counted (bounded)
+        deadline = time.monotonic() + WAIT
+        while True:
+            resp = client.get("/metrics")
+            assert resp.status_code == 200, resp.text
+            rest_calls = {k: v for k, v in calls(resp.text).items() if k[0] == EXECUTE}
+            if rest_calls or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert resp.headers["content-type"].startswith("text/plain")
         assert client.post("/metrics").status_code != 200  # GET only
     direct = httpx.get(f"http://127.0.0.1:{serving.metrics_port}/metrics", timeout=WAIT)
-    rest_calls = {k: v for k, v in calls(resp.text).items() if k[0] == EXECUTE}
     ((key, count),) = rest_calls.items()
     assert key[1] == "rest" and key[2] == "ABORTED" and count == 1
     assert calls(direct.text)[key] == 1
@@ -105,11 +128,7 @@ def test_envoy_and_server_access_logs_share_format_and_request_id(
     assert line["path"] == "/v1/workflows/boom:execute"
     assert line["source"] == "envoy" and line["time"].endswith("Z")
     assert int(line["http_status"]) == resp.status_code
-    server = [
-        json.loads(r.getMessage())
-        for r in caplog.records
-        if r.name == "nexus.access" and "rest-call-1" in r.getMessage()
-    ]
+    server = _server_lines(caplog, "rest-call-1")
     assert len(server) == 1
     assert set(server[0]) == SERVER_FIELDS
     assert server[0]["method"] == EXECUTE and server[0]["channel"] == "rest"
@@ -137,11 +156,7 @@ def test_a_typed_rest_call_is_logged_as_the_typed_method(
     assert created.status_code == 200, created.text
     assert created.headers["content-type"] == "application/json"
     assert created.json()["company"] is None and created.json()["score"] == "0"
-    server = [
-        json.loads(r.getMessage())
-        for r in caplog.records
-        if r.name == "nexus.access" and request_id in r.getMessage()
-    ]
+    server = _server_lines(caplog, request_id)
     assert [(s["method"], s["channel"], s["code"]) for s in server] == [
         ("/nexus.models.v1.ContactService/CreateContact", "rest", "OK")
     ]
