@@ -46,8 +46,8 @@ response bytes must add up for reads, the rows written must match for writes.
 
 Run: `.venv/bin/python bench/grpc.py` (`--quick` for a short run; `--only-auth` or
 `--skip-auth` for the authentication table alone or without it). To measure a change,
-`--against CHECKOUT` also serves the noop and create_contact workflows from another
-checkout (a `git worktree` of main, say) and prints this checkout's ratio to it,
+`--against CHECKOUT` also serves the noop, list_contacts and create_contact workflows
+from another checkout (a `git worktree` of main, say) and prints this checkout's ratio to it,
 alternating rounds.
 `--cpu` also prints, for each figure's best round, the CPU time per call of each server's
 event-loop thread and of its other threads (from /proc), and how idle the machine was.
@@ -780,6 +780,8 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
                 call(nexus.address, EXECUTE, execute_body("create_contact", person))
             )
             nexus_ids.append(out.outputs["create"]["id"])
+            if other is not None:  # the same contacts: its list pair reads the same page
+                call(other.address, EXECUTE, execute_body("create_contact", person))
             row = json.loads(call(driver.address, DRIVER_CREATE, json.dumps(person).encode()))
             driver_ids.append(row[0])
         get_body = get_contact_body(nexus_ids[50])
@@ -826,6 +828,14 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
         if other is not None:
             assert args.against is not None
             where = Path(args.against).name
+            pairs.insert(3, (  # before the create load, which grows both tables
+                Case(f"list_contacts served from {where}", other.address, EXECUTE,
+                     execute_body("list_contacts"),
+                     count=executions(tmp / "other.db", "list_contacts")),
+                Case("ExecuteWorkflow list_contacts", nexus.address, EXECUTE,
+                     execute_body("list_contacts"),
+                     count=executions(nexus_db, "list_contacts")),
+            ))  # fmt: skip
             pairs.append((
                 Case(f"noop served from {where}", other.address, EXECUTE,
                      echo_body, count=executions(tmp / "other.db", "noop")),
@@ -1576,8 +1586,9 @@ def main() -> int:
     p.add_argument(
         "--against",
         metavar="CHECKOUT",
-        help="also serve the noop and create_contact workflows from another checkout of this "
-        "repository (e.g. `git worktree add /tmp/main main`) and print this one's ratio to it",
+        help="also serve the noop, list_contacts and create_contact workflows from another "
+        "checkout of this repository (e.g. `git worktree add /tmp/main main`) and print "
+        "this one's ratio to it",
     )
     p.add_argument(
         "--cpu",

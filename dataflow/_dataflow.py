@@ -1274,7 +1274,7 @@ class DataFlow:
             raise DataFlowError(
                 "fetchrow() reads outside any transaction; it cannot join the current one"
             )
-        return await self._fast_fetch(None, sql, list(args), False, turn=False)
+        return await self._fast_fetch(None, sql, list(args), False)
 
     def _here(
         self,
@@ -1282,8 +1282,6 @@ class DataFlow:
         write: bool,
         work: Callable[[sqlite3.Connection], R],
         rows: int,
-        *,
-        turn: bool = True,
     ) -> R | _NotHere:
         """SQLite file databases: run `work` on the calling thread, on a connection of its
         own that never waits for a lock (a write in a transaction of its own). Returns
@@ -1300,11 +1298,12 @@ class DataFlow:
         Only small, bounded work comes here: single records by key, and batches of at
         most `EXECUTEMANY_HERE_ROWS` rows.
 
-        `turn=False` (reads of `fetchrow` only): do not wait for DataFlow's connection; on
-        its own WAL connection the read sees the last committed state even while another
-        task's transaction or the execution-record writer holds that connection.
+        A read does not wait for DataFlow's connection: on its own WAL connection it sees
+        the last committed state even while another task's transaction or the
+        execution-record writer holds that connection (a task's own transaction never
+        comes here: `_fast_ok`).
         """
-        if not self._sync_init or (turn and self._sqlite_lock.locked()):
+        if not self._sync_init or (write and self._sqlite_lock.locked()):
             return _NOT_HERE
         try:
             conn = self._here_conn
@@ -1421,13 +1420,9 @@ class DataFlow:
         sql: str,
         args: list[Any],
         write: bool,
-        *,
-        turn: bool = True,
     ) -> Sequence[Any] | None:
         """`_fast_fetch_now`, observed (`_observed`)."""
-        return await self._observed(
-            model, sql, self._fast_fetch_now(model, sql, args, write, turn=turn)
-        )
+        return await self._observed(model, sql, self._fast_fetch_now(model, sql, args, write))
 
     async def _observed(
         self, model: ModelInfo | None, sql: str, statement: Coroutine[Any, Any, R]
@@ -1466,16 +1461,13 @@ class DataFlow:
         sql: str,
         args: list[Any],
         write: bool,
-        *,
-        turn: bool = True,
     ) -> Sequence[Any] | None:
-        """Run one statement on the driver; return its first row (None if none).
-        `turn`: see `_here`."""
+        """Run one statement on the driver; return its first row (None if none)."""
         row: Sequence[Any] | None
         if self._pg_pool is not None:
             row = await self._pg_call("fetchrow", sql, args)
         else:
-            here = self._here(model, write, lambda c: c.execute(sql, args).fetchall(), 1, turn=turn)
+            here = self._here(model, write, lambda c: c.execute(sql, args).fetchall(), 1)
             if not isinstance(here, _NotHere):
                 row = here[0] if here else None
             else:

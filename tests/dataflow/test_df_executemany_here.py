@@ -407,9 +407,11 @@ async def test_a_single_record_write_waits_while_another_connection_holds_the_lo
         await db.close()
 
 
-async def test_a_read_takes_its_turn_while_a_transaction_block_is_open(db_path: Path) -> None:
-    """Reads do not slip past an open `transaction()` block either: DataFlow's
-    connection is in use, so a read waits for its turn, as before."""
+async def test_reads_do_not_wait_for_another_tasks_open_transaction(db_path: Path) -> None:
+    """Read committed, as on PostgreSQL: while another task's `transaction()` block holds
+    DataFlow's connection with a write not yet committed, Read, List, Count and
+    `fetchrow` answer at once with the last committed state; after the commit they see
+    the write. A write from outside the block still waits for it (one writer)."""
     db = DataFlow(f"sqlite:///{db_path}")
 
     @db.model
@@ -425,17 +427,36 @@ async def test_a_read_takes_its_turn_while_a_transaction_block_is_open(db_path: 
         async def block() -> None:
             async with db.transaction():
                 await ops.update("p0", fields={"name": "changed"})
+                await ops.create(id="p1", name="second")
                 inside.set()
                 await release.wait()
 
         holder = asyncio.create_task(block())
         await asyncio.wait_for(inside.wait(), 10)
-        read = asyncio.create_task(ops.read("p0"))
+        assert db._sqlite_lock.locked()
+        sql = f"SELECT name FROM pet WHERE id = {db.placeholder(1)}"
+
+        async def reads() -> tuple[str, list[str], int, str]:
+            row = await db.fetchrow(sql, ["p0"])
+            assert row is not None
+            listed = await ops.list({"name": {"$ne": "nobody"}}, order_by="id", limit=10)
+            return (
+                (await ops.read("p0"))["name"],
+                [r["name"] for r in listed["records"]],
+                await ops.count({"name": {"$ne": "nobody"}}),
+                row[0],
+            )
+
+        before = await asyncio.wait_for(reads(), 5)  # while the block is open
+        assert before == ("first", ["first"], 1, "first")
+        write = asyncio.create_task(ops.create(id="p2", name="third"))
         await asyncio.sleep(0.1)
-        assert not read.done()  # waiting for its turn, not reading on the side
+        assert not write.done()  # a write takes its turn behind the open block
         release.set()
         await asyncio.wait_for(holder, 10)
-        assert (await asyncio.wait_for(read, 10))["name"] == "changed"
+        await asyncio.wait_for(write, 10)
+        after = await reads()
+        assert after == ("changed", ["changed", "second", "third"], 3, "changed")
     finally:
         await db.close()
 
@@ -491,37 +512,3 @@ def test_sqlite_datetime_text_is_what_sqlalchemy_stores_for_the_utc_time(
 ) -> None:
     utc = value if value.tzinfo is None else value.astimezone(dt.UTC).replace(tzinfo=None)
     assert _sqlite_dt_in(value) == _SA_SQLITE_DATETIME(utc)
-
-
-async def test_fetchrow_reads_the_committed_state_without_waiting(db_path: Path) -> None:
-    """`fetchrow` (the server's per-call key lookup) does not queue behind another task's
-    open transaction: it reads the last committed state at once."""
-    db = DataFlow(f"sqlite:///{db_path}")
-
-    @db.model
-    class Pet:
-        id: str
-        name: str
-
-    try:
-        ops = db.ops(Pet)
-        await ops.create(id="p0", name="first")
-        inside, release = asyncio.Event(), asyncio.Event()
-
-        async def block() -> None:
-            async with db.transaction():
-                await ops.update("p0", fields={"name": "changed"})
-                inside.set()
-                await release.wait()
-
-        holder = asyncio.create_task(block())
-        await asyncio.wait_for(inside.wait(), 10)
-        sql = f"SELECT name FROM pet WHERE id = {db.placeholder(1)}"
-        row = await asyncio.wait_for(db.fetchrow(sql, ["p0"]), 10)
-        assert row is not None and row[0] == "first"  # not the open block's write
-        release.set()
-        await asyncio.wait_for(holder, 10)
-        row = await db.fetchrow(sql, ["p0"])
-        assert row is not None and row[0] == "changed"
-    finally:
-        await db.close()
