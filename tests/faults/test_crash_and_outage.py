@@ -101,7 +101,8 @@ def plan(tag: str, n: int = CALLS) -> list[Call]:
 @dataclass
 class Load:
     """Sends the planned calls from `WORKERS` clients until they are all sent or `stop`
-    is set; `on_reply` sees each call as it ends."""
+    is set; `on_reply` sees each call as it ends. While `go` is clear no new call is
+    sent (the calls in flight go on)."""
 
     address: str
     calls: list[Call]
@@ -109,11 +110,16 @@ class Load:
     on_reply: Callable[[Call], None] = lambda call: None
     phase: Callable[[], str] = lambda: "up"
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.go.set()
 
     async def _worker(self, todo: collections.deque[Call]) -> None:
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = wgrpc.WorkflowServiceStub(channel)  # type: ignore[no-untyped-call]
             while todo and not self.stop.is_set():
+                await self.go.wait()  # bounded by `run`'s timeout
                 call = todo.popleft()
                 call.sent, call.phase = True, self.phase()
                 started = time.monotonic()
@@ -313,10 +319,17 @@ async def test_postgres_outage_fails_fast_recovers_and_loses_nothing(
     stopping: list[asyncio.Task[None]] = []
 
     async def take_down() -> None:
+        # no call is sent while PostgreSQL is stopping (the calls in flight at the stop
+        # go on): on a fast machine the rest of the load could end before the stop
+        # does, leaving no call for the outage itself
         nonlocal phase
         phase = "stopping"
-        await asyncio.to_thread(pg_cluster.stop, "immediate")
-        phase = "down"
+        load.go.clear()
+        try:
+            await asyncio.to_thread(pg_cluster.stop, "immediate")
+        finally:
+            phase = "down"
+            load.go.set()
 
     def on_reply(call: Call) -> None:
         nonlocal acked
