@@ -190,6 +190,45 @@ class _SharedTx:
             await self.db._cache_written(self._tx.written)
 
 
+class _Guarded:
+    """One database operation under DataFlow's circuit breaker and error mapping
+    (`DataFlow._guarded`). On entry the breaker admits it (`CircuitOpenError` while
+    open; nothing is done while the breaker is quiet). On exit: a success when nothing
+    was raised; a driver's exception is raised as DataFlow's (`DataFlow._fail`, which
+    tells the breaker what it says); DataFlow's own errors, cancellations and
+    `passthrough` are raised as they are, the trial (if this was it) passing to the next
+    call."""
+
+    __slots__ = ("_db", "_model", "_trial", "passthrough")
+
+    def __init__(self, db: DataFlow, model: ModelInfo | None, admit: bool) -> None:
+        self._db, self._model = db, model
+        br = db._breaker
+        self._trial = admit and br is not None and not br.quiet and br.admit()
+        #: an exception of the guarded block's caller, raised on as it is
+        self.passthrough: BaseException | None = None
+
+    def __enter__(self) -> _Guarded:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        db = self._db
+        if e is None:
+            br = db._breaker
+            if br is not None and not br.quiet:
+                br.success()
+        elif (
+            isinstance(e, Exception)
+            and not isinstance(e, DataFlowError)
+            and e is not self.passthrough
+        ):
+            raise db._fail(e, self._model, self._trial) from e
+        elif self._trial and db._breaker is not None:
+            db._breaker.release(True)
+
+
 def _async_url(url: str) -> tuple[str, str]:
     """The SQLAlchemy async URL for `url`, and the dialect name."""
     try:
@@ -1036,12 +1075,8 @@ class DataFlow:
         (connection, shared). Maps every driver error to ours. Outside a `transaction()`
         block, the circuit breaker admits the operation first (`CircuitOpenError` while
         it is open)."""
-        br = self._breaker
-        trial = False
-        try:
-            tx = self._tx.get()
-            if tx is None and br is not None and not br.quiet:
-                trial = br.admit()
+        tx = self._tx.get()
+        with self._guarded(model, admit=tx is None):
             if not self._ready:
                 if self._closed:
                     raise DataFlowError("this DataFlow is closed")
@@ -1056,18 +1091,6 @@ class DataFlow:
             else:
                 async with self._gate(), self.engine.begin() as conn:
                     yield conn, False
-        except DataFlowError:
-            if trial:
-                self._release_trial()
-            raise
-        except Exception as exc:
-            raise self._fail(exc, model, trial) from exc
-        except BaseException:
-            if trial:
-                self._release_trial()
-            raise
-        if br is not None and not br.quiet:
-            br.success()
 
     def _fail(
         self, exc: BaseException, model: ModelInfo | None, trial: bool = False
@@ -1107,9 +1130,10 @@ class DataFlow:
         if engine is not None and self.dialect == "postgresql":
             engine.sync_engine.dispose(close=False)
 
-    def _release_trial(self) -> None:
-        if self._breaker is not None:
-            self._breaker.release(True)
+    def _guarded(self, model: ModelInfo | None, admit: bool = True) -> _Guarded:
+        """A context manager around one database operation: admitted by the circuit
+        breaker (with `admit`), its driver errors raised as DataFlow's (see `_Guarded`)."""
+        return _Guarded(self, model, admit)
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """Whether the database answers `SELECT 1` within `timeout` seconds (health
@@ -1155,27 +1179,13 @@ class DataFlow:
         load SQLAlchemy's asyncio extension. Errors are mapped to DataFlow's."""
         if not self._ready:
             await self.initialize()
-        br = self._breaker
-        trial = br is not None and not br.quiet and br.admit()
-        try:
+        with self._guarded(None):
             if self._sync_init and self._engine is None:
                 async with self._gate():
                     result = await asyncio.to_thread(self._sync_transaction, fn)
             else:
                 async with self._gate(), self.engine.begin() as conn:
                     result = await conn.run_sync(_schema_locked(fn))
-        except DataFlowError:
-            if trial:
-                self._release_trial()
-            raise
-        except Exception as exc:
-            raise self._fail(exc, None, trial) from exc
-        except BaseException:
-            if trial:
-                self._release_trial()
-            raise
-        if br is not None and not br.quiet:
-            br.success()
         return result
 
     # -- driver statements (outside SQLAlchemy) ---------------------------------------
@@ -1238,23 +1248,14 @@ class DataFlow:
             ):
                 await self._fast_executemany(None, sql, [rows])
             return
-        br = self._breaker
-        trial = br is not None and not br.quiet and br.admit()
         started = time.perf_counter() if self.metrics is not None else 0.0
         try:
-            async with self._pg_pool.acquire() as conn, conn.transaction():
-                await conn.executemany(sql, rows)
-        except Exception as exc:
-            raise self._fail(exc, None, trial) from exc
-        except BaseException:
-            if trial:
-                self._release_trial()
-            raise
+            with self._guarded(None):
+                async with self._pg_pool.acquire() as conn, conn.transaction():
+                    await conn.executemany(sql, rows)
         finally:
             if self.metrics is not None:
                 self.metrics.observe(sql, time.perf_counter() - started)
-        if br is not None and not br.quiet:
-            br.success()
 
     async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> Sequence[Any] | None:
         """Run one read statement of driver SQL (placeholders from `placeholder`, values
@@ -1430,29 +1431,19 @@ class DataFlow:
         """Await `statement` (one fast-path statement of text `sql`): admitted by the
         circuit breaker, its failure mapped to ours (`_fail`), inside the statement
         hook's scope when one is set, timed when metrics are on."""
-        br = self._breaker
         try:
-            trial = br is not None and not br.quiet and br.admit()
+            guard = self._guarded(model)
         except BaseException:
             statement.close()  # refused by the open breaker: never started
             raise
         hook, metrics = self._statement_hook, self.metrics
         started = time.perf_counter() if metrics is not None else 0.0
         try:
-            with hook(sql) if hook is not None else contextlib.nullcontext():
-                try:
-                    result = await statement
-                except Exception as exc:
-                    raise self._fail(exc, model, trial) from exc
-                except BaseException:
-                    if trial:
-                        self._release_trial()
-                    raise
+            with hook(sql) if hook is not None else contextlib.nullcontext(), guard:
+                result = await statement
         finally:
             if metrics is not None:
                 metrics.observe(sql, time.perf_counter() - started)
-        if br is not None and not br.quiet:
-            br.success()
         return result
 
     async def _fast_fetch_now(
@@ -1590,11 +1581,11 @@ class DataFlow:
         if self._tx.get() is not None:
             yield
             return
-        br = self._breaker
-        trial = br is not None and not br.quiet and br.admit()
-        raised: BaseException | None = None  # the block's own exception, passed on as is
         tx: _Tx | None = None
-        try:
+        # beginning, committing or rolling back failed: the driver's error (a plain
+        # ConnectionRefusedError when the server is down) becomes ours; the block's own
+        # exception is passed on as it is
+        with self._guarded(None) as guard:
             await self.initialize()
             async with self._gate(), self.engine.begin() as conn:
                 await self._take_writer(conn)
@@ -1603,28 +1594,10 @@ class DataFlow:
                 try:
                     yield
                 except BaseException as exc:
-                    raised = exc
+                    guard.passthrough = exc
                     raise
                 finally:
                     self._tx.reset(token)
-        except DataFlowError:
-            if trial:
-                self._release_trial()
-            raise
-        except Exception as exc:
-            if exc is raised:
-                if trial:
-                    self._release_trial()
-                raise
-            # beginning, committing or rolling back failed: the driver's error (a plain
-            # ConnectionRefusedError when the server is down) becomes ours
-            raise self._fail(exc, None, trial) from exc
-        except BaseException:
-            if trial:
-                self._release_trial()
-            raise
-        if br is not None and not br.quiet:
-            br.success()  # committed
         if tx is not None:  # committed: the models written end their cached reads
             await self._cache_written(tx.written)
 
