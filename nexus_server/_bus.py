@@ -31,7 +31,7 @@ import hashlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -115,6 +115,36 @@ class Bus:
             except Exception:
                 _log.exception("a bus reconnect callback failed")
 
+    async def _keep_listening(
+        self, session: Callable[[Callable[[], None]], Awaitable[None]], where: str
+    ) -> None:
+        """Run `session` (one connection listening, until it drops or fails) again and
+        again, forever, until cancelled, waiting between two with backoff (0.25 s,
+        doubled up to `PG_BACKOFF_MAX`). A session calls the callback it is given once
+        it listens: the wait starts again from 0.25 s, and the `on_reconnect` callbacks
+        run. `where` names the transport in the warning a failure logs."""
+        delay = 0.25
+
+        def connected() -> None:
+            nonlocal delay
+            delay = 0.25
+            self._listening()
+
+        while True:
+            try:
+                await session(connected)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warning(
+                    "listening for other replicas%s failed (%s); retrying in %.1f s",
+                    where,
+                    type(exc).__name__,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PG_BACKOFF_MAX)
+
 
 def bus_for(db: DataFlow, redis_url: str | None = None) -> Bus | None:
     """The bus of the replicas of `db`'s database: Redis pub/sub with `redis_url`, else
@@ -159,48 +189,39 @@ class PgBus(Bus):
     async def _listen(self) -> None:
         """Listen on every subscribed channel; reconnect with backoff (forever, until
         closed) when the connection drops or stops answering."""
+        await self._keep_listening(self._session, "")
+
+    async def _session(self, connected: Callable[[], None]) -> None:
+        """One connection listening, until it drops or stops answering."""
         import asyncpg
 
-        delay = 0.25
-        while True:
-            conn: Any = None
-            try:
-                conn = await asyncpg.connect(
-                    self._dsn,
-                    timeout=PG_BACKOFF_MAX,
-                    # what operators see in pg_stat_activity
-                    server_settings={"application_name": APPLICATION_NAME},
-                )
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                for channel in self._handlers:
-                    await conn.add_listener(channel, self._notified)
-                self._conn = conn
-                delay = 0.25
-                self.listening.set()
-                self._listening()
-                while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(PG_CHECK):
-                            await lost.wait()
-                    if not lost.is_set():
-                        # a half-open connection never says it is closed: ask it
-                        await conn.fetchval("SELECT 1", timeout=PG_CHECK)
-                _log.warning("the database connection listening for other replicas dropped")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _log.warning(
-                    "listening for other replicas failed (%s); retrying in %.1f s",
-                    type(exc).__name__,
-                    delay,
-                )
-            finally:
-                self._conn = None
-                if conn is not None:
-                    conn.terminate()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, PG_BACKOFF_MAX)
+        conn: Any = None
+        try:
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=PG_BACKOFF_MAX,
+                # what operators see in pg_stat_activity
+                server_settings={"application_name": APPLICATION_NAME},
+            )
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            for channel in self._handlers:
+                await conn.add_listener(channel, self._notified)
+            self._conn = conn
+            self.listening.set()
+            connected()
+            while not lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PG_CHECK):
+                        await lost.wait()
+                if not lost.is_set():
+                    # a half-open connection never says it is closed: ask it
+                    await conn.fetchval("SELECT 1", timeout=PG_CHECK)
+            _log.warning("the database connection listening for other replicas dropped")
+        finally:
+            self._conn = None
+            if conn is not None:
+                conn.terminate()
 
     def _notified(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
         self._deliver(channel, payload)
@@ -312,36 +333,27 @@ class RedisBus(Bus):
     async def _listen(self) -> None:
         """Subscribe to every channel; resubscribe with backoff (forever, until closed)
         when the connection drops."""
-        delay = 0.25
-        while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(*(self._prefix + c for c in self._handlers))
-                delay = 0.25
-                self.listening.set()
-                self._listening()
-                while True:
-                    msg = await pubsub.get_message(timeout=PG_CHECK)
-                    if msg is None:
-                        await pubsub.ping()  # a half-open connection: find out
-                        continue
-                    if msg.get("type") != "message":
-                        continue
-                    channel = _text(msg["channel"]).removeprefix(self._prefix)
-                    self._deliver(channel, _text(msg["data"]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _log.warning(
-                    "listening for other replicas on Redis failed (%s); retrying in %.1f s",
-                    type(exc).__name__,
-                    delay,
-                )
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, PG_BACKOFF_MAX)
+        await self._keep_listening(self._session, " on Redis")
+
+    async def _session(self, connected: Callable[[], None]) -> None:
+        """One subscription, until its connection drops (it never returns otherwise)."""
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(*(self._prefix + c for c in self._handlers))
+            self.listening.set()
+            connected()
+            while True:
+                msg = await pubsub.get_message(timeout=PG_CHECK)
+                if msg is None:
+                    await pubsub.ping()  # a half-open connection: find out
+                    continue
+                if msg.get("type") != "message":
+                    continue
+                channel = _text(msg["channel"]).removeprefix(self._prefix)
+                self._deliver(channel, _text(msg["data"]))
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
 
 def _text(value: Any) -> str:
