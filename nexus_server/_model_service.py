@@ -606,15 +606,14 @@ class _TypedService:
             resp.next_page_token = result.get("next_page_token") or ""  # type: ignore[attr-defined]
             return resp
 
+        def page_json(result: Mapping[str, Any], only: Sequence[str]) -> dict[str, Any]:
+            """A page's records as REST JSON, under the collection's name."""
+            return {coll: [self.json(r, only) for r in result["records"]]}
+
         async def list_json(req: Any, context: Any) -> Any:
             result = await listed(req)
-            only = req.fields
-            return json_body(
-                {
-                    coll: [self.json(r, only) for r in result["records"]],
-                    "next_page_token": result.get("next_page_token") or "",
-                }
-            )
+            page = page_json(result, req.fields)
+            return json_body({**page, "next_page_token": result.get("next_page_token") or ""})
 
         async def found(req: Any) -> dict[str, Any]:
             flt = self.records.coerce_filter(self.model, from_struct(req.filter, "filter"))
@@ -632,10 +631,9 @@ class _TypedService:
 
         async def search_json(req: Any, context: Any) -> Any:
             result = await found(req)
-            only = req.fields
             return json_body(
                 {
-                    coll: [self.json(r, only) for r in result["records"]],
+                    **page_json(result, req.fields),
                     "scores": [double_json(x) for x in result["scores"]],
                     "next_page_token": result["next_page_token"] or "",
                 }
