@@ -38,7 +38,9 @@ Measured:
   create_contact on PostgreSQL at concurrency 64 over 16 connections, `nexus serve
   --workers 2` beside `--workers 1` beside a bare grpc.aio echo server, straight to the
   gRPC port and through Envoy (targets: 2 workers >= 1.5x one, and >= 1.0x the echo
-  server, straight to the port);
+  server, straight to the port), beside the echo server served from two processes
+  sharing its port (what a second CPU gives the bare server on this machine); with
+  `--cpu`, the calls/s that the 2 workers' CPU per call allows with no CPU idle;
 * time from process start to answering grpc.health.v1 Check with 100 models and
   `enable_model_persistence=True` (target < 1 s), beside the same for the bare echo
   server, and the peak RSS (VmHWM) of that server after some calls (target < 150 MB).
@@ -284,6 +286,31 @@ async def serve_bare(kind: str, db_path: str | None, port: int) -> None:
         await conn.close()
 
 
+def serve_processes(args: argparse.Namespace) -> None:
+    """`--serve KIND`, from `--processes` processes on one port: this one and children,
+    each started and READY before this one serves; stopped with it."""
+    if args.processes > 1 and not args.port:
+        raise SystemExit("--processes needs a fixed --port (they share it)")
+    children = []
+    try:
+        for _ in range(args.processes - 1):
+            cmd = bare_cmd(args.serve, args.port, Path(args.db) if args.db else None)
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            children.append(child)
+            assert child.stdout is not None
+            if not child.stdout.readline().startswith("READY"):
+                raise SystemExit(f"a child of --processes {args.processes} did not start")
+        asyncio.run(serve_bare(args.serve, args.db, args.port))
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGINT)
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
 def make_driver_db(path: Path) -> None:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -365,8 +392,12 @@ def nexus_cmd(app: Path, port: int, module: str = "nexus_server") -> list[str]:
             "--log-level", "warning", *serve_options()]  # fmt: skip
 
 
-def bare_cmd(kind: str, port: int, db: Path | None = None) -> list[str]:
+def bare_cmd(kind: str, port: int, db: Path | None = None, processes: int = 1) -> list[str]:
+    """A bare baseline server; `processes` > 1 serves it from that many processes sharing
+    the port (SO_REUSEPORT, grpc's default on Linux), children of the first."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", kind, "--port", str(port)]
+    if processes > 1:
+        cmd += ["--processes", str(processes)]
     return [*cmd, "--db", str(db)] if db is not None else cmd
 
 
@@ -1125,6 +1156,18 @@ def workers_cmd(app: Path, workers: int, grpc_port: int, api_port: int) -> list[
             "--log-level", "warning"]  # fmt: skip
 
 
+def print_workers_bound(two: Load, echo_rps: float) -> None:
+    """With `--cpu`: the calls/s the `--workers 2` round's CPU per call allows on this
+    machine (every process's CPU, h2load's and PostgreSQL's included, so the machine's
+    busy share): its calls/s / (1 - idle), and that against the echo server."""
+    assert two.cpu is not None
+    full = two.rps / max(1 - two.cpu[2], 1e-9)
+    print(
+        f"{'':<40}   at this CPU per call, the machine with no CPU idle serves "
+        f"{full:,.0f} calls/s: {full / echo_rps:.2f}x echo"
+    )
+
+
 def run_workers(args: argparse.Namespace, tmp: Path) -> list[str]:
     """ExecuteWorkflow on PostgreSQL served by `--workers 2` and `--workers 1` (each with
     its Envoy), beside the bare echo server, at concurrency 64 over 16 connections;
@@ -1141,6 +1184,9 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> list[str]:
     try:
         echo, _ = start("echo", bare_cmd("echo", free_port()), child_env(), tmp)
         servers.append(echo)
+        # what a second core gives the bare server itself on this machine
+        echo2, _ = start("echo x2", bare_cmd("echo", free_port(), processes=2), child_env(), tmp)
+        servers.append(echo2)
         nexus: dict[int, tuple[Server, str, str]] = {}
         for n, name in names.items():
             pg_admin(f'CREATE DATABASE "{name}"')
@@ -1163,6 +1209,10 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> list[str]:
         echo_case = Case("bare grpc.aio echo, 1 process", echo.address, ECHO, bodies["noop"],
                          len(bodies["noop"]), connections=WORKERS_CONNECTIONS)  # fmt: skip
         echo_case.pid = echo.proc.pid
+        echo2_case = Case("bare grpc.aio echo, 2 processes", echo2.address, ECHO,
+                          bodies["noop"], len(bodies["noop"]),
+                          connections=WORKERS_CONNECTIONS)  # fmt: skip
+        echo2_case.pid = echo2.proc.pid
         print(
             f"\nEvery core: --workers 2 against --workers 1 (PostgreSQL; concurrency "
             f"{WORKERS_CONCURRENCY} over {WORKERS_CONNECTIONS} connections; best of "
@@ -1175,7 +1225,7 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> list[str]:
         missed = []
         for workflow, body in bodies.items():
             for path in ("direct", "Envoy"):
-                cases = [echo_case] if path == "direct" else []
+                cases = [echo_case, echo2_case] if path == "direct" else []
                 for n, (server, api, url) in nexus.items():
                     case = Case(f"{workflow}, --workers {n}, {path}",
                                 server.address if path == "direct" else api, EXECUTE, body,
@@ -1188,9 +1238,11 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> list[str]:
                 one = results[-2][0].rps
                 for c, (load, note) in zip(cases, results, strict=True):
                     vs_one = f"{load.rps / one:>6.2f}" if "--workers 2" in c.label else f"{'':>6}"
+                    if c is echo2_case:
+                        vs_one = f"{load.rps / echo_rps:>6.2f}" if echo_rps else f"{'':>6}"
                     vs_echo = (
                         f"{load.rps / echo_rps:>8.2f}"
-                        if echo_rps and c is not echo_case
+                        if echo_rps and c not in (echo_case, echo2_case)
                         else f"{'':>8}"
                     )
                     print(
@@ -1205,6 +1257,8 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> list[str]:
                             f"threads {loop_us:,.0f}), machine {idle:.0%} idle"
                         )
                 two = results[-1][0].rps
+                if echo_rps and results[-1][0].cpu is not None:
+                    print_workers_bound(results[-1][0], echo_rps)
                 if two / one < WORKERS_TARGET:
                     missed.append(f"{workflow} {path}: --workers 2 at {two / one:.2f}x of 1")
                 if echo_rps and two / echo_rps < WORKERS_ECHO_TARGET:
@@ -1633,12 +1687,13 @@ def main() -> int:
     p.add_argument("--tag", default="r", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--db", help=argparse.SUPPRESS)
+    p.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.drive:
         asyncio.run(drive_calls(args.drive, args.concurrency, args.seconds or 3.0, args.tag))
         return 0
     if args.serve:
-        asyncio.run(serve_bare(args.serve, args.db, args.port))
+        serve_processes(args)
         return 0
     args.seconds = args.seconds or (1.0 if args.quick else 3.0)
     args.rounds = args.rounds or (1 if args.quick else 5)
