@@ -95,6 +95,16 @@ class Bus:
     async def publish(self, channel: str, payload: str) -> None:
         raise NotImplementedError
 
+    #: whether `publish_in` can make a message part of a database transaction
+    transactional = False
+
+    async def publish_in(self, conn: Any, channel: str, payload: str) -> None:
+        """Send a message as part of the transaction open on `conn` (a connection of
+        the app's DataFlow): delivered when it commits, never if it rolls back. Only a
+        bus that lives in that database can (`transactional`); with the others, the
+        caller publishes once the transaction has committed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot publish in a transaction")
+
     @staticmethod
     def check_payload(payload: str) -> None:
         size = len(payload.encode())
@@ -178,13 +188,19 @@ class PgBus(Bus):
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="nexus-bus-listen")
 
+    transactional = True
+
     async def publish(self, channel: str, payload: str) -> None:
-        self.check_payload(payload)
+        self.check_payload(payload)  # the caller's mistake, not the database's
         async with self._db.connection() as conn:
-            await conn.execute(
-                sa.text("SELECT pg_notify(:channel, :payload)"),
-                {"channel": channel, "payload": payload},
-            )
+            await self.publish_in(conn, channel, payload)
+
+    async def publish_in(self, conn: Any, channel: str, payload: str) -> None:
+        self.check_payload(payload)
+        await conn.execute(
+            sa.text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": channel, "payload": payload},
+        )
 
     async def _listen(self) -> None:
         """Listen on every subscribed channel; reconnect with backoff (forever, until

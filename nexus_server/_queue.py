@@ -47,7 +47,7 @@ import sqlalchemy as sa
 from dataflow import AlreadyExistsError, cache_scope, current_tenant, tenant_scope
 from workflow import Workflow
 
-from ._bus import Bus, PgBus
+from ._bus import Bus
 from ._errors import ApiError
 from ._executions import Executions, _storable_inputs, error_dict, new_execution_id
 from ._registry import WorkflowRegistry
@@ -289,18 +289,18 @@ class ExecutionQueue:
         return rec
 
     async def _notify(self, conn: Any) -> None:
-        """Announce queued work on PostgreSQL's bus, on `conn`: the queuing transaction's,
-        so that it is delivered when the rows are committed. Other buses are told by
-        `_announce`, after the commit."""
-        if isinstance(self.bus, PgBus):
-            await conn.execute(sa.text(f"SELECT pg_notify('{CHANNEL}', '')"))
+        """Announce queued work on a bus that lives in the database (PostgreSQL's), on
+        `conn`: the queuing transaction's, so that it is delivered when the rows are
+        committed. Other buses are told by `_announce`, after the commit."""
+        if self.bus is not None and self.bus.transactional:
+            await self.bus.publish_in(conn, CHANNEL, "")
 
     async def _announce(self) -> None:
         """Once queued work is committed: wake this process's claimer, and the other
         replicas' through a bus outside the database's transactions (Redis, SQLite's
         table). Best effort: their polls are the safety net."""
         self._wake.set()
-        if self.bus is not None and not isinstance(self.bus, PgBus):
+        if self.bus is not None and not self.bus.transactional:
             try:
                 await self.bus.publish(CHANNEL, "")
             except Exception as exc:

@@ -3,7 +3,8 @@ in one process (the subprocess scenarios are in test_replicas.py).
 
 - PostgreSQL: a message arrives; when the listening connection is killed (by the
   database, as an operator or a failover would), it reconnects, says so, and messages
-  arrive again.
+  arrive again. A message published in a transaction arrives at its commit, and never
+  when it rolls back.
 - SQLite: two buses on one file hear each other.
 - Redis: the same through pub/sub.
 - An event too large for one message is forwarded trimmed.
@@ -95,6 +96,39 @@ async def test_postgres_bus_delivers_and_comes_back_after_its_connection_is_kill
         await db.close()
 
 
+@POSTGRES
+async def test_postgres_bus_publishes_in_a_transaction_when_it_commits_only(
+    db_url: str,
+) -> None:
+    """What the queue announces queued executions with: the message is part of the
+    transaction that queues them."""
+    db = DataFlow(db_url)
+    await db.initialize()
+    bus = bus_for(db)
+    assert isinstance(bus, PgBus) and bus.transactional
+    inbox = Inbox(bus)
+    await bus.start()
+    try:
+        await inbox.listened(1)
+        with pytest.raises(RuntimeError, match="roll back"):
+            async with db.transaction():
+                async with db.connection() as conn:
+                    await bus.publish_in(conn, "test", "rolled back")
+                raise RuntimeError("roll back")
+        async with db.transaction():
+            async with db.connection() as conn:
+                await bus.publish_in(conn, "test", "committed")
+            with pytest.raises(TimeoutError):  # not before the commit
+                async with asyncio.timeout(0.5):
+                    await inbox.got.get()
+        # notifications arrive in commit order: the rolled-back one would be first
+        assert await inbox.next() == "committed"
+        assert inbox.got.empty()
+    finally:
+        await bus.close()
+        await db.close()
+
+
 async def test_sqlite_buses_on_one_file_hear_each_other(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     first_db, second_db = DataFlow(url), DataFlow(url)
@@ -106,6 +140,10 @@ async def test_sqlite_buses_on_one_file_hear_each_other(tmp_path: Path) -> None:
     await first.start()
     await second.start()
     try:
+        # a message cannot be part of a transaction: the queue publishes after commits
+        assert not first.transactional
+        with pytest.raises(NotImplementedError, match="cannot publish in a transaction"):
+            await first.publish_in(None, "test", "in a transaction")
         await first.publish("test", "hello")
         assert await inbox.next() == "hello"
         await first.publish("other", "not for the inbox")
