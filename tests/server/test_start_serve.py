@@ -69,7 +69,8 @@ class Running:
         )
         self.banner: list[str] = []
         self.err: list[str] = []
-        threading.Thread(target=self._drain_err, daemon=True).start()
+        self._err_reader = threading.Thread(target=self._drain_err, daemon=True)
+        self._err_reader.start()
         done = threading.Event()
 
         def read_banner() -> None:
@@ -95,8 +96,15 @@ class Running:
         return found[0]
 
     def stop(self, sig: int = signal.SIGINT) -> tuple[int, str]:
+        """Stop the process; its exit code and what it printed after the banner. Its
+        stderr is all in `err` on return (read by one reader only: `communicate` would
+        race `_drain_err` for it)."""
         self.proc.send_signal(sig)
-        out, _ = self.proc.communicate(timeout=WAIT)
+        self.proc.wait(timeout=WAIT)
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()  # it ended: the rest is in the pipe, then EOF
+        self._err_reader.join(WAIT)
+        assert not self._err_reader.is_alive(), "stderr still open after the process ended"
         return self.proc.returncode, out
 
 
