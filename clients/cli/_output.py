@@ -2,8 +2,11 @@
 
 `json` is the proto3 JSON document REST returns for the same call; `yaml` is the same
 document as YAML; `table` is for people (rich tables, nested values as compact JSON).
-In tables an id is never cut: id columns keep their whole width and the other columns
-fold their text onto more lines instead.
+A list is a table when its rows fit the terminal's width, else one block of
+`field  value` lines per row (as psql's expanded display), so that no column is folded
+into a narrow strip. An id is never cut: in a table id columns keep their whole width
+(any other column folds its text, should the table still be too wide), and in blocks no
+value is folded.
 """
 
 from __future__ import annotations
@@ -74,11 +77,11 @@ def emit_rows(
     *,
     keep: Sequence[str] = (),
 ) -> None:
-    """Print a list: `rows` as a table, else the whole response `doc` as JSON or YAML.
+    """Print a list: `rows` as a table (or one block per row when the table is wider
+    than the terminal), else the whole response `doc` as JSON or YAML.
 
     Id columns (and those named in `keep`, such as a model's primary key) are printed
-    whole on one line; every other column folds its text when the terminal is narrow,
-    so nothing is cut with an ellipsis.
+    whole on one line; nothing is cut with an ellipsis.
     """
     if output != "table":
         _print_doc(doc, output)
@@ -101,6 +104,10 @@ def _print_table(
             seen.update(dict.fromkeys(row))
         columns = list(seen)
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    console = Console(soft_wrap=True)
+    if cells and _table_width(columns, cells) > console.width:
+        _print_blocks(console, columns, cells)
+        return
     table = Table()
     for i, name in enumerate(columns):
         if name in keep or is_id_column(name):
@@ -110,7 +117,34 @@ def _print_table(
             table.add_column(name, overflow="fold")
     for row_cells in cells:
         table.add_row(*row_cells)
-    Console(soft_wrap=True).print(table)
+    console.print(table)
+
+
+def _table_width(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> int:
+    """The width of the table with no cell folded: each column as wide as its widest
+    line, plus rich's padding and borders (`│ a │ b │`)."""
+    from rich.cells import cell_len
+
+    widest = [
+        max(cell_len(line) for text in (name, *(row[i] for row in cells)) for line in
+            text.splitlines() or [""])
+        for i, name in enumerate(columns)
+    ]  # fmt: skip
+    return sum(widest) + 3 * len(columns) + 1
+
+
+def _print_blocks(console: Any, columns: Sequence[str], cells: Sequence[Sequence[str]]) -> None:
+    """Rows too wide for the terminal: one block per row, a `field  value` line each,
+    under a `record N of M` rule. Values are never folded (a long one wraps as the
+    terminal wraps any line), so ids stay whole."""
+    from rich.rule import Rule
+    from rich.text import Text
+
+    width = max(len(c) for c in columns)
+    for n, row_cells in enumerate(cells, 1):
+        console.print(Rule(f"record {n} of {len(cells)}", align="left", style="dim"))
+        for name, value in zip(columns, row_cells, strict=True):
+            console.print(Text.assemble((name.ljust(width), "bold"), "  ", value))
 
 
 def _scalar(value: Any) -> bool:

@@ -181,6 +181,34 @@ def test_ids_are_never_cut_in_tables(cli: Any, unique: Any) -> None:
     assert execution in r.out and "…" not in r.out.split(execution)[0].splitlines()[-1]
 
 
+def test_a_list_too_wide_for_the_terminal_prints_one_block_per_record(
+    cli: Any, unique: Any
+) -> None:
+    """As psql's expanded display: no column folded into a strip of a few letters."""
+    company = unique("wide")
+    made = [_create(cli, unique, company=company) for _ in range(2)]
+    listing = ("contacts", "list", "--filter", json.dumps({"company": company}), "--order-by", "id")
+    made.sort(key=lambda rec: rec["id"])
+
+    r = cli(*listing, env={"COLUMNS": "80"})
+    assert r.code == OK, r.err
+    assert "┃" not in r.out  # no table
+    blocks = re.split(r"^record \d of 2 ─+$", r.out, flags=re.M)
+    assert blocks[0] == "" and len(blocks) == 3, r.out
+    for block, rec in zip(blocks[1:], made, strict=True):
+        lines = [line.split(None, 1) for line in block.strip().splitlines()]
+        fields = {pair[0]: pair[1] if len(pair) > 1 else "" for pair in lines}
+        assert list(fields) == list(rec)  # every field, in the record's order
+        assert fields["id"] == rec["id"]  # whole, on its line
+        assert fields["name"] == rec["name"] and fields["company"] == company
+
+    r = cli(*listing, env={"COLUMNS": "200"})  # it fits: one table, a row per record
+    assert r.code == OK, r.err
+    assert "record 1" not in r.out
+    rows = [line for line in r.out.splitlines() if line.startswith("│")]
+    assert [row.split("│")[1].strip() for row in rows] == [rec["id"] for rec in made]
+
+
 # ---------------------------------------------------------------------------- docs
 
 
