@@ -51,7 +51,9 @@ __all__ = [
     "call_metadata",
     "credential_from_env",
     "exact",
+    "in_order",
     "normalize",
+    "order_values",
     "server_address",
     "set_channel",
     "struct_of",
@@ -593,3 +595,29 @@ class DynamicMethods:
 def dumps(value: Any) -> str:
     """Pretty JSON text (the CLI's `--output json`)."""
     return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+# ---- the order of a record's fields -----------------------------------------------------
+
+
+def in_order(record: Any, names: Sequence[str]) -> Any:
+    """A record with its fields in `names` order (the model's declaration order), any
+    other keys after them, sorted: the same order every time."""
+    if not isinstance(record, dict):
+        return record
+    rank = {n: i for i, n in enumerate(names)}
+    return dict(sorted(record.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
+def order_values(value: Any, orders: Sequence[Sequence[str]]) -> Any:
+    """`value` with every object's keys in a fixed order: an object whose keys are all
+    fields of a model in that model's declaration order, any other object sorted (a
+    `Struct` comes back from gRPC in no particular order)."""
+    if isinstance(value, list):
+        return [order_values(v, orders) for v in value]
+    if not isinstance(value, dict):
+        return value
+    keys = set(value)
+    fits = [o for o in orders if keys <= set(o)]
+    names = min(fits, key=len) if fits else sorted(keys)
+    return {k: order_values(v, orders) for k, v in in_order(value, names).items()}

@@ -15,7 +15,7 @@ import inspect
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +34,8 @@ from .._grpc import (
     Credential,
     call_metadata,
     exact,
+    in_order,
+    order_values,
     server_address,
     set_channel,
     struct_of,
@@ -591,35 +593,12 @@ def _emit_execution(doc: dict[str, Any], st: State) -> None:
         emit_value(f"outputs.{node}", outputs)
 
 
-def in_order(record: Any, names: Sequence[str]) -> Any:
-    """A record with its fields in `names` order (the model's declaration order), any
-    other keys after them, sorted: the same order every time."""
-    if not isinstance(record, dict):
-        return record
-    rank = {n: i for i, n in enumerate(names)}
-    return dict(sorted(record.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
-
-
 def record_orders(st: State) -> list[list[str]]:
     """The field names of every model, in declaration order (none without a server)."""
     try:
         return [[f.name for f in m.fields] for m in st.model_list()]
     except ApiFailure:
         return []
-
-
-def order_values(value: Any, orders: Sequence[Sequence[str]]) -> Any:
-    """`value` with every object's keys in a fixed order: an object whose keys are all
-    fields of a model in that model's declaration order, any other object sorted (a
-    `Struct` comes back from gRPC in no particular order)."""
-    if isinstance(value, list):
-        return [order_values(v, orders) for v in value]
-    if not isinstance(value, dict):
-        return value
-    keys = set(value)
-    fits = [o for o in orders if keys <= set(o)]
-    names = min(fits, key=len) if fits else sorted(keys)
-    return {k: order_values(v, orders) for k, v in in_order(value, names).items()}
 
 
 #: Flags of the generated commands themselves; an input or field of the same name is

@@ -53,6 +53,8 @@ from .._grpc import (
     Credential,
     call_metadata,
     exact,
+    in_order,
+    order_values,
     server_address,
     struct_of,
     to_json,
@@ -191,6 +193,26 @@ class Adapter:
     def tools(self) -> dict[str, ToolSpec]:
         """The current caller's tools, by name."""
         return self._catalog().tools
+
+    def _field_orders(self) -> list[list[str]]:
+        """The field names of each of the current caller's models, in declaration
+        order: results print a record's fields in that order every time (a `Struct`
+        comes back from gRPC in no particular order), as the CLI does."""
+        return [[f.name for f in md.fields] for md in self._catalog().models.values()]
+
+    def _records_in_order(self, model: str, doc: Any) -> Any:
+        """A model operation's result with its record(s) in the model's field order."""
+        md = self._catalog().models.get(model)
+        if md is None or not isinstance(doc, dict):
+            return doc
+        names = [f.name for f in md.fields]
+        if "records" in doc:
+            doc["records"] = [in_order(r, names) for r in doc["records"]]
+        elif "record" in doc:
+            doc["record"] = in_order(doc["record"], names)
+        elif set(doc) <= set(names):
+            doc = in_order(doc, names)
+        return doc
 
     @property
     def workflows(self) -> dict[str, Any]:
@@ -579,7 +601,7 @@ class Adapter:
                     await progress.step(f"node {node} {verb}")
                 elif kind in ("execution_completed", "execution_failed", "execution_cancelled"):
                     execution = getattr(event, kind).execution
-                    return _finished(kind, execution)
+                    return _finished(kind, execution, self._field_orders())
         except asyncio.CancelledError:
             # the MCP request was cancelled: stop the execution as well
             call.cancel()
@@ -605,15 +627,19 @@ class Adapter:
         args = dict(args)
         key = args.pop(REQUEST_ID, "") if spec.request_id else ""
         meta = call_metadata(key)
+
+        def answer(reply: Any) -> types.CallToolResult:
+            return _text_result(self._records_in_order(name, to_json(reply)))
+
         if op == "create":
             rec = await ms.CreateRecord(
                 m.CreateRecordRequest(model=name, record=struct_of(args), request_id=key),
                 metadata=meta,
             )
-            return _text_result(to_json(rec))
+            return answer(rec)
         if op == "get":
             req = m.GetRecordRequest(model=name, id=args["id"], fields=args.get("fields", []))
-            return _text_result(to_json(await ms.GetRecord(req, metadata=meta)))
+            return answer(await ms.GetRecord(req, metadata=meta))
         if op == "list":
             lreq = m.ListRecordsRequest(
                 model=name,
@@ -624,7 +650,7 @@ class Adapter:
             )
             if args.get("filter"):
                 lreq.filter.update(exact(args["filter"]))
-            return _text_result(to_json(await ms.ListRecords(lreq, metadata=meta)))
+            return answer(await ms.ListRecords(lreq, metadata=meta))
         if op == "count":
             creq = m.CountRecordsRequest(model=name)
             if args.get("filter"):
@@ -641,14 +667,14 @@ class Adapter:
             )
             if args.get("filter"):
                 qreq.filter.update(exact(args["filter"]))
-            return _text_result(to_json(await ms.SearchRecords(qreq, metadata=meta)))
+            return answer(await ms.SearchRecords(qreq, metadata=meta))
         if op == "update":
             record = {k: v for k, v in args.items() if k != "id"}
             ureq = m.UpdateRecordRequest(
                 model=name, id=args["id"], record=struct_of(record), request_id=key
             )
             ureq.update_mask.paths.extend(record)
-            return _text_result(to_json(await ms.UpdateRecord(ureq, metadata=meta)))
+            return answer(await ms.UpdateRecord(ureq, metadata=meta))
         if op == "upsert":
             record = {k: v for k, v in args.items() if k != "conflict_on"}
             sreq = m.UpsertRecordRequest(
@@ -657,7 +683,7 @@ class Adapter:
                 conflict_on=args.get("conflict_on", []),
                 request_id=key,
             )
-            return _text_result(to_json(await ms.UpsertRecord(sreq, metadata=meta)))
+            return answer(await ms.UpsertRecord(sreq, metadata=meta))
         if op == "delete":
             await ms.DeleteRecord(
                 m.DeleteRecordRequest(model=name, id=args["id"], request_id=key), metadata=meta
@@ -733,10 +759,12 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _finished(kind: str, execution: Any) -> types.CallToolResult:
+def _finished(kind: str, execution: Any, orders: list[list[str]]) -> types.CallToolResult:
+    """A workflow tool's result: the execution's outputs (records in their model's
+    field order, any other object sorted), or its error."""
     doc = to_json(execution)
     if kind == "execution_completed":
-        outputs = doc.get("outputs", {})
+        outputs = order_values(doc.get("outputs", {}), orders)
         result = _text_result(outputs)
         result.content.insert(
             0,

@@ -99,7 +99,17 @@ async def test_tools_are_typed_from_workflows_and_models(stdio: Any) -> None:
             )
 
 
-async def test_call_a_workflow_tool_and_model_tools(stdio: Any, unique: Any) -> None:
+def _declared_fields(server: Any, model: str) -> list[str]:
+    from nexus_api.nexus.model.v1 import model_service_pb2 as m
+    from nexus_api.nexus.model.v1 import model_service_pb2_grpc as mg
+
+    with grpc.insecure_channel(server.address) as channel:
+        info = mg.ModelServiceStub(channel).GetModel(m.GetModelRequest(name=model), timeout=WAIT)
+    return [f.name for f in info.fields]
+
+
+async def test_call_a_workflow_tool_and_model_tools(stdio: Any, server: Any, unique: Any) -> None:
+    declared = _declared_fields(server, "Contact")
     async with Client(stdio, read_timeout_seconds=WAIT) as client:
         with anyio.fail_after(WAIT):
             email = unique("mcp") + "@x.org"
@@ -107,10 +117,13 @@ async def test_call_a_workflow_tool_and_model_tools(stdio: Any, unique: Any) -> 
             assert not result.is_error, result.content
             created = result.structured_content["create"]
             assert created["email"] == email and created["score"] == 0
+            # a record's fields in the model's declaration order, every time (the CLI's)
+            assert list(created) == declared
 
             got = await client.call_tool("contacts_get", {"id": created["id"]})
             assert not got.is_error, got.content
             assert got.structured_content == created
+            assert list(got.structured_content) == declared
 
             upd = await client.call_tool("contacts_update", {"id": created["id"], "score": 5})
             assert not upd.is_error and upd.structured_content["score"] == 5
@@ -120,6 +133,8 @@ async def test_call_a_workflow_tool_and_model_tools(stdio: Any, unique: Any) -> 
             )
             assert not listed.is_error, listed.content
             assert [r["id"] for r in listed.structured_content["records"]] == [created["id"]]
+            assert [list(r) for r in listed.structured_content["records"]] == [declared]
+            assert list(listed.structured_content) == ["records", "next_page_token"]
             count = await client.call_tool("contacts_count", {"filter": {"email": email}})
             assert count.structured_content == {"count": "1"}  # int64: text, as REST prints it
 
