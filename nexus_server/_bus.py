@@ -177,30 +177,26 @@ def bus_for(db: DataFlow, redis_url: str | None = None) -> Bus | None:
 class PgBus(Bus):
     """LISTEN/NOTIFY on PostgreSQL (see the module's docstring)."""
 
+    transactional = True
+
     def __init__(self, db: DataFlow, dsn: str) -> None:
         super().__init__()
         self._db = db
         self._dsn = dsn
-        self._conn: Any = None
-        #: set once the first LISTEN is in place (tests and startup may wait for it)
-        self.listening = asyncio.Event()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="nexus-bus-listen")
 
-    transactional = True
-
     async def publish(self, channel: str, payload: str) -> None:
-        self.check_payload(payload)  # the caller's mistake, not the database's
+        # checked before taking a connection: a message too large is the caller's
+        # mistake (ValueError), not a database failure
+        self.check_payload(payload)
         async with self._db.connection() as conn:
-            await self.publish_in(conn, channel, payload)
+            await _pg_notify(conn, channel, payload)
 
     async def publish_in(self, conn: Any, channel: str, payload: str) -> None:
         self.check_payload(payload)
-        await conn.execute(
-            sa.text("SELECT pg_notify(:channel, :payload)"),
-            {"channel": channel, "payload": payload},
-        )
+        await _pg_notify(conn, channel, payload)
 
     async def _listen(self) -> None:
         """Listen on every subscribed channel; reconnect with backoff (forever, until
@@ -223,8 +219,6 @@ class PgBus(Bus):
             conn.add_termination_listener(lambda _c, lost=lost: lost.set())
             for channel in self._handlers:
                 await conn.add_listener(channel, self._notified)
-            self._conn = conn
-            self.listening.set()
             connected()
             while not lost.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -235,7 +229,6 @@ class PgBus(Bus):
                     await conn.fetchval("SELECT 1", timeout=PG_CHECK)
             _log.warning("the database connection listening for other replicas dropped")
         finally:
-            self._conn = None
             if conn is not None:
                 conn.terminate()
 
@@ -332,8 +325,6 @@ class RedisBus(Bus):
             url, socket_timeout=PG_CHECK, socket_connect_timeout=PG_CHECK
         )
         self._prefix = prefix
-        #: set once the first SUBSCRIBE is in place
-        self.listening = asyncio.Event()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="nexus-bus-redis")
@@ -356,7 +347,6 @@ class RedisBus(Bus):
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(*(self._prefix + c for c in self._handlers))
-            self.listening.set()
             connected()
             while True:
                 msg = await pubsub.get_message(timeout=PG_CHECK)
@@ -370,6 +360,15 @@ class RedisBus(Bus):
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+
+async def _pg_notify(conn: Any, channel: str, payload: str) -> None:
+    """NOTIFY `channel` on `conn` (a connection of the app's DataFlow): delivered when
+    its transaction commits."""
+    await conn.execute(
+        sa.text("SELECT pg_notify(:channel, :payload)"),
+        {"channel": channel, "payload": payload},
+    )
 
 
 def _text(value: Any) -> str:
