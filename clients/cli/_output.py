@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = ["FORMATS", "emit", "emit_rows", "emit_value", "err", "is_id_column"]
@@ -125,12 +125,11 @@ def _table_width(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> int:
     line, plus rich's padding and borders (`│ a │ b │`)."""
     from rich.cells import cell_len
 
-    widest = [
-        max(cell_len(line) for text in (name, *(row[i] for row in cells)) for line in
-            text.splitlines() or [""])
-        for i, name in enumerate(columns)
-    ]  # fmt: skip
-    return sum(widest) + 3 * len(columns) + 1
+    def widest(texts: Iterable[str]) -> int:
+        return max(cell_len(line) for text in texts for line in text.splitlines() or [""])
+
+    width = sum(widest([name, *(row[i] for row in cells)]) for i, name in enumerate(columns))
+    return width + 3 * len(columns) + 1
 
 
 def _print_blocks(console: Any, columns: Sequence[str], cells: Sequence[Sequence[str]]) -> None:

@@ -194,25 +194,11 @@ class Adapter:
         """The current caller's tools, by name."""
         return self._catalog().tools
 
-    def _field_orders(self) -> list[list[str]]:
+    def _field_orders(self) -> dict[str, list[str]]:
         """The field names of each of the current caller's models, in declaration
         order: results print a record's fields in that order every time (a `Struct`
         comes back from gRPC in no particular order), as the CLI does."""
-        return [[f.name for f in md.fields] for md in self._catalog().models.values()]
-
-    def _records_in_order(self, model: str, doc: Any) -> Any:
-        """A model operation's result with its record(s) in the model's field order."""
-        md = self._catalog().models.get(model)
-        if md is None or not isinstance(doc, dict):
-            return doc
-        names = [f.name for f in md.fields]
-        if "records" in doc:
-            doc["records"] = [in_order(r, names) for r in doc["records"]]
-        elif "record" in doc:
-            doc["record"] = in_order(doc["record"], names)
-        elif set(doc) <= set(names):
-            doc = in_order(doc, names)
-        return doc
+        return {n: [f.name for f in md.fields] for n, md in self._catalog().models.items()}
 
     @property
     def workflows(self) -> dict[str, Any]:
@@ -601,7 +587,7 @@ class Adapter:
                     await progress.step(f"node {node} {verb}")
                 elif kind in ("execution_completed", "execution_failed", "execution_cancelled"):
                     execution = getattr(event, kind).execution
-                    return _finished(kind, execution, self._field_orders())
+                    return _finished(kind, execution, list(self._field_orders().values()))
         except asyncio.CancelledError:
             # the MCP request was cancelled: stop the execution as well
             call.cancel()
@@ -628,8 +614,19 @@ class Adapter:
         key = args.pop(REQUEST_ID, "") if spec.request_id else ""
         meta = call_metadata(key)
 
-        def answer(reply: Any) -> types.CallToolResult:
-            return _text_result(self._records_in_order(name, to_json(reply)))
+        names = self._field_orders().get(name, [])
+
+        def answer(reply: Any, at: str = "") -> types.CallToolResult:
+            """The reply's document, its record (the document itself, or the one `at`
+            that key; "records": a page of them) in the model's field order."""
+            doc = to_json(reply)
+            if at == "records":
+                doc[at] = [in_order(r, names) for r in doc[at]]
+            elif at:
+                doc[at] = in_order(doc[at], names)
+            else:
+                doc = in_order(doc, names)
+            return _text_result(doc)
 
         if op == "create":
             rec = await ms.CreateRecord(
@@ -650,7 +647,7 @@ class Adapter:
             )
             if args.get("filter"):
                 lreq.filter.update(exact(args["filter"]))
-            return answer(await ms.ListRecords(lreq, metadata=meta))
+            return answer(await ms.ListRecords(lreq, metadata=meta), "records")
         if op == "count":
             creq = m.CountRecordsRequest(model=name)
             if args.get("filter"):
@@ -667,7 +664,7 @@ class Adapter:
             )
             if args.get("filter"):
                 qreq.filter.update(exact(args["filter"]))
-            return answer(await ms.SearchRecords(qreq, metadata=meta))
+            return answer(await ms.SearchRecords(qreq, metadata=meta), "records")
         if op == "update":
             record = {k: v for k, v in args.items() if k != "id"}
             ureq = m.UpdateRecordRequest(
@@ -683,7 +680,7 @@ class Adapter:
                 conflict_on=args.get("conflict_on", []),
                 request_id=key,
             )
-            return answer(await ms.UpsertRecord(sreq, metadata=meta))
+            return answer(await ms.UpsertRecord(sreq, metadata=meta), "record")
         if op == "delete":
             await ms.DeleteRecord(
                 m.DeleteRecordRequest(model=name, id=args["id"], request_id=key), metadata=meta
