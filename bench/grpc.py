@@ -920,7 +920,8 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
         print("-" * len(header))
         for base_case, *cases in pairs:
             for conc in CONCURRENCY:
-                (base, base_note), *loads = measure_all((base_case, *cases), conc, args)
+                results = measure_all((base_case, *cases), conc, args)
+                (base, base_note), *loads = results
                 print(
                     f"{base_case.label:<32} {conc:>4} {base.rps:>9,.0f} {base.p50_ms:>8.2f}"
                     f" {base.p99_ms:>8.2f} {'':>6}  (baseline)"
@@ -944,8 +945,7 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
                     )
                 if args.cpu:
                     figures = []
-                    for c, ld in zip((base_case, *cases), (base, *(ld for ld, _ in loads)),
-                                     strict=True):  # fmt: skip
+                    for c, (ld, _) in zip((base_case, *cases), results, strict=True):
                         assert ld.cpu is not None
                         loop, others, idle = ld.cpu
                         figures.append(
@@ -1237,14 +1237,14 @@ def run_workers(args: argparse.Namespace, tmp: Path) -> list[str]:
                 echo_rps = results[0][0].rps if path == "direct" else None
                 one = results[-2][0].rps
                 for c, (load, note) in zip(cases, results, strict=True):
-                    vs_one = f"{load.rps / one:>6.2f}" if "--workers 2" in c.label else f"{'':>6}"
-                    if c is echo2_case:
-                        vs_one = f"{load.rps / echo_rps:>6.2f}" if echo_rps else f"{'':>6}"
-                    vs_echo = (
-                        f"{load.rps / echo_rps:>8.2f}"
-                        if echo_rps and c not in (echo_case, echo2_case)
-                        else f"{'':>8}"
-                    )
+                    # "vs 1": two processes against one of the same server
+                    vs_one, vs_echo = f"{'':>6}", f"{'':>8}"
+                    if c is echo2_case and echo_rps:
+                        vs_one = f"{load.rps / echo_rps:>6.2f}"
+                    elif "--workers 2" in c.label:
+                        vs_one = f"{load.rps / one:>6.2f}"
+                    if echo_rps and c is not echo_case and c is not echo2_case:
+                        vs_echo = f"{load.rps / echo_rps:>8.2f}"
                     print(
                         f"{c.label:<40} {load.rps:>9,.0f} {load.p50_ms:>8.2f} {load.p99_ms:>8.2f}"
                         f" {vs_one} {vs_echo}{'  ' + note if note else ''}",
