@@ -509,7 +509,10 @@ class Executions:
 
     def _put_lingering(self) -> None:
         """Queue the RUNNING rows of the executions still running `LINGER` seconds
-        after they started; call again at the next one's time."""
+        after they started; call again at the next one's time, but not sooner than
+        `LINGER` from now: under load an execution starts every few hundred µs, and the
+        timer fired for nearly every one. So a RUNNING row is queued between `LINGER`
+        and twice `LINGER` after its execution started."""
         self._linger_timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -517,7 +520,7 @@ class Executions:
         while lingering:
             due, execution_id = lingering[0]
             if due > now:
-                self._linger_timer = loop.call_at(due, self._put_lingering)
+                self._linger_timer = loop.call_at(max(due, now + LINGER), self._put_lingering)
                 return
             lingering.popleft()
             self._put_running(execution_id)
