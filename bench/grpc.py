@@ -20,10 +20,11 @@ Measured:
     COMMIT; the list page's SQL, rows sent as JSON), on a SQLite file with the same
     pragmas;
   each Nexus figure is printed with its ratio to its baseline (target >= 0.6; noop
-  >= 0.7 of the echo server), and the noop figures with a reference row: the same
-  server with ExecuteWorkflow answering a constant reply (`bench/_constant_reply.py`),
-  the ceiling that gRPC and the gateway chain leave for running and recording an
-  execution;
+  >= 0.7 of the echo server), and the noop figures with two reference rows, the same
+  server with ExecuteWorkflow replaced (`bench/_reference_reply.py`): answering a
+  constant reply, the ceiling that gRPC and the gateway chain leave for running and
+  recording an execution; and making, recording and answering an execution's record
+  without running anything, the ceiling of any execution recorded in the process;
 * the cost of authentication: ExecuteWorkflow noop served with authentication off and
   on in the same run, called with an env API key, an HS256 JWT and a managed key, beside
   a second auth-off server as a control (target: >= 0.9 of auth off at concurrency 16),
@@ -386,8 +387,9 @@ def serve_options() -> tuple[str, ...]:
 
 
 def nexus_cmd(app: Path, port: int, module: str = "nexus_server") -> list[str]:
-    """`nexus serve APP` on `port`; `module` "bench._constant_reply" serves it with
-    ExecuteWorkflow answering a constant reply (the noop figures' reference row)."""
+    """`nexus serve APP` on `port`; `module` "bench._reference_reply" serves it with
+    ExecuteWorkflow replaced by the reference that `BENCH_REFERENCE` in its environment
+    names (the noop figures' reference rows)."""
     return [sys.executable, "-m", module, "serve", str(app), "--grpc-port", str(port),
             "--log-level", "warning", *serve_options()]  # fmt: skip
 
@@ -807,10 +809,16 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
         nexus_env = child_env(f"sqlite:///{nexus_db}")
         nexus, _ = start("nexus", nexus_cmd(app, free_port()), nexus_env, tmp)
         servers.append(nexus)
-        constant_env = child_env(f"sqlite:///{tmp / 'constant.db'}")
-        constant_cmd = nexus_cmd(app, free_port(), "bench._constant_reply")
-        constant, _ = start("constant", constant_cmd, constant_env, tmp)
-        servers.append(constant)
+        references: dict[str, Server] = {}
+        for reference in ("constant", "record"):
+            reference_env = {
+                **child_env(f"sqlite:///{tmp / f'{reference}.db'}"),
+                "BENCH_REFERENCE": reference,
+            }
+            reference_cmd = nexus_cmd(app, free_port(), "bench._reference_reply")
+            references[reference], _ = start(reference, reference_cmd, reference_env, tmp)
+            servers.append(references[reference])
+        constant, record = references["constant"], references["record"]
         other: Server | None = None
         if args.against:
             other_db = tmp / "other.db"
@@ -843,6 +851,8 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
         echo_body = execute_body("noop")
         constant_reply = call(constant.address, EXECUTE, echo_body)  # run once, for real
         assert wf_pb2.Execution.FromString(constant_reply).outputs == noop.outputs
+        record_reply = call(record.address, EXECUTE, echo_body)  # the first runs for real
+        assert wf_pb2.Execution.FromString(record_reply).outputs == noop.outputs
         load_person = {"name": "Load Test", "email": "load@example.org"}
 
         # each entry: the baseline, the case judged against it, then reference rows
@@ -855,6 +865,10 @@ def run_load(args: argparse.Namespace, tmp: Path) -> list[str]:
                 # workflow run, no record), so gRPC and the gateway chain alone
                 Case("  same, constant reply", constant.address, EXECUTE, echo_body,
                      len(constant_reply), target=None),
+                # the floor of recording: a record made, written and answered, nothing
+                # else (no inputs checked, no workflow run, no events)
+                Case("  same, record only", record.address, EXECUTE, echo_body,
+                     count=executions(tmp / "record.db", "noop"), target=None),
             ),
             (
                 Case("bare aiosqlite SELECT by id", driver.address, DRIVER_GET,
