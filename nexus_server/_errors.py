@@ -42,6 +42,7 @@ __all__ = [
     "code_of",
     "decode_guarded",
     "guard_method",
+    "sort_reply_maps",
     "status_of",
     "to_api_error",
 ]
@@ -412,12 +413,31 @@ def _from_json(deserializer: Callable[[bytes], Any], data: bytes, name: str) -> 
     return request
 
 
+#: Whether the call being served came through Envoy's REST transcoding (the gateway sets
+#: it from the call's channel): its reply is serialized deterministically, so the JSON
+#: Envoy prints from it lists a Struct's keys (a workflow's inputs and outputs) sorted.
+#: Otherwise they come in the map's wire order, which follows a hash seeded per process:
+#: the same within a process, different after each restart.
+_SORTED_MAPS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "nexus_sorted_maps", default=False
+)
+
+
+def sort_reply_maps() -> None:
+    """Serialize the current call's reply deterministically (its map entries sorted by
+    key): for a call transcoded to REST, whose JSON a person reads."""
+    _SORTED_MAPS.set(True)
+
+
 def _codec_serializer(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
-    """`serializer`, or proto3 JSON for a call that came in JSON (`_JSON_CODEC`)."""
+    """`serializer`; proto3 JSON for a call that came in JSON (`_JSON_CODEC`); map
+    entries sorted by key for a call transcoded to REST (`_SORTED_MAPS`)."""
 
     def serialize(reply: Any) -> bytes:
         if _JSON_CODEC.get() and isinstance(reply, Message):
             return json_format.MessageToJson(reply, indent=None).encode()
+        if _SORTED_MAPS.get() and isinstance(reply, Message):
+            return reply.SerializeToString(deterministic=True)
         return serializer(reply)
 
     return serialize

@@ -49,7 +49,7 @@ from google.protobuf import message
 
 from dataflow import cache_scope, tenant_scope
 
-from .._errors import FAILURE_REASON, ApiError, abort, to_api_error
+from .._errors import FAILURE_REASON, ApiError, abort, sort_reply_maps, to_api_error
 from .._store import MAX_CALLER
 from ._access_log import log_call
 from ._audit import AuditEntry
@@ -545,6 +545,8 @@ class Gateway:
             if key == "x-nexus-channel":
                 channel = value if value in CHANNELS else "grpc"
                 break
+        if channel == "rest":
+            sort_reply_maps()
         principal: Principal | None = None
         try:
             check_request_id_header(metadata, request)

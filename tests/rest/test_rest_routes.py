@@ -3,6 +3,7 @@ JSON `google.rpc.Status` body, the original route, and Envoy's own local replies
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -34,6 +35,25 @@ def test_the_original_route_executes_a_workflow(client: httpx.Client, unique: st
     # proto field names as declared; primitive fields printed even when empty
     assert execution["request_id"] == ""
     assert execution["duration"].endswith("s")
+
+
+def test_a_workflows_inputs_and_outputs_print_their_keys_sorted(
+    client: httpx.Client, unique: str
+) -> None:
+    """A Struct's keys (a workflow's inputs and outputs) reach Envoy's transcoder in the
+    map's wire order, a hash order seeded per process: REST replies are serialized
+    deterministically, so their keys are sorted, the same on every call and after every
+    restart. A message's own fields keep their declaration order."""
+    inputs = {"name": "Sorted", "email": f"sorted.{unique}@x.org", "company": "C", "score": 2}
+    resp = client.post("/workflows/create_contact/execute", json={"inputs": inputs})
+    assert resp.status_code == 200, resp.text
+    pairs = json.loads(resp.text, object_pairs_hook=list)
+    assert [k for k, _ in pairs][:3] == ["id", "workflow", "state"]
+    execution = dict(pairs)
+    record = dict(execution["outputs"])["create"]
+    keys = [k for k, _ in record]
+    assert len(keys) == 7 and keys == sorted(keys), keys  # by chance: 1 in 5,040
+    assert [k for k, _ in execution["inputs"]] == sorted(inputs)
 
 
 def test_the_custom_verb_route_and_camel_case_input(client: httpx.Client, unique: str) -> None:
