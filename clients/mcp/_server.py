@@ -99,6 +99,10 @@ class _Catalog:
     tools: dict[str, ToolSpec] = field(default_factory=dict)
     workflows: dict[str, Any] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
+    #: each model's field names in declaration order: results print a record's fields
+    #: in that order every time (a `Struct` comes back from gRPC in no particular
+    #: order), as the CLI does
+    field_orders: dict[str, list[str]] = field(default_factory=dict)
     signature: tuple[Any, ...] = ()
 
 
@@ -193,12 +197,6 @@ class Adapter:
     def tools(self) -> dict[str, ToolSpec]:
         """The current caller's tools, by name."""
         return self._catalog().tools
-
-    def _field_orders(self) -> dict[str, list[str]]:
-        """The field names of each of the current caller's models, in declaration
-        order: results print a record's fields in that order every time (a `Struct`
-        comes back from gRPC in no particular order), as the CLI does."""
-        return {n: [f.name for f in md.fields] for n, md in self._catalog().models.items()}
 
     @property
     def workflows(self) -> dict[str, Any]:
@@ -411,6 +409,7 @@ class Adapter:
         catalog.tools = tools
         catalog.workflows = {wf.name: wf for wf in workflows}
         catalog.models = {md.name: md for md in models}
+        catalog.field_orders = {md.name: [f.name for f in md.fields] for md in models}
         changed = bool(catalog.signature)
         catalog.signature = signature
         return changed
@@ -587,7 +586,8 @@ class Adapter:
                     await progress.step(f"node {node} {verb}")
                 elif kind in ("execution_completed", "execution_failed", "execution_cancelled"):
                     execution = getattr(event, kind).execution
-                    return _finished(kind, execution, list(self._field_orders().values()))
+                    orders = list(self._catalog().field_orders.values())
+                    return _finished(kind, execution, orders)
         except asyncio.CancelledError:
             # the MCP request was cancelled: stop the execution as well
             call.cancel()
@@ -614,7 +614,7 @@ class Adapter:
         key = args.pop(REQUEST_ID, "") if spec.request_id else ""
         meta = call_metadata(key)
 
-        names = self._field_orders().get(name, [])
+        names = self._catalog().field_orders.get(name, [])
 
         def answer(reply: Any, at: str = "") -> types.CallToolResult:
             """The reply's document, its record (the document itself, or the one `at`
