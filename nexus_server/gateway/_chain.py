@@ -538,7 +538,8 @@ class Gateway:
     ) -> tuple[Principal, str]:
         """The call's principal and channel, once the call may go on; ends the call
         (UNAUTHENTICATED, PERMISSION_DENIED, or INVALID_ARGUMENT for a bad development
-        label) otherwise, audited (and observed, with `watch`)."""
+        label) otherwise, audited (and observed, with `watch`). A REST call's reply is
+        marked for sorted map entries (`sort_reply_maps`)."""
         metadata = context.invocation_metadata() or ()
         channel = "grpc"
         for key, value in metadata:
